@@ -1,0 +1,734 @@
+"""Reads one patient's axial CT series from a folder of DICOM files into Hounsfield units.
+
+The folder is walked once and every file's header is read without its pixels. Files that are not part of a
+usable axial CT series are skipped and counted: non-DICOM files, DICOMDIR, objects without images (dose
+reports, structured reports, presentation states), secondary captures and screen saves, localizers,
+multi-frame objects, other modalities and non-axial (sagittal, coronal, oblique) images. The remaining files
+are grouped by series, one series is chosen, and only its pixels are decoded.
+
+Error messages name files by their path relative to the folder and never quote a header value (names, IDs,
+dates, UIDs, institution): callers prefix the manifest's `patient_id`. Path components that look like DICOM
+UIDs (exports often name files by SOP Instance UID) are withheld too.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import math
+import os
+import re
+import warnings as warnings_module
+from typing import Any, BinaryIO, Iterator
+
+import numpy as np
+import pydicom
+import pydicom.errors
+import pydicom.pixels
+import pydicom.uid
+
+from pdx_tf.errors import DicomError
+
+# Images whose slice normal is within this angle of the patient z axis count as axial.
+AXIAL_TOLERANCE_DEGREES = 10.0
+# A stack whose slices advance at more than this angle to their own normal was acquired with gantry tilt.
+STACK_TILT_TOLERANCE_DEGREES = 0.5
+# Nonzero GantryDetectorTilt below this is treated as a rounding artefact ("-0.0", "0.001").
+HEADER_TILT_TOLERANCE_DEGREES = 0.01
+# The study used 5 mm axial reconstructions; among equally long series the nearest thickness wins.
+PREFERRED_SLICE_THICKNESS_MM = 5.0
+# A gap larger than this multiple of the median slice spacing means missing slices: warn, don't refuse.
+UNEVEN_SPACING_FACTOR = 1.5
+# Slices closer than this along the normal are the same position imaged twice.
+DUPLICATE_POSITION_TOLERANCE_MM = 0.01
+# Relative tolerance for pixel spacing and absolute tolerance for orientation cosines within a series.
+GEOMETRY_TOLERANCE = 1e-4
+# Padding pixels (outside the reconstruction circle) become air.
+PADDING_HU = -1000.0
+
+_CT_IMAGE_STORAGE = pydicom.uid.CTImageStorage
+_MULTI_FRAME_CT_SOP_CLASSES = frozenset({
+    pydicom.uid.EnhancedCTImageStorage,
+    pydicom.uid.LegacyConvertedEnhancedCTImageStorage,
+})
+_SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
+_MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
+# Folder or file names made of dotted digits (SOP Instance UIDs and the like) are withheld from messages.
+_UID_LIKE = re.compile(r"^\d+(\.\d+){4,}")
+
+# Skip reasons, used for counts in error messages.
+_NOT_DICOM = "not DICOM"
+_UNREADABLE = "unreadable DICOM"
+_DICOMDIR = "DICOMDIR"
+_NOT_CT = "other modality"
+_NOT_CT_IMAGE = "not a CT image object"
+_SECONDARY = "secondary capture or derived"
+_LOCALIZER = "localizer"
+_MULTI_FRAME = "multi-frame"
+_NOT_GRAYSCALE = "not grayscale"
+_MISSING_GEOMETRY = "missing geometry"
+_NON_AXIAL = "non-axial"
+_SINGLE_IMAGE = "single-image series"
+_TILTED = "gantry tilt"
+_OTHER_SERIES = "other series"
+
+_PLUGIN_FOR_SYNTAX = {
+    pydicom.uid.JPEGBaseline8Bit: "pylibjpeg pylibjpeg-libjpeg",
+    pydicom.uid.JPEGExtended12Bit: "pylibjpeg pylibjpeg-libjpeg",
+    pydicom.uid.JPEGLossless: "pylibjpeg pylibjpeg-libjpeg",
+    pydicom.uid.JPEGLosslessSV1: "pylibjpeg pylibjpeg-libjpeg",
+    pydicom.uid.JPEGLSLossless: "pylibjpeg pylibjpeg-libjpeg",
+    pydicom.uid.JPEGLSNearLossless: "pylibjpeg pylibjpeg-libjpeg",
+    pydicom.uid.JPEG2000Lossless: "pylibjpeg pylibjpeg-openjpeg",
+    pydicom.uid.JPEG2000: "pylibjpeg pylibjpeg-openjpeg",
+    pydicom.uid.HTJ2KLossless: "pylibjpeg pylibjpeg-openjpeg",
+    pydicom.uid.HTJ2KLosslessRPCL: "pylibjpeg pylibjpeg-openjpeg",
+    pydicom.uid.HTJ2K: "pylibjpeg pylibjpeg-openjpeg",
+    pydicom.uid.RLELossless: "pylibjpeg pylibjpeg-rle",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CtSeries:
+  """One axial CT series in Hounsfield units, slices ordered along the slice normal.
+
+  Attributes:
+    hu: float32 [Z, Y, X] Hounsfield units; rows and columns as stored; padding pixels are -1000 HU.
+    z_mm: float64 [Z], strictly increasing: each slice's ImagePositionPatient projected on the slice normal,
+      with the normal's sign chosen so that z_mm grows toward the patient's head (for the usual orientation
+      (1,0,0,0,1,0) this is the patient z coordinate).
+    pixel_spacing_mm: (row spacing, column spacing) in mm.
+    series_uid: SeriesInstanceUID. PHI-ish: use it only to re-read the series; never write it to outputs.
+    slice_thickness_mm: the most common SliceThickness of the series, None if absent.
+    num_files_skipped: files walked that are not in this series (non-DICOM, non-CT, other series, ...).
+    warnings: PHI-free notes about problems that did not prevent reading (uneven spacing, unreadable files).
+  """
+  hu: np.ndarray
+  z_mm: np.ndarray
+  pixel_spacing_mm: tuple[float, float]
+  series_uid: str
+  slice_thickness_mm: float | None
+  num_files_skipped: int
+  warnings: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesSummary:
+  """A candidate axial CT series, as seen from the headers alone (for listing and debugging).
+
+  Attributes:
+    series_uid: SeriesInstanceUID (PHI-ish: show it on a console if you must, never write it to outputs).
+    series_number: SeriesNumber, None if absent.
+    num_slices: number of single-frame axial CT images in the series.
+    slice_thickness_mm: the most common SliceThickness, None if absent.
+    rows: Rows of the first file.
+    columns: Columns of the first file.
+    pixel_spacing_mm: (row, column) PixelSpacing of the first file.
+    transfer_syntax: name of the first file's transfer syntax (e.g. "JPEG 2000 Image Compression").
+    gantry_tilt_degrees: 0.0, or the tilt that makes this series unusable.
+    first_file: path of the series' first file (sorted by path) relative to the folder.
+  """
+  series_uid: str
+  series_number: int | None
+  num_slices: int
+  slice_thickness_mm: float | None
+  rows: int
+  columns: int
+  pixel_spacing_mm: tuple[float, float]
+  transfer_syntax: str
+  gantry_tilt_degrees: float
+  first_file: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+  """What the series choice and geometry checks need from one file's header."""
+  path: str
+  display_name: str
+  series_uid: str
+  series_number: int | None
+  rows: int
+  columns: int
+  pixel_spacing_mm: tuple[float, float]
+  orientation: tuple[float, ...]
+  position_mm: tuple[float, float, float]
+  slice_thickness_mm: float | None
+  header_tilt_degrees: float
+  transfer_syntax_uid: str
+
+
+@dataclasses.dataclass
+class _Scan:
+  """The result of reading every header in a folder."""
+  num_files: int
+  headers_by_series: dict[str, list[_Header]]
+  skip_counts: collections.Counter
+  skip_counts_by_series: dict[str, collections.Counter]
+  unreadable_files: list[str]
+  multi_frame_files: list[str]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# File access: plain local paths, or any tf.io.gfile filesystem (gs://, ...) when the folder is a URL.
+
+
+def _is_url(path: str) -> bool:
+  return "://" in path
+
+
+def _walk_files(folder: str) -> list[str]:
+  """All files under `folder`, recursively, sorted so the walk order is reproducible."""
+  paths = []
+  if _is_url(folder):
+    import tensorflow as tf  # Imported only for URLs: it is slow to import and local paths don't need it.
+    for directory, _, names in tf.io.gfile.walk(folder):
+      paths.extend(os.path.join(directory, name) for name in names)
+  else:
+    for directory, subfolders, names in os.walk(folder):
+      subfolders.sort()
+      paths.extend(os.path.join(directory, name) for name in names)
+  return sorted(paths)
+
+
+def _folder_exists(folder: str) -> bool:
+  if _is_url(folder):
+    import tensorflow as tf
+    return tf.io.gfile.isdir(folder)
+  return os.path.isdir(folder)
+
+
+def _open(path: str) -> BinaryIO | str:
+  """Something pydicom.dcmread accepts: the path itself locally, a GFile for URLs."""
+  if _is_url(path):
+    import tensorflow as tf
+    return tf.io.gfile.GFile(path, "rb")
+  return path
+
+
+class _DropAll(logging.Filter):
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return False
+
+
+@contextlib.contextmanager
+def _quiet_pydicom() -> Iterator[None]:
+  """Silences pydicom's warnings and log records while we read.
+
+  pydicom quotes offending header values in them (e.g. "Invalid value for VR UI: '<the UID>'"), which would
+  carry UIDs and names into logs. Problems that matter surface as our own PHI-free warnings or errors.
+  """
+  logger = logging.getLogger("pydicom")
+  drop_all = _DropAll()
+  logger.addFilter(drop_all)
+  try:
+    with warnings_module.catch_warnings():
+      warnings_module.simplefilter("ignore")
+      yield
+  finally:
+    logger.removeFilter(drop_all)
+
+
+def _read(path: str, **kwargs: Any) -> pydicom.Dataset:
+  source = _open(path)
+  if isinstance(source, str):
+    return pydicom.dcmread(source, **kwargs)
+  with source:
+    return pydicom.dcmread(source, **kwargs)
+
+
+def _display_name(folder: str, path: str) -> str:
+  """`path` relative to `folder`, with UID-like components withheld (they are identifiers)."""
+  relative = os.path.relpath(path, folder) if not _is_url(folder) else path[len(folder):].lstrip("/")
+  parts = relative.replace(os.sep, "/").split("/")
+  return "/".join("<UID-like name>" if _UID_LIKE.match(part) else part for part in parts)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Header pass.
+
+
+def _float_or_none(value: Any) -> float | None:
+  try:
+    result = float(value)
+  except (TypeError, ValueError):
+    return None
+  return result if math.isfinite(result) else None
+
+
+def _int_or_none(value: Any) -> int | None:
+  try:
+    return int(value)
+  except (TypeError, ValueError):
+    return None
+
+
+def _slice_normal(orientation: tuple[float, ...]) -> np.ndarray:
+  """Unit normal of the image plane, signed to point toward the head (+z) so z_mm grows head-ward."""
+  row = np.asarray(orientation[:3], dtype=np.float64)
+  column = np.asarray(orientation[3:], dtype=np.float64)
+  normal = np.cross(row, column)
+  length = np.linalg.norm(normal)
+  if length < 1e-6:
+    return normal
+  normal /= length
+  return -normal if normal[2] < 0 else normal
+
+
+def _angle_to_z_degrees(normal: np.ndarray) -> float:
+  return math.degrees(math.acos(min(1.0, abs(float(normal[2])))))
+
+
+def _classify(dataset: pydicom.Dataset) -> str | None:
+  """Why this file is not a slice of an axial CT series, or None if it may be one."""
+  meta = getattr(dataset, "file_meta", None)
+  media_class = str(meta.get("MediaStorageSOPClassUID", "")) if meta is not None else ""
+  if media_class == _MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in dataset:
+    return _DICOMDIR
+  sop_class = str(dataset.get("SOPClassUID", "")) or media_class
+  if not sop_class or "SeriesInstanceUID" not in dataset:
+    return _UNREADABLE  # Every composite object has these; a header without them is truncated or broken.
+  modality = str(dataset.get("Modality", "CT")).upper()
+  if modality != "CT":
+    return _NOT_CT
+  if sop_class.startswith(_SECONDARY_CAPTURE_PREFIX):
+    return _SECONDARY
+  if sop_class in _MULTI_FRAME_CT_SOP_CLASSES:
+    return _MULTI_FRAME
+  if sop_class != _CT_IMAGE_STORAGE:
+    return _NOT_CT_IMAGE
+  image_type = dataset.get("ImageType") or []
+  # A single-valued ImageType comes back as a plain string, which must not be iterated character by character.
+  image_type = [str(value).upper() for value in ([image_type] if isinstance(image_type, str) else image_type)]
+  if "LOCALIZER" in image_type:
+    return _LOCALIZER
+  if "SCREEN SAVE" in image_type or (
+      len(image_type) >= 2 and image_type[0] == "DERIVED" and image_type[1] == "SECONDARY"):
+    return _SECONDARY
+  if (_int_or_none(dataset.get("NumberOfFrames")) or 1) > 1:
+    return _MULTI_FRAME
+  if (_int_or_none(dataset.get("SamplesPerPixel")) or 1) != 1:
+    return _NOT_GRAYSCALE
+  return None
+
+
+def _header_from_dataset(folder: str, path: str, dataset: pydicom.Dataset) -> _Header | str:
+  """A _Header, or the skip reason for a CT image whose geometry is missing or not axial."""
+  orientation = tuple(_float_or_none(value) for value in (dataset.get("ImageOrientationPatient") or []))
+  position = tuple(_float_or_none(value) for value in (dataset.get("ImagePositionPatient") or []))
+  spacing = tuple(_float_or_none(value) for value in (dataset.get("PixelSpacing") or []))
+  rows = _int_or_none(dataset.get("Rows"))
+  columns = _int_or_none(dataset.get("Columns"))
+  if (len(orientation) != 6 or None in orientation or len(position) != 3 or None in position
+      or len(spacing) != 2 or None in spacing or not rows or not columns or min(spacing) <= 0):
+    return _MISSING_GEOMETRY
+  normal = _slice_normal(orientation)
+  if np.linalg.norm(normal) < 0.5:
+    return _MISSING_GEOMETRY
+  header_tilt = _float_or_none(dataset.get("GantryDetectorTilt")) or 0.0
+  # A tilted acquisition keeps its tilted plane, so allow the tilt on top of the axial tolerance here and
+  # refuse it later with a clear reason instead of calling it "non-axial".
+  allowed = AXIAL_TOLERANCE_DEGREES + (abs(header_tilt) + 1.0
+                                       if abs(header_tilt) >= HEADER_TILT_TOLERANCE_DEGREES else 0.0)
+  if _angle_to_z_degrees(normal) > allowed:
+    return _NON_AXIAL
+  meta = getattr(dataset, "file_meta", None)
+  return _Header(
+      path=path,
+      display_name=_display_name(folder, path),
+      series_uid=str(dataset.SeriesInstanceUID),
+      series_number=_int_or_none(dataset.get("SeriesNumber")),
+      rows=rows,
+      columns=columns,
+      pixel_spacing_mm=(spacing[0], spacing[1]),
+      orientation=orientation,
+      position_mm=position,
+      slice_thickness_mm=_float_or_none(dataset.get("SliceThickness")),
+      header_tilt_degrees=header_tilt,
+      transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+  )
+
+
+def _scan(folder: str) -> _Scan:
+  """Reads every header under `folder` (no pixels) and groups the usable CT images by series."""
+  if not _folder_exists(folder):
+    raise DicomError("the DICOM folder does not exist or is not a folder; check the path in the manifest")
+  paths = _walk_files(folder)
+  scan = _Scan(num_files=len(paths), headers_by_series=collections.defaultdict(list),
+               skip_counts=collections.Counter(),
+               skip_counts_by_series=collections.defaultdict(collections.Counter),
+               unreadable_files=[], multi_frame_files=[])
+  with _quiet_pydicom():
+    for path in paths:
+      _scan_file(folder, path, scan)
+  # Single images (a lone scout, a key image) are not a series we can use.
+  for series_uid in [uid for uid, headers in scan.headers_by_series.items() if len(headers) == 1]:
+    scan.skip_counts[_SINGLE_IMAGE] += 1
+    scan.skip_counts_by_series[series_uid][_SINGLE_IMAGE] += 1
+    del scan.headers_by_series[series_uid]
+  return scan
+
+
+def _scan_file(folder: str, path: str, scan: _Scan) -> None:
+  """Reads one header (no pixels) and files it under its series or under a skip reason."""
+  try:
+    dataset = _read(path, stop_before_pixels=True)
+  except pydicom.errors.InvalidDicomError:
+    scan.skip_counts[_NOT_DICOM] += 1
+    return
+  except Exception:  # pylint: disable=broad-except  # A broken stray file must not stop the patient.
+    scan.skip_counts[_UNREADABLE] += 1
+    scan.unreadable_files.append(_display_name(folder, path))
+    return
+  reason = _classify(dataset)
+  if reason is None:
+    header = _header_from_dataset(folder, path, dataset)
+    if isinstance(header, _Header):
+      scan.headers_by_series[header.series_uid].append(header)
+      return
+    reason = header
+  scan.skip_counts[reason] += 1
+  if reason == _UNREADABLE:
+    scan.unreadable_files.append(_display_name(folder, path))
+  if reason == _MULTI_FRAME:
+    scan.multi_frame_files.append(_display_name(folder, path))
+  series_uid = dataset.get("SeriesInstanceUID")
+  if series_uid:
+    scan.skip_counts_by_series[str(series_uid)][reason] += 1
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Series choice and geometry.
+
+
+def _most_common_thickness(headers: list[_Header]) -> float | None:
+  values = [round(h.slice_thickness_mm, 3) for h in headers if h.slice_thickness_mm is not None]
+  if not values:
+    return None
+  return collections.Counter(values).most_common(1)[0][0]
+
+
+def _stack_tilt_degrees(headers: list[_Header]) -> float:
+  """Angle between the slice normal and the direction the stack advances (0 for an untilted stack)."""
+  normal = _slice_normal(headers[0].orientation)
+  positions = np.asarray([h.position_mm for h in headers], dtype=np.float64)
+  along = positions @ normal
+  first, last = positions[np.argmin(along)], positions[np.argmax(along)]
+  step = last - first
+  step_along = float(step @ normal)
+  if abs(step_along) < DUPLICATE_POSITION_TOLERANCE_MM:
+    return 0.0
+  across = float(np.linalg.norm(step - step_along * normal))
+  return math.degrees(math.atan2(across, abs(step_along)))
+
+
+def _series_tilt_degrees(headers: list[_Header]) -> float:
+  """GantryDetectorTilt if any slice records one, else the tilt seen in the geometry (0.0 if none)."""
+  header_tilts = [h.header_tilt_degrees for h in headers
+                  if abs(h.header_tilt_degrees) >= HEADER_TILT_TOLERANCE_DEGREES]
+  if header_tilts:
+    return header_tilts[0]
+  stack_tilt = _stack_tilt_degrees(headers)
+  return stack_tilt if stack_tilt > STACK_TILT_TOLERANCE_DEGREES else 0.0
+
+
+def _summarize(series_uid: str, headers: list[_Header]) -> SeriesSummary:
+  first = headers[0]
+  syntax = pydicom.uid.UID(first.transfer_syntax_uid)
+  return SeriesSummary(
+      series_uid=series_uid,
+      series_number=first.series_number,
+      num_slices=len(headers),
+      slice_thickness_mm=_most_common_thickness(headers),
+      rows=first.rows,
+      columns=first.columns,
+      pixel_spacing_mm=first.pixel_spacing_mm,
+      transfer_syntax=_syntax_name(syntax),
+      gantry_tilt_degrees=_series_tilt_degrees(headers),
+      first_file=first.display_name,
+  )
+
+
+def _choice_key(summary: SeriesSummary) -> tuple:
+  """Most slices, then thickness nearest 5 mm, then lowest SeriesNumber, then first file (determinism)."""
+  thickness_distance = (abs(summary.slice_thickness_mm - PREFERRED_SLICE_THICKNESS_MM)
+                        if summary.slice_thickness_mm is not None else math.inf)
+  series_number = summary.series_number if summary.series_number is not None else math.inf
+  return (summary.gantry_tilt_degrees != 0.0, -summary.num_slices, thickness_distance, series_number,
+          summary.first_file)
+
+
+def _summaries(scan: _Scan) -> list[SeriesSummary]:
+  summaries = [_summarize(uid, headers) for uid, headers in scan.headers_by_series.items()]
+  return sorted(summaries, key=_choice_key)
+
+
+def _describe_counts(counts: collections.Counter) -> str:
+  return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _tilt_error(headers: list[_Header], tilt_degrees: float) -> DicomError:
+  return DicomError(
+      f"{headers[0].display_name}: gantry tilt of {abs(tilt_degrees):.1f} degrees is not supported; "
+      "reconstruct axial images without tilt")
+
+
+def _check_geometry(headers: list[_Header], min_slices: int) -> None:
+  """Refuses a series whose slices do not form one regular axial stack (sizes, spacing, orientation)."""
+  first = headers[0]
+  for header in headers[1:]:
+    if (header.rows, header.columns) != (first.rows, first.columns):
+      raise DicomError(
+          f"{header.display_name}: image size {header.rows}x{header.columns} differs from "
+          f"{first.rows}x{first.columns} in {first.display_name} of the same series; "
+          "re-export the series or pick another with series_uid")
+    if not np.allclose(header.pixel_spacing_mm, first.pixel_spacing_mm, rtol=GEOMETRY_TOLERANCE, atol=0):
+      raise DicomError(
+          f"{header.display_name}: pixel spacing differs from {first.display_name} of the same series; "
+          "re-export the series or pick another with series_uid")
+    if not np.allclose(header.orientation, first.orientation, rtol=0, atol=GEOMETRY_TOLERANCE):
+      raise DicomError(
+          f"{header.display_name}: image orientation differs from {first.display_name} of the same series; "
+          "re-export the series or pick another with series_uid")
+  if len(headers) < min_slices:
+    raise DicomError(
+        f"{first.display_name}: the chosen series has only {len(headers)} slices (min_slices={min_slices}); "
+        "export the complete axial series")
+  tilt_degrees = _series_tilt_degrees(headers)
+  if tilt_degrees != 0.0:
+    raise _tilt_error(headers, tilt_degrees)
+
+
+def _order_slices(headers: list[_Header]) -> tuple[list[_Header], np.ndarray]:
+  """Sorts slices by position along the slice normal (never by InstanceNumber or file name)."""
+  normal = _slice_normal(headers[0].orientation)
+  z_mm = np.asarray([h.position_mm for h in headers], dtype=np.float64) @ normal
+  order = np.argsort(z_mm, kind="stable")
+  ordered = [headers[i] for i in order]
+  z_mm = z_mm[order]
+  gaps = np.diff(z_mm)
+  duplicates = np.flatnonzero(gaps < DUPLICATE_POSITION_TOLERANCE_MM)
+  if duplicates.size:
+    index = int(duplicates[0])
+    raise DicomError(
+        f"{ordered[index + 1].display_name}: same slice position as {ordered[index].display_name} "
+        f"({duplicates.size} duplicated position(s) in the series); the series mixes two acquisitions, "
+        "re-export it or pick another with series_uid")
+  return ordered, z_mm
+
+
+def _spacing_warnings(z_mm: np.ndarray) -> list[str]:
+  gaps = np.diff(z_mm)
+  if gaps.size < 2:
+    return []
+  median_gap = float(np.median(gaps))
+  largest = int(np.argmax(gaps))
+  if gaps[largest] > UNEVEN_SPACING_FACTOR * median_gap:
+    return [f"uneven slice spacing: gap of {gaps[largest]:.1f} mm between slices {largest} and "
+            f"{largest + 1} (median spacing {median_gap:.1f} mm; slices may be missing)"]
+  return []
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Pixel pass.
+
+
+def _syntax_name(syntax: pydicom.uid.UID) -> str:
+  # Private syntaxes have no name and would otherwise print as their UID.
+  return syntax.name if syntax.is_transfer_syntax else "an unrecognised (private) transfer syntax"
+
+
+def _get_decoder(syntax: pydicom.uid.UID) -> Any:
+  """pydicom's decoder for `syntax` (a seam for tests that simulate a missing plugin)."""
+  return pydicom.pixels.get_decoder(syntax)
+
+
+def _check_decodable(header: _Header) -> None:
+  """Refuses, before any pixel is read, a transfer syntax that this installation cannot decode."""
+  syntax = pydicom.uid.UID(header.transfer_syntax_uid)
+  if not syntax:
+    raise DicomError(f"{header.display_name}: the file has no transfer syntax; re-export the series")
+  if not syntax.is_compressed:
+    return
+  name = _syntax_name(syntax)
+  try:
+    decoder = _get_decoder(syntax)
+  except NotImplementedError:
+    raise DicomError(
+        f"{header.display_name}: pixel data in '{name}' cannot be decoded by pydicom; re-export the series "
+        "uncompressed (e.g. `gdcmconv --raw` or `dcmdjpeg`)") from None
+  if not decoder.is_available:
+    plugin = _PLUGIN_FOR_SYNTAX.get(syntax, "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+    raise DicomError(
+        f"{header.display_name}: pixel data in '{name}' needs a decoder plugin that is not installed; "
+        f"run `pip install {plugin}`")
+
+
+def _padding_mask(dataset: pydicom.Dataset, raw: np.ndarray) -> np.ndarray | None:
+  """Pixels equal to PixelPaddingValue (or within the padding range), compared on stored values."""
+  padding = _int_or_none(dataset.get("PixelPaddingValue"))
+  if padding is None:
+    return None
+  limit = _int_or_none(dataset.get("PixelPaddingRangeLimit"))
+  bits_allocated = _int_or_none(dataset.get("BitsAllocated")) or raw.dtype.itemsize * 8
+  if np.issubdtype(raw.dtype, np.signedinteger):
+    # With implicit VR the US-or-SS value may come back unsigned; reinterpret it as the signed stored value.
+    wrap = lambda value: value - (1 << bits_allocated) if value >= 1 << (bits_allocated - 1) else value
+    padding = wrap(padding)
+    limit = wrap(limit) if limit is not None else None
+  if limit is None:
+    return raw == padding
+  low, high = min(padding, limit), max(padding, limit)
+  return (raw >= low) & (raw <= high)
+
+
+def _decode_slice(header: _Header, out: np.ndarray) -> None:
+  """Reads one file's pixels once and writes its HU into `out` (float32 [Y, X])."""
+  try:
+    dataset = _read(header.path)
+  except Exception as error:  # pylint: disable=broad-except
+    raise DicomError(
+        f"{header.display_name}: the file cannot be read ({type(error).__name__}); it is truncated or corrupt, "
+        "re-export the series") from None
+  if "PixelData" not in dataset:
+    raise DicomError(f"{header.display_name}: the file has no pixel data (truncated?); re-export the series")
+  if "RescaleSlope" not in dataset and "ModalityLUTSequence" in dataset:
+    raise DicomError(
+        f"{header.display_name}: uses a Modality LUT instead of RescaleSlope/RescaleIntercept, which is not "
+        "supported; re-export the series with rescale values")
+  try:
+    raw = dataset.pixel_array
+  except Exception as error:  # pylint: disable=broad-except
+    raise DicomError(
+        f"{header.display_name}: pixel data cannot be decoded ({type(error).__name__}); it is truncated or "
+        "corrupt, re-export the series") from None
+  if raw.shape != out.shape:
+    raise DicomError(
+        f"{header.display_name}: decoded pixels have shape {raw.shape}, expected {out.shape} (multi-frame "
+        "or inconsistent header); multi-frame files are not supported, export single-frame CT images")
+  slope = _float_or_none(dataset.get("RescaleSlope"))
+  intercept = _float_or_none(dataset.get("RescaleIntercept"))
+  slope = 1.0 if slope is None else slope
+  intercept = 0.0 if intercept is None else intercept
+  # Writing into the preallocated volume avoids an intermediate float copy per slice.
+  out[...] = raw
+  if slope != 1.0:
+    out *= np.float32(slope)
+  if intercept != 0.0:
+    out += np.float32(intercept)
+  mask = _padding_mask(dataset, raw)
+  if mask is not None:
+    out[mask] = PADDING_HU
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Public API.
+
+
+def find_ct_series(folder: str) -> list[SeriesSummary]:
+  """Lists the axial CT series under `folder`, best first (the order `read_ct_series` chooses by).
+
+  Only headers are read. Series with gantry tilt are listed last (with `gantry_tilt_degrees` set) because
+  `read_ct_series` refuses them.
+
+  Args:
+    folder: a local folder (or a tf.io.gfile URL) holding one patient's DICOM files, in any layout.
+
+  Returns:
+    One SeriesSummary per series of at least two single-frame axial CT images; empty if there is none.
+
+  Raises:
+    DicomError: the folder does not exist.
+  """
+  return _summaries(_scan(folder))
+
+
+def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: int = 8) -> CtSeries:
+  """Reads one axial CT series from a folder of DICOM files into a Hounsfield-unit volume.
+
+  Series choice: if `series_uid` is given, that series; otherwise, among untilted single-frame axial CT
+  series of at least two images, the one with the most slices, then the slice thickness nearest to 5 mm,
+  then the lowest SeriesNumber (then the first file path, for determinism).
+
+  Slices are ordered by ImagePositionPatient projected on the slice normal (see `CtSeries.z_mm`), never by
+  InstanceNumber or file name. HU = stored value * RescaleSlope + RescaleIntercept, except that pixels
+  matching PixelPaddingValue (or lying in the PixelPaddingRangeLimit range) on the stored values become
+  -1000 HU. Only the chosen series' pixels are read, each file once.
+
+  Args:
+    folder: a local folder (or a tf.io.gfile URL) holding one patient's DICOM files, in any layout.
+    series_uid: the SeriesInstanceUID to read instead of the automatic choice.
+    min_slices: refuse series with fewer slices than this (at least 2).
+
+  Returns:
+    The CtSeries. Uneven slice spacing and unreadable stray files are reported in `warnings`.
+
+  Raises:
+    DicomError: with a one-line, PHI-free reason naming the file, when the folder is missing or holds no
+      usable axial CT series, `series_uid` is not found, the series has too few slices, inconsistent
+      geometry, duplicated positions or gantry tilt, is multi-frame, or a file of it is corrupt or uses a
+      transfer syntax that cannot be decoded here.
+    ValueError: min_slices < 2.
+  """
+  if min_slices < 2:
+    raise ValueError(f"min_slices must be at least 2, got {min_slices}")
+  scan = _scan(folder)
+  summaries = _summaries(scan)
+  if scan.num_files == 0 or scan.skip_counts[_NOT_DICOM] == scan.num_files:
+    raise DicomError(
+        f"no DICOM files in the folder ({scan.num_files} file(s) checked; DICOM files need the 128-byte "
+        "preamble and 'DICM' prefix); check the path in the manifest")
+
+  if series_uid is not None:
+    if series_uid not in scan.headers_by_series:
+      if series_uid in scan.skip_counts_by_series:
+        raise DicomError(
+            "the series_uid given in the manifest names a series that is not usable "
+            f"({_describe_counts(scan.skip_counts_by_series[series_uid])}); {len(summaries)} candidate "
+            "series found, list them with find_ct_series")
+      raise DicomError(
+          f"the series_uid given in the manifest was not found; {len(summaries)} candidate series found, "
+          "list them with find_ct_series")
+    chosen_uid = series_uid
+  else:
+    usable = [summary for summary in summaries if summary.gantry_tilt_degrees == 0.0]
+    if not usable:
+      if summaries:  # Only tilted series: say so rather than "nothing found".
+        tilted = summaries[0]
+        raise _tilt_error(scan.headers_by_series[tilted.series_uid], tilted.gantry_tilt_degrees)
+      if scan.multi_frame_files:
+        raise DicomError(
+            f"{scan.multi_frame_files[0]}: multi-frame (enhanced) CT files are not supported and no "
+            "single-frame axial CT series was found; export the series as single-frame CT Image Storage")
+      raise DicomError(
+          f"no usable axial CT series in the folder ({scan.num_files} file(s) skipped: "
+          f"{_describe_counts(scan.skip_counts)}); export the axial CT series")
+    chosen_uid = usable[0].series_uid
+
+  headers = sorted(scan.headers_by_series[chosen_uid], key=lambda h: h.path)
+  _check_geometry(headers, min_slices)
+  ordered, z_mm = _order_slices(headers)
+  for header in ordered:
+    _check_decodable(header)
+
+  hu = np.empty((len(ordered), ordered[0].rows, ordered[0].columns), dtype=np.float32)
+  with _quiet_pydicom():
+    for index, header in enumerate(ordered):
+      _decode_slice(header, hu[index])
+
+  warnings = _spacing_warnings(z_mm)
+  if scan.unreadable_files:
+    warnings.append(
+        f"{len(scan.unreadable_files)} DICOM file(s) could not be read and were skipped "
+        f"(first: {scan.unreadable_files[0]})")
+  return CtSeries(
+      hu=hu,
+      z_mm=z_mm,
+      pixel_spacing_mm=ordered[0].pixel_spacing_mm,
+      series_uid=chosen_uid,
+      slice_thickness_mm=_most_common_thickness(ordered),
+      num_files_skipped=scan.num_files - len(ordered),
+      warnings=tuple(warnings),
+  )

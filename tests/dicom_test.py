@@ -1,0 +1,430 @@
+"""Tests for pdx_tf.dicom: HU conversion, slice order, series choice, compressed syntaxes and refusals."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import types
+import warnings
+
+import numpy as np
+import pydicom
+import pydicom.uid
+import pytest
+
+from pdx_tf import dicom
+from pdx_tf.errors import DicomError
+
+import dicom_fixtures as fx  # pylint: disable=g-bad-import-order  # tests/ is on sys.path under pytest.
+
+
+@pytest.fixture
+def folder(tmp_path):
+  """A patient folder whose own path holds a canary: messages must never quote it."""
+  path = tmp_path / f"{fx.CANARY}_patient"
+  path.mkdir()
+  return str(path)
+
+
+def read_error(folder: str, *uids: str, **kwargs) -> str:
+  """read_ct_series's DicomError message, checked to be one line and free of PHI and UIDs."""
+  with pytest.raises(DicomError) as error:
+    dicom.read_ct_series(folder, **kwargs)
+  message = str(error.value)
+  assert "\n" not in message
+  for secret in fx.canary_strings(*uids):
+    assert secret not in message, message
+  return message
+
+
+def real_file(name: str) -> str:
+  data = pytest.importorskip("pydicom.data")
+  try:
+    path = data.get_testdata_file(name)
+  except Exception:  # pylint: disable=broad-except  # e.g. not cached and no network.
+    path = None
+  if path is None:
+    pytest.skip(f"{name} is not available from pydicom-data")
+  return path
+
+
+def write_copies(source: str, folder: str, z_mm: list[float]) -> str:
+  """A series made of copies of one real file at the given positions; pixel data stays as encoded."""
+  series_uid = fx.new_uid()
+  for index, z in enumerate(z_mm):
+    dataset = pydicom.dcmread(source)
+    dataset.SeriesInstanceUID = series_uid
+    dataset.SOPInstanceUID = fx.new_uid()
+    dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+    x, y, _ = dataset.ImagePositionPatient
+    dataset.ImagePositionPatient = [x, y, z]
+    fx.write(dataset, os.path.join(folder, f"copy{index}.dcm"))
+  return series_uid
+
+
+# ------------------------------------------------------------------------------------------------------
+# HU conversion.
+
+
+def test_signed_pixels_with_slope_intercept_and_padding(folder):
+  stored = fx.pixel_stack(8, 16, 16).astype(np.int16) - 300
+  stored[:, 0, :] = -2000  # Padding rows outside the reconstruction circle.
+  fx.write_series(folder, pixels=stored, num_slices=8, rows=16, columns=16, rescale_slope=2.0,
+                  rescale_intercept=-1000.0, extra={"PixelPaddingValue": -2000})
+  series = dicom.read_ct_series(folder)
+  expected = stored.astype(np.float64) * 2.0 - 1000.0
+  expected[:, 0, :] = -1000.0
+  np.testing.assert_array_equal(series.hu, expected.astype(np.float32))
+  assert series.hu.dtype == np.float32
+
+
+def test_unsigned_pixels_with_padding_range(folder):
+  stored = (fx.pixel_stack(8, 16, 16) + 20).astype(np.uint16)
+  stored[:, :, :3] = [[0, 5, 10]]  # Padding range 0..10 (given high to low, as the standard allows).
+  fx.write_series(folder, pixels=stored, num_slices=8, rows=16, columns=16, rescale_intercept=-1024.0,
+                  extra={"PixelPaddingValue": 10, "PixelPaddingRangeLimit": 0})
+  series = dicom.read_ct_series(folder)
+  expected = stored.astype(np.float64) - 1024.0
+  expected[:, :, :3] = -1000.0
+  np.testing.assert_array_equal(series.hu, expected)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_bits_stored_12_ignores_high_bits_and_sign_extends(folder, signed):
+  rng = np.random.default_rng(3)
+  low, high = (-2048, 2048) if signed else (0, 4096)
+  values = rng.integers(low, high, size=(8, 8, 8))
+  values[0, 0, :2] = [-2048, 2047] if signed else [0, 4095]
+  garbage = rng.integers(0, 16, size=values.shape) << 12  # Overlay bits above BitsStored must be ignored.
+  words = ((values & 0xFFF) | garbage).astype(np.uint16)
+  stored = words.view(np.int16) if signed else words
+  fx.write_series(folder, pixels=stored, num_slices=8, rows=8, columns=8, bits_stored=12)
+  series = dicom.read_ct_series(folder)
+  np.testing.assert_array_equal(series.hu, values.astype(np.float64) - 1024.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Slice order and geometry.
+
+
+def test_orders_by_position_not_instance_number_or_file_name(folder):
+  _, stored, z_mm = fx.write_series(folder, num_slices=10, z_start_mm=-80.0, spacing_mm=2.5)
+  series = dicom.read_ct_series(folder)
+  np.testing.assert_array_equal(series.z_mm, z_mm)
+  np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
+  assert series.pixel_spacing_mm == (0.75, 0.8)
+  assert series.slice_thickness_mm == 5.0
+  assert series.num_files_skipped == 0
+  assert series.warnings == ()
+
+
+def test_flipped_orientation_still_grows_toward_the_head(folder):
+  # Columns running posterior to anterior make the cross product point to the feet.
+  _, stored, z_mm = fx.write_series(folder, orientation=(1, 0, 0, 0, -1, 0))
+  series = dicom.read_ct_series(folder)
+  np.testing.assert_array_equal(series.z_mm, z_mm)
+  np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
+
+
+def test_slightly_oblique_series_uses_projection_on_normal(folder):
+  angle = np.radians(5.0)  # Within the axial tolerance; the stack advances along its own normal.
+  orientation = (1.0, 0.0, 0.0, 0.0, np.cos(angle), np.sin(angle))
+  normal = np.array([0.0, -np.sin(angle), np.cos(angle)])
+  series_uid = fx.new_uid()
+  stored = fx.pixel_stack(8, 8, 8)
+  for index in [3, 0, 7, 5, 1, 6, 2, 4]:
+    position = np.array([-10.0, 20.0, 30.0]) + 4.0 * index * normal
+    fx.write(fx.make_slice(stored[index], series_uid=series_uid, position_mm=position,
+                           orientation=orientation, instance_number=index),
+             os.path.join(folder, f"s{index}.dcm"))
+  series = dicom.read_ct_series(folder)
+  expected_z = np.array([-10.0, 20.0, 30.0]) @ normal + 4.0 * np.arange(8)
+  np.testing.assert_allclose(series.z_mm, expected_z, atol=1e-6)
+  np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
+
+
+def test_uneven_spacing_is_a_warning(folder):
+  z_mm = [0.0, 5.0, 10.0, 15.0, 25.0, 30.0, 35.0, 40.0, 45.0]
+  fx.write_series(folder, z_mm=z_mm)
+  series = dicom.read_ct_series(folder)
+  assert series.warnings == (
+      "uneven slice spacing: gap of 10.0 mm between slices 3 and 4 (median spacing 5.0 mm; slices may be "
+      "missing)",)
+  np.testing.assert_array_equal(series.z_mm, z_mm)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Series choice.
+
+
+def build_cluttered_folder(folder: str) -> dict[str, str]:
+  """The main 10-slice series among everything a real export holds. Returns series UIDs by role."""
+  uids = {}
+  uids["main"], _, _ = fx.write_series(folder, subfolder="a/main", series_number=3)
+  uids["short"], _, _ = fx.write_series(folder, num_slices=6, subfolder="a/short", series_number=1)
+  # Same count as main but 1 mm: loses on thickness. Another 5 mm copy with a higher SeriesNumber loses too.
+  uids["thin"], _, _ = fx.write_series(folder, subfolder="b/thin", slice_thickness_mm=1.0, series_number=2)
+  uids["later"], _, _ = fx.write_series(folder, subfolder="b/later", series_number=9)
+  # More slices, but not usable: derived secondary, sagittal, multi-frame SOP class, other modality.
+  uids["derived"], _, _ = fx.write_series(folder, num_slices=12, subfolder="c/derived",
+                                          image_type=("DERIVED", "SECONDARY", "AXIAL"))
+  uids["sagittal"], _, _ = fx.write_series(folder, num_slices=12, subfolder="c/sagittal",
+                                           orientation=(0, 1, 0, 0, 0, -1))
+  uids["enhanced"], _, _ = fx.write_series(folder, num_slices=12, subfolder="c/enhanced",
+                                           sop_class_uid=pydicom.uid.EnhancedCTImageStorage)
+  uids["pet"], _, _ = fx.write_series(folder, num_slices=12, subfolder="c/pet", modality="PT")
+  # Two-image localizer series, one-image axial "key image", secondary capture, dose report, junk files.
+  uids["localizer"], _, _ = fx.write_series(folder, num_slices=2, subfolder="d", name_prefix="scout",
+                                            image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+  uids["single"], _, _ = fx.write_series(folder, num_slices=1, subfolder="d", name_prefix="key")
+  fx.write(fx.make_slice(np.zeros((8, 8), np.int16), series_uid=fx.new_uid(), position_mm=(0, 0, 0),
+                         sop_class_uid=pydicom.uid.SecondaryCaptureImageStorage),
+           os.path.join(folder, "d", "capture.dcm"))
+  report = fx.make_slice(np.zeros((8, 8), np.int16), series_uid=fx.new_uid(), position_mm=(0, 0, 0),
+                         sop_class_uid=pydicom.uid.XRayRadiationDoseSRStorage, modality="SR")
+  del report.PixelData
+  fx.write(report, os.path.join(folder, "d", "dose.dcm"))
+  directory = pydicom.Dataset()
+  directory.file_meta = pydicom.dataset.FileMetaDataset()
+  directory.file_meta.MediaStorageSOPClassUID = "1.2.840.10008.1.3.10"
+  directory.file_meta.MediaStorageSOPInstanceUID = fx.new_uid()
+  directory.file_meta.TransferSyntaxUID = pydicom.uid.ExplicitVRLittleEndian
+  directory.DirectoryRecordSequence = []
+  directory.save_as(os.path.join(folder, "DICOMDIR"), enforce_file_format=True)
+  with open(os.path.join(folder, "notes.txt"), "w") as handle:
+    handle.write("not a DICOM file\n")
+  return uids
+
+
+def test_chooses_most_slices_then_thickness_then_series_number(folder):
+  uids = build_cluttered_folder(folder)
+  series = dicom.read_ct_series(folder)
+  assert series.series_uid == uids["main"]
+  assert series.hu.shape == (10, 32, 32)
+  total_files = sum(len(names) for _, _, names in os.walk(folder))
+  assert series.num_files_skipped == total_files - 10
+  summaries = dicom.find_ct_series(folder)
+  assert [summary.series_uid for summary in summaries] == [uids[role] for role in
+                                                         ("main", "later", "thin", "short")]
+  assert summaries[0].num_slices == 10 and summaries[0].first_file.startswith("a/main/IM")
+  assert summaries[0].transfer_syntax == "Explicit VR Little Endian"
+
+
+def test_series_uid_override_wins(folder):
+  uids = build_cluttered_folder(folder)
+  series = dicom.read_ct_series(folder, uids["short"], min_slices=5)
+  assert series.series_uid == uids["short"]
+  assert series.hu.shape == (6, 32, 32)
+
+
+def test_series_uid_not_found(folder):
+  uids = build_cluttered_folder(folder)
+  missing = fx.new_uid()
+  message = read_error(folder, missing, *uids.values(), series_uid=missing)
+  assert message.startswith("the series_uid given in the manifest was not found; 4 candidate series")
+
+
+def test_series_uid_of_unusable_series(folder):
+  uids = build_cluttered_folder(folder)
+  message = read_error(folder, *uids.values(), series_uid=uids["localizer"])
+  assert "not usable (2 localizer)" in message
+
+
+def test_too_few_slices(folder):
+  uid, _, _ = fx.write_series(folder, num_slices=5, shuffle_names=False)
+  message = read_error(folder, uid)
+  assert message.startswith("series/IM0000.dcm: the chosen series has only 5 slices (min_slices=8)")
+  assert dicom.read_ct_series(folder, min_slices=5).hu.shape[0] == 5
+
+
+# ------------------------------------------------------------------------------------------------------
+# Compressed transfer syntaxes.
+
+
+def test_rle_round_trip(folder):
+  _, stored, _ = fx.write_series(folder, num_slices=8, transfer_syntax_uid=pydicom.uid.RLELossless)
+  assert pydicom.dcmread(os.path.join(folder, "series", "IM0000.dcm")).file_meta.TransferSyntaxUID == (
+      pydicom.uid.RLELossless)
+  np.testing.assert_array_equal(dicom.read_ct_series(folder).hu, stored.astype(np.float32) - 1024.0)
+
+
+def test_jpeg2000_lossless_round_trip(folder):
+  _, stored, _ = fx.write_series(folder, num_slices=8, transfer_syntax_uid=pydicom.uid.JPEG2000Lossless)
+  np.testing.assert_array_equal(dicom.read_ct_series(folder).hu, stored.astype(np.float32) - 1024.0)
+
+
+def test_real_jpeg2000_ct_matches_its_uncompressed_twin(folder):
+  compressed, uncompressed = real_file("693_J2KR.dcm"), real_file("693_UNCR.dcm")
+  write_copies(compressed, folder, [47.0, 52.0])
+  series = dicom.read_ct_series(folder, min_slices=2)
+  twin = pydicom.dcmread(uncompressed)
+  raw = np.frombuffer(twin.PixelData, dtype="<i2").reshape(twin.Rows, twin.Columns).astype(np.float64)
+  expected = np.where(raw == -2000, -1000.0, raw * float(twin.RescaleSlope) + float(twin.RescaleIntercept))
+  assert (raw == -2000).any()  # The file really exercises PixelPaddingValue.
+  np.testing.assert_array_equal(series.hu[0], expected)
+  np.testing.assert_array_equal(series.hu[1], expected)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # The file's UIDs are invalid; pydicom says so.
+def test_real_jpeg_lossless_ct_decodes(folder):
+  source = real_file("bad_sequence.dcm")  # JPEG Lossless SV1 CT with a malformed private sequence.
+  write_copies(source, folder, [10.0, 15.0])
+  series = dicom.read_ct_series(folder, min_slices=2)
+  assert series.hu.shape == (2, 512, 512)
+  # A lossless decode of this body CT: air near -1000 HU, soft tissue and bone, equal slices.
+  assert -1100 <= series.hu.min() <= -900 and series.hu.max() > 500
+  np.testing.assert_array_equal(series.hu[0], series.hu[1])
+
+
+def test_pydicom_warnings_do_not_leak_header_values(folder, caplog):
+  invalid_uid = f"1.2.{fx.CANARY}.3"  # pydicom warns "Invalid value for VR UI: '<value>'" on access.
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    fx.write_series(folder, series_uid=invalid_uid)
+  caplog.set_level(logging.DEBUG)
+  caplog.clear()
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    series = dicom.read_ct_series(folder)
+  assert series.series_uid == invalid_uid
+  assert not caught
+  assert not [record for record in caplog.records if fx.CANARY in record.getMessage()]
+
+
+def test_undecodable_transfer_syntax(folder):
+  uid, _, _ = fx.write_series(folder, num_slices=8, shuffle_names=False)
+  path = os.path.join(folder, "series", "IM0003.dcm")
+  dataset = pydicom.dcmread(path)
+  dataset.file_meta.TransferSyntaxUID = "1.2.840.10008.1.2.4.100"  # MPEG2: no decoder exists.
+  dataset.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
+  fx.write(dataset, path)
+  message = read_error(folder, uid)
+  assert message.startswith("series/IM0003.dcm: pixel data in 'MPEG2 Main Profile / Main Level' cannot")
+
+
+def test_missing_decoder_plugin_names_the_package(folder, monkeypatch):
+  uid, _, _ = fx.write_series(folder, num_slices=8, transfer_syntax_uid=pydicom.uid.JPEG2000Lossless)
+  monkeypatch.setattr(dicom, "_get_decoder", lambda syntax: types.SimpleNamespace(is_available=False))
+  message = read_error(folder, uid)
+  assert "'JPEG 2000 Image Compression (Lossless Only)' needs a decoder plugin" in message
+  assert message.endswith("run `pip install pylibjpeg pylibjpeg-openjpeg`")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Refusals.
+
+
+def test_missing_folder(folder):
+  message = read_error(os.path.join(folder, "absent"))
+  assert message.startswith("the DICOM folder does not exist")
+
+
+def test_folder_without_dicom_files(folder):
+  with open(os.path.join(folder, "readme.txt"), "w") as handle:
+    handle.write("hello")
+  assert read_error(folder).startswith("no DICOM files in the folder (1 file(s) checked")
+  shutil.rmtree(folder)
+  os.mkdir(folder)
+  assert read_error(folder).startswith("no DICOM files in the folder (0 file(s) checked")
+
+
+def test_no_usable_axial_series_lists_skip_reasons(folder):
+  uid, _, _ = fx.write_series(folder, orientation=(0, 1, 0, 0, 0, -1))
+  fx.write_series(folder, num_slices=2, subfolder="scout", image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+  message = read_error(folder, uid)
+  assert message == ("no usable axial CT series in the folder (12 file(s) skipped: 10 non-axial, "
+                     "2 localizer); export the axial CT series")
+
+
+def test_multi_frame_only(folder):
+  uid, _, _ = fx.write_series(folder, num_slices=3, shuffle_names=False, extra={"NumberOfFrames": 1},
+                              sop_class_uid=pydicom.uid.EnhancedCTImageStorage)
+  message = read_error(folder, uid)
+  assert message.startswith("series/IM0000.dcm: multi-frame (enhanced) CT files are not supported")
+
+
+def test_truncated_file_of_chosen_series(folder):
+  uid, _, _ = fx.write_series(folder, shuffle_names=False)
+  path = os.path.join(folder, "series", "IM0004.dcm")
+  with open(path, "rb") as handle:
+    data = handle.read()
+  with open(path, "wb") as handle:
+    handle.write(data[:-500])
+  message = read_error(folder, uid)
+  assert message.startswith("series/IM0004.dcm: pixel data cannot be decoded (ValueError); it is truncated")
+
+
+def test_unreadable_stray_file_is_skipped_and_warned(folder):
+  fx.write_series(folder)
+  stray = fx.make_slice(np.zeros((8, 8), np.int16), series_uid=fx.new_uid(), position_mm=(0, 0, 0))
+  path = fx.write(stray, os.path.join(folder, "other", "broken.dcm"))
+  with open(path, "rb") as handle:
+    data = handle.read()
+  with open(path, "wb") as handle:
+    handle.write(data[:200])  # Preamble and file meta only.
+  series = dicom.read_ct_series(folder)
+  assert series.num_files_skipped == 1
+  assert series.warnings == ("1 DICOM file(s) could not be read and were skipped (first: other/broken.dcm)",)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"pixels": np.zeros((16, 32), np.int16)}, "image size 16x32 differs from 32x32 in"),
+    ({"pixel_spacing_mm": (0.7, 0.8)}, "pixel spacing differs from"),
+    ({"orientation": (1, 0, 0, 0, 0.9998, 0.02)}, "image orientation differs from"),
+])
+def test_inconsistent_geometry(folder, change, expected):
+  uid, _, _ = fx.write_series(folder, shuffle_names=False)
+  path = os.path.join(folder, "series", "IM0007.dcm")
+  pixels = change.pop("pixels", np.zeros((32, 32), np.int16))
+  fx.write(fx.make_slice(pixels, series_uid=uid, position_mm=(-12.5, -30.0, -165.0), **change), path)
+  message = read_error(folder, uid)
+  assert message.startswith(f"series/IM0007.dcm: {expected} series/IM0000.dcm of the same series")
+
+
+def test_duplicated_positions(folder):
+  uid, _, _ = fx.write_series(folder, z_mm=[0, 5, 10, 15, 15, 20, 25, 30, 35], shuffle_names=False)
+  message = read_error(folder, uid)
+  assert message.startswith("series/IM0004.dcm: same slice position as series/IM0003.dcm (1 duplicated")
+
+
+def test_gantry_tilt_in_header(folder):
+  uid, _, _ = fx.write_series(folder, extra={"GantryDetectorTilt": -12.5}, shuffle_names=False)
+  message = read_error(folder, uid)
+  assert message == ("series/IM0000.dcm: gantry tilt of 12.5 degrees is not supported; reconstruct axial "
+                     "images without tilt")
+  assert dicom.find_ct_series(folder)[0].gantry_tilt_degrees == -12.5
+
+
+def test_gantry_tilt_from_geometry(folder):
+  # Tilted image plane (20 degrees: beyond the axial tolerance) while the table moves along z.
+  angle = np.radians(20.0)
+  orientation = (1.0, 0.0, 0.0, 0.0, np.cos(angle), np.sin(angle))
+  uid = fx.new_uid()
+  for index in range(8):
+    fx.write(fx.make_slice(np.zeros((8, 8), np.int16), series_uid=uid, position_mm=(0, 0, 5.0 * index),
+                           orientation=orientation), os.path.join(folder, f"t{index}.dcm"))
+  # GantryDetectorTilt is absent, so the image plane alone marks the series as non-axial.
+  assert read_error(folder, uid).startswith("no usable axial CT series in the folder (8 file(s) skipped: 8 non")
+  # A 4-degree tilt is within the axial tolerance: the stack geometry gives it away.
+  angle = np.radians(4.0)
+  orientation = (1.0, 0.0, 0.0, 0.0, np.cos(angle), np.sin(angle))
+  for index in range(8):
+    fx.write(fx.make_slice(np.zeros((8, 8), np.int16), series_uid=uid, position_mm=(0, 0, 5.0 * index),
+                           orientation=orientation), os.path.join(folder, f"t{index}.dcm"))
+  assert read_error(folder, uid) == ("t0.dcm: gantry tilt of 4.0 degrees is not supported; reconstruct axial "
+                                     "images without tilt")
+
+
+def test_tilted_series_is_passed_over_for_an_untilted_one(folder):
+  untilted, _, _ = fx.write_series(folder, num_slices=8, subfolder="plain")
+  fx.write_series(folder, num_slices=12, subfolder="tilted", extra={"GantryDetectorTilt": 15.0})
+  assert dicom.read_ct_series(folder).series_uid == untilted
+
+
+def test_uid_like_file_names_are_withheld(folder):
+  uid, _, _ = fx.write_series(folder, num_slices=5, shuffle_names=False, subfolder="1.2.840.113619.2.55.3",
+                              name_prefix="1.3.12.2.1107.5.1.4.")
+  message = read_error(folder, uid)
+  assert message.startswith("<UID-like name>/<UID-like name>: the chosen series has only 5 slices")
+  assert "113619" not in message and "1107" not in message
