@@ -1,0 +1,19 @@
+"""Evaluation stage: run artifacts (splits.json, run.json, predictions) -> summary.json and reports.
+
+Public API:
+  EvaluateConfig, evaluate_runs(config) -> summary dict (writes every output),
+  format_paper_table(summary) -> plain-text table of this run beside the paper's published values.
+"""
+
+from pdx_tf.evaluation.evaluator import EvaluateConfig, evaluate_runs
+from pdx_tf.evaluation.metrics import METRIC_NAMES, binary_metrics
+from pdx_tf.evaluation.report import PAPER_RESULTS, format_paper_table
+
+__all__ = [
+    "EvaluateConfig",
+    "METRIC_NAMES",
+    "PAPER_RESULTS",
+    "binary_metrics",
+    "evaluate_runs",
+    "format_paper_table",
+]

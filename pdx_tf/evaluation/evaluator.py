@@ -1,0 +1,157 @@
+"""The evaluation stage's entry point: EvaluateConfig and evaluate_runs (reads runs, writes the report).
+
+Outputs in config.output_dir (schema in the README, section "Evaluation outputs"):
+  config.json, summary.json, patient_predictions.csv, cell_metrics.csv, report.md, report.html,
+  figures/*.png; TensorBoard summaries in <runs_dir>/tensorboard/evaluate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Any, Mapping
+
+from pdx_tf import io_utils
+from pdx_tf.evaluation import aggregate
+from pdx_tf.evaluation import metrics as metrics_lib
+from pdx_tf.evaluation import report
+from pdx_tf.evaluation import runs as runs_lib
+from pdx_tf.evaluation import tensorboard
+
+CONFIG_FILE = "config.json"
+SUMMARY_FILE = "summary.json"
+PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
+CELL_METRICS_FILE = "cell_metrics.csv"
+REPORT_MARKDOWN_FILE = "report.md"
+REPORT_HTML_FILE = "report.html"
+FIGURES_FOLDER = "figures"
+TENSORBOARD_SUBDIR = ("tensorboard", "evaluate")
+PATIENT_PREDICTIONS_HEADER = ("task", "repeat", "fold", "patient_id", "label", "probability", "predicted")
+CELL_METRICS_HEADER = ("task", "repeat", "fold", "level", "n", "n_positive", "true_positive", "false_positive",
+                       "true_negative", "false_negative") + metrics_lib.METRIC_NAMES
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateConfig:
+  """What to evaluate and how.
+
+  Attributes:
+    runs_dir: a task's training output (e.g. runs/p) or a parent holding several (runs/).
+    output_dir: where summary.json, the CSVs and the reports go.
+    tasks: tasks to evaluate ("p", "sb"); empty means every task found below runs_dir.
+    threshold: a probability >= threshold is a positive decision.
+    allow_partial: evaluate the complete cells that exist (the report is marked partial) instead of failing.
+    num_bootstrap: patient-bootstrap replicates for the 95 % CIs (0 skips the CIs).
+    seed: key of the bootstrap resampling.
+  """
+  runs_dir: str
+  output_dir: str
+  tasks: tuple[str, ...] = ()
+  threshold: float = 0.5
+  allow_partial: bool = False
+  num_bootstrap: int = 1000
+  seed: int = 0
+
+  def __post_init__(self):
+    if not isinstance(self.runs_dir, str) or not self.runs_dir:
+      raise ValueError("runs_dir must be a non-empty path: the training output folder")
+    if not isinstance(self.output_dir, str) or not self.output_dir:
+      raise ValueError("output_dir must be a non-empty path for the evaluation outputs")
+    tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
+    object.__setattr__(self, "tasks", tasks)
+    unknown = [task for task in tasks if task not in runs_lib.TASKS]
+    if unknown:
+      raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; choose from {', '.join(runs_lib.TASKS)}")
+    if len(set(tasks)) != len(tasks):
+      raise ValueError(f"tasks {tasks} lists a task twice")
+    if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
+        math.isfinite(self.threshold) and 0.0 < self.threshold < 1.0):
+      raise ValueError(f"threshold must be a probability strictly between 0 and 1, got {self.threshold!r}")
+    object.__setattr__(self, "threshold", float(self.threshold))
+    if not isinstance(self.allow_partial, bool):
+      raise ValueError(f"allow_partial must be True or False, got {self.allow_partial!r}")
+    if isinstance(self.num_bootstrap, bool) or not isinstance(self.num_bootstrap, int) or self.num_bootstrap < 0:
+      raise ValueError(f"num_bootstrap must be an integer >= 0 (0 skips the CIs), got {self.num_bootstrap!r}")
+    if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+      raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    values = dataclasses.asdict(self)
+    values["tasks"] = list(self.tasks)
+    return values
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "EvaluateConfig":
+    """Builds a config from e.g. a config.json; unknown keys are errors."""
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise ValueError(f"unknown EvaluateConfig key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+    return cls(**values)
+
+
+def tensorboard_dir(config: EvaluateConfig) -> str:
+  return io_utils.join(config.runs_dir, *TENSORBOARD_SUBDIR)
+
+
+def _csv_number(value: Any) -> Any:
+  """Floats as repr (round-trips exactly), NaN as an empty field."""
+  if isinstance(value, float):
+    return "" if not math.isfinite(value) else repr(value)
+  return value
+
+
+def _patient_prediction_rows(evaluations, threshold: float):
+  for evaluation in evaluations:
+    for (repeat, fold), cell in sorted(evaluation.task_runs.cells.items()):
+      for patient_id, label, probability in sorted(
+          zip(cell.patient_ids, cell.patient_labels.tolist(), cell.patient_probabilities.tolist())):
+        yield (evaluation.task_runs.task, repeat, fold, patient_id, label, repr(probability),
+               int(probability >= threshold))
+
+
+def evaluate_runs(config: EvaluateConfig) -> dict:
+  """Evaluates the runs below config.runs_dir and writes every output.
+
+  Args:
+    config: the evaluation settings.
+
+  Returns:
+    The summary: task -> its entry (the content of summary.json, None where a value is undefined).
+
+  Raises:
+    RunsError: missing, duplicate or inconsistent run artifacts (one line naming the file).
+    PdxError: the output folder cannot be written.
+  """
+  io_utils.check_writable(config.output_dir)
+  io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), config.to_dict())
+  task_runs = runs_lib.load_runs(config.runs_dir, config.tasks, config.allow_partial)
+  evaluations = []
+  for task, runs in task_runs.items():
+    logger.info("evaluating task %s: %d of %d cells", task, len(runs.cells), len(runs.expected_cells))
+    evaluations.append(aggregate.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed))
+  summary = {evaluation.task_runs.task: evaluation.summary for evaluation in evaluations}
+
+  output = config.output_dir
+  io_utils.atomic_write_json(io_utils.join(output, SUMMARY_FILE), summary)
+  io_utils.atomic_write_csv(io_utils.join(output, PATIENT_PREDICTIONS_FILE), PATIENT_PREDICTIONS_HEADER,
+                            _patient_prediction_rows(evaluations, config.threshold))
+  io_utils.atomic_write_csv(
+      io_utils.join(output, CELL_METRICS_FILE), CELL_METRICS_HEADER,
+      ([_csv_number(row[column]) for column in CELL_METRICS_HEADER]
+       for evaluation in evaluations for row in evaluation.rows))
+  figures = report.make_figures(evaluations)
+  figure_paths = {}
+  for name, png in figures.items():
+    relative = f"{FIGURES_FOLDER}/{name}.png"
+    io_utils.atomic_write_bytes(io_utils.join(output, FIGURES_FOLDER, f"{name}.png"), png)
+    figure_paths[name] = relative
+  io_utils.atomic_write_text(io_utils.join(output, REPORT_MARKDOWN_FILE),
+                             report.render_markdown(summary, figure_paths, config.runs_dir))
+  io_utils.atomic_write_text(io_utils.join(output, REPORT_HTML_FILE),
+                             report.render_html(summary, figures, config.runs_dir))
+  tensorboard.write_tensorboard(tensorboard_dir(config), evaluations)
+  return summary

@@ -1,0 +1,485 @@
+"""The paper table (plain text), the markdown report and a self-contained HTML report with PNG figures.
+
+Everything here reads the JSON-safe summary (None where a metric is undefined) plus the pooled predictions
+for the curves. The HTML embeds its figures as base64 PNGs and has no external src/href, so it can be mailed
+or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from typing import Any, Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")  # pylint: disable=wrong-import-position
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pdx_tf.evaluation import metrics as metrics_lib  # noqa: E402
+from pdx_tf.evaluation.aggregate import TaskEvaluation  # noqa: E402
+
+MODEL_NAMES = {"p": "P-Model", "sb": "SB-Model"}
+TASK_DESCRIPTIONS = {"p": "any peritoneal dissemination", "sb": "small-bowel dissemination"}
+# Published results (Jikei University, 2026), on the paper's own private cohort; no AUC was published.
+PAPER_RESULTS = {
+    "p": {"sensitivity": 0.688, "specificity": 0.858, "accuracy": 0.773, "auc": None},
+    "sb": {"sensitivity": 0.864, "specificity": 0.775, "accuracy": 0.819, "auc": None},
+}
+PAPER_TABLE_METRICS = ("sensitivity", "specificity", "accuracy", "auc")
+METRIC_LABELS = {
+    "sensitivity": "Sensitivity", "specificity": "Specificity", "accuracy": "Accuracy",
+    "balanced_accuracy": "Balanced accuracy", "ppv": "PPV", "npv": "NPV", "f1": "F1", "auc": "ROC AUC",
+    "brier": "Brier score",
+}
+PERCENT_METRICS = frozenset(metrics_lib.METRIC_NAMES) - {"auc", "brier"}
+FIGURE_DPI = 110
+
+
+def _is_number(value: Any) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def format_value(metric: str, value: Any) -> str:
+  """Percent with one decimal for rates, three decimals for AUC and Brier; n/a when undefined."""
+  if not _is_number(value):
+    return "n/a"
+  return f"{100.0 * value:.1f}" if metric in PERCENT_METRICS else f"{value:.3f}"
+
+
+def _with_interval(metric: str, estimate: Any, low: Any, high: Any) -> str:
+  if not _is_number(estimate):
+    return "n/a"
+  if not (_is_number(low) and _is_number(high)):
+    return format_value(metric, estimate)
+  return f"{format_value(metric, estimate)} ({format_value(metric, low)}-{format_value(metric, high)})"
+
+
+def _task_source(task_summary: Mapping[str, Any]) -> str:
+  source = f"this run ({task_summary['n_cells']} models)"
+  if task_summary.get("partial"):
+    source += f" PARTIAL {task_summary['n_cells']}/{task_summary['n_expected_cells']} cells"
+  return source
+
+
+def paper_table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
+  """[model, source, sensitivity, specificity, accuracy, AUC] rows: this run, then the paper, per task."""
+  rows = []
+  for task, task_summary in summary.items():
+    if task not in MODEL_NAMES:
+      continue
+    intervals = task_summary.get("per_cell_ci95", {})
+    cells = [_with_interval(metric, task_summary["per_cell"][metric]["mean"],
+                            intervals.get(metric, {}).get("low"), intervals.get(metric, {}).get("high"))
+             for metric in PAPER_TABLE_METRICS]
+    rows.append([MODEL_NAMES[task], _task_source(task_summary)] + cells)
+    paper = PAPER_RESULTS[task]
+    rows.append([MODEL_NAMES[task], "paper (own private cohort)"]
+                + [format_value(metric, paper[metric]) for metric in PAPER_TABLE_METRICS])
+  return rows
+
+
+PAPER_TABLE_HEADER = ["Model", "Source", "Sensitivity %", "Specificity %", "Accuracy %", "AUC"]
+
+
+def paper_table_caption(summary: Mapping[str, Any]) -> str:
+  tasks = [task_summary for task, task_summary in summary.items() if task in MODEL_NAMES]
+  threshold = tasks[0]["threshold"] if tasks else 0.5
+  caption = (f"Mean over the models, each scored on its own held-out fold at threshold {threshold:g} "
+             "(95 % CI: patient bootstrap). The paper's values are from its own private cohort and are "
+             "not directly comparable; it published no AUC.")
+  if any(task_summary.get("partial") for task_summary in tasks):
+    caption = "PARTIAL GRID (some cells missing). " + caption
+  return caption
+
+
+def format_paper_table(summary: dict) -> str:
+  """The paper's table as plain text: P-Model and SB-Model rows, this run beside the published values.
+
+  Args:
+    summary: the dict returned by evaluate_runs (the content of summary.json).
+
+  Returns:
+    A multi-line string ending in a newline.
+  """
+  rows = [PAPER_TABLE_HEADER] + paper_table_rows(summary)
+  widths = [max(len(row[column]) for row in rows) for column in range(len(PAPER_TABLE_HEADER))]
+  lines = []
+  for index, row in enumerate(rows):
+    lines.append("  ".join(text.ljust(width) for text, width in zip(row, widths)).rstrip())
+    if index == 0:
+      lines.append("  ".join("-" * width for width in widths))
+  return "\n".join([paper_table_caption(summary)] + lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------- figures
+
+
+def _png(figure) -> bytes:
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
+  plt.close(figure)
+  return buffer.getvalue()
+
+
+def _paper_point(task: str) -> tuple[float, float]:
+  paper = PAPER_RESULTS[task]
+  return 1.0 - paper["specificity"], paper["sensitivity"]
+
+
+def roc_figure(evaluations: Sequence[TaskEvaluation]) -> bytes:
+  """ROC per task: each repeat's pooled out-of-fold curve faint, the vertical mean bold."""
+  figure, axes = plt.subplots(1, len(evaluations), figsize=(5.2 * len(evaluations), 5.0), squeeze=False)
+  grid = np.linspace(0.0, 1.0, 201)
+  for axis, evaluation in zip(axes[0], evaluations):
+    task = evaluation.task_runs.task
+    curves = []
+    for pool in evaluation.pools:
+      if pool.labels.min() == pool.labels.max():
+        continue
+      false_positive_rate, true_positive_rate, _ = metrics_lib.roc_curve(pool.labels, pool.probabilities)
+      axis.plot(false_positive_rate, true_positive_rate, color="tab:blue", alpha=0.18, linewidth=0.9)
+      curves.append(np.interp(grid, false_positive_rate, true_positive_rate))
+    summary = evaluation.summary
+    if curves:
+      mean_curve = np.mean(curves, axis=0)
+      mean_curve[0] = 0.0
+      auc = summary["per_repeat"]["auc"]["mean"]
+      axis.plot(grid, mean_curve, color="tab:blue", linewidth=2.6,
+                label=f"mean of {len(curves)} repeats (AUC {format_value('auc', auc)})")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    sensitivity = summary["per_repeat"]["sensitivity"]["mean"]
+    specificity = summary["per_repeat"]["specificity"]["mean"]
+    if _is_number(sensitivity) and _is_number(specificity):
+      axis.plot(1 - specificity, sensitivity, "o", color="tab:orange", markersize=9,
+                label=f"this run at threshold {summary['threshold']:g}")
+    paper_x, paper_y = _paper_point(task)
+    axis.plot(paper_x, paper_y, "*", color="tab:red", markersize=15, label="paper (own private cohort)")
+    axis.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity (false positive rate)",
+             ylabel="sensitivity (true positive rate)", aspect="equal")
+    axis.set_title(f"{MODEL_NAMES[task]}: ROC, patient level" + (" (PARTIAL)" if summary["partial"] else ""))
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8.5)
+  return _png(figure)
+
+
+def metrics_box_figure(evaluations: Sequence[TaskEvaluation]) -> bytes:
+  """Box + strip plot of sensitivity, specificity and accuracy over the models (patient level, per cell)."""
+  shown = ("sensitivity", "specificity", "accuracy")
+  figure, axes = plt.subplots(1, len(evaluations), figsize=(5.2 * len(evaluations), 4.6), squeeze=False)
+  for axis, evaluation in zip(axes[0], evaluations):
+    task = evaluation.task_runs.task
+    rows = [row for row in evaluation.rows if row["level"] == "patient"]
+    data = []
+    for metric in shown:
+      values = np.asarray([row[metric] for row in rows], dtype=np.float64)
+      data.append(100.0 * values[np.isfinite(values)])
+    axis.boxplot(data, widths=0.5, showfliers=False, medianprops={"color": "black", "linewidth": 1.5})
+    rng = np.random.default_rng([0, len(rows)])  # jitter only; fixed so the figure is reproducible
+    for position, values in enumerate(data, start=1):
+      axis.scatter(position + rng.uniform(-0.17, 0.17, values.size), values, s=10, alpha=0.35,
+                   color="tab:blue", zorder=3)
+    for position, metric in enumerate(shown, start=1):
+      axis.plot(position, 100.0 * PAPER_RESULTS[task][metric], "D", color="tab:red", markersize=9, zorder=4,
+                label="paper (own private cohort)" if position == 1 else None)
+      mean = evaluation.summary["per_cell"][metric]["mean"]
+      if _is_number(mean):
+        axis.plot(position, 100.0 * mean, "_", color="tab:orange", markersize=28, markeredgewidth=3, zorder=4,
+                  label="mean over models" if position == 1 else None)
+    axis.set_xticks(range(1, len(shown) + 1), [METRIC_LABELS[metric] for metric in shown])
+    axis.set(ylim=(-3, 103), ylabel="% (each dot is one model on its held-out fold)")
+    partial = " (PARTIAL)" if evaluation.summary["partial"] else ""
+    axis.set_title(f"{MODEL_NAMES[task]}: {len(rows)} models, threshold {evaluation.summary['threshold']:g}"
+                   + partial)
+    axis.grid(axis="y", alpha=0.3)
+    axis.legend(loc="lower left", fontsize=8.5)
+  return _png(figure)
+
+
+def calibration_figure(evaluations: Sequence[TaskEvaluation], num_bins: int = 10) -> bytes:
+  """Reliability diagram over all repeats' out-of-fold predictions, with the score histogram below."""
+  figure, axes = plt.subplots(2, len(evaluations), figsize=(5.2 * len(evaluations), 6.4), squeeze=False,
+                              gridspec_kw={"height_ratios": [3, 1.2]}, sharex="col")
+  for column, evaluation in enumerate(evaluations):
+    task = evaluation.task_runs.task
+    labels = np.concatenate([pool.labels for pool in evaluation.pools])
+    probabilities = np.concatenate([pool.probabilities for pool in evaluation.pools])
+    bins = metrics_lib.calibration_bins(labels, probabilities, num_bins)
+    top, bottom = axes[0][column], axes[1][column]
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    top.plot([row["mean_probability"] for row in bins], [row["observed_fraction"] for row in bins], "-o",
+             color="tab:blue", label=f"{num_bins} equal-width bins")
+    for row in bins:
+      top.annotate(str(row["count"]), (row["mean_probability"], row["observed_fraction"]),
+                   textcoords="offset points", xytext=(4, -11), fontsize=7, color="dimgrey")
+    brier = evaluation.summary["per_repeat"]["brier"]["mean"]
+    top.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="observed fraction positive")
+    top.set_title(f"{MODEL_NAMES[task]}: calibration (Brier {format_value('brier', brier)})")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8.5)
+    edges = np.linspace(0, 1, 21)
+    bottom.hist([probabilities[labels == 0], probabilities[labels == 1]], bins=edges, stacked=True,
+                color=["tab:green", "tab:red"], label=["negative", "positive"])
+    bottom.axvline(evaluation.summary["threshold"], color="black", linewidth=1, linestyle=":")
+    bottom.set(xlabel="predicted probability (patient level, all repeats)", ylabel="patients x repeats")
+    bottom.legend(fontsize=8, loc="upper center")
+  return _png(figure)
+
+
+def subgroup_figure(evaluations: Sequence[TaskEvaluation], metric: str = "accuracy") -> bytes | None:
+  """Horizontal bars of a metric (mean +- SD over repeats) for every covariate group; None without covariates."""
+  panels = [evaluation for evaluation in evaluations if evaluation.summary["subgroups"]]
+  if not panels:
+    return None
+  heights = [sum(len(entry["groups"]) + 1 for entry in evaluation.summary["subgroups"].values())
+             for evaluation in panels]
+  figure, axes = plt.subplots(1, len(panels), figsize=(5.6 * len(panels), 0.9 + 0.32 * max(heights)),
+                              squeeze=False)
+  palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+  for axis, evaluation in zip(axes[0], panels):
+    labels, means, errors, colours, position = [], [], [], [], 0
+    positions = []
+    for column_index, (column, entry) in enumerate(evaluation.summary["subgroups"].items()):
+      for group in entry["groups"]:
+        values = group["metrics"][metric]
+        means.append(100.0 * values["mean"] if _is_number(values["mean"]) else np.nan)
+        errors.append(100.0 * values["sd"] if _is_number(values["sd"]) else 0.0)
+        labels.append(f"{column}: {group['group']}  (n={group['n_patients']}, pos={group['n_positive']})")
+        colours.append(palette[column_index % len(palette)])
+        positions.append(position)
+        position += 1
+      position += 1  # a gap between covariates
+    axis.barh(positions, np.nan_to_num(means), xerr=errors, color=colours, alpha=0.8, capsize=3)
+    for y_position, mean in zip(positions, means):
+      axis.text(1.5, y_position, "n/a" if np.isnan(mean) else f"{mean:.0f}", va="center", fontsize=8,
+                color="white" if not np.isnan(mean) and mean > 12 else "black")
+    overall = evaluation.summary["per_repeat"][metric]["mean"]
+    if _is_number(overall):
+      axis.axvline(100.0 * overall, color="black", linestyle="--", linewidth=1, label="all patients")
+      axis.legend(loc="lower right", fontsize=8)
+    axis.set_yticks(positions, labels, fontsize=8.5)
+    axis.invert_yaxis()
+    axis.set(xlim=(0, 100), xlabel=f"{METRIC_LABELS[metric].lower()} %, mean +- SD over repeats")
+    axis.set_title(f"{MODEL_NAMES[evaluation.task_runs.task]}: {METRIC_LABELS[metric].lower()} by subgroup")
+    axis.grid(axis="x", alpha=0.3)
+  figure.tight_layout()
+  return _png(figure)
+
+
+def make_figures(evaluations: Sequence[TaskEvaluation]) -> dict[str, bytes]:
+  """File stem -> PNG bytes, in report order."""
+  figures = {
+      "roc": roc_figure(evaluations),
+      "metrics_box": metrics_box_figure(evaluations),
+      "calibration": calibration_figure(evaluations),
+  }
+  subgroups = subgroup_figure(evaluations)
+  if subgroups is not None:
+    figures["subgroups"] = subgroups
+  return figures
+
+
+FIGURE_CAPTIONS = {
+    "roc": ("ROC curves at patient level. Faint: each repeat's pooled out-of-fold predictions; bold: their "
+            "vertical mean. Orange: this run's mean operating point; red star: the paper's reported point "
+            "(its own cohort)."),
+    "metrics_box": ("Sensitivity, specificity and accuracy of every model on its own held-out fold (the "
+                    "paper's unit). Red diamonds: the paper's published values."),
+    "calibration": "Calibration of the patient-level probabilities, all repeats pooled; counts beside points.",
+    "subgroups": ("Accuracy by covariate subgroup (mean +- SD over repeats of the pooled out-of-fold "
+                  "predictions). Numeric covariates are binned as described in Methods."),
+}
+
+# ------------------------------------------------------------------------------------------------ text
+
+METHODS_NOTES = (
+    "Decision: a patient (or slice) is positive when its probability >= the threshold. The Youden-optimal "
+    "threshold is reported separately and is descriptive only (chosen on the data it is scored on).",
+    "Per cell: each model scored on its own held-out fold (the paper's unit). Per repeat: the folds' "
+    "out-of-fold predictions of one repeat pooled, so each patient is scored once per repeat.",
+    "Undefined values (e.g. sensitivity of a fold without positives, AUC with one class) are excluded from "
+    "mean/SD/median/percentiles; `n` is the number of defined values. SD is the sample SD (ddof=1); "
+    "percentiles use linear interpolation.",
+    "95 % CI: patients resampled with replacement; the same resample weights every model, so a patient's "
+    "predictions in all repeats move together; percentile interval of the replicated mean.",
+    "Subgroups: a column named pci uses fixed clinical bins 0, 1-10, 11-20, >20; other numeric columns with "
+    "more than 5 distinct values are split at the tertiles (1/3 and 2/3 quantiles) of the per-patient "
+    "values; everything else is one group per value. Subgroup metrics are per repeat over the group's "
+    "patients.",
+    "The paper's values come from its own private cohort; this run's cohort differs, so the comparison is "
+    "indicative only.",
+)
+
+
+def _summary_table_rows(block: Mapping[str, Mapping[str, Any]], intervals: Mapping[str, Any] | None
+                        ) -> list[list[str]]:
+  rows = []
+  for metric in metrics_lib.METRIC_NAMES:
+    values = block[metric]
+    mean_sd = format_value(metric, values["mean"])
+    if _is_number(values["sd"]):
+      mean_sd += f" +- {format_value(metric, values['sd'])}"
+    row = [METRIC_LABELS[metric], mean_sd, format_value(metric, values["median"]),
+           f"{format_value(metric, values['p2_5'])} - {format_value(metric, values['p97_5'])}", str(values["n"])]
+    if intervals is not None:
+      interval = intervals[metric]
+      row.append(f"{format_value(metric, interval['low'])} - {format_value(metric, interval['high'])}")
+    rows.append(row)
+  return rows
+
+
+SUMMARY_HEADER = ["Metric", "Mean +- SD", "Median", "2.5-97.5 percentile", "n defined"]
+
+
+def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
+  """(title, blocks) per task; a block is ("p", text) or ("table", (caption, header, rows))."""
+  sections = []
+  for task, task_summary in summary.items():
+    if task not in MODEL_NAMES:
+      continue
+    blocks: list[tuple[str, Any]] = []
+    facts = (f"Task `{task}` ({TASK_DESCRIPTIONS[task]}): {task_summary['n_cells']} of "
+             f"{task_summary['n_expected_cells']} models ({task_summary['n_repeats']} repeats x "
+             f"{task_summary['n_folds']} folds), {task_summary['n_patients']} patients "
+             f"({task_summary['n_positive']} positive, {task_summary['n_negative']} negative), "
+             f"{task_summary['n_slices']} slice predictions; threshold {task_summary['threshold']:g}; "
+             f"split hash {task_summary['split_hash'][:12]}.")
+    if task_summary["partial"]:
+      missing = ", ".join(cell["name"] for cell in task_summary["missing_cells"])
+      blocks.append(("warning", f"PARTIAL: missing cells {missing}. Every number below uses only the "
+                                "complete cells."))
+    blocks.append(("p", facts))
+    rates = "Rates in %, AUC and Brier as fractions."
+    blocks.append(("table", (f"Patient level, per cell (each model on its held-out fold). {rates} Last column: "
+                             "95 % patient-bootstrap CI of the mean.",
+                             SUMMARY_HEADER + ["95 % CI of mean"],
+                             _summary_table_rows(task_summary["per_cell"], task_summary["per_cell_ci95"]))))
+    blocks.append(("table", ("Patient level, per repeat (out-of-fold predictions pooled). Last column: 95 % "
+                             "patient-bootstrap CI of the mean over repeats (pooled_ci95).",
+                             SUMMARY_HEADER + ["95 % CI of mean"],
+                             _summary_table_rows(task_summary["per_repeat"], task_summary["pooled_ci95"]))))
+    blocks.append(("table", ("Slice level, per cell.", SUMMARY_HEADER,
+                             _summary_table_rows(task_summary["slice_level"]["per_cell"], None))))
+    blocks.append(("table", ("Slice level, per repeat (pooled).", SUMMARY_HEADER,
+                             _summary_table_rows(task_summary["slice_level"]["per_repeat"], None))))
+    youden = task_summary["youden"]
+    youden_rows = [[name, format_value("auc" if name in ("threshold", "youden_index") else name,
+                                       youden[name]["mean"]),
+                    format_value("auc" if name in ("threshold", "youden_index") else name, youden[name]["sd"])]
+                   for name in ("threshold", "sensitivity", "specificity", "youden_index")]
+    blocks.append(("table", (f"Youden-optimal threshold per repeat: {youden['note']}.",
+                             ["Quantity", "Mean over repeats", "SD"], youden_rows)))
+    for column, entry in task_summary["subgroups"].items():
+      rows = []
+      for group in entry["groups"]:
+        metrics = group["metrics"]
+        rows.append([group["group"], str(group["n_patients"]), str(group["n_positive"]),
+                     str(group["n_negative"])]
+                    + [format_value(metric, metrics[metric]["mean"]) for metric in
+                       ("accuracy", "sensitivity", "specificity", "auc")])
+      blocks.append(("table", (f"Subgroups by `{column}` ({entry['rule']}); means over repeats.",
+                               ["Group", "Patients", "Positive", "Negative", "Accuracy %", "Sensitivity %",
+                                "Specificity %", "AUC"], rows)))
+    sections.append((f"{MODEL_NAMES[task]} ({TASK_DESCRIPTIONS[task]})", blocks))
+  return sections
+
+
+def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+  def line(cells):
+    return "| " + " | ".join(str(cell).replace("|", "/") for cell in cells) + " |"
+  return "\n".join([line(header), line(["---"] * len(header))] + [line(row) for row in rows])
+
+
+def _is_partial(summary: Mapping[str, Any]) -> bool:
+  return any(task_summary.get("partial") for task, task_summary in summary.items() if task in MODEL_NAMES)
+
+
+def render_markdown(summary: Mapping[str, Any], figure_paths: Mapping[str, str], runs_dir: str) -> str:
+  """The markdown report; figures are linked by relative path (the HTML embeds them)."""
+  parts = ["# pdx-tf evaluation report", ""]
+  if _is_partial(summary):
+    parts += ["> **PARTIAL EVALUATION: some cells are missing; see each task.**", ""]
+  parts += [f"Runs: `{runs_dir}`", "", "## Paper table", "", paper_table_caption(summary), "",
+            _markdown_table(PAPER_TABLE_HEADER, paper_table_rows(summary)), ""]
+  for title, blocks in _task_sections(summary):
+    parts += [f"## {title}", ""]
+    for kind, content in blocks:
+      if kind == "p":
+        parts += [content, ""]
+      elif kind == "warning":
+        parts += [f"> **{content}**", ""]
+      else:
+        caption, header, rows = content
+        parts += [f"**{caption}**", "", _markdown_table(header, rows), ""]
+  parts += ["## Figures", ""]
+  for name, path in figure_paths.items():
+    parts += [f"![{name}]({path})", "", FIGURE_CAPTIONS[name], ""]
+  parts += ["## Methods", ""] + [f"- {note}" for note in METHODS_NOTES] + [""]
+  return "\n".join(parts)
+
+
+_CSS = """
+body { font-family: -apple-system, Segoe UI, Helvetica, Arial, sans-serif; margin: 2em auto; max-width: 1200px;
+       color: #222; line-height: 1.45; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.4em 0 1.4em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+th:first-child, td:first-child { text-align: left; }
+th { background: #f2f2f2; }
+caption { caption-side: top; text-align: left; font-weight: 600; padding-bottom: 0.3em; }
+.warning { background: #fff3cd; border: 1px solid #e0b000; padding: 0.6em 1em; font-weight: 600; }
+.paper td { background: #fafafa; color: #555; }
+figure { margin: 1em 0 2em; } figure img { max-width: 100%; border: 1px solid #eee; }
+figcaption { font-size: 0.9em; color: #444; }
+code { background: #f4f4f4; padding: 0 0.2em; }
+"""
+
+
+def _html_table(caption: str, header: Sequence[str], rows: Sequence[Sequence[str]],
+                row_classes: Sequence[str] | None = None) -> str:
+  head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+  body = []
+  for index, row in enumerate(rows):
+    css = f' class="{row_classes[index]}"' if row_classes and row_classes[index] else ""
+    body.append(f"<tr{css}>" + "".join(f"<td>{html.escape(str(cell))}</td>" for cell in row) + "</tr>")
+  return (f"<table><caption>{html.escape(caption)}</caption><thead><tr>{head}</tr></thead>"
+          f"<tbody>{''.join(body)}</tbody></table>")
+
+
+def _inline_code(text: str) -> str:
+  """Escapes text and renders `backticks` as <code>."""
+  pieces = html.escape(text).split("`")
+  return "".join(f"<code>{piece}</code>" if index % 2 else piece for index, piece in enumerate(pieces))
+
+
+def render_html(summary: Mapping[str, Any], figures: Mapping[str, bytes], runs_dir: str) -> str:
+  """A self-contained HTML report: inline CSS, base64 PNG figures, no external src or href."""
+  parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           "<title>pdx-tf evaluation report</title>", f"<style>{_CSS}</style></head><body>",
+           "<h1>pdx-tf evaluation report</h1>"]
+  if _is_partial(summary):
+    parts.append('<p class="warning">PARTIAL EVALUATION: some cells are missing; see each task.</p>')
+  parts.append(f"<p>Runs: <code>{html.escape(runs_dir)}</code></p><h2>Paper table</h2>")
+  table_rows = paper_table_rows(summary)
+  parts.append(_html_table(paper_table_caption(summary), PAPER_TABLE_HEADER, table_rows,
+                           ["paper" if row[1].startswith("paper") else "" for row in table_rows]))
+  for title, blocks in _task_sections(summary):
+    parts.append(f"<h2>{html.escape(title)}</h2>")
+    for kind, content in blocks:
+      if kind == "p":
+        parts.append(f"<p>{_inline_code(content)}</p>")
+      elif kind == "warning":
+        parts.append(f'<p class="warning">{html.escape(content)}</p>')
+      else:
+        caption, header, rows = content
+        parts.append(_html_table(caption.replace("`", ""), header, rows))
+  parts.append("<h2>Figures</h2>")
+  for name, png in figures.items():
+    encoded = base64.b64encode(png).decode("ascii")
+    parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
+                 f"<figcaption>{html.escape(FIGURE_CAPTIONS[name])}</figcaption></figure>")
+  parts.append("<h2>Methods</h2><ul>" + "".join(f"<li>{_inline_code(note)}</li>" for note in METHODS_NOTES)
+               + "</ul></body></html>")
+  return "\n".join(parts) + "\n"
