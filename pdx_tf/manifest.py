@@ -1,0 +1,271 @@
+"""The cohort manifest: one CSV row per patient, validated as a whole before any work starts.
+
+Columns (header names exact; order free):
+  patient_id   pseudonymous ID, unique, [A-Za-z0-9._-]+, not starting with '.'; it names output files, so it
+               must never be a hospital ID or a name. IDs that differ only in case are duplicates (they would
+               collide on case-insensitive file systems).
+  dicom_dir    the patient's study folder, relative to the manifest's folder or absolute (any tf.io.gfile
+               URL); searched recursively. It is user input that may contain names: it is never written to
+               outputs.
+  label_p      1 if the patient has peritoneal dissemination, else 0.
+  label_sb     1 if the patient has small-bowel dissemination, else 0. label_sb=1 needs label_p=1 (small-bowel
+               disease is peritoneal disease).
+  z_min_mm     optional: inferior end of the abdominal range, in the DICOM patient z coordinate (mm); empty =
+               automatic (see `pdx_tf.region`).
+  z_max_mm     optional: superior end, likewise.
+  series_uid   optional: the SeriesInstanceUID to use instead of the automatic series choice.
+Every other column is a covariate (e.g. ascites, pci, site), carried through as a string into every record and
+dataset.json for subgroup analysis.
+
+`read_manifest` reports every problem of the file at once, one per line, each with its row number as a
+spreadsheet shows it (the header is row 1, the first patient row 2).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+import os
+import re
+from typing import Mapping
+
+import tensorflow as tf
+
+from pdx_tf import records
+from pdx_tf.errors import ManifestError
+
+PATIENT_ID_COLUMN = "patient_id"
+DICOM_DIR_COLUMN = "dicom_dir"
+LABEL_P_COLUMN = "label_p"
+LABEL_SB_COLUMN = "label_sb"
+Z_MIN_COLUMN = "z_min_mm"
+Z_MAX_COLUMN = "z_max_mm"
+SERIES_UID_COLUMN = "series_uid"
+REQUIRED_COLUMNS = (PATIENT_ID_COLUMN, DICOM_DIR_COLUMN, LABEL_P_COLUMN, LABEL_SB_COLUMN)
+OPTIONAL_COLUMNS = (Z_MIN_COLUMN, Z_MAX_COLUMN, SERIES_UID_COLUMN)
+
+PATIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
+MAX_PATIENT_ID_LENGTH = 64
+COVARIATE_NAME_PATTERN = re.compile(r"[A-Za-z0-9_.-]+")
+# Parsed records put covariates beside the schema's own keys, so these names would collide.
+RESERVED_COVARIATE_NAMES = frozenset(records.feature_spec().keys())
+SERIES_UID_PATTERN = re.compile(r"[0-9]+(\.[0-9]+)*")
+MAX_SERIES_UID_LENGTH = 64  # The DICOM UI value representation's limit.
+MAX_PROBLEMS_SHOWN = 200  # A broken 5000-row file must not print 5000 lines.
+
+
+@dataclasses.dataclass(frozen=True)
+class ManifestRow:
+  """One validated patient row.
+
+  Attributes:
+    row_number: the row as a spreadsheet shows it (header = 1).
+    patient_id: pseudonymous ID (safe as a file name).
+    dicom_dir: the study folder, resolved against the manifest's folder. Never write it to outputs.
+    label_p: 0/1 peritoneal dissemination.
+    label_sb: 0/1 small-bowel dissemination.
+    z_min_mm: abdominal range override (inferior end), or None for the automatic rule.
+    z_max_mm: abdominal range override (superior end), or None.
+    series_uid: series override, or None for the automatic choice. PHI-ish: never write it to outputs.
+    covariates: covariate name -> value string, in manifest column order.
+  """
+
+  row_number: int
+  patient_id: str
+  dicom_dir: str
+  label_p: int
+  label_sb: int
+  z_min_mm: float | None
+  z_max_mm: float | None
+  series_uid: str | None
+  covariates: Mapping[str, str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  """A validated manifest: rows in file order and the covariate column names in file order."""
+
+  path: str
+  rows: tuple[ManifestRow, ...]
+  covariate_names: tuple[str, ...]
+
+
+def _is_absolute(path: str) -> bool:
+  return os.path.isabs(path) or "://" in path
+
+
+def resolve_dicom_dir(manifest_path: str, dicom_dir: str) -> str:
+  """`dicom_dir` as written in the manifest, resolved against the manifest's folder unless absolute."""
+  if _is_absolute(dicom_dir):
+    return dicom_dir
+  return os.path.normpath(os.path.join(os.path.dirname(manifest_path), dicom_dir))
+
+
+def _parse_label(value: str, column: str, problems: list[str], where: str) -> int | None:
+  if value in ("0", "1"):
+    return int(value)
+  shown = repr(value) if value else "empty"
+  problems.append(f"{where}: {column} must be 0 or 1, got {shown}")
+  return None
+
+
+def _parse_optional_float(value: str, column: str, problems: list[str], where: str) -> float | None:
+  if not value:
+    return None
+  try:
+    number = float(value)
+  except ValueError:
+    number = math.nan
+  if not math.isfinite(number):
+    problems.append(f"{where}: {column} must be a number in mm or empty, got {value!r}")
+    return None
+  return number
+
+
+def _check_patient_id(patient_id: str, problems: list[str], where: str) -> bool:
+  if not patient_id:
+    problems.append(f"{where}: patient_id is empty")
+    return False
+  if not PATIENT_ID_PATTERN.fullmatch(patient_id):
+    bad = "".join(sorted({char for char in patient_id if not PATIENT_ID_PATTERN.fullmatch(char)}))
+    problems.append(f"{where}: patient_id {patient_id!r} has characters other than letters, digits, '.', '_' and"
+                    f" '-' ({bad!r}); it becomes a file name")
+    return False
+  if patient_id.startswith("."):
+    problems.append(f"{where}: patient_id {patient_id!r} must not start with '.' (hidden or parent-folder name)")
+    return False
+  if len(patient_id) > MAX_PATIENT_ID_LENGTH:
+    problems.append(f"{where}: patient_id is longer than {MAX_PATIENT_ID_LENGTH} characters")
+    return False
+  return True
+
+
+def _check_header(header: list[str], problems: list[str]) -> list[str]:
+  """Checks column names; returns the covariate columns in file order."""
+  seen = set()
+  for name in header:
+    if name in seen:
+      problems.append(f"row 1: column {name!r} appears more than once")
+    seen.add(name)
+  missing = [name for name in REQUIRED_COLUMNS if name not in seen]
+  if missing:
+    problems.append(f"row 1: missing required column(s) {', '.join(missing)}; the header must include "
+                    f"{', '.join(REQUIRED_COLUMNS)}")
+  covariates = []
+  for name in header:
+    if name in REQUIRED_COLUMNS or name in OPTIONAL_COLUMNS or name in covariates:
+      continue
+    if not name:
+      problems.append("row 1: a column has an empty name (give it a name or delete it)")
+    elif not COVARIATE_NAME_PATTERN.fullmatch(name):
+      problems.append(f"row 1: covariate column {name!r} may only use letters, digits, '_', '.' and '-'")
+    elif name in RESERVED_COVARIATE_NAMES:
+      problems.append(f"row 1: covariate column {name!r} clashes with a record feature; rename it")
+    covariates.append(name)
+  return covariates
+
+
+def parse_manifest_text(text: str, manifest_path: str) -> Manifest:
+  """Validates manifest CSV text (see the module docstring); `manifest_path` resolves relative folders.
+
+  Raises:
+    ManifestError: listing every problem, one per line, each with its row number.
+  """
+  problems: list[str] = []
+  if text.startswith("\ufeff"):  # Spreadsheet exports often begin with a byte-order mark.
+    text = text[1:]
+  reader = csv.reader(io.StringIO(text, newline=""))
+  try:
+    lines = list(reader)
+  except csv.Error as error:
+    raise ManifestError(f"manifest {manifest_path} is not valid CSV ({error})") from None
+  # Rows that are entirely empty (trailing blank lines) are ignored; row numbers still count them.
+  numbered = [(index + 1, line) for index, line in enumerate(lines) if any(cell.strip() for cell in line)]
+  if not numbered:
+    raise ManifestError(f"manifest {manifest_path} is empty; it needs a header row with "
+                        f"{', '.join(REQUIRED_COLUMNS)} and one row per patient")
+  header_number, header = numbered[0]
+  header = [name.strip() for name in header]
+  if header_number != 1:
+    problems.append(f"row {header_number}: the header must be the first row")
+  covariate_names = _check_header(header, problems)
+  if len(numbered) == 1:
+    problems.append("the manifest has a header but no patient rows")
+
+  rows = []
+  first_row_of_id: dict[str, int] = {}
+  for row_number, cells in numbered[1:]:
+    where = f"row {row_number}"
+    if len(cells) != len(header):
+      problems.append(f"{where}: has {len(cells)} fields but the header has {len(header)} (a stray comma or an "
+                      "unquoted comma inside a value?)")
+      continue
+    values = {name: cell.strip() for name, cell in zip(header, cells)}
+    patient_id = values.get(PATIENT_ID_COLUMN, "")
+    if PATIENT_ID_COLUMN in values:
+      where = f"row {row_number} (patient_id {patient_id!r})" if patient_id else where
+      if _check_patient_id(patient_id, problems, f"row {row_number}"):
+        folded = patient_id.lower()
+        if folded in first_row_of_id:
+          problems.append(f"row {row_number}: patient_id {patient_id!r} duplicates row {first_row_of_id[folded]}"
+                          " (IDs must be unique, ignoring case)")
+        else:
+          first_row_of_id[folded] = row_number
+    dicom_dir = values.get(DICOM_DIR_COLUMN, "")
+    if DICOM_DIR_COLUMN in values and not dicom_dir:
+      problems.append(f"{where}: dicom_dir is empty")
+    label_p = label_sb = None
+    if LABEL_P_COLUMN in values:
+      label_p = _parse_label(values[LABEL_P_COLUMN], LABEL_P_COLUMN, problems, where)
+    if LABEL_SB_COLUMN in values:
+      label_sb = _parse_label(values[LABEL_SB_COLUMN], LABEL_SB_COLUMN, problems, where)
+    if label_p == 0 and label_sb == 1:
+      problems.append(f"{where}: label_sb=1 with label_p=0; small-bowel dissemination is peritoneal "
+                      "dissemination, so label_p must be 1")
+    z_min_mm = _parse_optional_float(values.get(Z_MIN_COLUMN, ""), Z_MIN_COLUMN, problems, where)
+    z_max_mm = _parse_optional_float(values.get(Z_MAX_COLUMN, ""), Z_MAX_COLUMN, problems, where)
+    if z_min_mm is not None and z_max_mm is not None and z_min_mm >= z_max_mm:
+      problems.append(f"{where}: z_min_mm ({z_min_mm:g}) must be below z_max_mm ({z_max_mm:g})")
+    series_uid = values.get(SERIES_UID_COLUMN, "") or None
+    if series_uid is not None and (len(series_uid) > MAX_SERIES_UID_LENGTH
+                                   or not SERIES_UID_PATTERN.fullmatch(series_uid)):
+      # The value itself is not echoed: it is a DICOM UID.
+      problems.append(f"{where}: series_uid is not a DICOM UID (digits and dots, at most "
+                      f"{MAX_SERIES_UID_LENGTH} characters)")
+    rows.append(ManifestRow(
+        row_number=row_number, patient_id=patient_id,
+        dicom_dir=resolve_dicom_dir(manifest_path, dicom_dir) if dicom_dir else "",
+        label_p=label_p if label_p is not None else 0, label_sb=label_sb if label_sb is not None else 0,
+        z_min_mm=z_min_mm, z_max_mm=z_max_mm, series_uid=series_uid,
+        covariates={name: values[name] for name in covariate_names}))
+
+  if problems:
+    shown = problems[:MAX_PROBLEMS_SHOWN]
+    if len(problems) > len(shown):
+      shown.append(f"... and {len(problems) - len(shown)} more problem(s)")
+    error = ManifestError(f"manifest {manifest_path} has {len(problems)} problem(s); fix them all and rerun:\n"
+                          + "\n".join(shown))
+    error.problems = tuple(problems)  # type: ignore[attr-defined]
+    raise error
+  return Manifest(path=manifest_path, rows=tuple(rows), covariate_names=tuple(covariate_names))
+
+
+def read_manifest(path: str) -> Manifest:
+  """Reads and validates the manifest CSV at `path` (local or any tf.io.gfile URL).
+
+  Raises:
+    ManifestError: if the file is missing or unreadable, or listing every problem found in it.
+  """
+  if not tf.io.gfile.exists(path):
+    raise ManifestError(f"manifest {path} does not exist; pass --manifest=<path to the cohort CSV>")
+  try:
+    with tf.io.gfile.GFile(path, "rb") as handle:
+      data = handle.read()
+    text = data.decode("utf-8")
+  except UnicodeDecodeError:
+    raise ManifestError(f"manifest {path} is not UTF-8 text; save it as UTF-8 CSV") from None
+  except (tf.errors.OpError, OSError) as error:
+    raise ManifestError(f"manifest {path} cannot be read ({type(error).__name__})") from None
+  return parse_manifest_text(text, path)
