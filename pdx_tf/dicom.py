@@ -157,6 +157,13 @@ class _Header:
   slice_thickness_mm: float | None
   header_tilt_degrees: float
   transfer_syntax_uid: str
+  # Kept from the header pass so the pixel pass reads nothing but pixel data.
+  rescale_slope: float
+  rescale_intercept: float
+  padding_value: int | None
+  padding_range_limit: int | None
+  bits_allocated: int
+  uses_modality_lut: bool
 
 
 @dataclasses.dataclass
@@ -348,6 +355,12 @@ def _header_from_dataset(folder: str, path: str, dataset: pydicom.Dataset) -> _H
       slice_thickness_mm=_float_or_none(dataset.get("SliceThickness")),
       header_tilt_degrees=header_tilt,
       transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
+      rescale_slope=_float_or_none(dataset.get("RescaleSlope")) or 1.0,
+      rescale_intercept=_float_or_none(dataset.get("RescaleIntercept")) or 0.0,
+      padding_value=_int_or_none(dataset.get("PixelPaddingValue")),
+      padding_range_limit=_int_or_none(dataset.get("PixelPaddingRangeLimit")),
+      bits_allocated=_int_or_none(dataset.get("BitsAllocated")) or 16,
+      uses_modality_lut="RescaleSlope" not in dataset and "ModalityLUTSequence" in dataset,
   )
 
 
@@ -466,7 +479,7 @@ def _summaries(scan: _Scan) -> list[SeriesSummary]:
 
 
 def _describe_counts(counts: collections.Counter) -> str:
-  return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda kv: -kv[1]))
+  return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def _tilt_error(headers: list[_Header], tilt_degrees: float) -> DicomError:
@@ -550,6 +563,10 @@ def _check_decodable(header: _Header) -> None:
   syntax = pydicom.uid.UID(header.transfer_syntax_uid)
   if not syntax:
     raise DicomError(f"{header.display_name}: the file has no transfer syntax; re-export the series")
+  if header.uses_modality_lut:
+    raise DicomError(
+        f"{header.display_name}: uses a Modality LUT instead of RescaleSlope/RescaleIntercept, which is not "
+        "supported; re-export the series with rescale values")
   if not syntax.is_compressed:
     return
   name = _syntax_name(syntax)
@@ -566,16 +583,15 @@ def _check_decodable(header: _Header) -> None:
         f"run `pip install {plugin}`")
 
 
-def _padding_mask(dataset: pydicom.Dataset, raw: np.ndarray) -> np.ndarray | None:
+def _padding_mask(header: _Header, raw: np.ndarray) -> np.ndarray | None:
   """Pixels equal to PixelPaddingValue (or within the padding range), compared on stored values."""
-  padding = _int_or_none(dataset.get("PixelPaddingValue"))
+  padding, limit = header.padding_value, header.padding_range_limit
   if padding is None:
     return None
-  limit = _int_or_none(dataset.get("PixelPaddingRangeLimit"))
-  bits_allocated = _int_or_none(dataset.get("BitsAllocated")) or raw.dtype.itemsize * 8
   if np.issubdtype(raw.dtype, np.signedinteger):
     # With implicit VR the US-or-SS value may come back unsigned; reinterpret it as the signed stored value.
-    wrap = lambda value: value - (1 << bits_allocated) if value >= 1 << (bits_allocated - 1) else value
+    bits = header.bits_allocated
+    wrap = lambda value: value - (1 << bits) if value >= 1 << (bits - 1) else value
     padding = wrap(padding)
     limit = wrap(limit) if limit is not None else None
   if limit is None:
@@ -586,39 +602,28 @@ def _padding_mask(dataset: pydicom.Dataset, raw: np.ndarray) -> np.ndarray | Non
 
 def _decode_slice(header: _Header, out: np.ndarray) -> None:
   """Reads one file's pixels once and writes its HU into `out` (float32 [Y, X])."""
+  source = _open(header.path)
   try:
-    dataset = _read(header.path)
+    # Given a path, pydicom reads only the pixel-related elements: the header was converted in the first pass.
+    raw = pydicom.pixels.pixel_array(source)
   except Exception as error:  # pylint: disable=broad-except
     raise DicomError(
-        f"{header.display_name}: the file cannot be read ({type(error).__name__}); it is truncated or corrupt, "
-        "re-export the series") from None
-  if "PixelData" not in dataset:
-    raise DicomError(f"{header.display_name}: the file has no pixel data (truncated?); re-export the series")
-  if "RescaleSlope" not in dataset and "ModalityLUTSequence" in dataset:
-    raise DicomError(
-        f"{header.display_name}: uses a Modality LUT instead of RescaleSlope/RescaleIntercept, which is not "
-        "supported; re-export the series with rescale values")
-  try:
-    raw = dataset.pixel_array
-  except Exception as error:  # pylint: disable=broad-except
-    raise DicomError(
-        f"{header.display_name}: pixel data cannot be decoded ({type(error).__name__}); it is truncated or "
-        "corrupt, re-export the series") from None
+        f"{header.display_name}: pixel data cannot be read ({type(error).__name__}); the file is truncated "
+        "or corrupt, re-export the series") from None
+  finally:
+    if not isinstance(source, str):
+      source.close()
   if raw.shape != out.shape:
     raise DicomError(
         f"{header.display_name}: decoded pixels have shape {raw.shape}, expected {out.shape} (multi-frame "
         "or inconsistent header); multi-frame files are not supported, export single-frame CT images")
-  slope = _float_or_none(dataset.get("RescaleSlope"))
-  intercept = _float_or_none(dataset.get("RescaleIntercept"))
-  slope = 1.0 if slope is None else slope
-  intercept = 0.0 if intercept is None else intercept
-  # Writing into the preallocated volume avoids an intermediate float copy per slice.
-  out[...] = raw
-  if slope != 1.0:
-    out *= np.float32(slope)
-  if intercept != 0.0:
-    out += np.float32(intercept)
-  mask = _padding_mask(dataset, raw)
+  # Writing into the preallocated volume, cast and rescale fused, avoids float temporaries per slice.
+  if header.rescale_slope == 1.0:
+    np.add(raw, np.float32(header.rescale_intercept), out=out, dtype=np.float32)
+  else:
+    np.multiply(raw, np.float32(header.rescale_slope), out=out, dtype=np.float32)
+    out += np.float32(header.rescale_intercept)
+  mask = _padding_mask(header, raw)
   if mask is not None:
     out[mask] = PADDING_HU
 
@@ -719,6 +724,11 @@ def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: in
       _decode_slice(header, hu[index])
 
   warnings = _spacing_warnings(z_mm)
+  skipped_of_chosen = scan.skip_counts_by_series.get(chosen_uid)
+  if skipped_of_chosen:
+    warnings.append(
+        f"{sum(skipped_of_chosen.values())} file(s) of the chosen series were left out "
+        f"({_describe_counts(skipped_of_chosen)})")
   if scan.unreadable_files:
     warnings.append(
         f"{len(scan.unreadable_files)} DICOM file(s) could not be read and were skipped "

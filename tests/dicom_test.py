@@ -352,7 +352,7 @@ def test_truncated_file_of_chosen_series(folder):
   with open(path, "wb") as handle:
     handle.write(data[:-500])
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0004.dcm: pixel data cannot be decoded (ValueError); it is truncated")
+  assert message.startswith("series/IM0004.dcm: pixel data cannot be read (ValueError); the file is truncated")
 
 
 def test_unreadable_stray_file_is_skipped_and_warned(folder):
@@ -394,6 +394,7 @@ def test_gantry_tilt_in_header(folder):
   assert message == ("series/IM0000.dcm: gantry tilt of 12.5 degrees is not supported; reconstruct axial "
                      "images without tilt")
   assert dicom.find_ct_series(folder)[0].gantry_tilt_degrees == -12.5
+  assert read_error(folder, uid, series_uid=uid) == message
 
 
 def test_gantry_tilt_from_geometry(folder):
@@ -428,3 +429,32 @@ def test_uid_like_file_names_are_withheld(folder):
   message = read_error(folder, uid)
   assert message.startswith("<UID-like name>/<UID-like name>: the chosen series has only 5 slices")
   assert "113619" not in message and "1107" not in message
+
+
+def test_files_of_the_chosen_series_left_out_are_warned(folder):
+  uid, _, _ = fx.write_series(folder, z_mm=[0, 5, 10, 15, 20, 25, 30, 35, 40])
+  scout = fx.make_slice(np.zeros((32, 32), np.int16), series_uid=uid, position_mm=(0, 0, 0),
+                        orientation=(0, 1, 0, 0, 0, -1), image_type=("ORIGINAL", "PRIMARY", "LOCALIZER"))
+  fx.write(scout, os.path.join(folder, "series", "scout.dcm"))
+  no_position = fx.make_slice(np.zeros((32, 32), np.int16), series_uid=uid, position_mm=(0, 0, 45))
+  del no_position.ImagePositionPatient
+  fx.write(no_position, os.path.join(folder, "series", "noposition.dcm"))
+  series = dicom.read_ct_series(folder)
+  assert series.hu.shape[0] == 9 and series.num_files_skipped == 2
+  assert series.warnings == ("2 file(s) of the chosen series were left out (1 localizer, 1 missing geometry)",)
+
+
+@pytest.mark.slow
+def test_reads_a_tf_gfile_url(folder):
+  tf = pytest.importorskip("tensorflow")
+  _, stored, _ = fx.write_series(folder, subfolder="a/b")
+  url = f"ram://dicom_test_{os.getpid()}"
+  for directory, _, names in os.walk(folder):
+    for name in names:
+      target = f"{url}/{os.path.relpath(os.path.join(directory, name), folder)}"
+      tf.io.gfile.makedirs(os.path.dirname(target))
+      tf.io.gfile.copy(os.path.join(directory, name), target)
+  series = dicom.read_ct_series(url)
+  np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
+  assert dicom.find_ct_series(url)[0].first_file.startswith("a/b/IM")
+  assert read_error(f"{url}/absent").startswith("the DICOM folder does not exist")
