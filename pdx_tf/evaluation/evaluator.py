@@ -126,9 +126,10 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
     RunsError: missing, duplicate or inconsistent run artifacts (one line naming the file).
     PdxError: the output folder cannot be written.
   """
+  # Validate the inputs first (reading only), so a bad --runs_dir leaves no half-made output folder.
+  task_runs = runs_lib.load_runs(config.runs_dir, config.tasks, config.allow_partial)
   io_utils.check_writable(config.output_dir)
   io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), config.to_dict())
-  task_runs = runs_lib.load_runs(config.runs_dir, config.tasks, config.allow_partial)
   evaluations = []
   for task, runs in task_runs.items():
     logger.info("evaluating task %s: %d of %d cells", task, len(runs.cells), len(runs.expected_cells))

@@ -259,7 +259,7 @@ def subgroup_figure(evaluations: Sequence[TaskEvaluation], metric: str = "accura
     overall = evaluation.summary["per_repeat"][metric]["mean"]
     if _is_number(overall):
       axis.axvline(100.0 * overall, color="black", linestyle="--", linewidth=1, label="all patients")
-      axis.legend(loc="lower right", fontsize=8)
+      axis.legend(loc="best", fontsize=8)
     axis.set_yticks(positions, labels, fontsize=8.5)
     axis.invert_yaxis()
     axis.set(xlim=(0, 100), xlabel=f"{METRIC_LABELS[metric].lower()} %, mean +- SD over repeats")

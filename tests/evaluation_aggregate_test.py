@@ -1,0 +1,180 @@
+"""Tests for pdx_tf.evaluation.aggregate: exact grid statistics, bootstrap CIs, subgroup binning."""
+
+import math
+import os
+import statistics
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+import fake_runs  # noqa: E402  pylint: disable=wrong-import-position
+
+from pdx_tf.evaluation import aggregate, runs  # noqa: E402
+
+MISSED_POSITIVE = "pt000"  # predicted 0.2 in repeat 0 only: one false negative
+FLAGGED_NEGATIVE = "pt001"  # predicted 0.7 in every repeat: one false positive per repeat
+
+
+def _fixed_probability(task, repeat, fold, patient_id, label):
+  del task, fold
+  if patient_id == MISSED_POSITIVE and repeat == 0:
+    return 0.2
+  if patient_id == FLAGGED_NEGATIVE:
+    return 0.7
+  return 0.9 if label else 0.1
+
+
+@pytest.fixture(name="grid", scope="module")
+def fixture_grid(tmp_path_factory):
+  """A 2-repeat x 3-fold grid of 12 patients (6 positive for p, 3 for sb) with fixed predictions."""
+  root = str(tmp_path_factory.mktemp("grid"))
+  splits = fake_runs.write_fake_runs(root, num_repeats=2, num_folds=3, num_patients=12,
+                                     probability_fn=_fixed_probability)
+  return runs.load_runs(root), splits
+
+
+def test_summarize_values_exact():
+  summary = aggregate.summarize_values([0.5, float("nan"), 1.0, 0.0, 0.25])
+  assert summary["n"] == 4
+  assert summary["mean"] == pytest.approx(0.4375)
+  assert summary["sd"] == pytest.approx(statistics.stdev([0.5, 1.0, 0.0, 0.25]))
+  assert summary["median"] == pytest.approx(0.375)
+  assert summary["p2_5"] == pytest.approx(0.0 + 0.025 * 3 * 0.25)  # linear interpolation, 0..0.25
+  assert summary["p97_5"] == pytest.approx(0.5 + 0.925 * 0.5)  # position 2.925 between 0.5 and 1.0
+  empty = aggregate.summarize_values([float("nan")])
+  assert empty["n"] == 0 and math.isnan(empty["mean"])
+  single = aggregate.summarize_values([0.3])
+  assert single["mean"] == 0.3 and math.isnan(single["sd"])
+
+
+def test_per_cell_statistics_match_hand_counts(grid):
+  task_runs, splits = grid
+  evaluation = aggregate.evaluate_task(task_runs["p"], 0.5, num_bootstrap=0, seed=0)
+  expected = {"sensitivity": [], "specificity": [], "accuracy": []}
+  for repeat_entry in splits["p"]["repeats"]:
+    for fold_entry in repeat_entry["folds"]:
+      test = fold_entry["test"]
+      positives = sum(int(patient[2:]) % 2 == 0 for patient in test)  # fake cohort: even ids positive
+      negatives = len(test) - positives
+      false_negatives = int(repeat_entry["repeat"] == 0 and MISSED_POSITIVE in test)
+      false_positives = int(FLAGGED_NEGATIVE in test)
+      expected["sensitivity"].append((positives - false_negatives) / positives)
+      expected["specificity"].append((negatives - false_positives) / negatives)
+      expected["accuracy"].append((len(test) - false_negatives - false_positives) / len(test))
+  summary = evaluation.summary
+  assert summary["n_cells"] == 6
+  for metric, values in expected.items():
+    assert summary["per_cell"][metric]["n"] == 6
+    assert summary["per_cell"][metric]["mean"] == pytest.approx(statistics.fmean(values)), metric
+    assert summary["per_cell"][metric]["sd"] == pytest.approx(statistics.stdev(values)), metric
+    assert summary["per_cell"][metric]["median"] == pytest.approx(statistics.median(values)), metric
+
+
+def test_per_repeat_pooled_statistics_by_hand(grid):
+  summary = aggregate.evaluate_task(grid[0]["p"], 0.5, num_bootstrap=0, seed=0).summary
+  per_repeat = summary["per_repeat"]
+  # Repeat 0: 5/6 positives found, 5/6 negatives cleared; repeat 1: 6/6 and 5/6.
+  assert per_repeat["sensitivity"]["mean"] == pytest.approx((5 / 6 + 1) / 2)
+  assert per_repeat["sensitivity"]["sd"] == pytest.approx((1 / 6) / math.sqrt(2))
+  assert per_repeat["specificity"]["mean"] == pytest.approx(5 / 6)
+  assert per_repeat["specificity"]["sd"] == pytest.approx(0.0)
+  assert per_repeat["accuracy"]["mean"] == pytest.approx((10 / 12 + 11 / 12) / 2)
+  # AUC repeat 0: five positives at 0.9 beat all 6 negatives (30 pairs), 0.2 beats the five at 0.1 -> 35/36.
+  assert per_repeat["auc"]["mean"] == pytest.approx((35 / 36 + 1.0) / 2)
+  brier_repeat_0 = (10 * 0.1**2 + 0.8**2 + 0.7**2) / 12
+  brier_repeat_1 = (11 * 0.1**2 + 0.7**2) / 12
+  assert per_repeat["brier"]["mean"] == pytest.approx((brier_repeat_0 + brier_repeat_1) / 2)
+
+
+def test_undefined_cell_values_are_excluded_and_counted(grid):
+  task_runs, splits = grid
+  summary = aggregate.evaluate_task(task_runs["sb"], 0.5, num_bootstrap=0, seed=0).summary
+  sensitivities = []
+  for repeat_entry in splits["sb"]["repeats"]:
+    for fold_entry in repeat_entry["folds"]:
+      positives = [patient for patient in fold_entry["test"] if int(patient[2:]) % 4 == 0]
+      if positives:  # a fold without sb positives has no sensitivity
+        missed = int(repeat_entry["repeat"] == 0 and MISSED_POSITIVE in positives)
+        sensitivities.append((len(positives) - missed) / len(positives))
+  assert summary["per_cell"]["sensitivity"]["n"] == len(sensitivities)
+  assert summary["per_cell"]["sensitivity"]["mean"] == pytest.approx(statistics.fmean(sensitivities))
+  assert summary["per_cell"]["specificity"]["n"] == 6
+
+
+def test_cell_rows_hold_counts_for_both_levels(grid):
+  rows = aggregate.cell_rows(grid[0]["p"], 0.5)
+  assert len(rows) == 12 and {row["level"] for row in rows} == {"patient", "slice"}
+  patient_rows = [row for row in rows if row["level"] == "patient"]
+  assert sum(row["false_negative"] for row in patient_rows) == 1
+  assert sum(row["false_positive"] for row in patient_rows) == 2
+  assert sum(row["n"] for row in patient_rows) == 24
+
+
+def test_bootstrap_is_deterministic_and_contains_the_estimate():
+  import tempfile  # pylint: disable=import-outside-toplevel
+  with tempfile.TemporaryDirectory() as root:
+    fake_runs.write_fake_runs(root, tasks=("p",), num_repeats=3, num_folds=3, num_patients=30)
+    task_runs = runs.load_runs(root)["p"]
+  pools = aggregate.pool_repeats(task_runs)
+  first = aggregate.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=5)
+  again = aggregate.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=5)
+  other = aggregate.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=6)
+  assert first == again
+  assert first != other
+  for intervals in first:
+    for metric, interval in intervals.items():
+      assert interval["low"] <= interval["estimate"] <= interval["high"], metric
+      assert interval["low"] < interval["high"], metric
+      assert interval["n_bootstrap_defined"] == 200, metric
+
+
+def test_no_bootstrap_gives_undefined_intervals(grid):
+  summary = aggregate.evaluate_task(grid[0]["p"], 0.5, num_bootstrap=0, seed=0).summary
+  assert summary["pooled_ci95"]["accuracy"]["low"] is None
+  assert summary["pooled_ci95"]["accuracy"]["estimate"] == pytest.approx(summary["per_repeat"]["accuracy"]["mean"])
+
+
+def test_pci_uses_fixed_clinical_bins():
+  values = {"a": "0", "b": "5", "c": "10", "d": "11", "e": "20", "f": "21", "g": "", "h": "10.5"}
+  rule, groups, order = aggregate.covariate_groups("PCI", values)
+  assert "0, 1-10, 11-20, >20" in rule
+  assert groups == {"a": "0", "b": "1-10", "c": "1-10", "d": "11-20", "e": "11-20", "f": ">20",
+                    "g": "missing", "h": "11-20"}
+  assert order == ["0", "1-10", "11-20", ">20", "missing"]
+
+
+def test_other_numeric_columns_use_tertiles():
+  values = {f"p{value}": str(value) for value in range(1, 10)}
+  rule, groups, order = aggregate.covariate_groups("age", values)
+  assert "tertiles" in rule
+  # Cuts at the 1/3 and 2/3 quantiles of 1..9: 3.667 and 6.333.
+  assert order == ["[1, 3.66667]", "(3.66667, 6.33333]", "(6.33333, 9]"]
+  assert [groups[f"p{value}"] for value in range(1, 10)] == [order[0]] * 3 + [order[1]] * 3 + [order[2]] * 3
+
+
+def test_categorical_columns_in_clinical_or_natural_order():
+  _, groups, order = aggregate.covariate_groups("ascites", {"a": "large", "b": "none", "c": "small", "d": "none"})
+  assert order == ["none", "small", "large"] and groups["a"] == "large"
+  _, _, order = aggregate.covariate_groups("stage", {"a": "2", "b": "10", "c": "1"})
+  assert order == ["1", "2", "10"]  # few distinct numbers: categories, in numeric order
+
+
+def test_subgroup_counts_add_up(grid):
+  task_runs = grid[0]["p"]
+  subgroups = aggregate.evaluate_task(task_runs, 0.5, num_bootstrap=0, seed=0).summary["subgroups"]
+  assert set(subgroups) == {"ascites", "pci", "site"}
+  for entry in subgroups.values():
+    assert sum(group["n_patients"] for group in entry["groups"]) == 12
+    assert sum(group["n_positive"] for group in entry["groups"]) == 6
+  pci_groups = {group["group"]: group for group in subgroups["pci"]["groups"]}
+  assert pci_groups["0"]["n_positive"] == 0 and pci_groups["0"]["n_patients"] == 6
+  # Only negatives: specificity over repeats is defined, sensitivity is not.
+  assert pci_groups["0"]["metrics"]["sensitivity"]["n"] == 0
+  assert pci_groups["0"]["metrics"]["specificity"]["mean"] == pytest.approx(5 / 6)
+
+
+def test_json_safe_replaces_nan():
+  assert aggregate.json_safe({"a": [float("nan"), np.float64(0.5), float("inf")], "b": np.int64(3)}) == {
+      "a": [None, 0.5, None], "b": 3}
