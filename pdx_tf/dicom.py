@@ -307,8 +307,10 @@ def _classify(dataset: pydicom.Dataset) -> str | None:
   if sop_class != _CT_IMAGE_STORAGE:
     return _NOT_CT_IMAGE
   image_type = dataset.get("ImageType") or []
-  # A single-valued ImageType comes back as a plain string, which must not be iterated character by character.
-  image_type = [str(value).upper() for value in ([image_type] if isinstance(image_type, str) else image_type)]
+  # A single-valued ImageType is a plain string: iterating it would give characters.
+  if isinstance(image_type, str):
+    image_type = [image_type]
+  image_type = [str(value).strip().upper() for value in image_type]  # Some scanners pad with spaces.
   if "LOCALIZER" in image_type:
     return _LOCALIZER
   if "SCREEN SAVE" in image_type or (
@@ -335,6 +337,7 @@ def _header_from_dataset(folder: str, path: str, dataset: pydicom.Dataset) -> _H
   if np.linalg.norm(normal) < 0.5:
     return _MISSING_GEOMETRY
   header_tilt = _float_or_none(dataset.get("GantryDetectorTilt")) or 0.0
+  slope = _float_or_none(dataset.get("RescaleSlope"))
   # A tilted acquisition keeps its tilted plane, so allow the tilt on top of the axial tolerance here and
   # refuse it later with a clear reason instead of calling it "non-axial".
   allowed = AXIAL_TOLERANCE_DEGREES + (abs(header_tilt) + 1.0
@@ -355,7 +358,7 @@ def _header_from_dataset(folder: str, path: str, dataset: pydicom.Dataset) -> _H
       slice_thickness_mm=_float_or_none(dataset.get("SliceThickness")),
       header_tilt_degrees=header_tilt,
       transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
-      rescale_slope=_float_or_none(dataset.get("RescaleSlope")) or 1.0,
+      rescale_slope=1.0 if slope is None else slope,
       rescale_intercept=_float_or_none(dataset.get("RescaleIntercept")) or 0.0,
       padding_value=_int_or_none(dataset.get("PixelPaddingValue")),
       padding_range_limit=_int_or_none(dataset.get("PixelPaddingRangeLimit")),
@@ -479,7 +482,8 @@ def _summaries(scan: _Scan) -> list[SeriesSummary]:
 
 
 def _describe_counts(counts: collections.Counter) -> str:
-  return ", ".join(f"{count} {reason}" for reason, count in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+  ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+  return ", ".join(f"{count} {reason}" for reason, count in ordered)
 
 
 def _tilt_error(headers: list[_Header], tilt_degrees: float) -> DicomError:
@@ -563,6 +567,9 @@ def _check_decodable(header: _Header) -> None:
   syntax = pydicom.uid.UID(header.transfer_syntax_uid)
   if not syntax:
     raise DicomError(f"{header.display_name}: the file has no transfer syntax; re-export the series")
+  if header.rescale_slope == 0.0:
+    raise DicomError(
+        f"{header.display_name}: RescaleSlope is 0, so no HU can be computed; re-export the series")
   if header.uses_modality_lut:
     raise DicomError(
         f"{header.display_name}: uses a Modality LUT instead of RescaleSlope/RescaleIntercept, which is not "

@@ -166,9 +166,10 @@ def build_cluttered_folder(folder: str) -> dict[str, str]:
   # Same count as main but 1 mm: loses on thickness. Another 5 mm copy with a higher SeriesNumber loses too.
   uids["thin"], _, _ = fx.write_series(folder, subfolder="b/thin", slice_thickness_mm=1.0, series_number=2)
   uids["later"], _, _ = fx.write_series(folder, subfolder="b/later", series_number=9)
-  # More slices, but not usable: derived secondary, sagittal, multi-frame SOP class, other modality.
+  # More slices, but not usable: derived secondary (with the trailing space some scanners write), sagittal,
+  # multi-frame SOP class, other modality.
   uids["derived"], _, _ = fx.write_series(folder, num_slices=12, subfolder="c/derived",
-                                          image_type=("DERIVED", "SECONDARY", "AXIAL"))
+                                          image_type=("DERIVED ", "SECONDARY", "AXIAL"))
   uids["sagittal"], _, _ = fx.write_series(folder, num_slices=12, subfolder="c/sagittal",
                                            orientation=(0, 1, 0, 0, 0, -1))
   uids["enhanced"], _, _ = fx.write_series(folder, num_slices=12, subfolder="c/enhanced",
@@ -352,7 +353,8 @@ def test_truncated_file_of_chosen_series(folder):
   with open(path, "wb") as handle:
     handle.write(data[:-500])
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0004.dcm: pixel data cannot be read (ValueError); the file is truncated")
+  assert message.startswith(
+      "series/IM0004.dcm: pixel data cannot be read (ValueError); the file is truncated")
 
 
 def test_unreadable_stray_file_is_skipped_and_warned(folder):
@@ -406,7 +408,8 @@ def test_gantry_tilt_from_geometry(folder):
     fx.write(fx.make_slice(np.zeros((8, 8), np.int16), series_uid=uid, position_mm=(0, 0, 5.0 * index),
                            orientation=orientation), os.path.join(folder, f"t{index}.dcm"))
   # GantryDetectorTilt is absent, so the image plane alone marks the series as non-axial.
-  assert read_error(folder, uid).startswith("no usable axial CT series in the folder (8 file(s) skipped: 8 non")
+  assert read_error(folder, uid).startswith(
+      "no usable axial CT series in the folder (8 file(s) skipped: 8 non-axial)")
   # A 4-degree tilt is within the axial tolerance: the stack geometry gives it away.
   angle = np.radians(4.0)
   orientation = (1.0, 0.0, 0.0, 0.0, np.cos(angle), np.sin(angle))
@@ -441,7 +444,8 @@ def test_files_of_the_chosen_series_left_out_are_warned(folder):
   fx.write(no_position, os.path.join(folder, "series", "noposition.dcm"))
   series = dicom.read_ct_series(folder)
   assert series.hu.shape[0] == 9 and series.num_files_skipped == 2
-  assert series.warnings == ("2 file(s) of the chosen series were left out (1 localizer, 1 missing geometry)",)
+  assert series.warnings == (
+      "2 file(s) of the chosen series were left out (1 localizer, 1 missing geometry)",)
 
 
 @pytest.mark.slow
