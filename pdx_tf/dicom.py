@@ -108,7 +108,7 @@ class CtSeries:
   hu: np.ndarray
   z_mm: np.ndarray
   pixel_spacing_mm: tuple[float, float]
-  series_uid: str
+  series_uid: str = dataclasses.field(repr=False)  # Kept out of repr so logging the object leaks no UID.
   slice_thickness_mm: float | None
   num_files_skipped: int
   warnings: tuple[str, ...]
@@ -130,7 +130,7 @@ class SeriesSummary:
     gantry_tilt_degrees: 0.0, or the tilt that makes this series unusable.
     first_file: path of the series' first file (sorted by path) relative to the folder.
   """
-  series_uid: str
+  series_uid: str = dataclasses.field(repr=False)  # Kept out of repr so logging the object leaks no UID.
   series_number: int | None
   num_slices: int
   slice_thickness_mm: float | None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import sys
 import types
 import warnings
 
@@ -16,7 +17,8 @@ import pytest
 from pdx_tf import dicom
 from pdx_tf.errors import DicomError
 
-import dicom_fixtures as fx  # pylint: disable=g-bad-import-order  # tests/ is on sys.path under pytest.
+sys.path.insert(0, os.path.dirname(__file__))
+import dicom_fixtures as fx  # noqa: E402  pylint: disable=wrong-import-position
 
 
 @pytest.fixture
@@ -210,6 +212,7 @@ def test_chooses_most_slices_then_thickness_then_series_number(folder):
                                                          ("main", "later", "thin", "short")]
   assert summaries[0].num_slices == 10 and summaries[0].first_file.startswith("a/main/IM")
   assert summaries[0].transfer_syntax == "Explicit VR Little Endian"
+  assert uids["main"] not in repr(series) and uids["main"] not in repr(summaries)
 
 
 def test_series_uid_override_wins(folder):
