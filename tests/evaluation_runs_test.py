@@ -214,3 +214,23 @@ def test_overlapping_test_folds_in_splits(root):
   message = _error_line(root)
   assert path in message and "folds 0 and 1" in message
 
+
+
+def test_float_labels_are_accepted_and_other_labels_rejected(root):
+  path = _predictions_path(root, "p", 0, 0)
+
+  def as_floats(rows):
+    for row in rows:
+      row["label"] = f"{float(row['label']):.1f}"
+    return rows
+
+  _rewrite_csv(path, as_floats)
+  assert len(runs.load_runs(root)["p"].cells) == 6
+
+  def invalid(rows):
+    rows[0]["label"] = "2"
+    return rows
+
+  _rewrite_csv(path, invalid)
+  message = _error_line(root)
+  assert path in message and "'2'" in message

@@ -167,8 +167,7 @@ def _parse_patients(path: str) -> tuple[dict[str, dict[str, str]], tuple[str, ..
     if patient_id in patients:
       raise _fail(f"{path} line {line_number}: patient {patient_id} appears twice; keep one row per patient")
     for column in LABEL_COLUMNS:
-      if row[column] not in ("0", "1"):
-        raise _fail(f"{path} line {line_number}: {column} of patient {patient_id} is {row[column]!r}, not 0 or 1")
+      row[column] = str(_parse_label(row[column], path, f"{column} of patient {patient_id} (line {line_number})"))
     patients[patient_id] = row
   header = list(rows[0].keys()) if rows else []
   covariates = tuple(column for column in header if column not in (PATIENT_ID_COLUMN,) + LABEL_COLUMNS)
@@ -187,9 +186,14 @@ def _parse_probability(text: str, path: str, where: str) -> float:
 
 
 def _parse_label(text: str, path: str, where: str) -> int:
-  if text not in ("0", "1"):
+  # Accept "1" and "1.0" alike: writers differ in how they print integers stored as floats.
+  try:
+    value = float(text)
+  except ValueError:
+    value = math.nan
+  if value not in (0.0, 1.0):
     raise _fail(f"{path}: label {text!r} for {where} is not 0 or 1")
-  return int(text)
+  return int(value)
 
 
 def _read_cell(run_path: str, run_info: Mapping[str, Any], task_runs_fields: Mapping[str, Any]) -> CellPredictions:
