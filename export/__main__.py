@@ -1,0 +1,52 @@
+"""Exports trained cells of one task as a versioned TF Serving SavedModel.
+
+Example:
+  python -m export --runs_dir=runs/p --task=p --export_dir=exports
+  python -m export --runs_dir=runs/p --task=p --export_dir=exports --cells=r00   # the 8 folds of repeat 0
+  python -m export --runs_dir=runs/p --task=p --export_dir=exports --cells=r00_f03 --version=7
+
+Writes <export_dir>/pdx_<task>/<version>/ (saved_model.pb, variables/, assets.extra/pdx_export.json, the
+cells' Keras models and config.json). Default: the ensemble of every complete cell of the task, as version
+max+1. Serve it with TF Serving (model base path <export_dir>/pdx_<task>) or run `python -m predict` on it.
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from pdx_tf.errors import PdxError
+from pdx_tf.export import ExportConfig, export_runs
+
+_RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Training output: a task folder or a parent of several.",
+                                required=True)
+_TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "Task whose cells to export.", required=True)
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export root X; writes X/pdx_<task>/<version>/.",
+                                  required=True)
+_CELLS = flags.DEFINE_list("cells", [], "Cells to export: rRR_fFF (one cell) or rRR (all folds of a repeat); "
+                           "empty: every complete cell of the task (the ensemble).")
+_VERSION = flags.DEFINE_integer("version", None, "Version number to write (must be new); default max + 1.")
+
+
+def _fail(message: str) -> None:
+  print(f"export: error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = ExportConfig(runs_dir=_RUNS_DIR.value, task=_TASK.value, export_dir=_EXPORT_DIR.value,
+                          cells=tuple(_CELLS.value), version=_VERSION.value)
+  except ValueError as error:  # invalid flag values
+    _fail(str(error))
+  try:
+    version_dir = export_runs(config)  # also writes the config into the version's assets.extra/config.json
+  except PdxError as error:
+    _fail(str(error))
+  print(f"Exported {version_dir}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,365 @@
+"""Exports trained cells as one versioned TF Serving SavedModel (`python -m export`).
+
+Layout (TF Serving's model base path):
+  X/pdx_<task>/<version>/saved_model.pb, variables/, assets.extra/pdx_export.json,
+  assets.extra/models/rRR_fFF.keras (the cells' Keras models, for Grad-CAM; TF Serving ignores assets.extra)
+
+The export holds one model: the ensemble of the chosen cells (mean probability, standard deviation as
+uncertainty), or a single cell (uncertainty 0). Its signatures are built by `pdx_tf.serving`. A version is
+written into a temporary folder beside the versions (a name TF Serving ignores: not an integer) and renamed
+into place, so a half-written version is never served and an existing version is never overwritten.
+
+Grad-CAM needs the Keras models, not the serving graph. They are re-saved into `assets.extra/models/`
+(without optimizer state) and listed with their SHA-256 in pdx_export.json, so an export is self-contained:
+`predict` works after the runs folder is archived or on another machine. The cost is disk: the export is about
+twice the size of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import uuid
+from typing import Any, Sequence
+
+import keras
+import tensorflow as tf
+
+from pdx_tf import aggregation
+from pdx_tf import configs
+from pdx_tf import io_utils
+from pdx_tf import preprocess
+from pdx_tf import provenance
+from pdx_tf import serving
+from pdx_tf.errors import ExportError
+
+TASKS = ("p", "sb")
+EXPORT_FORMAT = "pdx-tf-export"
+EXPORT_SCHEMA_VERSION = 1
+METADATA_FOLDER = "assets.extra"
+METADATA_FILE = "pdx_export.json"
+KERAS_MODELS_FOLDER = "models"
+RUN_FILE = "run.json"
+RUN_SCHEMA_VERSION = 1
+COMPLETE_STATUS = "complete"
+_CELL_SELECTOR = re.compile(r"^r(\d+)(?:_f(\d+))?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportConfig:
+  """What `python -m export` exports.
+
+  Attributes:
+    runs_dir: the training output (a task folder such as runs/p, or a parent holding several tasks).
+    task: "p" or "sb".
+    export_dir: X; the model goes to X/pdx_<task>/<version>/.
+    cells: cell selectors, each "rRR_fFF" (one cell) or "rRR" (every fold of repeat RR), matched against
+      run.json's repeat and fold; empty means every complete cell of the task.
+    version: the version number to write; None means one more than the highest existing version.
+  """
+
+  runs_dir: str
+  task: str
+  export_dir: str
+  cells: tuple[str, ...] = ()
+  version: int | None = None
+
+  def __post_init__(self):
+    if self.task not in TASKS:
+      raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+    if not self.runs_dir or not self.export_dir:
+      raise ValueError("runs_dir and export_dir must be given")
+    for selector in self.cells:
+      if not _CELL_SELECTOR.match(selector):
+        raise ValueError(f"cell selector {selector!r} is not understood; use rRR_fFF (e.g. r00_f03) or rRR "
+                         "(every fold of repeat RR)")
+    if self.version is not None and self.version < 1:
+      raise ValueError(f"version must be a positive integer, got {self.version}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CellRun:
+  """One complete training cell, as described by its run.json."""
+
+  folder: str
+  repeat: int
+  fold: int
+  run_info: dict
+
+  @property
+  def name(self) -> str:
+    return f"r{self.repeat:02d}_f{self.fold:02d}"
+
+  @property
+  def model_path(self) -> str:
+    return io_utils.join(self.folder, self.run_info.get("model_path", "model.keras"))
+
+
+def task_model_dir(export_dir: str, task: str) -> str:
+  """X/pdx_<task>: the base path TF Serving watches."""
+  return io_utils.join(export_dir, f"pdx_{task}")
+
+
+def existing_versions(model_dir: str) -> list[int]:
+  """The integer version folders under a model base path, ascending (temporary folders are ignored)."""
+  if not tf.io.gfile.isdir(model_dir):
+    return []
+  versions = []
+  for name in tf.io.gfile.listdir(model_dir):
+    name = name.rstrip("/")
+    if name.isdigit() and tf.io.gfile.isdir(io_utils.join(model_dir, name)):
+      versions.append(int(name))
+  return sorted(versions)
+
+
+def read_cell(folder: str) -> CellRun:
+  """Reads a cell folder's run.json.
+
+  Raises:
+    ExportError: if run.json is missing, of another schema, or not complete.
+  """
+  path = io_utils.join(folder, RUN_FILE)
+  if not tf.io.gfile.exists(path):
+    raise ExportError(f"{path} is missing: the cell is not finished; train it or leave it out of --cells")
+  try:
+    run_info = io_utils.read_json(path)
+  except (ValueError, tf.errors.OpError):
+    raise ExportError(f"{path} is not valid JSON; re-run that cell") from None
+  if not isinstance(run_info, dict) or run_info.get("schema_version") != RUN_SCHEMA_VERSION:
+    raise ExportError(f"{path} is not a version-{RUN_SCHEMA_VERSION} run.json; re-run that cell with this code")
+  if run_info.get("status") != COMPLETE_STATUS:
+    raise ExportError(f"{path} has status {run_info.get('status')!r}, not complete; finish the cell first")
+  for key in ("task", "repeat", "fold", "preprocess", "aggregation", "aggregation_top_k", "config"):
+    if key not in run_info:
+      raise ExportError(f"{path} lacks {key!r}; re-create it with the training stage")
+  return CellRun(folder=folder, repeat=int(run_info["repeat"]), fold=int(run_info["fold"]), run_info=run_info)
+
+
+def find_cells(runs_dir: str, task: str, selectors: Sequence[str] = ()) -> list[CellRun]:
+  """The complete cells of `task` below `runs_dir`, filtered by selectors, sorted by (repeat, fold).
+
+  Raises:
+    ExportError: for a missing folder, no matching cell, a selector that matches nothing, or two complete
+      run.json files for the same cell.
+  """
+  if not tf.io.gfile.isdir(runs_dir):
+    raise ExportError(f"runs folder {runs_dir} does not exist; point --runs_dir at the training output")
+  cells: dict[tuple[int, int], CellRun] = {}
+  for folder, _, files in tf.io.gfile.walk(runs_dir):
+    if RUN_FILE not in files or io_utils.is_temp_path(folder):
+      continue
+    info = io_utils.read_json(io_utils.join(folder, RUN_FILE))
+    if not isinstance(info, dict) or info.get("task") != task or info.get("status") != COMPLETE_STATUS:
+      continue  # other tasks, unfinished and failed cells are simply not candidates
+    cell = read_cell(folder)
+    key = (cell.repeat, cell.fold)
+    if key in cells:
+      raise ExportError(f"two complete run.json for task {task} cell {cell.name}: {cells[key].folder} and "
+                        f"{folder}; point --runs_dir at one training output")
+    cells[key] = cell
+  if not cells:
+    raise ExportError(f"no complete cell of task {task} below {runs_dir}; train first")
+  chosen = sorted(cells.values(), key=lambda cell: (cell.repeat, cell.fold))
+  if selectors:
+    selected = []
+    for selector in selectors:
+      match = _CELL_SELECTOR.match(selector)
+      if not match:
+        raise ExportError(f"cell selector {selector!r} is not understood; use rRR_fFF or rRR")
+      repeat = int(match.group(1))
+      fold = None if match.group(2) is None else int(match.group(2))
+      hits = [cell for cell in chosen if cell.repeat == repeat and (fold is None or cell.fold == fold)]
+      if not hits:
+        raise ExportError(f"--cells={selector} matches no complete cell of task {task} below {runs_dir}")
+      selected.extend(cell for cell in hits if cell not in selected)
+    chosen = sorted(selected, key=lambda cell: (cell.repeat, cell.fold))
+  return chosen
+
+
+def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
+  """Preprocess, aggregation and model settings that every chosen cell must share."""
+  first = cells[0]
+  for cell in cells:
+    if cell.run_info.get("task") != task:
+      raise ExportError(f"cell {cell.folder} is for task {cell.run_info.get('task')!r}, not {task}")
+    for key in ("preprocess", "aggregation", "aggregation_top_k"):
+      if cell.run_info[key] != first.run_info[key]:
+        raise ExportError(f"cells {first.name} and {cell.name} differ in {key!r} ({first.run_info[key]} vs "
+                          f"{cell.run_info[key]}); export cells trained on the same settings separately")
+  try:
+    preprocess_config = preprocess.preprocess_config_from_dict(first.run_info["preprocess"])
+  except (ValueError, TypeError) as error:
+    raise ExportError(f"{first.folder}/run.json has an invalid preprocess config: {error}") from None
+  rule = str(first.run_info["aggregation"])
+  top_k = int(first.run_info["aggregation_top_k"])
+  try:
+    aggregation.check_aggregation(rule, top_k)
+  except ValueError as error:
+    raise ExportError(f"{first.folder}/run.json: {error}") from None
+  return {"preprocess": preprocess_config, "aggregation": rule, "aggregation_top_k": top_k,
+          "model": first.run_info["config"].get("model", {})}
+
+
+def _load_model(cell: CellRun, image_size: int) -> keras.Model:
+  if not tf.io.gfile.exists(cell.model_path):
+    raise ExportError(f"{cell.model_path} is missing although run.json says complete; re-run cell {cell.name}")
+  try:
+    model = keras.saving.load_model(cell.model_path, compile=False)
+  except Exception as error:  # pylint: disable=broad-except  # Keras raises many types for a bad file.
+    raise ExportError(f"cannot load {cell.model_path} ({type(error).__name__}); re-run cell {cell.name}") \
+        from None
+  size = serving.model_image_size(model)
+  if size != image_size:
+    raise ExportError(f"{cell.model_path} takes {size} px images but its run.json preprocess makes "
+                      f"{image_size} px; the cell is inconsistent, re-run it")
+  return model
+
+
+def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, version: int | None = None,
+                  config: Any = None) -> str:
+  """Exports the given training cells as one SavedModel version (the trainer's `--export_dir` hook).
+
+  Args:
+    cell_dirs: cell folders, each with a complete run.json and its model.keras; one folder exports a single
+      model, several an ensemble.
+    export_dir: X; the version goes to X/pdx_<task>/<version>/.
+    task: "p" or "sb"; every cell must be of this task.
+    version: the version number; None means one more than the highest existing one.
+    config: an optional config dataclass (e.g. ExportConfig) written as assets.extra/config.json.
+
+  Returns:
+    The version folder written.
+
+  Raises:
+    ExportError: for incomplete or inconsistent cells (different preprocessing, image size or aggregation),
+      an existing version, or an unwritable export folder.
+  """
+  if task not in TASKS:
+    raise ExportError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+  if not cell_dirs:
+    raise ExportError("no cells to export")
+  cells = sorted((read_cell(folder) for folder in cell_dirs), key=lambda cell: (cell.repeat, cell.fold))
+  names = [cell.name for cell in cells]
+  if len(set(names)) != len(names):
+    raise ExportError(f"the same cell is listed twice among {', '.join(names)}")
+  settings = _shared_settings(cells, task)
+  preprocess_config: preprocess.PreprocessConfig = settings["preprocess"]
+
+  model_dir = task_model_dir(export_dir, task)
+  io_utils.check_writable(model_dir)
+  versions = existing_versions(model_dir)
+  if version is None:
+    version = (versions[-1] + 1) if versions else 1
+  elif version in versions:
+    raise ExportError(f"{model_dir}/{version} already exists; versions are never overwritten: omit --version "
+                      f"to write {versions[-1] + 1}, or choose a new number")
+  final_dir = io_utils.join(model_dir, str(version))
+
+  models = [_load_model(cell, preprocess_config.image_size) for cell in cells]
+  module = serving.PdxServingModule(models, preprocess_config, settings["aggregation"],
+                                    settings["aggregation_top_k"])
+  temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")
+  try:
+    tf.saved_model.save(module, temp_dir, signatures=module.signatures())
+    cell_entries = []
+    for cell, model in zip(cells, models):
+      relative = f"{KERAS_MODELS_FOLDER}/{cell.name}.keras"
+      path = io_utils.join(temp_dir, METADATA_FOLDER, relative)
+      tf.io.gfile.makedirs(os.path.dirname(path))
+      model.save(path)
+      cell_entries.append({
+          "repeat": cell.repeat, "fold": cell.fold, "keras_model": relative, "sha256": io_utils.sha256_file(path),
+          "split_hash": cell.run_info.get("split_hash"), "dataset_hash": cell.run_info.get("dataset_hash"),
+          "code_version": cell.run_info.get("code_version"),
+      })
+    metadata = {
+        "format": EXPORT_FORMAT,
+        "schema_version": EXPORT_SCHEMA_VERSION,
+        "task": task,
+        "version": version,
+        "kind": "ensemble" if len(cells) > 1 else "single",
+        "num_models": len(cells),
+        "cells": cell_entries,
+        "preprocess": configs.to_dict(preprocess_config),
+        "image_size": preprocess_config.image_size,
+        "model": settings["model"],
+        "aggregation": settings["aggregation"],
+        "aggregation_top_k": settings["aggregation_top_k"],
+        "ensemble_rule": ("slice probability = mean over models; uncertainty = population standard deviation "
+                          "over models (0 for one model); patient probability = each model's aggregation of "
+                          "its slice probabilities, then the mean over models"),
+        "signatures": list(serving.SIGNATURE_NAMES),
+        "keras_models_source": (f"{METADATA_FOLDER}/{KERAS_MODELS_FOLDER}/: the cells' model.keras re-saved at "
+                                "export time without optimizer state (used by predict for Grad-CAM)"),
+        "gradcam": {"backbone_layer": "mobilenetv2", "target_layer": "out_relu"},
+        "code_version": provenance.code_version(),
+    }
+    if config is not None:
+      configs.write_config(io_utils.join(temp_dir, METADATA_FOLDER, "config.json"), config)
+    io_utils.atomic_write_json(io_utils.join(temp_dir, METADATA_FOLDER, METADATA_FILE), metadata)
+    if tf.io.gfile.exists(final_dir):
+      raise ExportError(f"{final_dir} appeared while exporting (another export?); versions are never "
+                        "overwritten: run again to get the next version")
+    tf.io.gfile.rename(temp_dir, final_dir, overwrite=False)
+  except BaseException:
+    if tf.io.gfile.exists(temp_dir):
+      tf.io.gfile.rmtree(temp_dir)
+    raise
+  return final_dir
+
+
+def export_runs(config: ExportConfig) -> str:
+  """`python -m export`: finds the chosen cells and exports them; returns the version folder."""
+  cells = find_cells(config.runs_dir, config.task, config.cells)
+  return export_models([cell.folder for cell in cells], config.export_dir, config.task, version=config.version,
+                       config=config)
+
+
+def read_export(path: str) -> tuple[str, dict[str, Any]]:
+  """Resolves a model path to (version folder, pdx_export.json contents).
+
+  Args:
+    path: a model base path X/pdx_<task> (its highest version is taken) or one version folder.
+
+  Raises:
+    ExportError: if the folder is not a pdx export (one line saying what was expected).
+  """
+  if not tf.io.gfile.isdir(path):
+    raise ExportError(f"model folder {path} does not exist; pass X/pdx_<task> or X/pdx_<task>/<version> "
+                      "written by python -m export")
+  version_dir = path
+  if not tf.io.gfile.exists(io_utils.join(path, "saved_model.pb")):
+    versions = existing_versions(path)
+    if not versions:
+      raise ExportError(f"{path} is not a pdx export (no saved_model.pb and no integer version folder); pass "
+                        "X/pdx_<task> or one of its version folders written by python -m export")
+    version_dir = io_utils.join(path, str(versions[-1]))
+  metadata_path = io_utils.join(version_dir, METADATA_FOLDER, METADATA_FILE)
+  if not tf.io.gfile.exists(io_utils.join(version_dir, "saved_model.pb")) or \
+      not tf.io.gfile.exists(metadata_path):
+    raise ExportError(f"{version_dir} is not a pdx export (saved_model.pb or {METADATA_FOLDER}/{METADATA_FILE} "
+                      "missing); export it with python -m export")
+  try:
+    metadata = io_utils.read_json(metadata_path)
+  except ValueError:
+    raise ExportError(f"{metadata_path} is not valid JSON; re-export the model") from None
+  if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
+    raise ExportError(f"{metadata_path} is not a {EXPORT_FORMAT} manifest; re-export the model")
+  if metadata.get("schema_version") != EXPORT_SCHEMA_VERSION:
+    raise ExportError(f"{metadata_path} has schema_version {metadata.get('schema_version')!r}; this code reads "
+                      f"version {EXPORT_SCHEMA_VERSION}")
+  return version_dir, metadata
+
+
+def load_export_keras_models(version_dir: str, metadata: dict[str, Any], max_models: int | None = None
+                             ) -> list[keras.Model]:
+  """Loads the Keras models stored in an export (for Grad-CAM), the first `max_models` cells in order."""
+  entries = metadata["cells"][:max_models] if max_models else metadata["cells"]
+  models = []
+  for entry in entries:
+    path = io_utils.join(version_dir, METADATA_FOLDER, entry["keras_model"])
+    if not tf.io.gfile.exists(path):
+      raise ExportError(f"{path} is missing from the export; re-export the model")
+    models.append(keras.saving.load_model(path, compile=False))
+  return models

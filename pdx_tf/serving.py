@@ -1,0 +1,141 @@
+"""The serving graph: a tf.Module whose signatures run preprocessing, the model ensemble and aggregation.
+
+Signatures (all outputs float32, so TF Serving's REST JSON carries plain numbers):
+- `serving_default(hu: float32 [N, H, W])`, raw HU slices of any size. Inside the graph:
+  `preprocess.preprocess_slices` (the pipeline's body crop, resize and window; no second copy), then the
+  models. Outputs `probability` [N] (mean over models) and `uncertainty` [N] (their standard deviation).
+- `predict_images(image: uint8 [N, S, S, 3])`, images already at the models' size S. A wrong S fails with a
+  message that names the expected size. Same outputs.
+- `predict_patient(hu: float32 [N, H, W])`, one patient's abdominal slice stack. Outputs `slice_probability`
+  [N], `slice_uncertainty` [N], and `patient_probability` / `patient_uncertainty` (scalars). The patient
+  probability applies the training's aggregation rule (`aggregation.aggregate_tf`) to each model's slice
+  probabilities, then averages over models; `patient_uncertainty` is the standard deviation of those
+  per-model patient probabilities. (Aggregating the mean slice curve instead would differ for top-k and
+  max rules; per-model first is what each cross-validated model was evaluated with.)
+
+Uncertainty is the population standard deviation over models (numpy's default, ddof=0), so a single model
+reports 0. The models are called in inference mode through one shared traced function, so the SavedModel holds
+each model's graph once, whatever the number of signatures.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import keras
+import tensorflow as tf
+
+from pdx_tf import aggregation
+from pdx_tf import preprocess
+
+SERVING_DEFAULT = "serving_default"
+PREDICT_IMAGES = "predict_images"
+PREDICT_PATIENT = "predict_patient"
+SIGNATURE_NAMES = (SERVING_DEFAULT, PREDICT_IMAGES, PREDICT_PATIENT)
+
+
+def model_image_size(model: keras.Model) -> int:
+  """The square input side of a slice classifier, from its input shape."""
+  shape = tuple(model.inputs[0].shape)
+  if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
+    raise ValueError(f"model {model.name} takes {shape}; expected square RGB images [N, S, S, 3]")
+  return int(shape[1])
+
+
+class PdxServingModule(tf.Module):
+  """Keras slice classifiers plus preprocessing and aggregation, with the three serving signatures.
+
+  Attributes:
+    model_variables: every model's variables, tracked so the SavedModel stores them (the Keras models
+      themselves are not attached: only their traced graphs and variables are saved, the way
+      keras.export.ExportArchive does it).
+  """
+
+  def __init__(self, models: Sequence[keras.Model], preprocess_config: preprocess.PreprocessConfig,
+               aggregation_rule: str, aggregation_top_k: int):
+    """Builds the signatures.
+
+    Args:
+      models: one or more classifiers from `pdx_tf.model.build_model`, all at `preprocess_config.image_size`.
+      preprocess_config: the preprocessing the models were trained on (run.json "preprocess").
+      aggregation_rule: one of `aggregation.AGGREGATIONS` (run.json "aggregation").
+      aggregation_top_k: k for `topk_mean` (run.json "aggregation_top_k").
+
+    Raises:
+      ValueError: for no models, a model of another input size, or an unknown aggregation.
+    """
+    super().__init__(name="pdx_serving")
+    if not models:
+      raise ValueError("PdxServingModule needs at least one model")
+    aggregation.check_aggregation(aggregation_rule, aggregation_top_k)
+    image_size = preprocess_config.image_size
+    for model in models:
+      if model_image_size(model) != image_size:
+        raise ValueError(f"model {model.name} takes {model_image_size(model)} px images but the preprocessing "
+                         f"makes {image_size} px")
+    self.model_variables = [variable for model in models for variable in model.variables]
+    self.num_models = len(models)
+    self.image_size = image_size
+    # Closures rather than attributes, so tf.Module does not try to serialise the Keras objects.
+    frozen_models = tuple(models)
+    config = preprocess_config
+
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
+                 autograph=False)
+    def per_model_probabilities(images):
+      """[num_models, N] slice probabilities."""
+      return tf.stack([tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+                       for model in frozen_models])
+
+    def summarise(per_model):
+      return {
+          "probability": tf.reduce_mean(per_model, axis=0),
+          "uncertainty": tf.math.reduce_std(per_model, axis=0),
+      }
+
+    def images_from_hu(hu):
+      return tf.cast(preprocess.preprocess_slices(hu, config), tf.float32)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
+    def serving_default(hu):
+      return summarise(per_model_probabilities(images_from_hu(hu)))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")])
+    def predict_images(image):
+      message = (f"predict_images expects uint8 images of {image_size}x{image_size}x3 pixels (the models' "
+                 "input size); resize them, or send raw HU slices to serving_default")
+      checks = [
+          tf.debugging.assert_equal(tf.shape(image)[1], image_size, message=message),
+          tf.debugging.assert_equal(tf.shape(image)[2], image_size, message=message),
+      ]
+      with tf.control_dependencies(checks):
+        images = tf.ensure_shape(tf.cast(image, tf.float32), [None, image_size, image_size, 3])
+      return summarise(per_model_probabilities(images))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
+    def predict_patient(hu):
+      check = tf.debugging.assert_positive(
+          tf.shape(hu)[0], message="predict_patient needs at least one slice of the patient")
+      with tf.control_dependencies([check]):
+        per_model = per_model_probabilities(images_from_hu(hu))
+      patient = tf.stack([aggregation.aggregate_tf(per_model[index], aggregation_rule, aggregation_top_k)
+                          for index in range(len(frozen_models))])
+      return {
+          "slice_probability": tf.reduce_mean(per_model, axis=0),
+          "slice_uncertainty": tf.math.reduce_std(per_model, axis=0),
+          "patient_probability": tf.reduce_mean(patient),
+          "patient_uncertainty": tf.math.reduce_std(patient),
+      }
+
+    self.per_model_probabilities = per_model_probabilities
+    self.serving_default = serving_default
+    self.predict_images = predict_images
+    self.predict_patient = predict_patient
+
+  def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
+    """The signature map for `tf.saved_model.save`."""
+    return {
+        SERVING_DEFAULT: self.serving_default.get_concrete_function(),
+        PREDICT_IMAGES: self.predict_images.get_concrete_function(),
+        PREDICT_PATIENT: self.predict_patient.get_concrete_function(),
+    }

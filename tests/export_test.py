@@ -1,0 +1,246 @@
+"""Tests for pdx_tf.export and pdx_tf.serving: layout, versions, signatures, serving == Keras, TF Serving."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pdx_tf import export
+from pdx_tf import io_utils
+from pdx_tf import preprocess
+from pdx_tf.errors import ExportError
+from tests import fake_cells
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+IMAGE_SIZE = 32
+TOP_K = 3
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """Two fake cells of task p, exported as the ensemble (version 1) and as r00_f01 alone (version 2)."""
+  root = tmp_path_factory.mktemp("export")
+  runs_dir = str(root / "runs")
+  folders = fake_cells.write_fake_cells(runs_dir, "p", cells=((0, 0), (0, 1)), image_size=IMAGE_SIZE, top_k=TOP_K)
+  export_dir = str(root / "X")
+  ensemble_dir = export.export_runs(export.ExportConfig(runs_dir=runs_dir, task="p", export_dir=export_dir))
+  single_dir = export.export_runs(export.ExportConfig(runs_dir=runs_dir, task="p", export_dir=export_dir,
+                                                      cells=("r00_f01",)))
+  import keras  # pylint: disable=import-outside-toplevel
+
+  models = [keras.saving.load_model(os.path.join(folder, "model.keras"), compile=False) for folder in folders]
+  return {
+      "runs_dir": runs_dir, "folders": folders, "export_dir": export_dir, "ensemble_dir": ensemble_dir,
+      "single_dir": single_dir, "models": models,
+      "ensemble": tf.saved_model.load(ensemble_dir), "single": tf.saved_model.load(single_dir),
+  }
+
+
+def _slices(seed=3, count=5, height=80, width=72):
+  return fake_cells.fake_hu_slices(seed, count, height, width)
+
+
+def _keras_probabilities(models, hu):
+  """Per-model slice probabilities [M, N] from the pipeline's preprocessing and the Keras models.
+
+  `predict` runs the model as a graph, like serving; eager calls differ by up to ~2e-5 on these deliberately
+  steep fake models (oneDNN fuses ops differently in graphs), which is float noise, not a preprocessing gap.
+  """
+  images = preprocess.preprocess_slices(hu, preprocess.PreprocessConfig(image_size=IMAGE_SIZE))
+  images = images.numpy().astype(np.float32)
+  return np.stack([model.predict(images, verbose=0).reshape(-1) for model in models])
+
+
+def test_layout_versions_and_metadata(exported):
+  model_dir = os.path.join(exported["export_dir"], "pdx_p")
+  assert exported["ensemble_dir"] == os.path.join(model_dir, "1")
+  assert exported["single_dir"] == os.path.join(model_dir, "2")
+  assert sorted(os.listdir(model_dir)) == ["1", "2"]  # no temporary folder left behind
+  for version_dir in (exported["ensemble_dir"], exported["single_dir"]):
+    assert os.path.exists(os.path.join(version_dir, "saved_model.pb"))
+    assert os.path.isdir(os.path.join(version_dir, "variables"))
+  metadata = io_utils.read_json(os.path.join(exported["ensemble_dir"], "assets.extra", "pdx_export.json"))
+  assert metadata["format"] == "pdx-tf-export" and metadata["task"] == "p" and metadata["version"] == 1
+  assert metadata["kind"] == "ensemble" and metadata["num_models"] == 2
+  assert [(cell["repeat"], cell["fold"]) for cell in metadata["cells"]] == [(0, 0), (0, 1)]
+  assert metadata["image_size"] == IMAGE_SIZE and metadata["preprocess"]["image_size"] == IMAGE_SIZE
+  assert metadata["aggregation"] == "topk_mean" and metadata["aggregation_top_k"] == TOP_K
+  assert metadata["gradcam"] == {"backbone_layer": "mobilenetv2", "target_layer": "out_relu"}
+  for cell in metadata["cells"]:
+    path = os.path.join(exported["ensemble_dir"], "assets.extra", cell["keras_model"])
+    assert io_utils.sha256_file(path) == cell["sha256"]
+  single = io_utils.read_json(os.path.join(exported["single_dir"], "assets.extra", "pdx_export.json"))
+  assert single["kind"] == "single" and [(c["repeat"], c["fold"]) for c in single["cells"]] == [(0, 1)]
+  config = io_utils.read_json(os.path.join(exported["single_dir"], "assets.extra", "config.json"))
+  assert config["cells"] == ["r00_f01"] and config["task"] == "p"
+
+
+def test_existing_version_is_never_overwritten(exported):
+  pb_path = os.path.join(exported["ensemble_dir"], "saved_model.pb")
+  before = io_utils.sha256_file(pb_path)
+  with pytest.raises(ExportError, match="already exists"):
+    export.export_models(exported["folders"][:1], exported["export_dir"], "p", version=1)
+  assert io_utils.sha256_file(pb_path) == before
+  assert sorted(os.listdir(os.path.join(exported["export_dir"], "pdx_p"))) == ["1", "2"]
+
+
+def test_serving_default_equals_keras_ensemble_mean_and_std(exported):
+  hu = _slices()
+  outputs = exported["ensemble"].signatures["serving_default"](hu=tf.constant(hu))
+  per_model = _keras_probabilities(exported["models"], hu)
+  assert per_model.std(axis=0).max() > 1e-3  # the two fake models really differ
+  assert outputs["probability"].dtype == tf.float32 and outputs["uncertainty"].dtype == tf.float32
+  np.testing.assert_allclose(outputs["probability"].numpy(), per_model.mean(axis=0), atol=1e-5)
+  np.testing.assert_allclose(outputs["uncertainty"].numpy(), per_model.std(axis=0), atol=1e-5)
+
+
+def test_single_cell_matches_its_model_with_zero_uncertainty(exported):
+  hu = _slices(seed=4, count=3, height=64, width=90)  # any H and W
+  outputs = exported["single"].serving_default(tf.constant(hu))
+  expected = _keras_probabilities(exported["models"][1:], hu)[0]
+  np.testing.assert_allclose(outputs["probability"].numpy(), expected, atol=1e-5)
+  np.testing.assert_array_equal(outputs["uncertainty"].numpy(), np.zeros(3, np.float32))
+
+
+def test_predict_patient_aggregates_each_model_then_averages(exported):
+  hu = _slices(seed=5, count=6)
+  outputs = exported["ensemble"].signatures["predict_patient"](hu=tf.constant(hu))
+  per_model = _keras_probabilities(exported["models"], hu)
+  per_model_patient = np.sort(per_model, axis=1)[:, ::-1][:, :TOP_K].mean(axis=1)  # top-3 mean, by hand
+  np.testing.assert_allclose(outputs["slice_probability"].numpy(), per_model.mean(axis=0), atol=1e-5)
+  np.testing.assert_allclose(outputs["slice_uncertainty"].numpy(), per_model.std(axis=0), atol=1e-5)
+  np.testing.assert_allclose(float(outputs["patient_probability"]), per_model_patient.mean(), atol=1e-5)
+  np.testing.assert_allclose(float(outputs["patient_uncertainty"]), per_model_patient.std(), atol=1e-5)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="at least one slice"):
+    exported["ensemble"].signatures["predict_patient"](hu=tf.zeros([0, 40, 40], tf.float32))
+
+
+def test_predict_images_equals_serving_default_and_checks_size(exported):
+  hu = _slices(seed=6, count=4)
+  images = preprocess.preprocess_slices(hu, preprocess.PreprocessConfig(image_size=IMAGE_SIZE))
+  from_images = exported["ensemble"].signatures["predict_images"](image=images)
+  from_hu = exported["ensemble"].signatures["serving_default"](hu=tf.constant(hu))
+  np.testing.assert_allclose(from_images["probability"].numpy(), from_hu["probability"].numpy(), atol=1e-6)
+  with pytest.raises(tf.errors.InvalidArgumentError, match="32x32x3 pixels"):
+    exported["ensemble"].signatures["predict_images"](image=tf.zeros([2, 40, 40, 3], tf.uint8))
+
+
+def test_wrong_dtype_or_rank_is_rejected_at_the_signature(exported):
+  loaded = exported["ensemble"]
+  with pytest.raises(TypeError, match="float32"):
+    loaded.serving_default(tf.zeros([2, 40, 40], tf.int32))
+  with pytest.raises(TypeError, match=r"shape=\(None, None, None\)"):
+    loaded.serving_default(tf.zeros([40, 40], tf.float32))
+  with pytest.raises(TypeError, match="uint8"):
+    loaded.predict_images(tf.zeros([1, IMAGE_SIZE, IMAGE_SIZE, 3], tf.float32))
+  with pytest.raises((TypeError, tf.errors.InvalidArgumentError), match="float"):
+    loaded.signatures["serving_default"](hu=tf.zeros([2, 40, 40], tf.int32))
+
+
+def test_predict_request_maps_onto_serving_default(exported):
+  from tensorflow_serving.apis import predict_pb2  # pylint: disable=import-outside-toplevel
+
+  hu = _slices(seed=7, count=2)
+  request = predict_pb2.PredictRequest()
+  request.model_spec.name = "pdx_p"
+  request.model_spec.signature_name = "serving_default"
+  request.inputs["hu"].CopyFrom(tf.make_tensor_proto(hu))
+  request = predict_pb2.PredictRequest.FromString(request.SerializeToString())  # over the wire
+  signature = exported["ensemble"].signatures[request.model_spec.signature_name]
+  assert set(request.inputs) == set(signature.structured_input_signature[1])
+  inputs = {name: tf.constant(tf.make_ndarray(proto)) for name, proto in request.inputs.items()}
+  outputs = signature(**inputs)
+  assert set(outputs) == {"probability", "uncertainty"}
+  direct = exported["ensemble"].signatures["serving_default"](hu=tf.constant(hu))
+  np.testing.assert_array_equal(outputs["probability"].numpy(), direct["probability"].numpy())
+  response = predict_pb2.PredictResponse()
+  for name, tensor in outputs.items():
+    response.outputs[name].CopyFrom(tf.make_tensor_proto(tensor))
+  np.testing.assert_array_equal(tf.make_ndarray(response.outputs["probability"]), direct["probability"].numpy())
+
+
+def test_loads_in_a_fresh_process_and_saved_model_cli_lists_signatures(exported):
+  hu = _slices(seed=8, count=2)
+  hu_path = os.path.join(os.path.dirname(exported["export_dir"]), "hu.npy")
+  np.save(hu_path, hu)
+  script = (
+      "import json, sys, numpy as np, tensorflow as tf\n"
+      f"loaded = tf.saved_model.load({exported['ensemble_dir']!r})\n"
+      f"out = loaded.signatures['serving_default'](hu=tf.constant(np.load({hu_path!r})))\n"
+      "print(json.dumps({'names': sorted(loaded.signatures), 'probability': out['probability'].numpy().tolist()}))\n"
+  )
+  environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          env=environment, cwd="/", check=False)  # cwd=/: no pdx_tf import needed to serve
+  assert result.returncode == 0, result.stderr[-2000:]
+  answer = json.loads([line for line in result.stdout.splitlines() if line.startswith("{")][-1])
+  assert answer["names"] == ["predict_images", "predict_patient", "serving_default"]
+  expected = exported["ensemble"].signatures["serving_default"](hu=tf.constant(hu))["probability"].numpy()
+  np.testing.assert_allclose(answer["probability"], expected, atol=1e-6)
+
+  cli = shutil.which("saved_model_cli")
+  command = [cli] if cli else [sys.executable, "-m", "tensorflow.python.tools.saved_model_cli"]
+  shown = subprocess.run(command + ["show", "--all", "--dir", exported["ensemble_dir"]], capture_output=True,
+                         text=True, timeout=120, env=environment, check=False)
+  assert shown.returncode == 0, shown.stderr[-2000:]
+  for text in ("signature_def['serving_default']", "signature_def['predict_images']",
+               "signature_def['predict_patient']", "inputs['hu']", "inputs['image']", "outputs['probability']",
+               "outputs['uncertainty']", "outputs['patient_probability']", "outputs['slice_probability']"):
+    assert text in shown.stdout, text
+
+
+def test_cells_with_different_preprocessing_cannot_be_exported_together(exported, tmp_path):
+  first, second = exported["folders"]
+  other = str(tmp_path / "r00_f02")
+  shutil.copytree(second, other)
+  run = io_utils.read_json(os.path.join(other, "run.json"))
+  run["fold"] = 2
+  run["preprocess"]["windows"] = [[60.0, 150.0]]
+  io_utils.atomic_write_json(os.path.join(other, "run.json"), run)
+  with pytest.raises(ExportError, match="differ in 'preprocess'"):
+    export.export_models([first, other], str(tmp_path / "X"), "p")
+  assert not os.path.exists(tmp_path / "X" / "pdx_p" / "1")
+
+
+def test_cell_selection_and_incomplete_cells(exported, tmp_path):
+  runs_dir = str(tmp_path / "runs")
+  shutil.copytree(exported["runs_dir"], runs_dir)
+  unfinished = os.path.join(runs_dir, "p", "cells", "r01_f00")
+  shutil.copytree(os.path.join(runs_dir, "p", "cells", "r00_f00"), unfinished)
+  run = io_utils.read_json(os.path.join(unfinished, "run.json"))
+  run.update(repeat=1, status="running")
+  io_utils.atomic_write_json(os.path.join(unfinished, "run.json"), run)
+  assert [cell.name for cell in export.find_cells(runs_dir, "p")] == ["r00_f00", "r00_f01"]
+  assert [cell.name for cell in export.find_cells(runs_dir, "p", ("r00",))] == ["r00_f00", "r00_f01"]
+  assert [cell.name for cell in export.find_cells(runs_dir, "p", ("r00_f01",))] == ["r00_f01"]
+  with pytest.raises(ExportError, match="matches no complete cell"):
+    export.find_cells(runs_dir, "p", ("r01",))
+  with pytest.raises(ExportError, match="no complete cell of task sb"):
+    export.find_cells(runs_dir, "sb")
+  with pytest.raises(ExportError, match="status 'running'"):
+    export.export_models([unfinished], str(tmp_path / "X"), "p")
+
+
+def test_read_export_resolves_versions_and_rejects_other_folders(exported, tmp_path):
+  model_dir = os.path.join(exported["export_dir"], "pdx_p")
+  assert export.read_export(model_dir)[0] == exported["single_dir"]  # the highest version
+  version_dir, metadata = export.read_export(exported["ensemble_dir"])
+  assert version_dir == exported["ensemble_dir"] and metadata["num_models"] == 2
+  with pytest.raises(ExportError, match="is not a pdx export"):
+    export.read_export(str(tmp_path))
+
+
+def test_binary_reports_a_bad_runs_folder_on_one_line(tmp_path):
+  environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+  result = subprocess.run(
+      [sys.executable, "-m", "export", f"--runs_dir={tmp_path / 'missing'}", "--task=p",
+       f"--export_dir={tmp_path / 'X'}"], capture_output=True, text=True, timeout=120, cwd=REPO_ROOT,
+      env=environment, check=False)
+  assert result.returncode == 1
+  errors = [line for line in result.stderr.splitlines() if line.startswith("export: error:")]
+  assert len(errors) == 1 and "does not exist" in errors[0]
