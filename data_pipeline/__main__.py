@@ -1,0 +1,111 @@
+"""Turns a cohort of abdominal CT studies into TFRecords for training: `python -m data_pipeline`.
+
+Examples:
+  # The demo: builds the synthetic phantom cohort (cached) and writes runs/demo/records with the demo
+  # preset (64 px images, 8 augmented copies a slice).
+  python -m data_pipeline
+
+  # A real cohort, as in the paper (224 px, soft-tissue window, 960 augmented copies a slice).
+  python -m data_pipeline --manifest=cohort/manifest.csv --output_dir=data/records
+
+  # Quick look first: originals only, three windows, 5 mm slices, keep going past bad studies.
+  python -m data_pipeline --manifest=cohort/manifest.csv --output_dir=data/check --augment_factor=0 \
+      --window=triple --slice_spacing_mm=5 --allow_failures
+
+Rerunning into the same --output_dir skips finished patients and redoes the rest. Exit status 1 when the
+manifest is invalid (every problem printed, one a line) or any patient failed (unless --allow_failures).
+Outputs: original/ and augmented/ TFRecords, qc/ montages and index.html, failures.csv, config.json and,
+last, dataset.json (see pdx_tf/pipeline.py and CONTRACTS.md).
+"""
+
+import sys
+
+from absl import app
+from absl import flags
+
+from pdx_tf import augment
+from pdx_tf import pipeline
+from pdx_tf import preprocess
+from pdx_tf.errors import ManifestError, PdxError
+
+_MANIFEST = flags.DEFINE_string("manifest", None, "Cohort CSV (patient_id,dicom_dir,label_p,label_sb[,z_min_mm,"
+                                "z_max_mm,series_uid][,covariates...]). Unset: the demo phantom cohort.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output folder D (local or gs://). Required with "
+                                  f"--manifest; the demo defaults to {pipeline.DEMO_OUTPUT_DIR}.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model image side in pixels (demo: "
+                                   f"{pipeline.DEMO_PRESET['image_size']}).")
+_AUGMENT_FACTOR = flags.DEFINE_integer(
+    "augment_factor", pipeline.PAPER_AUGMENT_FACTOR, "Augmented copies written per slice (the paper: "
+    f"{pipeline.PAPER_AUGMENT_FACTOR}; demo: {pipeline.DEMO_PRESET['augment_factor']}); 0 = originals only.")
+_WINDOW = flags.DEFINE_string("window", "abdomen", "HU window(s): abdomen (W400/L40), triple, or C:W[,C:W,C:W].")
+_NUM_WORKERS = flags.DEFINE_integer("num_workers", pipeline.default_num_workers(),
+                                    "Patient worker processes; 1 runs in this process.")
+_ALLOW_FAILURES = flags.DEFINE_bool("allow_failures", False,
+                                    "Write dataset.json and exit 0 even if some patients failed (left out).")
+_SEED = flags.DEFINE_integer("seed", 0, "Augmentation seed.")
+_SLICE_SPACING_MM = flags.DEFINE_float("slice_spacing_mm", None,
+                                       "Resample abdominal slices to this z spacing (linear); unset keeps them.")
+_SHARD_SIZE_MB = flags.DEFINE_float("shard_size_mb", 150.0, "Largest augmented shard, in MiB.")
+_ROTATION_MAX_DEG = flags.DEFINE_float("rotation_max_deg", 15.0, "Rotation drawn in [-max, max] degrees.")
+_FLIP_PROBABILITY = flags.DEFINE_float("flip_probability", 0.5, "Probability of a left-right flip.")
+_SCALE_MIN = flags.DEFINE_float("scale_min", 0.9, "Smallest zoom factor.")
+_SCALE_MAX = flags.DEFINE_float("scale_max", 1.1, "Largest zoom factor.")
+_MIN_SLICES = flags.DEFINE_integer("min_slices", 8, "Fewest slices accepted in a series and its abdominal range.")
+_QC = flags.DEFINE_bool("qc", True, "Write QC montages (qc/<patient_id>.png) and qc/index.html.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+
+
+def _fail(message: str) -> None:
+  print(f"data_pipeline: error: {' '.join(str(message).split())}", file=sys.stderr)
+  sys.exit(1)
+
+
+def _config() -> pipeline.PipelineConfig:
+  demo = _MANIFEST.value is None
+  if not demo and _OUTPUT_DIR.value is None:
+    raise ValueError("--output_dir is required with --manifest")
+  image_size, augment_factor = _IMAGE_SIZE.value, _AUGMENT_FACTOR.value
+  if demo:  # The demo preset, unless a flag is given explicitly.
+    image_size = image_size if flags.FLAGS["image_size"].present else pipeline.DEMO_PRESET["image_size"]
+    augment_factor = (augment_factor if flags.FLAGS["augment_factor"].present
+                      else pipeline.DEMO_PRESET["augment_factor"])
+  return pipeline.PipelineConfig(
+      manifest_path=pipeline.demo_manifest_path() if demo else _MANIFEST.value,
+      output_dir=_OUTPUT_DIR.value or pipeline.DEMO_OUTPUT_DIR,
+      preprocess=preprocess.PreprocessConfig(image_size=image_size,
+                                             windows=preprocess.parse_windows(_WINDOW.value)),
+      augment=augment.AugmentConfig(rotation_max_deg=_ROTATION_MAX_DEG.value,
+                                    flip_probability=_FLIP_PROBABILITY.value, scale_min=_SCALE_MIN.value,
+                                    scale_max=_SCALE_MAX.value),
+      augment_factor=augment_factor,
+      seed=_SEED.value,
+      num_workers=_NUM_WORKERS.value,
+      allow_failures=_ALLOW_FAILURES.value,
+      slice_spacing_mm=_SLICE_SPACING_MM.value,
+      shard_size_mb=_SHARD_SIZE_MB.value,
+      min_slices=_MIN_SLICES.value,
+      write_qc=_QC.value,
+  )
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    config = _config()
+  except ValueError as error:  # invalid flag values (PdxError is a ValueError too)
+    _fail(str(error))
+  try:
+    result = pipeline.run_pipeline(config, progress=_PROGRESS.value)
+  except ManifestError as error:
+    print(f"data_pipeline: error: {error}", file=sys.stderr)  # One problem a line.
+    sys.exit(1)
+  except PdxError as error:
+    _fail(str(error))
+  print(result.summary())
+  if not result.ok:
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

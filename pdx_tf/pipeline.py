@@ -1,0 +1,493 @@
+"""The data pipeline: DICOM studies + manifest -> per-patient TFRecord shards, QC pictures and dataset.json.
+
+For every manifest row: read the series (`pdx_tf.dicom`), keep the abdominal slices (`pdx_tf.region`), make the
+original images with `preprocess.preprocess_slices` and `augment_factor` augmented copies of every slice
+(`preprocess.crop_resize_hu` on the body box, `augment.random_augment_hu`, `preprocess.window_hu`), write them
+as TFRecords (`pdx_tf.records`) and a QC montage, then a completion marker. Patients run in worker processes.
+At the end, failures.csv, qc/index.html and, when nothing failed (or `allow_failures`), dataset.json, whose
+presence means the dataset is complete.
+
+Reruns: a patient whose marker matches the current config and manifest row, and whose files have the sizes
+the marker records, is skipped; any other patient is cleaned and redone. dataset.json is removed at the start
+of a run and rewritten at its end from the markers, so it never describes a half-updated folder.
+
+Every output is a pure function of the inputs and the config: a rerun writes identical bytes.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import time
+from typing import Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pdx_tf import augment
+from pdx_tf import configs
+from pdx_tf import io_utils
+from pdx_tf import manifest as manifest_lib
+from pdx_tf import preprocess
+from pdx_tf import provenance
+from pdx_tf import qc
+from pdx_tf import records
+from pdx_tf import region
+from pdx_tf import shards
+from pdx_tf.errors import PdxError
+
+DATASET_FORMAT = "pdx-tf-dataset"
+PAPER_AUGMENT_FACTOR = 960  # The study augmented every slice about 960-fold.
+DATASET_JSON = "dataset.json"
+FAILURES_CSV = "failures.csv"
+CONFIG_JSON = "config.json"
+QC_INDEX = "qc/index.html"
+SLICE_BATCH = 16  # Slices preprocessed together (bounds memory for large matrices).
+AUGMENT_BATCH = 64  # Augmented copies warped together.
+# Fields that change how a run executes but not what it writes: left out of dataset.json (and of the
+# per-patient fingerprints), so the dataset hash does not depend on parallelism or on where D lives.
+EXECUTION_ONLY_FIELDS = ("output_dir", "num_workers", "allow_failures")
+DEMO_PRESET = {"image_size": 64, "augment_factor": 8}
+DEMO_OUTPUT_DIR = "runs/demo/records"
+
+
+def default_num_workers() -> int:
+  """min(CPU count, 4): more processes rarely help, as each TF process already uses several cores."""
+  return max(1, min(os.cpu_count() or 1, 4))
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+  """Everything that decides the pipeline's output (written to D/config.json and dataset.json).
+
+  Attributes:
+    manifest_path: the cohort CSV (see `pdx_tf.manifest`).
+    output_dir: D, local or any tf.io.gfile URL.
+    preprocess: image size, windows, body crop.
+    augment: rotation, flip and scale ranges.
+    region: parameters of the automatic abdominal range.
+    augment_factor: augmented copies per slice (the paper: 960); 0 writes originals only.
+    seed: augmentation seed; each copy is keyed by (seed, patient_id, slice_index, augmentation_index).
+    num_workers: patient-level worker processes; 1 runs in this process.
+    allow_failures: write dataset.json (and exit 0) even if some patients failed; they are left out.
+    slice_spacing_mm: resample abdominal slices to this z spacing (linear); None keeps the study's slices.
+    shard_size_mb: the largest augmented shard, in MiB.
+    min_slices: fewest slices accepted, in the series and in the abdominal range.
+    write_qc: write the QC montages and index page.
+    qc_max_slices: slices shown per montage.
+  """
+
+  manifest_path: str
+  output_dir: str
+  preprocess: preprocess.PreprocessConfig = preprocess.PreprocessConfig()
+  augment: augment.AugmentConfig = augment.AugmentConfig()
+  region: region.RegionConfig = region.RegionConfig()
+  augment_factor: int = PAPER_AUGMENT_FACTOR
+  seed: int = 0
+  num_workers: int = 1
+  allow_failures: bool = False
+  slice_spacing_mm: float | None = None
+  shard_size_mb: float = 150.0
+  min_slices: int = 8
+  write_qc: bool = True
+  qc_max_slices: int = 16
+
+  def __post_init__(self):
+    if not self.manifest_path:
+      raise ValueError("manifest_path is empty; pass the cohort CSV")
+    if not self.output_dir:
+      raise ValueError("output_dir is empty; pass the folder for the records")
+    if self.augment_factor < 0:
+      raise ValueError(f"augment_factor must be >= 0, got {self.augment_factor}")
+    if self.seed < 0:
+      raise ValueError(f"seed must be >= 0, got {self.seed}")
+    if self.num_workers < 1:
+      raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
+    if self.slice_spacing_mm is not None and not self.slice_spacing_mm > 0:
+      raise ValueError(f"slice_spacing_mm must be positive or None, got {self.slice_spacing_mm}")
+    if not self.shard_size_mb > 0:
+      raise ValueError(f"shard_size_mb must be positive, got {self.shard_size_mb}")
+    if self.min_slices < 1:
+      raise ValueError(f"min_slices must be >= 1, got {self.min_slices}")
+    if self.qc_max_slices < 1:
+      raise ValueError(f"qc_max_slices must be >= 1, got {self.qc_max_slices}")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+  """What a run did.
+
+  Attributes:
+    output_dir: D.
+    dataset_json: path of dataset.json, or None when patients failed without allow_failures.
+    num_patients: patients in the dataset (written now or reused).
+    num_reused: of those, finished by an earlier run and skipped.
+    failures: (patient_id, reason) of the failed patients, sorted.
+    num_slices: abdominal slices over the dataset's patients.
+    num_original_examples: original examples.
+    num_augmented_examples: augmented examples.
+    num_bytes: bytes of all shards.
+    wall_time_s: duration of this run.
+    processed_slices: slices processed by this run (not reused).
+  """
+
+  output_dir: str
+  dataset_json: str | None
+  num_patients: int
+  num_reused: int
+  failures: tuple[tuple[str, str], ...]
+  num_slices: int
+  num_original_examples: int
+  num_augmented_examples: int
+  num_bytes: int
+  wall_time_s: float
+  processed_slices: int
+
+  @property
+  def ok(self) -> bool:
+    """True when the dataset was written (no failures, or failures allowed)."""
+    return self.dataset_json is not None
+
+  def summary(self) -> str:
+    """A few human lines for the end of a run."""
+    rate = self.processed_slices / self.wall_time_s if self.wall_time_s > 0 else 0.0
+    lines = [
+        f"patients: {self.num_patients} ok ({self.num_reused} reused from an earlier run), "
+        f"{len(self.failures)} failed",
+        f"slices: {self.num_slices}; examples: {self.num_original_examples} original + "
+        f"{self.num_augmented_examples} augmented; {self.num_bytes / shards.MEGABYTE:.1f} MiB of records",
+        f"time: {self.wall_time_s:.1f} s ({rate:.1f} slices/s processed this run)",
+    ]
+    if self.dataset_json:
+      lines.append(f"dataset: {self.dataset_json}")
+    else:
+      lines.append(f"dataset.json NOT written: {len(self.failures)} patient(s) failed (see "
+                   f"{io_utils.join(self.output_dir, FAILURES_CSV)}); fix them and rerun (finished patients are "
+                   "skipped), or pass --allow_failures to build the dataset without them")
+    return "\n".join(lines)
+
+
+def _content_config(config: PipelineConfig) -> dict:
+  values = configs.to_dict(config)
+  for name in EXECUTION_ONLY_FIELDS:
+    values.pop(name, None)
+  return values
+
+
+def patient_fingerprint(config: PipelineConfig, row: manifest_lib.ManifestRow) -> str:
+  """A hash of everything that decides a patient's files (config and manifest row).
+
+  The study folder and series override enter only through their hash, so the marker holds no path or UID.
+  """
+  return io_utils.sha256_json({
+      "config": _content_config(config), "code_schema": records.SCHEMA_VERSION, "patient_id": row.patient_id,
+      "label_p": row.label_p, "label_sb": row.label_sb, "covariates": dict(row.covariates),
+      "z_min_mm": row.z_min_mm, "z_max_mm": row.z_max_mm,
+      "source": io_utils.sha256_bytes(f"{row.dicom_dir}\n{row.series_uid or ''}".encode("utf-8")),
+  })
+
+
+# Traced once per shape family: the body mask's label propagation is a while loop, slow op by op eagerly.
+@tf.function(reduce_retracing=True)
+def _boxes_crops_and_originals(hu: tf.Tensor, config: preprocess.PreprocessConfig):
+  """(boxes, cropped HU, original images): `preprocess_slices` step by step, keeping its intermediates.
+
+  The body mask is the costly part of preprocessing, and augmentation needs the same boxes and crops, so
+  they are computed once; `pipeline_test` checks that the originals equal `preprocess.preprocess_slices`.
+  """
+  boxes = preprocess.body_boxes(hu, config)
+  crops = preprocess.crop_resize_hu(hu, boxes, config.image_size)
+  return boxes, crops, preprocess.window_hu(crops, config.windows)
+
+
+def _serialize(image: np.ndarray, row: manifest_lib.ManifestRow, config: PipelineConfig, slice_index: int,
+               z_mm: float, augmentation_index: int) -> bytes:
+  example = records.make_example(
+      records.encode_image(image), image_size=config.preprocess.image_size, patient_id=row.patient_id,
+      slice_index=slice_index, z_mm=z_mm, augmentation_index=augmentation_index, label_p=row.label_p,
+      label_sb=row.label_sb, covariates=row.covariates)
+  # deterministic=True sorts the feature map: otherwise its order (and the bytes) can vary between processes.
+  return example.SerializeToString(deterministic=True)
+
+
+def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.ManifestRow, config: PipelineConfig,
+                          original_writer: shards.ShardWriter, augmented_writer: shards.ShardWriter) -> np.ndarray:
+  """Writes a patient's original and augmented examples; returns the crop boxes [N, 4] (for QC)."""
+  all_boxes = []
+  indices = np.arange(1, config.augment_factor + 1)
+  for start in range(0, abdomen.hu.shape[0], SLICE_BATCH):
+    block = tf.constant(abdomen.hu[start:start + SLICE_BATCH])
+    boxes, crops, originals = _boxes_crops_and_originals(block, config.preprocess)
+    originals = originals.numpy()
+    all_boxes.append(boxes.numpy())
+    for offset, image in enumerate(originals):
+      slice_index = start + offset
+      original_writer.write(_serialize(image, row, config, slice_index, float(abdomen.z_mm[slice_index]), 0))
+    for offset in range(crops.shape[0]):
+      slice_index = start + offset
+      z_mm = float(abdomen.z_mm[slice_index])
+      for chunk_start in range(0, indices.size, AUGMENT_BATCH):
+        chunk = indices[chunk_start:chunk_start + AUGMENT_BATCH]
+        warped = augment.random_augment_hu(crops[offset], config.seed, row.patient_id, slice_index, chunk,
+                                           config.augment)
+        images = preprocess.window_hu(warped, config.preprocess.windows).numpy()
+        for augmentation_index, image in zip(chunk, images):
+          augmented_writer.write(_serialize(image, row, config, slice_index, z_mm, int(augmentation_index)))
+  return np.concatenate(all_boxes) if all_boxes else np.zeros([0, 4], np.float32)
+
+
+def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> dict:
+  """Builds one patient's shards, QC montage and marker (cleaning any earlier partial output first).
+
+  Returns:
+    The completion marker (also written to D/patients/<patient_id>.json, last).
+
+  Raises:
+    PdxError (DicomError, RegionError, ...) for bad input; anything else is a bug or an environment problem.
+  """
+  from pdx_tf import dicom  # pylint: disable=import-outside-toplevel
+
+  output_dir = config.output_dir
+  shards.remove_patient_files(output_dir, row.patient_id)
+  series = dicom.read_ct_series(row.dicom_dir, row.series_uid, min_slices=max(2, config.min_slices))
+  abdomen, chosen = region.select_abdomen(
+      series.hu, series.z_mm, series.pixel_spacing_mm, z_min_mm=row.z_min_mm, z_max_mm=row.z_max_mm,
+      slice_spacing_mm=config.slice_spacing_mm, min_slices=config.min_slices, config=config.region,
+      warnings=series.warnings)
+  original_writer = shards.ShardWriter(output_dir, row.patient_id, "original")
+  augmented_writer = shards.ShardWriter(output_dir, row.patient_id, "augmented",
+                                        max_bytes=int(config.shard_size_mb * shards.MEGABYTE))
+  with original_writer, augmented_writer:
+    boxes = write_patient_records(abdomen, row, config, original_writer, augmented_writer)
+  qc_relative = None
+  if config.write_qc:
+    qc_relative = shards.qc_path(row.patient_id)
+    png = qc.render_patient_montage(row.patient_id, series.hu, series.z_mm, series.pixel_spacing_mm, abdomen.hu,
+                                    abdomen.z_mm, boxes, abdomen.z_range_mm, abdomen.rule, config.qc_max_slices)
+    io_utils.atomic_write_bytes(io_utils.join(output_dir, qc_relative), png)
+  all_shards = original_writer.shards + augmented_writer.shards
+  marker = {
+      "patient_id": row.patient_id,
+      "fingerprint": patient_fingerprint(config, row),
+      "label_p": row.label_p,
+      "label_sb": row.label_sb,
+      "covariates": dict(row.covariates),
+      "num_slices": int(abdomen.hu.shape[0]),
+      "z_range_mm": [float(abdomen.z_range_mm[0]), float(abdomen.z_range_mm[1])],
+      "z_range_rule": abdomen.rule,
+      "warnings": list(abdomen.warnings),
+      "original_shards": [shard["path"] for shard in original_writer.shards],
+      "augmented_shards": [shard["path"] for shard in augmented_writer.shards],
+      "num_original_examples": sum(shard["num_examples"] for shard in original_writer.shards),
+      "num_augmented_examples": sum(shard["num_examples"] for shard in augmented_writer.shards),
+      "shards": all_shards,
+      "qc_path": qc_relative,
+  }
+  io_utils.atomic_write_json(io_utils.join(output_dir, shards.marker_path(row.patient_id)), marker)
+  return marker
+
+
+def _one_line(text: str, row: manifest_lib.ManifestRow) -> str:
+  """Flattens a message to one line and withholds the row's folder and series UID (user input, maybe PHI)."""
+  for secret, shown in ((row.dicom_dir, "<dicom_dir>"), (row.series_uid, "<series_uid>")):
+    if secret:
+      text = text.replace(secret, shown)
+  return " ".join(text.split())
+
+
+def _run_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> tuple[str, dict | None, str | None, float]:
+  """Worker entry point: (patient_id, marker or None, failure reason or None, seconds). Never raises."""
+  start = time.perf_counter()
+  try:
+    marker = process_patient(row, config)
+    return row.patient_id, marker, None, time.perf_counter() - start
+  except PdxError as error:
+    reason = _one_line(str(error), row)
+  except Exception as error:  # pylint: disable=broad-except
+    # One patient's bug or odd file must not end the cohort's run; the reason names the exception.
+    reason = _one_line(f"unexpected {type(error).__name__}: {error}", row)
+  try:
+    shards.remove_patient_files(config.output_dir, row.patient_id)
+  except (tf.errors.OpError, OSError):
+    pass  # Leftovers are cleaned again on the next run.
+  return row.patient_id, None, reason, time.perf_counter() - start
+
+
+def _init_worker(threads: int) -> None:
+  # Each worker gets a share of the cores instead of every process using all of them.
+  tf.config.threading.set_intra_op_parallelism_threads(threads)
+  tf.config.threading.set_inter_op_parallelism_threads(2)
+
+
+def _read_marker(output_dir: str, patient_id: str) -> dict | None:
+  path = io_utils.join(output_dir, shards.marker_path(patient_id))
+  if not tf.io.gfile.exists(path):
+    return None
+  try:
+    return io_utils.read_json(path)
+  except (ValueError, tf.errors.OpError):
+    return None
+
+
+def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: PipelineConfig, progress: bool):
+  """Runs the patients, yielding `_run_patient` results as they finish."""
+  if config.num_workers == 1 or len(todo) <= 1:
+    for row in todo:
+      yield _run_patient(row, config)
+    return
+  workers = min(config.num_workers, len(todo))
+  threads = max(1, (os.cpu_count() or 1) // workers)
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Spawned workers inherit it: quieter logs.
+  # "spawn": TensorFlow's runtime threads do not survive fork.
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                              initargs=(threads,)) as pool:
+    futures = {pool.submit(_run_patient, row, config): row for row in todo}
+    for future in concurrent.futures.as_completed(futures):
+      row = futures[future]
+      try:
+        yield future.result()
+      except concurrent.futures.process.BrokenProcessPool:
+        yield row.patient_id, None, "a worker process died (out of memory?); rerun, with fewer --num_workers", 0.0
+      except Exception as error:  # pylint: disable=broad-except
+        yield row.patient_id, None, _one_line(f"unexpected {type(error).__name__}: {error}", row), 0.0
+
+
+def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], markers: Sequence[dict],
+                       num_failed: int) -> dict:
+  """The dataset manifest (CONTRACTS.md, stage 1) from the completion markers."""
+  markers = sorted(markers, key=lambda marker: marker["patient_id"])
+  patients = [{key: marker[key] for key in (
+      "patient_id", "label_p", "label_sb", "covariates", "num_slices", "z_range_mm", "z_range_rule", "warnings",
+      "original_shards", "augmented_shards", "num_original_examples", "num_augmented_examples")}
+              for marker in markers]
+  all_shards = sorted((shard for marker in markers for shard in marker["shards"]), key=lambda s: s["path"])
+  return {
+      "format": DATASET_FORMAT,
+      "schema_version": records.SCHEMA_VERSION,
+      "code_version": provenance.code_version(),
+      "config": _content_config(config),
+      "preprocess": configs.to_dict(config.preprocess),
+      "augment": configs.to_dict(config.augment),
+      "augment_factor": config.augment_factor,
+      "seed": config.seed,
+      "covariate_names": list(covariate_names),
+      "patients": patients,
+      "shards": all_shards,
+      "counts": {
+          "patients": len(patients),
+          "failed_patients": num_failed,
+          "slices": sum(p["num_slices"] for p in patients),
+          "original_examples": sum(p["num_original_examples"] for p in patients),
+          "augmented_examples": sum(p["num_augmented_examples"] for p in patients),
+          "shards": len(all_shards),
+      },
+  }
+
+
+def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineResult:
+  """Runs the data pipeline (see the module docstring).
+
+  Args:
+    config: the resolved configuration.
+    progress: show a progress bar and one line per failed patient on stderr.
+
+  Returns:
+    What was written; `result.ok` is False when patients failed and `allow_failures` is off (then
+    dataset.json is not written).
+
+  Raises:
+    ManifestError: the manifest is invalid (every problem listed).
+    PdxError: the output folder cannot be written.
+  """
+  start = time.perf_counter()
+  manifest = manifest_lib.read_manifest(config.manifest_path)
+  output_dir = config.output_dir
+  io_utils.check_writable(output_dir)
+  dataset_path = io_utils.join(output_dir, DATASET_JSON)
+  if tf.io.gfile.exists(dataset_path):
+    tf.io.gfile.remove(dataset_path)  # Its presence must mean "complete"; it is rewritten at the end.
+  shards.remove_temp_files(output_dir)
+  configs.write_config(io_utils.join(output_dir, CONFIG_JSON), config)
+
+  markers: dict[str, dict] = {}
+  todo = []
+  for row in manifest.rows:
+    marker = _read_marker(output_dir, row.patient_id)
+    if marker is not None and shards.marker_is_valid(output_dir, marker, patient_fingerprint(config, row)):
+      markers[row.patient_id] = marker
+    else:
+      todo.append(row)
+  num_reused = len(markers)
+
+  failures: dict[str, str] = {}
+  processed_slices = 0
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  with tqdm(total=len(todo), desc="patients", unit="patient", disable=not progress or not todo) as bar:
+    for patient_id, marker, reason, _ in _run_all(todo, config, progress):
+      if marker is None:
+        failures[patient_id] = reason
+        if progress:
+          tqdm.write(f"patient {patient_id} FAILED: {reason}")
+      else:
+        markers[patient_id] = marker
+        processed_slices += marker["num_slices"]
+      bar.update(1)
+
+  failure_rows = sorted(failures.items())
+  io_utils.atomic_write_csv(io_utils.join(output_dir, FAILURES_CSV), ["patient_id", "reason"], failure_rows)
+  ordered = [markers[row.patient_id] for row in sorted(manifest.rows, key=lambda r: r.patient_id)
+             if row.patient_id in markers]
+  if config.write_qc:
+    qc.write_index_html(io_utils.join(output_dir, QC_INDEX), ordered, failure_rows)
+  written = None
+  if not failures or config.allow_failures:
+    dataset = build_dataset_json(config, manifest.covariate_names, ordered, len(failures))
+    io_utils.atomic_write_json(dataset_path, dataset)
+    written = dataset_path
+  return PipelineResult(
+      output_dir=output_dir, dataset_json=written, num_patients=len(ordered), num_reused=num_reused,
+      failures=tuple(failure_rows), num_slices=sum(m["num_slices"] for m in ordered),
+      num_original_examples=sum(m["num_original_examples"] for m in ordered),
+      num_augmented_examples=sum(m["num_augmented_examples"] for m in ordered),
+      num_bytes=sum(shard["num_bytes"] for m in ordered for shard in m["shards"]),
+      wall_time_s=time.perf_counter() - start, processed_slices=processed_slices)
+
+
+def demo_manifest_path() -> str:
+  """The manifest of the cached demo phantom cohort, written first if needed (about a minute)."""
+  from pdx_tf import phantom  # pylint: disable=import-outside-toplevel
+
+  return phantom.write_demo_cohort(phantom.demo_cohort_dir())
+
+
+def demo_config(output_dir: str = DEMO_OUTPUT_DIR, **overrides) -> PipelineConfig:
+  """The demo preset on the cached phantom cohort (writing the cohort first if needed).
+
+  Args:
+    output_dir: where the records go.
+    **overrides: PipelineConfig fields to change; `image_size` sets the preprocess image size.
+  """
+  manifest_path = demo_manifest_path()
+  image_size = overrides.pop("image_size", DEMO_PRESET["image_size"])
+  values = {"augment_factor": DEMO_PRESET["augment_factor"], "num_workers": default_num_workers(), **overrides}
+  if "preprocess" not in values:
+    values["preprocess"] = preprocess.PreprocessConfig(image_size=image_size)
+  return PipelineConfig(manifest_path=manifest_path, output_dir=output_dir, **values)
+
+
+def run_demo_pipeline(output_dir: str = DEMO_OUTPUT_DIR, *, progress: bool = True, **overrides) -> PipelineResult:
+  """Builds (or reuses) the demo phantom cohort and runs the pipeline on it with the demo preset.
+
+  A finished demo dataset is reused: every patient is skipped and dataset.json rewritten identically.
+
+  Args:
+    output_dir: where the records go (default runs/demo/records).
+    progress: show progress on stderr.
+    **overrides: PipelineConfig fields (and `image_size`) to change from the demo preset
+      (image_size 64, augment_factor 8).
+  """
+  return run_pipeline(demo_config(output_dir, **overrides), progress=progress)
