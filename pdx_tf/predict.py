@@ -1,0 +1,246 @@
+"""Predicts one CT study with exported models and explains it with Grad-CAM (`python -m predict`).
+
+Steps: check the exports (`export.read_export`), read the study's abdominal slices with the pipeline's own
+series choice and z-range rule (`region.load_abdomen`), run each export's `predict_patient` signature (the
+in-graph preprocessing, ensemble and aggregation), then Grad-CAM on the highest-scoring slices with the Keras
+models stored in the export (`assets.extra/models/`, see `pdx_tf.export`), averaged over at most
+`gradcam_max_models` of them (Grad-CAM of all 192 cells would take minutes on a CPU and changes little).
+
+Outputs in output_dir: config.json, prediction.json, gradcam/<task>_slice<NNN>.png (model input and overlay),
+summary.png (per task: slice probability along z with its uncertainty band, and the overlays). Nothing read
+from the DICOM headers reaches them: the study is named only by the optional user-given patient_id, and the
+DICOM folder path is withheld (hospital folder names often carry names or accession numbers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from typing import Any, Sequence
+
+import numpy as np
+import tensorflow as tf
+
+from pdx_tf import configs
+from pdx_tf import export
+from pdx_tf import gradcam
+from pdx_tf import io_utils
+from pdx_tf import preprocess
+from pdx_tf import provenance
+from pdx_tf.errors import ExportError, PdxError
+
+PREDICTION_FORMAT = "pdx-tf-prediction"
+PREDICTION_SCHEMA_VERSION = 1
+_PATIENT_ID = re.compile(r"^[A-Za-z0-9._-]{0,64}$")
+WITHHELD = "(withheld: folder names can carry PHI)"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+  """What `python -m predict` runs.
+
+  Attributes:
+    model_dirs: exports, each X/pdx_<task> (highest version) or one version folder; one per task.
+    dicom_dir: the study's DICOM folder (searched recursively).
+    output_dir: where prediction.json and the images go.
+    patient_id: optional identifier written to the outputs (letters, digits, '.', '_', '-'); never taken
+      from the DICOM headers.
+    num_gradcam_slices: Grad-CAM overlays for this many highest-scoring slices per task.
+    gradcam_max_models: average Grad-CAM over at most this many of an ensemble's models.
+  """
+
+  model_dirs: tuple[str, ...]
+  dicom_dir: str
+  output_dir: str
+  patient_id: str = ""
+  num_gradcam_slices: int = 3
+  gradcam_max_models: int = 8
+
+  def __post_init__(self):
+    if not self.model_dirs:
+      raise ValueError("give at least one --model (an export folder X/pdx_p or X/pdx_sb)")
+    if not self.dicom_dir or not self.output_dir:
+      raise ValueError("dicom_dir and output_dir must be given")
+    if not _PATIENT_ID.match(self.patient_id):
+      raise ValueError("patient_id may hold only letters, digits, '.', '_' and '-' (at most 64); use a study "
+                       "code, not a name")
+    if not 0 <= self.num_gradcam_slices <= 32:
+      raise ValueError(f"num_gradcam_slices must be in [0, 32], got {self.num_gradcam_slices}")
+    if self.gradcam_max_models < 1:
+      raise ValueError(f"gradcam_max_models must be at least 1, got {self.gradcam_max_models}")
+
+
+@dataclasses.dataclass
+class _TaskResult:
+  task: str
+  version_dir: str
+  metadata: dict[str, Any]
+  slice_probability: np.ndarray
+  slice_uncertainty: np.ndarray
+  patient_probability: float
+  patient_uncertainty: float
+  gradcam_slices: list[int]
+  images: np.ndarray  # model inputs of the Grad-CAM slices
+  heatmaps: np.ndarray
+
+
+def load_exports(model_dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
+  """(version folder, metadata) per export, checking one export per task.
+
+  Raises:
+    ExportError: if a folder is not a pdx export or two are for the same task.
+  """
+  exports = [export.read_export(path) for path in model_dirs]
+  tasks = [metadata["task"] for _, metadata in exports]
+  if len(set(tasks)) != len(tasks):
+    raise ExportError(f"two --model exports for the same task ({', '.join(tasks)}); give one per task")
+  return sorted(exports, key=lambda item: export.TASKS.index(item[1]["task"]))
+
+
+def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray,
+                  config: PredictConfig) -> _TaskResult:
+  loaded = tf.saved_model.load(version_dir)
+  outputs = loaded.signatures["predict_patient"](hu=tf.constant(hu, tf.float32))
+  slice_probability = outputs["slice_probability"].numpy()
+  count = min(config.num_gradcam_slices, slice_probability.size)
+  # Highest first; ties by slice index so the choice is deterministic.
+  order = sorted(range(slice_probability.size), key=lambda index: (-float(slice_probability[index]), index))
+  chosen = sorted(order[:count], key=lambda index: -float(slice_probability[index]))
+  image_size = int(metadata["image_size"])
+  images = np.zeros((0, image_size, image_size, 3), np.uint8)
+  heatmaps = np.zeros((0, image_size, image_size), np.float32)
+  if chosen:
+    preprocess_config = preprocess.preprocess_config_from_dict(metadata["preprocess"])
+    images = preprocess.preprocess_slices(hu[chosen], preprocess_config).numpy()
+    models = export.load_export_keras_models(version_dir, metadata, config.gradcam_max_models)
+    heatmaps = gradcam.ensemble_grad_cam(models, images)
+  return _TaskResult(
+      task=metadata["task"], version_dir=version_dir, metadata=metadata, slice_probability=slice_probability,
+      slice_uncertainty=outputs["slice_uncertainty"].numpy(),
+      patient_probability=float(outputs["patient_probability"].numpy()),
+      patient_uncertainty=float(outputs["patient_uncertainty"].numpy()),
+      gradcam_slices=chosen, images=images, heatmaps=heatmaps)
+
+
+def _study_label(config: PredictConfig) -> str:
+  return f"patient {config.patient_id}" if config.patient_id else "the study"
+
+
+def _write_summary(path: str, results: Sequence[_TaskResult], z_mm: np.ndarray, config: PredictConfig) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
+
+  columns = 1 + max([len(result.gradcam_slices) for result in results] + [1])
+  figure, axes = pyplot.subplots(len(results), columns, figsize=(3.2 * columns, 3.4 * len(results)), dpi=100,
+                                 squeeze=False)
+  for row, result in enumerate(results):
+    curve = axes[row][0]
+    curve.plot(z_mm, result.slice_probability, color="tab:blue", linewidth=1.2)
+    curve.fill_between(z_mm, np.clip(result.slice_probability - result.slice_uncertainty, 0, 1),
+                       np.clip(result.slice_probability + result.slice_uncertainty, 0, 1), alpha=0.25,
+                       color="tab:blue")
+    curve.scatter(z_mm[result.gradcam_slices], result.slice_probability[result.gradcam_slices], color="tab:red",
+                  zorder=3, s=14)
+    curve.set_ylim(0, 1)
+    curve.set_xlabel("z (mm)")
+    curve.set_ylabel("slice probability")
+    curve.set_title(f"task {result.task}: {result.patient_probability:.2f} +- {result.patient_uncertainty:.2f}",
+                    fontsize=9)
+    for column in range(1, columns):
+      axis = axes[row][column]
+      axis.axis("off")
+      position = column - 1
+      if position < len(result.gradcam_slices):
+        index = result.gradcam_slices[position]
+        axis.imshow(gradcam.overlay(result.images[position], result.heatmaps[position]))
+        axis.set_title(f"slice {index} (z {z_mm[index]:.0f} mm): {result.slice_probability[index]:.2f}",
+                       fontsize=8)
+  title = f"pdx-tf prediction for {_study_label(config)} (research software, not for clinical decisions)"
+  figure.suptitle(title, fontsize=10)
+  figure.tight_layout()
+  buffer = io.BytesIO()
+  figure.savefig(buffer, format="png")
+  pyplot.close(figure)
+  io_utils.atomic_write_bytes(path, buffer.getvalue())
+
+
+def predict_study(config: PredictConfig) -> dict[str, Any]:
+  """Runs `python -m predict`; returns what it writes to prediction.json.
+
+  Raises:
+    ExportError: a --model folder is not a pdx export.
+    DicomError, RegionError: the study has no usable CT series or no abdomen (one line, no PHI).
+  """
+  exports = load_exports(config.model_dirs)  # fail on a bad model folder before reading the study
+  io_utils.check_writable(config.output_dir)
+  config_values = configs.to_dict(config)
+  config_values["dicom_dir"] = WITHHELD
+  io_utils.atomic_write_json(io_utils.join(config.output_dir, "config.json"), config_values)
+
+  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+
+  try:
+    abdomen = region.load_abdomen(config.dicom_dir)
+  except PdxError as error:
+    raise type(error)(f"{_study_label(config)}: {error}") from None
+  z_mm = np.asarray(abdomen.z_mm, np.float64)
+
+  results = [_predict_task(version_dir, metadata, abdomen.hu, config) for version_dir, metadata in exports]
+  tasks: dict[str, Any] = {}
+  for result in results:
+    overlays = []
+    for position, index in enumerate(result.gradcam_slices):
+      relative = f"gradcam/{result.task}_slice{index:03d}.png"
+      title = (f"task {result.task}, slice {index} (z {z_mm[index]:.0f} mm): probability "
+               f"{result.slice_probability[index]:.3f}")
+      gradcam.save_overlay_png(io_utils.join(config.output_dir, relative), result.images[position],
+                               result.heatmaps[position], title)
+      overlays.append({"slice_index": index, "z_mm": round(float(z_mm[index]), 3), "png": relative})
+    metadata = result.metadata
+    tasks[result.task] = {
+        "patient_probability": round(result.patient_probability, 6),
+        "patient_uncertainty": round(result.patient_uncertainty, 6),
+        "model": {
+            "version": metadata["version"], "kind": metadata["kind"], "num_models": metadata["num_models"],
+            "aggregation": metadata["aggregation"], "aggregation_top_k": metadata["aggregation_top_k"],
+            "image_size": metadata["image_size"], "code_version": metadata["code_version"],
+            "gradcam_models": min(config.gradcam_max_models, metadata["num_models"]),
+        },
+        "slices": [{"slice_index": index, "z_mm": round(float(z_mm[index]), 3),
+                    "probability": round(float(result.slice_probability[index]), 6),
+                    "uncertainty": round(float(result.slice_uncertainty[index]), 6)}
+                   for index in range(z_mm.size)],
+        "gradcam": overlays,
+    }
+  summary = "summary.png"
+  _write_summary(io_utils.join(config.output_dir, summary), results, z_mm, config)
+  prediction = {
+      "format": PREDICTION_FORMAT,
+      "schema_version": PREDICTION_SCHEMA_VERSION,
+      "patient_id": config.patient_id or None,
+      "code_version": provenance.code_version(),
+      "region": {
+          "num_slices": int(z_mm.size), "z_range_mm": [round(float(v), 3) for v in abdomen.z_range_mm],
+          "rule": abdomen.rule, "pixel_spacing_mm": [float(v) for v in abdomen.pixel_spacing_mm],
+          "warnings": list(abdomen.warnings),
+      },
+      "tasks": tasks,
+      "summary_png": summary,
+      "note": "research software; not a medical device; not for clinical decisions",
+  }
+  io_utils.atomic_write_json(io_utils.join(config.output_dir, "prediction.json"), prediction)
+  return prediction
+
+
+def format_prediction(prediction: dict[str, Any]) -> str:
+  """The lines `python -m predict` prints: one per task."""
+  lines = []
+  for task, values in prediction["tasks"].items():
+    model = values["model"]
+    lines.append(f"{task}: probability {values['patient_probability']:.3f} +- {values['patient_uncertainty']:.3f} "
+                 f"({model['kind']} of {model['num_models']} model(s), {model['aggregation']} over "
+                 f"{prediction['region']['num_slices']} abdominal slices)")
+  return "\n".join(lines)
