@@ -36,7 +36,7 @@ from pydicom import uid as dicom_uid
 
 from pdx_tf import phantom_anatomy as anatomy_lib
 
-GENERATOR_VERSION = 1  # bump whenever output bytes change, so cached cohorts are regenerated
+GENERATOR_VERSION = 1  # cached cohorts are also keyed by the generator's source code (see config_hash)
 MANIFEST_COLUMNS = ("patient_id", "dicom_dir", "label_p", "label_sb", "ascites", "pci", "site")
 MINIMUM_FIELD_OF_VIEW_MM = 380.0
 
@@ -113,7 +113,7 @@ class PhantomConfig:
       object.__setattr__(self, name, tuple(float(p) for p in probabilities))
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class PhantomPatient:
   """One synthetic patient: the CT volume and its ground truth (arrays in [Z, Y, X], z ascending)."""
 
@@ -247,6 +247,7 @@ def _add_identity(dataset: Dataset, key: int, patient_index: int) -> None:
   dataset.StudyInstanceUID = _uid("study", key)
   dataset.FrameOfReferenceUID = _uid("frame", key)
   dataset.StudyDescription = "CT ABDOMEN PELVIS WITH CONTRAST"
+  dataset.BodyPartExamined = "ABDOMEN"
   # PHI hidden in a private block, as some scanners do.
   block = dataset.private_block(0x0019, "ZZCANARY PRIVATE", create=True)
   block.add_new(0x10, "LO", f"ZZCANARY PRIVATE ID {patient_index:04d}")
@@ -293,12 +294,15 @@ def _set_pixels(dataset: Dataset, stored: np.ndarray, transfer_syntax_uid: str) 
   dataset.SamplesPerPixel = 1
   dataset.PhotometricInterpretation = "MONOCHROME2"
   dataset.BitsAllocated = 16
+  dataset.PixelData = stored.tobytes()
   if transfer_syntax_uid in _UNCOMPRESSED:
     dataset.file_meta.TransferSyntaxUID = transfer_syntax_uid
-    dataset.PixelData = stored.tobytes()
-  else:
-    dataset.PixelData = stored.tobytes()
+    return
+  try:
     dataset.compress(transfer_syntax_uid, stored, generate_instance_uid=False)
+  except RuntimeError as error:  # e.g. openjpeg refuses images smaller than its resolution pyramid (< 32 px)
+    raise ValueError(f"cannot encode a {stored.shape[0]}x{stored.shape[1]} image as "
+                     f"{dicom_uid.UID(transfer_syntax_uid).name}: {error}") from None
 
 
 def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: float, *, key: int,
@@ -339,6 +343,8 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
   z_mm = np.asarray(z_mm, np.float64)
   if hu.ndim != 3 or z_mm.shape != (hu.shape[0],) or hu.shape[0] == 0:
     raise ValueError(f"hu must be [Z, Y, X] with Z = len(z_mm) > 0, got hu {hu.shape} and z_mm {z_mm.shape}")
+  if not np.all(np.isfinite(hu)):
+    raise ValueError("hu contains NaN or infinite values; replace them (e.g. with -1024) before writing DICOM")
   check_transfer_syntax(transfer_syntax_uid)
   if rescale_intercept is None:
     rescale_intercept = 0.0 if signed_pixels else -1024.0
@@ -484,10 +490,19 @@ def dicom_quirks(config: PhantomConfig, patient_index: int, site: str) -> dict[s
   }
 
 
+def _generator_source_sha256() -> str:
+  """Hash of this module's and the anatomy module's source: any code change invalidates cached cohorts."""
+  digest = hashlib.sha256()
+  for module_file in (__file__, anatomy_lib.__file__):
+    with open(module_file, "rb") as handle:
+      digest.update(handle.read())
+  return digest.hexdigest()
+
+
 def config_hash(config: PhantomConfig) -> str:
-  """SHA-256 of the config and generator version: the identity of a cohort's content."""
-  text = json.dumps({"generator_version": GENERATOR_VERSION, "config": dataclasses.asdict(config)},
-                    sort_keys=True)
+  """SHA-256 of the config, generator version and generator source: the identity of a cohort's content."""
+  text = json.dumps({"generator_version": GENERATOR_VERSION, "generator_source": _generator_source_sha256(),
+                     "config": dataclasses.asdict(config)}, sort_keys=True)
   return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
@@ -580,6 +595,7 @@ def write_demo_cohort(output_dir: str, config: PhantomConfig = PhantomConfig(), 
   output_dir = os.path.abspath(output_dir)
   parent = os.path.dirname(output_dir)
   os.makedirs(parent, exist_ok=True)
+  _remove_stale_temp_dirs(parent, os.path.basename(output_dir))
   temp_dir = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:12]}-{os.path.basename(output_dir)}")
   try:
     os.makedirs(os.path.join(temp_dir, "masks"))
@@ -602,6 +618,18 @@ def write_demo_cohort(output_dir: str, config: PhantomConfig = PhantomConfig(), 
     if os.path.exists(temp_dir):
       shutil.rmtree(temp_dir, ignore_errors=True)
   return manifest_path
+
+
+def _remove_stale_temp_dirs(parent: str, name: str, max_age_s: float = 3600.0) -> None:
+  """Removes temporary folders of this cohort left by killed runs (recent ones may belong to a live writer)."""
+  for entry in os.listdir(parent):
+    path = os.path.join(parent, entry)
+    if entry.startswith(".tmp-") and entry.endswith(f"-{name}") and os.path.isdir(path):
+      try:
+        if time.time() - os.path.getmtime(path) > max_age_s:
+          shutil.rmtree(path, ignore_errors=True)
+      except OSError:
+        pass  # another process removed it first
 
 
 def _move_into_place(temp_dir: str, output_dir: str, expected_hash: str) -> None:

@@ -694,6 +694,11 @@ def random_nodules(rng: np.random.Generator, anatomy: Anatomy, grid: Grid, body:
     slices = {first_slice + int(k) for k in np.nonzero(mask.any(axis=(1, 2)))[0]}
     if len(covered_slices | slices) > slice_budget:
       return None
+    # Keep implants inside the ground-truth abdominal range (e.g. not on the liver dome above the lung bases),
+    # so that a correct abdominal crop never cuts one off.
+    slice_z = grid.z_mm[sorted(slices)]
+    if slice_z[0] < body.pelvic_floor_mm or slice_z[-1] > body.lung_base_mm:
+      return None
     covered_slices.update(slices)
     region[mask] = TISSUE["nodule"]
     return Nodule(site, tuple(float(v) for v in center), tuple(float(v) for v in semi_axes), float(angle),
