@@ -311,7 +311,8 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
                     transfer_syntax_uid: str = dicom_uid.ExplicitVRLittleEndian, series_number: int = 2,
                     slice_thickness_mm: float | None = None, patient_index: int = 0,
                     rescale_intercept: float | None = None, pixel_padding_value: int | None = None,
-                    kvp: float = 120.0) -> list[str]:
+                    kvp: float = 120.0, image_orientation_patient: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
+                    series_description: str = "ABDOMEN PELVIS") -> list[str]:
   """Writes one axial CT series (and optionally a coronal localizer) as DICOM files.
 
   Pixel (row r, column c) of slice k sits at x = x0 + c * spacing, y = y0 + r * spacing, z = z_mm[k], with the
@@ -335,6 +336,9 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
     pixel_padding_value: if given, pixels outside the circular field of view get this stored value, and
       PixelPaddingValue is written.
     kvp: KVP header value.
+    image_orientation_patient: written as given (e.g. (1, 0, 0, 0, cos a, sin a) for a gantry tilt a, to test
+      that readers reject or handle it); positions are not recomputed.
+    series_description: SeriesDescription (never PHI here).
 
   Returns:
     The paths written: axial slices in z_mm order, then the localizer if any.
@@ -343,6 +347,8 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
   z_mm = np.asarray(z_mm, np.float64)
   if hu.ndim != 3 or z_mm.shape != (hu.shape[0],) or hu.shape[0] == 0:
     raise ValueError(f"hu must be [Z, Y, X] with Z = len(z_mm) > 0, got hu {hu.shape} and z_mm {z_mm.shape}")
+  if len(image_orientation_patient) != 6:
+    raise ValueError(f"image_orientation_patient needs 6 numbers, got {image_orientation_patient!r}")
   if not np.all(np.isfinite(hu)):
     raise ValueError("hu contains NaN or infinite values; replace them (e.g. with -1024) before writing DICOM")
   check_transfer_syntax(transfer_syntax_uid)
@@ -380,10 +386,10 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
   dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
   dataset.SeriesInstanceUID = series_uid
   dataset.SeriesNumber = series_number
-  dataset.SeriesDescription = "ABDOMEN PELVIS"
+  dataset.SeriesDescription = series_description
   dataset.AcquisitionNumber = 1
   dataset.PatientPosition = "HFS"
-  dataset.ImageOrientationPatient = ["1", "0", "0", "0", "1", "0"]
+  dataset.ImageOrientationPatient = [_ds(value) for value in image_orientation_patient]
   dataset.PixelSpacing = [_ds(pixel_spacing_mm), _ds(pixel_spacing_mm)]
   dataset.SliceThickness = _ds(slice_thickness_mm)
   dataset.KVP = _ds(kvp)

@@ -332,6 +332,20 @@ def test_lossless_transfer_syntaxes_round_trip(tmp_path, transfer_syntax, signed
   np.testing.assert_array_equal(volume, hu)
 
 
+def test_custom_orientation_and_description(tmp_path):
+  hu, z_mm = _volume((2, 8, 8))
+  tilt = (1.0, 0.0, 0.0, 0.0, 0.9659, 0.2588)  # 15 degree gantry tilt
+  paths = phantom.write_ct_series(str(tmp_path), hu, z_mm, 1.5, key=1, image_orientation_patient=tilt,
+                                  series_description="CHEST", series_number=7)
+  dataset = pydicom.dcmread(paths[0])
+  assert [float(v) for v in dataset.ImageOrientationPatient] == list(tilt)
+  assert dataset.SeriesDescription == "CHEST" and dataset.SeriesNumber == 7
+  with pytest.raises(ValueError, match="6 numbers"):
+    phantom.write_ct_series(str(tmp_path), hu, z_mm, 1.5, key=1, image_orientation_patient=(1, 0, 0))
+  with pytest.raises(ValueError, match="NaN"):
+    phantom.write_ct_series(str(tmp_path), hu * np.nan, z_mm, 1.5, key=1)
+
+
 def test_unsupported_transfer_syntax_is_a_clear_error(tmp_path):
   hu, z_mm = _volume((1, 8, 8))
   with pytest.raises(ValueError, match="cannot encode"):
