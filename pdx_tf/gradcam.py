@@ -200,3 +200,37 @@ def localisation_ratio(heatmaps: np.ndarray, lesion_fractions: np.ndarray, body:
   mass_share = (heatmaps * lesion)[has_lesion].sum() / heat_on_body.sum()
   area_share = lesion[has_lesion].sum() / body[has_lesion].sum()
   return float(mass_share / area_share)
+
+
+def localisation_arrays(models: Sequence[keras.Model], hu: np.ndarray, lesion_masks: np.ndarray,
+                        config: preprocess.PreprocessConfig, batch_size: int = 32
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Grad-CAM, lesion coverage and body on the model grid, for the slices of `hu` that contain lesions.
+
+  Args:
+    models: the classifiers (their Grad-CAM is averaged, as in `predict`).
+    hu: float [N, H, W] slices in HU.
+    lesion_masks: bool [N, H, W] lesion pixels (e.g. the phantom's nodule_mask), aligned with `hu`.
+    config: the models' preprocessing.
+    batch_size: slices per step.
+
+  Returns:
+    (heatmaps, lesion_fractions, body), each [K, S, S] for the K slices with lesion pixels, ready for
+    `localisation_ratio`.
+  """
+  hu = np.asarray(hu, np.float32)
+  lesion_masks = np.asarray(lesion_masks, bool)
+  keep = np.flatnonzero(lesion_masks.reshape(lesion_masks.shape[0], -1).any(axis=1))
+  size = config.image_size
+  parts = ([], [], [])
+  for start in range(0, keep.size, batch_size):
+    chosen = keep[start:start + batch_size]
+    images = preprocess.preprocess_slices(hu[chosen], config).numpy()
+    parts[0].append(ensemble_grad_cam(models, images))
+    parts[1].append(map_masks_to_model_grid(hu[chosen], lesion_masks[chosen], config))
+    resized = preprocess.crop_resize_hu(hu[chosen], preprocess.body_boxes(hu[chosen], config), size).numpy()
+    parts[2].append(resized > config.body_threshold_hu)
+  if not keep.size:
+    empty = np.zeros((0, size, size), np.float32)
+    return empty, empty, empty.astype(bool)
+  return tuple(np.concatenate(part) for part in parts)  # type: ignore[return-value]

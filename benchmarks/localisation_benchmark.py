@@ -1,0 +1,107 @@
+"""Does Grad-CAM look at the nodules? The localisation ratio of trained models on the demo phantom.
+
+Example (after `python -m train --task=p` and `python -m export --runs_dir=runs/p --task=p --export_dir=exports`):
+  python benchmarks/localisation_benchmark.py --model=exports/pdx_p
+  python benchmarks/localisation_benchmark.py --runs_dir=runs/p --task=p --max_models=8
+
+For every positive patient of the demo cohort (label_p, or label_sb with --task=sb), the study is read like
+`predict` reads it (`region.load_abdomen`), the phantom's lesion masks (`masks/<pid>.npz`: nodule_mask for p,
+small_bowel_nodule_mask for sb) are aligned by slice position and mapped through the same body crop and resize
+as the slices (`gradcam.map_masks_to_model_grid`), and the models' mean Grad-CAM is computed on every slice
+with lesion pixels. Printed: the share of Grad-CAM mass on lesion pixels, their share of the body area, and the
+ratio of the two (`gradcam.localisation_ratio`; 1 = chance, higher = better localisation).
+
+Caveat: an ensemble of all cells has seen every cohort patient in some training fold; --max_models with the
+cells of one fold's repeat does not remove that. Localisation is a property of where the model looks, not a
+held-out accuracy, but read the number as in-distribution.
+"""
+
+import os
+import sys
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from pdx_tf import export
+from pdx_tf import gradcam
+from pdx_tf import io_utils
+from pdx_tf import phantom
+from pdx_tf import preprocess
+from pdx_tf import region
+from pdx_tf.errors import PdxError
+
+_MODEL = flags.DEFINE_string("model", None, "An export folder (X/pdx_<task> or a version folder).")
+_RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Or: a training output folder (with --task).")
+_TASK = flags.DEFINE_enum("task", "p", ["p", "sb"], "Task of --runs_dir (an export knows its own).")
+_COHORT_DIR = flags.DEFINE_string("cohort_dir", None, "Demo cohort folder; default the cached demo cohort.")
+_MAX_MODELS = flags.DEFINE_integer("max_models", 8, "Average Grad-CAM over at most this many models.")
+_MAX_PATIENTS = flags.DEFINE_integer("max_patients", 0, "Use at most this many positive patients (0: all).")
+
+Z_MATCH_TOLERANCE_MM = 0.01
+
+
+def load_models(model_dir, runs_dir, task, max_models):
+  """(keras models, preprocess config, task) from an export or a runs folder."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  if model_dir:
+    version_dir, metadata = export.read_export(model_dir)
+    models = export.load_export_keras_models(version_dir, metadata, max_models)
+    return models, preprocess.preprocess_config_from_dict(metadata["preprocess"]), metadata["task"]
+  cells = export.find_cells(runs_dir, task)[:max_models]
+  models = [keras.saving.load_model(cell.model_path, compile=False) for cell in cells]
+  return models, preprocess.preprocess_config_from_dict(cells[0].run_info["preprocess"]), task
+
+
+def patient_arrays(cohort_dir, row, task, models, config):
+  """Localisation arrays of one patient: the abdominal slices read from DICOM, masks aligned by z."""
+  abdomen = region.load_abdomen(os.path.join(cohort_dir, row["dicom_dir"]))
+  masks = np.load(os.path.join(cohort_dir, "masks", f"{row['patient_id']}.npz"))
+  lesion_volume = masks["nodule_mask" if task == "p" else "small_bowel_nodule_mask"]
+  mask_z = np.asarray(masks["z_mm"], np.float64)
+  lesions = np.zeros(abdomen.hu.shape, bool)
+  for index, z in enumerate(abdomen.z_mm):
+    nearest = int(np.argmin(np.abs(mask_z - z)))
+    if abs(mask_z[nearest] - z) <= Z_MATCH_TOLERANCE_MM:
+      lesions[index] = lesion_volume[nearest]
+  return gradcam.localisation_arrays(models, abdomen.hu, lesions, config)
+
+
+def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients):
+  """Computes and prints the localisation numbers; returns them as a dict."""
+  models, config, task = load_models(model_dir, runs_dir, task, max_models)
+  cohort_dir = cohort_dir or phantom.demo_cohort_dir()
+  rows = [row for row in io_utils.read_csv(os.path.join(cohort_dir, "manifest.csv"))
+          if int(float(row[f"label_{task}"])) == 1]
+  if max_patients:
+    rows = rows[:max_patients]
+  collected = [patient_arrays(cohort_dir, row, task, models, config) for row in rows]
+  heatmaps, lesions, body = (np.concatenate([arrays[part] for arrays in collected]) for part in range(3))
+  ratio = gradcam.localisation_ratio(heatmaps, lesions, body)
+  lesion_on_body = lesions * body
+  area_share = float(lesion_on_body.sum() / body.sum())
+  result = {"task": task, "num_models": len(models), "image_size": config.image_size,
+            "num_patients": len(rows), "num_slices": int(heatmaps.shape[0]),
+            "gradcam_mass_share": area_share * ratio, "lesion_area_share": area_share, "ratio": ratio}
+  print(f"task {task}: {len(models)} model(s) at {config.image_size} px, {len(rows)} positive patients, "
+        f"{heatmaps.shape[0]} lesion slices")
+  print(f"Grad-CAM mass on lesions {result['gradcam_mass_share']:.3f}, lesion share of body area "
+        f"{area_share:.3f}: localisation ratio {ratio:.2f} (1 = chance)")
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if bool(_MODEL.value) == bool(_RUNS_DIR.value):
+    raise app.UsageError("give exactly one of --model and --runs_dir")
+  try:
+    run(_MODEL.value, _RUNS_DIR.value, _TASK.value, _COHORT_DIR.value, _MAX_MODELS.value, _MAX_PATIENTS.value)
+  except PdxError as error:
+    print(f"localisation_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)
