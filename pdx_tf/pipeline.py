@@ -179,10 +179,13 @@ def _content_config(config: PipelineConfig) -> dict:
 def patient_fingerprint(config: PipelineConfig, row: manifest_lib.ManifestRow) -> str:
   """A hash of everything that decides a patient's files (config and manifest row).
 
-  The study folder and series override enter only through their hash, so the marker holds no path or UID.
+  The study folder (resolved) and series override enter only through their hash, so the marker holds no path
+  or UID.
   """
+  values = _content_config(config)
+  values.pop("manifest_path")  # Which file listed the patient does not matter; its row does.
   return io_utils.sha256_json({
-      "config": _content_config(config), "code_schema": records.SCHEMA_VERSION, "patient_id": row.patient_id,
+      "config": values, "code_schema": records.SCHEMA_VERSION, "patient_id": row.patient_id,
       "label_p": row.label_p, "label_sb": row.label_sb, "covariates": dict(row.covariates),
       "z_min_mm": row.z_min_mm, "z_max_mm": row.z_max_mm,
       "source": io_utils.sha256_bytes(f"{row.dicom_dir}\n{row.series_uid or ''}".encode("utf-8")),
