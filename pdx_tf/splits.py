@@ -1,0 +1,123 @@
+"""Patient-level cross-validation splits: data, built once, written to `R/splits.json`, reused by every cell.
+
+A split is a pure function of the sorted patient IDs, their task labels, the number of folds, the number of
+repeats and the seed:
+- Each class is shuffled on its own with `numpy.random.default_rng([seed, partition_key, class])` and dealt
+  round-robin onto the folds, the dealing of class 1 continuing where class 0 stopped. So every fold's count of
+  each class differs by at most 1 from every other fold's, and fold sizes differ by at most 1.
+- By default the partition is the same in every repeat (`partition_key` 0): the paper's 24 repeats are 24 draws
+  of training data from the augmented pool with new initialisation, over one fixed patient partition. With
+  `repartition=True`, repeat r uses `partition_key = r`, so each repeat is a new partition.
+
+`splits.json` (CONTRACTS.md): {"schema_version": 1, "seed", "num_folds", "task", "repartition",
+"repeats": [{"repeat", "folds": [{"fold", "train": [ids], "test": [ids]}]}]}; ID lists are sorted.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+import tensorflow as tf
+
+from pdx_tf import io_utils
+from pdx_tf.errors import RunsError
+
+SPLITS_SCHEMA_VERSION = 1
+SPLITS_FILE = "splits.json"
+
+
+def _partition(labels: Mapping[str, int], num_folds: int, seed: int, partition_key: int) -> list[list[str]]:
+  """Test patients of each fold (stratified dealing, see the module docstring)."""
+  folds: list[list[str]] = [[] for _ in range(num_folds)]
+  next_fold = 0
+  for label in (0, 1):
+    members = sorted(patient_id for patient_id, value in labels.items() if value == label)
+    order = np.random.default_rng([seed, partition_key, label]).permutation(len(members))
+    for position in order:
+      folds[next_fold].append(members[int(position)])
+      next_fold = (next_fold + 1) % num_folds
+  return [sorted(fold) for fold in folds]
+
+
+def make_splits(labels: Mapping[str, int], *, task: str, num_folds: int, num_repeats: int, seed: int,
+                repartition: bool = False) -> dict[str, Any]:
+  """Builds the splits.json dict.
+
+  Args:
+    labels: the task label (0/1) of every patient, by patient_id.
+    task: "p" or "sb" (recorded, so evaluation and reruns can check it).
+    num_folds: folds per repeat (at least 2, at most the number of patients).
+    num_repeats: repeats (at least 1).
+    seed: the split seed.
+    repartition: a new partition each repeat instead of one fixed partition.
+
+  Raises:
+    RunsError: if there are fewer patients than folds or a label is not 0/1.
+  """
+  if num_folds < 2:
+    raise ValueError(f"num_folds must be at least 2, got {num_folds}")
+  if num_repeats < 1:
+    raise ValueError(f"num_repeats must be at least 1, got {num_repeats}")
+  bad = sorted(patient_id for patient_id, value in labels.items() if value not in (0, 1))
+  if bad:
+    raise RunsError(f"patient {bad[0]} has task {task} label {labels[bad[0]]!r}, not 0 or 1; fix the manifest")
+  if len(labels) < num_folds:
+    raise RunsError(f"{len(labels)} patients cannot fill {num_folds} folds; lower --num_folds or add patients")
+  everyone = sorted(labels)
+  repeats = []
+  for repeat in range(num_repeats):
+    test_folds = _partition(labels, num_folds, seed, repeat if repartition else 0)
+    folds = []
+    for fold, test in enumerate(test_folds):
+      held_out = set(test)
+      folds.append({"fold": fold, "train": [p for p in everyone if p not in held_out], "test": test})
+    repeats.append({"repeat": repeat, "folds": folds})
+  return {"schema_version": SPLITS_SCHEMA_VERSION, "seed": int(seed), "num_folds": int(num_folds), "task": task,
+          "repartition": bool(repartition), "repeats": repeats}
+
+
+def split_hash(splits: Mapping[str, Any]) -> str:
+  """The split hash recorded in every run.json: SHA-256 of the canonical JSON."""
+  return io_utils.sha256_json(splits)
+
+
+def cell_patients(splits: Mapping[str, Any], repeat: int, fold: int) -> tuple[list[str], list[str]]:
+  """(train patient IDs, test patient IDs) of one cell.
+
+  Raises:
+    RunsError: if splits.json has no such cell (a missing fold is an error, never a silent fallback).
+  """
+  for repeat_entry in splits["repeats"]:
+    if int(repeat_entry["repeat"]) != repeat:
+      continue
+    for fold_entry in repeat_entry["folds"]:
+      if int(fold_entry["fold"]) == fold:
+        return list(fold_entry["train"]), list(fold_entry["test"])
+  raise RunsError(f"splits.json has no repeat {repeat} fold {fold}; use --num_repeats/--num_folds that match it")
+
+
+def write_or_verify_splits(output_dir: str, splits: Mapping[str, Any]) -> str:
+  """Writes `output_dir/splits.json` atomically, or checks an existing one is identical. Returns the path.
+
+  Several machines may start at once: the content is deterministic and each writes by rename, so concurrent
+  writers leave the same bytes; a file that differs (other task, seed, folds or cohort) is an error.
+
+  Raises:
+    RunsError: if an existing splits.json differs from `splits`, saying which field.
+  """
+  path = io_utils.join(output_dir, SPLITS_FILE)
+  if not io_utils.exists(path):
+    io_utils.atomic_write_json(path, splits)
+  try:
+    existing = io_utils.read_json(path)
+  except (ValueError, tf.errors.OpError) as error:
+    raise RunsError(f"{path} is unreadable ({type(error).__name__}); delete it or use a new --output_dir") from None
+  if existing != dict(splits):
+    for field in ("task", "seed", "num_folds", "repartition"):
+      if existing.get(field) != splits.get(field):
+        raise RunsError(f"{path} was made with {field}={existing.get(field)!r}, this run has"
+                        f" {field}={splits.get(field)!r}; use a new --output_dir or the same settings")
+    raise RunsError(f"{path} differs from the split of these records and settings (other patients or"
+                    " --num_repeats); use a new --output_dir for a different cohort")
+  return path
