@@ -48,8 +48,8 @@ _CONTRAST_TISSUES = ("kidney_cortex", "kidney_medulla", "aorta", "vena_cava", "m
                      "cardiac_blood", "spleen", "liver")
 SMALL_BOWEL_TISSUES = (TISSUE["small_bowel_wall"], TISSUE["small_bowel_lumen"])
 
-NODULE_DIAMETER_RANGE_MM = (10.0, 25.0)
-NODULE_HU_RANGE = (50.0, 90.0)
+NODULE_DIAMETER_RANGE_MM = (12.0, 25.0)  # >= 12 mm: still 2-3 px in a 64 px body crop
+NODULE_HU_RANGE = (55.0, 90.0)  # brighter than bowel wall (~66 HU) on average
 NODULE_SITES = ("omentum", "mesentery", "liver_surface", "pelvis", "paracolic_gutter")
 _NODULE_SITE_PROBABILITIES = (0.3, 0.2, 0.15, 0.25, 0.1)
 
