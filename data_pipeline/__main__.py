@@ -12,6 +12,11 @@ Examples:
   python -m data_pipeline --manifest=cohort/manifest.csv --output_dir=data/check --augment_factor=0 \
       --window=triple --slice_spacing_mm=5 --allow_failures
 
+  # Several machines: each runs one partition into a shared folder, then one gathering run.
+  python -m data_pipeline --manifest=gs://b/cohort.csv --output_dir=gs://b/records --num_partitions=8 \
+      --partition_index=$I        # I = 0..7, one machine each
+  python -m data_pipeline --manifest=gs://b/cohort.csv --output_dir=gs://b/records   # writes dataset.json
+
 Rerunning into the same --output_dir skips finished patients and redoes the rest. Exit status 1 when the
 manifest is invalid (every problem printed, one a line) or any patient failed (unless --allow_failures).
 Outputs: original/ and augmented/ TFRecords, qc/ montages and index.html, failures.csv, config.json and,
@@ -51,6 +56,10 @@ _FLIP_PROBABILITY = flags.DEFINE_float("flip_probability", 0.5, "Probability of 
 _SCALE_MIN = flags.DEFINE_float("scale_min", 0.9, "Smallest zoom factor.")
 _SCALE_MAX = flags.DEFINE_float("scale_max", 1.1, "Largest zoom factor.")
 _MIN_SLICES = flags.DEFINE_integer("min_slices", 8, "Fewest slices accepted in a series and its abdominal range.")
+_NUM_PARTITIONS = flags.DEFINE_integer("num_partitions", 1, "Split the patients into this many partitions to "
+                                       "run on several machines into one --output_dir.")
+_PARTITION_INDEX = flags.DEFINE_integer("partition_index", 0, "The partition this run processes; after all "
+                                        "partitions, run once without partitions to write dataset.json.")
 _QC = flags.DEFINE_bool("qc", True, "Write QC montages (qc/<patient_id>.png) and qc/index.html.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -85,6 +94,8 @@ def _config() -> pipeline.PipelineConfig:
       shard_size_mb=_SHARD_SIZE_MB.value,
       min_slices=_MIN_SLICES.value,
       write_qc=_QC.value,
+      num_partitions=_NUM_PARTITIONS.value,
+      partition_index=_PARTITION_INDEX.value,
   )
 
 

@@ -20,6 +20,7 @@ import concurrent.futures
 import dataclasses
 import multiprocessing
 import os
+import sys
 import time
 from typing import Sequence
 
@@ -48,7 +49,7 @@ SLICE_BATCH = 16  # Slices preprocessed together (bounds memory for large matric
 AUGMENT_BATCH = 64  # Augmented copies warped together.
 # Fields that change how a run executes but not what it writes: left out of dataset.json (and of the
 # per-patient fingerprints), so the dataset hash does not depend on parallelism or on where D lives.
-EXECUTION_ONLY_FIELDS = ("output_dir", "num_workers", "allow_failures")
+EXECUTION_ONLY_FIELDS = ("output_dir", "num_workers", "allow_failures", "num_partitions", "partition_index")
 DEMO_PRESET = {"image_size": 64, "augment_factor": 8}
 DEMO_OUTPUT_DIR = "runs/demo/records"
 
@@ -77,6 +78,9 @@ class PipelineConfig:
     min_slices: fewest slices accepted, in the series and in the abdominal range.
     write_qc: write the QC montages and index page.
     qc_max_slices: slices shown per montage.
+    num_partitions: split the manifest's patients into this many partitions (by a stable hash of patient_id)
+      to run on several machines into one output_dir; see `run_pipeline`.
+    partition_index: the partition this run processes (0 <= partition_index < num_partitions).
   """
 
   manifest_path: str
@@ -93,6 +97,8 @@ class PipelineConfig:
   min_slices: int = 8
   write_qc: bool = True
   qc_max_slices: int = 16
+  num_partitions: int = 1
+  partition_index: int = 0
 
   def __post_init__(self):
     if not self.manifest_path:
@@ -113,6 +119,9 @@ class PipelineConfig:
       raise ValueError(f"min_slices must be >= 1, got {self.min_slices}")
     if self.qc_max_slices < 1:
       raise ValueError(f"qc_max_slices must be >= 1, got {self.qc_max_slices}")
+    if self.num_partitions < 1 or not 0 <= self.partition_index < self.num_partitions:
+      raise ValueError(f"need num_partitions >= 1 and 0 <= partition_index < num_partitions, got "
+                       f"{self.partition_index} of {self.num_partitions}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +140,7 @@ class PipelineResult:
     num_bytes: bytes of all shards.
     wall_time_s: duration of this run.
     processed_slices: slices processed by this run (not reused).
+    partitioned: this run was one partition of several (no run-level files written).
   """
 
   output_dir: str
@@ -144,11 +154,12 @@ class PipelineResult:
   num_bytes: int
   wall_time_s: float
   processed_slices: int
+  partitioned: bool = False
 
   @property
   def ok(self) -> bool:
-    """True when the dataset was written (no failures, or failures allowed)."""
-    return self.dataset_json is not None
+    """True when the dataset was written (no failures, or failures allowed); for a partition, no failures."""
+    return not self.failures if self.partitioned else self.dataset_json is not None
 
   def summary(self) -> str:
     """A few human lines for the end of a run."""
@@ -162,6 +173,8 @@ class PipelineResult:
     ]
     if self.dataset_json:
       lines.append(f"dataset: {self.dataset_json}")
+    elif self.partitioned:
+      lines.append("partition done; after every partition, run once without partitions to write dataset.json")
     else:
       lines.append(f"dataset.json NOT written: {len(self.failures)} patient(s) failed (see "
                    f"{io_utils.join(self.output_dir, FAILURES_CSV)}); fix them and rerun (finished patients are "
@@ -205,6 +218,12 @@ def _boxes_crops_and_originals(hu: tf.Tensor, config: preprocess.PreprocessConfi
   return boxes, crops, preprocess.window_hu(crops, config.windows)
 
 
+@tf.function(reduce_retracing=True)
+def _window(hu: tf.Tensor, windows: tuple[tuple[float, float], ...]) -> tf.Tensor:
+  # Traced: eager windowing of a batch of copies costs more than the warp itself.
+  return preprocess.window_hu(hu, windows)
+
+
 def _serialize(image: np.ndarray, row: manifest_lib.ManifestRow, config: PipelineConfig, slice_index: int,
                z_mm: float, augmentation_index: int) -> bytes:
   example = records.make_example(
@@ -235,7 +254,7 @@ def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.Man
         chunk = indices[chunk_start:chunk_start + AUGMENT_BATCH]
         warped = augment.random_augment_hu(crops[offset], config.seed, row.patient_id, slice_index, chunk,
                                            config.augment)
-        images = preprocess.window_hu(warped, config.preprocess.windows).numpy()
+        images = _window(warped, config.preprocess.windows).numpy()
         for augmentation_index, image in zip(chunk, images):
           augmented_writer.write(_serialize(image, row, config, slice_index, z_mm, int(augmentation_index)))
   return np.concatenate(all_boxes) if all_boxes else np.zeros([0, 4], np.float32)
@@ -334,7 +353,7 @@ def _read_marker(output_dir: str, patient_id: str) -> dict | None:
     return None
 
 
-def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: PipelineConfig, progress: bool):
+def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: PipelineConfig):
   """Runs the patients, yielding `_run_patient` results as they finish."""
   if config.num_workers == 1 or len(todo) <= 1:
     for row in todo:
@@ -395,11 +414,16 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
 
   Args:
     config: the resolved configuration.
-    progress: show a progress bar and one line per failed patient on stderr.
+    progress: show a progress bar on stderr (failed patients are always reported there, one line each).
 
   Returns:
     What was written; `result.ok` is False when patients failed and `allow_failures` is off (then
     dataset.json is not written).
+
+  Several machines: run partitions `partition_index` = 0..K-1 of `num_partitions` = K (same config otherwise)
+  into one shared output_dir (e.g. gs://...); each writes only its patients' files and markers, and no
+  run-level file. Then one ordinary run (num_partitions=1) reuses every finished patient, retries failed ones
+  and writes failures.csv, qc/index.html and dataset.json.
 
   Raises:
     ManifestError: the manifest is invalid (every problem listed).
@@ -408,16 +432,22 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
   start = time.perf_counter()
   manifest = manifest_lib.read_manifest(config.manifest_path)
   output_dir = config.output_dir
+  partitioned = config.num_partitions > 1
   io_utils.check_writable(output_dir)
   dataset_path = io_utils.join(output_dir, DATASET_JSON)
-  if tf.io.gfile.exists(dataset_path):
+  try:
     tf.io.gfile.remove(dataset_path)  # Its presence must mean "complete"; it is rewritten at the end.
-  shards.remove_temp_files(output_dir)
-  configs.write_config(io_utils.join(output_dir, CONFIG_JSON), config)
+  except tf.errors.NotFoundError:
+    pass
+  if not partitioned:  # Other partitions may be writing run-level files right now.
+    shards.remove_temp_files(output_dir)
+    configs.write_config(io_utils.join(output_dir, CONFIG_JSON), config)
+  rows = [row for row in manifest.rows
+          if augment.patient_key(row.patient_id) % config.num_partitions == config.partition_index]
 
   markers: dict[str, dict] = {}
   todo = []
-  for row in manifest.rows:
+  for row in rows:
     marker = _read_marker(output_dir, row.patient_id)
     if marker is not None and shards.marker_is_valid(output_dir, marker, patient_fingerprint(config, row)):
       markers[row.patient_id] = marker
@@ -430,24 +460,24 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
   from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
   with tqdm(total=len(todo), desc="patients", unit="patient", disable=not progress or not todo) as bar:
-    for patient_id, marker, reason, _ in _run_all(todo, config, progress):
+    for patient_id, marker, reason, _ in _run_all(todo, config):
       if marker is None:
         failures[patient_id] = reason
-        if progress:
-          tqdm.write(f"patient {patient_id} FAILED: {reason}")
+        tqdm.write(f"patient {patient_id} FAILED: {reason}", file=sys.stderr)
       else:
         markers[patient_id] = marker
         processed_slices += marker["num_slices"]
       bar.update(1)
 
   failure_rows = sorted(failures.items())
-  io_utils.atomic_write_csv(io_utils.join(output_dir, FAILURES_CSV), ["patient_id", "reason"], failure_rows)
-  ordered = [markers[row.patient_id] for row in sorted(manifest.rows, key=lambda r: r.patient_id)
+  ordered = [markers[row.patient_id] for row in sorted(rows, key=lambda r: r.patient_id)
              if row.patient_id in markers]
-  if config.write_qc:
-    qc.write_index_html(io_utils.join(output_dir, QC_INDEX), ordered, failure_rows)
+  if not partitioned:
+    io_utils.atomic_write_csv(io_utils.join(output_dir, FAILURES_CSV), ["patient_id", "reason"], failure_rows)
+    if config.write_qc:
+      qc.write_index_html(io_utils.join(output_dir, QC_INDEX), ordered, failure_rows)
   written = None
-  if not failures or config.allow_failures:
+  if not partitioned and (not failures or config.allow_failures):
     dataset = build_dataset_json(config, manifest.covariate_names, ordered, len(failures))
     io_utils.atomic_write_json(dataset_path, dataset)
     written = dataset_path
@@ -457,7 +487,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
       num_original_examples=sum(m["num_original_examples"] for m in ordered),
       num_augmented_examples=sum(m["num_augmented_examples"] for m in ordered),
       num_bytes=sum(shard["num_bytes"] for m in ordered for shard in m["shards"]),
-      wall_time_s=time.perf_counter() - start, processed_slices=processed_slices)
+      wall_time_s=time.perf_counter() - start, processed_slices=processed_slices, partitioned=partitioned)
 
 
 def demo_manifest_path() -> str:

@@ -119,7 +119,7 @@ def write_index_html(path: str, patients: Sequence[dict], failures: Sequence[tup
     lines += [f"<tr><td>{escape(pid)}</td><td>{escape(reason)}</td></tr>" for pid, reason in failures]
     lines.append("</table>")
   lines.append("<h2>Patients</h2><table><tr><th>patient_id</th><th>label_p</th><th>label_sb</th><th>slices</th>"
-               "<th>z range (mm)</th><th>rule</th><th>original</th><th>augmented</th><th>montage</th></tr>")
+               "<th>z range (mm)</th><th>rule</th><th>original</th><th>augmented</th><th>notes</th><th>montage</th></tr>")
   for marker in patients:
     pid = escape(marker["patient_id"])
     low, high = marker["z_range_mm"]
@@ -128,6 +128,7 @@ def write_index_html(path: str, patients: Sequence[dict], failures: Sequence[tup
     lines.append(
         f"<tr><td>{pid}</td><td>{marker['label_p']}</td><td>{marker['label_sb']}</td>"
         f"<td>{marker['num_slices']}</td><td>{low:.1f} .. {high:.1f}</td><td>{escape(marker['z_range_rule'])}</td>"
-        f"<td>{marker['num_original_examples']}</td><td>{marker['num_augmented_examples']}</td><td>{image}</td></tr>")
+        f"<td>{marker['num_original_examples']}</td><td>{marker['num_augmented_examples']}</td>"
+        f"<td>{escape('; '.join(marker.get('warnings', [])))}</td><td>{image}</td></tr>")
   lines.append("</table></body></html>")
   io_utils.atomic_write_text(path, "\n".join(lines) + "\n")

@@ -143,8 +143,16 @@ def test_originals_are_preprocess_slices_of_load_abdomen(first_run, cohort):
 
 
 def _assert_identical_outputs(config, second):
+  """Runs `second` (as given, then once more to gather, if partitioned); its folder must equal the first's."""
   result = pipeline.run_pipeline(second, progress=False)
   assert result.ok and result.num_reused == 0
+  if second.num_partitions > 1:
+    for index in range(1, second.num_partitions):
+      assert pipeline.run_pipeline(dataclass_replace(second, partition_index=index), progress=False).ok
+    assert not os.path.exists(os.path.join(second.output_dir, "dataset.json"))
+    gathered = pipeline.run_pipeline(dataclass_replace(second, num_partitions=1, partition_index=0),
+                                     progress=False)
+    assert gathered.ok and gathered.num_reused == NUM_PATIENTS
   first_files, second_files = _files(config.output_dir), _files(second.output_dir)
   assert sorted(first_files) == sorted(second_files)
   for name in first_files:
@@ -152,9 +160,9 @@ def _assert_identical_outputs(config, second):
       assert first_files[name] == second_files[name], name
 
 
-def test_a_rerun_writes_identical_bytes(first_run, tmp_path):
+def test_a_rerun_in_two_partitions_writes_identical_bytes(first_run, tmp_path):
   config, _ = first_run
-  _assert_identical_outputs(config, dataclass_replace(config, output_dir=str(tmp_path / "D2")))
+  _assert_identical_outputs(config, dataclass_replace(config, output_dir=str(tmp_path / "D2"), num_partitions=2))
 
 
 @pytest.mark.slow  # Two spawned TensorFlow worker processes take about 30 s to start on a 2-core machine.
