@@ -23,21 +23,16 @@ TOP_K = 3
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-  """Two fake cells of task p, exported as the ensemble (version 1) and as r00_f01 alone (version 2)."""
-  root = tmp_path_factory.mktemp("export")
-  runs_dir = str(root / "runs")
-  folders = fake_cells.write_fake_cells(runs_dir, "p", cells=((0, 0), (0, 1)), image_size=IMAGE_SIZE, top_k=TOP_K)
-  export_dir = str(root / "X")
-  ensemble_dir = export.export_runs(export.ExportConfig(runs_dir=runs_dir, task="p", export_dir=export_dir))
-  single_dir = export.export_runs(export.ExportConfig(runs_dir=runs_dir, task="p", export_dir=export_dir,
-                                                      cells=("r00_f01",)))
+  """Two fake cells of task p exported as the ensemble (version 1) and r00_f01 alone (version 2)."""
   import keras  # pylint: disable=import-outside-toplevel
 
+  paths = fake_cells.shared_fake_exports(tmp_path_factory)
+  folders = [fake_cells.cell_folder(paths["runs_dir"], "p", 0, fold) for fold in (0, 1)]
   models = [keras.saving.load_model(os.path.join(folder, "model.keras"), compile=False) for folder in folders]
   return {
-      "runs_dir": runs_dir, "folders": folders, "export_dir": export_dir, "ensemble_dir": ensemble_dir,
-      "single_dir": single_dir, "models": models,
-      "ensemble": tf.saved_model.load(ensemble_dir), "single": tf.saved_model.load(single_dir),
+      "runs_dir": paths["runs_dir"], "folders": folders, "export_dir": paths["export_dir"],
+      "ensemble_dir": paths["p_ensemble"], "single_dir": paths["p_single"], "models": models,
+      "ensemble": tf.saved_model.load(paths["p_ensemble"]), "single": tf.saved_model.load(paths["p_single"]),
   }
 
 
@@ -238,6 +233,8 @@ def test_cells_with_different_preprocessing_cannot_be_exported_together(exported
 def test_cell_selection_and_incomplete_cells(exported, tmp_path):
   runs_dir = str(tmp_path / "runs")
   shutil.copytree(exported["runs_dir"], runs_dir)
+  assert [cell.name for cell in export.find_cells(runs_dir, "sb")] == ["r00_f00"]
+  shutil.rmtree(os.path.join(runs_dir, "sb"))
   unfinished = os.path.join(runs_dir, "p", "cells", "r01_f00")
   shutil.copytree(os.path.join(runs_dir, "p", "cells", "r00_f00"), unfinished)
   run = io_utils.read_json(os.path.join(unfinished, "run.json"))

@@ -96,3 +96,44 @@ def write_fake_cells(runs_dir: str, task: str = "p", cells: Sequence[tuple[int, 
     })
     folders.append(folder)
   return folders
+
+
+def _session_root(tmp_path_factory) -> str:
+  """A folder shared by all pytest-xdist workers of this session (private to the session)."""
+  base = tmp_path_factory.getbasetemp()
+  return str(base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base)
+
+
+def shared_fake_exports(tmp_path_factory) -> dict[str, str]:
+  """Fake cells and their exports, built once per test session even under pytest-xdist.
+
+  Layout: runs/p (cells r00_f00, r00_f01; topk_mean, k 3), runs/sb (cell r00_f00; max), X/pdx_p/1 (the p
+  ensemble), X/pdx_p/2 (p cell r00_f01 alone, via ExportConfig), X/pdx_sb/1. Building takes most of these
+  tests' time, so workers share it: the first builds under an exclusive lock, the others wait and reuse.
+  Readers must not write into these folders.
+  """
+  import fcntl  # pylint: disable=import-outside-toplevel
+
+  from pdx_tf import export  # pylint: disable=import-outside-toplevel
+
+  root = os.path.join(_session_root(tmp_path_factory), "shared-fake-exports")
+  paths = {
+      "root": root, "runs_dir": os.path.join(root, "runs"), "export_dir": os.path.join(root, "X"),
+      "p_ensemble": os.path.join(root, "X", "pdx_p", "1"), "p_single": os.path.join(root, "X", "pdx_p", "2"),
+      "sb_single": os.path.join(root, "X", "pdx_sb", "1"),
+  }
+  os.makedirs(root, exist_ok=True)
+  with open(os.path.join(root, "build.lock"), "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(os.path.join(root, "done")):
+      p_cells = write_fake_cells(paths["runs_dir"], "p", cells=((0, 0), (0, 1)), image_size=32, top_k=3)
+      sb_cells = write_fake_cells(paths["runs_dir"], "sb", cells=((0, 0),), image_size=32, aggregation="max")
+      assert export.export_models(p_cells, paths["export_dir"], "p") == paths["p_ensemble"]
+      single = export.export_runs(export.ExportConfig(runs_dir=paths["runs_dir"], task="p",
+                                                      export_dir=paths["export_dir"], cells=("r00_f01",)))
+      assert single == paths["p_single"]
+      assert export.export_models(sb_cells, paths["export_dir"], "sb") == paths["sb_single"]
+      with open(os.path.join(root, "done"), "w", encoding="utf-8") as marker:
+        marker.write("ok")
+    fcntl.flock(lock, fcntl.LOCK_UN)
+  return paths

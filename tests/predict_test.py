@@ -8,7 +8,6 @@ import sys
 import pydicom
 import pytest
 
-from pdx_tf import export
 from pdx_tf import io_utils
 from pdx_tf import phantom
 from pdx_tf import predict
@@ -38,12 +37,7 @@ def _header_identifiers(folder: str) -> set[str]:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp("predict")
-  runs_dir = str(root / "runs")
-  export_dir = str(root / "X")
-  p_cells = fake_cells.write_fake_cells(runs_dir, "p", cells=((0, 0), (0, 1)), image_size=32)
-  sb_cells = fake_cells.write_fake_cells(runs_dir, "sb", cells=((0, 0),), image_size=32, aggregation="max")
-  export.export_models(p_cells, export_dir, "p")
-  export.export_models(sb_cells, export_dir, "sb")
+  export_dir = fake_cells.shared_fake_exports(tmp_path_factory)["export_dir"]
   patient = phantom.generate_patient(PHANTOM, 1)
   study = str(root / "study")
   phantom.write_ct_series(study, patient.hu, patient.z_mm, PHANTOM.pixel_spacing_mm, key=11, patient_index=7,
@@ -53,9 +47,9 @@ def setup(tmp_path_factory):
 
 def test_predict_end_to_end_writes_outputs_without_phi(setup):
   output_dir = str(setup["root"] / "out")
+  models = (os.path.join(setup["export_dir"], "pdx_sb"), os.path.join(setup["export_dir"], "pdx_p", "1"))
   config = predict.PredictConfig(
-      model_dirs=(os.path.join(setup["export_dir"], "pdx_sb"), os.path.join(setup["export_dir"], "pdx_p", "1")),
-      dicom_dir=setup["study"], output_dir=output_dir, patient_id="case-017", num_gradcam_slices=2)
+      model_dirs=models, dicom_dir=setup["study"], output_dir=output_dir, patient_id="case-017", num_gradcam_slices=2)
   result = predict.predict_study(config)
   written = io_utils.read_json(os.path.join(output_dir, "prediction.json"))
   assert written == json.loads(json.dumps(result))
@@ -134,6 +128,6 @@ def test_config_validation():
 
 
 def test_two_exports_of_one_task_are_refused(setup):
-  model = os.path.join(setup["export_dir"], "pdx_p")
+  model = os.path.join(setup["export_dir"], "pdx_sb")
   with pytest.raises(ExportError, match="same task"):
     predict.load_exports([model, os.path.join(model, "1")])
