@@ -29,6 +29,7 @@ import tensorflow as tf
 from pdx_tf import aggregation
 from pdx_tf import configs
 from pdx_tf import io_utils
+from pdx_tf import model as model_lib
 from pdx_tf import preprocess
 from pdx_tf import provenance
 from pdx_tf import serving
@@ -201,6 +202,27 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
           "model": first.run_info["config"].get("model", {})}
 
 
+def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Model:
+  """The model with float32 compute everywhere (rebuilt from its ModelConfig if it was mixed precision).
+
+  Cells trained on a GPU use mixed_float16; served on a CPU, float16 convolutions are slow or unsupported and
+  the numbers would differ from a float32 check. The variables are float32 under mixed precision anyway, so
+  the weights are copied over unchanged.
+  """
+  policies = {layer.dtype_policy.compute_dtype for layer in model._flatten_layers()}  # pylint: disable=protected-access
+  if policies <= {"float32"}:
+    return model
+  values = {**model_config, "weights": "none"}  # the weights come from the trained model, not a file
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("float32")
+  try:
+    rebuilt = model_lib.build_model(configs.from_dict(model_lib.ModelConfig, values))
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  rebuilt.set_weights(model.get_weights())
+  return rebuilt
+
+
 def _load_model(cell: CellRun, image_size: int) -> keras.Model:
   if not tf.io.gfile.exists(cell.model_path):
     raise ExportError(f"{cell.model_path} is missing although run.json says complete; re-run cell {cell.name}")
@@ -209,6 +231,11 @@ def _load_model(cell: CellRun, image_size: int) -> keras.Model:
   except Exception as error:  # pylint: disable=broad-except  # Keras raises many types for a bad file.
     raise ExportError(f"cannot load {cell.model_path} ({type(error).__name__}); re-run cell {cell.name}") \
         from None
+  try:
+    model = float32_model(model, cell.run_info["config"].get("model", {}))
+  except ValueError as error:
+    raise ExportError(f"cannot rebuild {cell.model_path} in float32 from run.json's model config ({error}); "
+                      "re-run the cell") from None
   size = serving.model_image_size(model)
   if size != image_size:
     raise ExportError(f"{cell.model_path} takes {size} px images but its run.json preprocess makes "

@@ -260,6 +260,28 @@ def test_read_export_resolves_versions_and_rejects_other_folders(exported, tmp_p
     export.read_export(str(tmp_path))
 
 
+def test_mixed_precision_models_are_served_in_float32():
+  import keras  # pylint: disable=import-outside-toplevel
+
+  from pdx_tf import configs  # pylint: disable=import-outside-toplevel
+  from pdx_tf import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  config = model_lib.ModelConfig(image_size=IMAGE_SIZE, alpha=0.35)
+  previous = keras.mixed_precision.global_policy()
+  keras.mixed_precision.set_global_policy("mixed_float16")
+  try:
+    mixed = model_lib.build_model(config)
+  finally:
+    keras.mixed_precision.set_global_policy(previous)
+  assert mixed.get_layer("mobilenetv2").get_layer("Conv1").compute_dtype == "float16"
+  converted = export.float32_model(mixed, configs.to_dict(config))
+  assert {layer.compute_dtype for layer in converted._flatten_layers()} == {"float32"}  # pylint: disable=protected-access
+  for original, copied in zip(mixed.weights, converted.weights):
+    np.testing.assert_array_equal(np.asarray(original), np.asarray(copied))
+  plain = model_lib.build_model(config)
+  assert export.float32_model(plain, configs.to_dict(config)) is plain
+
+
 def test_binary_reports_a_bad_runs_folder_on_one_line(tmp_path):
   environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
   result = subprocess.run(
