@@ -17,6 +17,7 @@ import dataclasses
 import math
 import random
 import time
+import warnings
 from typing import Any, Callable, Mapping, Sequence
 
 import keras
@@ -410,8 +411,12 @@ def train_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Map
       tensorboard_logging.write_input_images(tensorboard_dir, name, images.numpy())
   callbacks = [tensorboard_logging.EpochLogger(tensorboard_dir, name),
                _Checkpointer(folder, progress, config.batch_size), *extra_callbacks]
-  model.fit(train, epochs=config.epochs, initial_epoch=initial_epoch,
-            validation_data=validation.dataset(config.batch_size), callbacks=callbacks, verbose=2)
+  with warnings.catch_warnings():
+    # One pass over the (finite, unknown-length) dataset is an epoch by design; Keras warns about both.
+    warnings.filterwarnings("ignore", message=".*ran out of data.*")
+    warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+    model.fit(train, epochs=config.epochs, initial_epoch=initial_epoch,
+              validation_data=validation.dataset(config.batch_size), callbacks=callbacks, verbose=2)
   progress["wall_time_s"] = float(progress.get("wall_time_s", 0.0)) + time.time() - started
   if progress["epochs_completed"] < config.epochs:
     io_utils.atomic_write_json(io_utils.join(folder, grid.PROGRESS_FILE), progress)
