@@ -274,7 +274,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
   output_dir = config.output_dir
   shards.remove_patient_files(output_dir, row.patient_id)
   series = dicom.read_ct_series(row.dicom_dir, row.series_uid, min_slices=max(2, config.min_slices))
-  abdomen, chosen = region.select_abdomen(
+  abdomen, _ = region.select_abdomen(
       series.hu, series.z_mm, series.pixel_spacing_mm, z_min_mm=row.z_min_mm, z_max_mm=row.z_max_mm,
       slice_spacing_mm=config.slice_spacing_mm, min_slices=config.min_slices, config=config.region,
       warnings=series.warnings)
@@ -306,6 +306,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
       "num_augmented_examples": sum(shard["num_examples"] for shard in augmented_writer.shards),
       "shards": all_shards,
       "qc_path": qc_relative,
+      "code_version": provenance.code_version(),
   }
   io_utils.atomic_write_json(io_utils.join(output_dir, shards.marker_path(row.patient_id)), marker)
   return marker
@@ -454,6 +455,11 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
     else:
       todo.append(row)
   num_reused = len(markers)
+  stale = sorted(pid for pid, marker in markers.items() if marker.get("code_version") != provenance.code_version())
+  if stale:
+    # Reuse is keyed on config and manifest row, not on code: say so when the code has moved on.
+    print(f"note: {len(stale)} finished patient(s) were written by other code versions (e.g. {stale[0]}) and are "
+          "reused; delete their patients/<patient_id>.json to rebuild them", file=sys.stderr)
 
   failures: dict[str, str] = {}
   processed_slices = 0
