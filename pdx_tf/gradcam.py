@@ -110,11 +110,12 @@ def grad_cam(model: keras.Model, images: np.ndarray | tf.Tensor, *,
   return np.clip(np.concatenate(heatmaps), 0.0, 1.0).astype(np.float32)
 
 
-def ensemble_grad_cam(models: Sequence[keras.Model], images: np.ndarray | tf.Tensor) -> np.ndarray:
+def ensemble_grad_cam(models: Sequence[keras.Model], images: np.ndarray | tf.Tensor, *,
+                      layer_name: str = model_lib.LAST_CONV_LAYER) -> np.ndarray:
   """The mean of the models' Grad-CAM heatmaps, rescaled so each slice's maximum is 1 (float32 [N, S, S])."""
   if not models:
     raise ValueError("ensemble_grad_cam needs at least one model")
-  total = sum(grad_cam(model, images) for model in models)
+  total = sum(grad_cam(model, images, layer_name=layer_name) for model in models)
   peak = total.max(axis=(1, 2), keepdims=True)
   return np.divide(total, peak, out=np.zeros_like(total), where=peak > 0).astype(np.float32)
 
@@ -203,8 +204,8 @@ def localisation_ratio(heatmaps: np.ndarray, lesion_fractions: np.ndarray, body:
 
 
 def localisation_arrays(models: Sequence[keras.Model], hu: np.ndarray, lesion_masks: np.ndarray,
-                        config: preprocess.PreprocessConfig, batch_size: int = 32
-                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        config: preprocess.PreprocessConfig, batch_size: int = 32, *,
+                        layer_name: str = model_lib.LAST_CONV_LAYER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Grad-CAM, lesion coverage and body on the model grid, for the slices of `hu` that contain lesions.
 
   Args:
@@ -213,6 +214,7 @@ def localisation_arrays(models: Sequence[keras.Model], hu: np.ndarray, lesion_ma
     lesion_masks: bool [N, H, W] lesion pixels (e.g. the phantom's nodule_mask), aligned with `hu`.
     config: the models' preprocessing.
     batch_size: slices per step.
+    layer_name: the backbone layer explained (default out_relu; earlier layers give finer maps).
 
   Returns:
     (heatmaps, lesion_fractions, body), each [K, S, S] for the K slices with lesion pixels, ready for
@@ -226,7 +228,7 @@ def localisation_arrays(models: Sequence[keras.Model], hu: np.ndarray, lesion_ma
   for start in range(0, keep.size, batch_size):
     chosen = keep[start:start + batch_size]
     images = preprocess.preprocess_slices(hu[chosen], config).numpy()
-    parts[0].append(ensemble_grad_cam(models, images))
+    parts[0].append(ensemble_grad_cam(models, images, layer_name=layer_name))
     parts[1].append(map_masks_to_model_grid(hu[chosen], lesion_masks[chosen], config))
     resized = preprocess.crop_resize_hu(hu[chosen], preprocess.body_boxes(hu[chosen], config), size).numpy()
     parts[2].append(resized > config.body_threshold_hu)
