@@ -22,7 +22,7 @@ import multiprocessing
 import os
 import sys
 import time
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
@@ -234,29 +234,45 @@ def _serialize(image: np.ndarray, row: manifest_lib.ManifestRow, config: Pipelin
   return example.SerializeToString(deterministic=True)
 
 
-def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.ManifestRow, config: PipelineConfig,
-                          original_writer: shards.ShardWriter, augmented_writer: shards.ShardWriter) -> np.ndarray:
-  """Writes a patient's original and augmented examples; returns the crop boxes [N, 4] (for QC)."""
-  all_boxes = []
+def patient_images(abdomen: region.AbdominalRegion, patient_id: str, config: PipelineConfig,
+                   boxes_out: list | None = None) -> Iterator[tuple[int, float, int, np.ndarray]]:
+  """Every image of a patient: (slice_index, z_mm, augmentation_index, uint8 [S, S, C] image).
+
+  Per block of slices: the originals (augmentation_index 0), then each slice's copies 1..augment_factor. Shared
+  by the TFRecord writer and the TFDS builder.
+
+  Args:
+    abdomen: the patient's abdominal slices.
+    patient_id: manifest ID (part of every copy's key).
+    config: image, augmentation and seed settings.
+    boxes_out: if given, receives the crop boxes [n, 4] of each block (for QC).
+  """
   indices = np.arange(1, config.augment_factor + 1)
   for start in range(0, abdomen.hu.shape[0], SLICE_BATCH):
     block = tf.constant(abdomen.hu[start:start + SLICE_BATCH])
     boxes, crops, originals = _boxes_crops_and_originals(block, config.preprocess)
-    originals = originals.numpy()
-    all_boxes.append(boxes.numpy())
-    for offset, image in enumerate(originals):
-      slice_index = start + offset
-      original_writer.write(_serialize(image, row, config, slice_index, float(abdomen.z_mm[slice_index]), 0))
+    if boxes_out is not None:
+      boxes_out.append(boxes.numpy())
+    for offset, image in enumerate(originals.numpy()):
+      yield start + offset, float(abdomen.z_mm[start + offset]), 0, image
     for offset in range(crops.shape[0]):
       slice_index = start + offset
       z_mm = float(abdomen.z_mm[slice_index])
       for chunk_start in range(0, indices.size, AUGMENT_BATCH):
         chunk = indices[chunk_start:chunk_start + AUGMENT_BATCH]
-        warped = augment.random_augment_hu(crops[offset], config.seed, row.patient_id, slice_index, chunk,
+        warped = augment.random_augment_hu(crops[offset], config.seed, patient_id, slice_index, chunk,
                                            config.augment)
-        images = _window(warped, config.preprocess.windows).numpy()
-        for augmentation_index, image in zip(chunk, images):
-          augmented_writer.write(_serialize(image, row, config, slice_index, z_mm, int(augmentation_index)))
+        for augmentation_index, image in zip(chunk, _window(warped, config.preprocess.windows).numpy()):
+          yield slice_index, z_mm, int(augmentation_index), image
+
+
+def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.ManifestRow, config: PipelineConfig,
+                          original_writer: shards.ShardWriter, augmented_writer: shards.ShardWriter) -> np.ndarray:
+  """Writes a patient's original and augmented examples; returns the crop boxes [N, 4] (for QC)."""
+  all_boxes: list[np.ndarray] = []
+  for slice_index, z_mm, augmentation_index, image in patient_images(abdomen, row.patient_id, config, all_boxes):
+    writer = original_writer if augmentation_index == 0 else augmented_writer
+    writer.write(_serialize(image, row, config, slice_index, z_mm, augmentation_index))
   return np.concatenate(all_boxes) if all_boxes else np.zeros([0, 4], np.float32)
 
 
