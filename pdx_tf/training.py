@@ -28,7 +28,7 @@ from absl import logging
 from pdx_tf import aggregation as aggregation_lib
 from pdx_tf import configs, grid, input_pipeline, io_utils, provenance, splits, tensorboard_logging
 from pdx_tf.errors import RunsError
-from pdx_tf.model import ModelConfig, build_model
+from pdx_tf.model import ModelConfig, build_model, resolve_weights
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 RUN_SCHEMA_VERSION = 1
@@ -217,6 +217,7 @@ def run_grid(config: TrainConfig, *,
     RecordsError, RunsError, PdxError: one line, before training, for bad records, splits or cells.
   """
   io_utils.check_writable(config.output_dir)
+  resolve_weights(config.model)  # a missing ImageNet/weights file fails now, not after the first cell starts
   info = input_pipeline.load_dataset_info(config.records_dir, expected_image_size=config.model.image_size,
                                           verify_hashes=config.verify_hashes)
   cells = config.selected_cells()
@@ -258,13 +259,22 @@ def run_grid(config: TrainConfig, *,
   return result
 
 
-def _export(config: TrainConfig) -> Any:
-  try:
-    from pdx_tf import export  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    logging.warning("--export_dir given but pdx_tf.export is not in this build; run `python -m export` later")
-    return "unavailable"
-  return export.export_models(config.output_dir, config.export_dir)
+def _export(config: TrainConfig) -> str | None:
+  """Exports every cell of the grid as one ensemble (pdx_tf.export) once all of them are complete.
+
+  With several shards only the machine that finds the grid complete exports; the others log and return None
+  (run `python -m export` afterwards, or rerun any shard with --export_dir).
+  """
+  folders = [grid.cell_folder(config.output_dir, cell) for cell in grid.all_cells(config.num_repeats, config.num_folds)]
+  missing = [folder for folder in folders if not grid.is_complete(folder)]
+  if missing:
+    logging.warning("--export_dir: %d of %d cells are not complete yet (e.g. %s); not exporting. Rerun with"
+                    " --export_dir once every shard has finished, or use `python -m export`", len(missing),
+                    len(folders), missing[0])
+    return None
+  from pdx_tf import export  # pylint: disable=import-outside-toplevel
+
+  return export.export_models(folders, config.export_dir, config.task)
 
 
 # ----------------------------------------------------------------------------------------------- one cell

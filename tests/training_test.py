@@ -195,6 +195,20 @@ def test_output_dir_of_another_configuration(records_dir, tmp_path):
   _assert_nothing_trained(root)
 
 
+def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
+  config = tiny_config(records_dir, tmp_path / "R", export_dir=str(tmp_path / "X"))
+  assert training._export(config) is None  # pylint: disable=protected-access
+  assert not (tmp_path / "X").exists()
+
+
+def test_missing_imagenet_weights_fail_before_training(records_dir, tmp_path, monkeypatch):
+  monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
+  with pytest.raises(PdxError, match="ImageNet weights not found"):
+    training.run_grid(tiny_config(records_dir, tmp_path / "R", model=ModelConfig(image_size=SIZE, alpha=0.35,
+                                                                                  weights="imagenet")))
+  _assert_nothing_trained(tmp_path / "R")
+
+
 def test_config_validation_and_selected_cells():
   config = training.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2, num_shards=3,
                                 shard_index=1)
