@@ -37,6 +37,9 @@ _TASK = flags.DEFINE_enum("task", "p", ["p", "sb"], "Task of --runs_dir (an expo
 _COHORT_DIR = flags.DEFINE_string("cohort_dir", None, "Demo cohort folder; default the cached demo cohort.")
 _MAX_MODELS = flags.DEFINE_integer("max_models", 8, "Average Grad-CAM over at most this many models.")
 _MAX_PATIENTS = flags.DEFINE_integer("max_patients", 0, "Use at most this many positive patients (0: all).")
+_TARGET = flags.DEFINE_enum("target", "lesions", ["lesions", "ascites"],
+                             "What to localise: the task's nodules (masks/<pid>.npz), or, as a diagnostic of "
+                             "what else the models look at, ascites (regenerated from the phantom's tissue map).")
 _LAYER = flags.DEFINE_string("layer", "out_relu", "Backbone layer to explain (out_relu: 1/32 of the image side; "
                              "e.g. block_13_expand_relu is 1/16, block_6_expand_relu 1/8).")
 
@@ -56,12 +59,25 @@ def load_models(model_dir, runs_dir, task, max_models):
   return models, preprocess.preprocess_config_from_dict(cells[0].run_info["preprocess"]), task
 
 
-def patient_arrays(cohort_dir, row, task, models, config, layer_name="out_relu"):
+def _target_volume(cohort_dir, row, task, target):
+  """(mask volume [Z, Y, X], its z_mm) for one patient."""
+  if target == "lesions":
+    masks = np.load(os.path.join(cohort_dir, "masks", f"{row['patient_id']}.npz"))
+    return masks["nodule_mask" if task == "p" else "small_bowel_nodule_mask"], np.asarray(masks["z_mm"])
+  from pdx_tf import configs  # pylint: disable=import-outside-toplevel
+  from pdx_tf import phantom_anatomy  # pylint: disable=import-outside-toplevel
+
+  cohort = io_utils.read_json(os.path.join(cohort_dir, "cohort.json"))
+  config = configs.from_dict(phantom.PhantomConfig, cohort["config"])
+  index = [entry["patient_id"] for entry in cohort["patients"]].index(row["patient_id"])
+  patient = phantom.generate_patient(config, index)
+  return patient.tissue_labels == phantom_anatomy.TISSUE["ascites"], np.asarray(patient.z_mm)
+
+
+def patient_arrays(cohort_dir, row, task, models, config, layer_name="out_relu", target="lesions"):
   """Localisation arrays of one patient: the abdominal slices read from DICOM, masks aligned by z."""
   abdomen = region.load_abdomen(os.path.join(cohort_dir, row["dicom_dir"]))
-  masks = np.load(os.path.join(cohort_dir, "masks", f"{row['patient_id']}.npz"))
-  lesion_volume = masks["nodule_mask" if task == "p" else "small_bowel_nodule_mask"]
-  mask_z = np.asarray(masks["z_mm"], np.float64)
+  lesion_volume, mask_z = _target_volume(cohort_dir, row, task, target)
   lesions = np.zeros(abdomen.hu.shape, bool)
   for index, z in enumerate(abdomen.z_mm):
     nearest = int(np.argmin(np.abs(mask_z - z)))
@@ -70,7 +86,8 @@ def patient_arrays(cohort_dir, row, task, models, config, layer_name="out_relu")
   return gradcam.localisation_arrays(models, abdomen.hu, lesions, config, layer_name=layer_name)
 
 
-def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_name="out_relu"):
+def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_name="out_relu",
+        target="lesions"):
   """Computes and prints the localisation numbers; returns them as a dict."""
   models, config, task = load_models(model_dir, runs_dir, task, max_models)
   cohort_dir = cohort_dir or phantom.demo_cohort_dir()
@@ -78,17 +95,17 @@ def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_n
           if int(float(row[f"label_{task}"])) == 1]
   if max_patients:
     rows = rows[:max_patients]
-  collected = [patient_arrays(cohort_dir, row, task, models, config, layer_name) for row in rows]
+  collected = [patient_arrays(cohort_dir, row, task, models, config, layer_name, target) for row in rows]
   heatmaps, lesions, body = (np.concatenate([arrays[part] for arrays in collected]) for part in range(3))
   ratio = gradcam.localisation_ratio(heatmaps, lesions, body)
   lesion_on_body = lesions * body
   area_share = float(lesion_on_body.sum() / body.sum())
-  result = {"task": task, "layer": layer_name, "num_models": len(models), "image_size": config.image_size,
+  result = {"task": task, "target": target, "layer": layer_name, "num_models": len(models), "image_size": config.image_size,
             "num_patients": len(rows), "num_slices": int(heatmaps.shape[0]),
             "gradcam_mass_share": area_share * ratio, "lesion_area_share": area_share, "ratio": ratio}
   print(f"task {task}: {len(models)} model(s) at {config.image_size} px, Grad-CAM of {layer_name}, {len(rows)} "
-        f"positive patients, {heatmaps.shape[0]} lesion slices")
-  print(f"Grad-CAM mass on lesions {result['gradcam_mass_share']:.3f}, lesion share of body area "
+        f"positive patients, {heatmaps.shape[0]} slices with {target}")
+  print(f"Grad-CAM mass on {target} {result['gradcam_mass_share']:.3f}, their share of body area "
         f"{area_share:.3f}: localisation ratio {ratio:.2f} (1 = chance)")
   return result
 
@@ -100,7 +117,7 @@ def main(argv):
     raise app.UsageError("give exactly one of --model and --runs_dir")
   try:
     run(_MODEL.value, _RUNS_DIR.value, _TASK.value, _COHORT_DIR.value, _MAX_MODELS.value, _MAX_PATIENTS.value,
-        _LAYER.value)
+        _LAYER.value, _TARGET.value)
   except PdxError as error:
     print(f"localisation_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)
