@@ -14,6 +14,7 @@ files of patient "a-1").
 
 from __future__ import annotations
 
+import os
 import re
 
 import tensorflow as tf
@@ -64,7 +65,12 @@ def remove_patient_files(output_dir: str, patient_id: str) -> int:
     path = io_utils.join(output_dir, folder)
     if not tf.io.gfile.isdir(path):
       continue
-    for name in tf.io.gfile.listdir(path):
+    # Globs narrow the listing (a folder of a large cohort holds thousands of shards, and on gs:// listing
+    # costs requests); patient IDs hold no glob characters. The exact pattern then decides.
+    candidates = set()
+    for glob in (f"{patient_id}.*", f"{patient_id}-*", f"{io_utils.TEMP_MARKER}*"):
+      candidates.update(os.path.basename(found) for found in tf.io.gfile.glob(io_utils.join(path, glob)))
+    for name in sorted(candidates):
       if pattern.fullmatch(_TEMP_PREFIX.sub("", name, count=1)):
         tf.io.gfile.remove(io_utils.join(path, name))
         removed += 1
