@@ -47,6 +47,7 @@ CONFIG_JSON = "config.json"
 QC_INDEX = "qc/index.html"
 SLICE_BATCH = 16  # Slices preprocessed together (bounds memory for large matrices).
 AUGMENT_BATCH = 64  # Augmented copies warped together.
+ENCODE_BATCH = 256  # Images handed to the encoding threads at a time (bounds memory).
 # Fields that change how a run executes but not what it writes: left out of dataset.json (and of the
 # per-patient fingerprints), so the dataset hash does not depend on parallelism or on where D lives.
 EXECUTION_ONLY_FIELDS = ("output_dir", "num_workers", "allow_failures", "num_partitions", "partition_index")
@@ -270,9 +271,26 @@ def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.Man
                           original_writer: shards.ShardWriter, augmented_writer: shards.ShardWriter) -> np.ndarray:
   """Writes a patient's original and augmented examples; returns the crop boxes [N, 4] (for QC)."""
   all_boxes: list[np.ndarray] = []
-  for slice_index, z_mm, augmentation_index, image in patient_images(abdomen, row.patient_id, config, all_boxes):
-    writer = original_writer if augmentation_index == 0 else augmented_writer
-    writer.write(_serialize(image, row, config, slice_index, z_mm, augmentation_index))
+
+  def serialize(item):
+    slice_index, z_mm, augmentation_index, image = item
+    return augmentation_index, _serialize(image, row, config, slice_index, z_mm, augmentation_index)
+
+  def flush(pending):
+    # pool.map keeps the order, so the shards' bytes do not depend on the thread count.
+    for augmentation_index, serialized in pool.map(serialize, pending):
+      (original_writer if augmentation_index == 0 else augmented_writer).write(serialized)
+    pending.clear()
+
+  # PNG encoding dominates the cost and runs outside the GIL: a few threads per worker process.
+  threads = max(1, (os.cpu_count() or 1) // config.num_workers)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    pending: list = []
+    for item in patient_images(abdomen, row.patient_id, config, all_boxes):
+      pending.append(item)
+      if len(pending) >= ENCODE_BATCH:
+        flush(pending)
+    flush(pending)
   return np.concatenate(all_boxes) if all_boxes else np.zeros([0, 4], np.float32)
 
 
