@@ -100,7 +100,8 @@ def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_n
   ratio = gradcam.localisation_ratio(heatmaps, lesions, body)
   lesion_on_body = lesions * body
   area_share = float(lesion_on_body.sum() / body.sum())
-  result = {"task": task, "target": target, "layer": layer_name, "num_models": len(models), "image_size": config.image_size,
+  result = {"task": task, "target": target, "layer": layer_name, "num_models": len(models),
+            "image_size": config.image_size,
             "num_patients": len(rows), "num_slices": int(heatmaps.shape[0]),
             "gradcam_mass_share": area_share * ratio, "lesion_area_share": area_share, "ratio": ratio}
   print(f"task {task}: {len(models)} model(s) at {config.image_size} px, Grad-CAM of {layer_name}, {len(rows)} "

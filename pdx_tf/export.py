@@ -4,6 +4,9 @@ Layout (TF Serving's model base path):
   X/pdx_<task>/<version>/saved_model.pb, variables/, assets.extra/pdx_export.json,
   assets.extra/models/rRR_fFF.keras (the cells' Keras models, for Grad-CAM; TF Serving ignores assets.extra)
 
+pdx_export.json also records how the training records chose the abdominal slices (region settings, slice
+spacing, from the records' dataset.json) so `predict` reads a study the same way.
+
 The export holds one model: the ensemble of the chosen cells (mean probability, standard deviation as
 uncertainty), or a single cell (uncertainty 0). Its signatures are built by `pdx_tf.serving`. A version is
 written into a temporary folder beside the versions (a name TF Serving ignores: not an integer) and renamed
@@ -223,6 +226,32 @@ def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Mod
   return rebuilt
 
 
+def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
+  """How the training records chose and spaced the abdominal slices, so `predict` reads a study the same way.
+
+  run.json does not carry the pipeline's region settings, so they come from the training records'
+  dataset.json (via run.json's records_dir), checked against the cell's dataset hash. When it is not reachable
+  (records deleted or on another machine) the pipeline defaults are recorded, and said so.
+  """
+  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+
+  for cell in cells:
+    records_dir = cell.run_info.get("config", {}).get("records_dir")
+    if not records_dir:
+      continue
+    path = io_utils.join(records_dir, "dataset.json")
+    try:
+      if not tf.io.gfile.exists(path) or io_utils.sha256_file(path) != cell.run_info.get("dataset_hash"):
+        continue
+      pipeline_config = io_utils.read_json(path)["config"]
+      return {"config": dict(pipeline_config["region"]), "slice_spacing_mm": pipeline_config["slice_spacing_mm"],
+              "min_slices": int(pipeline_config["min_slices"]), "source": "training dataset.json"}
+    except (KeyError, TypeError, ValueError, tf.errors.OpError):
+      continue
+  return {"config": configs.to_dict(region.RegionConfig()), "slice_spacing_mm": None, "min_slices": 8,
+          "source": "pipeline defaults (the training dataset.json was not reachable at export time)"}
+
+
 def _load_model(cell: CellRun, image_size: int) -> keras.Model:
   if not tf.io.gfile.exists(cell.model_path):
     raise ExportError(f"{cell.model_path} is missing although run.json says complete; re-run cell {cell.name}")
@@ -320,6 +349,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
         "keras_models_source": (f"{METADATA_FOLDER}/{KERAS_MODELS_FOLDER}/: the cells' model.keras re-saved at "
                                 "export time without optimizer state (used by predict for Grad-CAM)"),
         "gradcam": {"backbone_layer": "mobilenetv2", "target_layer": "out_relu"},
+        "region": region_settings(cells),
         "code_version": provenance.code_version(),
     }
     if config is not None:

@@ -1,7 +1,8 @@
 """Predicts one CT study with exported models and explains it with Grad-CAM (`python -m predict`).
 
 Steps: check the exports (`export.read_export`), read the study's abdominal slices with the pipeline's own
-series choice and z-range rule (`region.load_abdomen`), run each export's `predict_patient` signature (the
+series choice and z-range rule (`region.load_abdomen`, with the region settings and slice spacing the export
+recorded from its training records), run each export's `predict_patient` signature (the
 in-graph preprocessing, ensemble and aggregation), then Grad-CAM on the highest-scoring slices with the Keras
 models stored in the export (`assets.extra/models/`, see `pdx_tf.export`), averaged over at most
 `gradcam_max_models` of them (Grad-CAM of all 192 cells would take minutes on a CPU and changes little).
@@ -98,6 +99,22 @@ def load_exports(model_dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
   return sorted(exports, key=lambda item: export.TASKS.index(item[1]["task"]))
 
 
+def _region_arguments(metadata: dict[str, Any]) -> dict[str, Any]:
+  """load_abdomen keyword arguments matching the export's training records (see export.region_settings)."""
+  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+
+  settings = metadata.get("region")
+  if not settings:
+    return {"config": region.RegionConfig(), "slice_spacing_mm": None, "min_slices": 8}
+  try:
+    region_config = configs.from_dict(region.RegionConfig, settings["config"])
+  except (KeyError, TypeError, ValueError) as error:
+    raise ExportError(f"export {metadata.get('task')} v{metadata.get('version')} has region settings this code "
+                      f"cannot read ({error}); use the matching pdx_tf version") from None
+  return {"config": region_config, "slice_spacing_mm": settings.get("slice_spacing_mm"),
+          "min_slices": int(settings.get("min_slices", 8))}
+
+
 def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray,
                   config: PredictConfig) -> _TaskResult:
   loaded = tf.saved_model.load(version_dir)
@@ -123,11 +140,20 @@ def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray,
       gradcam_slices=chosen, images=images, heatmaps=heatmaps)
 
 
+def _region_summary(abdomen: Any) -> dict[str, Any]:
+  return {
+      "num_slices": int(abdomen.z_mm.size), "z_range_mm": [round(float(v), 3) for v in abdomen.z_range_mm],
+      "rule": abdomen.rule, "pixel_spacing_mm": [float(v) for v in abdomen.pixel_spacing_mm],
+      "warnings": list(abdomen.warnings),
+  }
+
+
 def _study_label(config: PredictConfig) -> str:
   return f"patient {config.patient_id}" if config.patient_id else "the study"
 
 
-def _write_summary(path: str, results: Sequence[_TaskResult], z_mm: np.ndarray, config: PredictConfig) -> None:
+def _write_summary(path: str, results: Sequence[_TaskResult], regions: Sequence[Any], config: PredictConfig
+                   ) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -136,7 +162,8 @@ def _write_summary(path: str, results: Sequence[_TaskResult], z_mm: np.ndarray, 
   columns = 1 + max([len(result.gradcam_slices) for result in results] + [1])
   figure, axes = pyplot.subplots(len(results), columns, figsize=(3.2 * columns, 3.4 * len(results)), dpi=100,
                                  squeeze=False)
-  for row, result in enumerate(results):
+  for row, (result, abdomen) in enumerate(zip(results, regions)):
+    z_mm = np.asarray(abdomen.z_mm, np.float64)
     curve = axes[row][0]
     curve.plot(z_mm, result.slice_probability, color="tab:blue", linewidth=1.2)
     curve.fill_between(z_mm, np.clip(result.slice_probability - result.slice_uncertainty, 0, 1),
@@ -182,15 +209,23 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
 
   from pdx_tf import region  # pylint: disable=import-outside-toplevel
 
-  try:
-    abdomen = region.load_abdomen(config.dicom_dir)
-  except PdxError as error:
-    raise type(error)(f"{_study_label(config)}: {error}") from None
-  z_mm = np.asarray(abdomen.z_mm, np.float64)
+  # Each export reads the study the way its training records did (usually one setting for both tasks).
+  abdomens: dict[str, Any] = {}
+  results, regions = [], []
+  for version_dir, metadata in exports:
+    arguments = _region_arguments(metadata)
+    key = repr(sorted((name, repr(value)) for name, value in arguments.items()))
+    if key not in abdomens:
+      try:
+        abdomens[key] = region.load_abdomen(config.dicom_dir, **arguments)
+      except PdxError as error:
+        raise type(error)(f"{_study_label(config)}: {error}") from None
+    regions.append(abdomens[key])
+    results.append(_predict_task(version_dir, metadata, abdomens[key].hu, config))
 
-  results = [_predict_task(version_dir, metadata, abdomen.hu, config) for version_dir, metadata in exports]
   tasks: dict[str, Any] = {}
-  for result in results:
+  for result, abdomen in zip(results, regions):
+    z_mm = np.asarray(abdomen.z_mm, np.float64)
     overlays = []
     for position, index in enumerate(result.gradcam_slices):
       relative = f"gradcam/{result.task}_slice{index:03d}.png"
@@ -214,19 +249,16 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
                     "uncertainty": round(float(result.slice_uncertainty[index]), 6)}
                    for index in range(z_mm.size)],
         "gradcam": overlays,
+        "region": _region_summary(abdomen),
     }
   summary = "summary.png"
-  _write_summary(io_utils.join(config.output_dir, summary), results, z_mm, config)
+  _write_summary(io_utils.join(config.output_dir, summary), results, regions, config)
   prediction = {
       "format": PREDICTION_FORMAT,
       "schema_version": PREDICTION_SCHEMA_VERSION,
       "patient_id": config.patient_id or None,
       "code_version": provenance.code_version(),
-      "region": {
-          "num_slices": int(z_mm.size), "z_range_mm": [round(float(v), 3) for v in abdomen.z_range_mm],
-          "rule": abdomen.rule, "pixel_spacing_mm": [float(v) for v in abdomen.pixel_spacing_mm],
-          "warnings": list(abdomen.warnings),
-      },
+      "region": _region_summary(regions[0]),  # each task also lists its own (they may differ in principle)
       "tasks": tasks,
       "summary_png": summary,
       "note": "research software; not a medical device; not for clinical decisions",

@@ -12,6 +12,7 @@ import tensorflow as tf
 
 from pdx_tf import export
 from pdx_tf import io_utils
+from pdx_tf.configs import to_dict as configs_to_dict
 from pdx_tf import preprocess
 from pdx_tf.errors import ExportError
 from tests import fake_cells
@@ -251,6 +252,26 @@ def test_cell_selection_and_incomplete_cells(exported, tmp_path):
     export.export_models([unfinished], str(tmp_path / "X"), "p")
 
 
+def test_region_settings_come_from_the_training_records(exported, tmp_path):
+  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+
+  metadata = io_utils.read_json(os.path.join(exported["ensemble_dir"], "assets.extra", "pdx_export.json"))
+  assert metadata["region"]["source"].startswith("pipeline defaults")  # fake cells have no records
+  records_dir = str(tmp_path / "records")
+  pipeline_config = {"region": dict(configs_to_dict(region.RegionConfig()), lung_air_fraction=0.1),
+                     "slice_spacing_mm": 5.0, "min_slices": 6}
+  io_utils.atomic_write_json(os.path.join(records_dir, "dataset.json"), {"config": pipeline_config})
+  cell = export.read_cell(exported["folders"][0])
+  run_info = dict(cell.run_info, config={**cell.run_info["config"], "records_dir": records_dir},
+                  dataset_hash=io_utils.sha256_file(os.path.join(records_dir, "dataset.json")))
+  settings = export.region_settings([export.CellRun(cell.folder, 0, 0, run_info)])
+  assert settings["source"] == "training dataset.json"
+  assert settings["config"]["lung_air_fraction"] == 0.1
+  assert settings["slice_spacing_mm"] == 5.0 and settings["min_slices"] == 6
+  stale = dict(run_info, dataset_hash="f" * 64)  # records rewritten since training: not trusted
+  assert export.region_settings([export.CellRun(cell.folder, 0, 0, stale)])["source"].startswith("pipeline")
+
+
 def test_read_export_resolves_versions_and_rejects_other_folders(exported, tmp_path):
   model_dir = os.path.join(exported["export_dir"], "pdx_p")
   assert export.read_export(model_dir)[0] == exported["single_dir"]  # the highest version
@@ -275,7 +296,8 @@ def test_mixed_precision_models_are_served_in_float32():
     keras.mixed_precision.set_global_policy(previous)
   assert mixed.get_layer("mobilenetv2").get_layer("Conv1").compute_dtype == "float16"
   converted = export.float32_model(mixed, configs.to_dict(config))
-  assert {layer.compute_dtype for layer in converted._flatten_layers()} == {"float32"}  # pylint: disable=protected-access
+  layers = converted._flatten_layers()  # pylint: disable=protected-access
+  assert {layer.compute_dtype for layer in layers} == {"float32"}
   for original, copied in zip(mixed.weights, converted.weights):
     np.testing.assert_array_equal(np.asarray(original), np.asarray(copied))
   plain = model_lib.build_model(config)
