@@ -26,7 +26,7 @@ DEMO_PRESET: dict[str, Any] = {
     "batch_size": 16,
     "learning_rate": 1e-3,
     "pool_fraction": 0.25,
-    "aggregation": "topk_mean",
+    "aggregation": "mean",
     "top_k": 3,
     "precision": "float32",
 }

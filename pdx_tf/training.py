@@ -437,6 +437,11 @@ def train_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Map
   return "complete"
 
 
+def _image_only(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
+  del label
+  return image
+
+
 def _finish_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Mapping[str, Any],
                  cell: grid.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
                  progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int) -> None:
@@ -448,8 +453,8 @@ def _finish_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: M
   model.save(temp)
   tf.io.gfile.rename(temp, model_path, overwrite=True)
 
-  probabilities = model.predict(validation.dataset(config.batch_size).map(lambda image, label: image),
-                                verbose=0).reshape(-1).astype(np.float64)
+  probabilities = model.predict(validation.dataset(config.batch_size).map(_image_only), verbose=0)
+  probabilities = probabilities.reshape(-1).astype(np.float64)
   slice_rows = [[patient_id, int(slice_index), int(label), f"{probability:.8f}"]
                 for patient_id, slice_index, label, probability in
                 zip(validation.patient_ids, validation.slice_indices, validation.labels, probabilities)]

@@ -89,7 +89,8 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
   assert {"patient/auc", "slice/auc"} <= {value.tag for value in cell_values}
   train_tags = {value.tag for value in _events(os.path.join(tensorboard, "r00_f00", "train"))}
   assert {"epoch_loss", "epoch_auc", "epoch_learning_rate", "augmented_inputs"} <= train_tags
-  assert {"epoch_loss", "epoch_auc"} <= {value.tag for value in _events(os.path.join(tensorboard, "r00_f00", "validation"))}
+  validation_tags = {value.tag for value in _events(os.path.join(tensorboard, "r00_f00", "validation"))}
+  assert {"epoch_loss", "epoch_auc"} <= validation_tags
   assert any(value.metadata.plugin_data.plugin_name == "hparams" for value in _events(tensorboard))
   # Rerunning skips finished cells and leaves them untouched.
   before = (root / "cells" / "r00_f00" / "run.json").read_bytes()
@@ -220,5 +221,6 @@ def test_config_validation_and_selected_cells():
               dict(num_folds=1), dict(shard_index=2, num_shards=2)):
     with pytest.raises(ValueError):
       training.TrainConfig(**{"task": "p", "records_dir": "D", "output_dir": "R", **bad})
-  assert training.resolve_precision("auto") == ("mixed_float16" if tf.config.list_physical_devices("GPU") else "float32")
+  has_gpu = bool(tf.config.list_physical_devices("GPU"))
+  assert training.resolve_precision("auto") == ("mixed_float16" if has_gpu else "float32")
   assert training.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
