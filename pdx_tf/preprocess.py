@@ -95,12 +95,13 @@ def _largest_component(mask: tf.Tensor) -> tf.Tensor:
   count = tf.shape(mask)[0]
   size = tf.shape(mask)[1] * tf.shape(mask)[2]
   ids = tf.reshape(tf.range(1, size + 1, dtype=tf.float32), tf.shape(mask)[1:])
-  maskf = tf.cast(mask, tf.float32)
-  labels = ids[tf.newaxis] * maskf
+  # Slices go to the channel axis ([1, M, M, N]): max pooling runs about 4x faster on many channels than on
+  # a batch of single-channel images, and propagation is most of the cost of preprocessing.
+  maskf = tf.transpose(tf.cast(mask, tf.float32), [1, 2, 0])[tf.newaxis]
+  labels = ids[tf.newaxis, :, :, tf.newaxis] * maskf
 
   def spread(current):
-    grown = tf.nn.max_pool2d(current[..., tf.newaxis], ksize=3, strides=1, padding="SAME")[..., 0]
-    return grown * maskf
+    return tf.nn.max_pool2d(current, ksize=3, strides=1, padding="SAME") * maskf
 
   def keep_going(iteration, current, previous):
     return tf.logical_and(iteration < MAX_LABEL_ITERATIONS, tf.reduce_any(tf.not_equal(current, previous)))
@@ -111,7 +112,7 @@ def _largest_component(mask: tf.Tensor) -> tf.Tensor:
     return iteration + 1, grown, current
 
   _, labels, _ = tf.while_loop(keep_going, step, (tf.constant(0), spread(labels), labels))
-  labels = tf.cast(labels, tf.int32)
+  labels = tf.cast(tf.transpose(labels[0], [2, 0, 1]), tf.int32)
   # Count pixels per (slice, label) with one bincount over offset labels.
   offsets = tf.range(count)[:, tf.newaxis, tf.newaxis] * (size + 1)
   counts = tf.math.bincount(tf.reshape(labels + offsets, [-1]), minlength=count * (size + 1),
