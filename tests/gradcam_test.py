@@ -140,9 +140,13 @@ def test_masks_follow_the_slice_crop_and_resize():
 
 @pytest.mark.slow
 def test_demo_models_look_at_the_nodules_better_than_chance(tmp_path_factory):
-  """Trains the demo grid (8 folds at 64 px; about 10 minutes on 2 cores, instant when cached) and checks that
+  """Trains the demo grid (8 folds at 64 px; about 10-15 minutes on 2 cores, instant when cached) and checks that
   Grad-CAM puts more mass on the phantom's nodules than their share of the body. Set PDX_TF_DEMO_ROOT to a
-  folder to reuse a finished demo."""
+  folder to reuse a finished demo.
+
+  Known to FAIL with the demo preset of 2026-11-29 (ratio 0.90; patient AUC 0.56): the demo models barely
+  separate the classes, so they cannot localise. This checks the demo models, not the Grad-CAM code.
+  """
   import sys  # pylint: disable=import-outside-toplevel
 
   from pdx_tf import demo  # pylint: disable=import-outside-toplevel
