@@ -16,8 +16,11 @@ from pdx_tf import io_utils, training
 from pdx_tf.model import ModelConfig
 
 DEMO_ROOT = "runs/demo"
-# The reduced protocol: measured to learn the phantom within the 10-minute budget on a 2-core CPU (see the
-# report of the training stage); the paper's protocol is configs/paper.flags.
+# The reduced protocol, sized for the 10-minute budget on a 2-core CPU (about 16 CPU-minutes in all: about 8
+# minutes on an idle 2-core machine). Measured (benchmarks/README.md): task p patient AUC 0.69 mean per cell,
+# 0.61 pooled, but driven by ascites and other non-nodule differences, not by the nodules: a from-scratch
+# MobileNetV2 at 64 px does not learn the phantom's nodules from ~35 patients. The paper's protocol is
+# configs/paper.flags.
 DEMO_PRESET: dict[str, Any] = {
     "model": ModelConfig(image_size=64, alpha=0.35, weights="none"),
     "num_folds": 8,

@@ -75,7 +75,11 @@ def test_binary_prints_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_learns_the_phantom(tmp_path):
-  """The real demo (phantom, pipeline, 8 cells, evaluation): minutes; patient-level AUC above chance."""
+  """The real demo (phantom, pipeline, 8 cells, evaluation): minutes; patient-level AUC above chance.
+
+  Passes narrowly today (mean cell AUC 0.69 measured) and on non-nodule signal (ascites): see
+  benchmarks/README.md. The localisation test in tests/gradcam_test.py is the stricter check, and fails.
+  """
   result = demo.run_demo("p", str(tmp_path / "demo"), progress=False)
   assert all(status == "complete" for status in result["cells"].values()) and len(result["cells"]) == 8
   import glob
