@@ -28,6 +28,7 @@ import sys
 from absl import app
 from absl import flags
 
+from pdx_tf import cli
 from pdx_tf import augment
 from pdx_tf import pipeline
 from pdx_tf import preprocess
@@ -64,9 +65,8 @@ _QC = flags.DEFINE_bool("qc", True, "Write QC montages (qc/<patient_id>.png) and
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
-def _fail(message: str) -> None:
-  print(f"data_pipeline: error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(1)
+def _fail(message) -> None:
+  cli.exit_with_error("data_pipeline", message)
 
 
 def _config() -> pipeline.PipelineConfig:

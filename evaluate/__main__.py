@@ -8,11 +8,11 @@ config.json, summary.json, patient_predictions.csv, cell_metrics.csv, report.md,
 --output_dir, TensorBoard summaries to <runs_dir>/tensorboard/evaluate, then prints the paper table.
 """
 
-import sys
 
 from absl import app
 from absl import flags
 
+from pdx_tf import cli
 from pdx_tf import io_utils
 from pdx_tf.errors import PdxError
 from pdx_tf.evaluation import EvaluateConfig, evaluate_runs, format_paper_table
@@ -28,9 +28,8 @@ _NUM_BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", 1000, "Patient-bootstrap 
 _SEED = flags.DEFINE_integer("seed", 0, "Key of the bootstrap resampling.")
 
 
-def _fail(message: str) -> None:
-  print(f"evaluate: error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(1)
+def _fail(message) -> None:
+  cli.exit_with_error("evaluate", message)
 
 
 def main(argv):

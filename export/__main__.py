@@ -10,11 +10,11 @@ cells' Keras models and config.json). Default: the ensemble of every complete ce
 max+1. Serve it with TF Serving (model base path <export_dir>/pdx_<task>) or run `python -m predict` on it.
 """
 
-import sys
 
 from absl import app
 from absl import flags
 
+from pdx_tf import cli
 from pdx_tf.errors import PdxError
 from pdx_tf.export import ExportConfig, export_runs
 
@@ -28,9 +28,8 @@ _CELLS = flags.DEFINE_list("cells", [], "Cells to export: rRR_fFF (one cell) or 
 _VERSION = flags.DEFINE_integer("version", None, "Version number to write (must be new); default max + 1.")
 
 
-def _fail(message: str) -> None:
-  print(f"export: error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(1)
+def _fail(message) -> None:
+  cli.exit_with_error("export", message)
 
 
 def main(argv):

@@ -12,11 +12,11 @@ UIDs, dates) reaches any output; the study is named only by --patient_id. Resear
 decisions.
 """
 
-import sys
 
 from absl import app
 from absl import flags
 
+from pdx_tf import cli
 from pdx_tf import io_utils
 from pdx_tf.errors import PdxError
 from pdx_tf.predict import PredictConfig, format_prediction, predict_study
@@ -31,9 +31,8 @@ _GRADCAM_SLICES = flags.DEFINE_integer("gradcam_slices", 3, "Grad-CAM overlays f
 _GRADCAM_MODELS = flags.DEFINE_integer("gradcam_max_models", 8, "Average Grad-CAM over at most this many models.")
 
 
-def _fail(message: str) -> None:
-  print(f"predict: error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(1)
+def _fail(message) -> None:
+  cli.exit_with_error("predict", message)
 
 
 def main(argv):

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 import fake_records
-from pdx_tf import demo, training
+from pdx_tf import demo
 from pdx_tf.model import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

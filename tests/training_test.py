@@ -14,7 +14,7 @@ import pytest
 import tensorflow as tf
 
 import fake_records
-from pdx_tf import grid, io_utils, splits, training
+from pdx_tf import io_utils, splits, training
 from pdx_tf.errors import PdxError, RecordsError, RunsError
 from pdx_tf.model import ModelConfig
 

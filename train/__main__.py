@@ -19,12 +19,12 @@ CONTRACTS.md (R/splits.json, R/patients.csv, R/config.json, R/cells/<cell>/..., 
 """
 
 import os
-import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
+from pdx_tf import cli
 from pdx_tf import aggregation, grid, training
 from pdx_tf.errors import PdxError
 from pdx_tf.model import ModelConfig
@@ -148,8 +148,7 @@ def main(argv):
 
 
 def _fail(message) -> None:
-  print(f"train: error: {' '.join(str(message).split())}", file=sys.stderr)
-  sys.exit(1)
+  cli.exit_with_error("train", message)
 
 
 if __name__ == "__main__":
