@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 import multiprocessing
 import os
 import sys
@@ -206,17 +207,30 @@ def patient_fingerprint(config: PipelineConfig, row: manifest_lib.ManifestRow) -
   })
 
 
-# Traced once per shape family: the body mask's label propagation is a while loop, slow op by op eagerly.
-@tf.function(reduce_retracing=True)
+@functools.lru_cache(maxsize=8)
+def _traced_preprocessing(config: preprocess.PreprocessConfig):
+  """`preprocess_slices` step by step, traced once per config for any stack shape.
+
+  Traced because the body mask's label propagation is a while loop, slow op by op eagerly; the shape-free
+  signature keeps one trace for every patient (TensorFlow would otherwise retrace per matrix and block size).
+  """
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32)])
+  def boxes_crops_and_originals(hu: tf.Tensor):
+    boxes = preprocess.body_boxes(hu, config)
+    crops = preprocess.crop_resize_hu(hu, boxes, config.image_size)
+    return boxes, crops, preprocess.window_hu(crops, config.windows)
+
+  return boxes_crops_and_originals
+
+
 def _boxes_crops_and_originals(hu: tf.Tensor, config: preprocess.PreprocessConfig):
   """(boxes, cropped HU, original images): `preprocess_slices` step by step, keeping its intermediates.
 
   The body mask is the costly part of preprocessing, and augmentation needs the same boxes and crops, so
   they are computed once; `pipeline_test` checks that the originals equal `preprocess.preprocess_slices`.
   """
-  boxes = preprocess.body_boxes(hu, config)
-  crops = preprocess.crop_resize_hu(hu, boxes, config.image_size)
-  return boxes, crops, preprocess.window_hu(crops, config.windows)
+  return _traced_preprocessing(config)(tf.cast(hu, tf.float32))
 
 
 @tf.function(reduce_retracing=True)
