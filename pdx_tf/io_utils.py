@@ -13,7 +13,7 @@ import io
 import json
 import os
 import uuid
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Sequence
 
 import tensorflow as tf
 
@@ -139,13 +139,3 @@ def check_writable(folder: str) -> None:
         f"output folder {folder} is not writable ({type(error).__name__}); choose a folder you can write to"
     ) from None
 
-
-def json_default(value: Any) -> Any:
-  """`json.dumps` default for numpy scalars and tuples in configs."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-
-  if isinstance(value, np.generic):
-    return value.item()
-  if isinstance(value, Mapping):
-    return dict(value)
-  raise TypeError(f"not JSON serialisable: {type(value).__name__}")
