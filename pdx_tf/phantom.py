@@ -52,7 +52,7 @@ _STUDY_DATE = "20010203"
 _UID_ROOT = "1.2.826.0.1.3680043.8.498."  # pydicom's root; entropy makes each UID deterministic per key
 
 # Purposes mixed into every random key, so adding draws for one purpose never changes another.
-_LABELS, _COVARIATES, _ANATOMY, _ASCITES, _NODULES, _NOISE, _QUIRKS, _FILE_NAMES = range(8)
+_LABELS, _COVARIATES, _ANATOMY, _ASCITES, _NODULES, _NOISE, _QUIRKS, _FILE_NAMES, _OMENTAL_CAKE = range(9)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +120,11 @@ class PhantomPatient:
   patient_id: str
   hu: np.ndarray                      # float32, integer-valued HU in [-1024, 3071]
   z_mm: np.ndarray                    # float64 [Z], strictly increasing (feet -> head)
-  nodule_mask: np.ndarray             # bool
+  nodule_mask: np.ndarray             # bool: all peritoneal disease (nodules and omental cake)
   small_bowel_nodule_mask: np.ndarray  # bool, subset of nodule_mask: nodules touching small bowel
   label_p: int
   label_sb: int
-  covariates: dict[str, Any]          # ascites, pci, site, nodule_count
+  covariates: dict[str, Any]          # ascites, pci, site, nodule_count, omental_cake (bool)
   abdomen_z_range_mm: tuple[float, float]  # (pelvic floor, lung bases); both lie half-way between slices
   pixel_spacing_mm: float
   tissue_labels: np.ndarray           # uint8, values index phantom_anatomy.TISSUE_NAMES
@@ -192,13 +192,14 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
   anatomy = anatomy_lib.paint_anatomy(rng, grid, body, has_uterus=rng.uniform() < 0.5,
                                       has_gallbladder=rng.uniform() < 0.75)
   anatomy_lib.random_ascites(np.random.default_rng([*key, _ASCITES]), anatomy, grid, body, ascites)
+  has_cake = anatomy_lib.omental_cake(np.random.default_rng([*key, _OMENTAL_CAKE]), anatomy, grid, body, pci)
   nodules = anatomy_lib.random_nodules(np.random.default_rng([*key, _NODULES]), anatomy, grid, body, count,
                                        small_bowel_count)
   noise_rng = np.random.default_rng([*key, _NOISE])
   noise_hu = config.noise_hu * (1.2 if site == "B" else 0.9) * noise_rng.uniform(0.9, 1.1)
   hu = anatomy_lib.random_hu(noise_rng, anatomy.labels, nodules, grid, noise_hu=noise_hu,
                              contrast_gain=1.1 if site == "B" else 1.0)
-  nodule_mask = anatomy.labels == anatomy_lib.TISSUE["nodule"]
+  nodule_mask = np.isin(anatomy.labels, anatomy_lib.DISEASE_TISSUES)
   small_bowel_nodule_mask = np.zeros_like(nodule_mask)
   for nodule in nodules:
     if nodule.on_small_bowel:
@@ -206,7 +207,8 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
   return PhantomPatient(
       patient_id=patient_id_for(patient_index), hu=hu, z_mm=z_mm.astype(np.float64), nodule_mask=nodule_mask,
       small_bowel_nodule_mask=small_bowel_nodule_mask, label_p=label_p, label_sb=label_sb,
-      covariates={"ascites": ascites, "pci": pci, "site": site, "nodule_count": len(nodules)},
+      covariates={"ascites": ascites, "pci": pci, "site": site, "nodule_count": len(nodules),
+                  "omental_cake": has_cake},
       abdomen_z_range_mm=(pelvic_floor, lung_base), pixel_spacing_mm=config.pixel_spacing_mm,
       tissue_labels=anatomy.labels, nodule_sites=tuple(nodule.site for nodule in nodules))
 
@@ -571,6 +573,7 @@ def _write_patient(folder: str, config: PhantomConfig, patient_index: int) -> di
       "patient_id": patient.patient_id, "dicom_dir": dicom_dir, "label_p": patient.label_p,
       "label_sb": patient.label_sb, **{key: patient.covariates[key] for key in ("ascites", "pci", "site")},
       "nodule_count": patient.covariates["nodule_count"], "nodule_sites": list(patient.nodule_sites),
+      "omental_cake": patient.covariates["omental_cake"],
       "num_slices": int(patient.z_mm.size), "abdomen_z_range_mm": list(patient.abdomen_z_range_mm),
       "quirks": quirks, "files": sorted(files),
   }

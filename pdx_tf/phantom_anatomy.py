@@ -23,7 +23,7 @@ TISSUE_NAMES = (
     "stomach_wall", "stomach_content", "gas", "colon_wall", "stool", "small_bowel_wall", "small_bowel_lumen",
     "mesenteric_vessel", "aorta", "vena_cava", "bone_cortex", "bone_marrow", "intervertebral_disc",
     "cerebrospinal_fluid", "bladder_wall", "urine", "uterus", "lung", "myocardium", "cardiac_blood",
-    "ascites", "nodule",
+    "ascites", "nodule", "omental_cake",
 )
 TISSUE = {name: index for index, name in enumerate(TISSUE_NAMES)}
 
@@ -39,7 +39,7 @@ _TISSUE_HU = {
     "aorta": (180, 8), "vena_cava": (140, 8), "bone_cortex": (750, 120), "bone_marrow": (200, 45),
     "intervertebral_disc": (85, 10), "cerebrospinal_fluid": (10, 4), "bladder_wall": (40, 6), "urine": (5, 3),
     "uterus": (70, 10), "lung": (-850, 35), "myocardium": (50, 8), "cardiac_blood": (160, 8),
-    "ascites": (10, 4), "nodule": (70, 8),
+    "ascites": (10, 4), "nodule": (70, 8), "omental_cake": (55, 10),
 }
 TISSUE_MEAN_HU = np.array([_TISSUE_HU[name][0] for name in TISSUE_NAMES], np.float32)
 TISSUE_TEXTURE_HU = np.array([_TISSUE_HU[name][1] for name in TISSUE_NAMES], np.float32)
@@ -52,6 +52,11 @@ NODULE_DIAMETER_RANGE_MM = (12.0, 25.0)  # >= 12 mm: still 2-3 px in a 64 px bod
 NODULE_HU_RANGE = (55.0, 90.0)  # brighter than bowel wall (~66 HU) on average
 NODULE_SITES = ("omentum", "mesentery", "liver_surface", "pelvis", "paracolic_gutter")
 _NODULE_SITE_PROBABILITIES = (0.3, 0.2, 0.15, 0.25, 0.1)
+DISEASE_TISSUES = (TISSUE["nodule"], TISSUE["omental_cake"])
+# Omental cake: confluent tumour replacing the omental fat behind the anterior abdominal wall. Real advanced
+# ovarian cancer has it in most high-burden patients (PCI lesion-size score 3); the phantom gives it to every
+# patient with PCI >= OMENTAL_CAKE_MIN_PCI, thicker and longer as the PCI rises.
+OMENTAL_CAKE_MIN_PCI = 8
 
 
 def _lookup(names: Iterable[str]) -> np.ndarray:
@@ -688,7 +693,7 @@ def random_nodules(rng: np.random.Generator, anatomy: Anatomy, grid: Grid, body:
     if free_space[inside].mean() < (0.4 if site in ("small_bowel", "liver_surface") else 0.6):
       return None
     ring = region[ndimage.binary_dilation(mask, np.ones((3, 3, 3), bool)) & ~mask]
-    if (ring == TISSUE["nodule"]).any() or bool(small_bowel_table[ring].any()) != on_small_bowel:
+    if np.isin(ring, DISEASE_TISSUES).any() or bool(small_bowel_table[ring].any()) != on_small_bowel:
       return None
     first_slice = box[0].start
     slices = {first_slice + int(k) for k in np.nonzero(mask.any(axis=(1, 2)))[0]}
@@ -716,6 +721,44 @@ def random_nodules(rng: np.random.Generator, anatomy: Anatomy, grid: Grid, body:
       if required:
         raise RuntimeError(f"phantom bug: could not place a required nodule (small_bowel={on_small_bowel})")
   return nodules
+
+
+def omental_cake(rng: np.random.Generator, anatomy: Anatomy, grid: Grid, body: BodyShape, pci: int) -> bool:
+  """Paints an omental cake for a patient with PCI >= OMENTAL_CAKE_MIN_PCI; returns whether one was painted.
+
+  The cake is a lens of soft tissue along the anterior peritoneal wall: thicker (about 16-40 mm) and longer
+  with the PCI, with a smoothly irregular inner surface. It only replaces free intraperitoneal space (fat or
+  ascites) and never touches small bowel (26-connected), so that small-bowel disease stays the nodules'
+  business. It is one 26-connected piece (its largest component), painted before the nodules, which never
+  touch it.
+  """
+  if pci < OMENTAL_CAKE_MIN_PCI:
+    return False
+  labels = anatomy.labels
+  z, y, x = (axis.astype(np.float32) for axis in grid.coords((slice(None), slice(None), slice(None))))
+  t = body.t(z)
+  width, depth = (value.astype(np.float32) for value in body.cavity(t))
+  thickness_mm = float(np.clip(8.0 + pci, 16.0, 40.0)) * rng.uniform(0.85, 1.15)
+  center_t = rng.uniform(0.45, 0.55)
+  half_length_t = float(np.clip(0.2 + 0.006 * pci, 0.25, 0.4))
+  half_width = rng.uniform(0.55, 0.75)
+  along_z = np.clip(1.0 - ((t - center_t) / half_length_t) ** 2, 0.0, None)
+  across = np.clip(1.0 - (x / (half_width * width)) ** 2, 0.0, None)
+  # A few smooth bumps so the inner surface is irregular, as real cake is.
+  phases = rng.uniform(0.0, 2 * np.pi, 2)
+  bumps = 1.0 + 0.2 * np.sin(x / 23.0 + phases[0]) * np.cos(z / 31.0 + phases[1])
+  local_thickness = thickness_mm * np.sqrt(along_z * across) * bumps
+  anterior = y < body.center_y_mm - 0.2 * depth
+  free = _lookup(_FREE_SPACE)[labels]
+  cake = (free & anterior & (anatomy.peritoneal_wall_distance_mm >= 0)
+          & (anatomy.peritoneal_wall_distance_mm < local_thickness)
+          & ~ndimage.binary_dilation(np.isin(labels, SMALL_BOWEL_TISSUES), np.ones((3, 3, 3), bool)))
+  components, count = ndimage.label(cake, np.ones((3, 3, 3), bool))
+  if count == 0:
+    return False
+  sizes = np.bincount(components.ravel())[1:]
+  labels[components == 1 + int(np.argmax(sizes))] = TISSUE["omental_cake"]
+  return True
 
 
 def _surface_points(labels: np.ndarray, grid: Grid, tissue: str) -> np.ndarray:

@@ -13,12 +13,21 @@ from pydicom import uid as dicom_uid
 from scipy import ndimage
 
 from pdx_tf import phantom
-from pdx_tf.phantom_anatomy import SMALL_BOWEL_TISSUES, TISSUE
+from pdx_tf.phantom_anatomy import OMENTAL_CAKE_MIN_PCI, SMALL_BOWEL_TISSUES, TISSUE
 
 # 64 px at 6 mm covers the same 384 mm field of view as the default 256 px at 1.5 mm, 16x fewer voxels.
 TINY = phantom.PhantomConfig(num_patients=8, seed=3, matrix_size=64, pixel_spacing_mm=6.0)
 SMALL = phantom.PhantomConfig(num_patients=4, seed=1, matrix_size=128, pixel_spacing_mm=3.0)
 ALL_NEIGHBOURS = np.ones((3, 3, 3), bool)
+
+
+def _nodules(patient):
+  """The discrete nodules (nodule_mask also holds the omental cake)."""
+  return patient.tissue_labels == TISSUE["nodule"]
+
+
+def _cake(patient):
+  return patient.tissue_labels == TISSUE["omental_cake"]
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +129,7 @@ def test_labels_match_masks(tiny_patients, small_patients):
 def test_small_bowel_nodules_touch_bowel_and_others_do_not(tiny_patients, small_patients):
   for patient in tiny_patients + small_patients:
     bowel = np.isin(patient.tissue_labels, SMALL_BOWEL_TISSUES)
-    components, count = ndimage.label(patient.nodule_mask, ALL_NEIGHBOURS)
+    components, count = ndimage.label(_nodules(patient), ALL_NEIGHBOURS)
     assert count == patient.covariates["nodule_count"]  # nodules never touch each other
     for component in range(1, count + 1):
       nodule = components == component
@@ -128,27 +137,54 @@ def test_small_bowel_nodules_touch_bowel_and_others_do_not(tiny_patients, small_
       on_small_bowel = bool(np.any(nodule & patient.small_bowel_nodule_mask))
       assert touches == on_small_bowel, patient.patient_id
       assert not on_small_bowel or np.all(patient.small_bowel_nodule_mask[nodule])
+    # The omental cake is disease but never small-bowel disease, and it touches neither bowel nor a nodule.
+    cake = _cake(patient)
+    assert not np.any(cake & patient.small_bowel_nodule_mask)
+    assert not np.any(ndimage.binary_dilation(cake, ALL_NEIGHBOURS) & (bowel | _nodules(patient)))
+    assert np.array_equal(patient.nodule_mask, _nodules(patient) | cake)
 
 
 def test_nodules_are_small_and_on_a_minority_of_slices(small_patients, tiny_patients):
   for patient in small_patients + tiny_patients:
     if not patient.label_p:
       continue
-    slices_with_nodule = patient.nodule_mask.any(axis=(1, 2))
+    slices_with_nodule = _nodules(patient).any(axis=(1, 2))
     assert slices_with_nodule.mean() < 0.5
-    components, count = ndimage.label(patient.nodule_mask, ALL_NEIGHBOURS)
+    components, count = ndimage.label(_nodules(patient), ALL_NEIGHBOURS)
     for component_slice in ndimage.find_objects(components):
       assert 1 <= component_slice[0].stop - component_slice[0].start <= 5
     # Nodules sit inside the abdomen, never in the chest or thighs.
-    nodule_z = patient.z_mm[slices_with_nodule]
+    nodule_z = patient.z_mm[patient.nodule_mask.any(axis=(1, 2))]
     low, high = patient.abdomen_z_range_mm
     assert nodule_z.min() > low and nodule_z.max() < high
+
+
+def test_omental_cake_follows_the_pci(tiny_patients, small_patients):
+  """High-burden patients (PCI >= OMENTAL_CAKE_MIN_PCI) have one anterior cake; others and negatives none."""
+  cakes = 0
+  for patient in tiny_patients + small_patients:
+    cake = _cake(patient)
+    assert patient.covariates["omental_cake"] == bool(cake.any())
+    assert bool(cake.any()) == (patient.covariates["pci"] >= OMENTAL_CAKE_MIN_PCI), patient.patient_id
+    if not cake.any():
+      continue
+    cakes += 1
+    assert ndimage.label(cake, ALL_NEIGHBOURS)[1] == 1
+    # Anterior: the cake lies in front of (smaller y than) the body's centre on every slice it covers.
+    rows = np.nonzero(cake)[1]
+    body_rows = np.nonzero(patient.hu[cake.any(axis=(1, 2))] > -500)[1]
+    assert np.median(rows) < np.median(body_rows)
+    # Inside the abdomen, never in the chest or thighs.
+    cake_z = patient.z_mm[cake.any(axis=(1, 2))]
+    low, high = patient.abdomen_z_range_mm
+    assert cake_z.min() > low and cake_z.max() < high
+  assert cakes >= 2  # the fixtures hold high-burden patients, so the checks above ran
 
 
 def test_small_nodule_diameter(small_patients):
   """At 3 mm pixels, each nodule is 10-25 mm wide in its largest slice."""
   for patient in small_patients:
-    components, _ = ndimage.label(patient.nodule_mask, ALL_NEIGHBOURS)
+    components, _ = ndimage.label(_nodules(patient), ALL_NEIGHBOURS)
     for label, box in enumerate(ndimage.find_objects(components), start=1):
       widest_area_mm2 = max(np.sum(components[k] == label) for k in range(box[0].start, box[0].stop)) * 9.0
       equivalent_diameter = 2 * np.sqrt(widest_area_mm2 / np.pi)
@@ -161,7 +197,7 @@ def test_tissue_hu_is_plausible(small_patients):
       "muscle": (25, 75), "liver": (40, 85), "spleen": (45, 95), "kidney_cortex": (110, 200),
       "aorta": (140, 230), "bone_cortex": (350, 1100), "bone_marrow": (120, 300), "lung": (-920, -700),
       "gas": (-1000, -750), "small_bowel_wall": (45, 85), "small_bowel_lumen": (0, 35), "urine": (-10, 20),
-      "ascites": (-5, 30), "nodule": (40, 95), "table_core": (-400, -150),
+      "ascites": (-5, 30), "nodule": (40, 95), "omental_cake": (35, 80), "table_core": (-400, -150),
   }
   for patient in small_patients:
     for tissue, (low, high) in expected.items():
