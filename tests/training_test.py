@@ -196,6 +196,14 @@ def test_output_dir_of_another_configuration(records_dir, tmp_path):
   _assert_nothing_trained(root)
 
 
+def test_output_dir_trained_on_other_records(records_dir, tmp_path):
+  root = tmp_path / "R"
+  io_utils.atomic_write_json(str(root / "records.json"), {"dataset_hash": "0" * 64})
+  with pytest.raises(RunsError, match="trained on other records"):
+    training.run_grid(tiny_config(records_dir, root))
+  _assert_nothing_trained(root)
+
+
 def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
   config = tiny_config(records_dir, tmp_path / "R", export_dir=str(tmp_path / "X"))
   assert training._export(config) is None  # pylint: disable=protected-access
