@@ -24,6 +24,7 @@ held-out accuracy, but read the number as in-distribution.
 
 import os
 import sys
+import zlib
 
 import numpy as np
 from absl import app
@@ -32,6 +33,7 @@ from absl import flags
 from pdx_tf import export
 from pdx_tf import gradcam
 from pdx_tf import io_utils
+from pdx_tf import model as model_lib
 from pdx_tf import phantom
 from pdx_tf import preprocess
 from pdx_tf import region
@@ -46,10 +48,13 @@ _MAX_PATIENTS = flags.DEFINE_integer("max_patients", 0, "Use at most this many p
 _TARGET = flags.DEFINE_enum("target", "lesions", ["lesions", "ascites"],
                              "What to localise: the task's nodules (masks/<pid>.npz), or, as a diagnostic of "
                              "what else the models look at, ascites (regenerated from the phantom's tissue map).")
-_LAYER = flags.DEFINE_string("layer", "out_relu", "Backbone layer to explain (out_relu: 1/32 of the image side; "
-                             "e.g. block_13_expand_relu is 1/16, block_6_expand_relu 1/8).")
+_LAYER = flags.DEFINE_string("layer", "", "Backbone layer to explain; empty: predict's default, the deepest "
+                             "with a map of at least 7x7 (pdx_tf.model.gradcam_layer: block_6_expand_relu at 64 "
+                             "px, out_relu at 224 px). E.g. out_relu is 1/32 of the image side, "
+                             "block_13_expand_relu 1/16, block_6_expand_relu 1/8.")
 
 Z_MATCH_TOLERANCE_MM = 0.01
+FILL_HU, FILL_NOISE_HU = -90.0, 10.0  # the phantom's intraperitoneal fat
 
 
 def load_models(model_dir, runs_dir, task, max_models):
@@ -80,7 +85,7 @@ def _target_volume(cohort_dir, row, task, target):
   return patient.tissue_labels == phantom_anatomy.TISSUE["ascites"], np.asarray(patient.z_mm)
 
 
-def patient_arrays(cohort_dir, row, task, models, config, layer_name="out_relu", target="lesions"):
+def patient_arrays(cohort_dir, row, task, models, config, layer_name=None, target="lesions"):
   """Localisation arrays of one patient: the abdominal slices read from DICOM, masks aligned by z."""
   abdomen = region.load_abdomen(os.path.join(cohort_dir, row["dicom_dir"]))
   lesion_volume, mask_z = _target_volume(cohort_dir, row, task, target)
@@ -89,10 +94,30 @@ def patient_arrays(cohort_dir, row, task, models, config, layer_name="out_relu",
     nearest = int(np.argmin(np.abs(mask_z - z)))
     if abs(mask_z[nearest] - z) <= Z_MATCH_TOLERANCE_MM:
       lesions[index] = lesion_volume[nearest]
-  return gradcam.localisation_arrays(models, abdomen.hu, lesions, config, layer_name=layer_name)
+  arrays = gradcam.localisation_arrays(models, abdomen.hu, lesions, config, layer_name=layer_name)
+  return (*arrays, *occlusion_probabilities(models, abdomen.hu, lesions, config, seed=zlib.crc32(row["patient_id"].encode())))
 
 
-def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_name="out_relu",
+def occlusion_probabilities(models, hu, lesions, config, seed=0):
+  """Ensemble-mean probabilities of the lesion slices as read, and with their lesion pixels filled with fat.
+
+  A causal check to go beside Grad-CAM: if the models use the lesions, erasing them (intraperitoneal fat,
+  FILL_HU with the phantom's noise) must lower the slices' probabilities.
+  """
+  keep = lesions.reshape(lesions.shape[0], -1).any(axis=1)
+  as_read = np.asarray(hu[keep], np.float32)
+  filled = as_read.copy()
+  erased = lesions[keep]
+  filled[erased] = FILL_HU + FILL_NOISE_HU * np.random.default_rng(seed).standard_normal(int(erased.sum()))
+  def probabilities(slices):
+    if not slices.shape[0]:
+      return np.zeros((0,), np.float32)
+    images = preprocess.preprocess_slices(slices, config)
+    return np.mean([np.asarray(model(images, training=False)).reshape(-1) for model in models], axis=0)
+  return probabilities(as_read), probabilities(filled)
+
+
+def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_name=None,
         target="lesions"):
   """Computes and prints the localisation numbers; returns them as a dict."""
   models, config, task = load_models(model_dir, runs_dir, task, max_models)
@@ -104,19 +129,24 @@ def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_n
           if int(float(row[f"label_{task}"])) == 1]
   if max_patients:
     rows = rows[:max_patients]
+  layer_name = layer_name or model_lib.gradcam_layer(config.image_size)
   collected = [patient_arrays(cohort_dir, row, task, models, config, layer_name, target) for row in rows]
-  heatmaps, lesions, body = (np.concatenate([arrays[part] for arrays in collected]) for part in range(3))
+  heatmaps, lesions, body, as_read, erased = (np.concatenate([arrays[part] for arrays in collected])
+                                              for part in range(5))
   ratio = gradcam.localisation_ratio(heatmaps, lesions, body)
   lesion_on_body = lesions * body
   area_share = float(lesion_on_body.sum() / body.sum())
   result = {"task": task, "target": target, "layer": layer_name, "num_models": len(models),
             "image_size": config.image_size,
             "num_patients": len(rows), "num_slices": int(heatmaps.shape[0]),
-            "gradcam_mass_share": area_share * ratio, "lesion_area_share": area_share, "ratio": ratio}
+            "gradcam_mass_share": area_share * ratio, "lesion_area_share": area_share, "ratio": ratio,
+            "probability_as_read": float(as_read.mean()), "probability_erased": float(erased.mean())}
   print(f"task {task}: {len(models)} model(s) at {config.image_size} px, Grad-CAM of {layer_name}, {len(rows)} "
         f"positive patients, {heatmaps.shape[0]} slices with {target}")
   print(f"Grad-CAM mass on {target} {result['gradcam_mass_share']:.3f}, their share of body area "
         f"{area_share:.3f}: localisation ratio {ratio:.2f} (1 = chance)")
+  print(f"Mean probability of those slices {result['probability_as_read']:.3f} as read, "
+        f"{result['probability_erased']:.3f} with those pixels filled with fat ({FILL_HU:g} HU)")
   return result
 
 
@@ -127,7 +157,7 @@ def main(argv):
     raise app.UsageError("give exactly one of --model and --runs_dir")
   try:
     run(_MODEL.value, _RUNS_DIR.value, _TASK.value, _COHORT_DIR.value, _MAX_MODELS.value, _MAX_PATIENTS.value,
-        _LAYER.value, _TARGET.value)
+        _LAYER.value or None, _TARGET.value)
   except PdxError as error:
     print(f"localisation_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)

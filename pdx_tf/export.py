@@ -348,7 +348,8 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
         "signatures": list(serving.SIGNATURE_NAMES),
         "keras_models_source": (f"{METADATA_FOLDER}/{KERAS_MODELS_FOLDER}/: the cells' model.keras re-saved at "
                                 "export time without optimizer state (used by predict for Grad-CAM)"),
-        "gradcam": {"backbone_layer": "mobilenetv2", "target_layer": "out_relu"},
+        "gradcam": {"backbone_layer": model_lib.BACKBONE_NAME,
+                    "target_layer": model_lib.gradcam_layer(preprocess_config.image_size)},
         "region": region_settings(cells),
         "code_version": provenance.code_version(),
     }

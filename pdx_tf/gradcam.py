@@ -1,12 +1,13 @@
 """Grad-CAM heatmaps for the slice classifier, overlay rendering, and a localisation score.
 
-Grad-CAM (Selvaraju et al., 2017) weights the channels of the last convolutional activation (the nested
-backbone's `out_relu`, see `pdx_tf.model`) by the spatial mean of the gradient of the class score, sums them,
+Grad-CAM (Selvaraju et al., 2017) weights the channels of a late convolutional activation of the nested
+backbone (by default `pdx_tf.model.gradcam_layer(image size)`: `out_relu` at 224 px, a finer layer at small
+sizes, where `out_relu` is only 2x2) by the spatial mean of the gradient of the class score, sums them,
 keeps the positive part and upsamples to the image. The class score here is the output layer's *logit*: the
 gradient of the sigmoid vanishes for confident slices, which are exactly the ones a clinician looks at.
 
 The backbone is a nested Keras model, and some Keras versions put dots in nested layer names, so the target is
-never looked up by a path string: a sub-model from the backbone's input to [out_relu, backbone output] is
+never looked up by a path string: a sub-model from the backbone's input to [target, backbone output] is
 built, the layers before the backbone (rescaling) and after it (pooling, dropout, output) are applied by hand.
 That only assumes the outer model is a chain, which `pdx_tf.model.build_model` guarantees and this module
 checks.
@@ -28,16 +29,34 @@ OVERLAY_FLOOR = 0.2
 OVERLAY_OPACITY = 0.45
 
 
+def _default_layer(backbone: keras.Model) -> str:
+  """The deepest of model_lib.GRADCAM_LAYERS in `backbone` with a map of at least MIN_GRADCAM_MAP px a side
+  (for the real MobileNetV2 this is `model_lib.gradcam_layer(image size)`), else the finest one present."""
+  present = []
+  for name, _ in model_lib.GRADCAM_LAYERS:
+    try:
+      present.append((name, backbone.get_layer(name).output.shape[1]))
+    except ValueError:
+      continue
+  if not present:
+    raise ValueError(f"backbone {backbone.name} has none of the Grad-CAM layers {model_lib.GRADCAM_LAYERS}")
+  for name, side in present:
+    if side is not None and side >= model_lib.MIN_GRADCAM_MAP:
+      return name
+  return present[-1][0]
+
+
 class _GradCamParts:
   """The outer model cut at the backbone: layers before, a feature sub-model, layers after, the output."""
 
-  def __init__(self, model: keras.Model, backbone_name: str, layer_name: str):
+  def __init__(self, model: keras.Model, backbone_name: str, layer_name: str | None):
     try:
       backbone = model.get_layer(backbone_name)
-      target = backbone.get_layer(layer_name)
+      target = backbone.get_layer(layer_name or _default_layer(backbone))
     except ValueError:
-      raise ValueError(f"model {model.name} has no nested layer {backbone_name}/{layer_name}; Grad-CAM needs "
-                       "a model built by pdx_tf.model.build_model") from None
+      raise ValueError(f"model {model.name} has no nested layer {backbone_name}/"
+                       f"{layer_name or model_lib.LAST_CONV_LAYER}; Grad-CAM needs a model built by "
+                       "pdx_tf.model.build_model") from None
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     for layer in layers:
       if len(getattr(layer, "_inbound_nodes", ())) > 1:
@@ -67,7 +86,7 @@ class _GradCamParts:
 
 
 def grad_cam(model: keras.Model, images: np.ndarray | tf.Tensor, *,
-             backbone_name: str = model_lib.BACKBONE_NAME, layer_name: str = model_lib.LAST_CONV_LAYER,
+             backbone_name: str = model_lib.BACKBONE_NAME, layer_name: str | None = None,
              batch_size: int = 16) -> np.ndarray:
   """Grad-CAM heatmaps of a slice classifier.
 
@@ -76,7 +95,8 @@ def grad_cam(model: keras.Model, images: np.ndarray | tf.Tensor, *,
       `layer_name` and a Dense(1) output).
     images: model inputs [N, S, S, 3], uint8 or float in 0..255 (what `preprocess_slices` returns).
     backbone_name: the nested backbone's layer name.
-    layer_name: the backbone layer whose activations are explained.
+    layer_name: the backbone layer whose activations are explained; None: the deepest of
+      `model_lib.GRADCAM_LAYERS` with a map of at least 7x7 (`model_lib.gradcam_layer` of the image size).
     batch_size: slices per gradient computation (bounds memory).
 
   Returns:
@@ -86,8 +106,8 @@ def grad_cam(model: keras.Model, images: np.ndarray | tf.Tensor, *,
   images = np.asarray(images)
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(f"images must be [N, S, S, 3], got shape {images.shape}")
-  parts = _GradCamParts(model, backbone_name, layer_name)
   height, width = images.shape[1], images.shape[2]
+  parts = _GradCamParts(model, backbone_name, layer_name)
   heatmaps = []
   for start in range(0, images.shape[0], batch_size):
     batch = tf.convert_to_tensor(images[start:start + batch_size], dtype=tf.float32)
@@ -111,7 +131,7 @@ def grad_cam(model: keras.Model, images: np.ndarray | tf.Tensor, *,
 
 
 def ensemble_grad_cam(models: Sequence[keras.Model], images: np.ndarray | tf.Tensor, *,
-                      layer_name: str = model_lib.LAST_CONV_LAYER) -> np.ndarray:
+                      layer_name: str | None = None) -> np.ndarray:
   """The mean of the models' Grad-CAM heatmaps, rescaled so each slice's maximum is 1 (float32 [N, S, S])."""
   if not models:
     raise ValueError("ensemble_grad_cam needs at least one model")
@@ -205,7 +225,7 @@ def localisation_ratio(heatmaps: np.ndarray, lesion_fractions: np.ndarray, body:
 
 def localisation_arrays(models: Sequence[keras.Model], hu: np.ndarray, lesion_masks: np.ndarray,
                         config: preprocess.PreprocessConfig, batch_size: int = 32, *,
-                        layer_name: str = model_lib.LAST_CONV_LAYER) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                        layer_name: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """Grad-CAM, lesion coverage and body on the model grid, for the slices of `hu` that contain lesions.
 
   Args:
@@ -214,7 +234,7 @@ def localisation_arrays(models: Sequence[keras.Model], hu: np.ndarray, lesion_ma
     lesion_masks: bool [N, H, W] lesion pixels (e.g. the phantom's nodule_mask), aligned with `hu`.
     config: the models' preprocessing.
     batch_size: slices per step.
-    layer_name: the backbone layer explained (default out_relu; earlier layers give finer maps).
+    layer_name: the backbone layer explained (None: as in `grad_cam`; earlier layers give finer maps).
 
   Returns:
     (heatmaps, lesion_fractions, body), each [K, S, S] for the K slices with lesion pixels, ready for

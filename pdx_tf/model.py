@@ -15,8 +15,14 @@ import keras
 from pdx_tf.errors import PdxError
 
 BACKBONE_NAME = "mobilenetv2"
-# The nested backbone's last activation: Grad-CAM's target layer.
+# The nested backbone's last activation: Grad-CAM's usual target layer (a 7x7 map at 224 px).
 LAST_CONV_LAYER = "out_relu"
+# Grad-CAM candidates, deepest first, with how much each downsamples the image. A map much coarser than 7x7
+# cannot say where in the abdomen the model looked (out_relu is 2x2 at 64 px), so `gradcam_layer` takes the
+# deepest one whose map is at least MIN_GRADCAM_MAP on a side.
+GRADCAM_LAYERS: tuple[tuple[str, int], ...] = (
+    ("out_relu", 32), ("block_13_expand_relu", 16), ("block_6_expand_relu", 8), ("block_3_expand_relu", 4))
+MIN_GRADCAM_MAP = 7
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
 IMAGENET_SIZES = (96, 128, 160, 192, 224)
 # Keras' BatchNorm default: right for fine-tuning pretrained statistics, far too slow from scratch.
@@ -93,10 +99,22 @@ def resolve_weights(config: ModelConfig) -> str | None:
   return config.weights
 
 
+def gradcam_layer(image_size: int) -> str:
+  """The backbone layer Grad-CAM explains at this input size: the deepest with a map >= MIN_GRADCAM_MAP px.
+
+  out_relu at 224 px (as usual), block_13_expand_relu at 128 px, block_6_expand_relu at 64 px, block_3_expand_relu at
+  48 px.
+  """
+  for name, stride in GRADCAM_LAYERS:
+    if -(-image_size // stride) >= MIN_GRADCAM_MAP:
+      return name
+  return GRADCAM_LAYERS[-1][0]
+
+
 def build_model(config: ModelConfig) -> keras.Model:
   """Builds the classifier: Rescaling -> MobileNetV2 (no top, average pooling) -> Dropout -> Dense(1, sigmoid).
 
-  The backbone is a nested model named `mobilenetv2`; its layer `out_relu` is the Grad-CAM target. The
+  The backbone is a nested model named `mobilenetv2`; Grad-CAM explains its layer `gradcam_layer(size)`. The
   global mixed-precision policy in force when this is called applies to every layer but the output.
   """
   weights = resolve_weights(config)
