@@ -52,7 +52,7 @@ ENCODE_BATCH = 256  # Images handed to the encoding threads at a time (bounds me
 # Fields that change how a run executes but not what it writes: left out of dataset.json (and of the
 # per-patient fingerprints), so the dataset hash does not depend on parallelism or on where D lives.
 EXECUTION_ONLY_FIELDS = ("output_dir", "num_workers", "allow_failures", "num_partitions", "partition_index")
-DEMO_PRESET = {"image_size": 64, "augment_factor": 8}
+DEMO_PRESET = {"image_size": 48, "augment_factor": 8}
 DEMO_OUTPUT_DIR = "runs/demo/records"
 
 
@@ -421,7 +421,9 @@ def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: PipelineConfig):
       try:
         yield future.result()
       except concurrent.futures.process.BrokenProcessPool:
-        yield row.patient_id, None, "a worker process died (out of memory?); rerun, with fewer --num_workers", 0.0
+        yield row.patient_id, None, (
+            "a worker process died (out of memory?, or a calling script without an `if __name__ == "
+            "\"__main__\":` guard, which spawned workers need); rerun with fewer --num_workers"), 0.0
       except Exception as error:  # pylint: disable=broad-except
         yield row.patient_id, None, _one_line(f"unexpected {type(error).__name__}: {error}", row), 0.0
 
