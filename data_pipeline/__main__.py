@@ -2,7 +2,7 @@
 
 Examples:
   # The demo: builds the synthetic phantom cohort (cached) and writes runs/demo/records with the demo
-  # preset (64 px images, 8 augmented copies a slice).
+  # preset (48 px images, 8 augmented copies a slice).
   python -m data_pipeline
 
   # A real cohort, as in the paper (224 px, soft-tissue window, 960 augmented copies a slice).

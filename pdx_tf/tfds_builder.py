@@ -81,7 +81,7 @@ class PdxCt(tfds.core.GeneratorBasedBuilder):
       "resolved against that folder (or absolute, gs:// allowed).")
   BUILDER_CONFIGS = [
       PdxCtConfig(name="paper", description="224 px, W400/L40, 960 augmented copies a slice (the study)."),
-      PdxCtConfig(name="demo", description="64 px, 8 augmented copies a slice (laptop demo).", image_size=64,
+      PdxCtConfig(name="demo", description="48 px, 8 augmented copies a slice (laptop demo).", image_size=48,
                   augment_factor=8),
   ]
 

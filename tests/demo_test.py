@@ -15,7 +15,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_demo_preset_is_a_valid_config_and_matches_demo_flags():
   config = demo.demo_train_config("p", "D", "R")
-  assert config.model.image_size == 64 and config.model.alpha == 0.35 and config.model.weights == "none"
+  assert config.model.image_size == 48 and config.model.alpha == 0.35 and config.model.weights == "none"
   assert config.num_folds == 8 and config.num_repeats <= 2
   flags = {}
   with open(os.path.join(REPO, "configs", "demo.flags")) as handle:
@@ -50,6 +50,16 @@ def test_run_demo_wiring_at_tiny_scale(tmp_path, monkeypatch):
   pytest.importorskip("pdx_tf.evaluation")
   assert isinstance(result["table"], str) and result["table"]
 
+  # A rerun reuses the finished cells; a newer preset sets the old run aside (renamed, never deleted).
+  settings = dict(model=ModelConfig(image_size=32, alpha=0.35), num_folds=2, batch_size=8, pool_fraction=1.0)
+  again = demo.run_demo("p", str(tmp_path), progress=False, epochs=1, **settings)
+  assert set(again["cells"].values()) == {"skipped"}
+  assert not [name for name in os.listdir(tmp_path) if ".stale-" in name]
+  newer = demo.run_demo("p", str(tmp_path), progress=False, epochs=2, **settings)
+  assert set(newer["cells"].values()) == {"complete"}
+  stale = [name for name in os.listdir(tmp_path) if name.startswith("p.stale-")]
+  assert len(stale) == 1 and os.path.exists(os.path.join(tmp_path, stale[0], "cells", "r00_f00", "run.json"))
+
 
 def _train(*args):
   return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
@@ -75,10 +85,10 @@ def test_binary_prints_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_full_demo_learns_the_phantom(tmp_path):
-  """The real demo (phantom, pipeline, 8 cells, evaluation): minutes; patient-level AUC above chance.
+  """The real demo (phantom, pipeline, 8 cells, evaluation): about 8 minutes; the models learn the phantom.
 
-  Passes narrowly today (mean cell AUC 0.69 measured) and on non-nodule signal (ascites): see
-  benchmarks/README.md. The localisation test in tests/gradcam_test.py is the stricter check, and fails.
+  Measured 0.81 and 0.875 mean cell AUC in two runs (benchmarks/README.md); ascites alone scores 0.665. The
+  localisation test in tests/gradcam_test.py checks that the models use the disease itself.
   """
   result = demo.run_demo("p", str(tmp_path / "demo"), progress=False)
   assert all(status == "complete" for status in result["cells"].values()) and len(result["cells"]) == 8
@@ -87,4 +97,4 @@ def test_full_demo_learns_the_phantom(tmp_path):
   aucs = [json.load(open(path))["patient/auc"] for path in glob.glob(os.path.join(result["output_dir"], "cells", "*",
                                                                                    "metrics.json"))]
   aucs = [value for value in aucs if value is not None]
-  assert sum(aucs) / len(aucs) > 0.6
+  assert sum(aucs) / len(aucs) > 0.7

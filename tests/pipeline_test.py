@@ -349,7 +349,7 @@ def test_invalid_manifest_lists_every_problem(tmp_path, capsys):
 def test_demo_preset(monkeypatch, cohort, tmp_path):
   monkeypatch.setattr(pipeline, "demo_manifest_path", lambda: cohort[0])
   config = pipeline.demo_config(str(tmp_path / "demo"))
-  assert config.preprocess.image_size == 64 and config.augment_factor == 8
+  assert config.preprocess.image_size == 48 and config.augment_factor == 8
   assert config.manifest_path == cohort[0]
   from data_pipeline import __main__ as binary  # pylint: disable=import-outside-toplevel
   flags.FLAGS.mark_as_parsed()
@@ -357,7 +357,7 @@ def test_demo_preset(monkeypatch, cohort, tmp_path):
   monkeypatch.setattr(pipeline, "run_pipeline", lambda config, progress: seen.append(config) or _fake_result())
   with flagsaver.flagsaver(output_dir=str(tmp_path / "demo"), progress=False):
     binary.main(["data_pipeline"])
-  assert seen[0].preprocess.image_size == 64 and seen[0].augment_factor == 8
+  assert seen[0].preprocess.image_size == 48 and seen[0].augment_factor == 8
   assert seen[0].manifest_path == cohort[0]
 
 

@@ -1,7 +1,7 @@
 """Trains the repeats x folds grid of MobileNetV2 slice classifiers for one task: `python -m train`.
 
 Examples:
-  # The demo: phantom cohort -> records -> reduced grid (64 px, alpha 0.35, 8 folds x 1 repeat) -> evaluation.
+  # The demo: phantom cohort -> records -> reduced grid (48 px, alpha 0.35, 8 folds x 1 repeat) -> evaluation.
   python -m train --task=p
 
   # The paper's protocol (224 px, ImageNet weights, 20 epochs, 8 folds x 24 repeats, mixed precision on GPU).
