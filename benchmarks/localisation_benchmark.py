@@ -1,4 +1,5 @@
-"""Does Grad-CAM look at the nodules? The localisation ratio of trained models on the demo phantom.
+"""Does Grad-CAM look at the disease? The localisation ratio (and a lesion occlusion check) of trained models on
+the demo phantom.
 
 Example (after `python -m train --task=p` and `python -m export --runs_dir=runs/p --task=p --export_dir=exports`):
   python benchmarks/localisation_benchmark.py --model=exports/pdx_p
@@ -11,10 +12,13 @@ as the slices (`gradcam.map_masks_to_model_grid`), and the models' mean Grad-CAM
 with lesion pixels. Printed: the share of Grad-CAM mass on lesion pixels, their share of the body area, and the
 ratio of the two (`gradcam.localisation_ratio`; 1 = chance, higher = better localisation).
 
-Measured (2026-11-29, demo preset of pdx_tf/demo.py: 8 folds, 64 px, alpha 0.35, 3 epochs; its grid reached
-patient AUC 0.56): ratio 0.90 at out_relu (a 2x2 map at 64 px), 1.15 at block_13_expand_relu (4x4). An earlier
-demo preset (patient AUC 0.63) gave 0.95 / 1.08, and 0.97 for ascites. So the demo models do not localise the
-nodules better than chance: they barely separate the classes. The Grad-CAM code itself is checked on a model
+Also printed: the models' mean probability of those slices as read, and with the lesion pixels filled with fat
+(`occlusion_probabilities`), a causal check beside Grad-CAM.
+
+Measured (2026-11-29, demo preset of pdx_tf/demo.py: 48 px, 8 folds, 5 epochs; patient AUC 0.81 per cell,
+0.82 pooled): ratio 1.25 at block_3_expand_relu (12x12, the default at 48 px); probability 0.84 as read, 0.54
+with the disease erased. The earlier demo without the omental cake (64 px, AUC 0.56-0.69) gave 0.90 at out_relu
+(2x2) and 1.15 at block_13_expand_relu. See benchmarks/README.md. The Grad-CAM code itself is checked on a model
 built to depend on one region (tests/gradcam_test.py), where the heat lands on that region.
 
 Caveat: an ensemble of all cells has seen every cohort patient in some training fold; --max_models with the

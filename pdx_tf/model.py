@@ -102,8 +102,8 @@ def resolve_weights(config: ModelConfig) -> str | None:
 def gradcam_layer(image_size: int) -> str:
   """The backbone layer Grad-CAM explains at this input size: the deepest with a map >= MIN_GRADCAM_MAP px.
 
-  out_relu at 224 px (as usual), block_13_expand_relu at 128 px, block_6_expand_relu at 64 px, block_3_expand_relu at
-  48 px.
+  out_relu at 224 px (as usual), block_13_expand_relu at 128 px, block_6_expand_relu at 64 px,
+  block_3_expand_relu at 48 px.
   """
   for name, stride in GRADCAM_LAYERS:
     if -(-image_size // stride) >= MIN_GRADCAM_MAP:
