@@ -16,14 +16,14 @@ Also printed: the models' mean probability of those slices as read, and with the
 (`occlusion_probabilities`), a causal check beside Grad-CAM.
 
 Measured (2026-11-29, demo preset of pdx_tf/demo.py: 48 px, 8 folds, 5 epochs; patient AUC 0.81 per cell,
-0.82 pooled): ratio 1.25 at block_3_expand_relu (12x12, the default at 48 px); probability 0.84 as read, 0.54
-with the disease erased. The earlier demo without the omental cake (64 px, AUC 0.56-0.69) gave 0.90 at out_relu
-(2x2) and 1.15 at block_13_expand_relu. See benchmarks/README.md. The Grad-CAM code itself is checked on a model
+0.82 pooled), out-of-fold: ratio 1.29 at block_3_expand_relu (12x12, the default at 48 px); probability 0.68 as
+read, 0.37 with the disease erased. The earlier demo without the omental cake (64 px, AUC 0.56-0.69) gave 0.90
+at out_relu (2x2) and 1.15 at block_13_expand_relu. See benchmarks/README.md. The Grad-CAM code itself is checked on a model
 built to depend on one region (tests/gradcam_test.py), where the heat lands on that region.
 
-Caveat: an ensemble of all cells has seen every cohort patient in some training fold; --max_models with the
-cells of one fold's repeat does not remove that. Localisation is a property of where the model looks, not a
-held-out accuracy, but read the number as in-distribution.
+With --runs_dir, each patient is explained by the models of the cells that held them out (R/splits.json), so
+the numbers are out-of-fold like the evaluation's. An export's ensemble has seen every cohort patient in some
+training fold, so with --model read them as in-distribution.
 """
 
 import os
@@ -41,6 +41,7 @@ from pdx_tf import model as model_lib
 from pdx_tf import phantom
 from pdx_tf import preprocess
 from pdx_tf import region
+from pdx_tf import splits
 from pdx_tf.errors import PdxError
 
 _MODEL = flags.DEFINE_string("model", None, "An export folder (X/pdx_<task> or a version folder).")
@@ -62,16 +63,25 @@ FILL_HU, FILL_NOISE_HU = -90.0, 10.0  # the phantom's intraperitoneal fat
 
 
 def load_models(model_dir, runs_dir, task, max_models):
-  """(keras models, preprocess config, task) from an export or a runs folder."""
+  """(keras models, preprocess config, task, held_out) from an export or a runs folder.
+
+  held_out maps a patient to the indices of the models that did not train on them (from R/splits.json); it is
+  None for an export, whose ensemble has seen every cohort patient.
+  """
   import keras  # pylint: disable=import-outside-toplevel
 
   if model_dir:
     version_dir, metadata = export.read_export(model_dir)
     models = export.load_export_keras_models(version_dir, metadata, max_models)
-    return models, preprocess.preprocess_config_from_dict(metadata["preprocess"]), metadata["task"]
+    return models, preprocess.preprocess_config_from_dict(metadata["preprocess"]), metadata["task"], None
   cells = export.find_cells(runs_dir, task)[:max_models]
   models = [keras.saving.load_model(cell.model_path, compile=False) for cell in cells]
-  return models, preprocess.preprocess_config_from_dict(cells[0].run_info["preprocess"]), task
+  split = io_utils.read_json(io_utils.join(runs_dir, splits.SPLITS_FILE))
+  held_out = {}
+  for index, cell in enumerate(cells):
+    for patient_id in splits.cell_patients(split, cell.repeat, cell.fold)[1]:
+      held_out.setdefault(patient_id, []).append(index)
+  return models, preprocess.preprocess_config_from_dict(cells[0].run_info["preprocess"]), task, held_out
 
 
 def _target_volume(cohort_dir, row, task, target):
@@ -124,7 +134,7 @@ def occlusion_probabilities(models, hu, lesions, config, seed=0):
 def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_name=None,
         target="lesions"):
   """Computes and prints the localisation numbers; returns them as a dict."""
-  models, config, task = load_models(model_dir, runs_dir, task, max_models)
+  models, config, task, held_out = load_models(model_dir, runs_dir, task, max_models)
   cohort_dir = cohort_dir or phantom.demo_cohort_dir()
   if not os.path.exists(os.path.join(cohort_dir, "manifest.csv")):
     raise PdxError(f"no demo cohort at {cohort_dir}; run the demo first (python -m train --task=p) or pass "
@@ -134,19 +144,29 @@ def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_n
   if max_patients:
     rows = rows[:max_patients]
   layer_name = layer_name or model_lib.gradcam_layer(config.image_size)
-  collected = [patient_arrays(cohort_dir, row, task, models, config, layer_name, target) for row in rows]
+  if held_out is not None:
+    # Each patient is explained by the models of the cells that held them out: out-of-fold, like evaluation.
+    rows = [row for row in rows if held_out.get(row["patient_id"])]
+    if not rows:
+      raise PdxError(f"no positive patient is held out by the {len(models)} model(s) used; raise --max_models")
+  collected = [patient_arrays(cohort_dir, row, task,
+                              models if held_out is None else [models[i] for i in held_out[row["patient_id"]]],
+                              config, layer_name, target) for row in rows]
   heatmaps, lesions, body, as_read, erased = (np.concatenate([arrays[part] for arrays in collected])
                                               for part in range(5))
   ratio = gradcam.localisation_ratio(heatmaps, lesions, body)
   lesion_on_body = lesions * body
   area_share = float(lesion_on_body.sum() / body.sum())
   result = {"task": task, "target": target, "layer": layer_name, "num_models": len(models),
+            "out_of_fold": held_out is not None,
             "image_size": config.image_size,
             "num_patients": len(rows), "num_slices": int(heatmaps.shape[0]),
             "gradcam_mass_share": area_share * ratio, "lesion_area_share": area_share, "ratio": ratio,
             "probability_as_read": float(as_read.mean()), "probability_erased": float(erased.mean())}
   print(f"task {task}: {len(models)} model(s) at {config.image_size} px, Grad-CAM of {layer_name}, {len(rows)} "
-        f"positive patients, {heatmaps.shape[0]} slices with {target}")
+        f"positive patients, {heatmaps.shape[0]} slices with {target}, "
+        + ("each patient seen by the models that held it out" if held_out is not None
+           else "the whole ensemble on every patient (in-distribution)"))
   print(f"Grad-CAM mass on {target} {result['gradcam_mass_share']:.3f}, their share of body area "
         f"{area_share:.3f}: localisation ratio {ratio:.2f} (1 = chance)")
   print(f"Mean probability of those slices {result['probability_as_read']:.3f} as read, "

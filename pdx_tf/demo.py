@@ -15,7 +15,7 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import configs, io_utils, training
+from pdx_tf import configs, input_pipeline, io_utils, training
 from pdx_tf.model import ModelConfig
 
 DEMO_ROOT = "runs/demo"
@@ -93,9 +93,10 @@ def _set_aside_stale_run(config: training.TrainConfig) -> None:
   if not io_utils.exists(config_path):
     return
   same_settings = io_utils.read_json(config_path) == configs.to_dict(config.grid_config())
-  dataset_hash = io_utils.sha256_file(io_utils.join(config.records_dir, "dataset.json"))
+  records_hash = input_pipeline.records_content_hash(
+      io_utils.read_json(io_utils.join(config.records_dir, "dataset.json")))
   same_records = (io_utils.exists(records_path)
-                  and io_utils.read_json(records_path).get("dataset_hash") == dataset_hash)
+                  and io_utils.read_json(records_path).get("records_hash") == records_hash)
   if same_settings and same_records:
     return
   stale = f"{folder}.stale-{time.strftime('%Y%m%d-%H%M%S')}"

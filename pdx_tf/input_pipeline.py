@@ -21,6 +21,8 @@ originals is small), so predictions line up with (patient_id, slice_index).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -34,6 +36,21 @@ DATASET_FORMAT = "pdx-tf-dataset"
 POOL_HASH_BUCKETS = 1 << 30
 
 
+def records_content_hash(dataset: Mapping[str, Any]) -> str:
+  """The content hash of a dataset.json dict (see `DatasetInfo.content_hash`)."""
+  patients = dataset.get("patients", [])
+  if isinstance(patients, Mapping):
+    patients = list(patients.values())
+  content = {
+      "schema_version": dataset.get("schema_version"),
+      "preprocess": dataset.get("preprocess"),
+      "shards": sorted([shard["path"], shard["sha256"], shard["num_examples"]] for shard in dataset.get("shards", [])),
+      "patients": sorted([entry["patient_id"], entry["label_p"], entry["label_sb"],
+                          sorted(entry.get("covariates", {}).items())] for entry in patients),
+  }
+  return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+
+
 @dataclasses.dataclass(frozen=True)
 class DatasetInfo:
   """What training needs from dataset.json (paths absolute; patients sorted by patient_id)."""
@@ -44,6 +61,13 @@ class DatasetInfo:
   image_size: int
   covariate_names: tuple[str, ...]
   patients: Mapping[str, Mapping[str, Any]]  # patient entry by patient_id
+
+  @property
+  def content_hash(self) -> str:
+    """sha256 of what the records hold: every shard's path, sha256 and size, the labels and covariates, the
+    preprocessing and the schema. Unlike `dataset_hash` it ignores provenance (code version, cohort path), so a
+    pipeline rerun that reuses every patient after a code update keeps it."""
+    return records_content_hash(self.manifest)
 
   def labels(self, task: str) -> dict[str, int]:
     key = records.label_key(task)

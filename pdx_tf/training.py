@@ -1,7 +1,7 @@
 """The training stage: the repeats x folds grid of MobileNetV2 slice classifiers for one task.
 
 `run_grid(config)` checks the records and every selected cell, writes `R/config.json`, `R/records.json` (the
-records' dataset hash: a grid never mixes cells trained on different records), `R/splits.json` and
+records' content hash: a grid never mixes cells trained on different records), `R/splits.json` and
 `R/patients.csv`, then trains the cells of this shard one after another. Each cell is idempotent (see
 pdx_tf/grid.py): complete cells are skipped, interrupted ones resume from their last finished epoch, because the
 model and optimizer state are checkpointed atomically after every epoch (`checkpoint/model.keras` +
@@ -36,7 +36,9 @@ RUN_SCHEMA_VERSION = 1
 # Held-out slice probabilities with a smaller spread mean the model predicts one constant (see model.py).
 COLLAPSE_STD = 1e-3
 CONFIG_FILE = "config.json"
-RECORDS_FILE = "records.json"  # {"dataset_hash": sha256 of the records' dataset.json}: one grid, one dataset
+# {"records_hash": input_pipeline.DatasetInfo.content_hash, "dataset_hash": of the first run}: one grid, one
+# dataset.
+RECORDS_FILE = "records.json"
 PATIENTS_FILE = "patients.csv"
 TENSORBOARD_FOLDER = "tensorboard"
 # Fields that differ between the machines of one grid; R/config.json stores them at their defaults.
@@ -181,16 +183,20 @@ def _check_or_write_config(config: TrainConfig) -> None:
 
 
 def _check_or_write_records_hash(config: TrainConfig, info: input_pipeline.DatasetInfo) -> None:
-  """Refuses to add cells trained on other records to a grid: a skipped complete cell must match the new ones."""
+  """Refuses to add cells trained on other records to a grid: a skipped complete cell must match the new ones.
+
+  Compares the records' content hash (shards, labels, preprocessing), not dataset.json's bytes, so a pipeline
+  rerun after a code update that reuses every patient does not orphan the grid.
+  """
   path = io_utils.join(config.output_dir, RECORDS_FILE)
   if io_utils.exists(path):
-    existing = io_utils.read_json(path).get("dataset_hash")
-    if existing != info.dataset_hash:
-      raise RunsError(f"{config.output_dir} holds a grid trained on other records (dataset.json sha256 "
-                      f"{str(existing)[:12]}..., now {info.dataset_hash[:12]}...); use a new --output_dir, or "
+    existing = io_utils.read_json(path).get("records_hash")
+    if existing != info.content_hash:
+      raise RunsError(f"{config.output_dir} holds a grid trained on other records (content hash "
+                      f"{str(existing)[:12]}..., now {info.content_hash[:12]}...); use a new --output_dir, or "
                       "delete the old one to retrain")
     return
-  io_utils.atomic_write_json(path, {"dataset_hash": info.dataset_hash})
+  io_utils.atomic_write_json(path, {"records_hash": info.content_hash, "dataset_hash": info.dataset_hash})
 
 
 def _write_patients(config: TrainConfig, info: input_pipeline.DatasetInfo) -> None:

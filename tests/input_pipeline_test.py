@@ -142,3 +142,20 @@ def test_hash_verification(records_dir, tmp_path):
   input_pipeline.load_dataset_info(folder)  # sizes only: passes
   with pytest.raises(RecordsError, match="sha256"):
     input_pipeline.load_dataset_info(folder, verify_hashes=True)
+
+
+def test_content_hash_follows_the_records_not_their_provenance(info):
+  dataset = json.loads(json.dumps(info.manifest))
+  reference = input_pipeline.records_content_hash(dataset)
+  assert info.content_hash == reference
+  # A pipeline rerun after a code update, or from another cohort path, holds the same records.
+  dataset["code_version"] = "9.9.9+gdeadbeef"
+  dataset.setdefault("config", {})["manifest_path"] = "/elsewhere/manifest.csv"
+  assert input_pipeline.records_content_hash(dataset) == reference
+  # Other images or other labels are other records.
+  changed_image = json.loads(json.dumps(dataset))
+  changed_image["shards"][0]["sha256"] = "0" * 64
+  assert input_pipeline.records_content_hash(changed_image) != reference
+  changed_label = json.loads(json.dumps(dataset))
+  changed_label["patients"][0]["label_p"] = 1 - int(changed_label["patients"][0]["label_p"])
+  assert input_pipeline.records_content_hash(changed_label) != reference

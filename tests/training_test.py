@@ -198,7 +198,7 @@ def test_output_dir_of_another_configuration(records_dir, tmp_path):
 
 def test_output_dir_trained_on_other_records(records_dir, tmp_path):
   root = tmp_path / "R"
-  io_utils.atomic_write_json(str(root / "records.json"), {"dataset_hash": "0" * 64})
+  io_utils.atomic_write_json(str(root / "records.json"), {"records_hash": "0" * 64})
   with pytest.raises(RunsError, match="trained on other records"):
     training.run_grid(tiny_config(records_dir, root))
   _assert_nothing_trained(root)
