@@ -18,8 +18,8 @@ Also printed: the models' mean probability of those slices as read, and with the
 Measured (2026-11-29, demo preset of pdx_tf/demo.py: 48 px, 8 folds, 5 epochs; patient AUC 0.81 per cell,
 0.82 pooled), out-of-fold: ratio 1.29 at block_3_expand_relu (12x12, the default at 48 px); probability 0.68 as
 read, 0.37 with the disease erased. The earlier demo without the omental cake (64 px, AUC 0.56-0.69) gave 0.90
-at out_relu (2x2) and 1.15 at block_13_expand_relu. See benchmarks/README.md. The Grad-CAM code itself is checked on a model
-built to depend on one region (tests/gradcam_test.py), where the heat lands on that region.
+at out_relu (2x2) and 1.15 at block_13_expand_relu. See benchmarks/README.md. The Grad-CAM code itself is
+checked on a model built to depend on one region (tests/gradcam_test.py), where the heat lands on that region.
 
 With --runs_dir, each patient is explained by the models of the cells that held them out (R/splits.json), so
 the numbers are out-of-fold like the evaluation's. An export's ensemble has seen every cohort patient in some
@@ -109,7 +109,8 @@ def patient_arrays(cohort_dir, row, task, models, config, layer_name=None, targe
     if abs(mask_z[nearest] - z) <= Z_MATCH_TOLERANCE_MM:
       lesions[index] = lesion_volume[nearest]
   arrays = gradcam.localisation_arrays(models, abdomen.hu, lesions, config, layer_name=layer_name)
-  return (*arrays, *occlusion_probabilities(models, abdomen.hu, lesions, config, seed=zlib.crc32(row["patient_id"].encode())))
+  seed = zlib.crc32(row["patient_id"].encode("utf-8"))
+  return (*arrays, *occlusion_probabilities(models, abdomen.hu, lesions, config, seed=seed))
 
 
 def occlusion_probabilities(models, hu, lesions, config, seed=0):
