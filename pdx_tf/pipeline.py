@@ -217,20 +217,32 @@ def _traced_preprocessing(config: preprocess.PreprocessConfig):
 
   @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32)])
   def boxes_crops_and_originals(hu: tf.Tensor):
-    boxes = preprocess.body_boxes(hu, config)
+    return crops_and_originals(hu, preprocess.body_boxes(hu, config))
+
+  @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32),
+                                tf.TensorSpec([None, preprocess.MASK_SIZE, preprocess.MASK_SIZE], tf.bool)])
+  def from_masks(hu: tf.Tensor, masks: tf.Tensor):
+    return crops_and_originals(hu, preprocess.boxes_from_masks(masks, tf.shape(hu)[1], tf.shape(hu)[2], config))
+
+  def crops_and_originals(hu, boxes):
     crops = preprocess.crop_resize_hu(hu, boxes, config.image_size)
     return boxes, crops, preprocess.window_hu(crops, config.windows)
 
-  return boxes_crops_and_originals
+  return boxes_crops_and_originals, from_masks
 
 
-def _boxes_crops_and_originals(hu: tf.Tensor, config: preprocess.PreprocessConfig):
+def _boxes_crops_and_originals(hu: tf.Tensor, config: preprocess.PreprocessConfig,
+                               masks: np.ndarray | None = None):
   """(boxes, cropped HU, original images): `preprocess_slices` step by step, keeping its intermediates.
 
   The body mask is the costly part of preprocessing, and augmentation needs the same boxes and crops, so
-  they are computed once; `pipeline_test` checks that the originals equal `preprocess.preprocess_slices`.
+  they are computed once; `masks` (the z-range rule's `body_masks` of these slices) skips even that.
+  `pipeline_test` checks that the originals equal `preprocess.preprocess_slices`.
   """
-  return _traced_preprocessing(config)(tf.cast(hu, tf.float32))
+  from_hu, from_masks = _traced_preprocessing(config)
+  if masks is None:
+    return from_hu(tf.cast(hu, tf.float32))
+  return from_masks(tf.cast(hu, tf.float32), tf.convert_to_tensor(masks, tf.bool))
 
 
 @tf.function(reduce_retracing=True)
@@ -263,9 +275,13 @@ def patient_images(abdomen: region.AbdominalRegion, patient_id: str, config: Pip
     boxes_out: if given, receives the crop boxes [n, 4] of each block (for QC).
   """
   indices = np.arange(1, config.augment_factor + 1)
+  # The z-range rule already computed the body masks; reuse them when they were made at the crop's threshold.
+  masks = (abdomen.body_masks if abdomen.body_masks is not None
+           and abdomen.body_threshold_hu == config.preprocess.body_threshold_hu else None)
   for start in range(0, abdomen.hu.shape[0], SLICE_BATCH):
     block = tf.constant(abdomen.hu[start:start + SLICE_BATCH])
-    boxes, crops, originals = _boxes_crops_and_originals(block, config.preprocess)
+    boxes, crops, originals = _boxes_crops_and_originals(
+        block, config.preprocess, None if masks is None else masks[start:start + SLICE_BATCH])
     if boxes_out is not None:
       boxes_out.append(boxes.numpy())
     for offset, image in enumerate(originals.numpy()):

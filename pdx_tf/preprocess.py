@@ -144,7 +144,17 @@ def body_boxes(hu: tf.Tensor, config: PreprocessConfig) -> tf.Tensor:
   The box may extend past the image (that part reads as air), so the body is never cut and never stretched.
   """
   hu = _as_stack(hu)
-  masks = body_masks(hu, config.body_threshold_hu)
+  return boxes_from_masks(body_masks(hu, config.body_threshold_hu), tf.shape(hu)[1], tf.shape(hu)[2], config)
+
+
+def boxes_from_masks(masks: tf.Tensor, height_px: tf.Tensor | int, width_px: tf.Tensor | int,
+                     config: PreprocessConfig) -> tf.Tensor:
+  """`body_boxes` from already computed `body_masks` of [N, height_px, width_px] slices.
+
+  For callers that have the masks anyway (the pipeline's abdominal z-range rule measures every slice's body),
+  so the costly mask is computed once per slice.
+  """
+  masks = tf.convert_to_tensor(masks, tf.bool)
   rows = tf.reduce_any(masks, axis=2)
   columns = tf.reduce_any(masks, axis=1)
   scale = tf.cast(MASK_SIZE, tf.float32)
@@ -159,8 +169,8 @@ def body_boxes(hu: tf.Tensor, config: PreprocessConfig) -> tf.Tensor:
   y_min, y_max = extent(rows)
   x_min, x_max = extent(columns)
   found = tf.reduce_any(rows, axis=1)
-  height_px = tf.cast(tf.shape(hu)[1], tf.float32)
-  width_px = tf.cast(tf.shape(hu)[2], tf.float32)
+  height_px = tf.cast(height_px, tf.float32)
+  width_px = tf.cast(width_px, tf.float32)
   # Square in pixels: side = the longer extent plus the margin on both sides.
   side_px = tf.maximum((y_max - y_min) * height_px, (x_max - x_min) * width_px)
   side_px = side_px * (1.0 + 2.0 * config.crop_margin_fraction)

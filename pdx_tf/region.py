@@ -85,11 +85,14 @@ class SliceMeasures:
     body_area_cm2: float [Z] filled body area.
     lung_air_fraction: float [Z] enclosed air / filled body area.
     legs_split: bool [Z] the body is split into two thighs.
+    body_masks: bool [Z, MASK_SIZE, MASK_SIZE] `preprocess.body_masks` of every slice (at the rule's
+      threshold), so the crop need not compute them again.
   """
 
   body_area_cm2: np.ndarray
   lung_air_fraction: np.ndarray
   legs_split: np.ndarray
+  body_masks: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +129,9 @@ class AbdominalRegion:
     z_range_mm: (lowest, highest) z of the kept slices.
     rule: how the range was chosen, e.g. "top=lung_bases bottom=thighs" (see `AbdominalRange.rule`).
     warnings: PHI-free notes (from reading the series and from the range choice).
+    body_masks: bool [Z, MASK_SIZE, MASK_SIZE] `preprocess.body_masks(hu, body_threshold_hu)` of the kept
+      slices, when the rule measured them and the slices were not resampled; else None.
+    body_threshold_hu: the threshold `body_masks` used.
   """
 
   hu: np.ndarray
@@ -134,6 +140,8 @@ class AbdominalRegion:
   z_range_mm: tuple[float, float]
   rule: str
   warnings: tuple[str, ...]
+  body_masks: np.ndarray | None = None
+  body_threshold_hu: float | None = None
 
 
 def measure_slices(hu: np.ndarray, pixel_spacing_mm: tuple[float, float],
@@ -143,10 +151,11 @@ def measure_slices(hu: np.ndarray, pixel_spacing_mm: tuple[float, float],
   count, height, width = hu.shape
   mask_pixel_cm2 = (height * pixel_spacing_mm[0] / preprocess.MASK_SIZE) * (
       width * pixel_spacing_mm[1] / preprocess.MASK_SIZE) / 100.0
-  areas, fractions, splits = [], [], []
+  areas, fractions, splits, masks = [], [], [], []
   for start in range(0, count, batch_size):
     block = tf.constant(hu[start:start + batch_size])
     bodies = _body_masks(block, config.body_threshold_hu).numpy()
+    masks.append(bodies)
     # The same area downsampling body_masks uses, so the air test sees the same pixels as the mask.
     small = tf.image.resize(block[..., tf.newaxis], [preprocess.MASK_SIZE] * 2, method="area")[..., 0].numpy()
     for body, image in zip(bodies, small):
@@ -156,7 +165,10 @@ def measure_slices(hu: np.ndarray, pixel_spacing_mm: tuple[float, float],
       areas.append(area * mask_pixel_cm2)
       fractions.append(air / area if area > 0 else 0.0)
       splits.append(_legs_split(image, config, mask_pixel_cm2))
-  return SliceMeasures(np.asarray(areas, np.float64), np.asarray(fractions, np.float64), np.asarray(splits, bool))
+  body_masks = (np.concatenate(masks) if masks
+                else np.zeros((0, preprocess.MASK_SIZE, preprocess.MASK_SIZE), bool))
+  return SliceMeasures(np.asarray(areas, np.float64), np.asarray(fractions, np.float64), np.asarray(splits, bool),
+                       body_masks)
 
 
 @tf.function(reduce_retracing=True)
@@ -287,10 +299,13 @@ def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[flo
     notes.append(f"the manifest's z range [{low:.1f}, {high:.1f}] mm reaches past the study "
                  f"[{z_mm[0]:.1f}, {z_mm[-1]:.1f}] mm; kept the overlap")
   low, high = max(low, float(z_mm[0])), min(high, float(z_mm[-1]))
+  kept_masks = None
   if slice_spacing_mm is None:
     keep = (z_mm >= low - Z_TOLERANCE_MM) & (z_mm <= high + Z_TOLERANCE_MM)
     new_z = z_mm[keep]
     new_hu = np.asarray(hu[keep], np.float32)
+    if chosen.measures is not None and chosen.measures.body_masks is not None:
+      kept_masks = chosen.measures.body_masks[keep]
   else:
     steps = int(np.floor((high - low) / slice_spacing_mm + Z_TOLERANCE_MM)) + 1
     new_z = low + slice_spacing_mm * np.arange(steps, dtype=np.float64)
@@ -300,7 +315,9 @@ def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[flo
         f"only {new_z.size} abdominal slice(s) in z [{low:.1f}, {high:.1f}] mm ({chosen.rule}), fewer than "
         f"min_slices={min_slices}; check the series or the manifest's z range, or lower --min_slices")
   region = AbdominalRegion(hu=new_hu, z_mm=new_z, pixel_spacing_mm=tuple(float(v) for v in pixel_spacing_mm),
-                           z_range_mm=(float(new_z[0]), float(new_z[-1])), rule=chosen.rule, warnings=tuple(notes))
+                           z_range_mm=(float(new_z[0]), float(new_z[-1])), rule=chosen.rule, warnings=tuple(notes),
+                           body_masks=kept_masks,
+                           body_threshold_hu=None if kept_masks is None else config.body_threshold_hu)
   return region, chosen
 
 

@@ -140,3 +140,28 @@ def test_resampling_interpolates_linearly_along_z():
 def test_config_validation():
   with pytest.raises(ValueError, match="lung_air_fraction"):
     region.RegionConfig(lung_air_fraction=1.5)
+
+
+def test_selected_slices_carry_their_body_masks_for_the_crop():
+  """The rule's masks of the kept slices are exactly preprocess.body_masks of them, so the pipeline's crop can
+  reuse them; resampled slices and a range fully from the manifest carry none."""
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+  from pdx_tf import preprocess  # pylint: disable=import-outside-toplevel
+
+  kinds = ["thighs"] * 3 + ["abdomen"] * 10 + ["gas"] * 2 + ["lungs"] * 4
+  volume = synthetic_volume(kinds)
+  selected, _ = region.select_abdomen(volume, z_positions(len(kinds)), (SPACING_MM, SPACING_MM))
+  assert selected.body_masks is not None and selected.body_masks.shape[0] == selected.hu.shape[0]
+  assert selected.body_threshold_hu == region.RegionConfig().body_threshold_hu
+  np.testing.assert_array_equal(selected.body_masks, preprocess.body_masks(selected.hu).numpy())
+  config = preprocess.PreprocessConfig(image_size=32)
+  np.testing.assert_array_equal(
+      preprocess.boxes_from_masks(selected.body_masks, MATRIX, MATRIX, config).numpy(),
+      preprocess.body_boxes(tf.constant(selected.hu), config).numpy())
+  resampled, _ = region.select_abdomen(volume, z_positions(len(kinds)), (SPACING_MM, SPACING_MM),
+                                       slice_spacing_mm=2.5)
+  assert resampled.body_masks is None
+  z_mm = z_positions(len(kinds))
+  manual, _ = region.select_abdomen(volume, z_mm, (SPACING_MM, SPACING_MM), z_min_mm=z_mm[3], z_max_mm=z_mm[12])
+  assert manual.body_masks is None
