@@ -15,7 +15,7 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import configs, input_pipeline, io_utils, training
+from pdx_tf import input_pipeline, io_utils, training
 from pdx_tf.model import ModelConfig
 
 DEMO_ROOT = "runs/demo"
@@ -89,15 +89,11 @@ def _set_aside_stale_run(config: training.TrainConfig) -> None:
   trained with other settings"; nothing is deleted.
   """
   folder = config.output_dir
-  config_path = io_utils.join(folder, training.CONFIG_FILE)
-  records_path = io_utils.join(folder, training.RECORDS_FILE)
-  if not io_utils.exists(config_path):
+  changed = training.changed_settings(config)
+  if changed is None:
     return
-  same_settings = io_utils.read_json(config_path) == configs.to_dict(config.grid_config())
-  records_hash = input_pipeline.records_content_hash(
-      io_utils.read_json(io_utils.join(config.records_dir, "dataset.json")))
-  same_records = (io_utils.exists(records_path)
-                  and io_utils.read_json(records_path).get("records_hash") == records_hash)
+  records_hash = input_pipeline.load_dataset_info(config.records_dir).content_hash
+  same_settings, same_records = not changed, training.trained_records_hash(folder) == records_hash
   if same_settings and same_records:
     return
   stale = f"{folder}.stale-{time.strftime('%Y%m%d-%H%M%S')}"

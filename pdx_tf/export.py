@@ -31,6 +31,7 @@ import tensorflow as tf
 
 from pdx_tf import aggregation
 from pdx_tf import configs
+from pdx_tf import input_pipeline
 from pdx_tf import io_utils
 from pdx_tf import model as model_lib
 from pdx_tf import preprocess
@@ -230,7 +231,7 @@ def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
   """How the training records chose and spaced the abdominal slices, so `predict` reads a study the same way.
 
   run.json does not carry the pipeline's region settings, so they come from the training records'
-  dataset.json (via run.json's records_dir), checked against the cell's dataset hash. When it is not reachable
+  dataset.json (via run.json's records_dir), checked against the cell's dataset or records content hash. When it is not reachable
   (records deleted or on another machine) the pipeline defaults are recorded, and said so.
   """
   from pdx_tf import region  # pylint: disable=import-outside-toplevel
@@ -241,9 +242,14 @@ def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
       continue
     path = io_utils.join(records_dir, "dataset.json")
     try:
-      if not tf.io.gfile.exists(path) or io_utils.sha256_file(path) != cell.run_info.get("dataset_hash"):
+      if not tf.io.gfile.exists(path):
         continue
-      pipeline_config = io_utils.read_json(path)["config"]
+      dataset = io_utils.read_json(path)
+      # The same records: byte-identical, or (after a pipeline rerun by newer code) the same content.
+      if (io_utils.sha256_file(path) != cell.run_info.get("dataset_hash")
+          and input_pipeline.records_content_hash(dataset) != cell.run_info.get("records_hash")):
+        continue
+      pipeline_config = dataset["config"]
       return {"config": dict(pipeline_config["region"]), "slice_spacing_mm": pipeline_config["slice_spacing_mm"],
               "min_slices": int(pipeline_config["min_slices"]), "source": "training dataset.json"}
     except (KeyError, TypeError, ValueError, tf.errors.OpError):

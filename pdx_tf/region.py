@@ -92,7 +92,7 @@ class SliceMeasures:
   body_area_cm2: np.ndarray
   lung_air_fraction: np.ndarray
   legs_split: np.ndarray
-  body_masks: np.ndarray | None = None
+  body_masks: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,7 +304,7 @@ def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[flo
     keep = (z_mm >= low - Z_TOLERANCE_MM) & (z_mm <= high + Z_TOLERANCE_MM)
     new_z = z_mm[keep]
     new_hu = np.asarray(hu[keep], np.float32)
-    if chosen.measures is not None and chosen.measures.body_masks is not None:
+    if chosen.measures is not None:
       kept_masks = chosen.measures.body_masks[keep]
   else:
     steps = int(np.floor((high - low) / slice_spacing_mm + Z_TOLERANCE_MM)) + 1

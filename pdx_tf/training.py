@@ -169,17 +169,30 @@ def _auc(labels: np.ndarray, scores: np.ndarray) -> float | None:
 # ----------------------------------------------------------------------------------------------- grid setup
 
 
+def changed_settings(config: TrainConfig) -> list[str] | None:
+  """The R/config.json fields an existing grid in config.output_dir has with other values; None if no grid."""
+  path = io_utils.join(config.output_dir, CONFIG_FILE)
+  if not io_utils.exists(path):
+    return None
+  existing, wanted = io_utils.read_json(path), configs.to_dict(config.grid_config())
+  return sorted(key for key in set(existing) | set(wanted) if existing.get(key) != wanted.get(key))
+
+
+def trained_records_hash(output_dir: str) -> str | None:
+  """The records content hash R/records.json pins the grid to; None before the first run."""
+  path = io_utils.join(output_dir, RECORDS_FILE)
+  return io_utils.read_json(path).get("records_hash") if io_utils.exists(path) else None
+
+
 def _check_or_write_config(config: TrainConfig) -> None:
   path = io_utils.join(config.output_dir, CONFIG_FILE)
-  wanted = configs.to_dict(config.grid_config())
-  if io_utils.exists(path):
-    existing = io_utils.read_json(path)
-    if existing != wanted:
-      changed = sorted(key for key in set(existing) | set(wanted) if existing.get(key) != wanted.get(key))
+  changed = changed_settings(config)
+  if changed is not None:
+    if changed:
       raise RunsError(f"{config.output_dir} holds a grid trained with other settings ({', '.join(changed)} differ"
                       f" from {path}); use a new --output_dir or the same settings")
     return
-  io_utils.atomic_write_json(path, wanted)
+  io_utils.atomic_write_json(path, configs.to_dict(config.grid_config()))
 
 
 def _check_or_write_records_hash(config: TrainConfig, info: input_pipeline.DatasetInfo) -> None:
@@ -190,7 +203,7 @@ def _check_or_write_records_hash(config: TrainConfig, info: input_pipeline.Datas
   """
   path = io_utils.join(config.output_dir, RECORDS_FILE)
   if io_utils.exists(path):
-    existing = io_utils.read_json(path).get("records_hash")
+    existing = trained_records_hash(config.output_dir)
     if existing != info.content_hash:
       raise RunsError(f"{config.output_dir} holds a grid trained on other records (content hash "
                       f"{str(existing)[:12]}..., now {info.content_hash[:12]}...); use a new --output_dir, or "
@@ -517,7 +530,7 @@ def _finish_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: M
   run = {
       "schema_version": RUN_SCHEMA_VERSION, "task": config.task, "repeat": cell[0], "fold": cell[1],
       "status": grid.COMPLETE_STATUS, "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
-      "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
+      "records_hash": info.content_hash, "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
       "config": configs.to_dict(config), "preprocess": dict(info.manifest.get("preprocess", {})),
       "aggregation": config.aggregation, "aggregation_top_k": config.top_k,
       "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),

@@ -271,6 +271,11 @@ def test_region_settings_come_from_the_training_records(exported, tmp_path):
   assert settings["slice_spacing_mm"] == 5.0 and settings["min_slices"] == 6
   stale = dict(run_info, dataset_hash="f" * 64)  # records rewritten since training: not trusted
   assert export.region_settings([export.CellRun(cell.folder, 0, 0, stale)])["source"].startswith("pipeline")
+  # dataset.json rewritten by newer code around the same records (same content hash): trusted.
+  from pdx_tf import input_pipeline  # pylint: disable=import-outside-toplevel
+  same_content = dict(stale, records_hash=input_pipeline.records_content_hash({"config": pipeline_config}))
+  assert export.region_settings([export.CellRun(cell.folder, 0, 0, same_content)])["source"] == (
+      "training dataset.json")
 
 
 def test_read_export_resolves_versions_and_rejects_other_folders(exported, tmp_path):

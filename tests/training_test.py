@@ -64,6 +64,7 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
     assert run["status"] == "complete" and (run["repeat"], run["fold"]) == (0, fold) and run["task"] == "p"
     assert run["split_hash"] == splits.split_hash(split)
     assert run["dataset_hash"] == io_utils.sha256_file(os.path.join(records_dir, "dataset.json"))
+    assert run["records_hash"] is not None and run["records_hash"] == training.trained_records_hash(str(root))
     assert set(run["seeds"]) == {"split", "sample", "init"} and run["model_path"] == "model.keras"
     assert run["config"]["model"]["alpha"] == 0.35 and run["preprocess"]["image_size"] == SIZE
     assert run["images_seen"] > 0 and run["images_seen"] % 8 == 0
