@@ -37,7 +37,8 @@ def _measure(num_patients: int) -> dict:
   import pydicom  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  from pdx_tf import dicom, manifest, phantom, pipeline, preprocess, region  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import dicom, manifest, pipeline, preprocess, region
+  from pdx_tf import phantom  # pylint: disable=import-outside-toplevel
 
   matrix = _MATRIX_SIZE.value
   cohort_config = phantom.PhantomConfig(num_patients=num_patients, matrix_size=matrix,
@@ -92,7 +93,7 @@ def _measure(num_patients: int) -> dict:
   write_seconds = time.perf_counter() - start
   written = written_bytes // (int(np.mean([len(r) for r in serialized])) + 16)
   # PNG encoding dominates the pipeline: records.encode_image (zlib default level) against level 1.
-  from pdx_tf import records  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import records  # pylint: disable=import-outside-toplevel
   images = [tf.io.decode_png(tf.io.parse_single_example(record, {"image": tf.io.FixedLenFeature([], tf.string)})
                              ["image"]).numpy() for record in serialized[:50]]
   start = time.perf_counter()

@@ -1,7 +1,7 @@
 """Input-pipeline benchmark: training images/s from TFRecords vs the same model on in-memory tensors.
 
 Trains one cell's model for a fixed number of steps twice in the same process: (a) fed by
-`pdx_tf.input_pipeline.train_dataset` (interleaved reads, keyed pool draw, shuffle, PNG decode, batch,
+`pdx_tf.training.input_pipeline.train_dataset` (interleaved reads, keyed pool draw, shuffle, PNG decode, batch,
 prefetch) and (b) fed by the same number of images already decoded in memory. The ratio (a)/(b) says how much
 the input pipeline slows training (target >= 0.9). With no --records_dir it writes a fake dataset first.
 
@@ -37,8 +37,8 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  from pdx_tf import input_pipeline, training  # pylint: disable=import-outside-toplevel
-  from pdx_tf.model import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
+  from pdx_tf.training import input_pipeline, trainer  # pylint: disable=import-outside-toplevel
+  from pdx_tf.training.model import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
 
   records_dir = _RECORDS_DIR.value
   if records_dir is None:
@@ -61,8 +61,8 @@ def main(argv):
   memory = memory.batch(batch_size, drop_remainder=True).cache().repeat().prefetch(tf.data.AUTOTUNE)
 
   model = build_model(ModelConfig(image_size=_IMAGE_SIZE.value, alpha=_ALPHA.value))
-  config = training.TrainConfig(task="p", records_dir="x", output_dir="x")
-  training._compile(model, config)  # pylint: disable=protected-access
+  config = trainer.TrainConfig(task="p", records_dir="x", output_dir="x")
+  trainer._compile(model, config)  # pylint: disable=protected-access
   # Alternate the two inputs for several rounds and keep the median: on a shared machine one timing can be
   # off by 2x; images per CPU-second (this process's CPU time) is the steadier number there.
   timings = {"in-memory tensors": [], "tfrecords (input_pipeline)": []}

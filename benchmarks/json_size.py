@@ -9,7 +9,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import phantom
-from pdx_tf.serving import rest_predict_body
+from pdx_tf.serving.signatures import rest_predict_body
 
 
 def main():

@@ -34,14 +34,14 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from pdx_tf import export
-from pdx_tf import gradcam
+from pdx_tf.serving import export
+from pdx_tf.serving import gradcam
 from pdx_tf import io_utils
-from pdx_tf import model as model_lib
+from pdx_tf.training import model as model_lib
 from pdx_tf import phantom
-from pdx_tf import preprocess
-from pdx_tf import region
-from pdx_tf import splits
+from pdx_tf.data import preprocess
+from pdx_tf.data import region
+from pdx_tf.training import splits
 from pdx_tf.errors import PdxError
 
 _MODEL = flags.DEFINE_string("model", None, "An export folder (X/pdx_<task> or a version folder).")
@@ -54,7 +54,7 @@ _TARGET = flags.DEFINE_enum("target", "lesions", ["lesions", "ascites"],
                              "What to localise: the task's nodules (masks/<pid>.npz), or, as a diagnostic of "
                              "what else the models look at, ascites (regenerated from the phantom's tissue map).")
 _LAYER = flags.DEFINE_string("layer", "", "Backbone layer to explain; empty: predict's default, the deepest "
-                             "with a map of at least 7x7 (pdx_tf.model.gradcam_layer: block_6_expand_relu at 64 "
+                             "with a map of at least 7x7 (pdx_tf.training.model.gradcam_layer: block_6_expand_relu at 64 "
                              "px, out_relu at 224 px). E.g. out_relu is 1/32 of the image side, "
                              "block_13_expand_relu 1/16, block_6_expand_relu 1/8.")
 
@@ -90,13 +90,13 @@ def _target_volume(cohort_dir, row, task, target):
     masks = np.load(os.path.join(cohort_dir, "masks", f"{row['patient_id']}.npz"))
     return masks["nodule_mask" if task == "p" else "small_bowel_nodule_mask"], np.asarray(masks["z_mm"])
   from pdx_tf import configs  # pylint: disable=import-outside-toplevel
-  from pdx_tf import phantom_anatomy  # pylint: disable=import-outside-toplevel
+  from pdx_tf.phantom import anatomy  # pylint: disable=import-outside-toplevel
 
   cohort = io_utils.read_json(os.path.join(cohort_dir, "cohort.json"))
   config = configs.from_dict(phantom.PhantomConfig, cohort["config"])
   index = [entry["patient_id"] for entry in cohort["patients"]].index(row["patient_id"])
   patient = phantom.generate_patient(config, index)
-  return patient.tissue_labels == phantom_anatomy.TISSUE["ascites"], np.asarray(patient.z_mm)
+  return patient.tissue_labels == anatomy.TISSUE["ascites"], np.asarray(patient.z_mm)
 
 
 def patient_arrays(cohort_dir, row, task, models, config, layer_name=None, target="lesions"):

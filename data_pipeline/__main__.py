@@ -20,7 +20,7 @@ Examples:
 Rerunning into the same --output_dir skips finished patients and redoes the rest. Exit status 1 when the
 manifest is invalid (every problem printed, one a line) or any patient failed (unless --allow_failures).
 Outputs: original/ and augmented/ TFRecords, qc/ montages and index.html, failures.csv, config.json and,
-last, dataset.json (see pdx_tf/pipeline.py and CONTRACTS.md).
+last, dataset.json (see pdx_tf/data/pipeline.py and CONTRACTS.md).
 """
 
 import sys
@@ -29,9 +29,9 @@ from absl import app
 from absl import flags
 
 from pdx_tf import cli
-from pdx_tf import augment
-from pdx_tf import pipeline
-from pdx_tf import preprocess
+from pdx_tf.data import augment
+from pdx_tf.data import pipeline
+from pdx_tf.data import preprocess
 from pdx_tf.errors import ManifestError, PdxError
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "Cohort CSV (patient_id,dicom_dir,label_p,label_sb[,z_min_mm,"

@@ -1,6 +1,6 @@
 """The demo: phantom cohort -> records -> a reduced training grid -> evaluation, on a laptop CPU.
 
-`run_demo("p")` builds (or reuses) the cached phantom cohort and its records (pdx_tf.pipeline), trains
+`run_demo("p")` builds (or reuses) the cached phantom cohort and its records (pdx_tf.data.pipeline), trains
 DEMO_PRESET (48 px, alpha 0.35, from scratch, all 8 folds of one repeat), evaluates the grid
 (pdx_tf.evaluation) and returns the paper-style table. Everything is cached: a second run skips the finished
 cells and only re-evaluates.
@@ -15,8 +15,9 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import input_pipeline, io_utils, training
-from pdx_tf.model import ModelConfig
+from pdx_tf.training import input_pipeline, trainer
+from pdx_tf import io_utils
+from pdx_tf.training.model import ModelConfig
 
 DEMO_ROOT = "runs/demo"
 # The reduced protocol, sized for the 10-minute budget on a 2-core CPU: about 7-8 minutes end to end on an idle
@@ -40,9 +41,9 @@ DEMO_PRESET: dict[str, Any] = {
 }
 
 
-def demo_train_config(task: str, records_dir: str, output_dir: str, **overrides: Any) -> training.TrainConfig:
+def demo_train_config(task: str, records_dir: str, output_dir: str, **overrides: Any) -> trainer.TrainConfig:
   """The demo's TrainConfig (DEMO_PRESET with `overrides`)."""
-  return training.TrainConfig(task=task, records_dir=records_dir, output_dir=output_dir,
+  return trainer.TrainConfig(task=task, records_dir=records_dir, output_dir=output_dir,
                               **{**DEMO_PRESET, **overrides})
 
 
@@ -59,7 +60,7 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
     {"table": paper-style text or None, "summary", "records_dir", "output_dir", "tensorboard_dir",
      "evaluation_dir", "cells", "wall_time_s": {"pipeline", "training", "evaluation"}}.
   """
-  from pdx_tf import pipeline  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
 
   times = {}
   started = time.time()
@@ -70,7 +71,7 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
   started = time.time()
   config = demo_train_config(task, records_dir, io_utils.join(root, task), **overrides)
   _set_aside_stale_run(config)
-  grid_result = training.run_grid(config)
+  grid_result = trainer.run_grid(config)
   times["training"] = time.time() - started
 
   started = time.time()
@@ -82,18 +83,18 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
           "cells": grid_result["cells"], "config": dataclasses.asdict(config), "wall_time_s": times}
 
 
-def _set_aside_stale_run(config: training.TrainConfig) -> None:
+def _set_aside_stale_run(config: trainer.TrainConfig) -> None:
   """Renames a demo run folder made by another preset or from other records to <folder>.stale-<time>.
 
   The demo owns its folder, and a newer version of the demo (or of the phantom) must not stop at "holds a grid
   trained with other settings"; nothing is deleted.
   """
   folder = config.output_dir
-  changed = training.changed_settings(config)
+  changed = trainer.changed_settings(config)
   if changed is None:
     return
   records_hash = input_pipeline.load_dataset_info(config.records_dir).content_hash
-  same_settings, same_records = not changed, training.trained_records_hash(folder) == records_hash
+  same_settings, same_records = not changed, trainer.trained_records_hash(folder) == records_hash
   if same_settings and same_records:
     return
   stale = f"{folder}.stale-{time.strftime('%Y%m%d-%H%M%S')}"

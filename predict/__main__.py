@@ -19,7 +19,7 @@ from absl import flags
 from pdx_tf import cli
 from pdx_tf import io_utils
 from pdx_tf.errors import PdxError
-from pdx_tf.predict import PredictConfig, format_prediction, predict_study
+from pdx_tf.serving.predict import PredictConfig, format_prediction, predict_study
 
 _MODEL = flags.DEFINE_multi_string("model", None, "Export folder X/pdx_<task> or X/pdx_<task>/<version>; "
                                    "repeat for the second task.", required=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import aggregation
+from pdx_tf.training import aggregation
 
 SLICES = [0.1, 0.9, 0.2, 0.7, 0.4]
 

@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.dicom: HU conversion, slice order, series choice, compressed syntaxes and refusals."""
+"""Tests for pdx_tf.data.dicom: HU conversion, slice order, series choice, compressed syntaxes and refusals."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pydicom
 import pydicom.uid
 import pytest
 
-from pdx_tf import dicom
+from pdx_tf.data import dicom
 from pdx_tf.errors import DicomError
 
 sys.path.insert(0, os.path.dirname(__file__))

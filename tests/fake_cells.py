@@ -1,6 +1,6 @@
 """Writes tiny fake training cells (model.keras + run.json) in the layout the trainer produces.
 
-Each cell holds a real `pdx_tf.model.build_model` MobileNetV2 (alpha 0.35, 32-64 px, no pretrained weights)
+Each cell holds a real `pdx_tf.training.model.build_model` MobileNetV2 (alpha 0.35, 32-64 px, no pretrained weights)
 whose weights come from a keyed numpy Generator, so cells differ from each other and outputs depend on the
 slice. A from-scratch MobileNetV2 at initialisation has vanishing activations (its BatchNorm statistics are
 0/1), which would make every slice score 0.5; one forward pass in training mode with momentum 0 on
@@ -17,8 +17,8 @@ import numpy as np
 
 from pdx_tf import configs
 from pdx_tf import io_utils
-from pdx_tf import model as model_lib
-from pdx_tf import preprocess
+from pdx_tf.training import model as model_lib
+from pdx_tf.data import preprocess
 
 TASK_INDEX = {"p": 0, "sb": 1}
 
@@ -114,7 +114,7 @@ def shared_fake_exports(tmp_path_factory) -> dict[str, str]:
   """
   import fcntl  # pylint: disable=import-outside-toplevel
 
-  from pdx_tf import export  # pylint: disable=import-outside-toplevel
+  from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
 
   root = os.path.join(_session_root(tmp_path_factory), "shared-fake-exports")
   paths = {

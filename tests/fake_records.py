@@ -1,4 +1,4 @@
-"""Writes a tiny fake records folder (TFRecords + dataset.json, the CONTRACTS.md layout) with pdx_tf.records.
+"""Writes a tiny fake records folder (TFRecords + dataset.json, the CONTRACTS.md layout) with pdx_tf.data.records.
 
 Images are keyed noise; positive patients (label_p = 1) carry a bright square whose position varies with the
 slice and augmentation index, so a model can learn the task. Labels alternate so any stratified split of an
@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import io_utils, records
+from pdx_tf import io_utils
+from pdx_tf.data import records
 
 
 def patient_ids(num_patients: int) -> list[str]:

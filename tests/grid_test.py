@@ -1,8 +1,9 @@
-"""Tests of pdx_tf.grid: cell enumeration, shards, --cells parsing, environment sharding, completion."""
+"""Tests of pdx_tf.training.grid: cell enumeration, shards, --cells parsing, environment sharding, completion."""
 
 import pytest
 
-from pdx_tf import grid, io_utils
+from pdx_tf.training import grid
+from pdx_tf import io_utils
 from pdx_tf.errors import RunsError
 
 

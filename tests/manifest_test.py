@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from pdx_tf import manifest
+from pdx_tf.data import manifest
 from pdx_tf.errors import ManifestError
 
 

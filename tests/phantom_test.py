@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.phantom: ground truth, anatomy, DICOM round trips, quirks, canaries and the cached cohort."""
+"""Tests for pdx_tf.phantom.cohort: ground truth, anatomy, DICOM round trips, quirks, canaries and the cached cohort."""
 
 import csv
 import json
@@ -13,7 +13,8 @@ from pydicom import uid as dicom_uid
 from scipy import ndimage
 
 from pdx_tf import phantom
-from pdx_tf.phantom_anatomy import OMENTAL_CAKE_MIN_PCI, SMALL_BOWEL_TISSUES, TISSUE
+from pdx_tf.phantom import cohort as phantom_cohort
+from pdx_tf.phantom.anatomy import OMENTAL_CAKE_MIN_PCI, SMALL_BOWEL_TISSUES, TISSUE
 
 # 64 px at 6 mm covers the same 384 mm field of view as the default 256 px at 1.5 mm, 16x fewer voxels.
 TINY = phantom.PhantomConfig(num_patients=8, seed=3, matrix_size=64, pixel_spacing_mm=6.0)
@@ -458,14 +459,14 @@ def test_cohort_is_byte_identical_and_regenerates_when_incomplete(tmp_path):
 
 def test_interrupted_cohort_leaves_nothing_that_looks_complete(tmp_path, monkeypatch):
   config = phantom.PhantomConfig(num_patients=2, seed=2, matrix_size=64, pixel_spacing_mm=6.0)
-  original = phantom._write_patient  # pylint: disable=protected-access
+  original = phantom_cohort._write_patient  # pylint: disable=protected-access
 
   def fail_on_second(folder, config, patient_index):
     if patient_index == 1:
       raise KeyboardInterrupt
     return original(folder, config, patient_index)
 
-  monkeypatch.setattr(phantom, "_write_patient", fail_on_second)
+  monkeypatch.setattr(phantom_cohort, "_write_patient", fail_on_second)
   with pytest.raises(KeyboardInterrupt):
     phantom.write_demo_cohort(str(tmp_path / "demo"), config)
   assert os.listdir(tmp_path) == []

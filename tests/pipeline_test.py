@@ -14,11 +14,11 @@ from absl.testing import flagsaver
 
 from pdx_tf import io_utils
 from pdx_tf import phantom
-from pdx_tf import pipeline
-from pdx_tf import preprocess
-from pdx_tf import records
-from pdx_tf import region
-from pdx_tf import shards
+from pdx_tf.data import pipeline
+from pdx_tf.data import preprocess
+from pdx_tf.data import records
+from pdx_tf.data import region
+from pdx_tf.data import shards
 
 NUM_PATIENTS = 4
 COVARIATES = ("ascites", "pci", "site")

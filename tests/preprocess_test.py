@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import augment
-from pdx_tf import preprocess
+from pdx_tf.data import augment
+from pdx_tf.data import preprocess
 
 SIZE = 64
 

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import qc
+from pdx_tf.data import qc
 
 
 def _volume(count=12, size=48):

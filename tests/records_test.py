@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import records
+from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
 
 

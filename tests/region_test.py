@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pdx_tf import region
+from pdx_tf.data import region
 from pdx_tf.errors import RegionError
 
 MATRIX = 64
@@ -147,7 +147,7 @@ def test_selected_slices_carry_their_body_masks_for_the_crop():
   reuse them; resampled slices and a range fully from the manifest carry none."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  from pdx_tf import preprocess  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import preprocess  # pylint: disable=import-outside-toplevel
 
   kinds = ["thighs"] * 3 + ["abdomen"] * 10 + ["gas"] * 2 + ["lungs"] * 4
   volume = synthetic_volume(kinds)

@@ -1,4 +1,4 @@
-"""Tests of pdx_tf.splits: patient-level, stratified, complete, deterministic, race-safe splits.json."""
+"""Tests of pdx_tf.training.splits: patient-level, stratified, complete, deterministic, race-safe splits.json."""
 
 import collections
 import json
@@ -6,7 +6,8 @@ import os
 
 import pytest
 
-from pdx_tf import io_utils, splits
+from pdx_tf import io_utils
+from pdx_tf.training import splits
 from pdx_tf.errors import RunsError
 
 

@@ -9,14 +9,14 @@ import tensorflow as tf
 
 from pdx_tf import io_utils
 from pdx_tf import phantom
-from pdx_tf import pipeline
-from pdx_tf import preprocess
-from pdx_tf import records
+from pdx_tf.data import pipeline
+from pdx_tf.data import preprocess
+from pdx_tf.data import records
 
 tfds = pytest.importorskip("tensorflow_datasets")
 # tensorflow-datasets needs importlib_resources to build (an etils[epath] extra that pip may leave out).
 pytest.importorskip("importlib_resources")
-from pdx_tf import tfds_builder  # pylint: disable=wrong-import-position
+from pdx_tf.data import tfds_builder  # pylint: disable=wrong-import-position
 
 
 def test_tfds_examples_equal_the_pipeline_records(tmp_path):

@@ -14,7 +14,7 @@ Examples:
       --num_shards=16 --shard_index=3
 
 Rerunning skips complete cells and resumes interrupted ones from their last epoch. Exit status 1 with a
-one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training.py and
+one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training/trainer.py and
 CONTRACTS.md (R/splits.json, R/patients.csv, R/config.json, R/cells/<cell>/..., R/tensorboard).
 """
 
@@ -25,9 +25,9 @@ from absl import flags
 from absl import logging
 
 from pdx_tf import cli
-from pdx_tf import aggregation, grid, training
+from pdx_tf.training import aggregation, grid, trainer
 from pdx_tf.errors import PdxError
-from pdx_tf.model import ModelConfig
+from pdx_tf.training.model import ModelConfig
 
 _TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "p: any peritoneal dissemination; sb: small-bowel.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
@@ -44,7 +44,7 @@ _BN_MOMENTUM = flags.DEFINE_float("bn_momentum", None, "BatchNorm momentum; unse
 _DROPOUT_RATE = flags.DEFINE_float("dropout_rate", 0.2, "Dropout before the output layer.")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
-_PRECISION = flags.DEFINE_enum("precision", "auto", list(training.PRECISIONS),
+_PRECISION = flags.DEFINE_enum("precision", "auto", list(trainer.PRECISIONS),
                                "auto: mixed_float16 when a GPU is visible, else float32.")
 _JIT_COMPILE = flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the split, the pool draw and the initialisation.")
@@ -73,11 +73,11 @@ def _shard() -> tuple[int, int]:
   return grid.shard_from_environment(os.environ) or (1, 0)
 
 
-def _config() -> training.TrainConfig:
+def _config() -> trainer.TrainConfig:
   num_shards, shard_index = _shard()
   model = ModelConfig(image_size=_IMAGE_SIZE.value, alpha=_ALPHA.value, weights=_WEIGHTS.value,
                       dropout_rate=_DROPOUT_RATE.value, bn_momentum=_BN_MOMENTUM.value)
-  return training.TrainConfig(
+  return trainer.TrainConfig(
       task=_TASK.value, records_dir=_RECORDS_DIR.value, output_dir=_OUTPUT_DIR.value, model=model,
       num_folds=_NUM_FOLDS.value, num_repeats=_NUM_REPEATS.value, epochs=_EPOCHS.value,
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, precision=_PRECISION.value,
@@ -135,7 +135,7 @@ def main(argv):
   except ValueError as error:  # invalid flag values, caught by the config's validation
     _fail(error)
   try:
-    result = training.run_grid(config)
+    result = trainer.run_grid(config)
   except PdxError as error:
     _fail(error)
   counts = {}

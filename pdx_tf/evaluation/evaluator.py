@@ -13,7 +13,7 @@ import math
 from typing import Any, Mapping
 
 from pdx_tf import io_utils
-from pdx_tf.evaluation import aggregate
+from pdx_tf.evaluation import grid_statistics
 from pdx_tf.evaluation import metrics as metrics_lib
 from pdx_tf.evaluation import report
 from pdx_tf.evaluation import runs as runs_lib
@@ -133,7 +133,7 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
   evaluations = []
   for task, runs in task_runs.items():
     logger.info("evaluating task %s: %d of %d cells", task, len(runs.cells), len(runs.expected_cells))
-    evaluations.append(aggregate.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed))
+    evaluations.append(grid_statistics.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed))
   summary = {evaluation.task_runs.task: evaluation.summary for evaluation in evaluations}
 
   output = config.output_dir

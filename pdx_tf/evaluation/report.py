@@ -20,7 +20,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from pdx_tf.evaluation import metrics as metrics_lib  # noqa: E402
-from pdx_tf.evaluation.aggregate import TaskEvaluation  # noqa: E402
+from pdx_tf.evaluation.grid_statistics import TaskEvaluation  # noqa: E402
 
 MODEL_NAMES = {"p": "P-Model", "sb": "SB-Model"}
 TASK_DESCRIPTIONS = {"p": "any peritoneal dissemination", "sb": "small-bowel dissemination"}

@@ -1,6 +1,6 @@
 """Finds, reads and validates the training stage's run artifacts (the only input of evaluation).
 
-Layout contract (produced by pdx_tf.training; files are found by walking, never by parsing folder names):
+Layout contract (produced by pdx_tf.training.trainer; files are found by walking, never by parsing folder names):
   <task_root>/splits.json    the repeats x folds patient split; its canonical-JSON SHA-256 is the split hash
   <task_root>/patients.csv   patient_id,label_p,label_sb,<covariates...>
   <any folder below task_root>/run.json                  one per cell; only status "complete" counts

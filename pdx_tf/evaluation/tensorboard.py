@@ -22,7 +22,7 @@ import tensorflow as tf
 
 from pdx_tf import io_utils
 from pdx_tf.evaluation import metrics as metrics_lib
-from pdx_tf.evaluation.aggregate import TaskEvaluation
+from pdx_tf.evaluation.grid_statistics import TaskEvaluation
 
 PR_CURVE_PLUGIN_NAME = "pr_curves"
 NUM_PR_THRESHOLDS = 201

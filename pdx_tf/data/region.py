@@ -1,11 +1,11 @@
 """The abdominal region of a CT study: which slices count as abdomen (shared by the pipeline and predict).
 
-`load_abdomen` reads a patient's series (`pdx_tf.dicom.read_ct_series`) and keeps the slices between the
+`load_abdomen` reads a patient's series (`pdx_tf.data.dicom.read_ct_series`) and keeps the slices between the
 pelvic floor and the lung bases, the range the study's models were trained on. The in-plane crop is not done
-here: `pdx_tf.preprocess.body_boxes` crops every slice to its body when images are made.
+here: `pdx_tf.data.preprocess.body_boxes` crops every slice to its body when images are made.
 
 Automatic z-range rule (used for each end the manifest does not override), computed on the body masks of
-`pdx_tf.preprocess.body_masks` (128x128 per slice; the patient table is excluded there):
+`pdx_tf.data.preprocess.body_masks` (128x128 per slice; the patient table is excluded there):
   * Body area: the body mask with its holes filled (lungs and bowel gas are holes in it), in cm^2.
   * Lung air fraction: the share of that filled area below `lung_air_hu` (-400 HU) outside the body mask.
   * Lung bases (superior end): scanning down from the top, the first run of consecutive slices whose lung air
@@ -36,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
-from pdx_tf import preprocess
+from pdx_tf.data import preprocess
 from pdx_tf.errors import RegionError
 
 # Slice positions closer than this are the same position (float round-off in headers and overrides).
@@ -336,10 +336,10 @@ def load_abdomen(folder: str, *, series_uid: str | None = None, z_min_mm: float 
     min_slices: fewest slices accepted, both in the series and in the abdominal range.
 
   Raises:
-    DicomError: the series cannot be read (see `pdx_tf.dicom.read_ct_series`).
+    DicomError: the series cannot be read (see `pdx_tf.data.dicom.read_ct_series`).
     RegionError: no abdomen (head or chest-only study), or too few abdominal slices.
   """
-  from pdx_tf import dicom  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import dicom  # pylint: disable=import-outside-toplevel
 
   series = dicom.read_ct_series(folder, series_uid, min_slices=max(2, min_slices))
   region, _ = select_abdomen(series.hu, series.z_mm, series.pixel_spacing_mm, z_min_mm=z_min_mm,

@@ -4,7 +4,7 @@ Steps: check the exports (`export.read_export`), read the study's abdominal slic
 series choice and z-range rule (`region.load_abdomen`, with the region settings and slice spacing the export
 recorded from its training records), run each export's `predict_patient` signature (the
 in-graph preprocessing, ensemble and aggregation), then Grad-CAM on the highest-scoring slices with the Keras
-models stored in the export (`assets.extra/models/`, see `pdx_tf.export`), averaged over at most
+models stored in the export (`assets.extra/models/`, see `pdx_tf.serving.export`), averaged over at most
 `gradcam_max_models` of them (Grad-CAM of all 192 cells would take minutes on a CPU and changes little).
 
 Outputs in output_dir: config.json, prediction.json, gradcam/<task>_slice<NNN>.png (model input and overlay),
@@ -24,10 +24,10 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import configs
-from pdx_tf import export
-from pdx_tf import gradcam
+from pdx_tf.serving import export
+from pdx_tf.serving import gradcam
 from pdx_tf import io_utils
-from pdx_tf import preprocess
+from pdx_tf.data import preprocess
 from pdx_tf import provenance
 from pdx_tf.errors import ExportError, PdxError
 
@@ -101,7 +101,7 @@ def load_exports(model_dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
 
 def _region_arguments(metadata: dict[str, Any]) -> dict[str, Any]:
   """load_abdomen keyword arguments matching the export's training records (see export.region_settings)."""
-  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
 
   settings = metadata.get("region")
   if not settings:
@@ -207,7 +207,7 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
   config_values["dicom_dir"] = WITHHELD
   io_utils.atomic_write_json(io_utils.join(config.output_dir, "config.json"), config_values)
 
-  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
 
   # Each export reads the study the way its training records did (usually one setting for both tasks).
   abdomens: dict[str, Any] = {}

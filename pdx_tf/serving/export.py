@@ -8,7 +8,7 @@ pdx_export.json also records how the training records chose the abdominal slices
 spacing, from the records' dataset.json) so `predict` reads a study the same way.
 
 The export holds one model: the ensemble of the chosen cells (mean probability, standard deviation as
-uncertainty), or a single cell (uncertainty 0). Its signatures are built by `pdx_tf.serving`. A version is
+uncertainty), or a single cell (uncertainty 0). Its signatures are built by `pdx_tf.serving.signatures`. A version is
 written into a temporary folder beside the versions (a name TF Serving ignores: not an integer) and renamed
 into place, so a half-written version is never served and an existing version is never overwritten.
 
@@ -29,14 +29,14 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from pdx_tf import aggregation
+from pdx_tf.training import aggregation
 from pdx_tf import configs
-from pdx_tf import input_pipeline
+from pdx_tf.training import input_pipeline
 from pdx_tf import io_utils
-from pdx_tf import model as model_lib
-from pdx_tf import preprocess
+from pdx_tf.training import model as model_lib
+from pdx_tf.data import preprocess
 from pdx_tf import provenance
-from pdx_tf import serving
+from pdx_tf.serving import signatures
 from pdx_tf.errors import ExportError
 
 TASKS = ("p", "sb")
@@ -234,7 +234,7 @@ def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
   dataset.json (via run.json's records_dir), checked against the cell's dataset or records content hash. When it is not reachable
   (records deleted or on another machine) the pipeline defaults are recorded, and said so.
   """
-  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
 
   for cell in cells:
     records_dir = cell.run_info.get("config", {}).get("records_dir")
@@ -271,7 +271,7 @@ def _load_model(cell: CellRun, image_size: int) -> keras.Model:
   except ValueError as error:
     raise ExportError(f"cannot rebuild {cell.model_path} in float32 from run.json's model config ({error}); "
                       "re-run the cell") from None
-  size = serving.model_image_size(model)
+  size = signatures.model_image_size(model)
   if size != image_size:
     raise ExportError(f"{cell.model_path} takes {size} px images but its run.json preprocess makes "
                       f"{image_size} px; the cell is inconsistent, re-run it")
@@ -319,7 +319,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   final_dir = io_utils.join(model_dir, str(version))
 
   models = [_load_model(cell, preprocess_config.image_size) for cell in cells]
-  module = serving.PdxServingModule(models, preprocess_config, settings["aggregation"],
+  module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
                                     settings["aggregation_top_k"])
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")
   try:
@@ -351,7 +351,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
         "ensemble_rule": ("slice probability = mean over models; uncertainty = population standard deviation "
                           "over models (0 for one model); patient probability = each model's aggregation of "
                           "its slice probabilities, then the mean over models"),
-        "signatures": list(serving.SIGNATURE_NAMES),
+        "signatures": list(signatures.SIGNATURE_NAMES),
         "keras_models_source": (f"{METADATA_FOLDER}/{KERAS_MODELS_FOLDER}/: the cells' model.keras re-saved at "
                                 "export time without optimizer state (used by predict for Grad-CAM)"),
         "gradcam": {"backbone_layer": model_lib.BACKBONE_NAME,

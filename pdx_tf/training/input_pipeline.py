@@ -28,7 +28,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import io_utils, records
+from pdx_tf import io_utils
+from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
 
 DATASET_FILE = "dataset.json"

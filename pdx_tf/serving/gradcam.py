@@ -1,7 +1,7 @@
 """Grad-CAM heatmaps for the slice classifier, overlay rendering, and a localisation score.
 
 Grad-CAM (Selvaraju et al., 2017) weights the channels of a late convolutional activation of the nested
-backbone (by default `pdx_tf.model.gradcam_layer(image size)`: `out_relu` at 224 px, a finer layer at small
+backbone (by default `pdx_tf.training.model.gradcam_layer(image size)`: `out_relu` at 224 px, a finer layer at small
 sizes, where `out_relu` is only 2x2) by the spatial mean of the gradient of the class score, sums them,
 keeps the positive part and upsamples to the image. The class score here is the output layer's *logit*: the
 gradient of the sigmoid vanishes for confident slices, which are exactly the ones a clinician looks at.
@@ -9,7 +9,7 @@ gradient of the sigmoid vanishes for confident slices, which are exactly the one
 The backbone is a nested Keras model, and some Keras versions put dots in nested layer names, so the target is
 never looked up by a path string: a sub-model from the backbone's input to [target, backbone output] is
 built, the layers before the backbone (rescaling) and after it (pooling, dropout, output) are applied by hand.
-That only assumes the outer model is a chain, which `pdx_tf.model.build_model` guarantees and this module
+That only assumes the outer model is a chain, which `pdx_tf.training.model.build_model` guarantees and this module
 checks.
 """
 
@@ -21,8 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import model as model_lib
-from pdx_tf import preprocess
+from pdx_tf.training import model as model_lib
+from pdx_tf.data import preprocess
 
 # Overlay rendering: heat below this share of the slice's maximum is left transparent.
 OVERLAY_FLOOR = 0.2
@@ -56,7 +56,7 @@ class _GradCamParts:
     except ValueError:
       raise ValueError(f"model {model.name} has no nested layer {backbone_name}/"
                        f"{layer_name or model_lib.LAST_CONV_LAYER}; Grad-CAM needs a model built by "
-                       "pdx_tf.model.build_model") from None
+                       "pdx_tf.training.model.build_model") from None
     layers = [layer for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)]
     for layer in layers:
       if len(getattr(layer, "_inbound_nodes", ())) > 1:
@@ -91,7 +91,7 @@ def grad_cam(model: keras.Model, images: np.ndarray | tf.Tensor, *,
   """Grad-CAM heatmaps of a slice classifier.
 
   Args:
-    model: a classifier from `pdx_tf.model.build_model` (or any chain model with a nested backbone holding
+    model: a classifier from `pdx_tf.training.model.build_model` (or any chain model with a nested backbone holding
       `layer_name` and a Dense(1) output).
     images: model inputs [N, S, S, 3], uint8 or float in 0..255 (what `preprocess_slices` returns).
     backbone_name: the nested backbone's layer name.

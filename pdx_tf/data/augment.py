@@ -17,7 +17,7 @@ import math
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import preprocess
+from pdx_tf.data import preprocess
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ Columns (header names exact; order free):
   label_sb     1 if the patient has small-bowel dissemination, else 0. label_sb=1 needs label_p=1 (small-bowel
                disease is peritoneal disease).
   z_min_mm     optional: inferior end of the abdominal range, in the DICOM patient z coordinate (mm); empty =
-               automatic (see `pdx_tf.region`).
+               automatic (see `pdx_tf.data.region`).
   z_max_mm     optional: superior end, likewise.
   series_uid   optional: the SeriesInstanceUID to use instead of the automatic series choice.
 Every other column is a covariate (e.g. ascites, pci, site), carried through as a string into every record and
@@ -33,7 +33,7 @@ from typing import Mapping
 
 import tensorflow as tf
 
-from pdx_tf import records
+from pdx_tf.data import records
 from pdx_tf.errors import ManifestError
 
 PATIENT_ID_COLUMN = "patient_id"

@@ -27,8 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import aggregation
-from pdx_tf import preprocess
+from pdx_tf.training import aggregation
+from pdx_tf.data import preprocess
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
@@ -58,7 +58,7 @@ class PdxServingModule(tf.Module):
     """Builds the signatures.
 
     Args:
-      models: one or more classifiers from `pdx_tf.model.build_model`, all at `preprocess_config.image_size`.
+      models: one or more classifiers from `pdx_tf.training.model.build_model`, all at `preprocess_config.image_size`.
       preprocess_config: the preprocessing the models were trained on (run.json "preprocess").
       aggregation_rule: one of `aggregation.AGGREGATIONS` (run.json "aggregation").
       aggregation_top_k: k for `topk_mean` (run.json "aggregation_top_k").

@@ -3,7 +3,7 @@
 `run_grid(config)` checks the records and every selected cell, writes `R/config.json`, `R/records.json` (the
 records' content hash: a grid never mixes cells trained on different records), `R/splits.json` and
 `R/patients.csv`, then trains the cells of this shard one after another. Each cell is idempotent (see
-pdx_tf/grid.py): complete cells are skipped, interrupted ones resume from their last finished epoch, because the
+pdx_tf/training/grid.py): complete cells are skipped, interrupted ones resume from their last finished epoch, because the
 model and optimizer state are checkpointed atomically after every epoch (`checkpoint/model.keras` +
 `progress.json`). A finished cell writes `model.keras`, `slice_predictions.csv`, `patient_predictions.csv`,
 `metrics.json` and, last, `run.json` (CONTRACTS.md).
@@ -26,10 +26,11 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import aggregation as aggregation_lib
-from pdx_tf import configs, grid, input_pipeline, io_utils, provenance, splits, tensorboard_logging
+from pdx_tf.training import aggregation as aggregation_lib
+from pdx_tf import configs, io_utils, provenance
+from pdx_tf.training import grid, input_pipeline, splits, tensorboard
 from pdx_tf.errors import RunsError
-from pdx_tf.model import ModelConfig, build_model, resolve_weights
+from pdx_tf.training.model import ModelConfig, build_model, resolve_weights
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 RUN_SCHEMA_VERSION = 1
@@ -73,7 +74,7 @@ class TrainConfig:
     num_shards: machines sharing the grid; this one trains cells with index % num_shards == shard_index.
     shard_index: this machine's shard.
     cells: names like "r0f3" to train only those cells (empty: all cells of the shard).
-    export_dir: if set, export the finished grid for TF Serving there (pdx_tf.export).
+    export_dir: if set, export the finished grid for TF Serving there (pdx_tf.serving.export).
   """
 
   task: str
@@ -264,7 +265,7 @@ def run_grid(config: TrainConfig, *,
   _write_patients(config, info)
   tensorboard_dir = io_utils.join(config.output_dir, TENSORBOARD_FOLDER)
   if config.shard_index == 0:
-    tensorboard_logging.write_experiment_config(tensorboard_dir, _hparams(config, (0, 0), "float32"))
+    tensorboard.write_experiment_config(tensorboard_dir, _hparams(config, (0, 0), "float32"))
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
   tf.random.set_seed(config.seed)  # once per grid; op-level seeds (the shuffle's) come from each cell
@@ -295,7 +296,7 @@ def run_grid(config: TrainConfig, *,
 
 
 def _export(config: TrainConfig) -> str | None:
-  """Exports every cell of the grid as one ensemble (pdx_tf.export) once all of them are complete.
+  """Exports every cell of the grid as one ensemble (pdx_tf.serving.export) once all of them are complete.
 
   With several shards only the machine that finds the grid complete exports; the others log and return None
   (run `python -m export` afterwards, or rerun any shard with --export_dir).
@@ -307,7 +308,7 @@ def _export(config: TrainConfig) -> str | None:
                     " --export_dir once every shard has finished, or use `python -m export`", len(missing),
                     len(folders), missing[0])
     return None
-  from pdx_tf import export  # pylint: disable=import-outside-toplevel
+  from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
 
   return export.export_models(folders, config.export_dir, config.task)
 
@@ -453,8 +454,8 @@ def train_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Map
   validation = input_pipeline.load_validation(info, test_ids, config.task)
   if initial_epoch == 0:
     for images, _ in train.take(1):
-      tensorboard_logging.write_input_images(tensorboard_dir, name, images.numpy())
-  callbacks = [tensorboard_logging.EpochLogger(tensorboard_dir, name),
+      tensorboard.write_input_images(tensorboard_dir, name, images.numpy())
+  callbacks = [tensorboard.EpochLogger(tensorboard_dir, name),
                _Checkpointer(folder, progress, config.batch_size), *extra_callbacks]
   with warnings.catch_warnings():
     # One pass over the (finite, unknown-length) dataset is an epoch by design; Keras warns about both.
@@ -525,7 +526,7 @@ def _finish_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: M
       "epochs": int(progress["epochs_completed"]), "images_seen": int(progress["images_seen"]),
       "history": list(progress["history"])}
   io_utils.atomic_write_json(io_utils.join(folder, "metrics.json"), metrics_document)
-  tensorboard_logging.write_cell_hparams(tensorboard_dir, name, _hparams(config, cell, policy), metrics)
+  tensorboard.write_cell_hparams(tensorboard_dir, name, _hparams(config, cell, policy), metrics)
 
   run = {
       "schema_version": RUN_SCHEMA_VERSION, "task": config.task, "repeat": cell[0], "fold": cell[1],

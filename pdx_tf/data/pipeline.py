@@ -1,9 +1,9 @@
 """The data pipeline: DICOM studies + manifest -> per-patient TFRecord shards, QC pictures and dataset.json.
 
-For every manifest row: read the series (`pdx_tf.dicom`), keep the abdominal slices (`pdx_tf.region`), make the
+For every manifest row: read the series (`pdx_tf.data.dicom`), keep the abdominal slices (`pdx_tf.data.region`), make the
 original images with `preprocess.preprocess_slices` and `augment_factor` augmented copies of every slice
 (`preprocess.crop_resize_hu` on the body box, `augment.random_augment_hu`, `preprocess.window_hu`), write them
-as TFRecords (`pdx_tf.records`) and a QC montage, then a completion marker. Patients run in worker processes.
+as TFRecords (`pdx_tf.data.records`) and a QC montage, then a completion marker. Patients run in worker processes.
 At the end, failures.csv, qc/index.html and, when nothing failed (or `allow_failures`), dataset.json, whose
 presence means the dataset is complete.
 
@@ -28,16 +28,16 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import augment
+from pdx_tf.data import augment
 from pdx_tf import configs
 from pdx_tf import io_utils
-from pdx_tf import manifest as manifest_lib
-from pdx_tf import preprocess
+from pdx_tf.data import manifest as manifest_lib
+from pdx_tf.data import preprocess
 from pdx_tf import provenance
-from pdx_tf import qc
-from pdx_tf import records
-from pdx_tf import region
-from pdx_tf import shards
+from pdx_tf.data import qc
+from pdx_tf.data import records
+from pdx_tf.data import region
+from pdx_tf.data import shards
 from pdx_tf.errors import PdxError
 
 DATASET_FORMAT = "pdx-tf-dataset"
@@ -66,7 +66,7 @@ class PipelineConfig:
   """Everything that decides the pipeline's output (written to D/config.json and dataset.json).
 
   Attributes:
-    manifest_path: the cohort CSV (see `pdx_tf.manifest`).
+    manifest_path: the cohort CSV (see `pdx_tf.data.manifest`).
     output_dir: D, local or any tf.io.gfile URL.
     preprocess: image size, windows, body crop.
     augment: rotation, flip and scale ranges.
@@ -333,7 +333,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
   Raises:
     PdxError (DicomError, RegionError, ...) for bad input; anything else is a bug or an environment problem.
   """
-  from pdx_tf import dicom  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import dicom  # pylint: disable=import-outside-toplevel
 
   output_dir = config.output_dir
   shards.remove_patient_files(output_dir, row.patient_id)

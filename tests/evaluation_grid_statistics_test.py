@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.evaluation.aggregate: exact grid statistics, bootstrap CIs, subgroup binning."""
+"""Tests for pdx_tf.evaluation.grid_statistics: exact grid statistics, bootstrap CIs, subgroup binning."""
 
 import math
 import os
@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_runs  # noqa: E402  pylint: disable=wrong-import-position
 
-from pdx_tf.evaluation import aggregate, runs  # noqa: E402
+from pdx_tf.evaluation import grid_statistics, runs  # noqa: E402
 
 MISSED_POSITIVE = "pt000"  # predicted 0.2 in repeat 0 only: one false negative
 FLAGGED_NEGATIVE = "pt001"  # predicted 0.7 in every repeat: one false positive per repeat
@@ -36,22 +36,22 @@ def fixture_grid(tmp_path_factory):
 
 
 def test_summarize_values_exact():
-  summary = aggregate.summarize_values([0.5, float("nan"), 1.0, 0.0, 0.25])
+  summary = grid_statistics.summarize_values([0.5, float("nan"), 1.0, 0.0, 0.25])
   assert summary["n"] == 4
   assert summary["mean"] == pytest.approx(0.4375)
   assert summary["sd"] == pytest.approx(statistics.stdev([0.5, 1.0, 0.0, 0.25]))
   assert summary["median"] == pytest.approx(0.375)
   assert summary["p2_5"] == pytest.approx(0.0 + 0.025 * 3 * 0.25)  # linear interpolation, 0..0.25
   assert summary["p97_5"] == pytest.approx(0.5 + 0.925 * 0.5)  # position 2.925 between 0.5 and 1.0
-  empty = aggregate.summarize_values([float("nan")])
+  empty = grid_statistics.summarize_values([float("nan")])
   assert empty["n"] == 0 and math.isnan(empty["mean"])
-  single = aggregate.summarize_values([0.3])
+  single = grid_statistics.summarize_values([0.3])
   assert single["mean"] == 0.3 and math.isnan(single["sd"])
 
 
 def test_per_cell_statistics_match_hand_counts(grid):
   task_runs, splits = grid
-  evaluation = aggregate.evaluate_task(task_runs["p"], 0.5, num_bootstrap=0, seed=0)
+  evaluation = grid_statistics.evaluate_task(task_runs["p"], 0.5, num_bootstrap=0, seed=0)
   expected = {"sensitivity": [], "specificity": [], "accuracy": []}
   for repeat_entry in splits["p"]["repeats"]:
     for fold_entry in repeat_entry["folds"]:
@@ -73,7 +73,7 @@ def test_per_cell_statistics_match_hand_counts(grid):
 
 
 def test_per_repeat_pooled_statistics_by_hand(grid):
-  summary = aggregate.evaluate_task(grid[0]["p"], 0.5, num_bootstrap=0, seed=0).summary
+  summary = grid_statistics.evaluate_task(grid[0]["p"], 0.5, num_bootstrap=0, seed=0).summary
   per_repeat = summary["per_repeat"]
   # Repeat 0: 5/6 positives found, 5/6 negatives cleared; repeat 1: 6/6 and 5/6.
   assert per_repeat["sensitivity"]["mean"] == pytest.approx((5 / 6 + 1) / 2)
@@ -90,7 +90,7 @@ def test_per_repeat_pooled_statistics_by_hand(grid):
 
 def test_undefined_cell_values_are_excluded_and_counted(grid):
   task_runs, splits = grid
-  summary = aggregate.evaluate_task(task_runs["sb"], 0.5, num_bootstrap=0, seed=0).summary
+  summary = grid_statistics.evaluate_task(task_runs["sb"], 0.5, num_bootstrap=0, seed=0).summary
   sensitivities = []
   for repeat_entry in splits["sb"]["repeats"]:
     for fold_entry in repeat_entry["folds"]:
@@ -104,7 +104,7 @@ def test_undefined_cell_values_are_excluded_and_counted(grid):
 
 
 def test_cell_rows_hold_counts_for_both_levels(grid):
-  rows = aggregate.cell_rows(grid[0]["p"], 0.5)
+  rows = grid_statistics.cell_rows(grid[0]["p"], 0.5)
   assert len(rows) == 12 and {row["level"] for row in rows} == {"patient", "slice"}
   patient_rows = [row for row in rows if row["level"] == "patient"]
   assert sum(row["false_negative"] for row in patient_rows) == 1
@@ -117,10 +117,10 @@ def test_bootstrap_is_deterministic_and_contains_the_estimate():
   with tempfile.TemporaryDirectory() as root:
     fake_runs.write_fake_runs(root, tasks=("p",), num_repeats=3, num_folds=3, num_patients=30)
     task_runs = runs.load_runs(root)["p"]
-  pools = aggregate.pool_repeats(task_runs)
-  first = aggregate.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=5)
-  again = aggregate.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=5)
-  other = aggregate.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=6)
+  pools = grid_statistics.pool_repeats(task_runs)
+  first = grid_statistics.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=5)
+  again = grid_statistics.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=5)
+  other = grid_statistics.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=200, seed=6)
   assert first == again
   assert first != other
   for intervals in first:
@@ -131,14 +131,14 @@ def test_bootstrap_is_deterministic_and_contains_the_estimate():
 
 
 def test_no_bootstrap_gives_undefined_intervals(grid):
-  summary = aggregate.evaluate_task(grid[0]["p"], 0.5, num_bootstrap=0, seed=0).summary
+  summary = grid_statistics.evaluate_task(grid[0]["p"], 0.5, num_bootstrap=0, seed=0).summary
   assert summary["pooled_ci95"]["accuracy"]["low"] is None
   assert summary["pooled_ci95"]["accuracy"]["estimate"] == pytest.approx(summary["per_repeat"]["accuracy"]["mean"])
 
 
 def test_pci_uses_fixed_clinical_bins():
   values = {"a": "0", "b": "5", "c": "10", "d": "11", "e": "20", "f": "21", "g": "", "h": "10.5"}
-  rule, groups, order = aggregate.covariate_groups("PCI", values)
+  rule, groups, order = grid_statistics.covariate_groups("PCI", values)
   assert "0, 1-10, 11-20, >20" in rule
   assert groups == {"a": "0", "b": "1-10", "c": "1-10", "d": "11-20", "e": "11-20", "f": ">20",
                     "g": "missing", "h": "11-20"}
@@ -147,7 +147,7 @@ def test_pci_uses_fixed_clinical_bins():
 
 def test_other_numeric_columns_use_tertiles():
   values = {f"p{value}": str(value) for value in range(1, 10)}
-  rule, groups, order = aggregate.covariate_groups("age", values)
+  rule, groups, order = grid_statistics.covariate_groups("age", values)
   assert "tertiles" in rule
   # Cuts at the 1/3 and 2/3 quantiles of 1..9: 3.667 and 6.333.
   assert order == ["[1, 3.66667]", "(3.66667, 6.33333]", "(6.33333, 9]"]
@@ -155,15 +155,15 @@ def test_other_numeric_columns_use_tertiles():
 
 
 def test_categorical_columns_in_clinical_or_natural_order():
-  _, groups, order = aggregate.covariate_groups("ascites", {"a": "large", "b": "none", "c": "small", "d": "none"})
+  _, groups, order = grid_statistics.covariate_groups("ascites", {"a": "large", "b": "none", "c": "small", "d": "none"})
   assert order == ["none", "small", "large"] and groups["a"] == "large"
-  _, _, order = aggregate.covariate_groups("stage", {"a": "2", "b": "10", "c": "1"})
+  _, _, order = grid_statistics.covariate_groups("stage", {"a": "2", "b": "10", "c": "1"})
   assert order == ["1", "2", "10"]  # few distinct numbers: categories, in numeric order
 
 
 def test_subgroup_counts_add_up(grid):
   task_runs = grid[0]["p"]
-  subgroups = aggregate.evaluate_task(task_runs, 0.5, num_bootstrap=0, seed=0).summary["subgroups"]
+  subgroups = grid_statistics.evaluate_task(task_runs, 0.5, num_bootstrap=0, seed=0).summary["subgroups"]
   assert set(subgroups) == {"ascites", "pci", "site"}
   for entry in subgroups.values():
     assert sum(group["n_patients"] for group in entry["groups"]) == 12
@@ -176,5 +176,5 @@ def test_subgroup_counts_add_up(grid):
 
 
 def test_json_safe_replaces_nan():
-  assert aggregate.json_safe({"a": [float("nan"), np.float64(0.5), float("inf")], "b": np.int64(3)}) == {
+  assert grid_statistics.json_safe({"a": [float("nan"), np.float64(0.5), float("inf")], "b": np.int64(3)}) == {
       "a": [None, 0.5, None], "b": 3}

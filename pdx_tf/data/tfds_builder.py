@@ -2,11 +2,11 @@
 
 Build (the cohort folder holds manifest.csv; its dicom_dir paths resolve against it):
   pip install -e ".[beam]"
-  tfds build pdx_ct --imports=pdx_tf.tfds_builder --manual_dir=/data/cohort --config=paper \\
+  tfds build pdx_ct --imports=pdx_tf.data.tfds_builder --manual_dir=/data/cohort --config=paper \\
       --data_dir=gs://bucket/tfds --beam_pipeline_options="runner=DataflowRunner,project=...,region=..."
 
 Without apache-beam installed the builder runs as a plain Python generator (one process). Every image is made
-by `pdx_tf.pipeline.patient_images`, so a TFDS example equals the matching TFRecord of `python -m data_pipeline`
+by `pdx_tf.data.pipeline.patient_images`, so a TFDS example equals the matching TFRecord of `python -m data_pipeline`
 with the same settings (same preprocessing, same keyed augmentation). The output is TFDS's own layout
 (one `train` split holding every patient; folds are chosen at training time), not the D/ layout with
 dataset.json that `python -m train` reads; use it for analysis or with a reader written for it. Patients whose
@@ -24,10 +24,10 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pdx_tf import manifest as manifest_lib
-from pdx_tf import pipeline
-from pdx_tf import preprocess
-from pdx_tf import region
+from pdx_tf.data import manifest as manifest_lib
+from pdx_tf.data import pipeline
+from pdx_tf.data import preprocess
+from pdx_tf.data import region
 from pdx_tf.errors import PdxError
 
 MANIFEST_NAME = "manifest.csv"
@@ -77,7 +77,7 @@ class PdxCt(tfds.core.GeneratorBasedBuilder):
   VERSION = tfds.core.Version("1.0.0")
   RELEASE_NOTES = {"1.0.0": "First release: records schema version 1 images."}
   MANUAL_DOWNLOAD_INSTRUCTIONS = (
-      f"Put the cohort's {MANIFEST_NAME} (see pdx_tf/manifest.py) in --manual_dir; its dicom_dir paths are "
+      f"Put the cohort's {MANIFEST_NAME} (see pdx_tf/data/manifest.py) in --manual_dir; its dicom_dir paths are "
       "resolved against that folder (or absolute, gs:// allowed).")
   BUILDER_CONFIGS = [
       PdxCtConfig(name="paper", description="224 px, W400/L40, 960 augmented copies a slice (the study)."),

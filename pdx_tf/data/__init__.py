@@ -1,0 +1,12 @@
+"""The data stage: DICOM studies -> TFRecords (`python -m data_pipeline`).
+
+In: the cohort manifest (`manifest.py`: one CSV row per patient, labels, covariates, the study folder) and each
+patient's DICOM study. `dicom.py` picks and reads the CT series (HU), `region.py` keeps the abdominal slices,
+`preprocess.py` crops, windows and resizes them (the one preprocessing path that training, serving and predict
+share), `augment.py` makes the keyed augmented copies, `records.py` is the TFRecord schema and `shards.py` the
+per-patient file layout. `pipeline.py` runs it all per patient (worker processes, resume, failures), `qc.py`
+draws the QC montages and `tfds_builder.py` offers the same work as a TFDS/Beam builder.
+
+Out (folder D): `original/*.tfrecord`, `augmented/*.tfrecord`, `patients/<id>.json` (completion markers),
+`qc/`, `failures.csv`, `config.json` and last `dataset.json`, the hand-off that training reads.
+"""
