@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import shutil
@@ -38,6 +39,14 @@ def read_error(folder: str, *uids: str, **kwargs) -> str:
   for secret in fx.canary_strings(*uids):
     assert secret not in message, message
   return message
+
+
+def token_of(folder: str, relative: str) -> str:
+  """The expected file token of `relative` (the documented format, computed here independently)."""
+  listing = sorted(os.path.relpath(os.path.join(directory, name), folder).replace(os.sep, "/")
+                   for directory, _, names in os.walk(folder) for name in names)
+  digest = hashlib.sha256(b"pdx-tf file token v1\0" + relative.encode("utf-8")).hexdigest()[:6]
+  return f"file#{listing.index(relative):04d}-{digest}"
 
 
 def real_file(name: str) -> str:
@@ -200,7 +209,7 @@ def build_cluttered_folder(folder: str) -> dict[str, str]:
   return uids
 
 
-def test_chooses_most_slices_then_thickness_then_series_number(folder):
+def test_chooses_thickness_then_coverage_then_series_number(folder):
   uids = build_cluttered_folder(folder)
   series = dicom.read_ct_series(folder)
   assert series.series_uid == uids["main"]
@@ -210,7 +219,7 @@ def test_chooses_most_slices_then_thickness_then_series_number(folder):
   summaries = dicom.find_ct_series(folder)
   assert [summary.series_uid for summary in summaries] == [uids[role] for role in
                                                          ("main", "later", "thin", "short")]
-  assert summaries[0].num_slices == 10 and summaries[0].first_file.startswith("a/main/IM")
+  assert summaries[0].num_slices == 10 and summaries[0].first_file == token_of(folder, "a/main/IM0000.dcm")
   assert summaries[0].transfer_syntax == "Explicit VR Little Endian"
   assert uids["main"] not in repr(series) and uids["main"] not in repr(summaries)
 
@@ -238,7 +247,8 @@ def test_series_uid_of_unusable_series(folder):
 def test_too_few_slices(folder):
   uid, _, _ = fx.write_series(folder, num_slices=5, shuffle_names=False)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0000.dcm: the chosen series has only 5 slices (min_slices=8)")
+  assert message.startswith(f"{token_of(folder, 'series/IM0000.dcm')}: the chosen series has only 5 slices "
+                            "(min_slices=8)")
   assert dicom.read_ct_series(folder, min_slices=5).hu.shape[0] == 5
 
 
@@ -304,7 +314,8 @@ def test_undecodable_transfer_syntax(folder):
   dataset.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
   fx.write(dataset, path)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0003.dcm: pixel data in 'MPEG2 Main Profile / Main Level' cannot")
+  assert message.startswith(
+      f"{token_of(folder, 'series/IM0003.dcm')}: pixel data in 'MPEG2 Main Profile / Main Level' cannot")
 
 
 def test_missing_decoder_plugin_names_the_package(folder, monkeypatch):
@@ -312,7 +323,7 @@ def test_missing_decoder_plugin_names_the_package(folder, monkeypatch):
   monkeypatch.setattr(dicom, "_get_decoder", lambda syntax: types.SimpleNamespace(is_available=False))
   message = read_error(folder, uid)
   assert "'JPEG 2000 Image Compression (Lossless Only)' needs a decoder plugin" in message
-  assert message.endswith("run `pip install pylibjpeg pylibjpeg-openjpeg`")
+  assert message.endswith("run `pip install pylibjpeg pylibjpeg-openjpeg` (or `pip install python-gdcm`)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -345,7 +356,8 @@ def test_multi_frame_only(folder):
   uid, _, _ = fx.write_series(folder, num_slices=3, shuffle_names=False, extra={"NumberOfFrames": 1},
                               sop_class_uid=pydicom.uid.EnhancedCTImageStorage)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0000.dcm: multi-frame (enhanced) CT files are not supported")
+  assert message.startswith(
+      f"{token_of(folder, 'series/IM0000.dcm')}: multi-frame (enhanced) CT files are not supported")
 
 
 def test_truncated_file_of_chosen_series(folder):
@@ -356,8 +368,9 @@ def test_truncated_file_of_chosen_series(folder):
   with open(path, "wb") as handle:
     handle.write(data[:-500])
   message = read_error(folder, uid)
-  assert message.startswith(
-      "series/IM0004.dcm: pixel data cannot be read (ValueError); the file is truncated")
+  assert message == (
+      f"{token_of(folder, 'series/IM0004.dcm')}: the file is truncated: its pixel data holds 1548 of the 2048 "
+      "bytes that 32x32 pixels of 16 bits need; re-export the series")
 
 
 def test_unreadable_stray_file_is_skipped_and_warned(folder):
@@ -370,7 +383,8 @@ def test_unreadable_stray_file_is_skipped_and_warned(folder):
     handle.write(data[:200])  # Preamble and file meta only.
   series = dicom.read_ct_series(folder)
   assert series.num_files_skipped == 1
-  assert series.warnings == ("1 DICOM file(s) could not be read and were skipped (first: other/broken.dcm)",)
+  assert series.warnings == ("1 DICOM file(s) could not be read and were skipped "
+                             f"(first: {token_of(folder, 'other/broken.dcm')})",)
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -384,19 +398,22 @@ def test_inconsistent_geometry(folder, change, expected):
   pixels = change.pop("pixels", np.zeros((32, 32), np.int16))
   fx.write(fx.make_slice(pixels, series_uid=uid, position_mm=(-12.5, -30.0, -165.0), **change), path)
   message = read_error(folder, uid)
-  assert message.startswith(f"series/IM0007.dcm: {expected} series/IM0000.dcm of the same series")
+  assert message.startswith(f"{token_of(folder, 'series/IM0007.dcm')}: {expected} "
+                            f"{token_of(folder, 'series/IM0000.dcm')} of the same series")
 
 
 def test_duplicated_positions(folder):
   uid, _, _ = fx.write_series(folder, z_mm=[0, 5, 10, 15, 15, 20, 25, 30, 35], shuffle_names=False)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0004.dcm: same slice position as series/IM0003.dcm (1 duplicated")
+  assert message.startswith(f"{token_of(folder, 'series/IM0004.dcm')}: same slice position as "
+                            f"{token_of(folder, 'series/IM0003.dcm')} (1 duplicated")
 
 
 def test_gantry_tilt_in_header(folder):
   uid, _, _ = fx.write_series(folder, extra={"GantryDetectorTilt": -12.5}, shuffle_names=False)
   message = read_error(folder, uid)
-  assert message == ("series/IM0000.dcm: gantry tilt of 12.5 degrees is not supported; reconstruct axial "
+  assert message == (f"{token_of(folder, 'series/IM0000.dcm')}: gantry tilt of 12.5 degrees is not supported; "
+                     "reconstruct axial "
                      "images without tilt")
   assert dicom.find_ct_series(folder)[0].gantry_tilt_degrees == -12.5
   assert read_error(folder, uid, series_uid=uid) == message
@@ -419,8 +436,8 @@ def test_gantry_tilt_from_geometry(folder):
   for index in range(8):
     fx.write(fx.make_slice(np.zeros((8, 8), np.int16), series_uid=uid, position_mm=(0, 0, 5.0 * index),
                            orientation=orientation), os.path.join(folder, f"t{index}.dcm"))
-  assert read_error(folder, uid) == ("t0.dcm: gantry tilt of 4.0 degrees is not supported; reconstruct axial "
-                                     "images without tilt")
+  assert read_error(folder, uid) == (f"{token_of(folder, 't0.dcm')}: gantry tilt of 4.0 degrees is not "
+                                     "supported; reconstruct axial images without tilt")
 
 
 def test_tilted_series_is_passed_over_for_an_untilted_one(folder):
@@ -429,11 +446,12 @@ def test_tilted_series_is_passed_over_for_an_untilted_one(folder):
   assert dicom.read_ct_series(folder).series_uid == untilted
 
 
-def test_uid_like_file_names_are_withheld(folder):
+def test_uid_like_file_names_are_withheld_as_tokens(folder):
   uid, _, _ = fx.write_series(folder, num_slices=5, shuffle_names=False, subfolder="1.2.840.113619.2.55.3",
                               name_prefix="1.3.12.2.1107.5.1.4.")
   message = read_error(folder, uid)
-  assert message.startswith("<UID-like name>/<UID-like name>: the chosen series has only 5 slices")
+  assert message.startswith(f"{token_of(folder, '1.2.840.113619.2.55.3/1.3.12.2.1107.5.1.4.0000.dcm')}: the "
+                            "chosen series has only 5 slices")
   assert "113619" not in message and "1107" not in message
 
 
@@ -463,5 +481,5 @@ def test_reads_a_tf_gfile_url(folder):
       tf.io.gfile.copy(os.path.join(directory, name), target)
   series = dicom.read_ct_series(url)
   np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
-  assert dicom.find_ct_series(url)[0].first_file.startswith("a/b/IM")
+  assert dicom.find_ct_series(url)[0].first_file == token_of(folder, "a/b/IM0000.dcm")
   assert read_error(f"{url}/absent").startswith("the DICOM folder does not exist")
