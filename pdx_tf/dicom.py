@@ -222,7 +222,7 @@ class _Scan:
   headers_by_series: dict[str, list[_Header]]
   skip_counts: collections.Counter
   skip_counts_by_series: dict[str, collections.Counter]
-  unreadable_files: list[str]  # Tokens.
+  unreadable_files: list[str]  # Tokens, each with why it could not be read.
   multi_frame_files: list[str]  # Tokens.
   malformed_by_series: dict[str, list["_Malformed"]]
   paths_by_token: dict[str, str]  # For show_paths only: printed to the console, never put in a message.
@@ -517,9 +517,9 @@ def _scan_file(token: str, path: str, scan: _Scan) -> None:
   except pydicom.errors.InvalidDicomError:
     scan.skip_counts[_NOT_DICOM] += 1
     return
-  except Exception:  # pylint: disable=broad-except  # A broken stray file must not stop the patient.
+  except Exception as error:  # pylint: disable=broad-except  # A broken stray file must not stop the patient.
     scan.skip_counts[_UNREADABLE] += 1
-    scan.unreadable_files.append(token)
+    scan.unreadable_files.append(f"{token}, {_why_unparseable(error)}")
     return
   reason = _classify(dataset)
   series_uid = str(dataset.get("SeriesInstanceUID") or "")
@@ -535,7 +535,7 @@ def _scan_file(token: str, path: str, scan: _Scan) -> None:
       reason = header
   scan.skip_counts[reason] += 1
   if reason == _UNREADABLE:
-    scan.unreadable_files.append(token)
+    scan.unreadable_files.append(f"{token}, header incomplete")
   if reason == _MULTI_FRAME:
     scan.multi_frame_files.append(token)
   if series_uid:
@@ -760,9 +760,16 @@ def _fast_pixels(path: str) -> np.ndarray:
       source.close()
 
 
+def _why_unparseable(error: Exception) -> str:
+  """"truncated" or "corrupt (<exception type>)" for an error of pydicom.dcmread (never its text: PHI)."""
+  if isinstance(error, EOFError) or (isinstance(error, zlib.error) and "truncated" in str(error)):
+    return "truncated"
+  return f"corrupt ({type(error).__name__})"
+
+
 def _read_failure(header: _Header, error: Exception) -> DicomError:
   """What is wrong with a file that pydicom cannot parse in full (the header pass read its header)."""
-  if isinstance(error, EOFError) or (isinstance(error, zlib.error) and "truncated" in str(error)):
+  if _why_unparseable(error) == "truncated":
     return DicomError(f"{header.token}: the file is truncated (it ends inside its data); re-export the series")
   return DicomError(
       f"{header.token}: the file cannot be parsed ({type(error).__name__}) and is corrupt; re-export the series")

@@ -89,8 +89,8 @@ def test_read_ct_series_names_files_by_token_only(tmp_path, capfd, capture_logs)
   texts = {"warnings": " | ".join(series.warnings), "repr": repr(series) + repr(summaries),
            "choice": repr(series.choice.to_json()), "error": str(error.value)}
   # The damaged stray file is reported (by token), the truncated slice refuses the study (by token).
-  assert re.fullmatch(r"1 DICOM file\(s\) could not be read and were skipped \(first: file#\d{4}-[0-9a-f]{6}\)",
-                      texts["warnings"]), texts["warnings"]
+  assert re.fullmatch(r"1 DICOM file\(s\) could not be read and were skipped "
+                      r"\(first: file#\d{4}-[0-9a-f]{6}, header incomplete\)", texts["warnings"]), texts["warnings"]
   assert TOKEN.match(texts["error"]) and "truncated" in texts["error"], texts["error"]
   assert TOKEN.fullmatch(summaries[0].first_file)
   captured = capfd.readouterr()
