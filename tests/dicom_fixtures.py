@@ -6,6 +6,7 @@ message ever repeats them.
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, Sequence
 
@@ -143,3 +144,42 @@ def write_series(
                          instance_number=num_slices - index, **slice_kwargs)
     write(dataset, os.path.join(folder, subfolder, f"{name_prefix}{file_order[index]:04d}.dcm"))
   return series_uid, pixels, z_values
+
+
+def set_raw_value(dataset: pydicom.Dataset, keyword: str, raw: bytes) -> None:
+  """Stores `raw` as the element's bytes, unchecked: how a malformed header field looks on disk."""
+  from pydicom.dataelem import RawDataElement  # pylint: disable=import-outside-toplevel
+  from pydicom.datadict import dictionary_VR  # pylint: disable=import-outside-toplevel
+  from pydicom.tag import Tag  # pylint: disable=import-outside-toplevel
+
+  tag = Tag(keyword)
+  raw = raw + b" " if len(raw) % 2 else raw  # DICOM values have even length (padded with a space).
+  element = RawDataElement(tag, dictionary_VR(tag), len(raw), raw, 0, False, True)
+  dataset._dict[tag] = element  # pylint: disable=protected-access  # Setting it normally would validate it.
+
+
+def as_axial_ct(source: pydicom.Dataset, *, series_uid: str, position_mm: Sequence[float]) -> pydicom.Dataset:
+  """A copy of a real file relabelled as one axial CT slice; pixel data and transfer syntax stay as encoded.
+
+  Rescale is set to the identity and padding removed, so HU equal the stored values.
+  """
+  dataset = copy.deepcopy(source)
+  dataset.SOPClassUID = pydicom.uid.CTImageStorage
+  dataset.file_meta.MediaStorageSOPClassUID = pydicom.uid.CTImageStorage
+  dataset.SOPInstanceUID = new_uid()
+  dataset.file_meta.MediaStorageSOPInstanceUID = dataset.SOPInstanceUID
+  dataset.Modality = "CT"
+  dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+  dataset.SeriesInstanceUID = series_uid
+  dataset.SeriesNumber = 2
+  dataset.ImageOrientationPatient = list(AXIAL)
+  dataset.ImagePositionPatient = [float(value) for value in position_mm]
+  if "PixelSpacing" not in dataset:
+    dataset.PixelSpacing = [0.75, 0.75]
+  dataset.SliceThickness = 5.0
+  dataset.RescaleSlope = 1
+  dataset.RescaleIntercept = 0
+  for keyword in ("PixelPaddingValue", "PixelPaddingRangeLimit", "GantryDetectorTilt"):
+    if keyword in dataset:
+      delattr(dataset, keyword)
+  return dataset

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import io
 import logging
 import os
 import shutil
@@ -11,6 +13,7 @@ import warnings
 
 import numpy as np
 import pydicom
+import pydicom.encaps
 import pydicom.uid
 import pytest
 
@@ -38,6 +41,14 @@ def read_error(folder: str, *uids: str, **kwargs) -> str:
   for secret in fx.canary_strings(*uids):
     assert secret not in message, message
   return message
+
+
+def token_of(folder: str, relative: str) -> str:
+  """The expected file token of `relative` (the documented format, computed here independently)."""
+  listing = sorted(os.path.relpath(os.path.join(directory, name), folder).replace(os.sep, "/")
+                   for directory, _, names in os.walk(folder) for name in names)
+  digest = hashlib.sha256(b"pdx-tf file token v1\0" + relative.encode("utf-8")).hexdigest()[:6]
+  return f"file#{listing.index(relative):04d}-{digest}"
 
 
 def real_file(name: str) -> str:
@@ -200,7 +211,7 @@ def build_cluttered_folder(folder: str) -> dict[str, str]:
   return uids
 
 
-def test_chooses_most_slices_then_thickness_then_series_number(folder):
+def test_chooses_thickness_then_coverage_then_series_number(folder):
   uids = build_cluttered_folder(folder)
   series = dicom.read_ct_series(folder)
   assert series.series_uid == uids["main"]
@@ -210,7 +221,7 @@ def test_chooses_most_slices_then_thickness_then_series_number(folder):
   summaries = dicom.find_ct_series(folder)
   assert [summary.series_uid for summary in summaries] == [uids[role] for role in
                                                          ("main", "later", "thin", "short")]
-  assert summaries[0].num_slices == 10 and summaries[0].first_file.startswith("a/main/IM")
+  assert summaries[0].num_slices == 10 and summaries[0].first_file == token_of(folder, "a/main/IM0000.dcm")
   assert summaries[0].transfer_syntax == "Explicit VR Little Endian"
   assert uids["main"] not in repr(series) and uids["main"] not in repr(summaries)
 
@@ -238,7 +249,8 @@ def test_series_uid_of_unusable_series(folder):
 def test_too_few_slices(folder):
   uid, _, _ = fx.write_series(folder, num_slices=5, shuffle_names=False)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0000.dcm: the chosen series has only 5 slices (min_slices=8)")
+  assert message.startswith(f"{token_of(folder, 'series/IM0000.dcm')}: the chosen series has only 5 slices "
+                            "(min_slices=8)")
   assert dicom.read_ct_series(folder, min_slices=5).hu.shape[0] == 5
 
 
@@ -304,7 +316,8 @@ def test_undecodable_transfer_syntax(folder):
   dataset.PixelData = pydicom.encaps.encapsulate([b"\x00" * 64])
   fx.write(dataset, path)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0003.dcm: pixel data in 'MPEG2 Main Profile / Main Level' cannot")
+  assert message.startswith(
+      f"{token_of(folder, 'series/IM0003.dcm')}: pixel data in 'MPEG2 Main Profile / Main Level' cannot")
 
 
 def test_missing_decoder_plugin_names_the_package(folder, monkeypatch):
@@ -312,7 +325,7 @@ def test_missing_decoder_plugin_names_the_package(folder, monkeypatch):
   monkeypatch.setattr(dicom, "_get_decoder", lambda syntax: types.SimpleNamespace(is_available=False))
   message = read_error(folder, uid)
   assert "'JPEG 2000 Image Compression (Lossless Only)' needs a decoder plugin" in message
-  assert message.endswith("run `pip install pylibjpeg pylibjpeg-openjpeg`")
+  assert message.endswith("run `pip install pylibjpeg pylibjpeg-openjpeg` (or `pip install python-gdcm`)")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -345,7 +358,8 @@ def test_multi_frame_only(folder):
   uid, _, _ = fx.write_series(folder, num_slices=3, shuffle_names=False, extra={"NumberOfFrames": 1},
                               sop_class_uid=pydicom.uid.EnhancedCTImageStorage)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0000.dcm: multi-frame (enhanced) CT files are not supported")
+  assert message.startswith(
+      f"{token_of(folder, 'series/IM0000.dcm')}: multi-frame (enhanced) CT files are not supported")
 
 
 def test_truncated_file_of_chosen_series(folder):
@@ -356,8 +370,9 @@ def test_truncated_file_of_chosen_series(folder):
   with open(path, "wb") as handle:
     handle.write(data[:-500])
   message = read_error(folder, uid)
-  assert message.startswith(
-      "series/IM0004.dcm: pixel data cannot be read (ValueError); the file is truncated")
+  assert message == (
+      f"{token_of(folder, 'series/IM0004.dcm')}: the file is truncated: its pixel data holds 1548 of the 2048 "
+      "bytes that 32x32 pixels of 16 bits need; re-export the series")
 
 
 def test_unreadable_stray_file_is_skipped_and_warned(folder):
@@ -370,7 +385,8 @@ def test_unreadable_stray_file_is_skipped_and_warned(folder):
     handle.write(data[:200])  # Preamble and file meta only.
   series = dicom.read_ct_series(folder)
   assert series.num_files_skipped == 1
-  assert series.warnings == ("1 DICOM file(s) could not be read and were skipped (first: other/broken.dcm)",)
+  assert series.warnings == ("1 DICOM file(s) could not be read and were skipped "
+                             f"(first: {token_of(folder, 'other/broken.dcm')}, header incomplete)",)
 
 
 @pytest.mark.parametrize("change, expected", [
@@ -384,19 +400,22 @@ def test_inconsistent_geometry(folder, change, expected):
   pixels = change.pop("pixels", np.zeros((32, 32), np.int16))
   fx.write(fx.make_slice(pixels, series_uid=uid, position_mm=(-12.5, -30.0, -165.0), **change), path)
   message = read_error(folder, uid)
-  assert message.startswith(f"series/IM0007.dcm: {expected} series/IM0000.dcm of the same series")
+  assert message.startswith(f"{token_of(folder, 'series/IM0007.dcm')}: {expected} "
+                            f"{token_of(folder, 'series/IM0000.dcm')} of the same series")
 
 
 def test_duplicated_positions(folder):
   uid, _, _ = fx.write_series(folder, z_mm=[0, 5, 10, 15, 15, 20, 25, 30, 35], shuffle_names=False)
   message = read_error(folder, uid)
-  assert message.startswith("series/IM0004.dcm: same slice position as series/IM0003.dcm (1 duplicated")
+  assert message.startswith(f"{token_of(folder, 'series/IM0004.dcm')}: same slice position as "
+                            f"{token_of(folder, 'series/IM0003.dcm')} (1 duplicated")
 
 
 def test_gantry_tilt_in_header(folder):
   uid, _, _ = fx.write_series(folder, extra={"GantryDetectorTilt": -12.5}, shuffle_names=False)
   message = read_error(folder, uid)
-  assert message == ("series/IM0000.dcm: gantry tilt of 12.5 degrees is not supported; reconstruct axial "
+  assert message == (f"{token_of(folder, 'series/IM0000.dcm')}: gantry tilt of 12.5 degrees is not supported; "
+                     "reconstruct axial "
                      "images without tilt")
   assert dicom.find_ct_series(folder)[0].gantry_tilt_degrees == -12.5
   assert read_error(folder, uid, series_uid=uid) == message
@@ -419,8 +438,8 @@ def test_gantry_tilt_from_geometry(folder):
   for index in range(8):
     fx.write(fx.make_slice(np.zeros((8, 8), np.int16), series_uid=uid, position_mm=(0, 0, 5.0 * index),
                            orientation=orientation), os.path.join(folder, f"t{index}.dcm"))
-  assert read_error(folder, uid) == ("t0.dcm: gantry tilt of 4.0 degrees is not supported; reconstruct axial "
-                                     "images without tilt")
+  assert read_error(folder, uid) == (f"{token_of(folder, 't0.dcm')}: gantry tilt of 4.0 degrees is not "
+                                     "supported; reconstruct axial images without tilt")
 
 
 def test_tilted_series_is_passed_over_for_an_untilted_one(folder):
@@ -429,11 +448,12 @@ def test_tilted_series_is_passed_over_for_an_untilted_one(folder):
   assert dicom.read_ct_series(folder).series_uid == untilted
 
 
-def test_uid_like_file_names_are_withheld(folder):
+def test_uid_like_file_names_are_withheld_as_tokens(folder):
   uid, _, _ = fx.write_series(folder, num_slices=5, shuffle_names=False, subfolder="1.2.840.113619.2.55.3",
                               name_prefix="1.3.12.2.1107.5.1.4.")
   message = read_error(folder, uid)
-  assert message.startswith("<UID-like name>/<UID-like name>: the chosen series has only 5 slices")
+  assert message.startswith(f"{token_of(folder, '1.2.840.113619.2.55.3/1.3.12.2.1107.5.1.4.0000.dcm')}: the "
+                            "chosen series has only 5 slices")
   assert "113619" not in message and "1107" not in message
 
 
@@ -463,5 +483,211 @@ def test_reads_a_tf_gfile_url(folder):
       tf.io.gfile.copy(os.path.join(directory, name), target)
   series = dicom.read_ct_series(url)
   np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
-  assert dicom.find_ct_series(url)[0].first_file.startswith("a/b/IM")
+  assert dicom.find_ct_series(url)[0].first_file == token_of(folder, "a/b/IM0000.dcm")
   assert read_error(f"{url}/absent").startswith("the DICOM folder does not exist")
+
+
+# ------------------------------------------------------------------------------------------------------
+# Every transfer syntax pydicom decodes, checked against pydicom's own full decode of the same file.
+
+
+def write_real_series(source: str, folder: str, num_slices: int = 3) -> list[str]:
+  """Copies of one real file as an axial CT series (pixel data stays as encoded); returns their paths."""
+  dataset = pydicom.dcmread(source)
+  series_uid = fx.new_uid()
+  return [fx.write(fx.as_axial_ct(dataset, series_uid=series_uid, position_mm=(0.0, 0.0, 5.0 * index)),
+                   os.path.join(folder, "series", f"IM{index:04d}.dcm")) for index in range(num_slices)]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("name, syntax", [
+    ("image_dfl.dcm", pydicom.uid.DeflatedExplicitVRLittleEndian),
+    ("MR_small_RLE.dcm", pydicom.uid.RLELossless),
+    ("MR_small_jpeg_ls_lossless.dcm", pydicom.uid.JPEGLSLossless),
+    ("693_J2KI.dcm", pydicom.uid.JPEG2000),
+    ("JPGExtended.dcm", pydicom.uid.JPEGExtended12Bit),
+])
+def test_real_compressed_files_decode_like_a_full_dcmread(folder, name, syntax):
+  source = real_file(name)
+  paths = write_real_series(source, folder)
+  assert pydicom.dcmread(paths[0]).file_meta.TransferSyntaxUID == syntax  # Really that syntax on disk.
+  expected = np.stack([pydicom.dcmread(path).pixel_array for path in paths]).astype(np.float32)
+  # The copies carry the original's pixels (the full decode of the real file itself).
+  np.testing.assert_array_equal(expected[0], pydicom.dcmread(source).pixel_array.reshape(expected.shape[1:]))
+  series = dicom.read_ct_series(folder, min_slices=2)
+  assert expected.std() > 0
+  np.testing.assert_array_equal(series.hu, expected)
+
+
+def test_jpeg_baseline_grayscale_decodes_like_a_full_dcmread(folder):
+  image = pytest.importorskip("PIL.Image")
+  ct = pydicom.dcmread(real_file("CT_small.dcm"))
+  # A real CT slice, windowed to 8 bits and JPEG-compressed (baseline, process 1) by libjpeg through Pillow.
+  eight_bit = np.clip((ct.pixel_array.astype(np.float64) + 160.0) / 400.0 * 255.0, 0, 255).astype(np.uint8)
+  buffer = io.BytesIO()
+  image.fromarray(eight_bit, mode="L").save(buffer, format="JPEG", quality=90)
+  series_uid = fx.new_uid()
+  paths = []
+  for index in range(2):
+    dataset = fx.as_axial_ct(ct, series_uid=series_uid, position_mm=(0.0, 0.0, 5.0 * index))
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.JPEGBaseline8Bit
+    dataset.BitsAllocated, dataset.BitsStored, dataset.HighBit, dataset.PixelRepresentation = 8, 8, 7, 0
+    dataset.PixelData = pydicom.encaps.encapsulate([buffer.getvalue()])
+    dataset["PixelData"].VR = "OB"
+    paths.append(fx.write(dataset, os.path.join(folder, f"j{index}.dcm")))
+  expected = np.stack([pydicom.dcmread(path).pixel_array for path in paths]).astype(np.float32)
+  assert np.abs(expected[0] - eight_bit).mean() < 3  # Lossy, but the same picture.
+  np.testing.assert_array_equal(dicom.read_ct_series(folder, min_slices=2).hu, expected)
+
+
+def test_truncated_compressed_file_is_called_truncated(folder):
+  uid, _, _ = fx.write_series(folder, num_slices=8, transfer_syntax_uid=pydicom.uid.RLELossless,
+                              shuffle_names=False)
+  path = os.path.join(folder, "series", "IM0002.dcm")
+  with open(path, "rb") as handle:
+    data = handle.read()
+  with open(path, "wb") as handle:
+    handle.write(data[:-300])
+  assert read_error(folder, uid) == (
+      f"{token_of(folder, 'series/IM0002.dcm')}: the file holds no complete pixel data (it is truncated, or "
+      "was exported without pixels); re-export the series")
+
+
+def test_truncated_deflated_file_is_called_truncated(folder):
+  # pydicom inflates a deflated file whole, so a truncated one fails already in the header pass: it is left out
+  # with a warning that says why, and the gap it leaves is warned too.
+  uid = fx.new_uid()
+  stored = fx.pixel_stack(9, 32, 32)
+  for index in range(9):
+    dataset = fx.make_slice(stored[index], series_uid=uid, position_mm=(0.0, 0.0, 5.0 * index))
+    dataset.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
+    fx.write(dataset, os.path.join(folder, f"d{index}.dcm"))
+  with open(os.path.join(folder, "d5.dcm"), "rb") as handle:
+    data = handle.read()
+  with open(os.path.join(folder, "d5.dcm"), "wb") as handle:
+    handle.write(data[:-40])
+  series = dicom.read_ct_series(folder)
+  np.testing.assert_array_equal(series.hu, np.delete(stored, 5, axis=0).astype(np.float32) - 1024.0)
+  assert series.warnings[1] == (
+      f"1 DICOM file(s) could not be read and were skipped (first: {token_of(folder, 'd5.dcm')}, truncated)")
+  assert series.warnings[0].startswith("uneven slice spacing: gap of 10.0 mm")
+
+
+def test_corrupt_compressed_pixel_data_is_called_corrupt(folder):
+  uid, _, _ = fx.write_series(folder, num_slices=8, transfer_syntax_uid=pydicom.uid.JPEG2000Lossless,
+                              shuffle_names=False)
+  path = os.path.join(folder, "series", "IM0006.dcm")
+  dataset = pydicom.dcmread(path)
+  garbage = np.random.default_rng(0).integers(0, 256, size=600, dtype=np.uint8).tobytes()
+  dataset.PixelData = pydicom.encaps.encapsulate([b"\xff\x4f\xff\x51" + garbage])  # J2K markers, then noise.
+  fx.write(dataset, path)
+  message = read_error(folder, uid)
+  assert message.startswith(f"{token_of(folder, 'series/IM0006.dcm')}: pixel data in 'JPEG 2000 Image "
+                            "Compression (Lossless Only)' cannot be decoded (")
+  assert "the file is corrupt; re-export the series or decode it with another plugin" in message
+
+
+# ------------------------------------------------------------------------------------------------------
+# The standard-thickness series.
+
+
+def write_thin_and_standard(folder: str) -> dict[str, str]:
+  """A 1.6 mm series of 129 slices and a 4.8 mm series of 43 over the same 0-205 mm (tiny images)."""
+  uids = {}
+  uids["thin"], _, _ = fx.write_series(folder, z_mm=1.6 * np.arange(129), rows=4, columns=4, subfolder="thin",
+                                       slice_thickness_mm=1.6, series_number=2, shuffle_names=False)
+  uids["standard"], _, _ = fx.write_series(folder, z_mm=4.8 * np.arange(43), rows=4, columns=4,
+                                           subfolder="standard", slice_thickness_mm=4.8, series_number=3,
+                                           shuffle_names=False)
+  return uids
+
+
+def test_standard_thickness_series_is_chosen_by_default(folder):
+  uids = write_thin_and_standard(folder)
+  series = dicom.read_ct_series(folder)
+  assert series.series_uid == uids["standard"] and series.hu.shape == (43, 4, 4)
+  assert series.choice.to_json() == {
+      "chosen_by": "automatic", "slice_thickness_mm": 4.8, "num_slices": 43,
+      "slice_spacing_mm": pytest.approx(4.8), "z_extent_mm": pytest.approx(4.8 * 42),
+      "preferred_slice_thickness_mm": 5.0, "num_candidate_series": 2}
+  assert uids["standard"] not in repr(series.choice.to_json())
+
+
+def test_thin_series_is_chosen_when_asked_for(folder):
+  uids = write_thin_and_standard(folder)
+  series = dicom.read_ct_series(folder, slice_thickness_mm=1.5)
+  assert series.series_uid == uids["thin"] and series.hu.shape[0] == 129
+  assert series.choice.slice_thickness_mm == 1.6 and series.choice.slice_spacing_mm == pytest.approx(1.6)
+  assert [s.series_uid for s in dicom.find_ct_series(folder, slice_thickness_mm=1.5)] == [uids["thin"],
+                                                                                        uids["standard"]]
+
+
+def test_manifest_series_uid_beats_the_standard_thickness(folder):
+  uids = write_thin_and_standard(folder)
+  series = dicom.read_ct_series(folder, uids["thin"])
+  assert series.series_uid == uids["thin"] and series.choice.chosen_by == "series_uid"
+
+
+def test_same_thickness_longer_coverage_wins_over_series_number(folder):
+  short, _, _ = fx.write_series(folder, num_slices=10, rows=4, columns=4, subfolder="short", series_number=1)
+  long, _, _ = fx.write_series(folder, num_slices=14, rows=4, columns=4, subfolder="long", series_number=5)
+  assert dicom.read_ct_series(folder).series_uid == long
+  assert [s.series_uid for s in dicom.find_ct_series(folder)] == [long, short]
+
+
+def test_partial_standard_series_loses_to_a_thin_one_that_covers_the_abdomen(folder):
+  # A 5 mm reconstruction of 40 mm (e.g. the liver dome only) does not cover the abdomen; the 1 mm one does.
+  thin, _, _ = fx.write_series(folder, z_mm=np.arange(201.0), rows=4, columns=4, subfolder="thin",
+                               slice_thickness_mm=1.0, shuffle_names=False)
+  fx.write_series(folder, num_slices=9, rows=4, columns=4, subfolder="partial", z_start_mm=100.0)
+  series = dicom.read_ct_series(folder)
+  assert series.series_uid == thin and series.choice.slice_thickness_mm == 1.0
+
+
+def test_slice_thickness_must_be_positive(folder):
+  with pytest.raises(ValueError, match="slice_thickness_mm must be positive"):
+    dicom.read_ct_series(folder, slice_thickness_mm=0.0)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Malformed numeric header fields are refused, never read with a default.
+
+
+@pytest.mark.parametrize("keyword, raw, defect", [
+    ("RescaleSlope", b"abc", "is not a number"),
+    ("RescaleSlope", b"NaN", "is not a finite number"),
+    ("RescaleIntercept", b"-1024\\1", "has 2 value(s), expected 1"),
+    ("RescaleIntercept", b"x1024", "is not a number"),
+    ("PixelSpacing", b"0.75", "has 1 value(s), expected 2"),
+    ("PixelSpacing", b"0.75\\abc", "is not a number"),
+    ("PixelSpacing", b"0.75\\-0.8", "is not positive"),
+    ("SliceThickness", b"five", "is not a number"),
+    ("SliceThickness", b"inf", "is not a finite number"),
+    ("ImagePositionPatient", b"-12.5\\-30", "has 2 value(s), expected 3"),
+    ("ImagePositionPatient", b"-12.5\\-30\\NaN", "is not a finite number"),
+    ("ImagePositionPatient", b"-12.5\\y\\-185", "is not a number"),
+])
+def test_malformed_numeric_field_refuses_the_series(folder, keyword, raw, defect):
+  uid, stored, z_mm = fx.write_series(folder, num_slices=8, shuffle_names=False)
+  path = os.path.join(folder, "series", "IM0003.dcm")
+  dataset = fx.make_slice(stored[3], series_uid=uid, position_mm=(-12.5, -30.0, z_mm[3]))
+  fx.set_raw_value(dataset, keyword, raw)
+  fx.write(dataset, path)
+  message = read_error(folder, uid)
+  assert message.startswith(f"{token_of(folder, 'series/IM0003.dcm')}: {keyword} {defect}, so the image "), message
+  assert "abc" not in message and "five" not in message  # The value itself is never quoted.
+  assert read_error(folder, uid, series_uid=uid) == message  # A manifest series_uid does not bypass it.
+
+
+def test_malformed_field_in_another_series_does_not_stop_the_chosen_one(folder):
+  chosen, stored, _ = fx.write_series(folder, num_slices=8, subfolder="standard")
+  thin, _, _ = fx.write_series(folder, num_slices=8, subfolder="thin", slice_thickness_mm=1.0,
+                               shuffle_names=False)
+  dataset = pydicom.dcmread(os.path.join(folder, "thin", "IM0002.dcm"))
+  fx.set_raw_value(dataset, "RescaleSlope", b"abc")
+  fx.write(dataset, os.path.join(folder, "thin", "IM0002.dcm"))
+  series = dicom.read_ct_series(folder)
+  assert series.series_uid == chosen
+  np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
+  assert read_error(folder, chosen, thin, series_uid=thin).startswith(
+      f"{token_of(folder, 'thin/IM0002.dcm')}: RescaleSlope is not a number")

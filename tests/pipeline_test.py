@@ -1,6 +1,7 @@
 """End-to-end tests of the data pipeline on a tiny phantom cohort (4 patients, 64 px, 32 px images)."""
 
 import collections
+import hashlib
 import json
 import os
 import shutil
@@ -265,7 +266,11 @@ def _failing_manifest(cohort, first_config):
   path = os.path.join(folder, "manifest-with-failures.csv")
   with open(path, "w", encoding="utf-8") as handle:
     handle.write(text)
-  return path, os.path.basename(victim)
+  # The file's token: its position in the study's sorted listing and a keyed hash of its relative path.
+  listing = sorted(os.listdir(broken))
+  name = os.path.basename(victim)
+  digest = hashlib.sha256(b"pdx-tf file token v1\0" + name.encode("utf-8")).hexdigest()[:6]
+  return path, f"file#{listing.index(name):04d}-{digest}"
 
 
 def _phi_strings(cohort_folder):
@@ -286,7 +291,7 @@ def _phi_strings(cohort_folder):
 
 def test_failures_are_reported_and_other_patients_kept(first_run, cohort, tmp_path):
   first_config, _ = first_run
-  manifest_path, truncated_name = _failing_manifest(cohort, first_config)
+  manifest_path, truncated_token = _failing_manifest(cohort, first_config)
   output_dir = str(tmp_path / "D")
   shutil.copytree(first_config.output_dir, output_dir)  # same studies: the 4 good patients are reused
   config = dataclass_replace(first_config, manifest_path=manifest_path, output_dir=output_dir)
@@ -296,7 +301,7 @@ def test_failures_are_reported_and_other_patients_kept(first_run, cohort, tmp_pa
   assert sorted(reasons) == ["broken", "missing"]
   assert "\n" not in "".join(reasons.values())
   assert "truncated" in reasons["broken"] or "corrupt" in reasons["broken"], reasons["broken"]
-  assert truncated_name in reasons["broken"]  # names the file (relative to the study folder)
+  assert reasons["broken"].startswith(truncated_token + ": ")  # names the file by token, never by path
   assert "exist" in reasons["missing"] or "missing" in reasons["missing"], reasons["missing"]
   failures = io_utils.read_csv(os.path.join(output_dir, "failures.csv"))
   assert [row["patient_id"] for row in failures] == ["broken", "missing"]

@@ -6,9 +6,12 @@ reports, structured reports, presentation states), secondary captures and screen
 multi-frame objects, other modalities and non-axial (sagittal, coronal, oblique) images. The remaining files
 are grouped by series, one series is chosen, and only its pixels are decoded.
 
-Error messages name files by their path relative to the folder and never quote a header value (names, IDs,
-dates, UIDs, institution): callers prefix the manifest's `patient_id`. Path components that look like DICOM
-UIDs (exports often name files by SOP Instance UID) are withheld too.
+Messages never quote a header value (names, IDs, dates, UIDs, institution) nor any part of a path inside the
+study: PACS exports name folders and files after the patient (`DOE_JANE_19650312/20240101_CT/IM0001`). A file
+is named by a token, `file#0007-3fa9c1`: its position in the study's sorted file listing and the first 6 hex
+digits of sha256(FILE_TOKEN_KEY + its path relative to the study, "/"-separated). Callers prefix the manifest's
+`patient_id`. With `show_paths=True` the real relative path of every token that a warning or error mentions is
+printed to stderr (the console) only; it never enters a message, a warning or a returned field.
 """
 
 from __future__ import annotations
@@ -16,12 +19,15 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import hashlib
 import logging
 import math
 import os
 import re
+import sys
 import warnings as warnings_module
-from typing import Any, BinaryIO, Iterator
+import zlib
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 import pydicom
@@ -37,8 +43,15 @@ AXIAL_TOLERANCE_DEGREES = 10.0
 STACK_TILT_TOLERANCE_DEGREES = 0.5
 # Nonzero GantryDetectorTilt below this is treated as a rounding artefact ("-0.0", "0.001").
 HEADER_TILT_TOLERANCE_DEGREES = 0.01
-# The study used 5 mm axial reconstructions; among equally long series the nearest thickness wins.
-PREFERRED_SLICE_THICKNESS_MM = 5.0
+# The standard axial reconstruction a 2D slice method is built on; the automatic choice prefers the nearest.
+DEFAULT_SLICE_THICKNESS_MM = 5.0
+# A series "covers the abdomen" for the automatic choice when its z extent is at least this fraction of the
+# longest series' (a partial reconstruction, e.g. of the liver only, is chosen only if nothing else is).
+MIN_COVERAGE_FRACTION = 0.5
+# Fixed (public) key of the file tokens: a token maps back to its file only with the study folder at hand.
+FILE_TOKEN_KEY = b"pdx-tf file token v1\0"
+# A file token as it appears in messages (for `show_paths`).
+FILE_TOKEN_PATTERN = re.compile(r"file#\d{4,}-[0-9a-f]{6}")
 # A gap larger than this multiple of the median slice spacing means missing slices: warn, don't refuse.
 UNEVEN_SPACING_FACTOR = 1.5
 # Slices closer than this along the normal are the same position imaged twice.
@@ -55,8 +68,6 @@ _MULTI_FRAME_CT_SOP_CLASSES = frozenset({
 })
 _SECONDARY_CAPTURE_PREFIX = "1.2.840.10008.5.1.4.1.1.7"
 _MEDIA_STORAGE_DIRECTORY = "1.2.840.10008.1.3.10"
-# Folder or file names made of dotted digits (SOP Instance UIDs and the like) are withheld from messages.
-_UID_LIKE = re.compile(r"^\d+(\.\d+){4,}")
 
 # Skip reasons, used for counts in error messages.
 _NOT_DICOM = "not DICOM"
@@ -73,21 +84,27 @@ _NON_AXIAL = "non-axial"
 _SINGLE_IMAGE = "single-image series"
 _TILTED = "gantry tilt"
 _OTHER_SERIES = "other series"
+_MALFORMED = "malformed header"
 
+# What to `pip install` for a compressed syntax pydicom cannot decode here: its pylibjpeg plugin, or GDCM.
+_LIBJPEG = "pylibjpeg pylibjpeg-libjpeg` (or `pip install python-gdcm`)"
+_OPENJPEG = "pylibjpeg pylibjpeg-openjpeg` (or `pip install python-gdcm`)"
 _PLUGIN_FOR_SYNTAX = {
-    pydicom.uid.JPEGBaseline8Bit: "pylibjpeg pylibjpeg-libjpeg",
-    pydicom.uid.JPEGExtended12Bit: "pylibjpeg pylibjpeg-libjpeg",
-    pydicom.uid.JPEGLossless: "pylibjpeg pylibjpeg-libjpeg",
-    pydicom.uid.JPEGLosslessSV1: "pylibjpeg pylibjpeg-libjpeg",
-    pydicom.uid.JPEGLSLossless: "pylibjpeg pylibjpeg-libjpeg",
-    pydicom.uid.JPEGLSNearLossless: "pylibjpeg pylibjpeg-libjpeg",
-    pydicom.uid.JPEG2000Lossless: "pylibjpeg pylibjpeg-openjpeg",
-    pydicom.uid.JPEG2000: "pylibjpeg pylibjpeg-openjpeg",
-    pydicom.uid.HTJ2KLossless: "pylibjpeg pylibjpeg-openjpeg",
-    pydicom.uid.HTJ2KLosslessRPCL: "pylibjpeg pylibjpeg-openjpeg",
-    pydicom.uid.HTJ2K: "pylibjpeg pylibjpeg-openjpeg",
-    pydicom.uid.RLELossless: "pylibjpeg pylibjpeg-rle",
+    pydicom.uid.JPEGBaseline8Bit: _LIBJPEG,
+    pydicom.uid.JPEGExtended12Bit: _LIBJPEG,
+    pydicom.uid.JPEGLossless: _LIBJPEG,
+    pydicom.uid.JPEGLosslessSV1: _LIBJPEG,
+    pydicom.uid.JPEGLSLossless: _LIBJPEG,
+    pydicom.uid.JPEGLSNearLossless: _LIBJPEG,
+    pydicom.uid.JPEG2000Lossless: _OPENJPEG,
+    pydicom.uid.JPEG2000: _OPENJPEG,
+    pydicom.uid.HTJ2KLossless: "pylibjpeg pylibjpeg-openjpeg`",
+    pydicom.uid.HTJ2KLosslessRPCL: "pylibjpeg pylibjpeg-openjpeg`",
+    pydicom.uid.HTJ2K: "pylibjpeg pylibjpeg-openjpeg`",
+    pydicom.uid.RLELossless: "pylibjpeg pylibjpeg-rle`",
 }
+# pydicom's fast pixel reader parses the raw file and cannot inflate these: read them with dcmread.
+_FULL_READ_SYNTAXES = frozenset({pydicom.uid.DeflatedExplicitVRLittleEndian})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +120,9 @@ class CtSeries:
     series_uid: SeriesInstanceUID. PHI-ish: use it only to re-read the series; never write it to outputs.
     slice_thickness_mm: the most common SliceThickness of the series, None if absent.
     num_files_skipped: files walked that are not in this series (non-DICOM, non-CT, other series, ...).
-    warnings: PHI-free notes about problems that did not prevent reading (uneven spacing, unreadable files).
+    warnings: PHI-free notes about problems that did not prevent reading (uneven spacing, unreadable files);
+      files are named by token.
+    choice: what was chosen and why, without any UID (for the patient marker).
   """
   hu: np.ndarray
   z_mm: np.ndarray
@@ -112,6 +131,32 @@ class CtSeries:
   slice_thickness_mm: float | None
   num_files_skipped: int
   warnings: tuple[str, ...]
+  choice: SeriesChoice
+
+
+@dataclasses.dataclass(frozen=True)
+class SeriesChoice:
+  """Which series `read_ct_series` read, described without identifiers (safe to write to outputs).
+
+  Attributes:
+    chosen_by: "series_uid" (the manifest's override) or "automatic".
+    slice_thickness_mm: the series' most common SliceThickness, None if absent.
+    num_slices: slices read.
+    slice_spacing_mm: median distance between neighbouring slices along the normal.
+    z_extent_mm: distance from the lowest to the highest slice.
+    preferred_slice_thickness_mm: the thickness the automatic choice preferred.
+    num_candidate_series: untilted axial CT series found in the study.
+  """
+  chosen_by: str
+  slice_thickness_mm: float | None
+  num_slices: int
+  slice_spacing_mm: float
+  z_extent_mm: float
+  preferred_slice_thickness_mm: float
+  num_candidate_series: int
+
+  def to_json(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,17 +168,21 @@ class SeriesSummary:
     series_number: SeriesNumber, None if absent.
     num_slices: number of single-frame axial CT images in the series.
     slice_thickness_mm: the most common SliceThickness, None if absent.
+    slice_spacing_mm: median distance between neighbouring slices along the slice normal.
+    z_extent_mm: distance from the lowest to the highest slice along the normal (the series' coverage).
     rows: Rows of the first file.
     columns: Columns of the first file.
     pixel_spacing_mm: (row, column) PixelSpacing of the first file.
     transfer_syntax: name of the first file's transfer syntax (e.g. "JPEG 2000 Image Compression").
     gantry_tilt_degrees: 0.0, or the tilt that makes this series unusable.
-    first_file: path of the series' first file (sorted by path) relative to the folder.
+    first_file: token (see `file_token`) of the series' first file in path order; never the path.
   """
   series_uid: str = dataclasses.field(repr=False)  # Kept out of repr so logging the object leaks no UID.
   series_number: int | None
   num_slices: int
   slice_thickness_mm: float | None
+  slice_spacing_mm: float
+  z_extent_mm: float
   rows: int
   columns: int
   pixel_spacing_mm: tuple[float, float]
@@ -146,7 +195,7 @@ class SeriesSummary:
 class _Header:
   """What the series choice and geometry checks need from one file's header."""
   path: str
-  display_name: str
+  token: str  # The file token: messages name the file by it, never by its path.
   series_uid: str
   series_number: int | None
   rows: int
@@ -173,8 +222,10 @@ class _Scan:
   headers_by_series: dict[str, list[_Header]]
   skip_counts: collections.Counter
   skip_counts_by_series: dict[str, collections.Counter]
-  unreadable_files: list[str]
-  multi_frame_files: list[str]
+  unreadable_files: list[str]  # Tokens, each with why it could not be read.
+  multi_frame_files: list[str]  # Tokens.
+  malformed_by_series: dict[str, list["_Malformed"]]
+  paths_by_token: dict[str, str]  # For show_paths only: printed to the console, never put in a message.
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -246,23 +297,43 @@ def _read(path: str, **kwargs: Any) -> pydicom.Dataset:
     return pydicom.dcmread(source, **kwargs)
 
 
-def _display_name(folder: str, path: str) -> str:
-  """`path` relative to `folder`, with UID-like components withheld (they are identifiers)."""
+def _relative_path(folder: str, path: str) -> str:
+  """`path` relative to `folder`, "/"-separated (the text a token hashes; never put it in a message)."""
   relative = os.path.relpath(path, folder) if not _is_url(folder) else path[len(folder):].lstrip("/")
-  parts = relative.replace(os.sep, "/").split("/")
-  return "/".join("<UID-like name>" if _UID_LIKE.match(part) else part for part in parts)
+  return relative.replace(os.sep, "/")
+
+
+def file_token(position: int, relative_path: str) -> str:
+  """The non-identifying name of a file in messages, e.g. `file#0007-3fa9c1`.
+
+  Args:
+    position: the file's index in the study's sorted listing of all files (DICOM or not).
+    relative_path: its path relative to the study folder, "/"-separated.
+
+  Returns:
+    "file#" + the position (at least 4 digits) + "-" + the first 6 hex digits of
+    sha256(FILE_TOKEN_KEY + relative_path). It holds no text of the path; with the study folder at hand
+    (`list_file_tokens`) it maps back to its file.
+  """
+  digest = hashlib.sha256(FILE_TOKEN_KEY + relative_path.encode("utf-8")).hexdigest()[:6]
+  return f"file#{position:04d}-{digest}"
+
+
+def list_file_tokens(folder: str) -> list[tuple[str, str]]:
+  """(token, relative path) of every file under `folder`, for a console `--show_paths`; never write it out."""
+  return [(file_token(index, _relative_path(folder, path)), _relative_path(folder, path))
+          for index, path in enumerate(_walk_files(folder))]
+
+
+def _print_paths(text: str, paths_by_token: dict[str, str]) -> None:
+  """Prints the relative path of each token in `text` to stderr: the console only, never a log or file."""
+  for token in dict.fromkeys(FILE_TOKEN_PATTERN.findall(text)):
+    if token in paths_by_token:
+      print(f"{token} is {paths_by_token[token]}", file=sys.stderr)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Header pass.
-
-
-def _float_or_none(value: Any) -> float | None:
-  try:
-    result = float(value)
-  except (TypeError, ValueError):
-    return None
-  return result if math.isfinite(result) else None
 
 
 def _int_or_none(value: Any) -> int | None:
@@ -323,21 +394,68 @@ def _classify(dataset: pydicom.Dataset) -> str | None:
   return None
 
 
-def _header_from_dataset(folder: str, path: str, dataset: pydicom.Dataset) -> _Header | str:
-  """A _Header, or the skip reason for a CT image whose geometry is missing or not axial."""
-  orientation = tuple(_float_or_none(value) for value in (dataset.get("ImageOrientationPatient") or []))
-  position = tuple(_float_or_none(value) for value in (dataset.get("ImagePositionPatient") or []))
-  spacing = tuple(_float_or_none(value) for value in (dataset.get("PixelSpacing") or []))
+def _numbers(dataset: pydicom.Dataset, keyword: str, count: int) -> tuple[float, ...] | str | None:
+  """A numeric header field: its `count` finite values, None when absent or empty, else what is wrong with it.
+
+  The defect never quotes the value (a malformed field may hold anything); counts are fine to quote.
+  """
+  if keyword not in dataset:
+    return None
+  try:
+    value = dataset[keyword].value
+  except Exception:  # pylint: disable=broad-except  # pydicom converts on access and may refuse.
+    return "cannot be parsed"
+  if value is None or (isinstance(value, (str, bytes)) and not value.strip()):
+    return None
+  # A single value is a str/number (pydicom keeps an invalid DS as its text); several come as a MultiValue.
+  values = [value] if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) else list(value)
+  if len(values) != count:
+    return f"has {len(values)} value(s), expected {count}"
+  try:
+    floats = tuple(float(item) for item in values)
+  except (TypeError, ValueError):
+    return "is not a number"
+  if not all(math.isfinite(item) for item in floats):
+    return "is not a finite number"
+  return floats
+
+
+@dataclasses.dataclass(frozen=True)
+class _Malformed:
+  """A CT image whose numeric header field is present but unusable: refused, never read with a default."""
+  token: str
+  field: str
+  defect: str
+
+  def error(self) -> DicomError:
+    return DicomError(
+        f"{self.token}: {self.field} {self.defect}, so the image cannot be placed or converted to HU; fix the "
+        "header or re-export the series (or pick another series with series_uid)")
+
+
+def _header_from_dataset(token: str, path: str, dataset: pydicom.Dataset) -> _Header | _Malformed | str:
+  """A _Header, a _Malformed numeric field, or the skip reason for a CT image without geometry or not axial."""
+  fields = {keyword: _numbers(dataset, keyword, count) for keyword, count in (
+      ("ImageOrientationPatient", 6), ("ImagePositionPatient", 3), ("PixelSpacing", 2), ("SliceThickness", 1),
+      ("RescaleSlope", 1), ("RescaleIntercept", 1), ("GantryDetectorTilt", 1))}
   rows = _int_or_none(dataset.get("Rows"))
   columns = _int_or_none(dataset.get("Columns"))
-  if (len(orientation) != 6 or None in orientation or len(position) != 3 or None in position
-      or len(spacing) != 2 or None in spacing or not rows or not columns or min(spacing) <= 0):
+  if (fields["ImageOrientationPatient"] is None or fields["ImagePositionPatient"] is None
+      or fields["PixelSpacing"] is None or not rows or not columns):
     return _MISSING_GEOMETRY
+  for keyword, value in fields.items():
+    if isinstance(value, str):
+      return _Malformed(token, keyword, value)
+  if min(fields["PixelSpacing"]) <= 0:
+    return _Malformed(token, "PixelSpacing", "is not positive")
+  thickness = fields["SliceThickness"]
+  if thickness is not None and thickness[0] <= 0:
+    return _Malformed(token, "SliceThickness", "is not positive")
+  orientation = fields["ImageOrientationPatient"]
   normal = _slice_normal(orientation)
   if np.linalg.norm(normal) < 0.5:
-    return _MISSING_GEOMETRY
-  header_tilt = _float_or_none(dataset.get("GantryDetectorTilt")) or 0.0
-  slope = _float_or_none(dataset.get("RescaleSlope"))
+    return _Malformed(token, "ImageOrientationPatient", "has parallel row and column directions")
+  header_tilt = fields["GantryDetectorTilt"][0] if fields["GantryDetectorTilt"] else 0.0
   # A tilted acquisition keeps its tilted plane, so allow the tilt on top of the axial tolerance here and
   # refuse it later with a clear reason instead of calling it "non-axial".
   allowed = AXIAL_TOLERANCE_DEGREES + (abs(header_tilt) + 1.0
@@ -345,21 +463,23 @@ def _header_from_dataset(folder: str, path: str, dataset: pydicom.Dataset) -> _H
   if _angle_to_z_degrees(normal) > allowed:
     return _NON_AXIAL
   meta = getattr(dataset, "file_meta", None)
+  slope, intercept, spacing = fields["RescaleSlope"], fields["RescaleIntercept"], fields["PixelSpacing"]
   return _Header(
       path=path,
-      display_name=_display_name(folder, path),
+      token=token,
       series_uid=str(dataset.SeriesInstanceUID),
       series_number=_int_or_none(dataset.get("SeriesNumber")),
       rows=rows,
       columns=columns,
       pixel_spacing_mm=(spacing[0], spacing[1]),
       orientation=orientation,
-      position_mm=position,
-      slice_thickness_mm=_float_or_none(dataset.get("SliceThickness")),
+      position_mm=fields["ImagePositionPatient"],
+      slice_thickness_mm=thickness[0] if thickness else None,
       header_tilt_degrees=header_tilt,
       transfer_syntax_uid=str(meta.get("TransferSyntaxUID", "")) if meta is not None else "",
-      rescale_slope=1.0 if slope is None else slope,
-      rescale_intercept=_float_or_none(dataset.get("RescaleIntercept")) or 0.0,
+      # Absent (not malformed) rescale values: identity, as for CT written without them; present ones must parse.
+      rescale_slope=slope[0] if slope else 1.0,
+      rescale_intercept=intercept[0] if intercept else 0.0,
       padding_value=_int_or_none(dataset.get("PixelPaddingValue")),
       padding_range_limit=_int_or_none(dataset.get("PixelPaddingRangeLimit")),
       bits_allocated=_int_or_none(dataset.get("BitsAllocated")) or 16,
@@ -375,10 +495,13 @@ def _scan(folder: str) -> _Scan:
   scan = _Scan(num_files=len(paths), headers_by_series=collections.defaultdict(list),
                skip_counts=collections.Counter(),
                skip_counts_by_series=collections.defaultdict(collections.Counter),
-               unreadable_files=[], multi_frame_files=[])
+               unreadable_files=[], multi_frame_files=[],
+               malformed_by_series=collections.defaultdict(list), paths_by_token={})
   with _quiet_pydicom():
-    for path in paths:
-      _scan_file(folder, path, scan)
+    for index, path in enumerate(paths):
+      token = file_token(index, _relative_path(folder, path))
+      scan.paths_by_token[token] = _relative_path(folder, path)
+      _scan_file(token, path, scan)
   # Single images (a lone scout, a key image) are not a series we can use.
   for series_uid in [uid for uid, headers in scan.headers_by_series.items() if len(headers) == 1]:
     scan.skip_counts[_SINGLE_IMAGE] += 1
@@ -387,32 +510,36 @@ def _scan(folder: str) -> _Scan:
   return scan
 
 
-def _scan_file(folder: str, path: str, scan: _Scan) -> None:
+def _scan_file(token: str, path: str, scan: _Scan) -> None:
   """Reads one header (no pixels) and files it under its series or under a skip reason."""
   try:
     dataset = _read(path, stop_before_pixels=True)
   except pydicom.errors.InvalidDicomError:
     scan.skip_counts[_NOT_DICOM] += 1
     return
-  except Exception:  # pylint: disable=broad-except  # A broken stray file must not stop the patient.
+  except Exception as error:  # pylint: disable=broad-except  # A broken stray file must not stop the patient.
     scan.skip_counts[_UNREADABLE] += 1
-    scan.unreadable_files.append(_display_name(folder, path))
+    scan.unreadable_files.append(f"{token}, {_why_unparseable(error)}")
     return
   reason = _classify(dataset)
+  series_uid = str(dataset.get("SeriesInstanceUID") or "")
   if reason is None:
-    header = _header_from_dataset(folder, path, dataset)
+    header = _header_from_dataset(token, path, dataset)
     if isinstance(header, _Header):
       scan.headers_by_series[header.series_uid].append(header)
       return
-    reason = header
+    if isinstance(header, _Malformed):
+      scan.malformed_by_series[series_uid].append(header)
+      reason = _MALFORMED
+    else:
+      reason = header
   scan.skip_counts[reason] += 1
   if reason == _UNREADABLE:
-    scan.unreadable_files.append(_display_name(folder, path))
+    scan.unreadable_files.append(f"{token}, header incomplete")
   if reason == _MULTI_FRAME:
-    scan.multi_frame_files.append(_display_name(folder, path))
-  series_uid = dataset.get("SeriesInstanceUID")
+    scan.multi_frame_files.append(token)
   if series_uid:
-    scan.skip_counts_by_series[str(series_uid)][reason] += 1
+    scan.skip_counts_by_series[series_uid][reason] += 1
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -450,35 +577,51 @@ def _series_tilt_degrees(headers: list[_Header]) -> float:
   return stack_tilt if stack_tilt > STACK_TILT_TOLERANCE_DEGREES else 0.0
 
 
+def _z_along_normal(headers: list[_Header]) -> np.ndarray:
+  return np.asarray([h.position_mm for h in headers], dtype=np.float64) @ _slice_normal(headers[0].orientation)
+
+
 def _summarize(series_uid: str, headers: list[_Header]) -> SeriesSummary:
+  headers = sorted(headers, key=lambda h: h.path)
   first = headers[0]
   syntax = pydicom.uid.UID(first.transfer_syntax_uid)
+  z_mm = np.sort(_z_along_normal(headers))
   return SeriesSummary(
       series_uid=series_uid,
       series_number=first.series_number,
       num_slices=len(headers),
       slice_thickness_mm=_most_common_thickness(headers),
+      slice_spacing_mm=float(np.median(np.diff(z_mm))),
+      z_extent_mm=float(z_mm[-1] - z_mm[0]),
       rows=first.rows,
       columns=first.columns,
       pixel_spacing_mm=first.pixel_spacing_mm,
       transfer_syntax=_syntax_name(syntax),
       gantry_tilt_degrees=_series_tilt_degrees(headers),
-      first_file=first.display_name,
+      first_file=first.token,
   )
 
 
-def _choice_key(summary: SeriesSummary) -> tuple:
-  """Most slices, then thickness nearest 5 mm, then lowest SeriesNumber, then first file (determinism)."""
-  thickness_distance = (abs(summary.slice_thickness_mm - PREFERRED_SLICE_THICKNESS_MM)
-                        if summary.slice_thickness_mm is not None else math.inf)
-  series_number = summary.series_number if summary.series_number is not None else math.inf
-  return (summary.gantry_tilt_degrees != 0.0, -summary.num_slices, thickness_distance, series_number,
-          summary.first_file)
+def _summaries(scan: _Scan, slice_thickness_mm: float, min_slices: int) -> list[SeriesSummary]:
+  """The candidate series, best first: the automatic choice is the first untilted one.
 
-
-def _summaries(scan: _Scan) -> list[SeriesSummary]:
+  Order: untilted; then those that cover the abdomen (z extent at least MIN_COVERAGE_FRACTION of the longest
+  untilted series') with at least `min_slices` slices; among these the slice thickness nearest
+  `slice_thickness_mm`, then the longest z extent, then the lowest SeriesNumber, then the first file token.
+  """
   summaries = [_summarize(uid, headers) for uid, headers in scan.headers_by_series.items()]
-  return sorted(summaries, key=_choice_key)
+  longest = max((s.z_extent_mm for s in summaries if s.gantry_tilt_degrees == 0.0), default=0.0)
+
+  def key(summary: SeriesSummary) -> tuple:
+    partial = summary.z_extent_mm < MIN_COVERAGE_FRACTION * longest or summary.num_slices < min_slices
+    # Rounded so that float noise in the header (4.8 vs 4.8000001) does not decide between series.
+    thickness_distance = (round(abs(summary.slice_thickness_mm - slice_thickness_mm), 3)
+                          if summary.slice_thickness_mm is not None else math.inf)
+    series_number = summary.series_number if summary.series_number is not None else math.inf
+    return (summary.gantry_tilt_degrees != 0.0, partial, thickness_distance, -round(summary.z_extent_mm, 3),
+            series_number, summary.first_file)
+
+  return sorted(summaries, key=key)
 
 
 def _describe_counts(counts: collections.Counter) -> str:
@@ -488,7 +631,7 @@ def _describe_counts(counts: collections.Counter) -> str:
 
 def _tilt_error(headers: list[_Header], tilt_degrees: float) -> DicomError:
   return DicomError(
-      f"{headers[0].display_name}: gantry tilt of {abs(tilt_degrees):.1f} degrees is not supported; "
+      f"{headers[0].token}: gantry tilt of {abs(tilt_degrees):.1f} degrees is not supported; "
       "reconstruct axial images without tilt")
 
 
@@ -498,20 +641,20 @@ def _check_geometry(headers: list[_Header], min_slices: int) -> None:
   for header in headers[1:]:
     if (header.rows, header.columns) != (first.rows, first.columns):
       raise DicomError(
-          f"{header.display_name}: image size {header.rows}x{header.columns} differs from "
-          f"{first.rows}x{first.columns} in {first.display_name} of the same series; "
+          f"{header.token}: image size {header.rows}x{header.columns} differs from "
+          f"{first.rows}x{first.columns} in {first.token} of the same series; "
           "re-export the series or pick another with series_uid")
     if not np.allclose(header.pixel_spacing_mm, first.pixel_spacing_mm, rtol=GEOMETRY_TOLERANCE, atol=0):
       raise DicomError(
-          f"{header.display_name}: pixel spacing differs from {first.display_name} of the same series; "
+          f"{header.token}: pixel spacing differs from {first.token} of the same series; "
           "re-export the series or pick another with series_uid")
     if not np.allclose(header.orientation, first.orientation, rtol=0, atol=GEOMETRY_TOLERANCE):
       raise DicomError(
-          f"{header.display_name}: image orientation differs from {first.display_name} of the same series; "
+          f"{header.token}: image orientation differs from {first.token} of the same series; "
           "re-export the series or pick another with series_uid")
   if len(headers) < min_slices:
     raise DicomError(
-        f"{first.display_name}: the chosen series has only {len(headers)} slices (min_slices={min_slices}); "
+        f"{first.token}: the chosen series has only {len(headers)} slices (min_slices={min_slices}); "
         "export the complete axial series")
   tilt_degrees = _series_tilt_degrees(headers)
   if tilt_degrees != 0.0:
@@ -530,7 +673,7 @@ def _order_slices(headers: list[_Header]) -> tuple[list[_Header], np.ndarray]:
   if duplicates.size:
     index = int(duplicates[0])
     raise DicomError(
-        f"{ordered[index + 1].display_name}: same slice position as {ordered[index].display_name} "
+        f"{ordered[index + 1].token}: same slice position as {ordered[index].token} "
         f"({duplicates.size} duplicated position(s) in the series); the series mixes two acquisitions, "
         "re-export it or pick another with series_uid")
   return ordered, z_mm
@@ -566,13 +709,13 @@ def _check_decodable(header: _Header) -> None:
   """Refuses, before any pixel is read, a transfer syntax that this installation cannot decode."""
   syntax = pydicom.uid.UID(header.transfer_syntax_uid)
   if not syntax:
-    raise DicomError(f"{header.display_name}: the file has no transfer syntax; re-export the series")
+    raise DicomError(f"{header.token}: the file has no transfer syntax; re-export the series")
   if header.rescale_slope == 0.0:
     raise DicomError(
-        f"{header.display_name}: RescaleSlope is 0, so no HU can be computed; re-export the series")
+        f"{header.token}: RescaleSlope is 0, so no HU can be computed; re-export the series")
   if header.uses_modality_lut:
     raise DicomError(
-        f"{header.display_name}: uses a Modality LUT instead of RescaleSlope/RescaleIntercept, which is not "
+        f"{header.token}: uses a Modality LUT instead of RescaleSlope/RescaleIntercept, which is not "
         "supported; re-export the series with rescale values")
   if not syntax.is_compressed:
     return
@@ -581,13 +724,13 @@ def _check_decodable(header: _Header) -> None:
     decoder = _get_decoder(syntax)
   except NotImplementedError:
     raise DicomError(
-        f"{header.display_name}: pixel data in '{name}' cannot be decoded by pydicom; re-export the series "
+        f"{header.token}: pixel data in '{name}' cannot be decoded by pydicom; re-export the series "
         "uncompressed (e.g. `gdcmconv --raw` or `dcmdjpeg`)") from None
   if not decoder.is_available:
-    plugin = _PLUGIN_FOR_SYNTAX.get(syntax, "pylibjpeg pylibjpeg-libjpeg pylibjpeg-openjpeg")
+    plugin = _PLUGIN_FOR_SYNTAX.get(syntax, "python-gdcm`")
     raise DicomError(
-        f"{header.display_name}: pixel data in '{name}' needs a decoder plugin that is not installed; "
-        f"run `pip install {plugin}`")
+        f"{header.token}: pixel data in '{name}' needs a decoder plugin that is not installed; "
+        f"run `pip install {plugin}")
 
 
 def _padding_mask(header: _Header, raw: np.ndarray) -> np.ndarray | None:
@@ -607,22 +750,76 @@ def _padding_mask(header: _Header, raw: np.ndarray) -> np.ndarray | None:
   return (raw >= low) & (raw <= high)
 
 
-def _decode_slice(header: _Header, out: np.ndarray) -> None:
-  """Reads one file's pixels once and writes its HU into `out` (float32 [Y, X])."""
-  source = _open(header.path)
+def _fast_pixels(path: str) -> np.ndarray:
+  source = _open(path)
   try:
     # Given a path, pydicom reads only the pixel-related elements: the header was converted in the first pass.
-    raw = pydicom.pixels.pixel_array(source)
-  except Exception as error:  # pylint: disable=broad-except
-    raise DicomError(
-        f"{header.display_name}: pixel data cannot be read ({type(error).__name__}); the file is truncated "
-        "or corrupt, re-export the series") from None
+    return pydicom.pixels.pixel_array(source)
   finally:
     if not isinstance(source, str):
       source.close()
+
+
+def _why_unparseable(error: Exception) -> str:
+  """"truncated" or "corrupt (<exception type>)" for an error of pydicom.dcmread (never its text: PHI)."""
+  if isinstance(error, EOFError) or (isinstance(error, zlib.error) and "truncated" in str(error)):
+    return "truncated"
+  return f"corrupt ({type(error).__name__})"
+
+
+def _read_failure(header: _Header, error: Exception) -> DicomError:
+  """What is wrong with a file that pydicom cannot parse in full (the header pass read its header)."""
+  if _why_unparseable(error) == "truncated":
+    return DicomError(f"{header.token}: the file is truncated (it ends inside its data); re-export the series")
+  return DicomError(
+      f"{header.token}: the file cannot be parsed ({type(error).__name__}) and is corrupt; re-export the series")
+
+
+def _full_pixels(header: _Header) -> np.ndarray:
+  """Pixels through a full `dcmread`, and on failure the reason: truncated, corrupt or not decodable here."""
+  syntax = pydicom.uid.UID(header.transfer_syntax_uid)
+  try:
+    dataset = _read(header.path)
+  except Exception as error:  # pylint: disable=broad-except
+    raise _read_failure(header, error) from None
+  if "PixelData" not in dataset:
+    # pydicom drops a pixel data element that the file ends inside of (a header pass never reads it).
+    raise DicomError(f"{header.token}: the file holds no complete pixel data (it is truncated, or was exported "
+                     "without pixels); re-export the series")
+  if not syntax.is_compressed:
+    expected = header.rows * header.columns * header.bits_allocated // 8
+    actual = len(dataset.PixelData)
+    if actual < expected:
+      raise DicomError(
+          f"{header.token}: the file is truncated: its pixel data holds {actual} of the {expected} bytes that "
+          f"{header.rows}x{header.columns} pixels of {header.bits_allocated} bits need; re-export the series")
+  try:
+    return dataset.pixel_array
+  except Exception as error:  # pylint: disable=broad-except
+    name = _syntax_name(syntax)
+    other = " or decode it with another plugin (`pip install python-gdcm`)" if syntax.is_compressed else ""
+    raise DicomError(
+        f"{header.token}: pixel data in '{name}' cannot be decoded ({type(error).__name__}): the file is corrupt; "
+        f"re-export the series{other}") from None
+
+
+def _decode_slice(header: _Header, out: np.ndarray) -> None:
+  """Reads one file's pixels once and writes its HU into `out` (float32 [Y, X]).
+
+  The fast path reads only the pixel elements; where it fails (deflated files, odd encodings) a full `dcmread`
+  decodes the file, and where that fails too the error says what is wrong.
+  """
+  raw = None
+  if pydicom.uid.UID(header.transfer_syntax_uid) not in _FULL_READ_SYNTAXES:
+    try:
+      raw = _fast_pixels(header.path)
+    except Exception:  # pylint: disable=broad-except  # The full read below decides, and explains failures.
+      raw = None
+  if raw is None:
+    raw = _full_pixels(header)
   if raw.shape != out.shape:
     raise DicomError(
-        f"{header.display_name}: decoded pixels have shape {raw.shape}, expected {out.shape} (multi-frame "
+        f"{header.token}: decoded pixels have shape {raw.shape}, expected {out.shape} (multi-frame "
         "or inconsistent header); multi-frame files are not supported, export single-frame CT images")
   # Writing into the preallocated volume, cast and rescale fused, avoids float temporaries per slice.
   if header.rescale_slope == 1.0:
@@ -639,7 +836,8 @@ def _decode_slice(header: _Header, out: np.ndarray) -> None:
 # Public API.
 
 
-def find_ct_series(folder: str) -> list[SeriesSummary]:
+def find_ct_series(folder: str, *, slice_thickness_mm: float = DEFAULT_SLICE_THICKNESS_MM, min_slices: int = 8,
+                   show_paths: bool = False) -> list[SeriesSummary]:
   """Lists the axial CT series under `folder`, best first (the order `read_ct_series` chooses by).
 
   Only headers are read. Series with gantry tilt are listed last (with `gantry_tilt_degrees` set) because
@@ -647,6 +845,9 @@ def find_ct_series(folder: str) -> list[SeriesSummary]:
 
   Args:
     folder: a local folder (or a tf.io.gfile URL) holding one patient's DICOM files, in any layout.
+    slice_thickness_mm: the preferred slice thickness (see `read_ct_series`).
+    min_slices: series with fewer slices are listed after those with enough.
+    show_paths: print the relative path of each summary's `first_file` token to stderr (console only).
 
   Returns:
     One SeriesSummary per series of at least two single-frame axial CT images; empty if there is none.
@@ -654,46 +855,82 @@ def find_ct_series(folder: str) -> list[SeriesSummary]:
   Raises:
     DicomError: the folder does not exist.
   """
-  return _summaries(_scan(folder))
+  scan = _scan(folder)
+  summaries = _summaries(scan, slice_thickness_mm, min_slices)
+  if show_paths:
+    _print_paths(" ".join(summary.first_file for summary in summaries), scan.paths_by_token)
+  return summaries
 
 
-def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: int = 8) -> CtSeries:
+def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: int = 8,
+                   slice_thickness_mm: float = DEFAULT_SLICE_THICKNESS_MM, show_paths: bool = False) -> CtSeries:
   """Reads one axial CT series from a folder of DICOM files into a Hounsfield-unit volume.
 
-  Series choice: if `series_uid` is given, that series; otherwise, among untilted single-frame axial CT
-  series of at least two images, the one with the most slices, then the slice thickness nearest to 5 mm,
-  then the lowest SeriesNumber (then the first file path, for determinism).
+  Series choice: if `series_uid` is given, that series. Otherwise, among the untilted single-frame axial CT
+  series that cover the abdomen (at least `min_slices` slices and a z extent of at least MIN_COVERAGE_FRACTION
+  of the longest series'; if none does, all series), the one whose slice thickness is nearest
+  `slice_thickness_mm`, then the longest z extent, then the lowest SeriesNumber (then the first file token,
+  for determinism). Clinical exports usually hold a thin and a standard reconstruction of the same range; the
+  standard one is what a 2D slice method is built on, at a third of the records.
 
   Slices are ordered by ImagePositionPatient projected on the slice normal (see `CtSeries.z_mm`), never by
   InstanceNumber or file name. HU = stored value * RescaleSlope + RescaleIntercept, except that pixels
   matching PixelPaddingValue (or lying in the PixelPaddingRangeLimit range) on the stored values become
-  -1000 HU. Only the chosen series' pixels are read, each file once.
+  -1000 HU. Only the chosen series' pixels are read, each file once; every transfer syntax pydicom decodes is
+  read (deflated files through a full `dcmread`).
 
   Args:
     folder: a local folder (or a tf.io.gfile URL) holding one patient's DICOM files, in any layout.
     series_uid: the SeriesInstanceUID to read instead of the automatic choice.
     min_slices: refuse series with fewer slices than this (at least 2).
+    slice_thickness_mm: the preferred slice thickness of the automatic choice (positive).
+    show_paths: print the relative path of every file token in the warnings or the error to stderr. For local
+      debugging: the console only, never a message, log record or returned field.
 
   Returns:
-    The CtSeries. Uneven slice spacing and unreadable stray files are reported in `warnings`.
+    The CtSeries. Uneven slice spacing and unreadable stray files are reported in `warnings`; files are named
+    by token (`file_token`), never by path.
 
   Raises:
-    DicomError: with a one-line, PHI-free reason naming the file, when the folder is missing or holds no
+    DicomError: with a one-line, PHI-free reason naming the file token, when the folder is missing or holds no
       usable axial CT series, `series_uid` is not found, the series has too few slices, inconsistent
-      geometry, duplicated positions or gantry tilt, is multi-frame, or a file of it is corrupt or uses a
-      transfer syntax that cannot be decoded here.
-    ValueError: min_slices < 2.
+      geometry, duplicated positions, gantry tilt or a malformed numeric header field (RescaleSlope,
+      RescaleIntercept, PixelSpacing, SliceThickness, ImagePositionPatient, ...), is multi-frame, or a file of
+      it is truncated, corrupt or in a transfer syntax that cannot be decoded here.
+    ValueError: min_slices < 2 or slice_thickness_mm <= 0.
   """
   if min_slices < 2:
     raise ValueError(f"min_slices must be at least 2, got {min_slices}")
+  if not slice_thickness_mm > 0:
+    raise ValueError(f"slice_thickness_mm must be positive, got {slice_thickness_mm}")
   scan = _scan(folder)
-  summaries = _summaries(scan)
+  try:
+    series = _read_scanned(scan, series_uid, min_slices, slice_thickness_mm)
+  except DicomError as error:
+    if show_paths:
+      _print_paths(str(error), scan.paths_by_token)
+    raise
+  if show_paths:
+    _print_paths(" ".join(series.warnings), scan.paths_by_token)
+  return series
+
+
+def _malformed_error(scan: _Scan, series_uid: str) -> DicomError:
+  return min(scan.malformed_by_series[series_uid], key=lambda malformed: malformed.token).error()
+
+
+def _read_scanned(scan: _Scan, series_uid: str | None, min_slices: int, slice_thickness_mm: float) -> CtSeries:
+  """`read_ct_series` after the header pass."""
+  summaries = _summaries(scan, slice_thickness_mm, min_slices)
   if scan.num_files == 0 or scan.skip_counts[_NOT_DICOM] == scan.num_files:
     raise DicomError(
         f"no DICOM files in the folder ({scan.num_files} file(s) checked; DICOM files need the 128-byte "
         "preamble and 'DICM' prefix); check the path in the manifest")
 
+  usable = [summary for summary in summaries if summary.gantry_tilt_degrees == 0.0]
   if series_uid is not None:
+    if series_uid in scan.malformed_by_series:
+      raise _malformed_error(scan, series_uid)
     if series_uid not in scan.headers_by_series:
       if series_uid in scan.skip_counts_by_series:
         raise DicomError(
@@ -705,11 +942,13 @@ def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: in
           "list them with find_ct_series")
     chosen_uid = series_uid
   else:
-    usable = [summary for summary in summaries if summary.gantry_tilt_degrees == 0.0]
     if not usable:
       if summaries:  # Only tilted series: say so rather than "nothing found".
         tilted = summaries[0]
         raise _tilt_error(scan.headers_by_series[tilted.series_uid], tilted.gantry_tilt_degrees)
+      if scan.malformed_by_series:  # Say which field is malformed rather than "nothing found".
+        raise _malformed_error(scan, min(scan.malformed_by_series,
+                                         key=lambda uid: min(m.token for m in scan.malformed_by_series[uid])))
       if scan.multi_frame_files:
         raise DicomError(
             f"{scan.multi_frame_files[0]}: multi-frame (enhanced) CT files are not supported and no "
@@ -718,6 +957,8 @@ def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: in
           f"no usable axial CT series in the folder ({scan.num_files} file(s) skipped: "
           f"{_describe_counts(scan.skip_counts)}); export the axial CT series")
     chosen_uid = usable[0].series_uid
+    if chosen_uid in scan.malformed_by_series:  # Refuse the series rather than read it with a slice missing.
+      raise _malformed_error(scan, chosen_uid)
 
   headers = sorted(scan.headers_by_series[chosen_uid], key=lambda h: h.path)
   _check_geometry(headers, min_slices)
@@ -740,12 +981,23 @@ def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: in
     warnings.append(
         f"{len(scan.unreadable_files)} DICOM file(s) could not be read and were skipped "
         f"(first: {scan.unreadable_files[0]})")
+  thickness = _most_common_thickness(ordered)
+  choice = SeriesChoice(
+      chosen_by="series_uid" if series_uid is not None else "automatic",
+      slice_thickness_mm=thickness,
+      num_slices=len(ordered),
+      slice_spacing_mm=float(np.median(np.diff(z_mm))),
+      z_extent_mm=float(z_mm[-1] - z_mm[0]),
+      preferred_slice_thickness_mm=float(slice_thickness_mm),
+      num_candidate_series=len(usable),
+  )
   return CtSeries(
       hu=hu,
       z_mm=z_mm,
       pixel_spacing_mm=ordered[0].pixel_spacing_mm,
       series_uid=chosen_uid,
-      slice_thickness_mm=_most_common_thickness(ordered),
+      slice_thickness_mm=thickness,
       num_files_skipped=scan.num_files - len(ordered),
       warnings=tuple(warnings),
+      choice=choice,
   )

@@ -76,6 +76,8 @@ class PipelineConfig:
     num_workers: patient-level worker processes; 1 runs in this process.
     allow_failures: write dataset.json (and exit 0) even if some patients failed; they are left out.
     slice_spacing_mm: resample abdominal slices to this z spacing (linear); None keeps the study's slices.
+    slice_thickness_mm: the automatic series choice prefers the slice thickness nearest this (see
+      `pdx_tf.data.dicom.read_ct_series`); a manifest series_uid wins.
     shard_size_mb: the largest augmented shard, in MiB.
     min_slices: fewest slices accepted, in the series and in the abdominal range.
     write_qc: write the QC montages and index page.
@@ -95,6 +97,7 @@ class PipelineConfig:
   num_workers: int = 1
   allow_failures: bool = False
   slice_spacing_mm: float | None = None
+  slice_thickness_mm: float = 5.0  # pdx_tf.data.dicom.DEFAULT_SLICE_THICKNESS_MM (dicom is imported lazily).
   shard_size_mb: float = 150.0
   min_slices: int = 8
   write_qc: bool = True
@@ -115,6 +118,8 @@ class PipelineConfig:
       raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
     if self.slice_spacing_mm is not None and not self.slice_spacing_mm > 0:
       raise ValueError(f"slice_spacing_mm must be positive or None, got {self.slice_spacing_mm}")
+    if not self.slice_thickness_mm > 0:
+      raise ValueError(f"slice_thickness_mm must be positive, got {self.slice_thickness_mm}")
     if not self.shard_size_mb > 0:
       raise ValueError(f"shard_size_mb must be positive, got {self.shard_size_mb}")
     if self.min_slices < 1:
@@ -337,7 +342,8 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
 
   output_dir = config.output_dir
   shards.remove_patient_files(output_dir, row.patient_id)
-  series = dicom.read_ct_series(row.dicom_dir, row.series_uid, min_slices=max(2, config.min_slices))
+  series = dicom.read_ct_series(row.dicom_dir, row.series_uid, min_slices=max(2, config.min_slices),
+                                slice_thickness_mm=config.slice_thickness_mm)
   abdomen, _ = region.select_abdomen(
       series.hu, series.z_mm, series.pixel_spacing_mm, z_min_mm=row.z_min_mm, z_max_mm=row.z_max_mm,
       slice_spacing_mm=config.slice_spacing_mm, min_slices=config.min_slices, config=config.region,
@@ -363,6 +369,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
       "num_slices": int(abdomen.hu.shape[0]),
       "z_range_mm": [float(abdomen.z_range_mm[0]), float(abdomen.z_range_mm[1])],
       "z_range_rule": abdomen.rule,
+      "series": series.choice.to_json(),  # Thickness, slice count, spacing of the chosen series; no UID.
       "warnings": list(abdomen.warnings),
       "original_shards": [shard["path"] for shard in original_writer.shards],
       "augmented_shards": [shard["path"] for shard in augmented_writer.shards],

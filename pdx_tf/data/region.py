@@ -323,7 +323,8 @@ def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[flo
 
 def load_abdomen(folder: str, *, series_uid: str | None = None, z_min_mm: float | None = None,
                  z_max_mm: float | None = None, slice_spacing_mm: float | None = None,
-                 config: RegionConfig = RegionConfig(), min_slices: int = 8) -> AbdominalRegion:
+                 config: RegionConfig = RegionConfig(), min_slices: int = 8, slice_thickness_mm: float = 5.0,
+                 show_paths: bool = False) -> AbdominalRegion:
   """Reads a study folder and returns its abdominal slices.
 
   Args:
@@ -334,6 +335,8 @@ def load_abdomen(folder: str, *, series_uid: str | None = None, z_min_mm: float 
     slice_spacing_mm: resample to this spacing along z (linear), or keep the study's slices.
     config: parameters of the automatic rule.
     min_slices: fewest slices accepted, both in the series and in the abdominal range.
+    slice_thickness_mm: the automatic series choice prefers the nearest slice thickness (see `read_ct_series`).
+    show_paths: print the real paths of file tokens in DICOM warnings or errors to the console (debugging).
 
   Raises:
     DicomError: the series cannot be read (see `pdx_tf.data.dicom.read_ct_series`).
@@ -341,7 +344,8 @@ def load_abdomen(folder: str, *, series_uid: str | None = None, z_min_mm: float 
   """
   from pdx_tf.data import dicom  # pylint: disable=import-outside-toplevel
 
-  series = dicom.read_ct_series(folder, series_uid, min_slices=max(2, min_slices))
+  series = dicom.read_ct_series(folder, series_uid, min_slices=max(2, min_slices),
+                                slice_thickness_mm=slice_thickness_mm, show_paths=show_paths)
   region, _ = select_abdomen(series.hu, series.z_mm, series.pixel_spacing_mm, z_min_mm=z_min_mm,
                              z_max_mm=z_max_mm, slice_spacing_mm=slice_spacing_mm, min_slices=min_slices,
                              config=config, warnings=series.warnings)
