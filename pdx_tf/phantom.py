@@ -125,7 +125,7 @@ class PhantomPatient:
   label_p: int
   label_sb: int
   covariates: dict[str, Any]          # ascites, pci, site, nodule_count, omental_cake (bool)
-  abdomen_z_range_mm: tuple[float, float]  # (pelvic floor, lung bases); both lie half-way between slices
+  abdomen_z_range_mm: tuple[float, float]  # (pelvic floor, diaphragm dome top); both half-way between slices
   pixel_spacing_mm: float
   tissue_labels: np.ndarray           # uint8, values index phantom_anatomy.TISSUE_NAMES
   nodule_sites: tuple[str, ...]       # site of each nodule, small-bowel nodules first
@@ -181,10 +181,10 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
   z_start = round(rng.uniform(-620.0, -380.0), 1)
   z_mm = np.round(z_start + spacing * np.arange(thigh_slices + abdomen_slices + chest_slices), 3)
   pelvic_floor = round(float(z_mm[thigh_slices - 1] + spacing / 2), 3)
-  lung_base = round(pelvic_floor + abdomen_slices * spacing, 3)
+  dome_top = round(pelvic_floor + abdomen_slices * spacing, 3)
   half_width = rng.uniform(128.0, 155.0) + (6.0 if site == "B" else 0.0)
   body = anatomy_lib.BodyShape(
-      pelvic_floor_mm=pelvic_floor, lung_base_mm=lung_base, half_width_mm=half_width,
+      pelvic_floor_mm=pelvic_floor, dome_mm=dome_top, half_width_mm=half_width,
       half_depth_mm=half_width * rng.uniform(0.76, 0.88), center_y_mm=-15.0 + rng.uniform(-5.0, 5.0),
       fat_mm=rng.uniform(8.0, 30.0), muscle_mm=rng.uniform(8.0, 13.0))
   pixel_axis = (np.arange(config.matrix_size) - (config.matrix_size - 1) / 2) * config.pixel_spacing_mm
@@ -209,7 +209,7 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
       small_bowel_nodule_mask=small_bowel_nodule_mask, label_p=label_p, label_sb=label_sb,
       covariates={"ascites": ascites, "pci": pci, "site": site, "nodule_count": len(nodules),
                   "omental_cake": has_cake},
-      abdomen_z_range_mm=(pelvic_floor, lung_base), pixel_spacing_mm=config.pixel_spacing_mm,
+      abdomen_z_range_mm=(pelvic_floor, dome_top), pixel_spacing_mm=config.pixel_spacing_mm,
       tissue_labels=anatomy.labels, nodule_sites=tuple(nodule.site for nodule in nodules))
 
 
