@@ -75,7 +75,8 @@ class PipelineConfig:
     seed: augmentation seed; each copy is keyed by (seed, patient_id, slice_index, augmentation_index).
     num_workers: patient-level worker processes; 1 runs in this process.
     allow_failures: write dataset.json (and exit 0) even if some patients failed; they are left out.
-    slice_spacing_mm: resample abdominal slices to this z spacing (linear); None keeps the study's slices.
+    slice_spacing_mm: average thin abdominal slices into slabs of this thickness (`pdx_tf.region`); a study
+      already at about this spacing keeps its slices; 0 keeps every study's native slices.
     shard_size_mb: the largest augmented shard, in MiB.
     min_slices: fewest slices accepted, in the series and in the abdominal range.
     write_qc: write the QC montages and index page.
@@ -94,7 +95,7 @@ class PipelineConfig:
   seed: int = 0
   num_workers: int = 1
   allow_failures: bool = False
-  slice_spacing_mm: float | None = None
+  slice_spacing_mm: float = 5.0
   shard_size_mb: float = 150.0
   min_slices: int = 8
   write_qc: bool = True
@@ -113,8 +114,8 @@ class PipelineConfig:
       raise ValueError(f"seed must be >= 0, got {self.seed}")
     if self.num_workers < 1:
       raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-    if self.slice_spacing_mm is not None and not self.slice_spacing_mm > 0:
-      raise ValueError(f"slice_spacing_mm must be positive or None, got {self.slice_spacing_mm}")
+    if self.slice_spacing_mm is not None and not self.slice_spacing_mm >= 0:
+      raise ValueError(f"slice_spacing_mm must be >= 0 (0 keeps the native slices), got {self.slice_spacing_mm}")
     if not self.shard_size_mb > 0:
       raise ValueError(f"shard_size_mb must be positive, got {self.shard_size_mb}")
     if self.min_slices < 1:
