@@ -74,9 +74,11 @@ class RegionConfig:
     lung_air_fraction: a slice holds lung when enclosed air exceeds this fraction of its body area (used for the
       chest-only refusal: lungs down to the study's bottom slice).
     thorax_air_fraction: a slice is thorax proper (above the diaphragm domes) when enclosed air exceeds this
-      fraction of its body area. The lung bases around the liver dome take about 5-25 % of an adult's body
-      cross-section, the lower chest above the domes 35-55 % (less in obese patients, whose fat adds body area),
-      so 30 % ends the abdomen at the domes without cutting the subphrenic spaces.
+      fraction of its body area. The lung bases around the liver dome take roughly 5-25 % of an adult's body
+      cross-section, the lower chest above the domes 35-55 % (less in obese patients, whose fat adds body area;
+      estimates from typical anatomy, not yet measured on real series), so 30 % ends the abdomen at the domes
+      without cutting the subphrenic spaces; a patient whose chest stays under it keeps extra chest slices
+      rather than losing the dome.
     min_body_area_cm2: a study whose largest body cross-section is smaller has no abdomen (head, limb).
     leg_area_fraction: each of the two largest components must hold this share of their joint area to count
       as two thighs.
