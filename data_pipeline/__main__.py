@@ -49,8 +49,9 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", pipeline.default_num_workers(
 _ALLOW_FAILURES = flags.DEFINE_bool("allow_failures", False,
                                     "Write dataset.json and exit 0 even if some patients failed (left out).")
 _SEED = flags.DEFINE_integer("seed", 0, "Augmentation seed.")
-_SLICE_SPACING_MM = flags.DEFINE_float("slice_spacing_mm", None,
-                                       "Resample abdominal slices to this z spacing (linear); unset keeps them.")
+_SLICE_SPACING_MM = flags.DEFINE_float("slice_spacing_mm", 5.0,
+                                       "Average thin abdominal slices into slabs this thick (mm), as a thick "
+                                       "reconstruction; a study already near it keeps its slices; 0 keeps all.")
 _SHARD_SIZE_MB = flags.DEFINE_float("shard_size_mb", 150.0, "Largest augmented shard, in MiB.")
 _ROTATION_MAX_DEG = flags.DEFINE_float("rotation_max_deg", 15.0, "Rotation drawn in [-max, max] degrees.")
 _FLIP_PROBABILITY = flags.DEFINE_float("flip_probability", 0.5, "Probability of a left-right flip.")

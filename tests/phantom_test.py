@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.phantom.cohort: ground truth, anatomy, DICOM round trips, quirks, canaries and the cached cohort."""
+"""Tests for pdx_tf.phantom.cohort.cohort: ground truth, anatomy, DICOM round trips, quirks, canaries and the cached cohort."""
 
 import csv
 import json
@@ -13,8 +13,8 @@ from pydicom import uid as dicom_uid
 from scipy import ndimage
 
 from pdx_tf import phantom
-from pdx_tf.phantom import cohort as phantom_cohort
-from pdx_tf.phantom.anatomy import OMENTAL_CAKE_MIN_PCI, SMALL_BOWEL_TISSUES, TISSUE
+from pdx_tf.phantom.cohort import cohort as phantom_cohort
+from pdx_tf.phantom.cohort.anatomy import OMENTAL_CAKE_MIN_PCI, SMALL_BOWEL_TISSUES, TISSUE
 
 # 64 px at 6 mm covers the same 384 mm field of view as the default 256 px at 1.5 mm, 16x fewer voxels.
 TINY = phantom.PhantomConfig(num_patients=8, seed=3, matrix_size=64, pixel_spacing_mm=6.0)
@@ -214,14 +214,24 @@ def test_tissue_hu_is_plausible(small_patients):
 
 
 def test_anatomy_by_level(small_patients):
-  """Thighs below the pelvic floor, lungs only above the lung bases, table never touching the body."""
+  """Thighs below the pelvic floor; liver up to the diaphragm dome top, lung bases wrapping down around it; table
+  never touching the body."""
   for patient in small_patients:
     labels = patient.tissue_labels
     low, high = patient.abdomen_z_range_mm
     table = np.isin(labels, [TISSUE["table_shell"], TISSUE["table_core"]])
     body = (labels != TISSUE["air"]) & ~table
     lung_slices = (labels == TISSUE["lung"]).any(axis=(1, 2))
-    np.testing.assert_array_equal(lung_slices, patient.z_mm > high)
+    upper_organ_slices = np.isin(labels, [TISSUE["liver"], TISSUE["spleen"]]).any(axis=(1, 2))
+    # The top of the range is the top of the domes: the highest slice with liver or spleen is just below it.
+    assert patient.z_mm[np.flatnonzero(upper_organ_slices).max()] == pytest.approx(high - SMALL.slice_spacing_mm / 2)
+    # Lungs fill every slice above the domes and reach down around the liver (posterior recesses), 3 slices or
+    # more below the dome top, in every slice up from their lowest.
+    lowest_lung = np.flatnonzero(lung_slices).min()
+    assert lung_slices[lowest_lung:].all()
+    assert high - patient.z_mm[lowest_lung] >= 3 * SMALL.slice_spacing_mm
+    posterior = patient.tissue_labels[lowest_lung] == TISSUE["lung"]
+    assert posterior.any() and np.mean(np.nonzero(posterior)[0]) > labels.shape[1] / 2  # behind (y grows backward)
     for index, z in enumerate(patient.z_mm):
       _, parts = ndimage.label(body[index])
       assert parts == (2 if z < low else 1), (patient.patient_id, index)

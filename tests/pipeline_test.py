@@ -87,7 +87,7 @@ def test_outputs_are_complete(first_run, cohort):
   with open(os.path.join(cohort[1], "cohort.json"), encoding="utf-8") as handle:
     truth = {patient["patient_id"]: patient["abdomen_z_range_mm"] for patient in json.load(handle)["patients"]}
   for patient in dataset["patients"]:
-    assert patient["z_range_rule"] == "top=lung_bases bottom=thighs"
+    assert patient["z_range_rule"] == "top=diaphragm bottom=thighs"
     np.testing.assert_allclose(patient["z_range_mm"], truth[patient["patient_id"]],
                                atol=PHANTOM_CONFIG.slice_spacing_mm)
 

@@ -1,8 +1,10 @@
-"""Tests of the abdominal z-range rule on synthetic volumes with known lungs, abdomen and thighs."""
+"""Tests of the abdominal z-range rule and the slabs, on synthetic volumes with known lungs, abdomen and thighs
+and on the phantom (whose lung bases wrap around the liver dome)."""
 
 import numpy as np
 import pytest
 
+from pdx_tf import phantom
 from pdx_tf.data import region
 from pdx_tf.errors import RegionError
 
@@ -18,7 +20,11 @@ def _ellipse(center_xy_mm, semi_axes_mm):
 
 
 def synthetic_volume(kinds, *, body_semi_axes_mm=(150.0, 110.0), with_table=True):
-  """A [Z, 64, 64] HU volume, slice 0 at the bottom; kinds[i] in {"abdomen", "lungs", "thighs", "gas"}."""
+  """A [Z, 64, 64] HU volume, slice 0 at the bottom; kinds[i] in {"abdomen", "bases", "lungs", "thighs", "gas"}.
+
+  "bases": the upper abdomen at the diaphragm domes, soft tissue (liver, spleen) with two posterior lung-base
+  crescents behind it (about 8 % of the body area); "lungs": the thorax (about 38 %).
+  """
   volume = np.full((len(kinds), MATRIX, MATRIX), -1000.0, np.float32)
   for index, kind in enumerate(kinds):
     image = volume[index]
@@ -33,6 +39,9 @@ def synthetic_volume(kinds, *, body_semi_axes_mm=(150.0, 110.0), with_table=True
     if kind == "lungs":
       for side in (-1, 1):
         image[_ellipse((side * 60.0, 0.0), (45.0, 70.0))] = -850.0
+    elif kind == "bases":
+      for side in (-1, 1):
+        image[_ellipse((side * 65.0, 70.0), (40.0, 30.0)) & _ellipse((0.0, 0.0), (125.0, 88.0))] = -850.0
     elif kind == "gas":
       image[_ellipse((0.0, -30.0), (60.0, 40.0))] = -900.0
   return volume
@@ -58,13 +67,63 @@ def test_lungs_on_top_and_thighs_at_bottom_bound_the_range():
   kinds = ["thighs"] * 3 + ["abdomen"] * 10 + ["lungs"] * 4
   z_mm = z_positions(len(kinds))
   found = region.find_abdominal_range(synthetic_volume(kinds), z_mm, (SPACING_MM, SPACING_MM))
-  assert (found.top_rule, found.bottom_rule) == ("lung_bases", "thighs")
+  assert (found.top_rule, found.bottom_rule) == ("diaphragm", "thighs")
   assert found.z_min_mm == z_mm[3] and found.z_max_mm == z_mm[12]
   selected, _ = region.select_abdomen(synthetic_volume(kinds), z_mm, (SPACING_MM, SPACING_MM), min_slices=4)
   np.testing.assert_array_equal(selected.z_mm, z_mm[3:13])
   assert selected.hu.shape == (10, MATRIX, MATRIX)
   assert selected.z_range_mm == (z_mm[3], z_mm[12])
-  assert selected.rule == "top=lung_bases bottom=thighs"
+  assert selected.rule == "top=diaphragm bottom=thighs"
+
+
+def test_lung_bases_around_the_liver_dome_stay_in_the_abdomen():
+  # Above the thighs: abdomen, then the domes with lung bases behind the liver, then the thorax. The old rule
+  # (the first lung air, here thorax_air_fraction = lung_air_fraction) ended the abdomen below the bases.
+  kinds = ["thighs"] * 3 + ["abdomen"] * 8 + ["bases"] * 3 + ["lungs"] * 4
+  z_mm = z_positions(len(kinds))
+  volume = synthetic_volume(kinds)
+  found = region.find_abdominal_range(volume, z_mm, (SPACING_MM, SPACING_MM))
+  assert found.top_rule == "diaphragm" and found.z_max_mm == z_mm[13] and found.z_min_mm == z_mm[3]
+  old = region.find_abdominal_range(volume, z_mm, (SPACING_MM, SPACING_MM),
+                                    config=region.RegionConfig(thorax_air_fraction=0.05))
+  assert old.z_max_mm == z_mm[10]
+  # An abdominal CT that starts at the domes (lung bases in its top slices, no thorax) keeps its top slice.
+  kinds = ["thighs"] * 3 + ["abdomen"] * 8 + ["bases"] * 3
+  z_mm = z_positions(len(kinds))
+  found = region.find_abdominal_range(synthetic_volume(kinds), z_mm, (SPACING_MM, SPACING_MM))
+  assert found.top_rule == "study_top" and found.z_max_mm == z_mm[-1]
+
+
+def test_phantom_range_is_found_within_one_slice():
+  """The phantom knows its range (pelvic floor to the top of the diaphragm domes, half-way between slices): the
+  rule finds both ends within one slice, while the old rule (the first lung air) cuts the dome."""
+  config = phantom.PhantomConfig(num_patients=4, seed=3, matrix_size=64, pixel_spacing_mm=6.0)
+  for index in range(config.num_patients):
+    patient = phantom.generate_patient(config, index)
+    low, high = patient.abdomen_z_range_mm
+    found = region.find_abdominal_range(patient.hu, patient.z_mm, (6.0, 6.0))
+    assert (found.top_rule, found.bottom_rule) == ("diaphragm", "thighs")
+    assert abs(found.z_max_mm - high) <= config.slice_spacing_mm and found.z_max_mm < high
+    assert abs(found.z_min_mm - low) <= config.slice_spacing_mm and found.z_min_mm > low
+    old = region.find_abdominal_range(patient.hu, patient.z_mm, (6.0, 6.0),
+                                      config=region.RegionConfig(thorax_air_fraction=0.05))
+    assert high - old.z_max_mm >= 2 * config.slice_spacing_mm, patient.patient_id
+
+
+def test_thin_and_thick_scans_of_one_phantom_give_as_many_slices():
+  """A 1 mm scan averaged into 5 mm slabs holds as many slices (+-1) as a 5 mm scan of the same patient."""
+  counts = {}
+  for spacing in (1.0, 5.0):
+    config = phantom.PhantomConfig(num_patients=2, seed=3, matrix_size=64, pixel_spacing_mm=6.0,
+                                   slice_spacing_mm=spacing)
+    for index in range(config.num_patients):
+      patient = phantom.generate_patient(config, index)
+      selected, _ = region.select_abdomen(patient.hu, patient.z_mm, (6.0, 6.0), slice_spacing_mm=5.0)
+      counts[spacing, index] = selected.hu.shape[0]
+      if spacing == 1.0:
+        assert np.allclose(np.diff(selected.z_mm), 5.0)
+  for index in range(2):
+    assert abs(counts[1.0, index] - counts[5.0, index]) <= 1, counts
 
 
 def test_partial_abdomen_keeps_what_it_covers():
@@ -125,26 +184,71 @@ def test_too_few_slices_is_refused():
     region.select_abdomen(synthetic_volume(kinds), z_positions(len(kinds)), (SPACING_MM, SPACING_MM))
 
 
-def test_resampling_interpolates_linearly_along_z():
-  volume = np.zeros((4, 8, 8), np.float32) + np.array([0.0, 10.0, 20.0, 40.0], np.float32)[:, None, None]
-  z_mm = np.array([0.0, 5.0, 10.0, 15.0])
-  resampled = region.resample_slices(volume, z_mm, np.array([0.0, 2.5, 7.5, 12.5, 15.0]))
-  np.testing.assert_allclose(resampled[:, 0, 0], [0.0, 5.0, 15.0, 30.0, 40.0])
+def test_slabs_are_means_of_the_thin_slices_in_each_slab():
+  # 1 mm slices whose values are known; a 5 mm slab's value must be the plain mean of the slices inside it.
+  rng = np.random.default_rng(0)
+  values = rng.uniform(-100.0, 100.0, 45)
+  z_mm = 10.0 + np.arange(45, dtype=np.float64)
+  volume = np.zeros((45, 4, 4), np.float32) + values.astype(np.float32)[:, None, None]
+  centers = region.slab_grid(z_mm, 5.0)
+  # 45 slices of 1 mm cover 45 mm: 9 slabs centred on the span's middle (32 mm), 5 slices each.
+  np.testing.assert_allclose(centers, 32.0 + 5.0 * (np.arange(9) - 4))
+  slabs, slab_z = region.slab_slices(volume, z_mm, centers, 5.0)
+  np.testing.assert_allclose(slab_z, centers)
+  for index, center in enumerate(centers):
+    inside = (z_mm >= center - 2.5) & (z_mm < center + 2.5)
+    assert inside.sum() == 5
+    np.testing.assert_allclose(slabs[index], np.mean(values[inside]), rtol=1e-5)
+  # Through select_abdomen (the rule keeps the whole study: no thorax, no thighs), the slabs replace the slices.
+  # 43 slices cover 43 mm: still 9 slabs, the two end ones holding 4 slices.
+  thin = synthetic_volume(["abdomen"] * 43) + values[:43].astype(np.float32)[:, None, None]
+  selected, _ = region.select_abdomen(thin, z_mm[:43], (SPACING_MM, SPACING_MM), slice_spacing_mm=5.0)
+  expected_z = 31.0 + 5.0 * (np.arange(9) - 4)
+  np.testing.assert_allclose(selected.z_mm, expected_z)
+  expected = np.stack([thin[(z_mm[:43] >= c - 2.5) & (z_mm[:43] < c + 2.5)].astype(np.float64).mean(axis=0)
+                       for c in expected_z])
+  np.testing.assert_allclose(selected.hu, expected, atol=1e-3)
+  assert selected.body_masks is None  # averaged slices: the crop measures them again
+  # A gap in the series (z 20-25 mm missing) leaves its slab out rather than inventing a slice.
+  keep = (z_mm < 20.0) | (z_mm > 25.0)
+  gap_slabs, gap_z = region.slab_slices(volume[keep], z_mm[keep], centers, 5.0)
+  np.testing.assert_allclose(gap_z, np.delete(centers, 2))
+  np.testing.assert_allclose(gap_slabs[2], np.mean(values[16:20]), rtol=1e-5)  # z 26-29 mm
+
+
+@pytest.mark.parametrize("native_mm", [4.0, 5.0, 6.0])
+def test_a_study_near_the_slab_thickness_keeps_its_slices(native_mm):
+  kinds = ["abdomen"] * 12
+  z_mm = -300.0 + native_mm * np.arange(12)
+  volume = synthetic_volume(kinds) + np.arange(12, dtype=np.float32)[:, None, None]
+  kept, _ = region.select_abdomen(volume, z_mm, (SPACING_MM, SPACING_MM), slice_spacing_mm=0)
+  slabbed, _ = region.select_abdomen(volume, z_mm, (SPACING_MM, SPACING_MM), slice_spacing_mm=5.0)
+  np.testing.assert_array_equal(slabbed.z_mm, z_mm)
+  assert slabbed.hu.tobytes() == kept.hu.tobytes() == volume.tobytes()
+  assert slabbed.body_masks is not None and slabbed.warnings == ()
+
+
+def test_a_coarser_study_keeps_its_slices_with_a_warning():
   kinds = ["abdomen"] * 9
-  selected, _ = region.select_abdomen(synthetic_volume(kinds), z_positions(9), (SPACING_MM, SPACING_MM),
-                                      slice_spacing_mm=2.5, min_slices=2)
-  np.testing.assert_allclose(np.diff(selected.z_mm), 2.5)
-  assert selected.hu.shape[0] == 17
+  volume = synthetic_volume(kinds)
+  selected, _ = region.select_abdomen(volume, z_positions(9), (SPACING_MM, SPACING_MM), slice_spacing_mm=2.5,
+                                      min_slices=2)
+  np.testing.assert_array_equal(selected.z_mm, z_positions(9))
+  assert any("coarser" in warning for warning in selected.warnings)
+  with pytest.raises(ValueError, match="slice_spacing_mm"):
+    region.select_abdomen(volume, z_positions(9), (SPACING_MM, SPACING_MM), slice_spacing_mm=-1.0)
 
 
 def test_config_validation():
   with pytest.raises(ValueError, match="lung_air_fraction"):
     region.RegionConfig(lung_air_fraction=1.5)
+  with pytest.raises(ValueError, match="thorax_air_fraction"):
+    region.RegionConfig(thorax_air_fraction=0.01)
 
 
 def test_selected_slices_carry_their_body_masks_for_the_crop():
   """The rule's masks of the kept slices are exactly preprocess.body_masks of them, so the pipeline's crop can
-  reuse them; resampled slices and a range fully from the manifest carry none."""
+  reuse them; slabs and a range fully from the manifest carry none."""
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   from pdx_tf.data import preprocess  # pylint: disable=import-outside-toplevel
@@ -159,9 +263,9 @@ def test_selected_slices_carry_their_body_masks_for_the_crop():
   np.testing.assert_array_equal(
       preprocess.boxes_from_masks(selected.body_masks, MATRIX, MATRIX, config).numpy(),
       preprocess.body_boxes(tf.constant(selected.hu), config).numpy())
-  resampled, _ = region.select_abdomen(volume, z_positions(len(kinds)), (SPACING_MM, SPACING_MM),
-                                       slice_spacing_mm=2.5)
-  assert resampled.body_masks is None
+  slabbed, _ = region.select_abdomen(np.repeat(volume, 5, axis=0), -300.0 + np.arange(5 * len(kinds)),
+                                     (SPACING_MM, SPACING_MM), slice_spacing_mm=5.0)
+  assert slabbed.body_masks is None
   z_mm = z_positions(len(kinds))
   manual, _ = region.select_abdomen(volume, z_mm, (SPACING_MM, SPACING_MM), z_min_mm=z_mm[3], z_max_mm=z_mm[12])
   assert manual.body_masks is None

@@ -75,7 +75,8 @@ class PipelineConfig:
     seed: augmentation seed; each copy is keyed by (seed, patient_id, slice_index, augmentation_index).
     num_workers: patient-level worker processes; 1 runs in this process.
     allow_failures: write dataset.json (and exit 0) even if some patients failed; they are left out.
-    slice_spacing_mm: resample abdominal slices to this z spacing (linear); None keeps the study's slices.
+    slice_spacing_mm: average thin abdominal slices into slabs of this thickness (`pdx_tf.data.region`); a study
+      already at about this spacing keeps its slices; 0 keeps every study's native slices.
     slice_thickness_mm: the automatic series choice prefers the slice thickness nearest this (see
       `pdx_tf.data.dicom.read_ct_series`); a manifest series_uid wins.
     shard_size_mb: the largest augmented shard, in MiB.
@@ -96,7 +97,7 @@ class PipelineConfig:
   seed: int = 0
   num_workers: int = 1
   allow_failures: bool = False
-  slice_spacing_mm: float | None = None
+  slice_spacing_mm: float = 5.0
   slice_thickness_mm: float = 5.0  # pdx_tf.data.dicom.DEFAULT_SLICE_THICKNESS_MM (dicom is imported lazily).
   shard_size_mb: float = 150.0
   min_slices: int = 8
@@ -116,8 +117,8 @@ class PipelineConfig:
       raise ValueError(f"seed must be >= 0, got {self.seed}")
     if self.num_workers < 1:
       raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
-    if self.slice_spacing_mm is not None and not self.slice_spacing_mm > 0:
-      raise ValueError(f"slice_spacing_mm must be positive or None, got {self.slice_spacing_mm}")
+    if self.slice_spacing_mm is not None and not self.slice_spacing_mm >= 0:
+      raise ValueError(f"slice_spacing_mm must be >= 0 (0 keeps the native slices), got {self.slice_spacing_mm}")
     if not self.slice_thickness_mm > 0:
       raise ValueError(f"slice_thickness_mm must be positive, got {self.slice_thickness_mm}")
     if not self.shard_size_mb > 0:

@@ -1,31 +1,48 @@
 """The abdominal region of a CT study: which slices count as abdomen (shared by the pipeline and predict).
 
 `load_abdomen` reads a patient's series (`pdx_tf.data.dicom.read_ct_series`) and keeps the slices between the
-pelvic floor and the lung bases, the range the study's models were trained on. The in-plane crop is not done
-here: `pdx_tf.data.preprocess.body_boxes` crops every slice to its body when images are made.
+pelvic floor and the top of the diaphragm domes, the range the study's models are trained on. The in-plane crop is
+not done here: `pdx_tf.data.preprocess.body_boxes` crops every slice to its body when images are made.
 
 Automatic z-range rule (used for each end the manifest does not override), computed on the body masks of
 `pdx_tf.data.preprocess.body_masks` (128x128 per slice; the patient table is excluded there):
   * Body area: the body mask with its holes filled (lungs and bowel gas are holes in it), in cm^2.
-  * Lung air fraction: the share of that filled area below `lung_air_hu` (-400 HU) outside the body mask.
-  * Lung bases (superior end): scanning down from the top, the first run of consecutive slices whose lung air
-    fraction exceeds `lung_air_fraction` (5 %) is the lungs, if the run begins in the upper half of the study
-    (bowel gas lower down is never mistaken for lungs). The abdomen starts at the first slice below that run.
-    No such run: the study starts below the lungs and the range starts at the study's top slice.
+  * Air fraction: the share of that filled area below `lung_air_hu` (-400 HU) outside the body mask.
+  * Diaphragm domes (superior end): the abdomen reaches up to the top of the diaphragm domes, the highest slices
+    that still hold liver or spleen under the lungs. Around the domes the lung bases wrap down behind and beside
+    the liver and spleen (the posterior costophrenic recesses reach 3-6 cm below the dome top), so the first
+    slice with any lung is NOT the end of the abdomen; the thorax proper begins where the lungs take a large
+    part of the cross-section. Scanning down from the top, the first run of consecutive slices whose air
+    fraction exceeds `thorax_air_fraction` (30 %) is the thorax, if the run begins in the upper half of the
+    study (bowel gas lower down is never mistaken for lungs). The abdomen starts at the first slice below that
+    run, so the slices with lung bases around the liver dome are kept. No such run: the study starts at or
+    below the domes (as an abdominal CT does) and the range starts at the study's top slice.
   * Pelvic floor (inferior end): scanning up from the bottom, the run of consecutive slices, starting at the
     bottom slice, where the tissue above `body_threshold_hu` splits into two large components (the thighs: the
     two largest components each hold at least `leg_area_fraction` (25 %) of their joint area and at least
     `min_leg_area_cm2` (20 cm^2) each). The abdomen ends at the first slice above that run. No such run: the
     range ends at the study's bottom slice.
   * Refusals (RegionError): a study whose largest body cross-section is under `min_body_area_cm2` (250 cm^2:
-    a head, neck or limb study; an adult abdomen is 400-900 cm^2), a study whose lung run reaches its bottom
-    slice (chest only: lungs in every slice below the top), and a range with fewer than `min_slices` slices.
-  * A study that covers only part of the abdomen keeps the part it covers (with no lungs on top, or no thighs
+    a head, neck or limb study; an adult abdomen is 400-900 cm^2); a chest-only study: scanning down from the
+    top, the first run of slices with lungs (air fraction above `lung_air_fraction`, 5 %) begins in the upper
+    half and reaches the study's bottom slice (the study never gets below the lung bases), or the thorax run
+    does; and a range with fewer than `min_slices` slices.
+  * A study that covers only part of the abdomen keeps the part it covers (with no thorax on top, or no thighs
     at the bottom, the range simply runs to the study's end).
 
 A manifest override (`z_min_mm` / `z_max_mm`, DICOM patient z, increasing toward the head) replaces the rule
 at that end; the kept slices are those inside the range (a range reaching past the study is clipped, with a
-warning). Optional resampling to `slice_spacing_mm` interpolates linearly along z between the study's slices.
+warning).
+
+Slabs (`slice_spacing_mm`, the pipeline's default 5 mm; None or 0 keeps the native slices): thin slices are
+averaged into slabs as a thick reconstruction would be, so every patient gets slices of about the same thickness
+and weight in training whatever their scanner's reconstruction. The kept range is tiled by round(extent /
+slice_spacing_mm) slabs centred on it (extent: from the lowest to the highest kept slice centre plus one native
+spacing); each output slice is the mean of the native slices whose centres fall in its slab, at the slab's
+centre. A study whose native spacing is within `SLAB_KEEP_TOLERANCE` (20 %: 4-6 mm for 5 mm slabs) of the slab
+already is such a reconstruction (4.8 mm, 5 mm, or 5 mm slices every 4 mm) and keeps its slices unchanged;
+averaging would mix one or two of them per slab. A coarser study keeps its slices too (thicker slices cannot be
+split), with a warning.
 """
 
 from __future__ import annotations
@@ -41,6 +58,10 @@ from pdx_tf.errors import RegionError
 
 # Slice positions closer than this are the same position (float round-off in headers and overrides).
 Z_TOLERANCE_MM = 1e-3
+# A study whose native slice spacing is within this relative distance of the slab thickness keeps its slices: a
+# standard thick reconstruction (4.8, 5 or 5.5 mm; 5 mm slices every 4 mm) already is what the slabs would make,
+# and averaging it would mix one or two of its slices per slab.
+SLAB_KEEP_TOLERANCE = 0.2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +71,14 @@ class RegionConfig:
   Attributes:
     body_threshold_hu: voxels above this are body (the same threshold as the crop's).
     lung_air_hu: body-enclosed voxels below this are air (lung or gas).
-    lung_air_fraction: a slice is a lung slice when enclosed air exceeds this fraction of its body area.
+    lung_air_fraction: a slice holds lung when enclosed air exceeds this fraction of its body area (used for the
+      chest-only refusal: lungs down to the study's bottom slice).
+    thorax_air_fraction: a slice is thorax proper (above the diaphragm domes) when enclosed air exceeds this
+      fraction of its body area. The lung bases around the liver dome take roughly 5-25 % of an adult's body
+      cross-section, the lower chest above the domes 35-55 % (less in obese patients, whose fat adds body area;
+      estimates from typical anatomy, not yet measured on real series), so 30 % ends the abdomen at the domes
+      without cutting the subphrenic spaces; a patient whose chest stays under it keeps extra chest slices
+      rather than losing the dome.
     min_body_area_cm2: a study whose largest body cross-section is smaller has no abdomen (head, limb).
     leg_area_fraction: each of the two largest components must hold this share of their joint area to count
       as two thighs.
@@ -60,6 +88,7 @@ class RegionConfig:
   body_threshold_hu: float = -500.0
   lung_air_hu: float = -400.0
   lung_air_fraction: float = 0.05
+  thorax_air_fraction: float = 0.30
   min_body_area_cm2: float = 250.0
   leg_area_fraction: float = 0.25
   min_leg_area_cm2: float = 20.0
@@ -69,6 +98,8 @@ class RegionConfig:
       raise ValueError(f"lung_air_hu must be between -1000 and 0 HU, got {self.lung_air_hu}")
     if not 0.0 < self.lung_air_fraction < 1.0:
       raise ValueError(f"lung_air_fraction must be in (0, 1), got {self.lung_air_fraction}")
+    if not self.lung_air_fraction <= self.thorax_air_fraction < 1.0:
+      raise ValueError(f"thorax_air_fraction must be in [lung_air_fraction, 1), got {self.thorax_air_fraction}")
     if self.min_body_area_cm2 < 0.0:
       raise ValueError(f"min_body_area_cm2 must be >= 0, got {self.min_body_area_cm2}")
     if not 0.0 < self.leg_area_fraction <= 0.5:
@@ -83,7 +114,7 @@ class SliceMeasures:
 
   Attributes:
     body_area_cm2: float [Z] filled body area.
-    lung_air_fraction: float [Z] enclosed air / filled body area.
+    lung_air_fraction: float [Z] enclosed air / filled body area (lungs, bowel gas).
     legs_split: bool [Z] the body is split into two thighs.
     body_masks: bool [Z, MASK_SIZE, MASK_SIZE] `preprocess.body_masks` of every slice (at the rule's
       threshold), so the crop need not compute them again.
@@ -102,7 +133,7 @@ class AbdominalRange:
   Attributes:
     z_min_mm: inferior end (z of the lowest kept slice of the original series, or the override).
     z_max_mm: superior end.
-    top_rule: what set the superior end: "lung_bases", "study_top" or "manifest".
+    top_rule: what set the superior end: "diaphragm", "study_top" or "manifest".
     bottom_rule: what set the inferior end: "thighs", "study_bottom" or "manifest".
     measures: the per-slice measurements (None when both ends come from the manifest).
   """
@@ -123,14 +154,14 @@ class AbdominalRegion:
   """The abdominal slices of one study (the contract shared by the pipeline and predict).
 
   Attributes:
-    hu: float32 [Z, Y, X] HU of the kept (possibly resampled) slices; slice index in records indexes this.
+    hu: float32 [Z, Y, X] HU of the kept slices (or slabs); slice index in records indexes this.
     z_mm: float64 [Z] increasing slice positions (mm, toward the head).
     pixel_spacing_mm: (row, column) spacing in mm.
     z_range_mm: (lowest, highest) z of the kept slices.
-    rule: how the range was chosen, e.g. "top=lung_bases bottom=thighs" (see `AbdominalRange.rule`).
+    rule: how the range was chosen, e.g. "top=diaphragm bottom=thighs" (see `AbdominalRange.rule`).
     warnings: PHI-free notes (from reading the series and from the range choice).
     body_masks: bool [Z, MASK_SIZE, MASK_SIZE] `preprocess.body_masks(hu, body_threshold_hu)` of the kept
-      slices, when the rule measured them and the slices were not resampled; else None.
+      slices, when the rule measured them and the slices were not averaged into slabs; else None.
     body_threshold_hu: the threshold `body_masks` used.
   """
 
@@ -232,16 +263,21 @@ def find_abdominal_range(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tup
         f"{config.min_body_area_cm2:.0f} cm^2 (a head, neck or limb CT?); check the series or set z_min_mm and "
         "z_max_mm in the manifest")
   count = z_mm.size
-  # Scan from the top: index 0 is the top slice.
-  lungs_from_top = (measures.lung_air_fraction > config.lung_air_fraction)[::-1]
+  # Scan from the top: index 0 is the top slice. A run counts only if it begins in the upper half, so bowel gas
+  # lower down is never mistaken for lungs.
+  air_from_top = measures.lung_air_fraction[::-1]
+  lungs = _first_run(air_from_top > config.lung_air_fraction)
+  thorax = _first_run(air_from_top > config.thorax_air_fraction)
+  lungs = lungs if lungs is not None and lungs[0] < (count + 1) // 2 else None
+  thorax = thorax if thorax is not None and thorax[0] < (count + 1) // 2 else None
+  if z_max_mm is None and any(run is not None and run[1] >= count for run in (lungs, thorax)):
+    raise RegionError(
+        "no abdomen in the study: air-filled lungs reach its lowest slice (a chest-only CT?); use an "
+        "abdominal series (series_uid) or set z_min_mm and z_max_mm in the manifest")
   top_index, top_rule = count - 1, "study_top"
-  run = _first_run(lungs_from_top)
-  if run is not None and run[0] < (count + 1) // 2:
-    if run[1] >= count and z_max_mm is None:
-      raise RegionError(
-          "no abdomen in the study: air-filled lungs reach its lowest slice (a chest-only CT?); use an "
-          "abdominal series (series_uid) or set z_min_mm and z_max_mm in the manifest")
-    top_index, top_rule = count - 1 - run[1], "lung_bases"
+  if thorax is not None:
+    # The first slice below the thorax: the top of the diaphragm domes, lung bases around the liver kept.
+    top_index, top_rule = count - 1 - thorax[1], "diaphragm"
   bottom_index, bottom_rule = 0, "study_bottom"
   if measures.legs_split[0]:
     run = _first_run(measures.legs_split)
@@ -254,21 +290,58 @@ def find_abdominal_range(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tup
   high = float(z_max_mm) if top_index is None else float(z_mm[top_index])
   if (top_index is not None and bottom_index is not None and bottom_index > top_index) or low > high:
     raise RegionError(
-        f"no abdomen in the study: the thighs reach z={low:.1f} mm, above the lung bases at z={high:.1f} mm; "
+        f"no abdomen in the study: the thighs reach z={low:.1f} mm, above the diaphragm at z={high:.1f} mm; "
         "check the series or set z_min_mm and z_max_mm in the manifest")
   return AbdominalRange(low, high, top_rule, bottom_rule, measures)
 
 
-def resample_slices(hu: np.ndarray, z_mm: np.ndarray, new_z_mm: np.ndarray) -> np.ndarray:
-  """Linear interpolation of a [Z, Y, X] volume along z at `new_z_mm` (inside [z_mm[0], z_mm[-1]])."""
+def slab_grid(z_mm: np.ndarray, slab_mm: float) -> np.ndarray:
+  """Centres of the slabs that tile a run of slices (see the module docstring).
+
+  Args:
+    z_mm: [Z] increasing positions of the slices to tile (Z >= 1).
+    slab_mm: slab thickness.
+
+  Returns:
+    float64 [N] slab centres, N = max(1, round(extent / slab_mm)), centred on the slices' span, where extent is
+    the span of the centres plus one median native spacing (the slices' own coverage).
+  """
   z_mm = np.asarray(z_mm, np.float64)
-  new_z_mm = np.asarray(new_z_mm, np.float64)
-  upper = np.clip(np.searchsorted(z_mm, new_z_mm, side="left"), 1, z_mm.size - 1)
-  lower = upper - 1
-  weight = (new_z_mm - z_mm[lower]) / (z_mm[upper] - z_mm[lower])
-  weight = np.clip(weight, 0.0, 1.0)[:, None, None]
-  hu = np.asarray(hu, np.float32)
-  return ((1.0 - weight) * hu[lower] + weight * hu[upper]).astype(np.float32)
+  native_mm = float(np.median(np.diff(z_mm))) if z_mm.size > 1 else slab_mm
+  extent = float(z_mm[-1] - z_mm[0]) + native_mm
+  count = max(1, int(np.floor(extent / slab_mm + 0.5)))
+  middle = (float(z_mm[0]) + float(z_mm[-1])) / 2.0
+  return middle + slab_mm * (np.arange(count, dtype=np.float64) - (count - 1) / 2.0)
+
+
+def slab_slices(hu: np.ndarray, z_mm: np.ndarray, centers_mm: np.ndarray,
+                slab_mm: float) -> tuple[np.ndarray, np.ndarray]:
+  """Averages the slices of a [Z, Y, X] volume into slabs, as a thick reconstruction would.
+
+  Args:
+    hu: float [Z, Y, X] HU, slices ordered by increasing z.
+    z_mm: [Z] increasing slice positions.
+    centers_mm: [N] increasing slab centres (e.g. from `slab_grid`).
+    slab_mm: slab thickness; slab i is [centers_mm[i] - slab_mm / 2, centers_mm[i] + slab_mm / 2).
+
+  Returns:
+    (float32 [M, Y, X] mean HU of the slices whose centres fall in each non-empty slab, float64 [M] the centres
+    of those slabs); empty slabs (a gap in the series) are left out.
+  """
+  z_mm = np.asarray(z_mm, np.float64)
+  centers_mm = np.asarray(centers_mm, np.float64)
+  # Half-open slabs: a slice exactly on a boundary belongs to the upper slab only; the tolerance absorbs header
+  # round-off so that such a slice is not sent to either side at random.
+  lower = np.searchsorted(z_mm, centers_mm - slab_mm / 2.0 - Z_TOLERANCE_MM, side="left")
+  upper = np.searchsorted(z_mm, centers_mm + slab_mm / 2.0 - Z_TOLERANCE_MM, side="left")
+  slabs, kept = [], []
+  for center, first, stop in zip(centers_mm, lower, upper):
+    if stop > first:
+      slabs.append(np.mean(np.asarray(hu[first:stop], np.float64), axis=0).astype(np.float32))
+      kept.append(center)
+  if not slabs:
+    return np.zeros((0,) + tuple(np.shape(hu)[1:]), np.float32), np.zeros((0,), np.float64)
+  return np.stack(slabs), np.asarray(kept, np.float64)
 
 
 def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[float, float], *,
@@ -285,8 +358,9 @@ def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[flo
     RegionError: see `find_abdominal_range`; also when the range holds fewer than `min_slices` slices or does
       not overlap the study.
   """
-  if slice_spacing_mm is not None and slice_spacing_mm <= 0:
-    raise ValueError(f"slice_spacing_mm must be positive, got {slice_spacing_mm}")
+  if slice_spacing_mm is not None and slice_spacing_mm < 0:
+    raise ValueError(f"slice_spacing_mm must be positive, or 0 or None to keep the native slices, got "
+                     f"{slice_spacing_mm}")
   z_mm = np.asarray(z_mm, np.float64)
   chosen = find_abdominal_range(hu, z_mm, pixel_spacing_mm, z_min_mm=z_min_mm, z_max_mm=z_max_mm, config=config)
   notes = list(warnings)
@@ -299,17 +373,23 @@ def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[flo
     notes.append(f"the manifest's z range [{low:.1f}, {high:.1f}] mm reaches past the study "
                  f"[{z_mm[0]:.1f}, {z_mm[-1]:.1f}] mm; kept the overlap")
   low, high = max(low, float(z_mm[0])), min(high, float(z_mm[-1]))
+  keep = (z_mm >= low - Z_TOLERANCE_MM) & (z_mm <= high + Z_TOLERANCE_MM)
+  new_z = z_mm[keep]
+  native_mm = float(np.median(np.diff(z_mm))) if z_mm.size > 1 else None
+  slabs = bool(slice_spacing_mm) and native_mm is not None and new_z.size > 0 and (
+      native_mm < slice_spacing_mm * (1.0 - SLAB_KEEP_TOLERANCE))
+  if slice_spacing_mm and native_mm is not None and native_mm > slice_spacing_mm * (1.0 + SLAB_KEEP_TOLERANCE):
+    notes.append(f"the native slice spacing {native_mm:.2f} mm is coarser than slice_spacing_mm="
+                 f"{slice_spacing_mm:g}; kept the native slices")
   kept_masks = None
-  if slice_spacing_mm is None:
-    keep = (z_mm >= low - Z_TOLERANCE_MM) & (z_mm <= high + Z_TOLERANCE_MM)
-    new_z = z_mm[keep]
+  if slabs:
+    new_hu, new_z = slab_slices(np.asarray(hu)[keep], new_z, slab_grid(new_z, slice_spacing_mm), slice_spacing_mm)
+    # Drop the grid arithmetic's float noise (1e-4 mm is far below any slice spacing).
+    new_z = np.round(new_z, 4)
+  else:
     new_hu = np.asarray(hu[keep], np.float32)
     if chosen.measures is not None:
       kept_masks = chosen.measures.body_masks[keep]
-  else:
-    steps = int(np.floor((high - low) / slice_spacing_mm + Z_TOLERANCE_MM)) + 1
-    new_z = low + slice_spacing_mm * np.arange(steps, dtype=np.float64)
-    new_hu = resample_slices(hu, z_mm, new_z) if z_mm.size > 1 else np.asarray(hu, np.float32)[:steps]
   if new_z.size < min_slices:
     raise RegionError(
         f"only {new_z.size} abdominal slice(s) in z [{low:.1f}, {high:.1f}] mm ({chosen.rule}), fewer than "
@@ -332,7 +412,8 @@ def load_abdomen(folder: str, *, series_uid: str | None = None, z_min_mm: float 
     series_uid: series override (else `read_ct_series` chooses).
     z_min_mm: inferior end override (DICOM patient z), else the automatic rule.
     z_max_mm: superior end override, else the automatic rule.
-    slice_spacing_mm: resample to this spacing along z (linear), or keep the study's slices.
+    slice_spacing_mm: average thin slices into slabs of this thickness (module docstring); None or 0 keeps the
+      study's slices.
     config: parameters of the automatic rule.
     min_slices: fewest slices accepted, both in the series and in the abdominal range.
     slice_thickness_mm: the automatic series choice prefers the nearest slice thickness (see `read_ct_series`).

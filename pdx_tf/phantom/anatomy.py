@@ -1,4 +1,4 @@
-"""Anatomy of the synthetic abdominal CT phantom (used by `pdx_tf.phantom.cohort`).
+"""Anatomy of the synthetic abdominal CT phantom (used by `pdx_tf.phantom.cohort.cohort`).
 
 The phantom is painted as a uint8 tissue-label volume from simple solids: nested ellipses for the body wall,
 ellipsoids for organs, unions of spheres along random paths for bowel, colon and mesenteric vessels. The label
@@ -210,10 +210,11 @@ def _random_in_unit_ball(rng: np.random.Generator) -> np.ndarray:
 
 @dataclasses.dataclass(frozen=True)
 class BodyShape:
-  """Per-patient body geometry; every size in mm, `t` is 0 at the pelvic floor and 1 at the lung bases."""
+  """Per-patient body geometry; every size in mm, `t` is 0 at the pelvic floor and 1 at the top of the diaphragm
+  domes (`dome_mm`, the top of the abdomen: the highest level that still holds liver under the lungs)."""
 
   pelvic_floor_mm: float
-  lung_base_mm: float
+  dome_mm: float
   half_width_mm: float      # body semi-axis along x at mid-abdomen
   half_depth_mm: float      # body semi-axis along y at mid-abdomen
   center_y_mm: float
@@ -221,10 +222,10 @@ class BodyShape:
   muscle_mm: float          # abdominal wall muscle thickness
 
   def t(self, z_mm):
-    return (np.asarray(z_mm, float) - self.pelvic_floor_mm) / (self.lung_base_mm - self.pelvic_floor_mm)
+    return (np.asarray(z_mm, float) - self.pelvic_floor_mm) / (self.dome_mm - self.pelvic_floor_mm)
 
   def z(self, t):
-    return self.pelvic_floor_mm + np.asarray(t, float) * (self.lung_base_mm - self.pelvic_floor_mm)
+    return self.pelvic_floor_mm + np.asarray(t, float) * (self.dome_mm - self.pelvic_floor_mm)
 
   def outer(self, t):
     """Body semi-axes (x, y) at level t: wider at the hips, rounder in the chest."""
@@ -312,7 +313,7 @@ def paint_anatomy(rng: np.random.Generator, grid: Grid, body: BodyShape, *, has_
   _paint_colon(rng, labels, grid, body, into=fat_everywhere)
   small_bowel, wall_mm = _paint_small_bowel(rng, labels, grid, body, into=intraperitoneal)
   mesenteric = _paint_mesenteric_vessels(rng, labels, grid, body, into=intraperitoneal)
-  _paint_chest(labels, grid, body)
+  _paint_chest(rng, labels, grid, body)
   _paint_ribs(rng, labels, grid, body)
   _paint_thighs(labels, grid, body)
   return Anatomy(labels, small_bowel, wall_mm, mesenteric, wall_distance)
@@ -387,14 +388,15 @@ def _paint_vessels(labels, grid, body) -> None:
 def _paint_organs(rng, labels, grid, body, *, has_uterus, has_gallbladder) -> None:
   """Liver, gallbladder, spleen, stomach, pancreas, kidneys, bladder, uterus (jittered per patient)."""
   jitter = lambda scale: rng.uniform(1.0 - scale, 1.0 + scale)  # pylint: disable=unnecessary-lambda-assignment
-  abdomen_mm = body.lung_base_mm - body.pelvic_floor_mm
+  abdomen_mm = body.dome_mm - body.pelvic_floor_mm
   width, depth = body.cavity(0.75)
   cy = body.center_y_mm
   solid = _lookup(["intraperitoneal_fat", "retroperitoneal_fat"])
 
-  # Organ levels are fractions t of the pelvic floor -> lung base distance (the phantom abdomen is shorter
-  # than an adult's, so everything scales with it).
-  liver_top = body.lung_base_mm + rng.uniform(15.0, 25.0)
+  # Organ levels are fractions t of the pelvic floor -> diaphragm dome distance (the phantom abdomen is shorter
+  # than an adult's, so everything scales with it). The liver is drawn past the dome: the diaphragm
+  # (_paint_chest) trims it, so the liver's highest slice is the one just below the dome top.
+  liver_top = body.dome_mm + rng.uniform(15.0, 25.0)
   liver_height = liver_top - float(body.z(rng.uniform(0.5, 0.6)))
   # Per slice, from the caudal tip (s = 0: a small right lobe against the flank) to the dome (s = 1: the whole
   # right upper quadrant and the left lobe across the midline).
@@ -480,7 +482,7 @@ def _paint_colon(rng, labels, grid, body, into) -> None:
 def _paint_small_bowel(rng, labels, grid, body, into) -> tuple[SphereUnion, np.ndarray]:
   """Small-bowel loops (rings: enhancing wall, fluid lumen) in the mid and lower abdomen."""
   width, depth = body.cavity(0.35)
-  abdomen_mm = body.lung_base_mm - body.pelvic_floor_mm
+  abdomen_mm = body.dome_mm - body.pelvic_floor_mm
   center = np.array([0.0, body.center_y_mm - 0.3 * depth, float(body.z(0.36))])
   semi_axes = np.array([0.6 * width, 0.5 * depth, 0.23 * abdomen_mm])
   points, radii, walls, loop_ids = [], [], [], []
@@ -535,17 +537,46 @@ def _paint_mesenteric_vessels(rng, labels, grid, body, into) -> SphereUnion:
   return union
 
 
-def _paint_chest(labels, grid, body) -> None:
-  """Lungs (domes whose lowest point is the lung base) and the heart above the diaphragm."""
+# The diaphragm of `_paint_chest`: flat on top over the central part of the cavity (normalised radius below
+# DIAPHRAGM_PLATEAU), curving down to the chest wall, deepest behind. So the lung bases wrap around the liver dome
+# and the spleen as real ones do: below the dome top a rim of lung surrounds the upper abdominal organs, widest
+# and lowest behind them (the posterior costophrenic recesses), while above it the lungs fill the cavity.
+DIAPHRAGM_PLATEAU = 0.8
+RECESS_ANTERIOR_MM = (12.0, 18.0)   # how far the lung reaches below the dome top in front (drawn per patient)
+RECESS_POSTERIOR_MM = (40.0, 55.0)  # and behind
+
+
+def _paint_chest(rng, labels, grid, body) -> None:
+  """Lungs above the diaphragm (see DIAPHRAGM_PLATEAU) and the heart on its central part.
+
+  Above `body.dome_mm` the lungs fill the cavity (around the heart, spine and great vessels). Below it, a voxel
+  at height h under the dome top and normalised cavity radius r is lung when r > p + (1 - p) * sqrt(h / R),
+  with p the plateau and R the recess depth at that angle (anterior to posterior), i.e. when it lies above a
+  diaphragm surface that falls as (r - p)^2 from the plateau's rim to the chest wall.
+  """
+  into = _lookup(["intraperitoneal_fat", "retroperitoneal_fat", "liver", "spleen", "stomach_wall",
+                  "stomach_content", "gas", "colon_wall", "stool", "pancreas", "kidney_cortex", "kidney_medulla",
+                  "gallbladder"])
+  anterior_mm, posterior_mm = rng.uniform(*RECESS_ANTERIOR_MM), rng.uniform(*RECESS_POSTERIOR_MM)
+  y, x = grid.y_mm[:, None], grid.x_mm[None, :]
+  for index in np.nonzero(grid.z_mm > body.dome_mm - posterior_mm)[0]:
+    t = float(body.t(grid.z_mm[index]))
+    width, depth = body.cavity(t)
+    radius = np.sqrt(_body_radius2(y, x, body.center_y_mm, width, depth))
+    if grid.z_mm[index] > body.dome_mm:
+      lung = radius <= 1.0
+    else:
+      backward = np.clip((y - body.center_y_mm) * POSTERIOR_SQUASH / depth, -1.0, 1.0)
+      recess_mm = anterior_mm + (posterior_mm - anterior_mm) * (1.0 + backward) / 2.0
+      below = (body.dome_mm - grid.z_mm[index]) / recess_mm
+      lung = (radius <= 1.0) & (below < 1.0) & (
+          radius > DIAPHRAGM_PLATEAU + (1.0 - DIAPHRAGM_PLATEAU) * np.sqrt(np.clip(below, 0.0, 1.0)))
+    region = labels[index]
+    region[lung & into[region]] = TISSUE["lung"]
   width, depth = body.cavity(1.1)
   cy = body.center_y_mm
-  into = _lookup(["intraperitoneal_fat", "retroperitoneal_fat", "liver", "spleen", "stomach_wall",
-                  "stomach_content", "gas", "colon_wall", "stool", "pancreas", "kidney_cortex", "kidney_medulla"])
-  dome_mm = 60.0
-  for side, fraction in ((-1, 0.48), (1, 0.5)):
-    paint_ellipsoid(labels, grid, "lung", (side * fraction * width, cy + 0.12 * depth, body.lung_base_mm + dome_mm),
-                    (0.5 * width, 0.85 * depth, dome_mm), 0.0, into)
-  heart_center = (0.12 * width, cy - 0.25 * depth, body.lung_base_mm + 75.0)
+  # The heart rests on the central tendon, just above the dome top.
+  heart_center = (0.12 * width, cy - 0.25 * depth, body.dome_mm + 73.0)
   heart_into = _lookup(["lung", "liver", "intraperitoneal_fat", "retroperitoneal_fat", "stomach_wall",
                         "stomach_content", "gas", "colon_wall", "stool"])
   paint_ellipsoid(labels, grid, "myocardium", heart_center, (0.42 * width, 0.5 * depth, 72.0), 0.5, heart_into)
@@ -699,10 +730,10 @@ def random_nodules(rng: np.random.Generator, anatomy: Anatomy, grid: Grid, body:
     slices = {first_slice + int(k) for k in np.nonzero(mask.any(axis=(1, 2)))[0]}
     if len(covered_slices | slices) > slice_budget:
       return None
-    # Keep implants inside the ground-truth abdominal range (e.g. not on the liver dome above the lung bases),
+    # Keep implants inside the ground-truth abdominal range (e.g. not in the chest above the diaphragm domes),
     # so that a correct abdominal crop never cuts one off.
     slice_z = grid.z_mm[sorted(slices)]
-    if slice_z[0] < body.pelvic_floor_mm or slice_z[-1] > body.lung_base_mm:
+    if slice_z[0] < body.pelvic_floor_mm or slice_z[-1] > body.dome_mm:
       return None
     covered_slices.update(slices)
     region[mask] = TISSUE["nodule"]

@@ -12,7 +12,7 @@ Labels come in balanced blocks: every 4 consecutive patients (0-3, 4-7, ...) hol
 p-positive sb-negative and 1 sb-positive patient, and any 2 consecutive patients starting at an even index hold
 one negative and one positive. So even a 2-patient cohort has both p classes.
 
-The anatomy lives in `pdx_tf.phantom.anatomy`. This module never imports TensorFlow: the cohort is a local
+The anatomy lives in `pdx_tf.phantom.cohort.anatomy`. This module never imports TensorFlow: the cohort is a local
 cache, made atomic by building it in a temporary sibling folder that is renamed into place at the end.
 """
 
@@ -34,7 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom import uid as dicom_uid
 
-from pdx_tf.phantom import anatomy as anatomy_lib
+from pdx_tf.phantom.cohort import anatomy as anatomy_lib
 
 GENERATOR_VERSION = 1  # cached cohorts are also keyed by the generator's source code (see config_hash)
 MANIFEST_COLUMNS = ("patient_id", "dicom_dir", "label_p", "label_sb", "ascites", "pci", "site")
@@ -125,7 +125,7 @@ class PhantomPatient:
   label_p: int
   label_sb: int
   covariates: dict[str, Any]          # ascites, pci, site, nodule_count, omental_cake (bool)
-  abdomen_z_range_mm: tuple[float, float]  # (pelvic floor, lung bases); both lie half-way between slices
+  abdomen_z_range_mm: tuple[float, float]  # (pelvic floor, diaphragm dome top); both half-way between slices
   pixel_spacing_mm: float
   tissue_labels: np.ndarray           # uint8, values index phantom_anatomy.TISSUE_NAMES
   nodule_sites: tuple[str, ...]       # site of each nodule, small-bowel nodules first
@@ -181,10 +181,10 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
   z_start = round(rng.uniform(-620.0, -380.0), 1)
   z_mm = np.round(z_start + spacing * np.arange(thigh_slices + abdomen_slices + chest_slices), 3)
   pelvic_floor = round(float(z_mm[thigh_slices - 1] + spacing / 2), 3)
-  lung_base = round(pelvic_floor + abdomen_slices * spacing, 3)
+  dome_top = round(pelvic_floor + abdomen_slices * spacing, 3)
   half_width = rng.uniform(128.0, 155.0) + (6.0 if site == "B" else 0.0)
   body = anatomy_lib.BodyShape(
-      pelvic_floor_mm=pelvic_floor, lung_base_mm=lung_base, half_width_mm=half_width,
+      pelvic_floor_mm=pelvic_floor, dome_mm=dome_top, half_width_mm=half_width,
       half_depth_mm=half_width * rng.uniform(0.76, 0.88), center_y_mm=-15.0 + rng.uniform(-5.0, 5.0),
       fat_mm=rng.uniform(8.0, 30.0), muscle_mm=rng.uniform(8.0, 13.0))
   pixel_axis = (np.arange(config.matrix_size) - (config.matrix_size - 1) / 2) * config.pixel_spacing_mm
@@ -209,7 +209,7 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
       small_bowel_nodule_mask=small_bowel_nodule_mask, label_p=label_p, label_sb=label_sb,
       covariates={"ascites": ascites, "pci": pci, "site": site, "nodule_count": len(nodules),
                   "omental_cake": has_cake},
-      abdomen_z_range_mm=(pelvic_floor, lung_base), pixel_spacing_mm=config.pixel_spacing_mm,
+      abdomen_z_range_mm=(pelvic_floor, dome_top), pixel_spacing_mm=config.pixel_spacing_mm,
       tissue_labels=anatomy.labels, nodule_sites=tuple(nodule.site for nodule in nodules))
 
 
