@@ -9,7 +9,11 @@ target), and restores the file. A mutant is *killed* when a test fails (or the t
 still passes. A survivor is printed as `file:line: original -> mutant`: a bug no test notices, so either a
 missing test or, after reading it, an equivalent mutant (list its key under the target's "equivalent").
 
-  score = (killed + killed by timeout) / (mutants run - equivalent-excluded)
+  score = (killed + killed by timeout) / (mutants - equivalent-excluded)
+
+(runner errors, e.g. pytest exit 3-5, are listed and left out of both; a mutant that breaks the import is
+killed). Docstrings, logging/print statements and message text (raise, exception/warning constructors) are
+not mutated; they are counted as skipped.
 
 The project's target is >= 0.90 on every target below. The run is slow (a pytest process per mutant), so it is
 run by hand, OUTSIDE CI, and its figures go in benchmarks/README.md with the command that made them:
@@ -242,6 +246,7 @@ class _SiteFinder:
 
   def __init__(self, functions: Sequence[str] = ()):
     self.functions = frozenset(functions)
+    self.matched: set[str] = set()    # the names in `functions` that name a def or class here
     self.sites: list[_Site] = []
     self._scope: list[str] = []       # names of the enclosing classes/functions
     self._in_scope: list[bool] = []   # whether each enclosing level is (inside) a selected function
@@ -293,8 +298,9 @@ class _SiteFinder:
     self._scope.append(node.name)
     qualified = ".".join(self._scope)
     parent_in = bool(self._in_scope) and self._in_scope[-1]
-    self._in_scope.append(parent_in or node.name in self.functions
-                          or any(qualified == name or qualified.endswith("." + name) for name in self.functions))
+    matches = {name for name in self.functions if qualified == name or qualified.endswith("." + name)}
+    self.matched |= matches
+    self._in_scope.append(parent_in or bool(matches))
     if is_function:
       self._functions.append(node)
     self._visit_body(node.body)
@@ -431,11 +437,13 @@ class MutantSet:
     skipped: {reason: count} of mutation sites counted but not made (docstring, logging, message text).
     invalid: sites whose edit did not give the expected module (a runner bug; should be 0).
     duplicates: edits that gave the original module, or one another mutant already gave.
+    unmatched: names in `functions` that no function or class of the module has (a stale target table).
   """
   mutants: list[Mutant]
   skipped: dict[str, int]
   invalid: list[str]
   duplicates: int
+  unmatched: list[str] = dataclasses.field(default_factory=list)
 
 
 def make_mutants(source: str, functions: Sequence[str] = ()) -> MutantSet:
@@ -504,7 +512,8 @@ def make_mutants(source: str, functions: Sequence[str] = ()) -> MutantSet:
     key = hashlib.sha256("|".join([*identity, str(occurrences[identity])]).encode()).hexdigest()[:12]
     mutants.append(Mutant(key=key, operator=site.operator, function=site.function, line=site.anchor.lineno,
                           original=_one_line(original), mutant=_one_line(replacement), source=mutated))
-  return MutantSet(mutants=mutants, skipped=dict(skipped), invalid=invalid, duplicates=duplicates)
+  return MutantSet(mutants=mutants, skipped=dict(skipped), invalid=invalid, duplicates=duplicates,
+                   unmatched=sorted(set(functions) - finder.matched))
 
 
 def _containing_body(tree: ast.AST, statement: ast.stmt) -> list[ast.stmt]:
@@ -617,6 +626,9 @@ def run_target(target: Target, *, repo_root: str, copies: Sequence[str], max_mut
   with open(module_path, encoding="utf-8") as file:
     original_source = file.read()
   found = make_mutants(original_source, target.functions)
+  if found.unmatched:
+    raise ValueError(f"target {target.name}: {target.module} has no function {', '.join(found.unmatched)}; "
+                     "update its 'functions' in the TARGETS table")
   chosen = sample(found.mutants, max_mutants, seed)
   equivalent = dict(target.equivalent)
   to_run = [mutant for mutant in chosen if mutant.key not in equivalent]
@@ -744,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{mutant.function}, key {mutant.key}]")
       for problem in found.invalid:
         print(f"INVALID {problem}")
+      for name in found.unmatched:
+        print(f"UNKNOWN FUNCTION {name} (not in {target.module}; update the TARGETS table)")
     return 0
 
   started = time.perf_counter()

@@ -233,3 +233,9 @@ def test_a_test_run_past_its_timeout_is_stopped_with_its_children(tmp_path):
   status, seconds, _ = runner.run_tests(str(copy), ["tests/calc_test.py"], timeout_s=2.0)
   assert status == "timeout"
   assert seconds < 30
+
+
+def test_a_function_name_the_module_lacks_is_reported():
+  found = runner.make_mutants("def f(a):\n  return a + 1\n", ["f", "renamed_away"])
+  assert found.unmatched == ["renamed_away"]
+  assert found.mutants
