@@ -21,7 +21,7 @@ run by hand, OUTSIDE CI, and its figures go in benchmarks/README.md with the com
   python benchmarks/mutation_benchmark.py --targets metrics --max_mutants_per_target 20
   python benchmarks/mutation_benchmark.py --max_mutants_per_target 60 --jobs 2 --output mutation.json
   python benchmarks/mutation_benchmark.py --list --targets pool_keying       # the mutants, without running
-  python benchmarks/mutation_benchmark.py --module pdx_tf/grid.py --tests tests/grid_test.py   # ad hoc
+  python benchmarks/mutation_benchmark.py --module pdx_tf/training/grid.py --tests tests/grid_test.py   # ad hoc
 
 The TARGETS table below is the one place that says what is mutated and which tests must kill it (or pass
 --table FILE.json with the same shape). --max_mutants_per_target draws a keyed sample (sha256 of --seed and the
@@ -60,12 +60,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #                they are not run and leave the score's denominator.
 TARGETS: dict[str, dict[str, Any]] = {
     "splits": {
-        "module": "pdx_tf/splits.py",
+        "module": "pdx_tf/training/splits.py",
         "tests": ["tests/splits_test.py"],
     },
     "pool_keying": {
-        "module": "pdx_tf/input_pipeline.py",
-        "tests": ["tests/input_pipeline_test.py", "tests/training_test.py"],
+        "module": "pdx_tf/training/input_pipeline.py",
+        "tests": ["tests/input_pipeline_test.py", "tests/trainer_test.py"],
         "functions": ["pool_keep", "train_examples"],
     },
     "metrics": {
@@ -73,34 +73,34 @@ TARGETS: dict[str, dict[str, Any]] = {
         "tests": ["tests/evaluation_metrics_test.py"],
     },
     "training_auc": {
-        "module": "pdx_tf/training.py",
-        "tests": ["tests/training_test.py"],
+        "module": "pdx_tf/training/trainer.py",
+        "tests": ["tests/trainer_test.py"],
         "functions": ["_auc"],
     },
     "export_preprocessing": {
-        "module": "pdx_tf/export.py",
+        "module": "pdx_tf/serving/export.py",
         "tests": ["tests/export_test.py"],
         "functions": ["_shared_settings", "region_settings", "float32_model", "_load_model", "export_models"],
     },
     "serving_preprocessing": {
-        "module": "pdx_tf/serving.py",
+        "module": "pdx_tf/serving/signatures.py",
         "tests": ["tests/export_test.py"],
         "functions": ["model_image_size", "PdxServingModule.__init__"],
     },
     "dicom_phi_errors": {
-        "module": "pdx_tf/dicom.py",
+        "module": "pdx_tf/data/dicom.py",
         "tests": ["tests/dicom_test.py", "tests/pipeline_test.py"],
         "functions": ["_display_name", "_header_from_dataset", "_scan_file", "_describe_counts", "_tilt_error",
                       "_check_geometry", "_check_decodable", "read_ct_series"],
     },
     "pipeline_logging": {
-        "module": "pdx_tf/pipeline.py",
+        "module": "pdx_tf/data/pipeline.py",
         "tests": ["tests/pipeline_test.py"],
         "functions": ["_one_line", "_run_patient", "_run_all", "run_pipeline", "PipelineResult.summary"],
     },
     "training_resume": {
-        "module": "pdx_tf/training.py",
-        "tests": ["tests/training_test.py"],
+        "module": "pdx_tf/training/trainer.py",
+        "tests": ["tests/trainer_test.py"],
         "functions": ["_load_progress", "train_cell", "_Checkpointer"],
     },
 }
