@@ -37,6 +37,7 @@ def main(argv):
   import numpy as np  # pylint: disable=import-outside-toplevel
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
+  from pdx_tf import contracts  # pylint: disable=import-outside-toplevel
   from pdx_tf.training import input_pipeline, trainer  # pylint: disable=import-outside-toplevel
   from pdx_tf.training.model import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
 
@@ -47,7 +48,7 @@ def main(argv):
     records_dir = os.path.join(tempfile.mkdtemp(), "records")
     fake_records.write_fake_records(records_dir, num_patients=16, slices_per_patient=20, augment_factor=16,
                                     image_size=_IMAGE_SIZE.value)
-  info = input_pipeline.load_dataset_info(records_dir, expected_image_size=_IMAGE_SIZE.value)
+  info = contracts.load_dataset_info(records_dir, expected_image_size=_IMAGE_SIZE.value)
   train_ids = list(info.patients)[: max(2, len(info.patients) * 7 // 8)]
   batch_size, steps, warmup = _BATCH_SIZE.value, _STEPS.value, _WARMUP_STEPS.value
   records = input_pipeline.train_dataset(

@@ -34,15 +34,11 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from pdx_tf.serving import export
-from pdx_tf.serving import gradcam
-from pdx_tf import io_utils
-from pdx_tf.training import model as model_lib
-from pdx_tf import phantom
-from pdx_tf.data import preprocess
-from pdx_tf.data import region
-from pdx_tf.training import splits
+from pdx_tf import io_utils, phantom
+from pdx_tf.data import preprocess, region
 from pdx_tf.errors import PdxError
+from pdx_tf.serving import export, gradcam
+from pdx_tf.training import model as model_lib, splits
 
 _MODEL = flags.DEFINE_string("model", None, "An export folder (X/pdx_<task> or a version folder).")
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Or: a training output folder (with --task).")

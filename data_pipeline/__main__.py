@@ -29,9 +29,7 @@ from absl import app
 from absl import flags
 
 from pdx_tf import cli
-from pdx_tf.data import augment
-from pdx_tf.data import pipeline
-from pdx_tf.data import preprocess
+from pdx_tf.data import augment, pipeline, preprocess
 from pdx_tf.errors import ManifestError, PdxError
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "Cohort CSV (patient_id,dicom_dir,label_p,label_sb[,z_min_mm,"

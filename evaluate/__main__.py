@@ -12,10 +12,9 @@ config.json, summary.json, patient_predictions.csv, cell_metrics.csv, report.md,
 from absl import app
 from absl import flags
 
-from pdx_tf import cli
-from pdx_tf import io_utils
+from pdx_tf import cli, io_utils
 from pdx_tf.errors import PdxError
-from pdx_tf.evaluation import EvaluateConfig, evaluate_runs, format_paper_table
+from pdx_tf.evaluation import evaluate_runs, EvaluateConfig, format_paper_table
 
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Training output: a task folder or a parent of several.",
                                 required=True)

@@ -16,7 +16,7 @@ from absl import flags
 
 from pdx_tf import cli
 from pdx_tf.errors import PdxError
-from pdx_tf.serving.export import ExportConfig, export_runs
+from pdx_tf.serving.export import export_runs, ExportConfig
 
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Training output: a task folder or a parent of several.",
                                 required=True)

@@ -15,8 +15,8 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf.training import input_pipeline, trainer
-from pdx_tf import io_utils
+from pdx_tf import contracts, io_utils
+from pdx_tf.training import trainer
 from pdx_tf.training.model import ModelConfig
 
 DEMO_ROOT = "runs/demo"
@@ -93,7 +93,7 @@ def _set_aside_stale_run(config: trainer.TrainConfig) -> None:
   changed = trainer.changed_settings(config)
   if changed is None:
     return
-  records_hash = input_pipeline.load_dataset_info(config.records_dir).content_hash
+  records_hash = contracts.load_dataset_info(config.records_dir).content_hash
   same_settings, same_records = not changed, trainer.trained_records_hash(folder) == records_hash
   if same_settings and same_records:
     return

@@ -16,10 +16,9 @@ decisions.
 from absl import app
 from absl import flags
 
-from pdx_tf import cli
-from pdx_tf import io_utils
+from pdx_tf import cli, io_utils
 from pdx_tf.errors import PdxError
-from pdx_tf.serving.predict import PredictConfig, format_prediction, predict_study
+from pdx_tf.serving.predict import format_prediction, predict_study, PredictConfig
 
 _MODEL = flags.DEFINE_multi_string("model", None, "Export folder X/pdx_<task> or X/pdx_<task>/<version>; "
                                    "repeat for the second task.", required=True)

@@ -15,8 +15,8 @@ import shutil
 import pydicom
 import pytest
 
-from pdx_tf.data import dicom
 from pdx_tf import phantom
+from pdx_tf.data import dicom
 from pdx_tf.errors import DicomError
 
 NAME = "ZZCANARY_DOE_JANE"

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf.serving import export
 from pdx_tf import io_utils
 from pdx_tf.configs import to_dict as configs_to_dict
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
+from pdx_tf.serving import export
 from tests import fake_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -272,8 +272,8 @@ def test_region_settings_come_from_the_training_records(exported, tmp_path):
   stale = dict(run_info, dataset_hash="f" * 64)  # records rewritten since training: not trusted
   assert export.region_settings([export.CellRun(cell.folder, 0, 0, stale)])["source"].startswith("pipeline")
   # dataset.json rewritten by newer code around the same records (same content hash): trusted.
-  from pdx_tf.training import input_pipeline  # pylint: disable=import-outside-toplevel
-  same_content = dict(stale, records_hash=input_pipeline.records_content_hash({"config": pipeline_config}))
+  from pdx_tf import contracts  # pylint: disable=import-outside-toplevel
+  same_content = dict(stale, records_hash=contracts.records_content_hash({"config": pipeline_config}))
   assert export.region_settings([export.CellRun(cell.folder, 0, 0, same_content)])["source"] == (
       "training dataset.json")
 

@@ -7,9 +7,9 @@ import matplotlib
 import numpy as np
 import pytest
 
+from pdx_tf.data import preprocess
 from pdx_tf.serving import gradcam
 from pdx_tf.training import model as model_lib
-from pdx_tf.data import preprocess
 from tests import fake_cells
 
 matplotlib.use("Agg")

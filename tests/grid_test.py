@@ -2,14 +2,14 @@
 
 import pytest
 
-from pdx_tf.training import grid
-from pdx_tf import io_utils
+from pdx_tf import contracts, io_utils
 from pdx_tf.errors import RunsError
+from pdx_tf.training import grid
 
 
 def test_all_cells_repeat_major():
   assert grid.all_cells(2, 3) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
-  assert grid.cell_name((3, 7)) == "r03_f07"
+  assert contracts.cell_name((3, 7)) == "r03_f07"
 
 
 @pytest.mark.parametrize("num_repeats,num_folds", [(24, 8), (1, 8), (3, 5)])

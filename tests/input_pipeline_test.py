@@ -8,9 +8,10 @@ import pytest
 import tensorflow as tf
 
 import fake_records
-from pdx_tf.training import input_pipeline, splits
+from pdx_tf import contracts
 from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
+from pdx_tf.training import input_pipeline, splits
 
 NUM_PATIENTS, SLICES, AUGMENT_FACTOR, SIZE = 8, 3, 4, 32
 
@@ -25,7 +26,7 @@ def records_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def info(records_dir):
-  return input_pipeline.load_dataset_info(records_dir, expected_image_size=SIZE, verify_hashes=True)
+  return contracts.load_dataset_info(records_dir, expected_image_size=SIZE, verify_hashes=True)
 
 
 def _keys(dataset):
@@ -120,12 +121,12 @@ def _copy_manifest(records_dir, tmp_path, change):
 
 def test_bad_datasets(records_dir, tmp_path):
   with pytest.raises(RecordsError, match="model expects 48 px"):
-    input_pipeline.load_dataset_info(records_dir, expected_image_size=48)
+    contracts.load_dataset_info(records_dir, expected_image_size=48)
   with pytest.raises(RecordsError, match="dataset.json not found"):
-    input_pipeline.load_dataset_info(str(tmp_path))
+    contracts.load_dataset_info(str(tmp_path))
   other = _copy_manifest(records_dir, tmp_path, lambda m: m.update(schema_version=2))
   with pytest.raises(RecordsError, match="schema version 2"):
-    input_pipeline.load_dataset_info(other)
+    contracts.load_dataset_info(other)
 
 
 def test_truncated_shard_and_hash_mismatch(records_dir, tmp_path):
@@ -133,30 +134,30 @@ def test_truncated_shard_and_hash_mismatch(records_dir, tmp_path):
     manifest["shards"][0]["num_bytes"] += 1
   folder = _copy_manifest(records_dir, tmp_path, shrink)
   with pytest.raises(RecordsError, match="incomplete"):
-    input_pipeline.load_dataset_info(folder)
+    contracts.load_dataset_info(folder)
 
 
 def test_hash_verification(records_dir, tmp_path):
   def corrupt(manifest):
     manifest["shards"][0]["sha256"] = "0" * 64
   folder = _copy_manifest(records_dir, tmp_path, corrupt)
-  input_pipeline.load_dataset_info(folder)  # sizes only: passes
+  contracts.load_dataset_info(folder)  # sizes only: passes
   with pytest.raises(RecordsError, match="sha256"):
-    input_pipeline.load_dataset_info(folder, verify_hashes=True)
+    contracts.load_dataset_info(folder, verify_hashes=True)
 
 
 def test_content_hash_follows_the_records_not_their_provenance(info):
-  dataset = json.loads(json.dumps(info.manifest))
-  reference = input_pipeline.records_content_hash(dataset)
+  dataset = json.loads(json.dumps(info.document))
+  reference = contracts.records_content_hash(dataset)
   assert info.content_hash == reference
   # A pipeline rerun after a code update, or from another cohort path, holds the same records.
   dataset["code_version"] = "9.9.9+gdeadbeef"
   dataset.setdefault("config", {})["manifest_path"] = "/elsewhere/manifest.csv"
-  assert input_pipeline.records_content_hash(dataset) == reference
+  assert contracts.records_content_hash(dataset) == reference
   # Other images or other labels are other records.
   changed_image = json.loads(json.dumps(dataset))
   changed_image["shards"][0]["sha256"] = "0" * 64
-  assert input_pipeline.records_content_hash(changed_image) != reference
+  assert contracts.records_content_hash(changed_image) != reference
   changed_label = json.loads(json.dumps(dataset))
   changed_label["patients"][0]["label_p"] = 1 - int(changed_label["patients"][0]["label_p"])
-  assert input_pipeline.records_content_hash(changed_label) != reference
+  assert contracts.records_content_hash(changed_label) != reference

@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.phantom.cohort.cohort: ground truth, anatomy, DICOM round trips, quirks, canaries and the cached cohort."""
+"""Tests for pdx_tf.phantom.cohort: ground truth, anatomy, DICOM round trips, quirks, canaries and the cached cohort."""
 
 import csv
 import json
@@ -13,8 +13,8 @@ from pydicom import uid as dicom_uid
 from scipy import ndimage
 
 from pdx_tf import phantom
-from pdx_tf.phantom.cohort import cohort as phantom_cohort
-from pdx_tf.phantom.cohort.anatomy import OMENTAL_CAKE_MIN_PCI, SMALL_BOWEL_TISSUES, TISSUE
+from pdx_tf.phantom import cohort as phantom_cohort
+from pdx_tf.phantom.anatomy import OMENTAL_CAKE_MIN_PCI, SMALL_BOWEL_TISSUES, TISSUE
 
 # 64 px at 6 mm covers the same 384 mm field of view as the default 256 px at 1.5 mm, 16x fewer voxels.
 TINY = phantom.PhantomConfig(num_patients=8, seed=3, matrix_size=64, pixel_spacing_mm=6.0)

@@ -8,10 +8,9 @@ import sys
 import pydicom
 import pytest
 
-from pdx_tf import io_utils
-from pdx_tf import phantom
-from pdx_tf.serving import predict
+from pdx_tf import io_utils, phantom
 from pdx_tf.errors import DicomError, ExportError
+from pdx_tf.serving import predict
 from tests import fake_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

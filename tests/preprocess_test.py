@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf.data import augment
-from pdx_tf.data import preprocess
+from pdx_tf.data import augment, preprocess
 
 SIZE = 64
 

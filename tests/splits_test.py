@@ -7,8 +7,8 @@ import os
 import pytest
 
 from pdx_tf import io_utils
-from pdx_tf.training import splits
 from pdx_tf.errors import RunsError
+from pdx_tf.training import splits
 
 
 def _labels(num_positive, num_negative):

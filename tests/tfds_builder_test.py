@@ -7,11 +7,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import io_utils
-from pdx_tf import phantom
-from pdx_tf.data import pipeline
-from pdx_tf.data import preprocess
-from pdx_tf.data import records
+from pdx_tf import io_utils, phantom
+from pdx_tf.data import pipeline, preprocess, records
 
 tfds = pytest.importorskip("tensorflow_datasets")
 # tensorflow-datasets needs importlib_resources to build (an etils[epath] extra that pip may leave out).

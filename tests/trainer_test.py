@@ -15,8 +15,8 @@ import tensorflow as tf
 
 import fake_records
 from pdx_tf import io_utils
-from pdx_tf.training import splits, trainer
 from pdx_tf.errors import PdxError, RecordsError, RunsError
+from pdx_tf.training import splits, trainer
 from pdx_tf.training.model import ModelConfig
 
 SIZE = 32

@@ -25,8 +25,8 @@ from absl import flags
 from absl import logging
 
 from pdx_tf import cli
-from pdx_tf.training import aggregation, grid, trainer
 from pdx_tf.errors import PdxError
+from pdx_tf.training import aggregation, grid, trainer
 from pdx_tf.training.model import ModelConfig
 
 _TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "p: any peritoneal dissemination; sb: small-bowel.")

@@ -35,6 +35,7 @@ import pydicom.errors
 import pydicom.pixels
 import pydicom.uid
 
+from pdx_tf.contracts import DEFAULT_MIN_SLICES
 from pdx_tf.errors import DicomError
 
 # Images whose slice normal is within this angle of the patient z axis count as axial.
@@ -836,7 +837,7 @@ def _decode_slice(header: _Header, out: np.ndarray) -> None:
 # Public API.
 
 
-def find_ct_series(folder: str, *, slice_thickness_mm: float = DEFAULT_SLICE_THICKNESS_MM, min_slices: int = 8,
+def find_ct_series(folder: str, *, slice_thickness_mm: float = DEFAULT_SLICE_THICKNESS_MM, min_slices: int = DEFAULT_MIN_SLICES,
                    show_paths: bool = False) -> list[SeriesSummary]:
   """Lists the axial CT series under `folder`, best first (the order `read_ct_series` chooses by).
 
@@ -862,7 +863,7 @@ def find_ct_series(folder: str, *, slice_thickness_mm: float = DEFAULT_SLICE_THI
   return summaries
 
 
-def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: int = 8,
+def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: int = DEFAULT_MIN_SLICES,
                    slice_thickness_mm: float = DEFAULT_SLICE_THICKNESS_MM, show_paths: bool = False) -> CtSeries:
   """Reads one axial CT series from a folder of DICOM files into a Hounsfield-unit volume.
 

@@ -28,21 +28,13 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf.data import augment
-from pdx_tf import configs
-from pdx_tf import io_utils
-from pdx_tf.data import manifest as manifest_lib
-from pdx_tf.data import preprocess
-from pdx_tf import provenance
-from pdx_tf.data import qc
-from pdx_tf.data import records
-from pdx_tf.data import region
-from pdx_tf.data import shards
+from pdx_tf import configs, io_utils, provenance
+from pdx_tf.contracts import DATASET_FILE, DATASET_FORMAT, DEFAULT_MIN_SLICES
+from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, records, region, shards
 from pdx_tf.errors import PdxError
 
-DATASET_FORMAT = "pdx-tf-dataset"
 PAPER_AUGMENT_FACTOR = 960  # The study augmented every slice about 960-fold.
-DATASET_JSON = "dataset.json"
+DATASET_JSON = DATASET_FILE
 FAILURES_CSV = "failures.csv"
 CONFIG_JSON = "config.json"
 QC_INDEX = "qc/index.html"
@@ -100,7 +92,7 @@ class PipelineConfig:
   slice_spacing_mm: float = 5.0
   slice_thickness_mm: float = 5.0  # pdx_tf.data.dicom.DEFAULT_SLICE_THICKNESS_MM (dicom is imported lazily).
   shard_size_mb: float = 150.0
-  min_slices: int = 8
+  min_slices: int = DEFAULT_MIN_SLICES
   write_qc: bool = True
   qc_max_slices: int = 16
   num_partitions: int = 1

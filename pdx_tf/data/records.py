@@ -29,7 +29,7 @@ LABEL_P_KEY = "label_p"
 LABEL_SB_KEY = "label_sb"
 COVARIATE_PREFIX = "covariate/"
 
-LABEL_KEYS = {"p": LABEL_P_KEY, "sb": LABEL_SB_KEY}
+LABEL_KEYS = {"p": LABEL_P_KEY, "sb": LABEL_SB_KEY}  # one per contracts.TASKS
 
 
 def label_key(task: str) -> str:

@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
+from pdx_tf.contracts import DEFAULT_MIN_SLICES
 from pdx_tf.data import preprocess
 from pdx_tf.errors import RegionError
 
@@ -346,7 +347,7 @@ def slab_slices(hu: np.ndarray, z_mm: np.ndarray, centers_mm: np.ndarray,
 
 def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[float, float], *,
                    z_min_mm: float | None = None, z_max_mm: float | None = None,
-                   slice_spacing_mm: float | None = None, min_slices: int = 8,
+                   slice_spacing_mm: float | None = None, min_slices: int = DEFAULT_MIN_SLICES,
                    config: RegionConfig = RegionConfig(),
                    warnings: tuple[str, ...] = ()) -> tuple[AbdominalRegion, AbdominalRange]:
   """The abdominal slices of an already-read volume (the part of `load_abdomen` after reading).
@@ -403,7 +404,7 @@ def select_abdomen(hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: tuple[flo
 
 def load_abdomen(folder: str, *, series_uid: str | None = None, z_min_mm: float | None = None,
                  z_max_mm: float | None = None, slice_spacing_mm: float | None = None,
-                 config: RegionConfig = RegionConfig(), min_slices: int = 8, slice_thickness_mm: float = 5.0,
+                 config: RegionConfig = RegionConfig(), min_slices: int = DEFAULT_MIN_SLICES, slice_thickness_mm: float = 5.0,
                  show_paths: bool = False) -> AbdominalRegion:
   """Reads a study folder and returns its abdominal slices.
 

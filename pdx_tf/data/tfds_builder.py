@@ -24,10 +24,8 @@ from absl import logging
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pdx_tf.data import manifest as manifest_lib
-from pdx_tf.data import pipeline
-from pdx_tf.data import preprocess
-from pdx_tf.data import region
+from pdx_tf.contracts import DEFAULT_MIN_SLICES
+from pdx_tf.data import manifest as manifest_lib, pipeline, preprocess, region
 from pdx_tf.errors import PdxError
 
 MANIFEST_NAME = "manifest.csv"
@@ -41,7 +39,7 @@ class PdxCtConfig(tfds.core.BuilderConfig):
   augment_factor: int = pipeline.PAPER_AUGMENT_FACTOR
   window: str = "abdomen"
   seed: int = 0
-  min_slices: int = 8
+  min_slices: int = DEFAULT_MIN_SLICES
 
 
 def _pipeline_config(config: PdxCtConfig, manifest_path: str) -> pipeline.PipelineConfig:

@@ -5,9 +5,9 @@ Public API:
   format_paper_table(summary) -> plain-text table of this run beside the paper's published values.
 """
 
-from pdx_tf.evaluation.evaluator import EvaluateConfig, evaluate_runs
-from pdx_tf.evaluation.metrics import METRIC_NAMES, binary_metrics
-from pdx_tf.evaluation.report import PAPER_RESULTS, format_paper_table
+from pdx_tf.evaluation.evaluator import evaluate_runs, EvaluateConfig
+from pdx_tf.evaluation.metrics import binary_metrics, METRIC_NAMES
+from pdx_tf.evaluation.report import format_paper_table, PAPER_RESULTS
 
 __all__ = [
     "EvaluateConfig",

@@ -13,14 +13,9 @@ import math
 from typing import Any, Mapping
 
 from pdx_tf import io_utils
-from pdx_tf.evaluation import grid_statistics
-from pdx_tf.evaluation import metrics as metrics_lib
-from pdx_tf.evaluation import report
-from pdx_tf.evaluation import runs as runs_lib
-from pdx_tf.evaluation import tensorboard
+from pdx_tf.contracts import CONFIG_FILE, SUMMARY_FILE
+from pdx_tf.evaluation import grid_statistics, metrics as metrics_lib, report, runs as runs_lib, tensorboard
 
-CONFIG_FILE = "config.json"
-SUMMARY_FILE = "summary.json"
 PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
 CELL_METRICS_FILE = "cell_metrics.csv"
 REPORT_MARKDOWN_FILE = "report.md"

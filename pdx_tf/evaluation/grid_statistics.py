@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from pdx_tf.evaluation import metrics as metrics_lib
-from pdx_tf.evaluation.runs import TaskRuns, cell_name
+from pdx_tf.evaluation.runs import cell_name, TaskRuns
 
 SUMMARY_KEYS = ("n", "mean", "sd", "median", "p2_5", "p97_5")
 # Fixed clinical bins for the peritoneal cancer index (0-39): (inclusive upper bound, label). A value goes to

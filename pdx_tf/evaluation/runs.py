@@ -23,25 +23,13 @@ import tensorflow as tf
 from pdx_tf import io_utils
 from pdx_tf.errors import RunsError
 
-TASKS = ("p", "sb")
-SPLITS_FILE = "splits.json"
-PATIENTS_FILE = "patients.csv"
-RUN_FILE = "run.json"
-PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
-SLICE_PREDICTIONS_FILE = "slice_predictions.csv"
-COMPLETE_STATUS = "complete"
-RUN_SCHEMA_VERSION = 1
+from pdx_tf.contracts import (  # noqa: F401  (re-exported for readers of this module)
+    COMPLETE_STATUS, PATIENT_PREDICTIONS_FILE, PATIENTS_FILE, RUN_FILE, RUN_SCHEMA_VERSION, SLICE_PREDICTIONS_FILE,
+    SPLITS_FILE, TASKS, Cell, cell_name)
+
 # Columns of patients.csv that are not covariates.
 PATIENT_ID_COLUMN = "patient_id"
 LABEL_COLUMNS = tuple(f"label_{task}" for task in TASKS)
-
-Cell = tuple[int, int]  # (repeat, fold)
-
-
-def cell_name(cell: Cell) -> str:
-  """A display name for a cell, e.g. r03_f07 (for messages only; never parsed)."""
-  return f"r{cell[0]:02d}_f{cell[1]:02d}"
-
 
 @dataclasses.dataclass(frozen=True)
 class CellPredictions:

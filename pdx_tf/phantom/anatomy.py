@@ -1,4 +1,4 @@
-"""Anatomy of the synthetic abdominal CT phantom (used by `pdx_tf.phantom.cohort.cohort`).
+"""Anatomy of the synthetic abdominal CT phantom (used by `pdx_tf.phantom.cohort`).
 
 The phantom is painted as a uint8 tissue-label volume from simple solids: nested ellipses for the body wall,
 ellipsoids for organs, unions of spheres along random paths for bowel, colon and mesenteric vessels. The label

@@ -12,7 +12,7 @@ Labels come in balanced blocks: every 4 consecutive patients (0-3, 4-7, ...) hol
 p-positive sb-negative and 1 sb-positive patient, and any 2 consecutive patients starting at an even index hold
 one negative and one positive. So even a 2-patient cohort has both p classes.
 
-The anatomy lives in `pdx_tf.phantom.cohort.anatomy`. This module never imports TensorFlow: the cohort is a local
+The anatomy lives in `pdx_tf.phantom.anatomy`. This module never imports TensorFlow: the cohort is a local
 cache, made atomic by building it in a temporary sibling folder that is renamed into place at the end.
 """
 
@@ -34,7 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom import uid as dicom_uid
 
-from pdx_tf.phantom.cohort import anatomy as anatomy_lib
+from pdx_tf.phantom import anatomy as anatomy_lib
 
 GENERATOR_VERSION = 1  # cached cohorts are also keyed by the generator's source code (see config_hash)
 MANIFEST_COLUMNS = ("patient_id", "dicom_dir", "label_p", "label_sb", "ascites", "pci", "site")

@@ -29,26 +29,18 @@ from typing import Any, Sequence
 import keras
 import tensorflow as tf
 
-from pdx_tf.training import aggregation
-from pdx_tf import configs
-from pdx_tf.training import input_pipeline
-from pdx_tf import io_utils
-from pdx_tf.training import model as model_lib
+from pdx_tf import configs, contracts, io_utils, provenance
+from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_METADATA_FILE as METADATA_FILE, RUN_FILE, RUN_SCHEMA_VERSION, TASKS
 from pdx_tf.data import preprocess
-from pdx_tf import provenance
-from pdx_tf.serving import signatures
 from pdx_tf.errors import ExportError
+from pdx_tf.serving import signatures
+from pdx_tf.training import aggregation, model as model_lib
 
-TASKS = ("p", "sb")
 EXPORT_FORMAT = "pdx-tf-export"
 EXPORT_SCHEMA_VERSION = 1
 METADATA_FOLDER = "assets.extra"
-METADATA_FILE = "pdx_export.json"
 KERAS_MODELS_FOLDER = "models"
-RUN_FILE = "run.json"
-RUN_SCHEMA_VERSION = 1
-COMPLETE_STATUS = "complete"
-_CELL_SELECTOR = re.compile(r"^r(\d+)(?:_f(\d+))?$")
+_CELL_SELECTOR = re.compile(r"^r(\d+)(?:_?f(\d+))?$")  # r00_f03 or r0f3 (one cell), r00 (a repeat)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,7 +69,7 @@ class ExportConfig:
       raise ValueError("runs_dir and export_dir must be given")
     for selector in self.cells:
       if not _CELL_SELECTOR.match(selector):
-        raise ValueError(f"cell selector {selector!r} is not understood; use rRR_fFF (e.g. r00_f03) or rRR "
+        raise ValueError(f"cell selector {selector!r} is not understood; use rRR_fFF (e.g. r00_f03, or r0f3) or rRR "
                          "(every fold of repeat RR)")
     if self.version is not None and self.version < 1:
       raise ValueError(f"version must be a positive integer, got {self.version}")
@@ -230,31 +222,40 @@ def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Mod
 def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
   """How the training records chose and spaced the abdominal slices, so `predict` reads a study the same way.
 
-  run.json does not carry the pipeline's region settings, so they come from the training records'
-  dataset.json (via run.json's records_dir), checked against the cell's dataset or records content hash. When it is not reachable
-  (records deleted or on another machine) the pipeline defaults are recorded, and said so.
+  run.json carries them (`region`, from the records' dataset.json at training time). Cells trained before it did
+  fall back to the training records' dataset.json (via run.json's records_dir), checked against the cell's dataset
+  or records content hash; when that is not reachable either (records deleted or on another machine) the pipeline
+  defaults are recorded, and said so.
   """
   from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
 
   for cell in cells:
+    recorded = cell.run_info.get("region")
+    if recorded and "region" in recorded:
+      return {"config": dict(recorded["region"]), "slice_spacing_mm": recorded.get("slice_spacing_mm"),
+              "slice_thickness_mm": recorded.get("slice_thickness_mm"),
+              "min_slices": int(recorded.get("min_slices", contracts.DEFAULT_MIN_SLICES)), "source": "run.json"}
+  for cell in cells:
     records_dir = cell.run_info.get("config", {}).get("records_dir")
     if not records_dir:
       continue
-    path = io_utils.join(records_dir, "dataset.json")
+    path = io_utils.join(records_dir, contracts.DATASET_FILE)
     try:
       if not tf.io.gfile.exists(path):
         continue
       dataset = io_utils.read_json(path)
       # The same records: byte-identical, or (after a pipeline rerun by newer code) the same content.
       if (io_utils.sha256_file(path) != cell.run_info.get("dataset_hash")
-          and input_pipeline.records_content_hash(dataset) != cell.run_info.get("records_hash")):
+          and contracts.records_content_hash(dataset) != cell.run_info.get("records_hash")):
         continue
       pipeline_config = dataset["config"]
       return {"config": dict(pipeline_config["region"]), "slice_spacing_mm": pipeline_config["slice_spacing_mm"],
+              "slice_thickness_mm": pipeline_config.get("slice_thickness_mm"),
               "min_slices": int(pipeline_config["min_slices"]), "source": "training dataset.json"}
     except (KeyError, TypeError, ValueError, tf.errors.OpError):
       continue
-  return {"config": configs.to_dict(region.RegionConfig()), "slice_spacing_mm": None, "min_slices": 8,
+  return {"config": configs.to_dict(region.RegionConfig()), "slice_spacing_mm": None,
+          "min_slices": contracts.DEFAULT_MIN_SLICES,
           "source": "pipeline defaults (the training dataset.json was not reachable at export time)"}
 
 

@@ -21,8 +21,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf.training import model as model_lib
 from pdx_tf.data import preprocess
+from pdx_tf.training import model as model_lib
 
 # Overlay rendering: heat below this share of the slice's maximum is left transparent.
 OVERLAY_FLOOR = 0.2

@@ -23,13 +23,10 @@ from typing import Any, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import configs
-from pdx_tf.serving import export
-from pdx_tf.serving import gradcam
-from pdx_tf import io_utils
+from pdx_tf import configs, contracts, io_utils, provenance
 from pdx_tf.data import preprocess
-from pdx_tf import provenance
 from pdx_tf.errors import ExportError, PdxError
+from pdx_tf.serving import export, gradcam
 
 PREDICTION_FORMAT = "pdx-tf-prediction"
 PREDICTION_SCHEMA_VERSION = 1
@@ -105,14 +102,17 @@ def _region_arguments(metadata: dict[str, Any]) -> dict[str, Any]:
 
   settings = metadata.get("region")
   if not settings:
-    return {"config": region.RegionConfig(), "slice_spacing_mm": None, "min_slices": 8}
+    return {"config": region.RegionConfig(), "slice_spacing_mm": None, "min_slices": contracts.DEFAULT_MIN_SLICES}
   try:
     region_config = configs.from_dict(region.RegionConfig, settings["config"])
   except (KeyError, TypeError, ValueError) as error:
     raise ExportError(f"export {metadata.get('task')} v{metadata.get('version')} has region settings this code "
                       f"cannot read ({error}); use the matching pdx_tf version") from None
-  return {"config": region_config, "slice_spacing_mm": settings.get("slice_spacing_mm"),
-          "min_slices": int(settings.get("min_slices", 8))}
+  arguments = {"config": region_config, "slice_spacing_mm": settings.get("slice_spacing_mm"),
+               "min_slices": int(settings.get("min_slices", contracts.DEFAULT_MIN_SLICES))}
+  if settings.get("slice_thickness_mm"):  # exports before the series choice recorded it use the default
+    arguments["slice_thickness_mm"] = float(settings["slice_thickness_mm"])
+  return arguments
 
 
 def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray,

@@ -27,8 +27,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf.training import aggregation
 from pdx_tf.data import preprocess
+from pdx_tf.training import aggregation
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"

@@ -7,26 +7,11 @@ progress.json resumes after its last finished epoch, anything else starts from s
 
 from __future__ import annotations
 
-import re
 from typing import Mapping, Sequence
 
 from pdx_tf import io_utils
+from pdx_tf.contracts import Cell, COMPLETE_STATUS, parse_cell_name, RUN_FILE
 from pdx_tf.errors import RunsError
-
-Cell = tuple[int, int]  # (repeat, fold)
-
-CELLS_FOLDER = "cells"
-RUN_FILE = "run.json"
-PROGRESS_FILE = "progress.json"
-CHECKPOINT_FOLDER = "checkpoint"
-COMPLETE_STATUS = "complete"
-
-_CELL_PATTERN = re.compile(r"^r(\d+)f(\d+)$")
-
-
-def cell_name(cell: Cell) -> str:
-  """Folder and TensorBoard run name, e.g. r03_f07 (for humans; readers use run.json, never this name)."""
-  return f"r{cell[0]:02d}_f{cell[1]:02d}"
 
 
 def all_cells(num_repeats: int, num_folds: int) -> list[Cell]:
@@ -44,7 +29,7 @@ def shard_cells(cells: Sequence[Cell], num_shards: int, shard_index: int) -> lis
 
 
 def parse_cells(text: str | Sequence[str], num_repeats: int, num_folds: int) -> list[Cell]:
-  """Parses `--cells=r0f0,r0f1` (or a list of such names) into cells, in grid order, without duplicates.
+  """Parses `--cells=r00_f00,r0f1` (either cell-name form) into cells, in grid order, without duplicates.
 
   Raises:
     ValueError: for a malformed name or a cell outside the grid.
@@ -54,10 +39,10 @@ def parse_cells(text: str | Sequence[str], num_repeats: int, num_folds: int) -> 
   for name in (item.strip() for item in names):
     if not name:
       continue
-    match = _CELL_PATTERN.match(name)
-    if not match:
-      raise ValueError(f"--cells entry {name!r} is not of the form r<repeat>f<fold>, e.g. r0f3")
-    repeat, fold = int(match.group(1)), int(match.group(2))
+    cell = parse_cell_name(name)
+    if cell is None:
+      raise ValueError(f"--cells entry {name!r} is not a cell name like r00_f03 or r0f3 (repeat, fold; 0-based)")
+    repeat, fold = cell
     if repeat >= num_repeats or fold >= num_folds:
       raise ValueError(f"--cells entry {name!r} is outside the grid of {num_repeats} repeats x {num_folds} folds"
                        f" (repeats 0..{num_repeats - 1}, folds 0..{num_folds - 1})")
@@ -93,10 +78,6 @@ def shard_from_environment(environ: Mapping[str, str]) -> tuple[int, int] | None
                        " numbered 0..N-1")
     return count, index
   return None
-
-
-def cell_folder(output_dir: str, cell: Cell) -> str:
-  return io_utils.join(output_dir, CELLS_FOLDER, cell_name(cell))
 
 
 def is_complete(folder: str) -> bool:

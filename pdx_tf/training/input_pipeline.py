@@ -21,117 +21,16 @@ originals is small), so predictions line up with (patient_id, slice_index).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
-from typing import Any, Mapping, Sequence
+from typing import Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import io_utils
+from pdx_tf.contracts import DatasetInfo
 from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
 
-DATASET_FILE = "dataset.json"
-DATASET_FORMAT = "pdx-tf-dataset"
 POOL_HASH_BUCKETS = 1 << 30
-
-
-def records_content_hash(dataset: Mapping[str, Any]) -> str:
-  """The content hash of a dataset.json dict (see `DatasetInfo.content_hash`)."""
-  patients = dataset.get("patients", [])
-  if isinstance(patients, Mapping):
-    patients = list(patients.values())
-  content = {
-      "schema_version": dataset.get("schema_version"),
-      "preprocess": dataset.get("preprocess"),
-      "shards": sorted([shard["path"], shard["sha256"], shard["num_examples"]] for shard in dataset.get("shards", [])),
-      "patients": sorted([entry["patient_id"], entry["label_p"], entry["label_sb"],
-                          sorted(entry.get("covariates", {}).items())] for entry in patients),
-  }
-  return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetInfo:
-  """What training needs from dataset.json (paths absolute; patients sorted by patient_id)."""
-
-  records_dir: str
-  manifest: Mapping[str, Any]
-  dataset_hash: str
-  image_size: int
-  covariate_names: tuple[str, ...]
-  patients: Mapping[str, Mapping[str, Any]]  # patient entry by patient_id
-
-  @property
-  def content_hash(self) -> str:
-    """sha256 of what the records hold: every shard's path, sha256 and size, the labels and covariates, the
-    preprocessing and the schema. Unlike `dataset_hash` it ignores provenance (code version, cohort path), so a
-    pipeline rerun that reuses every patient after a code update keeps it."""
-    return records_content_hash(self.manifest)
-
-  def labels(self, task: str) -> dict[str, int]:
-    key = records.label_key(task)
-    return {patient_id: int(entry[key]) for patient_id, entry in self.patients.items()}
-
-  def shard_paths(self, patient_ids: Sequence[str], kind: str) -> list[str]:
-    """Absolute paths of the `kind` ("original"/"augmented") shards of these patients, in patient order."""
-    field = f"{kind}_shards"
-    paths = []
-    for patient_id in patient_ids:
-      paths.extend(io_utils.join(self.records_dir, relative) for relative in self.patients[patient_id][field])
-    return paths
-
-  def num_examples(self, patient_ids: Sequence[str], kind: str) -> int:
-    field = f"num_{kind}_examples"
-    return sum(int(self.patients[patient_id][field]) for patient_id in patient_ids)
-
-
-def load_dataset_info(records_dir: str, *, expected_image_size: int | None = None,
-                      verify_hashes: bool = False) -> DatasetInfo:
-  """Reads and checks `records_dir/dataset.json`.
-
-  Checks the format and schema version, that the records' image size matches the model's, that every listed
-  shard exists with the recorded size in bytes (a cheap stat), and, with `verify_hashes`, its SHA-256.
-
-  Raises:
-    RecordsError: one line naming the file and what to do.
-  """
-  path = io_utils.join(records_dir, DATASET_FILE)
-  if not io_utils.exists(path):
-    raise RecordsError(f"{path} not found; point --records_dir at the output of `python -m data_pipeline` (it"
-                       " writes dataset.json last, so a missing file means an unfinished run)")
-  try:
-    manifest = io_utils.read_json(path)
-  except ValueError as error:
-    raise RecordsError(f"{path} is not valid JSON ({error}); rerun the data pipeline") from None
-  if manifest.get("format") != DATASET_FORMAT:
-    raise RecordsError(f"{path} is not a pdx-tf dataset manifest (format {manifest.get('format')!r})")
-  records.check_schema_version(manifest.get("schema_version", -1), path)
-  try:
-    image_size = int(manifest["preprocess"]["image_size"])
-    patients = {entry["patient_id"]: entry for entry in manifest["patients"]}
-    shards = list(manifest["shards"])
-  except (KeyError, TypeError) as error:
-    raise RecordsError(f"{path} lacks {error} required by the dataset.json contract; rerun the data pipeline") from None
-  if expected_image_size is not None and image_size != expected_image_size:
-    raise RecordsError(f"{path} holds {image_size} px images but the model expects {expected_image_size} px;"
-                       f" train with --image_size={image_size} or rebuild the records at {expected_image_size} px")
-  if not patients:
-    raise RecordsError(f"{path} lists no patients; check the data pipeline's failures.csv")
-  for shard in shards:
-    shard_path = io_utils.join(records_dir, shard["path"])
-    if not io_utils.exists(shard_path):
-      raise RecordsError(f"shard {shard_path} listed in {path} is missing; copy the whole records folder")
-    size = tf.io.gfile.stat(shard_path).length
-    if "num_bytes" in shard and int(shard["num_bytes"]) != size:
-      raise RecordsError(f"shard {shard_path} has {size} bytes, dataset.json says {shard['num_bytes']};"
-                         " the copy is incomplete or the file changed: re-copy or rebuild the records")
-    if verify_hashes and shard.get("sha256") and io_utils.sha256_file(shard_path) != shard["sha256"]:
-      raise RecordsError(f"shard {shard_path} does not match its sha256 in dataset.json; re-copy or rebuild it")
-  return DatasetInfo(records_dir=records_dir, manifest=manifest, dataset_hash=io_utils.sha256_file(path),
-                     image_size=image_size, covariate_names=tuple(manifest.get("covariate_names", ())),
-                     patients=dict(sorted(patients.items())))
 
 
 def pool_keep(sample_seed: int, repeat: int, patient_id: tf.Tensor, slice_index: tf.Tensor,

@@ -21,10 +21,10 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import io_utils
+from pdx_tf.contracts import SPLITS_FILE
 from pdx_tf.errors import RunsError
 
 SPLITS_SCHEMA_VERSION = 1
-SPLITS_FILE = "splits.json"
 
 
 def _partition(labels: Mapping[str, int], num_folds: int, seed: int, partition_key: int) -> list[list[str]]:

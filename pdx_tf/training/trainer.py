@@ -26,22 +26,17 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf.training import aggregation as aggregation_lib
-from pdx_tf import configs, io_utils, provenance
-from pdx_tf.training import grid, input_pipeline, splits, tensorboard
+from pdx_tf import configs, contracts, io_utils, provenance
+from pdx_tf.contracts import CONFIG_FILE, PATIENTS_FILE, RECORDS_FILE, RUN_SCHEMA_VERSION, TENSORBOARD_FOLDER
 from pdx_tf.errors import RunsError
-from pdx_tf.training.model import ModelConfig, build_model, resolve_weights
+from pdx_tf.training import aggregation as aggregation_lib, grid, input_pipeline, splits, tensorboard
+from pdx_tf.training.model import build_model, ModelConfig, resolve_weights
 
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
-RUN_SCHEMA_VERSION = 1
 # Held-out slice probabilities with a smaller spread mean the model predicts one constant (see model.py).
 COLLAPSE_STD = 1e-3
-CONFIG_FILE = "config.json"
-# {"records_hash": input_pipeline.DatasetInfo.content_hash, "dataset_hash": of the first run}: one grid, one
+# {"records_hash": contracts.DatasetInfo.content_hash, "dataset_hash": of the first run}: one grid, one
 # dataset.
-RECORDS_FILE = "records.json"
-PATIENTS_FILE = "patients.csv"
-TENSORBOARD_FOLDER = "tensorboard"
 # Fields that differ between the machines of one grid; R/config.json stores them at their defaults.
 PER_MACHINE_FIELDS = ("records_dir", "num_shards", "shard_index", "cells", "export_dir", "verify_hashes")
 
@@ -103,8 +98,7 @@ class TrainConfig:
   export_dir: str = ""
 
   def __post_init__(self):
-    if self.task not in ("p", "sb"):
-      raise ValueError(f"task must be p or sb, got {self.task!r}")
+    contracts.check_task(self.task)
     if not self.records_dir or not self.output_dir:
       raise ValueError("records_dir and output_dir are required")
     for name in ("num_repeats", "epochs", "batch_size", "shuffle_buffer"):
@@ -124,7 +118,7 @@ class TrainConfig:
     grid.shard_cells([], self.num_shards, self.shard_index)  # validates the pair
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
 
-  def selected_cells(self) -> list[grid.Cell]:
+  def selected_cells(self) -> list[contracts.Cell]:
     """This machine's cells: the `cells` subset (or the whole grid), then this shard's share of it."""
     chosen = (grid.parse_cells(self.cells, self.num_repeats, self.num_folds) if self.cells
               else grid.all_cells(self.num_repeats, self.num_folds))
@@ -136,7 +130,7 @@ class TrainConfig:
                                export_dir="", verify_hashes=False)
 
 
-def cell_seed(seed: int, cell: grid.Cell) -> int:
+def cell_seed(seed: int, cell: contracts.Cell) -> int:
   """The initialisation and shuffle seed of a cell."""
   return int(np.random.default_rng([seed, cell[0], cell[1]]).integers(2**31))
 
@@ -196,7 +190,7 @@ def _check_or_write_config(config: TrainConfig) -> None:
   io_utils.atomic_write_json(path, configs.to_dict(config.grid_config()))
 
 
-def _check_or_write_records_hash(config: TrainConfig, info: input_pipeline.DatasetInfo) -> None:
+def _check_or_write_records_hash(config: TrainConfig, info: contracts.DatasetInfo) -> None:
   """Refuses to add cells trained on other records to a grid: a skipped complete cell must match the new ones.
 
   Compares the records' content hash (shards, labels, preprocessing), not dataset.json's bytes, so a pipeline
@@ -213,7 +207,7 @@ def _check_or_write_records_hash(config: TrainConfig, info: input_pipeline.Datas
   io_utils.atomic_write_json(path, {"records_hash": info.content_hash, "dataset_hash": info.dataset_hash})
 
 
-def _write_patients(config: TrainConfig, info: input_pipeline.DatasetInfo) -> None:
+def _write_patients(config: TrainConfig, info: contracts.DatasetInfo) -> None:
   header = ["patient_id", "label_p", "label_sb", *info.covariate_names]
   rows = [[patient_id, entry["label_p"], entry["label_sb"],
            *[entry.get("covariates", {}).get(name, "") for name in info.covariate_names]]
@@ -221,23 +215,23 @@ def _write_patients(config: TrainConfig, info: input_pipeline.DatasetInfo) -> No
   io_utils.atomic_write_csv(io_utils.join(config.output_dir, PATIENTS_FILE), header, rows)
 
 
-def _check_cells(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Mapping[str, Any],
-                 cells: Sequence[grid.Cell]) -> None:
+def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
+                 cells: Sequence[contracts.Cell]) -> None:
   """Fails before any training if a selected cell cannot be trained (one class, no test patients)."""
   labels = info.labels(config.task)
   for cell in cells:
     train_ids, test_ids = splits.cell_patients(split, *cell)
     classes = {labels[patient_id] for patient_id in train_ids}
     if len(classes) < 2:
-      raise RunsError(f"cell {grid.cell_name(cell)}: every training patient has task {config.task} label"
+      raise RunsError(f"cell {contracts.cell_name(cell)}: every training patient has task {config.task} label"
                       f" {classes.pop()}, so the model cannot learn; add patients of the other class or use"
                       " fewer --num_folds")
     if not test_ids:
-      raise RunsError(f"cell {grid.cell_name(cell)} has no test patients; use fewer --num_folds")
+      raise RunsError(f"cell {contracts.cell_name(cell)} has no test patients; use fewer --num_folds")
 
 
 def run_grid(config: TrainConfig, *,
-             cell_callbacks: Callable[[grid.Cell], Sequence[keras.callbacks.Callback]] | None = None
+             cell_callbacks: Callable[[contracts.Cell], Sequence[keras.callbacks.Callback]] | None = None
              ) -> dict[str, Any]:
   """Trains this machine's cells of the grid (skipping complete ones, resuming interrupted ones).
 
@@ -253,7 +247,7 @@ def run_grid(config: TrainConfig, *,
   """
   io_utils.check_writable(config.output_dir)
   resolve_weights(config.model)  # a missing ImageNet/weights file fails now, not after the first cell starts
-  info = input_pipeline.load_dataset_info(config.records_dir, expected_image_size=config.model.image_size,
+  info = contracts.load_dataset_info(config.records_dir, expected_image_size=config.model.image_size,
                                           verify_hashes=config.verify_hashes)
   cells = config.selected_cells()
   split = splits.make_splits(info.labels(config.task), task=config.task, num_folds=config.num_folds,
@@ -276,8 +270,8 @@ def run_grid(config: TrainConfig, *,
   try:
     strategy = _strategy()
     for number, cell in enumerate(cells, start=1):
-      name = grid.cell_name(cell)
-      folder = grid.cell_folder(config.output_dir, cell)
+      name = contracts.cell_name(cell)
+      folder = contracts.cell_folder(config.output_dir, cell)
       if grid.is_complete(folder):
         logging.info("cell %s (%d/%d): complete, skipped", name, number, len(cells))
         statuses[name] = "skipped"
@@ -301,7 +295,7 @@ def _export(config: TrainConfig) -> str | None:
   With several shards only the machine that finds the grid complete exports; the others log and return None
   (run `python -m export` afterwards, or rerun any shard with --export_dir).
   """
-  folders = [grid.cell_folder(config.output_dir, cell) for cell in grid.all_cells(config.num_repeats, config.num_folds)]
+  folders = [contracts.cell_folder(config.output_dir, cell) for cell in grid.all_cells(config.num_repeats, config.num_folds)]
   missing = [folder for folder in folders if not grid.is_complete(folder)]
   if missing:
     logging.warning("--export_dir: %d of %d cells are not complete yet (e.g. %s); not exporting. Rerun with"
@@ -316,7 +310,7 @@ def _export(config: TrainConfig) -> str | None:
 # ----------------------------------------------------------------------------------------------- one cell
 
 
-def _hparams(config: TrainConfig, cell: grid.Cell, policy: str) -> dict[str, Any]:
+def _hparams(config: TrainConfig, cell: contracts.Cell, policy: str) -> dict[str, Any]:
   return {"task": config.task, "repeat": cell[0], "fold": cell[1], "alpha": config.model.alpha,
           "image_size": config.model.image_size, "weights": config.model.weights,
           "learning_rate": config.learning_rate, "precision": policy, "epochs": config.epochs,
@@ -348,7 +342,7 @@ class _Checkpointer(keras.callbacks.Callback):
     if self._steps == 0:
       raise RunsError(f"{self._folder}: the training draw is smaller than one batch; raise --pool_fraction or"
                       " lower --batch_size")
-    checkpoint_folder = io_utils.join(self._folder, grid.CHECKPOINT_FOLDER)
+    checkpoint_folder = io_utils.join(self._folder, contracts.CHECKPOINT_FOLDER)
     io_utils.make_dirs(checkpoint_folder)
     path = io_utils.join(checkpoint_folder, "model.keras")
     temp = io_utils.temp_path_for(path)
@@ -357,7 +351,7 @@ class _Checkpointer(keras.callbacks.Callback):
     self._progress["epochs_completed"] = epoch + 1
     self._progress["images_seen"] += self._steps * self._batch_size  # batches drop the remainder: exact
     self._progress["history"].append(logs)
-    io_utils.atomic_write_json(io_utils.join(self._folder, grid.PROGRESS_FILE), self._progress)
+    io_utils.atomic_write_json(io_utils.join(self._folder, contracts.PROGRESS_FILE), self._progress)
 
 
 def _compile(model: keras.Model, config: TrainConfig) -> None:
@@ -413,14 +407,14 @@ def _fresh_model(config: TrainConfig, policy: str, strategy: tf.distribute.Strat
 
 
 def _load_progress(folder: str) -> dict[str, Any] | None:
-  progress_path = io_utils.join(folder, grid.PROGRESS_FILE)
-  checkpoint_path = io_utils.join(folder, grid.CHECKPOINT_FOLDER, "model.keras")
+  progress_path = io_utils.join(folder, contracts.PROGRESS_FILE)
+  checkpoint_path = io_utils.join(folder, contracts.CHECKPOINT_FOLDER, "model.keras")
   if io_utils.exists(progress_path) and io_utils.exists(checkpoint_path):
     return io_utils.read_json(progress_path)
   return None
 
 
-def train_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Mapping[str, Any], cell: grid.Cell,
+def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any], cell: contracts.Cell,
                *, strategy: tf.distribute.Strategy | None = None, policy: str = "float32",
                tensorboard_dir: str | None = None,
                extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> str:
@@ -431,8 +425,8 @@ def train_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Map
   started = time.time()
   strategy = strategy or tf.distribute.get_strategy()
   tensorboard_dir = tensorboard_dir or io_utils.join(config.output_dir, TENSORBOARD_FOLDER)
-  name = grid.cell_name(cell)
-  folder = grid.cell_folder(config.output_dir, cell)
+  name = contracts.cell_name(cell)
+  folder = contracts.cell_folder(config.output_dir, cell)
   io_utils.make_dirs(folder)
   train_ids, test_ids = splits.cell_patients(split, *cell)
   init_seed = cell_seed(config.seed, cell)
@@ -443,7 +437,7 @@ def train_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Map
   if progress is not None:
     logging.info("cell %s: resuming after epoch %d", name, progress["epochs_completed"])
     # Restores the weights and the optimizer state (Adam moments, iteration count, loss scale).
-    model.load_weights(io_utils.join(folder, grid.CHECKPOINT_FOLDER, "model.keras"))
+    model.load_weights(io_utils.join(folder, contracts.CHECKPOINT_FOLDER, "model.keras"))
   else:
     progress = {"epochs_completed": 0, "images_seen": 0, "history": [], "wall_time_s": 0.0}
   initial_epoch = int(progress["epochs_completed"])
@@ -465,7 +459,7 @@ def train_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Map
               validation_data=validation.dataset(config.batch_size), callbacks=callbacks, verbose=2)
   progress["wall_time_s"] = float(progress.get("wall_time_s", 0.0)) + time.time() - started
   if progress["epochs_completed"] < config.epochs:
-    io_utils.atomic_write_json(io_utils.join(folder, grid.PROGRESS_FILE), progress)
+    io_utils.atomic_write_json(io_utils.join(folder, contracts.PROGRESS_FILE), progress)
     logging.info("cell %s: stopped after epoch %d of %d; rerun to resume", name, progress["epochs_completed"],
                  config.epochs)
     return "interrupted"
@@ -478,12 +472,12 @@ def _image_only(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
   return image
 
 
-def _finish_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: Mapping[str, Any],
-                 cell: grid.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
+def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
+                 cell: contracts.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
                  progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int) -> None:
   """Writes model.keras, predictions, metrics.json, the HParams session and (last) run.json."""
-  name = grid.cell_name(cell)
-  folder = grid.cell_folder(config.output_dir, cell)
+  name = contracts.cell_name(cell)
+  folder = contracts.cell_folder(config.output_dir, cell)
   model_path = io_utils.join(folder, "model.keras")
   temp = io_utils.temp_path_for(model_path)
   model.save(temp)
@@ -530,17 +524,17 @@ def _finish_cell(config: TrainConfig, info: input_pipeline.DatasetInfo, split: M
 
   run = {
       "schema_version": RUN_SCHEMA_VERSION, "task": config.task, "repeat": cell[0], "fold": cell[1],
-      "status": grid.COMPLETE_STATUS, "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
+      "status": contracts.COMPLETE_STATUS, "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
       "records_hash": info.content_hash, "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
-      "config": configs.to_dict(config), "preprocess": dict(info.manifest.get("preprocess", {})),
+      "config": configs.to_dict(config), "preprocess": info.preprocess, "region": info.region,
       "aggregation": config.aggregation, "aggregation_top_k": config.top_k,
       "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),
       "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
-  io_utils.atomic_write_json(io_utils.join(folder, grid.RUN_FILE), run)
+  io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), run)
   # The resume state is no longer needed once run.json marks the cell complete.
-  checkpoint_folder = io_utils.join(folder, grid.CHECKPOINT_FOLDER)
+  checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)
   if io_utils.exists(checkpoint_folder):
     tf.io.gfile.rmtree(checkpoint_folder)
-  progress_path = io_utils.join(folder, grid.PROGRESS_FILE)
+  progress_path = io_utils.join(folder, contracts.PROGRESS_FILE)
   if io_utils.exists(progress_path):
     tf.io.gfile.remove(progress_path)

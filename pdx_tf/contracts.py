@@ -1,0 +1,204 @@
+"""The hand-offs between the stages: file names, schema versions, tasks, cell names and the typed manifests.
+
+Data moves one way (CONTRACTS.md): D/dataset.json (records) -> R/ splits.json + cells/*/run.json (runs) ->
+E/summary.json (evaluation) and X/pdx_<task>/<version>/assets.extra/pdx_export.json (export). Every stage reads
+the manifest of the one before through this module, so a name or a version is defined once.
+
+Cells are named one way everywhere (folders, TensorBoard runs, `--cells` of train and export): `r03_f07`;
+`parse_cell_name` also accepts the short form `r3f7`. Readers take the repeat and fold from run.json, never
+from a folder name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import re
+from typing import Any, Mapping, Sequence
+
+from pdx_tf import io_utils
+from pdx_tf.errors import RecordsError
+
+TASKS = ("p", "sb")  # p: any peritoneal dissemination; sb: small-bowel dissemination.
+DEFAULT_MIN_SLICES = 8  # fewest slices accepted, in a series and in the abdominal range
+
+# ---------------------------------------------------------------------------------------- D: the records
+DATASET_FILE = "dataset.json"  # written last by the data pipeline: its presence means the records are complete
+DATASET_FORMAT = "pdx-tf-dataset"
+FAILURES_FILE = "failures.csv"
+
+# ---------------------------------------------------------------------------------------- R: the runs
+CONFIG_FILE = "config.json"  # the resolved config, next to every stage's output
+RECORDS_FILE = "records.json"  # {"records_hash", "dataset_hash"}: one grid, one set of records
+SPLITS_FILE = "splits.json"
+PATIENTS_FILE = "patients.csv"
+CELLS_FOLDER = "cells"
+TENSORBOARD_FOLDER = "tensorboard"
+RUN_FILE = "run.json"  # written last in a cell folder: its presence with COMPLETE_STATUS means the cell is done
+RUN_SCHEMA_VERSION = 1
+COMPLETE_STATUS = "complete"
+PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
+SLICE_PREDICTIONS_FILE = "slice_predictions.csv"
+METRICS_FILE = "metrics.json"
+PROGRESS_FILE = "progress.json"
+CHECKPOINT_FOLDER = "checkpoint"
+
+# ---------------------------------------------------------------------------------------- E and X
+SUMMARY_FILE = "summary.json"
+EXPORT_METADATA_FILE = "pdx_export.json"
+
+Cell = tuple[int, int]  # (repeat, fold), both 0-based
+
+_CELL_NAME = re.compile(r"^r(\d+)_?f(\d+)$")
+
+
+def check_task(task: str) -> str:
+  """Returns `task` if it is one of TASKS; raises ValueError naming them otherwise."""
+  if task not in TASKS:
+    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+  return task
+
+
+def cell_name(cell: Cell) -> str:
+  """The one name of a cell: folder, TensorBoard run and messages, e.g. (3, 7) -> "r03_f07"."""
+  return f"r{cell[0]:02d}_f{cell[1]:02d}"
+
+
+def parse_cell_name(name: str) -> Cell | None:
+  """"r03_f07" or "r3f7" -> (3, 7); None if `name` is neither form."""
+  match = _CELL_NAME.match(name.strip())
+  return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def cell_folder(output_dir: str, cell: Cell) -> str:
+  """R/cells/<cell_name>: where a cell's artifacts live."""
+  return io_utils.join(output_dir, CELLS_FOLDER, cell_name(cell))
+
+
+# ---------------------------------------------------------------------------------------- dataset.json
+
+
+def records_content_hash(dataset: Mapping[str, Any]) -> str:
+  """The content hash of a dataset.json dict (see `DatasetInfo.content_hash`)."""
+  patients = dataset.get("patients", [])
+  if isinstance(patients, Mapping):
+    patients = list(patients.values())
+  content = {
+      "schema_version": dataset.get("schema_version"),
+      "preprocess": dataset.get("preprocess"),
+      "shards": sorted([shard["path"], shard["sha256"], shard["num_examples"]] for shard in dataset.get("shards", [])),
+      "patients": sorted([entry["patient_id"], entry["label_p"], entry["label_sb"],
+                          sorted(entry.get("covariates", {}).items())] for entry in patients),
+  }
+  return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  """What training needs from D/dataset.json (paths absolute; patients sorted by patient_id).
+
+  Attributes:
+    records_dir: the folder D.
+    document: dataset.json as read (schema version, config, preprocess, patients, shards).
+    dataset_hash: sha256 of dataset.json's bytes (provenance).
+    image_size: the records' image side in pixels.
+    covariate_names: the manifest covariates carried in every record.
+    patients: each patient's entry of dataset.json, by patient_id.
+  """
+
+  records_dir: str
+  document: Mapping[str, Any]
+  dataset_hash: str
+  image_size: int
+  covariate_names: tuple[str, ...]
+  patients: Mapping[str, Mapping[str, Any]]
+
+  @property
+  def content_hash(self) -> str:
+    """sha256 of what the records hold: every shard's path, sha256 and size, the labels and covariates, the
+    preprocessing and the schema. Unlike `dataset_hash` it ignores provenance (code version, cohort path), so a
+    pipeline rerun that reuses every patient after a code update keeps it."""
+    return records_content_hash(self.document)
+
+  @property
+  def preprocess(self) -> dict[str, Any]:
+    """The records' preprocessing settings (window, crop, image size): what serving must repeat."""
+    return dict(self.document.get("preprocess", {}))
+
+  @property
+  def region(self) -> dict[str, Any]:
+    """The records' study-reading settings (z-range rule, slabs, series choice): what predict must repeat."""
+    config = self.document.get("config", {})
+    return {key: config[key] for key in REGION_SETTINGS if key in config}
+
+  def labels(self, task: str) -> dict[str, int]:
+    key = f"label_{check_task(task)}"
+    return {patient_id: int(entry[key]) for patient_id, entry in self.patients.items()}
+
+  def shard_paths(self, patient_ids: Sequence[str], kind: str) -> list[str]:
+    """Absolute paths of the `kind` ("original"/"augmented") shards of these patients, in patient order."""
+    field = f"{kind}_shards"
+    paths = []
+    for patient_id in patient_ids:
+      paths.extend(io_utils.join(self.records_dir, relative) for relative in self.patients[patient_id][field])
+    return paths
+
+  def num_examples(self, patient_ids: Sequence[str], kind: str) -> int:
+    field = f"num_{kind}_examples"
+    return sum(int(self.patients[patient_id][field]) for patient_id in patient_ids)
+
+
+# The pipeline config fields that decide which slices of a study are read; run.json and the export carry them
+# so `predict` reads a study as the records were made, without reaching back to the records folder.
+REGION_SETTINGS = ("region", "slice_spacing_mm", "slice_thickness_mm", "min_slices")
+
+
+def load_dataset_info(records_dir: str, *, expected_image_size: int | None = None,
+                      verify_hashes: bool = False) -> DatasetInfo:
+  """Reads and checks `records_dir/dataset.json`.
+
+  Checks the format and schema version, that the records' image size matches the model's, that every listed
+  shard exists with the recorded size in bytes (a cheap stat), and, with `verify_hashes`, its SHA-256.
+
+  Raises:
+    RecordsError: one line naming the file and what to do.
+  """
+  import tensorflow as tf  # pylint: disable=import-outside-toplevel  # the stat; contracts stay light to import
+  from pdx_tf.data import records  # pylint: disable=import-outside-toplevel
+
+  path = io_utils.join(records_dir, DATASET_FILE)
+  if not io_utils.exists(path):
+    raise RecordsError(f"{path} not found; point --records_dir at the output of `python -m data_pipeline` (it"
+                       " writes dataset.json last, so a missing file means an unfinished run)")
+  try:
+    document = io_utils.read_json(path)
+  except ValueError as error:
+    raise RecordsError(f"{path} is not valid JSON ({error}); rerun the data pipeline") from None
+  if document.get("format") != DATASET_FORMAT:
+    raise RecordsError(f"{path} is not a pdx-tf dataset manifest (format {document.get('format')!r})")
+  records.check_schema_version(document.get("schema_version", -1), path)
+  try:
+    image_size = int(document["preprocess"]["image_size"])
+    patients = {entry["patient_id"]: entry for entry in document["patients"]}
+    shards = list(document["shards"])
+  except (KeyError, TypeError) as error:
+    raise RecordsError(f"{path} lacks {error} required by the dataset.json contract; rerun the data pipeline") from None
+  if expected_image_size is not None and image_size != expected_image_size:
+    raise RecordsError(f"{path} holds {image_size} px images but the model expects {expected_image_size} px;"
+                       f" train with --image_size={image_size} or rebuild the records at {expected_image_size} px")
+  if not patients:
+    raise RecordsError(f"{path} lists no patients; check the data pipeline's failures.csv")
+  for shard in shards:
+    shard_path = io_utils.join(records_dir, shard["path"])
+    if not io_utils.exists(shard_path):
+      raise RecordsError(f"shard {shard_path} listed in {path} is missing; copy the whole records folder")
+    size = tf.io.gfile.stat(shard_path).length
+    if "num_bytes" in shard and int(shard["num_bytes"]) != size:
+      raise RecordsError(f"shard {shard_path} has {size} bytes, dataset.json says {shard['num_bytes']};"
+                         " the copy is incomplete or the file changed: re-copy or rebuild the records")
+    if verify_hashes and shard.get("sha256") and io_utils.sha256_file(shard_path) != shard["sha256"]:
+      raise RecordsError(f"shard {shard_path} does not match its sha256 in dataset.json; re-copy or rebuild it")
+  return DatasetInfo(records_dir=records_dir, document=document, dataset_hash=io_utils.sha256_file(path),
+                     image_size=image_size, covariate_names=tuple(document.get("covariate_names", ())),
+                     patients=dict(sorted(patients.items())))
