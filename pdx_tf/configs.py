@@ -8,6 +8,7 @@ silently.
 from __future__ import annotations
 
 import dataclasses
+import types
 import typing
 from typing import Any, Mapping, TypeVar
 
@@ -60,7 +61,7 @@ def _coerce(hint: Any, value: Any) -> Any:
     if args and len(args) == len(value):
       return tuple(_coerce(arg, item) for arg, item in zip(args, value))
     return tuple(value)
-  if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+  if origin in (typing.Union, types.UnionType):
     for arg in typing.get_args(hint):
       if arg is type(None):
         continue

@@ -104,10 +104,7 @@ def _set_aside_stale_run(config: trainer.TrainConfig) -> None:
 
 
 def _evaluate(runs_dir: str, evaluation_dir: str, task: str) -> tuple[Any, str | None]:
-  try:
-    from pdx_tf import evaluation  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None, None
+  from pdx_tf import evaluation  # pylint: disable=import-outside-toplevel
   summary = evaluation.evaluate_runs(evaluation.EvaluateConfig(
       runs_dir=runs_dir, output_dir=evaluation_dir, tasks=(task,), num_bootstrap=200))
   return summary, evaluation.format_paper_table(summary)

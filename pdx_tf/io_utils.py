@@ -77,9 +77,10 @@ def read_json(path: str) -> Any:
     return json.load(handle)
 
 
-def read_bytes(path: str) -> bytes:
-  with tf.io.gfile.GFile(path, "rb") as handle:
-    return handle.read()
+def stable_key(text: str) -> int:
+  """A stable 63-bit integer for a string such as a patient ID, the same in every process and on every machine
+  (Python's hash() is salted per process): keys the augmentations and assigns patients to pipeline partitions."""
+  return int.from_bytes(hashlib.sha256(text.encode("utf-8")).digest()[:8], "big") >> 1
 
 
 def sha256_bytes(data: bytes) -> str:

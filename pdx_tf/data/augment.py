@@ -11,12 +11,12 @@ and the corners that rotate in read as air.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 
 import numpy as np
 import tensorflow as tf
 
+from pdx_tf import io_utils
 from pdx_tf.data import preprocess
 
 
@@ -45,15 +45,10 @@ class AugmentConfig:
       raise ValueError(f"need 0 < scale_min <= scale_max, got {self.scale_min} and {self.scale_max}")
 
 
-def patient_key(patient_id: str) -> int:
-  """A stable 63-bit integer for a patient ID (Python's hash() is salted per process, so unusable)."""
-  return int.from_bytes(hashlib.sha256(patient_id.encode("utf-8")).digest()[:8], "big") >> 1
-
-
 def random_parameters(seed: int, patient_id: str, slice_index: int, augmentation_index: int,
                       config: AugmentConfig) -> tuple[float, bool, float]:
   """Draws (angle_deg, flip, scale) for one augmented copy from its own key."""
-  generator = np.random.default_rng([seed, patient_key(patient_id), slice_index, augmentation_index])
+  generator = np.random.default_rng([seed, io_utils.stable_key(patient_id), slice_index, augmentation_index])
   angle_deg = float(generator.uniform(-config.rotation_max_deg, config.rotation_max_deg))
   flip = bool(generator.random() < config.flip_probability)
   scale = float(math.exp(generator.uniform(math.log(config.scale_min), math.log(config.scale_max))))

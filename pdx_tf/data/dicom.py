@@ -83,8 +83,6 @@ _NOT_GRAYSCALE = "not grayscale"
 _MISSING_GEOMETRY = "missing geometry"
 _NON_AXIAL = "non-axial"
 _SINGLE_IMAGE = "single-image series"
-_TILTED = "gantry tilt"
-_OTHER_SERIES = "other series"
 _MALFORMED = "malformed header"
 
 # What to `pip install` for a compressed syntax pydicom cannot decode here: its pylibjpeg plugin, or GDCM.

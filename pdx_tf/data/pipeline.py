@@ -510,7 +510,7 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
     shards.remove_temp_files(output_dir)
     configs.write_config(io_utils.join(output_dir, CONFIG_JSON), config)
   rows = [row for row in manifest.rows
-          if augment.patient_key(row.patient_id) % config.num_partitions == config.partition_index]
+          if io_utils.stable_key(row.patient_id) % config.num_partitions == config.partition_index]
 
   markers: dict[str, dict] = {}
   todo = []

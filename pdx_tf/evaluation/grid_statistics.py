@@ -23,7 +23,6 @@ import numpy as np
 from pdx_tf.evaluation import metrics as metrics_lib
 from pdx_tf.evaluation.runs import cell_name, TaskRuns
 
-SUMMARY_KEYS = ("n", "mean", "sd", "median", "p2_5", "p97_5")
 # Fixed clinical bins for the peritoneal cancer index (0-39): (inclusive upper bound, label). A value goes to
 # the first bin whose bound it does not exceed, so a non-integer 10.5 falls in 11-20.
 PCI_BINS = ((0.0, "0"), (10.0, "1-10"), (20.0, "11-20"), (math.inf, ">20"))

@@ -1,6 +1,6 @@
 """TensorBoard summaries of the grid: PR curves, metric histograms and per-repeat scalars.
 
-Written with tf.summary only (the tensorboard package is not a dependency). PR curves use the pr_curves
+Written with tf.summary only (no tensorboard plugin code is imported to write them). PR curves use the pr_curves
 plugin's tensor layout and metadata, so TensorBoard's PR-curve dashboard shows them: a float32 [6, T] tensor
 (TP, FP, TN, FN, precision, recall at T evenly spaced thresholds) with SummaryMetadata plugin "pr_curves" whose
 content is a serialised PrCurvePluginData{version: 0, num_thresholds: T}.

@@ -29,10 +29,6 @@ except ImportError:  # pragma: no cover - depends on the environment
   hp = None
 
 
-def hparams_available() -> bool:
-  return hp is not None
-
-
 def cell_logdir(tensorboard_dir: str, cell_name: str) -> str:
   return io_utils.join(tensorboard_dir, cell_name)
 
