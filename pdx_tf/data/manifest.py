@@ -29,7 +29,7 @@ import io
 import math
 import os
 import re
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import tensorflow as tf
 
@@ -167,6 +167,58 @@ def _check_header(header: list[str], problems: list[str]) -> list[str]:
   return covariates
 
 
+def _parse_row(row_number: int, cells: list[str], header: list[str], covariate_names: Sequence[str],
+               manifest_path: str, first_row_of_id: dict[str, int], problems: list[str]) -> ManifestRow | None:
+  """One patient row -> ManifestRow, appending each problem (with its row number) to `problems`.
+
+  `first_row_of_id` maps each case-folded patient_id seen so far to its row, for the duplicate check; None is
+  returned only for a row whose field count does not match the header (nothing else can be read from it).
+  """
+  where = f"row {row_number}"
+  if len(cells) != len(header):
+    problems.append(f"{where}: has {len(cells)} fields but the header has {len(header)} (a stray comma or an "
+                    "unquoted comma inside a value?)")
+    return None
+  values = {name: cell.strip() for name, cell in zip(header, cells)}
+  patient_id = values.get(PATIENT_ID_COLUMN, "")
+  if PATIENT_ID_COLUMN in values:
+    where = f"row {row_number} (patient_id {patient_id!r})" if patient_id else where
+    if _check_patient_id(patient_id, problems, f"row {row_number}"):
+      folded = patient_id.lower()
+      if folded in first_row_of_id:
+        problems.append(f"row {row_number}: patient_id {patient_id!r} duplicates row {first_row_of_id[folded]}"
+                        " (IDs must be unique, ignoring case)")
+      else:
+        first_row_of_id[folded] = row_number
+  dicom_dir = values.get(DICOM_DIR_COLUMN, "")
+  if DICOM_DIR_COLUMN in values and not dicom_dir:
+    problems.append(f"{where}: dicom_dir is empty")
+  label_p = label_sb = None
+  if LABEL_P_COLUMN in values:
+    label_p = _parse_label(values[LABEL_P_COLUMN], LABEL_P_COLUMN, problems, where)
+  if LABEL_SB_COLUMN in values:
+    label_sb = _parse_label(values[LABEL_SB_COLUMN], LABEL_SB_COLUMN, problems, where)
+  if label_p == 0 and label_sb == 1:
+    problems.append(f"{where}: label_sb=1 with label_p=0; small-bowel dissemination is peritoneal "
+                    "dissemination, so label_p must be 1")
+  z_min_mm = _parse_optional_float(values.get(Z_MIN_COLUMN, ""), Z_MIN_COLUMN, problems, where)
+  z_max_mm = _parse_optional_float(values.get(Z_MAX_COLUMN, ""), Z_MAX_COLUMN, problems, where)
+  if z_min_mm is not None and z_max_mm is not None and z_min_mm >= z_max_mm:
+    problems.append(f"{where}: z_min_mm ({z_min_mm:g}) must be below z_max_mm ({z_max_mm:g})")
+  series_uid = values.get(SERIES_UID_COLUMN, "") or None
+  if series_uid is not None and (len(series_uid) > MAX_SERIES_UID_LENGTH
+                                 or not SERIES_UID_PATTERN.fullmatch(series_uid)):
+    # The value itself is not echoed: it is a DICOM UID.
+    problems.append(f"{where}: series_uid is not a DICOM UID (digits and dots, at most "
+                    f"{MAX_SERIES_UID_LENGTH} characters)")
+  return ManifestRow(
+      row_number=row_number, patient_id=patient_id,
+      dicom_dir=resolve_dicom_dir(manifest_path, dicom_dir) if dicom_dir else "",
+      label_p=label_p if label_p is not None else 0, label_sb=label_sb if label_sb is not None else 0,
+      z_min_mm=z_min_mm, z_max_mm=z_max_mm, series_uid=series_uid,
+      covariates={name: values[name] for name in covariate_names})
+
+
 def parse_manifest_text(text: str, manifest_path: str) -> Manifest:
   """Validates manifest CSV text (see the module docstring); `manifest_path` resolves relative folders.
 
@@ -197,49 +249,9 @@ def parse_manifest_text(text: str, manifest_path: str) -> Manifest:
   rows = []
   first_row_of_id: dict[str, int] = {}
   for row_number, cells in numbered[1:]:
-    where = f"row {row_number}"
-    if len(cells) != len(header):
-      problems.append(f"{where}: has {len(cells)} fields but the header has {len(header)} (a stray comma or an "
-                      "unquoted comma inside a value?)")
-      continue
-    values = {name: cell.strip() for name, cell in zip(header, cells)}
-    patient_id = values.get(PATIENT_ID_COLUMN, "")
-    if PATIENT_ID_COLUMN in values:
-      where = f"row {row_number} (patient_id {patient_id!r})" if patient_id else where
-      if _check_patient_id(patient_id, problems, f"row {row_number}"):
-        folded = patient_id.lower()
-        if folded in first_row_of_id:
-          problems.append(f"row {row_number}: patient_id {patient_id!r} duplicates row {first_row_of_id[folded]}"
-                          " (IDs must be unique, ignoring case)")
-        else:
-          first_row_of_id[folded] = row_number
-    dicom_dir = values.get(DICOM_DIR_COLUMN, "")
-    if DICOM_DIR_COLUMN in values and not dicom_dir:
-      problems.append(f"{where}: dicom_dir is empty")
-    label_p = label_sb = None
-    if LABEL_P_COLUMN in values:
-      label_p = _parse_label(values[LABEL_P_COLUMN], LABEL_P_COLUMN, problems, where)
-    if LABEL_SB_COLUMN in values:
-      label_sb = _parse_label(values[LABEL_SB_COLUMN], LABEL_SB_COLUMN, problems, where)
-    if label_p == 0 and label_sb == 1:
-      problems.append(f"{where}: label_sb=1 with label_p=0; small-bowel dissemination is peritoneal "
-                      "dissemination, so label_p must be 1")
-    z_min_mm = _parse_optional_float(values.get(Z_MIN_COLUMN, ""), Z_MIN_COLUMN, problems, where)
-    z_max_mm = _parse_optional_float(values.get(Z_MAX_COLUMN, ""), Z_MAX_COLUMN, problems, where)
-    if z_min_mm is not None and z_max_mm is not None and z_min_mm >= z_max_mm:
-      problems.append(f"{where}: z_min_mm ({z_min_mm:g}) must be below z_max_mm ({z_max_mm:g})")
-    series_uid = values.get(SERIES_UID_COLUMN, "") or None
-    if series_uid is not None and (len(series_uid) > MAX_SERIES_UID_LENGTH
-                                   or not SERIES_UID_PATTERN.fullmatch(series_uid)):
-      # The value itself is not echoed: it is a DICOM UID.
-      problems.append(f"{where}: series_uid is not a DICOM UID (digits and dots, at most "
-                      f"{MAX_SERIES_UID_LENGTH} characters)")
-    rows.append(ManifestRow(
-        row_number=row_number, patient_id=patient_id,
-        dicom_dir=resolve_dicom_dir(manifest_path, dicom_dir) if dicom_dir else "",
-        label_p=label_p if label_p is not None else 0, label_sb=label_sb if label_sb is not None else 0,
-        z_min_mm=z_min_mm, z_max_mm=z_max_mm, series_uid=series_uid,
-        covariates={name: values[name] for name in covariate_names}))
+    row = _parse_row(row_number, cells, header, covariate_names, manifest_path, first_row_of_id, problems)
+    if row is not None:
+      rows.append(row)
 
   if problems:
     shown = problems[:MAX_PROBLEMS_SHOWN]

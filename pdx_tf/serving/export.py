@@ -24,7 +24,7 @@ import dataclasses
 import os
 import re
 import uuid
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import keras
 import tensorflow as tf
@@ -279,6 +279,59 @@ def _load_model(cell: CellRun, image_size: int) -> keras.Model:
   return model
 
 
+def _new_version(model_dir: str, version: int | None) -> int:
+  """`version`, or one more than the highest in model_dir when None; an existing version is an error."""
+  versions = existing_versions(model_dir)
+  if version is None:
+    return (versions[-1] + 1) if versions else 1
+  if version in versions:
+    raise ExportError(f"{model_dir}/{version} already exists; versions are never overwritten: omit --version "
+                      f"to write {versions[-1] + 1}, or choose a new number")
+  return version
+
+
+def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequence[CellRun],
+                           models: Sequence[keras.Model], settings: Mapping[str, Any]) -> dict[str, Any]:
+  """Saves each cell's Keras model under assets.extra/models/ and returns pdx_export.json's content."""
+  preprocess_config: preprocess.PreprocessConfig = settings["preprocess"]
+  cell_entries = []
+  for cell, model in zip(cells, models):
+    relative = f"{KERAS_MODELS_FOLDER}/{cell.name}.keras"
+    path = io_utils.join(temp_dir, METADATA_FOLDER, relative)
+    tf.io.gfile.makedirs(os.path.dirname(path))
+    model.save(path)
+    cell_entries.append({
+        "repeat": cell.repeat, "fold": cell.fold, "keras_model": relative, "sha256": io_utils.sha256_file(path),
+        "split_hash": cell.run_info.get("split_hash"), "dataset_hash": cell.run_info.get("dataset_hash"),
+        "code_version": cell.run_info.get("code_version"),
+    })
+  metadata = {
+      "format": EXPORT_FORMAT,
+      "schema_version": EXPORT_SCHEMA_VERSION,
+      "task": task,
+      "version": version,
+      "kind": "ensemble" if len(cells) > 1 else "single",
+      "num_models": len(cells),
+      "cells": cell_entries,
+      "preprocess": configs.to_dict(preprocess_config),
+      "image_size": preprocess_config.image_size,
+      "model": settings["model"],
+      "aggregation": settings["aggregation"],
+      "aggregation_top_k": settings["aggregation_top_k"],
+      "ensemble_rule": ("slice probability = mean over models; uncertainty = population standard deviation "
+                        "over models (0 for one model); patient probability = each model's aggregation of "
+                        "its slice probabilities, then the mean over models"),
+      "signatures": list(signatures.SIGNATURE_NAMES),
+      "keras_models_source": (f"{METADATA_FOLDER}/{KERAS_MODELS_FOLDER}/: the cells' model.keras re-saved at "
+                              "export time without optimizer state (used by predict for Grad-CAM)"),
+      "gradcam": {"backbone_layer": model_lib.BACKBONE_NAME,
+                  "target_layer": model_lib.gradcam_layer(preprocess_config.image_size)},
+      "region": region_settings(cells),
+      "code_version": provenance.code_version(),
+  }
+  return metadata
+
+
 def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, version: int | None = None,
                   config: Any = None) -> str:
   """Exports the given training cells as one SavedModel version (the trainer's `--export_dir` hook).
@@ -311,12 +364,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
 
   model_dir = task_model_dir(export_dir, task)
   io_utils.check_writable(model_dir)
-  versions = existing_versions(model_dir)
-  if version is None:
-    version = (versions[-1] + 1) if versions else 1
-  elif version in versions:
-    raise ExportError(f"{model_dir}/{version} already exists; versions are never overwritten: omit --version "
-                      f"to write {versions[-1] + 1}, or choose a new number")
+  version = _new_version(model_dir, version)
   final_dir = io_utils.join(model_dir, str(version))
 
   models = [_load_model(cell, preprocess_config.image_size) for cell in cells]
@@ -325,41 +373,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")
   try:
     tf.saved_model.save(module, temp_dir, signatures=module.signatures())
-    cell_entries = []
-    for cell, model in zip(cells, models):
-      relative = f"{KERAS_MODELS_FOLDER}/{cell.name}.keras"
-      path = io_utils.join(temp_dir, METADATA_FOLDER, relative)
-      tf.io.gfile.makedirs(os.path.dirname(path))
-      model.save(path)
-      cell_entries.append({
-          "repeat": cell.repeat, "fold": cell.fold, "keras_model": relative, "sha256": io_utils.sha256_file(path),
-          "split_hash": cell.run_info.get("split_hash"), "dataset_hash": cell.run_info.get("dataset_hash"),
-          "code_version": cell.run_info.get("code_version"),
-      })
-    metadata = {
-        "format": EXPORT_FORMAT,
-        "schema_version": EXPORT_SCHEMA_VERSION,
-        "task": task,
-        "version": version,
-        "kind": "ensemble" if len(cells) > 1 else "single",
-        "num_models": len(cells),
-        "cells": cell_entries,
-        "preprocess": configs.to_dict(preprocess_config),
-        "image_size": preprocess_config.image_size,
-        "model": settings["model"],
-        "aggregation": settings["aggregation"],
-        "aggregation_top_k": settings["aggregation_top_k"],
-        "ensemble_rule": ("slice probability = mean over models; uncertainty = population standard deviation "
-                          "over models (0 for one model); patient probability = each model's aggregation of "
-                          "its slice probabilities, then the mean over models"),
-        "signatures": list(signatures.SIGNATURE_NAMES),
-        "keras_models_source": (f"{METADATA_FOLDER}/{KERAS_MODELS_FOLDER}/: the cells' model.keras re-saved at "
-                                "export time without optimizer state (used by predict for Grad-CAM)"),
-        "gradcam": {"backbone_layer": model_lib.BACKBONE_NAME,
-                    "target_layer": model_lib.gradcam_layer(preprocess_config.image_size)},
-        "region": region_settings(cells),
-        "code_version": provenance.code_version(),
-    }
+    metadata = _write_metadata_models(temp_dir, task, version, cells, models, settings)
     if config is not None:
       configs.write_config(io_utils.join(temp_dir, METADATA_FOLDER, "config.json"), config)
     io_utils.atomic_write_json(io_utils.join(temp_dir, METADATA_FOLDER, METADATA_FILE), metadata)
