@@ -39,8 +39,10 @@ def test_parse_cells():
     grid.parse_cells("r0f8", 24, 8)
   with pytest.raises(ValueError, match="outside the grid"):
     grid.parse_cells("r24f0", 24, 8)
-  with pytest.raises(ValueError, match="not of the form"):
+  with pytest.raises(ValueError, match="not a cell name"):
     grid.parse_cells("r0-f1", 24, 8)
+  # One cell syntax everywhere: the folder form is accepted too.
+  assert grid.parse_cells("r00_f02,r1_f0", 2, 3) == [(0, 2), (1, 0)]
 
 
 def test_shard_from_environment():

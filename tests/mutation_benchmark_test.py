@@ -142,7 +142,7 @@ def area(x):
 
 
 def test_every_mutant_of_a_project_module_parses_and_differs_from_the_original():
-  with open(os.path.join(runner.REPO_ROOT, "pdx_tf", "splits.py"), encoding="utf-8") as file:
+  with open(os.path.join(runner.REPO_ROOT, "pdx_tf", "training", "splits.py"), encoding="utf-8") as file:
     source = file.read()
   found = runner.make_mutants(source)
   assert not found.invalid
