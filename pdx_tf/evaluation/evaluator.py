@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from pdx_tf import io_utils
 from pdx_tf.contracts import CONFIG_FILE, SUMMARY_FILE
-from pdx_tf.evaluation import grid_statistics, metrics as metrics_lib, report, runs as runs_lib, tensorboard
+from pdx_tf.evaluation import clinical, grid_statistics, metrics as metrics_lib, report, runs as runs_lib, tensorboard
 
 PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
 CELL_METRICS_FILE = "cell_metrics.csv"
@@ -128,7 +128,8 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
   evaluations = []
   for task, runs in task_runs.items():
     logger.info("evaluating task %s: %d of %d cells", task, len(runs.cells), len(runs.expected_cells))
-    evaluations.append(grid_statistics.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed))
+    evaluation = grid_statistics.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed)
+    evaluations.append(clinical.extend_grid_evaluation(evaluation, config.num_bootstrap, config.seed))
   summary = {evaluation.task_runs.task: evaluation.summary for evaluation in evaluations}
 
   output = config.output_dir
