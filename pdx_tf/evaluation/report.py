@@ -269,6 +269,31 @@ def subgroup_figure(evaluations: Sequence[TaskEvaluation], metric: str = "accura
   return _png(figure)
 
 
+def decision_curve_figure(curves: Mapping[str, Mapping[str, Any]], title_suffix: str = "") -> bytes:
+  """Net benefit against the threshold probability: the model, treat-all and treat-none, one panel per task.
+
+  Args:
+    curves: task -> a summary's `decision_curve` entry.
+    title_suffix: appended to each panel's title (e.g. "external").
+  """
+  figure, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.4), squeeze=False)
+  for axis, (task, curve) in zip(axes[0], curves.items()):
+    thresholds = np.asarray(curve["thresholds"], dtype=np.float64)
+    model = np.asarray([np.nan if value is None else value for value in curve["model"]], dtype=np.float64)
+    treat_all = np.asarray([np.nan if value is None else value for value in curve["treat_all"]], dtype=np.float64)
+    label = "model" if curve["n_sets"] == 1 else f"model (mean of {curve['n_sets']} repeats)"
+    axis.plot(thresholds, model, color="tab:blue", linewidth=2.2, label=label)
+    axis.plot(thresholds, treat_all, color="tab:grey", linewidth=1.3, label="treat all")
+    axis.axhline(0.0, color="black", linewidth=1.0, linestyle="--", label="treat none")
+    top = np.nanmax(np.r_[model, treat_all, 0.0])
+    axis.set(xlim=(0, 1), ylim=(-0.05 * max(top, 0.1), 1.1 * max(top, 0.05)), xlabel="threshold probability pt",
+             ylabel="net benefit")
+    axis.set_title(f"{MODEL_NAMES.get(task, task)}: decision curve{title_suffix}")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper right", fontsize=8.5)
+  return _png(figure)
+
+
 def make_figures(evaluations: Sequence[TaskEvaluation]) -> dict[str, bytes]:
   """File stem -> PNG bytes, in report order."""
   figures = {
@@ -276,6 +301,10 @@ def make_figures(evaluations: Sequence[TaskEvaluation]) -> dict[str, bytes]:
       "metrics_box": metrics_box_figure(evaluations),
       "calibration": calibration_figure(evaluations),
   }
+  curves = {evaluation.task_runs.task: evaluation.summary["decision_curve"] for evaluation in evaluations
+            if "decision_curve" in evaluation.summary}
+  if curves:
+    figures["decision_curve"] = decision_curve_figure(curves)
   subgroups = subgroup_figure(evaluations)
   if subgroups is not None:
     figures["subgroups"] = subgroups
@@ -291,6 +320,8 @@ FIGURE_CAPTIONS = {
     "calibration": "Calibration of the patient-level probabilities, all repeats pooled; counts beside points.",
     "subgroups": ("Accuracy by covariate subgroup (mean +- SD over repeats of the pooled out-of-fold "
                   "predictions). Numeric covariates are binned as described in Methods."),
+    "decision_curve": ("Decision curve: net benefit = TP/n - FP/n * pt/(1-pt) when every patient with probability "
+                       ">= pt is treated, against treating all and treating none."),
 }
 
 # ------------------------------------------------------------------------------------------------ text
@@ -311,6 +342,18 @@ METHODS_NOTES = (
     "patients.",
     "The paper's values come from its own private cohort; this run's cohort differs, so the comparison is "
     "indicative only.",
+    "Calibration: logistic recalibration label ~ intercept + slope * logit(probability) (maximum likelihood; "
+    "probabilities clipped to [1e-6, 1 - 1e-6]); slope 1 and intercept 0 are perfect, slope < 1 means "
+    "overconfident. Calibration-in-the-large is the intercept with the slope fixed at 1. Undefined (n/a) "
+    "when the classes' scores do not overlap.",
+    "Covariate baselines: each numeric covariate, and each covariate whose values are ordinal words "
+    "(none < trace < small < mild < moderate < medium < large < massive < severe), used alone as the score; "
+    "its AUC and 95 % CI come from the same patient resamples as the models'. Patients missing the value "
+    "are left out of that baseline.",
+    "Decision curve (Vickers & Elkin 2006): net benefit = TP/n - FP/n * pt/(1-pt), treating probability >= "
+    "pt, for pt = 0.01 ... 0.99; treat-all = prevalence - (1 - prevalence) * pt/(1-pt), treat-none = 0.",
+    "Failure analysis: the subgroups (at least 3 patients of the class concerned) with the lowest "
+    "sensitivity and the lowest specificity.",
 )
 
 
@@ -332,6 +375,69 @@ def _summary_table_rows(block: Mapping[str, Mapping[str, Any]], intervals: Mappi
 
 
 SUMMARY_HEADER = ["Metric", "Mean +- SD", "Median", "2.5-97.5 percentile", "n defined"]
+
+
+def _number(value: Any, digits: int = 3) -> str:
+  return f"{value:.{digits}f}" if _is_number(value) else "n/a"
+
+
+def clinical_blocks(entry: Mapping[str, Any], over_repeats: bool) -> list[tuple[str, Any]]:
+  """Report blocks for calibration, covariate baselines, the decision-curve table and the failure analysis.
+
+  Args:
+    entry: one task's summary (grid or external): keys calibration, covariate_baselines, decision_curve,
+      failure_analysis.
+    over_repeats: the grid's values are statistics over repeats ({mean, sd}); the external ones are numbers.
+  """
+  blocks: list[tuple[str, Any]] = []
+
+  def value(item):
+    return item["mean"] if over_repeats and isinstance(item, Mapping) else item
+
+  calibration = entry.get("calibration")
+  if calibration:
+    rows = []
+    for name, label in (("slope", "Calibration slope"), ("intercept", "Calibration intercept"),
+                        ("calibration_in_the_large", "Calibration-in-the-large")):
+      item = calibration[name]
+      text = _number(value(item))
+      if over_repeats and _is_number(item.get("sd")):
+        text += f" +- {_number(item['sd'])}"
+      rows.append([label, text])
+    caption = ("Calibration (logistic recalibration of logit(probability); perfect: slope 1, intercept 0)"
+               + ("; mean +- SD over repeats." if over_repeats else "."))
+    blocks.append(("table", (caption, ["Quantity", "Value"], rows)))
+  baselines = entry.get("covariate_baselines")
+  if baselines:
+    model = baselines["model_auc"]
+    rows = [["model", "predicted probability", "", _with_interval("auc", model["estimate"], model["low"],
+                                                                    model["high"])]]
+    for column, item in baselines["covariates"].items():
+      auc = item["auc"]
+      rows.append([f"{column} alone", item["kind"], f"{item['n_patients']} ({item['n_missing']} missing)",
+                   _with_interval("auc", auc["estimate"], auc["low"], auc["high"])])
+    blocks.append(("table", ("Covariate baselines: each numeric or ordinal covariate alone as the score, beside "
+                             "the model (AUC, 95 % patient-bootstrap CI).",
+                             ["Score", "Kind", "Patients", "AUC (95 % CI)"], rows)))
+  curve = entry.get("decision_curve")
+  if curve:
+    rows = [[f"{row['threshold']:g}", _number(row["model"]), _number(row["treat_all"]), _number(row["treat_none"])]
+            for row in curve["table"]]
+    blocks.append(("table", (f"Decision curve at selected thresholds ({curve['rule']}).",
+                             ["Threshold pt", "Model", "Treat all", "Treat none"], rows)))
+  failures = entry.get("failure_analysis")
+  if failures:
+    rows = []
+    for metric in ("sensitivity", "specificity"):
+      for item in failures[metric]:
+        count_key = "n_positive" if metric == "sensitivity" else "n_negative"
+        kind = "positive" if count_key == "n_positive" else "negative"
+        rows.append([METRIC_LABELS[metric], f"{item['covariate']} = {item['group']}",
+                     f"{item['n_patients']} ({item[count_key]} {kind})", format_value(metric, item[metric])])
+    if rows:
+      blocks.append(("table", ("Failure analysis: subgroups with the lowest sensitivity and specificity.",
+                               ["Metric", "Subgroup", "Patients", "Value %"], rows)))
+  return blocks
 
 
 def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
@@ -383,6 +489,7 @@ def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str
       blocks.append(("table", (f"Subgroups by `{column}` ({entry['rule']}); means over repeats.",
                                ["Group", "Patients", "Positive", "Negative", "Accuracy %", "Sensitivity %",
                                 "Specificity %", "AUC"], rows)))
+    blocks.extend(clinical_blocks(task_summary, over_repeats=True))
     sections.append((f"{MODEL_NAMES[task]} ({TASK_DESCRIPTIONS[task]})", blocks))
   return sections
 
