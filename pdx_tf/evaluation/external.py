@@ -23,8 +23,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import io_utils
-from pdx_tf.contracts import CONFIG_FILE, SUMMARY_FILE, TASKS
+from pdx_tf.contracts import TASKS
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import clinical, grid_statistics, metrics as metrics_lib, runs as runs_lib
 
