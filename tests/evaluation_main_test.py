@@ -46,3 +46,21 @@ def test_binary_fails_with_one_line_on_bad_input(tmp_path):
   assert len(error_lines) == 1 and bad_file in error_lines[0]
   assert "Traceback" not in result.stderr
   assert not os.path.exists(tmp_path / "evaluation")  # inputs are checked before anything is written
+
+
+def test_binary_external_validation_and_its_one_line_errors(tmp_path):
+  import evaluation_external_test  # pylint: disable=import-outside-toplevel
+  predictions = evaluation_external_test.write_predictions(str(tmp_path / "predictions.csv"))
+  output_dir = str(tmp_path / "E")
+  result = _run_binary(f"--predictions={predictions}", f"--output_dir={output_dir}", "--num_bootstrap=20")
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "p: 28 labelled patients, 2 unlabelled, 2 flagged" in result.stdout
+  for name in ("summary.json", "report.html", "report.md", "model_card.md", "flagged_patients.csv"):
+    assert os.path.exists(os.path.join(output_dir, name)), name
+  broken = evaluation_external_test.write_predictions(str(tmp_path / "broken.csv"), drop_column="predicted")
+  result = _run_binary(f"--predictions={broken}", f"--output_dir={tmp_path / 'E2'}")
+  error_lines = [line for line in result.stderr.splitlines() if line.startswith("evaluate: error:")]
+  assert result.returncode == 1 and len(error_lines) == 1 and "Traceback" not in result.stderr
+  assert broken in error_lines[0] and "column predicted" in error_lines[0]
+  result = _run_binary(f"--output_dir={tmp_path / 'E3'}")
+  assert result.returncode == 1 and "--runs_dir" in result.stderr and "--predictions" in result.stderr

@@ -34,7 +34,7 @@ def test_all_output_files_are_written(evaluated):
   _, output_dir, _ = evaluated
   for name in ("config.json", "summary.json", "patient_predictions.csv", "cell_metrics.csv", "report.md",
                "report.html", "figures/roc.png", "figures/metrics_box.png", "figures/calibration.png",
-               "figures/subgroups.png"):
+               "figures/subgroups.png", "figures/decision_curve.png"):
     assert os.path.getsize(os.path.join(output_dir, name)) > 0, name
   assert io_utils.read_json(os.path.join(output_dir, "config.json"))["num_bootstrap"] == 50
 
@@ -90,8 +90,8 @@ def test_html_report_is_self_contained(evaluated):
   _, output_dir, _ = evaluated
   with open(os.path.join(output_dir, "report.html")) as handle:
     text = handle.read()
-  assert text.count('<img alt="') == 4
-  assert text.count('src="data:image/png;base64,') == 4
+  assert text.count('<img alt="') == 5
+  assert text.count('src="data:image/png;base64,') == 5
   assert not re.search(r'(src|href)\s*=\s*["\'](?!data:)', text, flags=re.IGNORECASE)
   assert "<link" not in text and "<script" not in text and "@import" not in text
   assert "P-Model" in text and "SB-Model" in text and "68.8" in text and "PARTIAL" not in text
@@ -180,3 +180,36 @@ def test_config_is_validated():
   config = EvaluateConfig(runs_dir="r", output_dir="e", tasks=["p"])
   assert config.tasks == ("p",) and EvaluateConfig.from_dict(config.to_dict()) == config
   assert not math.isnan(config.threshold)
+
+
+def test_grid_clinical_sections_match_an_independent_computation(evaluated):
+  runs_dir, output_dir, summary = evaluated
+  from sklearn import metrics as sk_metrics  # pylint: disable=import-outside-toplevel
+  rows = io_utils.read_csv(os.path.join(output_dir, "patient_predictions.csv"))
+  patients = {row["patient_id"]: row for row in io_utils.read_csv(os.path.join(runs_dir, "p", "patients.csv"))}
+  entry = summary["p"]
+  # Covariate baseline: PCI alone as the score over every evaluated patient, as sklearn computes it.
+  ids = sorted(patients)
+  expected_pci = sk_metrics.roc_auc_score([int(patients[p]["label_p"]) for p in ids],
+                                          [float(patients[p]["pci"]) for p in ids])
+  baselines = entry["covariate_baselines"]
+  assert baselines["covariates"]["pci"]["auc"]["estimate"] == pytest.approx(expected_pci)
+  assert baselines["covariates"]["ascites"]["kind"].startswith("ordinal (none < small")
+  assert "site" not in baselines["covariates"]
+  assert baselines["model_auc"] == entry["pooled_ci95"]["auc"]
+  # Decision curve at 0.2: net benefit of each repeat's pooled predictions, averaged.
+  values = []
+  for repeat in ("0", "1"):
+    selected = [row for row in rows if row["task"] == "p" and row["repeat"] == repeat]
+    treated = [row for row in selected if float(row["probability"]) >= 0.2]
+    true_positive = sum(row["label"] == "1" for row in treated)
+    false_positive = len(treated) - true_positive
+    values.append(true_positive / len(selected) - false_positive / len(selected) * 0.25)
+  row = next(item for item in entry["decision_curve"]["table"] if item["threshold"] == 0.2)
+  assert row["model"] == pytest.approx(np.mean(values))
+  assert set(entry["calibration"]["slope"]) == STATISTIC_KEYS and entry["calibration"]["slope"]["n"] == 2
+  assert set(entry["failure_analysis"]) == {"sensitivity", "specificity"}
+  with open(os.path.join(output_dir, "report.md")) as handle:
+    text = handle.read()
+  assert "Covariate baselines" in text and "pci alone" in text and "Decision curve at selected" in text
+  assert "Calibration slope" in text and "![decision_curve](figures/decision_curve.png)" in text

@@ -1,7 +1,7 @@
 """The evaluation stage's entry point: EvaluateConfig and evaluate_runs (reads runs, writes the report).
 
 Outputs in config.output_dir (schema in the README, section "Evaluation outputs"):
-  config.json, summary.json, patient_predictions.csv, cell_metrics.csv, report.md, report.html,
+  config.json, summary.json, patient_predictions.csv, cell_metrics.csv, report.md, report.html, model_card.md,
   figures/*.png; TensorBoard summaries in <runs_dir>/tensorboard/evaluate.
 """
 
@@ -12,9 +12,14 @@ import logging
 import math
 from typing import Any, Mapping
 
+import numpy as np
+
 from pdx_tf import io_utils
 from pdx_tf.contracts import CONFIG_FILE, SUMMARY_FILE
-from pdx_tf.evaluation import grid_statistics, metrics as metrics_lib, report, runs as runs_lib, tensorboard
+from pdx_tf.errors import RunsError
+from pdx_tf.evaluation import clinical, external, grid_statistics, metrics as metrics_lib, model_card, report
+from pdx_tf.evaluation import runs as runs_lib
+from pdx_tf.evaluation import tensorboard
 
 PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
 CELL_METRICS_FILE = "cell_metrics.csv"
@@ -128,7 +133,8 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
   evaluations = []
   for task, runs in task_runs.items():
     logger.info("evaluating task %s: %d of %d cells", task, len(runs.cells), len(runs.expected_cells))
-    evaluations.append(grid_statistics.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed))
+    evaluation = grid_statistics.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed)
+    evaluations.append(clinical.extend_grid_evaluation(evaluation, config.num_bootstrap, config.seed))
   summary = {evaluation.task_runs.task: evaluation.summary for evaluation in evaluations}
 
   output = config.output_dir
@@ -149,5 +155,74 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
                              report.render_markdown(summary, figure_paths, config.runs_dir))
   io_utils.atomic_write_text(io_utils.join(output, REPORT_HTML_FILE),
                              report.render_html(summary, figures, config.runs_dir))
+  io_utils.atomic_write_text(
+      io_utils.join(output, model_card.MODEL_CARD_FILE),
+      model_card.render_model_card({evaluation.task_runs.task: evaluation for evaluation in evaluations},
+                                   runs_dir=config.runs_dir))
   tensorboard.write_tensorboard(tensorboard_dir(config), evaluations)
+  return summary
+
+
+def evaluate_predictions(config: external.ExternalConfig) -> dict:
+  """External validation: evaluates a cohort's predictions CSV and writes every output.
+
+  Writes config.json, summary.json (task -> entry with the cross-validation summary's metric keys, CIs,
+  calibration, subgroups, covariate baselines, decision curve and the drift-flagged patients; with runs_dir also
+  `internal_cross_validation`), flagged_patients.csv, report.md, report.html, model_card.md and figures/ to
+  config.output_dir.
+
+  Args:
+    config: the external-validation settings.
+
+  Returns:
+    The summary (the content of summary.json).
+
+  Raises:
+    RunsError: a bad predictions CSV (one line naming the file and the column or row) or bad run artifacts.
+  """
+  rows, covariates = external.read_predictions(config.predictions_path)
+  present = [task for task in runs_lib.TASKS if any(row.task == task for row in rows)]
+  tasks = list(config.tasks) or present
+  absent = [task for task in tasks if task not in present]
+  if absent:
+    raise RunsError(f"{config.predictions_path} has no rows for task(s) {', '.join(absent)} (it has "
+                    f"{', '.join(present)}); drop them from --tasks")
+  internal = external.internal_summaries(config, tasks)  # validates --runs_dir before anything is written
+  io_utils.check_writable(config.output_dir)
+  io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), config.to_dict())
+  summary, data = {}, {}
+  for task in tasks:
+    task_rows = [row for row in rows if row.task == task]
+    logger.info("external validation of task %s: %d rows", task, len(task_rows))
+    summary[task] = external.evaluate_task(task, task_rows, covariates, config.threshold, config.num_bootstrap,
+                                           config.seed)
+    labelled = sorted((row for row in task_rows if row.label is not None), key=lambda row: row.patient_id)
+    data[task] = (np.asarray([row.label for row in labelled], dtype=np.int64),
+                  np.asarray([row.probability for row in labelled], dtype=np.float64))
+    if task in internal:
+      summary[task]["internal_cross_validation"] = internal[task].summary
+  output = config.output_dir
+  io_utils.atomic_write_json(io_utils.join(output, SUMMARY_FILE), summary)
+  io_utils.atomic_write_csv(
+      io_utils.join(output, external.FLAGGED_PATIENTS_FILE), external.FLAGGED_PATIENTS_HEADER,
+      ([row.task, row.patient_id, "" if row.label is None else row.label, repr(row.probability),
+        int(row.probability >= config.threshold), external.DRIFT_SEPARATOR.join(row.drift_flags)]
+       for row in rows if row.task in summary and row.drift_flags))
+  internal_entries = {task: evaluation.summary for task, evaluation in internal.items()}
+  figures = report.make_external_figures(data, summary)
+  figure_paths = {}
+  for name, png in figures.items():
+    io_utils.atomic_write_bytes(io_utils.join(output, FIGURES_FOLDER, f"{name}.png"), png)
+    figure_paths[name] = f"{FIGURES_FOLDER}/{name}.png"
+  external_entries = {task: {key: value for key, value in entry.items() if key != "internal_cross_validation"}
+                      for task, entry in summary.items()}
+  io_utils.atomic_write_text(io_utils.join(output, REPORT_MARKDOWN_FILE),
+                             report.render_external_markdown(external_entries, internal_entries, figure_paths,
+                                                             config.predictions_path))
+  io_utils.atomic_write_text(io_utils.join(output, REPORT_HTML_FILE),
+                             report.render_external_html(external_entries, internal_entries, figures,
+                                                         config.predictions_path))
+  io_utils.atomic_write_text(io_utils.join(output, model_card.MODEL_CARD_FILE),
+                             model_card.render_model_card(internal, external_entries, runs_dir=config.runs_dir,
+                                                          predictions_path=config.predictions_path))
   return summary

@@ -114,6 +114,27 @@ def _summaries_by_metric(metric_rows: Sequence[Mapping[str, float]]) -> dict[str
   return {name: summarize_values([row[name] for row in metric_rows]) for name in metrics_lib.METRIC_NAMES}
 
 
+def bootstrap_weights(num_patients: int, num_bootstrap: int, seed: int, task: str) -> np.ndarray:
+  """[num_bootstrap, num_patients] resampling counts (multinomial, keyed by (seed, task)).
+
+  Every consumer of one task's patients in sorted patient_id order gets the same replicates, so the models'
+  CIs and the covariate baselines' CIs come from the same resamples.
+  """
+  rng = np.random.default_rng([seed, TASK_KEYS[task]])
+  if num_patients == 0:
+    return np.zeros((num_bootstrap, 0))
+  return rng.multinomial(num_patients, np.full(num_patients, 1.0 / num_patients),
+                         size=num_bootstrap).astype(np.float64)
+
+
+def percentile_interval(estimate: float, replicates: np.ndarray) -> dict[str, float]:
+  """{estimate, low, high, n_bootstrap_defined}: the 2.5/97.5 percentiles of the defined replicates."""
+  replicates = np.asarray(replicates, dtype=np.float64)
+  defined = replicates[np.isfinite(replicates)]
+  low, high = np.percentile(defined, [2.5, 97.5]) if defined.size else (math.nan, math.nan)
+  return {"estimate": estimate, "low": float(low), "high": float(high), "n_bootstrap_defined": int(defined.size)}
+
+
 def bootstrap_ci95(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float, num_bootstrap: int,
                    seed: int) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
   """Patient-bootstrap 95 % CIs of the per-cell mean and of the per-repeat (pooled) mean of each metric.
@@ -124,9 +145,7 @@ def bootstrap_ci95(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float,
   """
   patient_ids = sorted({patient_id for pool in pools for patient_id in pool.patient_ids})
   index = {patient_id: position for position, patient_id in enumerate(patient_ids)}
-  rng = np.random.default_rng([seed, TASK_KEYS[task_runs.task]])
-  count = len(patient_ids)
-  weights = rng.multinomial(count, np.full(count, 1.0 / count), size=num_bootstrap).astype(np.float64)
+  weights = bootstrap_weights(len(patient_ids), num_bootstrap, seed, task_runs.task)
 
   def replicate_means(groups: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
     stacks = {name: np.empty((len(groups), num_bootstrap)) for name in metrics_lib.METRIC_NAMES}
@@ -146,13 +165,7 @@ def bootstrap_ci95(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float,
                                       for _, labels, probabilities in pool_groups])
 
   def interval(point: Mapping[str, Mapping[str, float]], replicates: Mapping[str, np.ndarray]):
-    result = {}
-    for name in metrics_lib.METRIC_NAMES:
-      defined = replicates[name][np.isfinite(replicates[name])]
-      low, high = np.percentile(defined, [2.5, 97.5]) if defined.size else (math.nan, math.nan)
-      result[name] = {"estimate": point[name]["mean"], "low": float(low), "high": float(high),
-                      "n_bootstrap_defined": int(defined.size)}
-    return result
+    return {name: percentile_interval(point[name]["mean"], replicates[name]) for name in metrics_lib.METRIC_NAMES}
 
   return interval(point_cells, replicate_means(cell_groups)), interval(point_pools, replicate_means(pool_groups))
 

@@ -50,7 +50,7 @@ def format_value(metric: str, value: Any) -> str:
   return f"{100.0 * value:.1f}" if metric in PERCENT_METRICS else f"{value:.3f}"
 
 
-def _with_interval(metric: str, estimate: Any, low: Any, high: Any) -> str:
+def with_interval(metric: str, estimate: Any, low: Any, high: Any) -> str:
   if not _is_number(estimate):
     return "n/a"
   if not (_is_number(low) and _is_number(high)):
@@ -72,7 +72,7 @@ def paper_table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
     if task not in MODEL_NAMES:
       continue
     intervals = task_summary.get("per_cell_ci95", {})
-    cells = [_with_interval(metric, task_summary["per_cell"][metric]["mean"],
+    cells = [with_interval(metric, task_summary["per_cell"][metric]["mean"],
                             intervals.get(metric, {}).get("low"), intervals.get(metric, {}).get("high"))
              for metric in PAPER_TABLE_METRICS]
     rows.append([MODEL_NAMES[task], _task_source(task_summary)] + cells)
@@ -269,6 +269,31 @@ def subgroup_figure(evaluations: Sequence[TaskEvaluation], metric: str = "accura
   return _png(figure)
 
 
+def decision_curve_figure(curves: Mapping[str, Mapping[str, Any]], title_suffix: str = "") -> bytes:
+  """Net benefit against the threshold probability: the model, treat-all and treat-none, one panel per task.
+
+  Args:
+    curves: task -> a summary's `decision_curve` entry.
+    title_suffix: appended to each panel's title (e.g. "external").
+  """
+  figure, axes = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 4.4), squeeze=False)
+  for axis, (task, curve) in zip(axes[0], curves.items()):
+    thresholds = np.asarray(curve["thresholds"], dtype=np.float64)
+    model = np.asarray([np.nan if value is None else value for value in curve["model"]], dtype=np.float64)
+    treat_all = np.asarray([np.nan if value is None else value for value in curve["treat_all"]], dtype=np.float64)
+    label = "model" if curve["n_sets"] == 1 else f"model (mean of {curve['n_sets']} repeats)"
+    axis.plot(thresholds, model, color="tab:blue", linewidth=2.2, label=label)
+    axis.plot(thresholds, treat_all, color="tab:grey", linewidth=1.3, label="treat all")
+    axis.axhline(0.0, color="black", linewidth=1.0, linestyle="--", label="treat none")
+    top = np.nanmax(np.r_[model, treat_all, 0.0])
+    axis.set(xlim=(0, 1), ylim=(-0.05 * max(top, 0.1), 1.1 * max(top, 0.05)), xlabel="threshold probability pt",
+             ylabel="net benefit")
+    axis.set_title(f"{MODEL_NAMES.get(task, task)}: decision curve{title_suffix}")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="upper right", fontsize=8.5)
+  return _png(figure)
+
+
 def make_figures(evaluations: Sequence[TaskEvaluation]) -> dict[str, bytes]:
   """File stem -> PNG bytes, in report order."""
   figures = {
@@ -276,6 +301,10 @@ def make_figures(evaluations: Sequence[TaskEvaluation]) -> dict[str, bytes]:
       "metrics_box": metrics_box_figure(evaluations),
       "calibration": calibration_figure(evaluations),
   }
+  curves = {evaluation.task_runs.task: evaluation.summary["decision_curve"] for evaluation in evaluations
+            if "decision_curve" in evaluation.summary}
+  if curves:
+    figures["decision_curve"] = decision_curve_figure(curves)
   subgroups = subgroup_figure(evaluations)
   if subgroups is not None:
     figures["subgroups"] = subgroups
@@ -291,6 +320,8 @@ FIGURE_CAPTIONS = {
     "calibration": "Calibration of the patient-level probabilities, all repeats pooled; counts beside points.",
     "subgroups": ("Accuracy by covariate subgroup (mean +- SD over repeats of the pooled out-of-fold "
                   "predictions). Numeric covariates are binned as described in Methods."),
+    "decision_curve": ("Decision curve: net benefit = TP/n - FP/n * pt/(1-pt) when every patient with probability "
+                       ">= pt is treated, against treating all and treating none."),
 }
 
 # ------------------------------------------------------------------------------------------------ text
@@ -311,6 +342,18 @@ METHODS_NOTES = (
     "patients.",
     "The paper's values come from its own private cohort; this run's cohort differs, so the comparison is "
     "indicative only.",
+    "Calibration: logistic recalibration label ~ intercept + slope * logit(probability) (maximum likelihood; "
+    "probabilities clipped to [1e-6, 1 - 1e-6]); slope 1 and intercept 0 are perfect, slope < 1 means "
+    "overconfident. Calibration-in-the-large is the intercept with the slope fixed at 1. Undefined (n/a) "
+    "when the classes' scores do not overlap.",
+    "Covariate baselines: each numeric covariate, and each covariate whose values are ordinal words "
+    "(none < trace < small < mild < moderate < medium < large < massive < severe), used alone as the score; "
+    "its AUC and 95 % CI come from the same patient resamples as the models'. Patients missing the value "
+    "are left out of that baseline.",
+    "Decision curve (Vickers & Elkin 2006): net benefit = TP/n - FP/n * pt/(1-pt), treating probability >= "
+    "pt, for pt = 0.01 ... 0.99; treat-all = prevalence - (1 - prevalence) * pt/(1-pt), treat-none = 0.",
+    "Failure analysis: the subgroups (at least 3 patients of the class concerned) with the lowest "
+    "sensitivity and the lowest specificity.",
 )
 
 
@@ -332,6 +375,69 @@ def _summary_table_rows(block: Mapping[str, Mapping[str, Any]], intervals: Mappi
 
 
 SUMMARY_HEADER = ["Metric", "Mean +- SD", "Median", "2.5-97.5 percentile", "n defined"]
+
+
+def _number(value: Any, digits: int = 3) -> str:
+  return f"{value:.{digits}f}" if _is_number(value) else "n/a"
+
+
+def clinical_blocks(entry: Mapping[str, Any], over_repeats: bool) -> list[tuple[str, Any]]:
+  """Report blocks for calibration, covariate baselines, the decision-curve table and the failure analysis.
+
+  Args:
+    entry: one task's summary (grid or external): keys calibration, covariate_baselines, decision_curve,
+      failure_analysis.
+    over_repeats: the grid's values are statistics over repeats ({mean, sd}); the external ones are numbers.
+  """
+  blocks: list[tuple[str, Any]] = []
+
+  def value(item):
+    return item["mean"] if over_repeats and isinstance(item, Mapping) else item
+
+  calibration = entry.get("calibration")
+  if calibration:
+    rows = []
+    for name, label in (("slope", "Calibration slope"), ("intercept", "Calibration intercept"),
+                        ("calibration_in_the_large", "Calibration-in-the-large")):
+      item = calibration[name]
+      text = _number(value(item))
+      if over_repeats and _is_number(item.get("sd")):
+        text += f" +- {_number(item['sd'])}"
+      rows.append([label, text])
+    caption = ("Calibration (logistic recalibration of logit(probability); perfect: slope 1, intercept 0)"
+               + ("; mean +- SD over repeats." if over_repeats else "."))
+    blocks.append(("table", (caption, ["Quantity", "Value"], rows)))
+  baselines = entry.get("covariate_baselines")
+  if baselines:
+    model = baselines["model_auc"]
+    rows = [["model", "predicted probability", "", with_interval("auc", model["estimate"], model["low"],
+                                                                    model["high"])]]
+    for column, item in baselines["covariates"].items():
+      auc = item["auc"]
+      rows.append([f"{column} alone", item["kind"], f"{item['n_patients']} ({item['n_missing']} missing)",
+                   with_interval("auc", auc["estimate"], auc["low"], auc["high"])])
+    blocks.append(("table", ("Covariate baselines: each numeric or ordinal covariate alone as the score, beside "
+                             "the model (AUC, 95 % patient-bootstrap CI).",
+                             ["Score", "Kind", "Patients", "AUC (95 % CI)"], rows)))
+  curve = entry.get("decision_curve")
+  if curve:
+    rows = [[f"{row['threshold']:g}", _number(row["model"]), _number(row["treat_all"]), _number(row["treat_none"])]
+            for row in curve["table"]]
+    blocks.append(("table", (f"Decision curve at selected thresholds ({curve['rule']}).",
+                             ["Threshold pt", "Model", "Treat all", "Treat none"], rows)))
+  failures = entry.get("failure_analysis")
+  if failures:
+    rows = []
+    for metric in ("sensitivity", "specificity"):
+      for item in failures[metric]:
+        count_key = "n_positive" if metric == "sensitivity" else "n_negative"
+        kind = "positive" if count_key == "n_positive" else "negative"
+        rows.append([METRIC_LABELS[metric], f"{item['covariate']} = {item['group']}",
+                     f"{item['n_patients']} ({item[count_key]} {kind})", format_value(metric, item[metric])])
+    if rows:
+      blocks.append(("table", ("Failure analysis: subgroups with the lowest sensitivity and specificity.",
+                               ["Metric", "Subgroup", "Patients", "Value %"], rows)))
+  return blocks
 
 
 def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
@@ -383,6 +489,7 @@ def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str
       blocks.append(("table", (f"Subgroups by `{column}` ({entry['rule']}); means over repeats.",
                                ["Group", "Patients", "Positive", "Negative", "Accuracy %", "Sensitivity %",
                                 "Specificity %", "AUC"], rows)))
+    blocks.extend(clinical_blocks(task_summary, over_repeats=True))
     sections.append((f"{MODEL_NAMES[task]} ({TASK_DESCRIPTIONS[task]})", blocks))
   return sections
 
@@ -481,5 +588,222 @@ def render_html(summary: Mapping[str, Any], figures: Mapping[str, bytes], runs_d
     parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
                  f"<figcaption>{html.escape(FIGURE_CAPTIONS[name])}</figcaption></figure>")
   parts.append("<h2>Methods</h2><ul>" + "".join(f"<li>{_inline_code(note)}</li>" for note in METHODS_NOTES)
+               + "</ul></body></html>")
+  return "\n".join(parts) + "\n"
+
+
+# ------------------------------------------------------------------------------------ external validation
+
+EXTERNAL_FIGURE_CAPTIONS = {
+    "roc": ("External ROC curve at patient level (labelled patients); orange: the operating point at the "
+            "threshold."),
+    "calibration": ("External reliability diagram: observed fraction positive against the mean predicted "
+                    "probability in 10 equal-width bins, with the logistic recalibration line; histogram below."),
+    "decision_curve": FIGURE_CAPTIONS["decision_curve"],
+}
+
+EXTERNAL_METHODS_NOTES = (
+    "Input: one row a task and patient from `python -m predict --manifest=...`; probability is the ensemble "
+    "mean over the exported models. Rows without a label are counted and listed as predictions only; every "
+    "metric uses the labelled rows.",
+    "95 % CI: labelled patients resampled with replacement (percentile interval); the covariate baselines use "
+    "the same resamples.",
+    "Drift flags: reasons predict gave for an input unlike the training data (slice thickness, pixel spacing, "
+    "slice count, body area, HU histogram). Flagged patients are listed, and their metrics given apart.",
+) + METHODS_NOTES[4:5] + METHODS_NOTES[6:]  # all but the per-cell, CI and paper notes
+
+
+def external_roc_figure(data: Mapping[str, tuple[np.ndarray, np.ndarray]], summary: Mapping[str, Any]) -> bytes:
+  """One ROC panel per task from the labelled external predictions."""
+  figure, axes = plt.subplots(1, len(data), figsize=(5.2 * len(data), 5.0), squeeze=False)
+  for axis, (task, (labels, probabilities)) in zip(axes[0], data.items()):
+    entry = summary[task]
+    if labels.size and labels.min() != labels.max():
+      false_positive_rate, true_positive_rate, _ = metrics_lib.roc_curve(labels, probabilities)
+      axis.plot(false_positive_rate, true_positive_rate, color="tab:blue", linewidth=2.4,
+                label=f"external (AUC {format_value('auc', entry['metrics']['auc'])})")
+    sensitivity, specificity = entry["metrics"]["sensitivity"], entry["metrics"]["specificity"]
+    if _is_number(sensitivity) and _is_number(specificity):
+      axis.plot(1 - specificity, sensitivity, "o", color="tab:orange", markersize=9,
+                label=f"threshold {entry['threshold']:g}")
+    axis.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="chance")
+    axis.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="1 - specificity", ylabel="sensitivity", aspect="equal")
+    axis.set_title(f"{MODEL_NAMES[task]}: external ROC ({entry['n_patients']} labelled patients)")
+    axis.grid(alpha=0.3)
+    axis.legend(loc="lower right", fontsize=8.5)
+  return _png(figure)
+
+
+def external_calibration_figure(data: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                                summary: Mapping[str, Any]) -> bytes:
+  """Reliability diagram, recalibration line and score histogram per task."""
+  figure, axes = plt.subplots(2, len(data), figsize=(5.2 * len(data), 6.4), squeeze=False,
+                              gridspec_kw={"height_ratios": [3, 1.2]}, sharex="col")
+  grid = np.linspace(0.005, 0.995, 199)
+  for column, (task, (labels, probabilities)) in enumerate(data.items()):
+    entry = summary[task]
+    top, bottom = axes[0][column], axes[1][column]
+    top.plot([0, 1], [0, 1], linestyle="--", color="grey", linewidth=1, label="perfect calibration")
+    bins = entry["calibration_bins"]
+    top.plot([row["mean_probability"] for row in bins], [row["observed_fraction"] for row in bins], "-o",
+             color="tab:blue", label="10 equal-width bins")
+    for row in bins:
+      top.annotate(str(row["count"]), (row["mean_probability"], row["observed_fraction"]),
+                   textcoords="offset points", xytext=(4, -11), fontsize=7, color="dimgrey")
+    calibration = entry["calibration"]
+    if _is_number(calibration["slope"]) and _is_number(calibration["intercept"]):
+      logits = np.log(grid) - np.log1p(-grid)
+      recalibrated = 1.0 / (1.0 + np.exp(-(calibration["intercept"] + calibration["slope"] * logits)))
+      top.plot(grid, recalibrated, color="tab:red", linewidth=1.5,
+               label=f"recalibration: slope {calibration['slope']:.2f}, intercept {calibration['intercept']:.2f}")
+    top.set(xlim=(0, 1), ylim=(-0.02, 1.02), ylabel="observed fraction positive")
+    top.set_title(f"{MODEL_NAMES[task]}: external calibration (Brier "
+                  f"{format_value('brier', entry['metrics']['brier'])})")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper left", fontsize=8)
+    edges = np.linspace(0, 1, 21)
+    bottom.hist([probabilities[labels == 0], probabilities[labels == 1]], bins=edges, stacked=True,
+                color=["tab:green", "tab:red"], label=["negative", "positive"])
+    bottom.axvline(entry["threshold"], color="black", linewidth=1, linestyle=":")
+    bottom.set(xlabel="predicted probability (labelled patients)", ylabel="patients")
+    bottom.legend(fontsize=8, loc="upper center")
+  return _png(figure)
+
+
+def make_external_figures(data: Mapping[str, tuple[np.ndarray, np.ndarray]],
+                          summary: Mapping[str, Any]) -> dict[str, bytes]:
+  """File stem -> PNG bytes for the external report; `data` is task -> (labels, probabilities) of labelled rows."""
+  return {
+      "roc": external_roc_figure(data, summary),
+      "calibration": external_calibration_figure(data, summary),
+      "decision_curve": decision_curve_figure({task: summary[task]["decision_curve"] for task in data},
+                                              " (external)"),
+  }
+
+
+def external_sections(summary: Mapping[str, Any], internal: Mapping[str, Any]
+                      ) -> list[tuple[str, list[tuple[str, Any]]]]:
+  """(title, blocks) per task of an external validation; internal: task -> CV summary entry (may be empty)."""
+  sections = []
+  for task, entry in summary.items():
+    blocks: list[tuple[str, Any]] = []
+    blocks.append(("p", f"Task `{task}` ({TASK_DESCRIPTIONS[task]}): {entry['n_rows']} patients predicted; "
+                        f"{entry['n_patients']} labelled ({entry['n_positive']} positive, {entry['n_negative']} "
+                        f"negative); {entry['n_unlabelled']} without a label (predictions only, not in the "
+                        f"metrics); threshold {entry['threshold']:g}."))
+    if entry["predicted_column_disagreements"]:
+      blocks.append(("warning", f"{entry['predicted_column_disagreements']} rows' `predicted` column disagrees "
+                                f"with probability >= {entry['threshold']:g}: the export used another threshold; "
+                                "the metrics below use this threshold."))
+    counts = entry["confusion"]
+    blocks.append(("p", f"Confusion at the threshold: TP {counts['true_positive']}, FP {counts['false_positive']}, "
+                        f"TN {counts['true_negative']}, FN {counts['false_negative']}."))
+    cv = internal.get(task)
+    header = ["Metric", "External (95 % CI)"]
+    if cv:
+      header.append("Internal CV, per repeat (95 % CI)")
+    rows = []
+    for metric in metrics_lib.METRIC_NAMES:
+      interval = entry["ci95"][metric]
+      row = [METRIC_LABELS[metric], with_interval(metric, entry["metrics"][metric], interval["low"],
+                                                  interval["high"])]
+      if cv:
+        cv_interval = cv["pooled_ci95"][metric]
+        row.append(with_interval(metric, cv["per_repeat"][metric]["mean"], cv_interval["low"],
+                                 cv_interval["high"]))
+      rows.append(row)
+    if cv:
+      for name, label in (("slope", "Calibration slope"), ("intercept", "Calibration intercept")):
+        rows.append([label, _number(entry["calibration"][name]), _number(cv["calibration"][name]["mean"])])
+    caption = "External metrics (rates in %)" + (", beside the internal cross-validation." if cv else ".")
+    blocks.append(("table", (caption, header, rows)))
+    if cv:
+      cv_baselines = cv["covariate_baselines"]["covariates"]
+      baseline_rows = []
+      for column, item in entry["covariate_baselines"]["covariates"].items():
+        auc = item["auc"]
+        internal_auc = cv_baselines.get(column, {}).get("auc", {})
+        baseline_rows.append([f"{column} alone", with_interval("auc", auc["estimate"], auc["low"], auc["high"]),
+                              with_interval("auc", internal_auc.get("estimate"), internal_auc.get("low"),
+                                            internal_auc.get("high"))])
+      if baseline_rows:
+        blocks.append(("table", ("Covariate baselines, external beside internal (AUC, 95 % CI).",
+                                 ["Score", "External", "Internal CV"], baseline_rows)))
+    drift = entry["drift"]
+    blocks.append(("p", f"Inputs unlike the training data: {drift['n_flagged']} patients flagged "
+                        f"({drift['n_flagged_labelled']} labelled), reported apart."))
+    if drift["n_flagged"]:
+      apart = [[group, str(count)] + [format_value(metric, values[metric])
+                                      for metric in ("sensitivity", "specificity", "accuracy", "auc")]
+               for group, count, values in (("flagged", drift["n_flagged_labelled"], drift["metrics_flagged"]),
+                                            ("not flagged", drift["n_not_flagged_labelled"],
+                                             drift["metrics_not_flagged"]))]
+      blocks.append(("table", ("Metrics of flagged and not flagged labelled patients.",
+                               ["Patients", "Labelled", "Sensitivity %", "Specificity %", "Accuracy %", "AUC"],
+                               apart)))
+      listed = [[item["patient_id"], "" if item["label"] is None else str(item["label"]),
+                 f"{item['probability']:.3f}", str(item["predicted"]), "; ".join(item["reasons"])]
+                for item in drift["patients"]]
+      blocks.append(("table", ("Flagged patients.", ["Patient", "Label", "Probability", "Predicted", "Reasons"],
+                               listed)))
+    only = entry["predictions_only"]
+    if only["n_patients"]:
+      blocks.append(("p", f"Predictions only (no label): {only['n_patients']} patients, "
+                          f"{only['n_predicted_positive']} predicted positive, {only['n_flagged']} flagged."))
+    for column, item in entry["subgroups"].items():
+      subgroup_rows = [[group["group"], str(group["n_patients"]), str(group["n_positive"]), str(group["n_negative"])]
+                       + [format_value(metric, group["metrics"][metric])
+                          for metric in ("accuracy", "sensitivity", "specificity", "auc")]
+                       for group in item["groups"]]
+      blocks.append(("table", (f"External subgroups by `{column}` ({item['rule']}).",
+                               ["Group", "Patients", "Positive", "Negative", "Accuracy %", "Sensitivity %",
+                                "Specificity %", "AUC"], subgroup_rows)))
+    blocks.extend(clinical_blocks(entry, over_repeats=False))
+    sections.append((f"{MODEL_NAMES[task]} ({TASK_DESCRIPTIONS[task]}): external validation", blocks))
+  return sections
+
+
+def render_external_markdown(summary: Mapping[str, Any], internal: Mapping[str, Any],
+                             figure_paths: Mapping[str, str], source: str) -> str:
+  parts = ["# pdx-tf external validation report", "", f"Predictions: `{source}`", ""]
+  for title, blocks in external_sections(summary, internal):
+    parts += [f"## {title}", ""]
+    for kind, content in blocks:
+      if kind == "p":
+        parts += [content, ""]
+      elif kind == "warning":
+        parts += [f"> **{content}**", ""]
+      else:
+        caption, header, rows = content
+        parts += [f"**{caption}**", "", _markdown_table(header, rows), ""]
+  parts += ["## Figures", ""]
+  for name, path in figure_paths.items():
+    parts += [f"![{name}]({path})", "", EXTERNAL_FIGURE_CAPTIONS[name], ""]
+  parts += ["## Methods", ""] + [f"- {note}" for note in EXTERNAL_METHODS_NOTES] + [""]
+  return "\n".join(parts)
+
+
+def render_external_html(summary: Mapping[str, Any], internal: Mapping[str, Any], figures: Mapping[str, bytes],
+                         source: str) -> str:
+  """Self-contained HTML of the external validation (inline CSS, base64 figures)."""
+  parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           "<title>pdx-tf external validation report</title>", f"<style>{_CSS}</style></head><body>",
+           "<h1>pdx-tf external validation report</h1>", f"<p>Predictions: <code>{html.escape(source)}</code></p>"]
+  for title, blocks in external_sections(summary, internal):
+    parts.append(f"<h2>{html.escape(title)}</h2>")
+    for kind, content in blocks:
+      if kind == "p":
+        parts.append(f"<p>{_inline_code(content)}</p>")
+      elif kind == "warning":
+        parts.append(f'<p class="warning">{html.escape(content)}</p>')
+      else:
+        caption, header, rows = content
+        parts.append(_html_table(caption.replace("`", ""), header, rows))
+  parts.append("<h2>Figures</h2>")
+  for name, png in figures.items():
+    encoded = base64.b64encode(png).decode("ascii")
+    parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
+                 f"<figcaption>{html.escape(EXTERNAL_FIGURE_CAPTIONS[name])}</figcaption></figure>")
+  parts.append("<h2>Methods</h2><ul>" + "".join(f"<li>{_inline_code(note)}</li>" for note in EXTERNAL_METHODS_NOTES)
                + "</ul></body></html>")
   return "\n".join(parts) + "\n"
