@@ -34,7 +34,7 @@ import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom import uid as dicom_uid
 
-from pdx_tf.phantom.cohort import anatomy as anatomy_lib
+from pdx_tf.phantom import anatomy as anatomy_lib
 
 GENERATOR_VERSION = 1  # cached cohorts are also keyed by the generator's source code (see config_hash)
 MANIFEST_COLUMNS = ("patient_id", "dicom_dir", "label_p", "label_sb", "ascites", "pci", "site")
