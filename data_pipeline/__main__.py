@@ -41,6 +41,9 @@ _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model image side in pixel
 _AUGMENT_FACTOR = flags.DEFINE_integer(
     "augment_factor", pipeline.PAPER_AUGMENT_FACTOR, "Augmented copies written per slice (the paper: "
     f"{pipeline.PAPER_AUGMENT_FACTOR}; demo: {pipeline.DEMO_PRESET['augment_factor']}); 0 = originals only.")
+_AUGMENT_BLOCK = flags.DEFINE_integer(
+    "augment_block", pipeline.DEFAULT_AUGMENT_BLOCK, "Augmented copies per block file, the unit of the training pool"
+    f" draw (demo: {pipeline.DEMO_PRESET['augment_block']}).")
 _WINDOW = flags.DEFINE_string("window", "abdomen", "HU window(s): abdomen (W400/L40), triple, or C:W[,C:W,C:W].")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", pipeline.default_num_workers(),
                                     "Patient worker processes; 1 runs in this process.")
@@ -72,11 +75,13 @@ def _config() -> pipeline.PipelineConfig:
   demo = _MANIFEST.value is None
   if not demo and _OUTPUT_DIR.value is None:
     raise ValueError("--output_dir is required with --manifest")
-  image_size, augment_factor = _IMAGE_SIZE.value, _AUGMENT_FACTOR.value
+  image_size, augment_factor, augment_block = _IMAGE_SIZE.value, _AUGMENT_FACTOR.value, _AUGMENT_BLOCK.value
   if demo:  # The demo preset, unless a flag is given explicitly.
     image_size = image_size if flags.FLAGS["image_size"].present else pipeline.DEMO_PRESET["image_size"]
     augment_factor = (augment_factor if flags.FLAGS["augment_factor"].present
                       else pipeline.DEMO_PRESET["augment_factor"])
+    augment_block = (augment_block if flags.FLAGS["augment_block"].present
+                     else pipeline.DEMO_PRESET["augment_block"])
   return pipeline.PipelineConfig(
       manifest_path=pipeline.demo_manifest_path() if demo else _MANIFEST.value,
       output_dir=_OUTPUT_DIR.value or pipeline.DEMO_OUTPUT_DIR,
@@ -86,6 +91,7 @@ def _config() -> pipeline.PipelineConfig:
                                     flip_probability=_FLIP_PROBABILITY.value, scale_min=_SCALE_MIN.value,
                                     scale_max=_SCALE_MAX.value),
       augment_factor=augment_factor,
+      augment_block=augment_block,
       seed=_SEED.value,
       num_workers=_NUM_WORKERS.value,
       allow_failures=_ALLOW_FAILURES.value,

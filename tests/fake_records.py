@@ -1,7 +1,9 @@
 """Writes a tiny fake records folder (TFRecords + dataset.json, the CONTRACTS.md layout) with pdx_tf.data.records.
 
 Images are keyed noise; positive patients (label_p = 1) carry a bright square whose position varies with the
-slice and augmentation index, so a model can learn the task. Labels alternate so any stratified split of an
+slice and augmentation index, so a model can learn the task. Augmented copies are laid out in blocks of
+`augment_block` copies (augmented/<patient_id>-bBBBBB-00000.tfrecord); images have one channel (one window)
+unless `channels=3`. Labels alternate so any stratified split of an
 even number of patients has both classes in every fold.
 """
 
@@ -22,62 +24,78 @@ def patient_ids(num_patients: int) -> list[str]:
 
 
 def fake_image(seed: int, patient_index: int, slice_index: int, augmentation_index: int, positive: bool,
-               image_size: int) -> np.ndarray:
+               image_size: int, channels: int = 3) -> np.ndarray:
   rng = np.random.default_rng([seed, patient_index, slice_index, augmentation_index])
   image = rng.integers(0, 80, size=(image_size, image_size), dtype=np.int64)
   if positive:
     side = max(4, image_size // 5)
     top, left = rng.integers(0, image_size - side, size=2)
     image[top:top + side, left:left + side] = 230
-  return np.repeat(image.astype(np.uint8)[..., np.newaxis], 3, axis=-1)
+  return np.repeat(image.astype(np.uint8)[..., np.newaxis], channels, axis=-1)
 
 
-def write_fake_records(records_dir: str, *, num_patients: int = 8, slices_per_patient: int = 3,
-                       augment_factor: int = 4, image_size: int = 32, seed: int = 0,
-                       label_sb_every: int = 4, schema_version: int | None = None) -> dict[str, Any]:
+def write_fake_records(records_dir: str, *, num_patients: int = 8, slices_per_patient: int | list[int] = 3,
+                       augment_factor: int = 4, augment_block: int = 2, image_size: int = 32, seed: int = 0,
+                       label_sb_every: int = 4, schema_version: int | None = None, channels: int = 1,
+                       ids: list[str] | None = None, labels_p: list[int] | None = None) -> dict[str, Any]:
   """Writes records_dir/{original,augmented}/*.tfrecord and dataset.json; returns the dataset.json dict.
 
-  Patient i has label_p = 1 for even i and label_sb = 1 when i % label_sb_every == 0; covariate `site`.
-  `schema_version` overrides the manifest's version (to test the mismatch error).
+  Patient i has label_p = 1 for even i (or `labels_p[i]`) and label_sb = 1 when i % label_sb_every == 0;
+  covariate `site`. `slices_per_patient` may differ per patient (a list). `schema_version` overrides the
+  manifest's version (to test the mismatch error).
   """
   os.makedirs(os.path.join(records_dir, "original"), exist_ok=True)
   os.makedirs(os.path.join(records_dir, "augmented"), exist_ok=True)
+  ids = ids or patient_ids(num_patients)
+  slice_counts = (slices_per_patient if isinstance(slices_per_patient, list)
+                  else [slices_per_patient] * len(ids))
+  num_blocks = -(-augment_factor // augment_block)
   patients, shards = [], []
-  for index, patient_id in enumerate(patient_ids(num_patients)):
-    label_p = int(index % 2 == 0)
+  for index, patient_id in enumerate(ids):
+    label_p = int(index % 2 == 0) if labels_p is None else int(labels_p[index])
     label_sb = int(index % label_sb_every == 0)
     covariates = {"site": "A" if index % 3 else "B"}
-    files = {"original": f"original/{patient_id}.tfrecord", "augmented": f"augmented/{patient_id}-00000.tfrecord"}
+    files = [("original", None, f"original/{patient_id}.tfrecord", [0])]
+    for block in range(num_blocks):
+      copies = range(block * augment_block + 1, min(augment_factor, (block + 1) * augment_block) + 1)
+      files.append(("augmented", block, f"augmented/{patient_id}-b{block:05d}-00000.tfrecord", copies))
     counts = {"original": 0, "augmented": 0}
-    for kind, relative in files.items():
-      indices = [0] if kind == "original" else range(1, augment_factor + 1)
+    for kind, block, relative, indices in files:
       path = os.path.join(records_dir, relative)
+      count = 0
       with tf.io.TFRecordWriter(path) as writer:
-        for slice_index in range(slices_per_patient):
+        for slice_index in range(slice_counts[index]):
           for augmentation_index in indices:
-            image = fake_image(seed, index, slice_index, augmentation_index, bool(label_p), image_size)
+            image = fake_image(seed, index, slice_index, augmentation_index, bool(label_p), image_size, channels)
             example = records.make_example(
                 records.encode_image(image), image_size=image_size, patient_id=patient_id, slice_index=slice_index,
                 z_mm=5.0 * slice_index, augmentation_index=augmentation_index, label_p=label_p, label_sb=label_sb,
                 covariates=covariates)
             writer.write(example.SerializeToString())
-            counts[kind] += 1
-      shards.append({"path": relative, "patient_id": patient_id, "kind": kind, "num_examples": counts[kind],
-                     "num_bytes": os.path.getsize(path), "sha256": io_utils.sha256_file(path)})
+            count += 1
+      counts[kind] += count
+      shard = {"path": relative, "patient_id": patient_id, "kind": kind, "num_examples": count,
+               "num_bytes": os.path.getsize(path), "sha256": io_utils.sha256_file(path)}
+      if block is not None:
+        shard["block"] = block
+      shards.append(shard)
     patients.append({"patient_id": patient_id, "label_p": label_p, "label_sb": label_sb, "covariates": covariates,
-                     "num_slices": slices_per_patient, "z_range_mm": [0.0, 5.0 * (slices_per_patient - 1)],
-                     "original_shards": [files["original"]], "augmented_shards": [files["augmented"]],
-                     "num_original_examples": counts["original"], "num_augmented_examples": counts["augmented"]})
+                     "num_slices": slice_counts[index], "z_range_mm": [0.0, 5.0 * (slice_counts[index] - 1)],
+                     "original_shards": [files[0][2]], "augmented_shards": [file[2] for file in files[1:]],
+                     "num_original_examples": counts["original"], "num_augmented_examples": counts["augmented"],
+                     "num_augmented_blocks": num_blocks})
   manifest = {
       "format": "pdx-tf-dataset",
       "schema_version": records.SCHEMA_VERSION if schema_version is None else schema_version,
       "code_version": "test", "config": {}, "seed": seed, "augment_factor": augment_factor,
-      "preprocess": {"image_size": image_size, "windows": [[40.0, 400.0]], "body_threshold_hu": -500.0,
-                     "crop_margin_fraction": 0.04},
+      "augment_block": augment_block,
+      "preprocess": {"image_size": image_size,
+                     "windows": [[40.0, 400.0]] if channels == 1 else [[40.0, 400.0], [50.0, 150.0], [-600.0, 1500.0]],
+                     "body_threshold_hu": -500.0, "crop_margin_fraction": 0.04},
       "augment": {"rotation_max_deg": 15.0, "flip_probability": 0.5, "scale_min": 0.9, "scale_max": 1.1},
       "covariate_names": ["site"], "patients": patients, "shards": shards,
-      "counts": {"patients": num_patients, "failed_patients": 0, "slices": num_patients * slices_per_patient,
-                 "original_examples": num_patients * slices_per_patient,
-                 "augmented_examples": num_patients * slices_per_patient * augment_factor, "shards": len(shards)}}
+      "counts": {"patients": len(ids), "failed_patients": 0, "slices": sum(slice_counts),
+                 "original_examples": sum(p["num_original_examples"] for p in patients),
+                 "augmented_examples": sum(p["num_augmented_examples"] for p in patients), "shards": len(shards)}}
   io_utils.atomic_write_json(os.path.join(records_dir, "dataset.json"), manifest)
   return manifest

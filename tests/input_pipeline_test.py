@@ -13,14 +13,15 @@ from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
 from pdx_tf.training import input_pipeline, splits
 
-NUM_PATIENTS, SLICES, AUGMENT_FACTOR, SIZE = 8, 3, 4, 32
+NUM_PATIENTS, SLICES, AUGMENT_FACTOR, BLOCK, SIZE = 8, 3, 8, 2, 32
+NUM_BLOCKS = AUGMENT_FACTOR // BLOCK
 
 
 @pytest.fixture(scope="module")
 def records_dir(tmp_path_factory):
   folder = str(tmp_path_factory.mktemp("records"))
   fake_records.write_fake_records(folder, num_patients=NUM_PATIENTS, slices_per_patient=SLICES,
-                                  augment_factor=AUGMENT_FACTOR, image_size=SIZE)
+                                  augment_factor=AUGMENT_FACTOR, augment_block=BLOCK, image_size=SIZE)
   return folder
 
 
@@ -34,36 +35,55 @@ def _keys(dataset):
            int(example[records.AUGMENTATION_INDEX_KEY])) for example in dataset.as_numpy_iterator()]
 
 
+def _fingerprint64(key):
+  """FarmHash Fingerprint64 of `key`, rebuilt from to_hash_bucket_fast (another op): fp mod (2^63 - 1), plus
+  2^63 - 1 when the parity says fp was larger (2^63 - 1 is odd)."""
+  modulus = (1 << 63) - 1
+  low = int(tf.strings.to_hash_bucket_fast(key, modulus))
+  parity = int(tf.strings.to_hash_bucket_fast(key, 2))
+  return low if low % 2 == parity else low + modulus
+
+
+def _expected_blocks(seed, repeat, patient_id, fraction):
+  ranked = sorted(range(NUM_BLOCKS), key=lambda b: (_fingerprint64(f"pdx-pool/{seed}/{repeat}/{patient_id}/{b}"), b))
+  count = 0 if fraction == 0 else max(1, int(fraction * NUM_BLOCKS + 0.5))
+  return sorted(ranked[:count])
+
+
 def test_load_dataset_info(info, records_dir):
   assert list(info.patients) == fake_records.patient_ids(NUM_PATIENTS)
   assert info.image_size == SIZE and info.covariate_names == ("site",)
   assert info.labels("p")["fake000"] == 1 and info.labels("p")["fake001"] == 0
   assert info.dataset_hash == __import__("pdx_tf.io_utils").io_utils.sha256_file(
       os.path.join(records_dir, "dataset.json"))
-  assert info.shard_paths(["fake001"], "augmented") == [os.path.join(records_dir, "augmented/fake001-00000.tfrecord")]
+  assert info.shard_paths(["fake001"], "augmented") == [
+      os.path.join(records_dir, f"augmented/fake001-b{block:05d}-00000.tfrecord") for block in range(NUM_BLOCKS)]
 
 
-def test_leakage_every_cell_reads_only_its_patients(info):
+def test_leakage_every_cell_reads_only_its_patients(info, monkeypatch):
   """Every example of a cell's train input is a train patient's; validation is the test patients' originals."""
+  opened = []
+  original_reader = tf.data.TFRecordDataset
+  monkeypatch.setattr(tf.data, "TFRecordDataset", lambda path, *a, **k: opened.append(path) or original_reader(
+      path, *a, **k))
   split = splits.make_splits(info.labels("p"), task="p", num_folds=4, num_repeats=2, seed=0, repartition=True)
   for repeat_entry in split["repeats"]:
     for fold_entry in repeat_entry["folds"]:
       train_ids, test_ids = set(fold_entry["train"]), set(fold_entry["test"])
+      opened.clear()
       examples = _keys(input_pipeline.train_examples(
           info, fold_entry["train"], sample_seed=0, repeat=repeat_entry["repeat"], pool_fraction=0.5))
       assert examples and {patient for patient, _, _ in examples} <= train_ids
+      assert opened and not any(patient in str(path) for path in opened for patient in test_ids)
       validation = input_pipeline.load_validation(info, fold_entry["test"], "p")
       assert set(validation.patient_ids) == test_ids
       assert (validation.augmentation_indices == 0).all()
       assert len(validation.patient_ids) == len(test_ids) * SLICES
-      # The files opened for training are only the training patients' shards.
-      files = info.shard_paths(fold_entry["train"], "augmented") + info.shard_paths(fold_entry["train"], "original")
-      assert not any(patient in path for path in files for patient in test_ids)
 
 
 def test_batched_train_dataset_labels_and_images(info):
   dataset = input_pipeline.train_dataset(info, ["fake000", "fake001"], task="p", sample_seed=0, repeat=0,
-                                         shuffle_seed=1, pool_fraction=1.0, batch_size=5)
+                                         shuffle_seed=1, pool_fraction=1.0, batch_size=6)
   images, labels = [], []
   for image, label in dataset:
     images.append(image.numpy())
@@ -71,41 +91,132 @@ def test_batched_train_dataset_labels_and_images(info):
   images, labels = np.concatenate(images), np.concatenate(labels)
   assert images.shape == (2 * SLICES * (AUGMENT_FACTOR + 1), SIZE, SIZE, 3) and images.dtype == np.float32
   assert labels.shape == (images.shape[0], 1)
+  # One-channel records are tiled to three equal channels.
+  assert (images[..., 0] == images[..., 1]).all() and (images[..., 0] == images[..., 2]).all()
   # fake000 is positive (has a 230-valued square); fake001 is negative (noise below 80).
   assert ((images.max(axis=(1, 2, 3)) > 200) == (labels[:, 0] == 1)).all()
   assert labels.sum() == SLICES * (AUGMENT_FACTOR + 1)
 
 
-def test_pool_draw_is_keyed_and_has_the_requested_fraction(info):
+def _copies(blocks):
+  return {block * BLOCK + offset + 1 for block in blocks for offset in range(BLOCK)}
+
+
+def test_pool_draw_takes_keyed_whole_blocks_with_the_exact_fraction(info):
   ids = list(info.patients)
+
   def draw(**kwargs):
-    keys = _keys(input_pipeline.train_examples(info, ids, **{"sample_seed": 0, "repeat": 0, **kwargs}))
-    return sorted(keys)
+    return sorted(_keys(input_pipeline.train_examples(info, ids, **{"sample_seed": 0, "repeat": 0, **kwargs})))
+
   everything = draw(pool_fraction=1.0)
   assert len(everything) == NUM_PATIENTS * SLICES * (AUGMENT_FACTOR + 1)
   only_originals = draw(pool_fraction=0.0)
   assert only_originals == sorted((p, s, 0) for p in ids for s in range(SLICES))
-  assert draw(pool_fraction=0.0, include_originals=False) == []
   half = draw(pool_fraction=0.5)
-  assert draw(pool_fraction=0.5) == half  # a pure function of the key
-  augmented = [key for key in half if key[2] > 0]
-  assert 0.3 < len(augmented) / (NUM_PATIENTS * SLICES * AUGMENT_FACTOR) < 0.7
-  assert set(only_originals) <= set(half)
+  assert draw(pool_fraction=0.5, shuffle_seed=7, epoch=3) == half  # the pool does not depend on the order keys
+  for patient_id in ids:
+    expected = _expected_blocks(0, 0, patient_id, 0.5)
+    assert len(expected) == NUM_BLOCKS // 2  # exactly the fraction, per patient
+    copies = {key[2] for key in half if key[0] == patient_id and key[2] > 0}
+    assert copies == _copies(expected)
+    # Every slice has every copy of the drawn blocks.
+    assert len([key for key in half if key[0] == patient_id]) == SLICES * (1 + len(_copies(expected)))
+  per_patient = [tuple(_expected_blocks(0, 0, patient_id, 0.5)) for patient_id in ids]
+  assert len(set(per_patient)) > 1  # patients draw different blocks
   assert draw(pool_fraction=0.5, repeat=1) != half  # another repeat: another draw
   assert draw(pool_fraction=0.5, sample_seed=1) != half
-  # A patient's draw does not depend on which other patients train with it.
+  # A small fraction still draws one block; a patient's draw does not depend on the other training patients.
+  assert input_pipeline.pool_keep(0, 0, "fake003", range(NUM_BLOCKS), 0.01) == _expected_blocks(0, 0, "fake003", 0.01)
   alone = sorted(_keys(input_pipeline.train_examples(info, ["fake003"], sample_seed=0, repeat=0, pool_fraction=0.5)))
-  assert alone == [key for key in half if key[0] == "fake003"]
+  assert alone and alone == [key for key in half if key[0] == "fake003"]
+  with pytest.raises(RecordsError, match="no images"):
+    input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=0.0, include_originals=False)
 
 
 def test_pool_keep_matches_the_documented_formula():
-  key = "pdx-pool/5/2/fake001/7/3"
-  bucket = int(tf.strings.to_hash_bucket_fast(key, input_pipeline.POOL_HASH_BUCKETS))
-  for fraction in (0.1, 0.5, 0.9):
-    expected = bucket < round(fraction * input_pipeline.POOL_HASH_BUCKETS)
-    got = bool(input_pipeline.pool_keep(5, 2, tf.constant("fake001"), tf.constant(7, tf.int64),
-                                        tf.constant(3, tf.int64), fraction))
-    assert got == expected
+  for repeat in range(3):
+    for fraction in (0.1, 0.25, 0.5, 0.75, 1.0):
+      assert input_pipeline.pool_keep(5, repeat, "fake001", range(NUM_BLOCKS), fraction) == _expected_blocks(
+          5, repeat, "fake001", fraction)
+  assert input_pipeline.pool_keep(5, 0, "fake001", range(NUM_BLOCKS), 0.0) == []
+
+
+def test_only_drawn_files_are_opened_and_sizes_come_from_dataset_json(info, monkeypatch):
+  opened = []
+  original_reader = tf.data.TFRecordDataset
+  monkeypatch.setattr(tf.data, "TFRecordDataset", lambda path, *a, **k: opened.append(path) or original_reader(
+      path, *a, **k))
+  ids = ["fake000", "fake001", "fake002"]
+  examples = _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=2, pool_fraction=0.25))
+  expected_files = sorted(
+      [os.path.join(info.records_dir, f"original/{p}.tfrecord") for p in ids]
+      + [os.path.join(info.records_dir, f"augmented/{p}-b{b:05d}-00000.tfrecord")
+         for p in ids for b in _expected_blocks(0, 2, p, 0.25)])
+  assert sorted(opened) == expected_files
+  assert input_pipeline.pool_size(info, ids, sample_seed=0, repeat=2, pool_fraction=0.25) == len(examples)
+  assert input_pipeline.bytes_to_read(info, ids, sample_seed=0, repeat=2, pool_fraction=0.25) == sum(
+      os.path.getsize(path) for path in expected_files)
+  assert input_pipeline.pool_size(info, ids, sample_seed=0, repeat=2, pool_fraction=0.25,
+                                  include_originals=False) == len([key for key in examples if key[2] > 0])
+
+
+def test_epochs_reshuffle_and_each_epoch_reproduces(info):
+  ids = list(info.patients)
+
+  def order(epoch, shuffle_seed=1):
+    return _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=0.5, epoch=epoch,
+                                               shuffle_seed=shuffle_seed))
+
+  first = order(0)
+  assert order(0) == first  # same keys, same order
+  assert order(1) != first and sorted(order(1)) == sorted(first)  # another epoch: the same pool, reordered
+  assert order(0, shuffle_seed=2) != first
+  # The batched dataset too: two calls give the same batches.
+  def labels(epoch):
+    dataset = input_pipeline.train_dataset(info, ids, task="p", sample_seed=0, repeat=0, epoch=epoch, shuffle_seed=1,
+                                           pool_fraction=0.5, batch_size=4)
+    return np.concatenate([label.numpy()[:, 0] for _, label in dataset])
+  np.testing.assert_array_equal(labels(2), labels(2))
+
+
+def test_images_per_epoch_is_a_keyed_sample_of_the_pool(info):
+  ids = list(info.patients)
+  pool = sorted(_keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=0.5)))
+
+  def sample(epoch):
+    return _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=0.5, epoch=epoch,
+                                               images_per_epoch=40))
+
+  first = sample(0)
+  assert len(first) == 40 and len(set(first)) == 40 and set(first) <= set(pool)
+  assert sample(0) == first and set(sample(1)) != set(first)
+  more = _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=0.5,
+                                             images_per_epoch=len(pool) + 10))
+  assert len(more) == len(pool) + 10 and set(more) == set(pool)  # two passes over the pool
+  dataset = input_pipeline.train_dataset(info, ids, task="p", sample_seed=0, repeat=0, shuffle_seed=0,
+                                         pool_fraction=0.5, batch_size=16, images_per_epoch=40)
+  assert [int(label.shape[0]) for _, label in dataset] == [16, 16]  # rounded down to whole batches
+
+
+def test_batches_mix_patients_and_originals_spread_over_the_epoch(tmp_path):
+  """At small scale, with no local shuffle (as at paper scale, where the buffer is tiny next to the epoch)."""
+  num_patients, slices, batch = 24, 4, 8
+  folder = str(tmp_path / "mix")
+  fake_records.write_fake_records(folder, num_patients=num_patients, slices_per_patient=slices, augment_factor=4,
+                                  augment_block=2, image_size=8)
+  info = contracts.load_dataset_info(folder)
+  ids = list(info.patients)
+  keys = _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=0.5,
+                                             shuffle_buffer=0))
+  assert len(keys) == num_patients * slices * 3
+  distinct = [len({key[0] for key in keys[start:start + batch]}) for start in range(0, len(keys), batch)]
+  # Uniform sampling gives 24 * (1 - (23/24)^8) = 6.9 patients per batch of 8; reading file by file gives 1-2.
+  assert np.median(distinct) >= 6
+  positions = np.array([index for index, key in enumerate(keys) if key[2] == 0]) / len(keys)
+  assert len(positions) == num_patients * slices
+  # Spread over the whole epoch, not read first or last.
+  assert 0.4 < positions.mean() < 0.6
+  assert np.histogram(positions, bins=4, range=(0, 1))[0].min() >= 0.15 * len(positions)
 
 
 def _copy_manifest(records_dir, tmp_path, change):
@@ -124,9 +235,10 @@ def test_bad_datasets(records_dir, tmp_path):
     contracts.load_dataset_info(records_dir, expected_image_size=48)
   with pytest.raises(RecordsError, match="dataset.json not found"):
     contracts.load_dataset_info(str(tmp_path))
-  other = _copy_manifest(records_dir, tmp_path, lambda m: m.update(schema_version=2))
-  with pytest.raises(RecordsError, match="schema version 2"):
-    contracts.load_dataset_info(other)
+  old = _copy_manifest(records_dir, tmp_path, lambda m: m.update(schema_version=1))
+  with pytest.raises(RecordsError, match=r"schema version 1.*python -m data_pipeline --manifest") as error:
+    contracts.load_dataset_info(old)
+  assert "\n" not in str(error.value)
 
 
 def test_truncated_shard_and_hash_mismatch(records_dir, tmp_path):

@@ -29,8 +29,9 @@ def cohort(tmp_path_factory):
 
 
 def _config(manifest_path, output_dir, **overrides):
-  values = dict(preprocess=preprocess.PreprocessConfig(image_size=32), augment_factor=2, num_workers=1,
-                shard_size_mb=0.05, qc_max_slices=4)  # 50 KB shards: each patient's pool spans several.
+  # Blocks of one copy: each patient's two copies make two blocks. 50 KB shards.
+  values = dict(preprocess=preprocess.PreprocessConfig(image_size=32), augment_factor=2, augment_block=1,
+                num_workers=1, shard_size_mb=0.05, qc_max_slices=4)
   values.update(overrides)
   return pipeline.PipelineConfig(manifest_path=manifest_path, output_dir=output_dir, **values)
 
@@ -52,6 +53,12 @@ def _files(folder):
       with open(path, "rb") as handle:
         found[os.path.relpath(path, folder)] = handle.read()
   return found
+
+
+def _raw_png(path):
+  """The PNG bytes of the first record of a shard."""
+  serialized = next(iter(tf.data.TFRecordDataset(path)))
+  return tf.io.parse_single_example(serialized, {"image": tf.io.FixedLenFeature([], tf.string)})["image"]
 
 
 def _read_shard(path):
@@ -99,19 +106,24 @@ def test_dataset_json_matches_the_records(first_run, cohort):
     examples = _read_shard(path)
     assert len(examples) == shard["num_examples"]
     row = manifest_rows[shard["patient_id"]]
+    assert tf.io.decode_png(_raw_png(path), channels=0).shape[-1] == 1  # one window: stored with one channel
     for example in examples:
       # Every example of a patient's shard (originals and augmented copies) belongs to that patient.
       assert example["patient_id"].numpy().decode() == shard["patient_id"]
       assert int(example["label_p"]) == int(row["label_p"]) and int(example["label_sb"]) == int(row["label_sb"])
       assert [example[name].numpy().decode() for name in COVARIATES] == [row[name] for name in COVARIATES]
-      assert example["image"].shape == (32, 32, 3)
+      assert example["image"].shape == (32, 32, 3)  # tiled on read
+      if shard["kind"] == "augmented":
+        # Block b of one-copy blocks holds copy b + 1, and its name carries the block.
+        assert int(example["augmentation_index"]) == shard["block"] + 1
+        assert shard["path"] == shards.augmented_path(shard["patient_id"], shard["block"], 0)
     examples_by_patient[shard["patient_id"], shard["kind"]] += len(examples)
   total = collections.Counter()
   for patient_id, patient in by_patient.items():
     assert examples_by_patient[patient_id, "original"] == patient["num_original_examples"] == patient["num_slices"]
     assert examples_by_patient[patient_id, "augmented"] == patient["num_augmented_examples"] == 2 * patient[
         "num_slices"]
-    assert len(patient["augmented_shards"]) >= 2  # the 50 KB limit split the pool
+    assert len(patient["augmented_shards"]) == patient["num_augmented_blocks"] == 2
     originals = _read_shard(os.path.join(config.output_dir, patient["original_shards"][0]))
     assert [int(e["slice_index"]) for e in originals] == list(range(patient["num_slices"]))
     assert all(int(e["augmentation_index"]) == 0 for e in originals)
@@ -208,7 +220,7 @@ def test_resume_redoes_only_the_broken_patient(first_run, tmp_path, monkeypatch)
     if victim in name and not name.startswith(("patients", "qc/index")):
       with open(os.path.join(output_dir, name), "wb") as handle:
         handle.write(data[: len(data) // 2])
-  temp_shard = os.path.join(output_dir, "augmented", f"{io_utils.TEMP_MARKER}0123456789ab-{victim}-00000.tfrecord")
+  temp_shard = os.path.join(output_dir, "augmented", f"{io_utils.TEMP_MARKER}0123456789ab-{victim}-b00000-00000.tfrecord")
   with open(temp_shard, "wb") as handle:
     handle.write(b"partial")
   result = pipeline.run_pipeline(config, progress=False)
@@ -223,17 +235,18 @@ def test_resume_redoes_only_the_broken_patient(first_run, tmp_path, monkeypatch)
 
 
 def test_remove_patient_files_touches_only_that_patient(tmp_path):
-  names = ["original/a.tfrecord", "original/a-1.tfrecord", "augmented/a-00000.tfrecord",
-           "augmented/a-1-00000.tfrecord", f"augmented/{io_utils.TEMP_MARKER}0123456789ab-a-00001.tfrecord",
-           "qc/a.png", "qc/a-1.png", "patients/a.json", "patients/a-1.json", "augmented/ab-00000.tfrecord"]
+  names = ["original/a.tfrecord", "original/a-1.tfrecord", "augmented/a-b00000-00000.tfrecord",
+           "augmented/a-1-b00000-00000.tfrecord",
+           f"augmented/{io_utils.TEMP_MARKER}0123456789ab-a-b00001-00000.tfrecord",
+           "qc/a.png", "qc/a-1.png", "patients/a.json", "patients/a-1.json", "augmented/ab-b00000-00000.tfrecord"]
   for name in names:
     path = tmp_path / name
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"x")
   assert shards.remove_patient_files(str(tmp_path), "a") == 5
   assert sorted(_files(str(tmp_path))) == sorted(
-      ["original/a-1.tfrecord", "augmented/a-1-00000.tfrecord", "qc/a-1.png", "patients/a-1.json",
-       "augmented/ab-00000.tfrecord"])
+      ["original/a-1.tfrecord", "augmented/a-1-b00000-00000.tfrecord", "qc/a-1.png", "patients/a-1.json",
+       "augmented/ab-b00000-00000.tfrecord"])
 
 
 def _failing_manifest(cohort, first_config):
@@ -330,6 +343,23 @@ def test_failures_are_reported_and_other_patients_kept(first_run, cohort, tmp_pa
     for name, data in _files(folder).items():
       for canary in canaries:
         assert canary not in data, f"{canary!r} found in {name}"
+
+
+def test_block_writer_splits_a_large_block_into_parts_and_keeps_blocks_apart(tmp_path):
+  record = b"r" * 100  # 116 bytes framed: three fit in 400 bytes, the fourth opens a new part
+  with shards.BlockShardWriter(str(tmp_path), "p1", max_bytes=400) as writer:
+    for index in range(5):
+      writer.write(record, block=1)
+      writer.write(record, block=0)
+  written = writer.shards
+  assert [(shard["block"], shard["path"], shard["num_examples"]) for shard in written] == [
+      (0, "augmented/p1-b00000-00000.tfrecord", 3), (0, "augmented/p1-b00000-00001.tfrecord", 2),
+      (1, "augmented/p1-b00001-00000.tfrecord", 3), (1, "augmented/p1-b00001-00001.tfrecord", 2)]
+  for shard in written:
+    assert os.path.getsize(tmp_path / shard["path"]) == shard["num_bytes"]
+    assert len(list(tf.data.TFRecordDataset(str(tmp_path / shard["path"])))) == shard["num_examples"]
+  assert shards.augmentation_block(1, 16) == 0 and shards.augmentation_block(16, 16) == 0
+  assert shards.augmentation_block(17, 16) == 1
 
 
 def test_invalid_manifest_lists_every_problem(tmp_path, capsys):

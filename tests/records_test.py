@@ -49,17 +49,34 @@ def test_missing_covariate_parses_as_empty_string():
   assert parsed["site"].numpy() == b""
 
 
+def test_one_channel_round_trip_is_tiled_to_rgb_and_smaller():
+  rng = np.random.default_rng(2)
+  gray = rng.integers(0, 256, (24, 24, 1), dtype=np.uint8)
+  png = records.encode_image(gray)
+  assert tf.io.decode_png(png, channels=0).shape == (24, 24, 1)  # stored with one channel
+  assert len(png) < len(records.encode_image(np.repeat(gray, 3, axis=-1)))
+  parsed = records.parse_example(_example(gray).SerializeToString())
+  np.testing.assert_array_equal(parsed["image"].numpy(), np.repeat(gray, 3, axis=-1))
+
+
 def test_encode_image_rejects_wrong_dtype_or_shape():
   with pytest.raises(ValueError, match="uint8"):
     records.encode_image(np.zeros((8, 8, 3), np.float32))
   with pytest.raises(ValueError, match="uint8"):
     records.encode_image(np.zeros((8, 8), np.uint8))
+  with pytest.raises(ValueError, match="uint8"):
+    records.encode_image(np.zeros((8, 8, 2), np.uint8))
 
 
 def test_other_schema_version_is_refused_with_instructions():
   records.check_schema_version(records.SCHEMA_VERSION, "dataset.json")
   with pytest.raises(RecordsError, match="rebuild the records"):
     records.check_schema_version(records.SCHEMA_VERSION + 1, "dataset.json")
+  # Version 1 (three-channel images, no augmentation blocks) names the rebuild command, on one line.
+  assert records.SCHEMA_VERSION == 2
+  with pytest.raises(RecordsError, match=r"version 1.*`python -m data_pipeline --manifest=") as error:
+    records.check_schema_version(1, "D/dataset.json")
+  assert "\n" not in str(error.value)
 
 
 def test_label_key_by_task():

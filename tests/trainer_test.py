@@ -155,8 +155,8 @@ def _assert_nothing_trained(output_dir):
 def test_records_of_another_schema_version(tmp_path):
   folder = str(tmp_path / "records")
   fake_records.write_fake_records(folder, num_patients=4, slices_per_patient=1, augment_factor=1, image_size=SIZE,
-                                  schema_version=2)
-  with pytest.raises(RecordsError, match="schema version 2"):
+                                  schema_version=1)
+  with pytest.raises(RecordsError, match="schema version 1"):
     trainer.run_grid(tiny_config(folder, tmp_path / "R"))
   _assert_nothing_trained(tmp_path / "R")
 

@@ -34,6 +34,10 @@ from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, recor
 from pdx_tf.errors import PdxError
 
 PAPER_AUGMENT_FACTOR = 960  # The study augmented every slice about 960-fold.
+# Augmented copies per block file (`pdx_tf.data.shards`): a cell's pool draw takes whole blocks, so
+# --pool_fraction has a resolution of one block (16 of 960 copies at the paper's factor, i.e. 1/60), and a
+# block of 16 copies of ~40 slices at 224 px is tens of MiB, large enough to read efficiently.
+DEFAULT_AUGMENT_BLOCK = 16
 DATASET_JSON = DATASET_FILE
 FAILURES_CSV = "failures.csv"
 CONFIG_JSON = "config.json"
@@ -44,7 +48,8 @@ ENCODE_BATCH = 256  # Images handed to the encoding threads at a time (bounds me
 # Fields that change how a run executes but not what it writes: left out of dataset.json (and of the
 # per-patient fingerprints), so the dataset hash does not depend on parallelism or on where D lives.
 EXECUTION_ONLY_FIELDS = ("output_dir", "num_workers", "allow_failures", "num_partitions", "partition_index")
-DEMO_PRESET = {"image_size": 48, "augment_factor": 8}
+# The demo's 8 copies in blocks of 2, so the demo's pool fraction (0.25) still draws 2 copies a slice.
+DEMO_PRESET = {"image_size": 48, "augment_factor": 8, "augment_block": 2}
 DEMO_OUTPUT_DIR = "runs/demo/records"
 
 
@@ -64,6 +69,9 @@ class PipelineConfig:
     augment: rotation, flip and scale ranges.
     region: parameters of the automatic abdominal range.
     augment_factor: augmented copies per slice (the paper: 960); 0 writes originals only.
+    augment_block: augmented copies per block file; copies [b * augment_block + 1, (b + 1) * augment_block] of
+      every slice of a patient share block b's files, the unit of the training pool draw. With augment_factor
+      <= augment_block a patient has one block.
     seed: augmentation seed; each copy is keyed by (seed, patient_id, slice_index, augmentation_index).
     num_workers: patient-level worker processes; 1 runs in this process.
     allow_failures: write dataset.json (and exit 0) even if some patients failed; they are left out.
@@ -86,6 +94,7 @@ class PipelineConfig:
   augment: augment.AugmentConfig = augment.AugmentConfig()
   region: region.RegionConfig = region.RegionConfig()
   augment_factor: int = PAPER_AUGMENT_FACTOR
+  augment_block: int = DEFAULT_AUGMENT_BLOCK
   seed: int = 0
   num_workers: int = 1
   allow_failures: bool = False
@@ -105,6 +114,8 @@ class PipelineConfig:
       raise ValueError("output_dir is empty; pass the folder for the records")
     if self.augment_factor < 0:
       raise ValueError(f"augment_factor must be >= 0, got {self.augment_factor}")
+    if self.augment_block < 1:
+      raise ValueError(f"augment_block must be >= 1, got {self.augment_block}")
     if self.seed < 0:
       raise ValueError(f"seed must be >= 0, got {self.seed}")
     if self.num_workers < 1:
@@ -251,6 +262,9 @@ def _window(hu: tf.Tensor, windows: tuple[tuple[float, float], ...]) -> tf.Tenso
 
 def _serialize(image: np.ndarray, row: manifest_lib.ManifestRow, config: PipelineConfig, slice_index: int,
                z_mm: float, augmentation_index: int) -> bytes:
+  if len(config.preprocess.windows) == 1:
+    # One window: the three channels are equal; store one (a third of the PNG work and bytes), readers tile it.
+    image = image[..., :1]
   example = records.make_example(
       records.encode_image(image), image_size=config.preprocess.image_size, patient_id=row.patient_id,
       slice_index=slice_index, z_mm=z_mm, augmentation_index=augmentation_index, label_p=row.label_p,
@@ -296,8 +310,13 @@ def patient_images(abdomen: region.AbdominalRegion, patient_id: str, config: Pip
 
 
 def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.ManifestRow, config: PipelineConfig,
-                          original_writer: shards.ShardWriter, augmented_writer: shards.ShardWriter) -> np.ndarray:
-  """Writes a patient's original and augmented examples; returns the crop boxes [N, 4] (for QC)."""
+                          original_writer: shards.ShardWriter,
+                          augmented_writer: shards.BlockShardWriter) -> np.ndarray:
+  """Writes a patient's original and augmented examples; returns the crop boxes [N, 4] (for QC).
+
+  Augmented copy a goes to block `shards.augmentation_block(a, config.augment_block)`; one-window images are
+  stored with one channel (`_serialize`).
+  """
   all_boxes: list[np.ndarray] = []
 
   def serialize(item):
@@ -307,7 +326,10 @@ def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.Man
   def flush(pending):
     # pool.map keeps the order, so the shards' bytes do not depend on the thread count.
     for augmentation_index, serialized in pool.map(serialize, pending):
-      (original_writer if augmentation_index == 0 else augmented_writer).write(serialized)
+      if augmentation_index == 0:
+        original_writer.write(serialized)
+      else:
+        augmented_writer.write(serialized, shards.augmentation_block(augmentation_index, config.augment_block))
     pending.clear()
 
   # PNG encoding dominates the cost and runs outside the GIL: a few threads per worker process.
@@ -342,8 +364,8 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
       slice_spacing_mm=config.slice_spacing_mm, min_slices=config.min_slices, config=config.region,
       warnings=series.warnings)
   original_writer = shards.ShardWriter(output_dir, row.patient_id, "original")
-  augmented_writer = shards.ShardWriter(output_dir, row.patient_id, "augmented",
-                                        max_bytes=int(config.shard_size_mb * shards.MEGABYTE))
+  augmented_writer = shards.BlockShardWriter(output_dir, row.patient_id,
+                                             max_bytes=int(config.shard_size_mb * shards.MEGABYTE))
   with original_writer, augmented_writer:
     boxes = write_patient_records(abdomen, row, config, original_writer, augmented_writer)
   qc_relative = None
@@ -368,6 +390,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
       "augmented_shards": [shard["path"] for shard in augmented_writer.shards],
       "num_original_examples": sum(shard["num_examples"] for shard in original_writer.shards),
       "num_augmented_examples": sum(shard["num_examples"] for shard in augmented_writer.shards),
+      "num_augmented_blocks": len({shard["block"] for shard in augmented_writer.shards}),
       "shards": all_shards,
       "qc_path": qc_relative,
       "code_version": provenance.code_version(),
@@ -450,7 +473,8 @@ def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], m
   markers = sorted(markers, key=lambda marker: marker["patient_id"])
   patients = [{key: marker[key] for key in (
       "patient_id", "label_p", "label_sb", "covariates", "num_slices", "z_range_mm", "z_range_rule", "warnings",
-      "original_shards", "augmented_shards", "num_original_examples", "num_augmented_examples")}
+      "original_shards", "augmented_shards", "num_original_examples", "num_augmented_examples",
+      "num_augmented_blocks")}
               for marker in markers]
   all_shards = sorted((shard for marker in markers for shard in marker["shards"]), key=lambda s: s["path"])
   return {
@@ -461,6 +485,7 @@ def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], m
       "preprocess": configs.to_dict(config.preprocess),
       "augment": configs.to_dict(config.augment),
       "augment_factor": config.augment_factor,
+      "augment_block": config.augment_block,
       "seed": config.seed,
       "covariate_names": list(covariate_names),
       "patients": patients,
@@ -578,7 +603,8 @@ def demo_config(output_dir: str = DEMO_OUTPUT_DIR, **overrides) -> PipelineConfi
   """
   manifest_path = demo_manifest_path()
   image_size = overrides.pop("image_size", DEMO_PRESET["image_size"])
-  values = {"augment_factor": DEMO_PRESET["augment_factor"], "num_workers": default_num_workers(), **overrides}
+  values = {"augment_factor": DEMO_PRESET["augment_factor"], "augment_block": DEMO_PRESET["augment_block"],
+            "num_workers": default_num_workers(), **overrides}
   if "preprocess" not in values:
     values["preprocess"] = preprocess.PreprocessConfig(image_size=image_size)
   return PipelineConfig(manifest_path=manifest_path, output_dir=output_dir, **values)

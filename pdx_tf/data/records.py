@@ -2,7 +2,13 @@
 
 Every example is one slice image (original or augmented) with its provenance: the manifest patient ID, the
 slice's index among the patient's abdominal slices, its z position, the augmentation index (0 = original), both
-task labels and the manifest covariates. Images are PNG-encoded uint8 [S, S, 3].
+task labels and the manifest covariates. Images are PNG-encoded uint8 [S, S, C]: C = 1 when the preprocessing
+has one HU window (a third of the bytes of three identical channels), C = 3 for three windows. Readers decode
+with `channels=3` (a one-channel PNG is tiled to RGB by the decoder), so the model input stays [S, S, 3].
+
+Schema history: version 1 stored every image with 3 channels and one augmented file series per patient;
+version 2 (this one) stores one-window images with 1 channel and lays the augmented copies out in blocks
+(`pdx_tf.data.shards`). Version-1 records are refused with the rebuild command.
 
 `parse_example` works eagerly and inside `tf.data` (graph mode); the covariate names come from dataset.json.
 """
@@ -16,10 +22,10 @@ import tensorflow as tf
 
 from pdx_tf.errors import RecordsError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 SCHEMA_VERSION_KEY = "schema_version"
-IMAGE_KEY = "image"  # PNG bytes of a uint8 [S, S, 3] image.
+IMAGE_KEY = "image"  # PNG bytes of a uint8 [S, S, 1] or [S, S, 3] image.
 IMAGE_SIZE_KEY = "image_size"
 PATIENT_ID_KEY = "patient_id"
 SLICE_INDEX_KEY = "slice_index"
@@ -57,10 +63,10 @@ PNG_COMPRESSION = 1
 
 
 def encode_image(image: np.ndarray | tf.Tensor) -> bytes:
-  """PNG-encodes a uint8 [S, S, 3] image."""
+  """PNG-encodes a uint8 [S, S, 1] (one window) or [S, S, 3] image."""
   image = tf.convert_to_tensor(image)
-  if image.dtype != tf.uint8 or image.shape.rank != 3 or image.shape[-1] != 3:
-    raise ValueError(f"images must be uint8 [S, S, 3], got {image.dtype.name} {image.shape}")
+  if image.dtype != tf.uint8 or image.shape.rank != 3 or image.shape[-1] not in (1, 3):
+    raise ValueError(f"images must be uint8 [S, S, 1] or [S, S, 3], got {image.dtype.name} {image.shape}")
   return tf.io.encode_png(image, compression=PNG_COMPRESSION).numpy()
 
 
@@ -70,7 +76,7 @@ def make_example(image_png: bytes, *, image_size: int, patient_id: str, slice_in
   """Builds one example.
 
   Args:
-    image_png: PNG bytes of the uint8 [image_size, image_size, 3] image (see `encode_image`).
+    image_png: PNG bytes of the uint8 [image_size, image_size, 1 or 3] image (see `encode_image`).
     image_size: the image's side in pixels.
     patient_id: pseudonymous manifest ID (never a DICOM identifier).
     slice_index: index among the patient's selected abdominal slices, ordered by z.
@@ -118,7 +124,7 @@ def parse_example(serialized: tf.Tensor | bytes, covariate_names: Sequence[str] 
                   decode_image: bool = True) -> dict[str, tf.Tensor]:
   """Parses one serialized example into a dict keyed by the feature keys.
 
-  `image` is decoded to uint8 [S, S, 3] (unless `decode_image=False`, which keeps the PNG bytes);
+  `image` is decoded to uint8 [S, S, 3] (a one-channel image is tiled; unless `decode_image=False`, which keeps the PNG bytes);
   covariates appear under their plain names. Works eagerly and in `tf.data.Dataset.map`.
   """
   parsed = tf.io.parse_single_example(serialized, feature_spec(covariate_names))
@@ -132,8 +138,9 @@ def parse_example(serialized: tf.Tensor | bytes, covariate_names: Sequence[str] 
 
 
 def check_schema_version(version: int, source: str) -> None:
-  """Raises RecordsError unless `version` is the schema version this code reads."""
+  """Raises RecordsError (one line, with the rebuild command) unless `version` is the version this code reads."""
   if int(version) != SCHEMA_VERSION:
     raise RecordsError(
-        f"{source} has records schema version {version}, but this pdx-tf reads version {SCHEMA_VERSION};"
-        " rebuild the records with `python -m data_pipeline` from this version")
+        f"{source} has records schema version {version}, but this pdx-tf reads version {SCHEMA_VERSION}; rebuild"
+        " the records with this version: `python -m data_pipeline --manifest=<cohort.csv> --output_dir=<new folder>`"
+        " (same flags as the first build)")

@@ -1,10 +1,17 @@
 """Per-patient TFRecord shards and completion markers under the pipeline's output folder D.
 
 Layout (paths relative to D; see CONTRACTS.md):
-  original/<patient_id>.tfrecord          the patient's original slices, in slice order
-  augmented/<patient_id>-NNNNN.tfrecord   the patient's augmented copies, shards of at most shard_size_mb
+  original/<patient_id>.tfrecord                 the patient's original slices, in slice order
+  augmented/<patient_id>-bBBBBB-NNNNN.tfrecord   block BBBBB of the patient's augmented copies: copies
+                                                 [B * block_size + 1, (B + 1) * block_size] of every slice, in
+                                                 slice order; part NNNNN of the block (a block larger than
+                                                 shard_size_mb is split into several parts)
   qc/<patient_id>.png                     the patient's QC montage
   patients/<patient_id>.json              completion marker, written last: shard list, counts, hashes
+
+Blocks make the training pool draw a choice of whole files (`pdx_tf.training.input_pipeline`): a cell opens only
+its drawn blocks, so the bytes it reads are the bytes it trains on. Every augmented shard's dataset.json entry
+carries its `block`.
 
 Every file is written under a temporary name and renamed into place, so a killed run never leaves a shard that
 looks complete; a patient counts as done only once its marker exists and its files have the sizes it records.
@@ -35,9 +42,16 @@ def original_path(patient_id: str) -> str:
   return f"{ORIGINAL_DIR}/{patient_id}.tfrecord"
 
 
-def augmented_path(patient_id: str, shard_index: int) -> str:
-  """Relative path of a patient's augmented shard number `shard_index`."""
-  return f"{AUGMENTED_DIR}/{patient_id}-{shard_index:05d}.tfrecord"
+def augmented_path(patient_id: str, block: int, part: int = 0) -> str:
+  """Relative path of part `part` of block `block` of a patient's augmented copies."""
+  return f"{AUGMENTED_DIR}/{patient_id}-b{block:05d}-{part:05d}.tfrecord"
+
+
+def augmentation_block(augmentation_index: int, block_size: int) -> int:
+  """The block holding augmented copy `augmentation_index` (1-based): copies 1..block_size are block 0."""
+  if augmentation_index < 1 or block_size < 1:
+    raise ValueError(f"need augmentation_index >= 1 and block_size >= 1, got {augmentation_index}, {block_size}")
+  return (augmentation_index - 1) // block_size
 
 
 def qc_path(patient_id: str) -> str:
@@ -52,7 +66,7 @@ def _patient_name_patterns(patient_id: str) -> dict[str, re.Pattern]:
   name = re.escape(patient_id)
   return {
       ORIGINAL_DIR: re.compile(rf"{name}\.tfrecord"),
-      AUGMENTED_DIR: re.compile(rf"{name}-\d{{5}}\.tfrecord"),
+      AUGMENTED_DIR: re.compile(rf"{name}-b\d{{5}}-\d{{5}}\.tfrecord"),
       QC_DIR: re.compile(rf"{name}\.png"),
       MARKERS_DIR: re.compile(rf"{name}\.json"),
   }
@@ -90,12 +104,17 @@ class ShardWriter:
   """Writes serialized examples to one or more shards of at most `max_bytes` each, atomically.
 
   Each shard is written to a temporary name and renamed when it is full or on `close()`. `shards` lists the
-  finished shards as dicts {path, kind, patient_id, num_examples, num_bytes, sha256}.
+  finished shards as dicts {path, kind, patient_id, num_examples, num_bytes, sha256} (+ `block` for augmented
+  shards). An augmented writer writes one block (see `BlockShardWriter` for all of a patient's blocks).
   """
 
-  def __init__(self, output_dir: str, patient_id: str, kind: str, max_bytes: int | None = None):
+  def __init__(self, output_dir: str, patient_id: str, kind: str, max_bytes: int | None = None,
+               block: int | None = None):
     if kind not in ("original", "augmented"):
       raise ValueError(f"kind must be 'original' or 'augmented', got {kind!r}")
+    if (kind == "augmented") != (block is not None):
+      raise ValueError("augmented shards need a block index, original shards take none")
+    self._block = block
     self._output_dir = output_dir
     self._patient_id = patient_id
     self._kind = kind
@@ -109,7 +128,7 @@ class ShardWriter:
   def _relative_path(self) -> str:
     if self._kind == "original":
       return original_path(self._patient_id)
-    return augmented_path(self._patient_id, len(self.shards))
+    return augmented_path(self._patient_id, self._block, len(self.shards))
 
   def write(self, serialized: bytes) -> None:
     size = len(serialized) + TFRECORD_FRAME_BYTES
@@ -131,8 +150,11 @@ class ShardWriter:
     num_bytes = tf.io.gfile.stat(self._temp).length
     digest = io_utils.sha256_file(self._temp)
     tf.io.gfile.rename(self._temp, final, overwrite=True)
-    self.shards.append({"path": relative, "patient_id": self._patient_id, "kind": self._kind,
-                        "num_examples": self._count, "num_bytes": int(num_bytes), "sha256": digest})
+    shard = {"path": relative, "patient_id": self._patient_id, "kind": self._kind,
+             "num_examples": self._count, "num_bytes": int(num_bytes), "sha256": digest}
+    if self._block is not None:
+      shard["block"] = self._block
+    self.shards.append(shard)
     self._writer, self._temp, self._count, self._bytes = None, None, 0, 0
 
   def close(self) -> None:
@@ -149,6 +171,45 @@ class ShardWriter:
       self._writer, self._temp = None, None
 
   def __enter__(self) -> "ShardWriter":
+    return self
+
+  def __exit__(self, error_type, error, traceback) -> None:
+    if error_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+class BlockShardWriter:
+  """A patient's augmented copies, one `ShardWriter` per block (records of all blocks arrive interleaved).
+
+  `shards` lists the finished shards ordered by (block, part).
+  """
+
+  def __init__(self, output_dir: str, patient_id: str, max_bytes: int | None = None):
+    self._output_dir = output_dir
+    self._patient_id = patient_id
+    self._max_bytes = max_bytes
+    self._writers: dict[int, ShardWriter] = {}
+
+  def write(self, serialized: bytes, block: int) -> None:
+    if block not in self._writers:
+      self._writers[block] = ShardWriter(self._output_dir, self._patient_id, "augmented", self._max_bytes, block)
+    self._writers[block].write(serialized)
+
+  @property
+  def shards(self) -> list[dict]:
+    return [shard for block in sorted(self._writers) for shard in self._writers[block].shards]
+
+  def close(self) -> None:
+    for block in sorted(self._writers):
+      self._writers[block].close()
+
+  def abort(self) -> None:
+    for writer in self._writers.values():
+      writer.abort()
+
+  def __enter__(self) -> "BlockShardWriter":
     return self
 
   def __exit__(self, error_type, error, traceback) -> None:

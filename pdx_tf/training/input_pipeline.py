@@ -1,18 +1,27 @@
-"""tf.data input for one cell: the training draw from the augmented pool, and the held-out originals.
+"""tf.data input for one cell: one epoch of the training pool at a time, and the held-out originals.
 
-Training reads only the training patients' shards (dataset.json lists each patient's files, so the held-out
-patients' files are never opened), interleaved in parallel. Each augmented example enters a cell's training
-set by a keyed draw, a pure function of (sample seed, repeat, patient, slice, augmentation index):
+The pool draw. The data pipeline lays every patient's augmented copies out in blocks (`pdx_tf.data.shards`:
+block b holds copies [b * augment_block + 1, (b + 1) * augment_block] of every slice). A cell's pool is a pure
+keyed function of (sample seed, repeat, patient, block): per training patient, its blocks are ranked by
 
-    keep  <=>  Fingerprint64("pdx-pool/<sample_seed>/<repeat>/<patient_id>/<slice_index>/<augmentation_index>")
-               mod 2**30  <  pool_fraction * 2**30
+    Fingerprint64("pdx-pool/<sample_seed>/<repeat>/<patient_id>/<block>")
 
-(`tf.strings.to_hash_bucket_fast`, FarmHash Fingerprint64: stable across processes, machines and TF versions).
-So repeat r of the grid trains on its own ~pool_fraction share of every training slice's augmented copies,
-the same share in every fold of that repeat and on every rerun, with no state to store. The fold is not part
-of the key, so patients shared by two folds of a repeat contribute the same copies to both. The originals
-(augmentation index 0) of the training patients are always added unless `include_originals=False`: they are
-the only real images in the pool. The training set is then shuffled (seeded), decoded, batched and prefetched.
+(FarmHash, `tf.fingerprint`: stable across processes, machines and TF versions) and the first
+round(pool_fraction * number of blocks) are drawn (half up, at least one when pool_fraction > 0). So
+`pool_fraction` is, to one block, the share of every training slice's augmented copies that repeat r trains on,
+the same in every fold of that repeat and on every rerun, with nothing stored; the fold is not part of the key,
+so a patient shared by two folds of a repeat contributes the same blocks to both. The training patients'
+originals (the only real images) are added unless `include_originals=False`. A cell opens only its patients'
+originals files and drawn block files (`pool_files`), so the bytes it reads are the bytes it trains on
+(`bytes_to_read`, `pool_size` answer from dataset.json alone).
+
+The epoch's order, a pure function of (sample seed, repeat, epoch, shuffle seed): every pool file is opened and
+the next record is taken from a file chosen by a keyed random permutation of the multiset "file f, num_examples(f)
+times" (`tf.data.Dataset.choose_from_datasets`). Every file's records, the originals included, are thus spread
+uniformly over the epoch, and a batch holds records of about as many patients as uniform sampling would give
+(benchmarks/batch_mix_benchmark.py). A seeded local shuffle then separates records of one file that land close
+together (a file holds a slice's copies next to each other). Each epoch has its own permutation; the same epoch
+is the same order on every call. `images_per_epoch` keeps a keyed uniform sample of that many positions.
 
 Validation uses only the held-out patients' ORIGINAL shards, in file order, loaded into memory once (a fold of
 originals is small), so predictions line up with (patient_id, slice_index).
@@ -21,67 +30,190 @@ originals is small), so predictions line up with (patient_id, slice_index).
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+import math
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
+from pdx_tf import io_utils
 from pdx_tf.contracts import DatasetInfo
 from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
 
-POOL_HASH_BUCKETS = 1 << 30
+def _round_half_up(value: float) -> int:
+  return int(math.floor(value + 0.5))
 
 
-def pool_keep(sample_seed: int, repeat: int, patient_id: tf.Tensor, slice_index: tf.Tensor,
-              augmentation_index: tf.Tensor, pool_fraction: float) -> tf.Tensor:
-  """The keyed pool draw (module docstring): bool, True if this augmented copy is in repeat `repeat`'s draw."""
-  key = tf.strings.join([
-      f"pdx-pool/{int(sample_seed)}/{int(repeat)}", patient_id,
-      tf.strings.as_string(slice_index), tf.strings.as_string(augmentation_index)], separator="/")
-  bucket = tf.strings.to_hash_bucket_fast(key, POOL_HASH_BUCKETS)
-  return bucket < int(round(pool_fraction * POOL_HASH_BUCKETS))
+def block_fingerprints(keys: Sequence[str]) -> list[int]:
+  """FarmHash Fingerprint64 of each key, as an unsigned int (`tf.fingerprint`, stable across TF versions)."""
+  if not keys:
+    return []
+  digests = tf.fingerprint(tf.constant(list(keys)), method="farmhash64").numpy()
+  return [int.from_bytes(bytes(digest), "little") for digest in digests]
 
 
-def _parse_metadata(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
-  # The image stays PNG bytes until after the draw and the shuffle: decoding discarded copies would waste CPU.
-  return records.parse_example(serialized, decode_image=False)
+def pool_keep(sample_seed: int, repeat: int, patient_id: str, blocks: Sequence[int], pool_fraction: float) -> list[int]:
+  """The keyed pool draw of one patient (module docstring): the drawn blocks among `blocks`, sorted.
 
-
-def train_examples(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int,
-                   pool_fraction: float, include_originals: bool = True, deterministic: bool = True,
-                   cycle_length: int = 8) -> tf.data.Dataset:
-  """Parsed (undecoded) training examples of one cell: the keyed pool draw plus the originals, unshuffled.
-
-  Elements are `records.parse_example(..., decode_image=False)` dicts; only `train_ids`' files are read.
+  Ranks the blocks by Fingerprint64("pdx-pool/<sample_seed>/<repeat>/<patient_id>/<block>") and keeps the first
+  round(pool_fraction * len(blocks)) (half up; at least one when pool_fraction > 0).
   """
   if not 0.0 <= pool_fraction <= 1.0:
     raise ValueError(f"pool_fraction must be in [0, 1], got {pool_fraction}")
-  augmented = info.shard_paths(train_ids, "augmented")
-  originals = info.shard_paths(train_ids, "original") if include_originals else []
-  files = augmented + originals
-  if not files:
-    raise RecordsError(f"the training patients of repeat {repeat} have no shards in {info.records_dir}")
+  blocks = sorted(set(int(block) for block in blocks))
+  if pool_fraction == 0.0 or not blocks:
+    return []
+  count = min(len(blocks), max(1, _round_half_up(pool_fraction * len(blocks))))
+  keys = [f"pdx-pool/{int(sample_seed)}/{int(repeat)}/{patient_id}/{block}" for block in blocks]
+  ranked = sorted(zip(block_fingerprints(keys), blocks))
+  return sorted(block for _, block in ranked[:count])
+
+
+def _patient_shards(info: DatasetInfo) -> dict[str, list[Mapping[str, Any]]]:
+  """dataset.json's shard entries by patient_id, in the order each patient lists its files."""
+  by_path = {shard["path"]: shard for shard in info.document.get("shards", [])}
+  result = {}
+  for patient_id, entry in info.patients.items():
+    result[patient_id] = [by_path[path] for field in ("original_shards", "augmented_shards")
+                          for path in entry.get(field, [])]
+  return result
+
+
+def pool_shards(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int, pool_fraction: float,
+                include_originals: bool = True) -> list[Mapping[str, Any]]:
+  """The dataset.json shard entries a cell's pool is made of: per patient (in `train_ids` order) its originals
+  file (unless `include_originals=False`) and every part of its drawn blocks. Nothing is read but dataset.json.
+
+  Raises:
+    RecordsError: an augmented shard has no `block` (records older than schema version 2).
+  """
+  by_patient = _patient_shards(info)
+  chosen = []
+  for patient_id in train_ids:
+    entries = by_patient[patient_id]
+    augmented = [shard for shard in entries if shard.get("kind") == "augmented"]
+    if any("block" not in shard for shard in augmented):
+      raise RecordsError(f"{info.records_dir}/dataset.json lists augmented shards of patient {patient_id} without"
+                         " a block index; rebuild the records with `python -m data_pipeline` from this version")
+    drawn = set(pool_keep(sample_seed, repeat, patient_id, [shard["block"] for shard in augmented], pool_fraction))
+    if include_originals:
+      chosen.extend(shard for shard in entries if shard.get("kind") == "original")
+    chosen.extend(shard for shard in augmented if shard["block"] in drawn)
+  return chosen
+
+
+def pool_files(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int, pool_fraction: float,
+               include_originals: bool = True) -> list[str]:
+  """Absolute paths of the files one pass over the cell's pool opens (see `pool_shards`)."""
+  return [io_utils.join(info.records_dir, shard["path"]) for shard in pool_shards(
+      info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+      include_originals=include_originals)]
+
+
+def pool_size(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int, pool_fraction: float,
+              include_originals: bool = True) -> int:
+  """Images in the cell's drawn pool (originals included unless `include_originals=False`), from dataset.json."""
+  return sum(int(shard["num_examples"]) for shard in pool_shards(
+      info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+      include_originals=include_originals))
+
+
+def bytes_to_read(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int,
+                  pool_fraction: float, include_originals: bool = True) -> int:
+  """Bytes of the shard files one pass over the cell's pool opens, from dataset.json."""
+  return sum(int(shard["num_bytes"]) for shard in pool_shards(
+      info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+      include_originals=include_originals))
+
+
+def _epoch_rng(purpose: int, sample_seed: int, repeat: int, epoch: int, shuffle_seed: int,
+               extra: int = 0) -> np.random.Generator:
+  # One generator per (purpose, keys): the epoch's order is a pure function of its keys, not of earlier epochs.
+  return np.random.default_rng([purpose, int(sample_seed), int(repeat), int(epoch), int(shuffle_seed), int(extra)])
+
+
+def _parse_metadata(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+  # The image stays PNG bytes until after the shuffle (decoding is the costly step, done in parallel after it).
+  return records.parse_example(serialized, decode_image=False)
+
+
+def _first(serialized: tf.Tensor, kept: tf.Tensor) -> tf.Tensor:
+  del kept
+  return serialized
+
+
+def _second(serialized: tf.Tensor, kept: tf.Tensor) -> tf.Tensor:
+  del serialized
+  return kept
+
+
+def _one_pass(files: Sequence[str], counts: Sequence[int], rng: np.random.Generator) -> tf.data.Dataset:
+  """Every record of `files` once, each file's records spread uniformly over the pass (keyed by `rng`)."""
+  choices = rng.permutation(np.repeat(np.arange(len(files), dtype=np.int64), counts))
+  streams = [tf.data.TFRecordDataset(path) for path in files]
+  return tf.data.Dataset.choose_from_datasets(streams, tf.data.Dataset.from_tensor_slices(choices),
+                                              stop_on_empty_dataset=False)
+
+
+def train_examples(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int,
+                   pool_fraction: float, include_originals: bool = True, epoch: int = 0, shuffle_seed: int = 0,
+                   images_per_epoch: int | None = None, shuffle_buffer: int = 4096, deterministic: bool = True,
+                   cycle_length: int | None = None) -> tf.data.Dataset:
+  """Parsed (undecoded) training examples of one epoch of one cell, in training order.
+
+  Elements are `records.parse_example(..., decode_image=False)` dicts. Only the pool's files are opened
+  (`pool_files`: the training patients' originals and drawn blocks). The order (module docstring) is a pure
+  function of (sample_seed, repeat, epoch, shuffle_seed) and the records.
+
+  Args:
+    info, train_ids: the records and the cell's training patients.
+    sample_seed, repeat, pool_fraction, include_originals: the pool draw (`pool_shards`).
+    epoch, shuffle_seed: key the epoch's order.
+    images_per_epoch: None for the whole pool once; otherwise that many images: a keyed uniform sample of the
+      pool, or, when larger than the pool, whole passes over it plus a sample of one more.
+    shuffle_buffer: size of the final local shuffle (0 or 1: none).
+    deterministic: False lets the parse map run out of order.
+    cycle_length: accepted for compatibility, unused (every pool file is read at once).
+  """
+  del cycle_length
+  pool = pool_shards(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+                        include_originals=include_originals)
+  files = [io_utils.join(info.records_dir, shard["path"]) for shard in pool]
+  counts = [int(shard["num_examples"]) for shard in pool]
+  total = sum(counts)
+  if not total:
+    raise RecordsError(f"the training patients of repeat {repeat} have no images in their drawn pool in"
+                       f" {info.records_dir} (pool_fraction {pool_fraction}, include_originals {include_originals})")
+  passes = 1 if images_per_epoch is None else max(1, -(-int(images_per_epoch) // total))
+  dataset = _one_pass(files, counts, _epoch_rng(1, sample_seed, repeat, epoch, shuffle_seed, 0))
+  for index in range(1, passes):
+    dataset = dataset.concatenate(_one_pass(files, counts, _epoch_rng(1, sample_seed, repeat, epoch, shuffle_seed,
+                                                                      index)))
+  if images_per_epoch is not None and int(images_per_epoch) < passes * total:
+    # Whole passes, then a keyed uniform sample of the last pass's positions (its order is already random).
+    rng = _epoch_rng(2, sample_seed, repeat, epoch, shuffle_seed)
+    keep = np.zeros(passes * total, bool)
+    keep[:(passes - 1) * total] = True
+    keep[(passes - 1) * total + rng.choice(total, int(images_per_epoch) - (passes - 1) * total, replace=False)] = True
+    dataset = tf.data.Dataset.zip((dataset, tf.data.Dataset.from_tensor_slices(keep)))
+    dataset = dataset.filter(_second).map(_first)
+  if shuffle_buffer and shuffle_buffer > 1:
+    # Records of one file come in file order (a slice's copies, then the next slice); a local shuffle separates
+    # the few that the spread above puts close together.
+    seed = int(_epoch_rng(3, sample_seed, repeat, epoch, shuffle_seed).integers(1 << 31))
+    dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=False)
   options = tf.data.Options()
   options.deterministic = deterministic
-  dataset = tf.data.Dataset.from_tensor_slices(files)
-  dataset = dataset.interleave(tf.data.TFRecordDataset, cycle_length=min(cycle_length, len(files)),
-                               num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
   dataset = dataset.map(_parse_metadata, num_parallel_calls=tf.data.AUTOTUNE, deterministic=deterministic)
-
-  def keep(example):
-    is_original = tf.equal(example[records.AUGMENTATION_INDEX_KEY], 0)
-    drawn = pool_keep(sample_seed, repeat, example[records.PATIENT_ID_KEY], example[records.SLICE_INDEX_KEY],
-                      example[records.AUGMENTATION_INDEX_KEY], pool_fraction)
-    return tf.logical_or(tf.logical_and(is_original, include_originals), tf.logical_and(~is_original, drawn))
-
-  return dataset.filter(keep).with_options(options)
+  return dataset.with_options(options)
 
 
 def _to_model_inputs(task: str, image_size: int):
   label_key = records.label_key(task)
 
   def convert(example):
+    # channels=3 tiles a one-channel (one-window) PNG to RGB: the model input is always [S, S, 3].
     image = tf.io.decode_png(example[records.IMAGE_KEY], channels=3)
     image = tf.cast(tf.reshape(image, [image_size, image_size, 3]), tf.float32)
     return image, tf.cast(tf.reshape(example[label_key], [1]), tf.float32)
@@ -90,17 +222,25 @@ def _to_model_inputs(task: str, image_size: int):
 
 
 def train_dataset(info: DatasetInfo, train_ids: Sequence[str], *, task: str, sample_seed: int, repeat: int,
-                  shuffle_seed: int, pool_fraction: float, batch_size: int, include_originals: bool = True,
-                  shuffle_buffer: int = 4096, deterministic: bool = True,
-                  drop_remainder: bool = False) -> tf.data.Dataset:
-  """(image float32 [B,S,S,3] in 0..255, label float32 [B,1]) batches of one cell's training draw.
+                  shuffle_seed: int, pool_fraction: float, batch_size: int, epoch: int = 0,
+                  include_originals: bool = True, images_per_epoch: int | None = None, shuffle_buffer: int = 4096,
+                  deterministic: bool = True, drop_remainder: bool = True) -> tf.data.Dataset:
+  """(image float32 [B,S,S,3] in 0..255, label float32 [B,1]) batches of ONE epoch of one cell (finite).
 
-  The shuffle is seeded and reshuffles each epoch; one pass over the dataset is one epoch. With
-  `deterministic=False` the interleave may yield records out of order (faster when files are slow).
+  A pure function of (sample_seed, repeat, epoch, shuffle_seed) and the records (`train_examples`): calling it
+  again with the same arguments yields the same batches in the same order (with `deterministic=True`); call it
+  once per epoch with that epoch's number. `images_per_epoch` (None: the whole pool once) is rounded down to
+  whole batches when `drop_remainder`.
   """
+  if images_per_epoch is not None:
+    if images_per_epoch < batch_size:
+      raise ValueError(f"images_per_epoch ({images_per_epoch}) must be at least batch_size ({batch_size})")
+    if drop_remainder:
+      images_per_epoch = images_per_epoch // batch_size * batch_size
   dataset = train_examples(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
-                           include_originals=include_originals, deterministic=deterministic)
-  dataset = dataset.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
+                           include_originals=include_originals, epoch=epoch, shuffle_seed=shuffle_seed,
+                           images_per_epoch=images_per_epoch, shuffle_buffer=shuffle_buffer,
+                           deterministic=deterministic)
   dataset = dataset.map(_to_model_inputs(task, info.image_size), num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=deterministic)
   return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
