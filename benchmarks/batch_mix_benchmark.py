@@ -128,6 +128,7 @@ def mixing_report(ids, labels, copies, batch_size: int, num_train: int) -> list[
 
 def main(argv):
   del argv
+  from pdx_tf import contracts  # pylint: disable=import-outside-toplevel
   from pdx_tf.training import input_pipeline, splits  # pylint: disable=import-outside-toplevel
 
   records_dir = _RECORDS_DIR.value or tempfile.mkdtemp(prefix="batch_mix_")
@@ -137,7 +138,7 @@ def main(argv):
                  augment_factor=_AUGMENT_FACTOR.value, augment_block=_AUGMENT_BLOCK.value,
                  positive_share=_POSITIVE_SHARE.value)
     print(f"wrote {records_dir} in {time.perf_counter() - start:.0f} s")
-  info = input_pipeline.load_dataset_info(records_dir)
+  info = contracts.load_dataset_info(records_dir)
   split = splits.make_splits(info.labels("p"), task="p", num_folds=_NUM_FOLDS.value, num_repeats=1, seed=0)
   train_ids, _ = splits.cell_patients(split, 0, 0)
   draw = dict(sample_seed=0, repeat=0, pool_fraction=_POOL_FRACTION.value)

@@ -36,7 +36,7 @@ TFRECORD_FRAME_BYTES = 16
 def read_ratio(work_dir: str) -> None:
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-  from pdx_tf import phantom  # pylint: disable=import-outside-toplevel
+  from pdx_tf import contracts, phantom  # pylint: disable=import-outside-toplevel
   from pdx_tf.data import pipeline, preprocess  # pylint: disable=import-outside-toplevel
   from pdx_tf.training import input_pipeline  # pylint: disable=import-outside-toplevel
 
@@ -51,7 +51,7 @@ def read_ratio(work_dir: str) -> None:
   print(f"records: {result.num_patients} patients, {result.num_original_examples} originals +"
         f" {result.num_augmented_examples} copies, {result.num_bytes / 2**20:.1f} MiB"
         f" (built in {time.perf_counter() - start:.0f} s)")
-  info = input_pipeline.load_dataset_info(config.output_dir)
+  info = contracts.load_dataset_info(config.output_dir)
   train_ids = list(info.patients)[1:]
   opened = []
   reader = tf.data.TFRecordDataset
