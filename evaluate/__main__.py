@@ -8,6 +8,9 @@ config.json, summary.json, patient_predictions.csv, cell_metrics.csv, report.md,
 --output_dir, TensorBoard summaries to <runs_dir>/tensorboard/evaluate, then prints the paper table.
 """
 
+from pdx_tf import cli  # pylint: disable=wrong-import-order
+cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
+
 
 from absl import app
 from absl import flags
