@@ -353,7 +353,8 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig, *, sh
   if config.write_qc:
     qc_relative = shards.qc_path(row.patient_id)
     png = qc.render_patient_montage(row.patient_id, series.hu, series.z_mm, series.pixel_spacing_mm, abdomen.hu,
-                                    abdomen.z_mm, boxes, abdomen.z_range_mm, abdomen.rule, config.qc_max_slices)
+                                    abdomen.z_mm, boxes, abdomen.z_range_mm, abdomen.rule, config.qc_max_slices,
+                                    series=series.choice.to_json())
     io_utils.atomic_write_bytes(io_utils.join(output_dir, qc_relative), png)
   all_shards = original_writer.shards + augmented_writer.shards
   marker = {
