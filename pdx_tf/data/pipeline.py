@@ -263,8 +263,7 @@ def patient_images(abdomen: region.AbdominalRegion, patient_id: str, config: Pip
                    boxes_out: list | None = None) -> Iterator[tuple[int, float, int, np.ndarray]]:
   """Every image of a patient: (slice_index, z_mm, augmentation_index, uint8 [S, S, C] image).
 
-  Per block of slices: the originals (augmentation_index 0), then each slice's copies 1..augment_factor. Shared
-  by the TFRecord writer and the TFDS builder.
+  Per block of slices: the originals (augmentation_index 0), then each slice's copies 1..augment_factor.
 
   Args:
     abdomen: the patient's abdominal slices.

@@ -46,7 +46,8 @@ def series_description(series: Mapping[str, Any] | None) -> str:
     return ""
   thickness = series.get("slice_thickness_mm")
   text = (f"{'?' if thickness is None else f'{float(thickness):.1f}'} mm slices, {series.get('num_slices')} at "
-          f"{float(series.get('slice_spacing_mm', 0.0)):.1f} mm spacing, {float(series.get('z_extent_mm', 0.0)):.0f} mm")
+          f"{float(series.get('slice_spacing_mm', 0.0)):.1f} mm spacing, "
+          f"{float(series.get('z_extent_mm', 0.0)):.0f} mm")
   if series.get("chosen_by") == "series_uid":
     return f"{text}; the manifest's series_uid"
   return (f"{text}; automatic (nearest {float(series.get('preferred_slice_thickness_mm', 0.0)):.1f} mm) of "
@@ -140,7 +141,8 @@ def write_index_html(path: str, patients: Sequence[dict], failures: Sequence[tup
     lines += [f"<tr><td>{escape(pid)}</td><td>{escape(reason)}</td></tr>" for pid, reason in failures]
     lines.append("</table>")
   lines.append("<h2>Patients</h2><table><tr><th>patient_id</th><th>label_p</th><th>label_sb</th><th>slices</th>"
-               "<th>series</th><th>z range (mm)</th><th>rule</th><th>original</th><th>augmented</th><th>notes</th><th>montage</th></tr>")
+               "<th>series</th><th>z range (mm)</th><th>rule</th><th>original</th><th>augmented</th><th>notes</th>"
+               "<th>montage</th></tr>")
   for marker in patients:
     pid = escape(marker["patient_id"])
     low, high = marker["z_range_mm"]
