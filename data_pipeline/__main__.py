@@ -17,18 +17,25 @@ Examples:
       --partition_index=$I        # I = 0..7, one machine each
   python -m data_pipeline --manifest=gs://b/cohort.csv --output_dir=gs://b/records   # writes dataset.json
 
+  # Apache Beam (pip install "pdx-tf[beam]"): the same D/, byte for byte. DirectRunner here; on a cluster:
+  python -m data_pipeline --manifest=gs://b/cohort.csv --output_dir=gs://b/records --runner=beam \
+      --beam_pipeline_options=runner=DataflowRunner,project=P,region=R,temp_location=gs://b/tmp,setup_file=./setup.py
+
 Rerunning into the same --output_dir skips finished patients and redoes the rest. Exit status 1 when the
 manifest is invalid (every problem printed, one a line) or any patient failed (unless --allow_failures).
 Outputs: original/ and augmented/ TFRecords, qc/ montages and index.html, failures.csv, config.json and,
 last, dataset.json (see pdx_tf/data/pipeline.py and CONTRACTS.md).
 """
 
-import sys
+from pdx_tf import cli
+
+cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
+
+import sys  # pylint: disable=wrong-import-position,wrong-import-order
 
 from absl import app
 from absl import flags
 
-from pdx_tf import cli
 from pdx_tf.data import augment, pipeline, preprocess
 from pdx_tf.errors import ManifestError, PdxError
 
@@ -63,6 +70,16 @@ _NUM_PARTITIONS = flags.DEFINE_integer("num_partitions", 1, "Split the patients 
                                        "run on several machines into one --output_dir.")
 _PARTITION_INDEX = flags.DEFINE_integer("partition_index", 0, "The partition this run processes; after all "
                                         "partitions, run once without partitions to write dataset.json.")
+_SLICE_THICKNESS_MM = flags.DEFINE_float("slice_thickness_mm", 5.0,
+                                         "The automatic series choice prefers the slice thickness nearest this (mm);"
+                                         " a manifest series_uid wins.")
+_RUNNER = flags.DEFINE_enum("runner", "local", ["local", "beam"], "local: worker processes on this machine; beam: "
+                            "an Apache Beam pipeline (see --beam_pipeline_options), writing the same folder.")
+_BEAM_PIPELINE_OPTIONS = flags.DEFINE_list(
+    "beam_pipeline_options", [], "With --runner=beam: Beam options as name=value[,name=value...], e.g. "
+    "runner=DataflowRunner,project=P,region=R,temp_location=gs://b/tmp; empty: the DirectRunner.")
+_SHOW_PATHS = flags.DEFINE_bool("show_paths", False, "Print the real relative path of the file tokens in DICOM "
+                                "warnings and errors to the console, for local debugging; never written to a file.")
 _QC = flags.DEFINE_bool("qc", True, "Write QC montages (qc/<patient_id>.png) and qc/index.html.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
@@ -96,6 +113,7 @@ def _config() -> pipeline.PipelineConfig:
       num_workers=_NUM_WORKERS.value,
       allow_failures=_ALLOW_FAILURES.value,
       slice_spacing_mm=_SLICE_SPACING_MM.value,
+      slice_thickness_mm=_SLICE_THICKNESS_MM.value,
       shard_size_mb=_SHARD_SIZE_MB.value,
       min_slices=_MIN_SLICES.value,
       write_qc=_QC.value,
@@ -111,8 +129,19 @@ def main(argv):
     config = _config()
   except ValueError as error:  # invalid flag values (PdxError is a ValueError too)
     _fail(str(error))
+  if _BEAM_PIPELINE_OPTIONS.value and _RUNNER.value != "beam":
+    _fail("--beam_pipeline_options needs --runner=beam")
   try:
-    result = pipeline.run_pipeline(config, progress=_PROGRESS.value)
+    if _RUNNER.value == "beam":
+      try:
+        from pdx_tf.data import beam_pipeline  # pylint: disable=import-outside-toplevel
+        import apache_beam  # pylint: disable=import-outside-toplevel,unused-import
+      except ImportError as error:
+        _fail(f"--runner=beam needs apache-beam ({error}); pip install \"pdx-tf[beam]\"")
+      options = [option if option.startswith("--") else f"--{option}" for option in _BEAM_PIPELINE_OPTIONS.value]
+      result = beam_pipeline.run_beam_pipeline(config, options, show_paths=_SHOW_PATHS.value)
+    else:
+      result = pipeline.run_pipeline(config, progress=_PROGRESS.value, show_paths=_SHOW_PATHS.value)
   except ManifestError as error:
     print(f"data_pipeline: error: {error}", file=sys.stderr)  # One problem a line.
     sys.exit(1)

@@ -12,6 +12,9 @@ validation report instead (config.json, summary.json, flagged_patients.csv, repo
 figures/); --runs_dir then adds the internal cross-validation figures beside the external ones.
 """
 
+from pdx_tf import cli  # pylint: disable=wrong-import-order
+cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
+
 
 from absl import app
 from absl import flags

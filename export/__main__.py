@@ -10,6 +10,9 @@ cells' Keras models and config.json). Default: the ensemble of every complete ce
 max+1. Serve it with TF Serving (model base path <export_dir>/pdx_<task>) or run `python -m predict` on it.
 """
 
+from pdx_tf import cli  # pylint: disable=wrong-import-order
+cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
+
 
 from absl import app
 from absl import flags

@@ -154,6 +154,30 @@ class DatasetInfo:
 REGION_SETTINGS = ("region", "slice_spacing_mm", "slice_thickness_mm", "min_slices")
 
 
+def records_image_size(records_dir: str) -> int:
+  """The records' image side in pixels, from `records_dir/dataset.json` (train's default --image_size).
+
+  Raises:
+    RecordsError: dataset.json is missing, unreadable, not a pdx-tf dataset or lacks the image size; one line.
+  """
+  path = io_utils.join(records_dir, DATASET_FILE)
+  if not io_utils.exists(path):
+    raise RecordsError(f"{path} not found; point --records_dir at the output of `python -m data_pipeline` (it"
+                       " writes dataset.json last, so a missing file means an unfinished run)")
+  try:
+    document = io_utils.read_json(path)
+  except ValueError as error:
+    raise RecordsError(f"{path} is not valid JSON ({error}); rerun the data pipeline") from None
+  if not isinstance(document, Mapping) or document.get("format") != DATASET_FORMAT:
+    raise RecordsError(f"{path} is not a pdx-tf dataset manifest; point --records_dir at a data_pipeline output")
+  try:
+    image_size = int(document["preprocess"]["image_size"])
+  except (KeyError, TypeError, ValueError):
+    raise RecordsError(f"{path} lacks preprocess.image_size required by the dataset.json contract; rerun the data"
+                       " pipeline") from None
+  return image_size
+
+
 def load_dataset_info(records_dir: str, *, expected_image_size: int | None = None,
                       verify_hashes: bool = False) -> DatasetInfo:
   """Reads and checks `records_dir/dataset.json`.

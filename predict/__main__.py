@@ -12,6 +12,9 @@ UIDs, dates) reaches any output; the study is named only by --patient_id. Resear
 decisions.
 """
 
+from pdx_tf import cli  # pylint: disable=wrong-import-order
+cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
+
 
 from absl import app
 from absl import flags

@@ -384,7 +384,7 @@ def test_demo_preset(monkeypatch, cohort, tmp_path):
   from data_pipeline import __main__ as binary  # pylint: disable=import-outside-toplevel
   flags.FLAGS.mark_as_parsed()
   seen = []
-  monkeypatch.setattr(pipeline, "run_pipeline", lambda config, progress: seen.append(config) or _fake_result())
+  monkeypatch.setattr(pipeline, "run_pipeline", lambda config, **_: seen.append(config) or _fake_result())
   with flagsaver.flagsaver(output_dir=str(tmp_path / "demo"), progress=False):
     binary.main(["data_pipeline"])
   assert seen[0].preprocess.image_size == 48 and seen[0].augment_factor == 8

@@ -18,6 +18,9 @@ one-line message for bad input (records, splits, cells, output folder). Outputs:
 CONTRACTS.md (R/splits.json, R/patients.csv, R/config.json, R/cells/<cell>/..., R/tensorboard).
 """
 
+from pdx_tf import cli  # pylint: disable=wrong-import-order
+cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
+
 import os
 
 from absl import app

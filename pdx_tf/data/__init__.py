@@ -4,8 +4,9 @@ In: the cohort manifest (`manifest.py`: one CSV row per patient, labels, covaria
 patient's DICOM study. `dicom.py` picks and reads the CT series (HU), `region.py` keeps the abdominal slices,
 `preprocess.py` crops, windows and resizes them (the one preprocessing path that training, serving and predict
 share), `augment.py` makes the keyed augmented copies, `records.py` is the TFRecord schema and `shards.py` the
-per-patient file layout. `pipeline.py` runs it all per patient (worker processes, resume, failures), `qc.py`
-draws the QC montages and `tfds_builder.py` offers the same work as a TFDS/Beam builder.
+per-patient file layout. `pipeline.py` runs it all per patient (worker processes, resume, failures),
+`beam_pipeline.py` runs the same per-patient work on Apache Beam into the same folder, and `qc.py` draws the QC
+montages.
 
 Out (folder D): `original/*.tfrecord`, `augmented/*.tfrecord`, `patients/<id>.json` (completion markers),
 `qc/`, `failures.csv`, `config.json` and last `dataset.json`, the hand-off that training reads.

@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import configs, io_utils, provenance
+from pdx_tf import cli, configs, io_utils, provenance
 from pdx_tf.contracts import DATASET_FILE, DATASET_FORMAT, DEFAULT_MIN_SLICES
 from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, records, region, shards
 from pdx_tf.errors import PdxError
@@ -277,8 +277,7 @@ def patient_images(abdomen: region.AbdominalRegion, patient_id: str, config: Pip
                    boxes_out: list | None = None) -> Iterator[tuple[int, float, int, np.ndarray]]:
   """Every image of a patient: (slice_index, z_mm, augmentation_index, uint8 [S, S, C] image).
 
-  Per block of slices: the originals (augmentation_index 0), then each slice's copies 1..augment_factor. Shared
-  by the TFRecord writer and the TFDS builder.
+  Per block of slices: the originals (augmentation_index 0), then each slice's copies 1..augment_factor.
 
   Args:
     abdomen: the patient's abdominal slices.
@@ -344,8 +343,11 @@ def write_patient_records(abdomen: region.AbdominalRegion, row: manifest_lib.Man
   return np.concatenate(all_boxes) if all_boxes else np.zeros([0, 4], np.float32)
 
 
-def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> dict:
+def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig, *, show_paths: bool = False) -> dict:
   """Builds one patient's shards, QC montage and marker (cleaning any earlier partial output first).
+
+  `show_paths` prints the real relative path of every file token in the patient's DICOM warnings or error to
+  the console (local debugging); it changes no file.
 
   Returns:
     The completion marker (also written to D/patients/<patient_id>.json, last).
@@ -358,7 +360,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
   output_dir = config.output_dir
   shards.remove_patient_files(output_dir, row.patient_id)
   series = dicom.read_ct_series(row.dicom_dir, row.series_uid, min_slices=max(2, config.min_slices),
-                                slice_thickness_mm=config.slice_thickness_mm)
+                                slice_thickness_mm=config.slice_thickness_mm, show_paths=show_paths)
   abdomen, _ = region.select_abdomen(
       series.hu, series.z_mm, series.pixel_spacing_mm, z_min_mm=row.z_min_mm, z_max_mm=row.z_max_mm,
       slice_spacing_mm=config.slice_spacing_mm, min_slices=config.min_slices, config=config.region,
@@ -372,7 +374,8 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> di
   if config.write_qc:
     qc_relative = shards.qc_path(row.patient_id)
     png = qc.render_patient_montage(row.patient_id, series.hu, series.z_mm, series.pixel_spacing_mm, abdomen.hu,
-                                    abdomen.z_mm, boxes, abdomen.z_range_mm, abdomen.rule, config.qc_max_slices)
+                                    abdomen.z_mm, boxes, abdomen.z_range_mm, abdomen.rule, config.qc_max_slices,
+                                    series=series.choice.to_json())
     io_utils.atomic_write_bytes(io_utils.join(output_dir, qc_relative), png)
   all_shards = original_writer.shards + augmented_writer.shards
   marker = {
@@ -407,11 +410,12 @@ def _one_line(text: str, row: manifest_lib.ManifestRow) -> str:
   return " ".join(text.split())
 
 
-def _run_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> tuple[str, dict | None, str | None, float]:
+def _run_patient(row: manifest_lib.ManifestRow, config: PipelineConfig,
+                 show_paths: bool = False) -> tuple[str, dict | None, str | None, float]:
   """Worker entry point: (patient_id, marker or None, failure reason or None, seconds). Never raises."""
   start = time.perf_counter()
   try:
-    marker = process_patient(row, config)
+    marker = process_patient(row, config, show_paths=show_paths)
     return row.patient_id, marker, None, time.perf_counter() - start
   except PdxError as error:
     reason = _one_line(str(error), row)
@@ -425,12 +429,6 @@ def _run_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> tuple
   return row.patient_id, None, reason, time.perf_counter() - start
 
 
-def _init_worker(threads: int) -> None:
-  # Each worker gets a share of the cores instead of every process using all of them.
-  tf.config.threading.set_intra_op_parallelism_threads(threads)
-  tf.config.threading.set_inter_op_parallelism_threads(2)
-
-
 def _read_marker(output_dir: str, patient_id: str) -> dict | None:
   path = io_utils.join(output_dir, shards.marker_path(patient_id))
   if not tf.io.gfile.exists(path):
@@ -441,20 +439,21 @@ def _read_marker(output_dir: str, patient_id: str) -> dict | None:
     return None
 
 
-def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: PipelineConfig):
+def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: PipelineConfig, show_paths: bool = False):
   """Runs the patients, yielding `_run_patient` results as they finish."""
   if config.num_workers == 1 or len(todo) <= 1:
     for row in todo:
-      yield _run_patient(row, config)
+      yield _run_patient(row, config, show_paths)
     return
   workers = min(config.num_workers, len(todo))
   threads = max(1, (os.cpu_count() or 1) // workers)
-  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # Spawned workers inherit it: quieter logs.
-  # "spawn": TensorFlow's runtime threads do not survive fork.
+  # "spawn": TensorFlow's runtime threads do not survive fork. The initialiser (TensorFlow-free module) runs
+  # before the worker loads TensorFlow: quiet start-up unless the parent asked for verbosity, and each worker
+  # gets a share of the cores instead of every process using all of them.
   context = multiprocessing.get_context("spawn")
-  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
-                                              initargs=(threads,)) as pool:
-    futures = {pool.submit(_run_patient, row, config): row for row in todo}
+  with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context, initializer=cli.init_tensorflow_worker,
+                                              initargs=(threads, 2)) as pool:
+    futures = {pool.submit(_run_patient, row, config, show_paths): row for row in todo}
     for future in concurrent.futures.as_completed(futures):
       row = futures[future]
       try:
@@ -501,12 +500,14 @@ def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], m
   }
 
 
-def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineResult:
+def run_pipeline(config: PipelineConfig, *, progress: bool = True, show_paths: bool = False) -> PipelineResult:
   """Runs the data pipeline (see the module docstring).
 
   Args:
     config: the resolved configuration.
     progress: show a progress bar on stderr (failed patients are always reported there, one line each).
+    show_paths: print the real relative path of file tokens in DICOM warnings and errors to the console
+      (local debugging; never into a file, so it is no part of the config).
 
   Returns:
     What was written; `result.ok` is False when patients failed and `allow_failures` is off (then
@@ -521,14 +522,55 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
     ManifestError: the manifest is invalid (every problem listed).
     PdxError: the output folder cannot be written.
   """
+  plan = start_run(config)
+  new_markers: dict[str, dict] = {}
+  failures: dict[str, str] = {}
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+
+  with tqdm(total=len(plan.todo), desc="patients", unit="patient", disable=not progress or not plan.todo) as bar:
+    for patient_id, marker, reason, _ in _run_all(plan.todo, config, show_paths):
+      if marker is None:
+        failures[patient_id] = reason
+        tqdm.write(f"patient {patient_id} FAILED: {reason}", file=sys.stderr)
+      else:
+        new_markers[patient_id] = marker
+      bar.update(1)
+  return finish_run(config, plan, new_markers, failures)
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  """The start of a run (`start_run`): what is left to do, for any runner (processes here, Beam elsewhere).
+
+  Attributes:
+    manifest: the cohort.
+    rows: this run's rows (this partition's, with `num_partitions` > 1).
+    reused: completion markers of the patients an earlier run finished (valid for this config and row).
+    todo: the rows to process, in manifest order.
+    start_time: `time.perf_counter()` at the start.
+  """
+
+  manifest: manifest_lib.Manifest
+  rows: tuple[manifest_lib.ManifestRow, ...]
+  reused: dict
+  todo: tuple[manifest_lib.ManifestRow, ...]
+  start_time: float
+
+
+def start_run(config: PipelineConfig) -> RunPlan:
+  """Reads the manifest, removes dataset.json, writes config.json and finds the finished patients.
+
+  Raises:
+    ManifestError: the manifest is invalid (every problem listed).
+    PdxError: the output folder cannot be written.
+  """
   start = time.perf_counter()
   manifest = manifest_lib.read_manifest(config.manifest_path)
   output_dir = config.output_dir
   partitioned = config.num_partitions > 1
   io_utils.check_writable(output_dir)
-  dataset_path = io_utils.join(output_dir, DATASET_JSON)
   try:
-    tf.io.gfile.remove(dataset_path)  # Its presence must mean "complete"; it is rewritten at the end.
+    tf.io.gfile.remove(io_utils.join(output_dir, DATASET_JSON))  # Its presence must mean "complete".
   except tf.errors.NotFoundError:
     pass
   if not partitioned:  # Other partitions may be writing run-level files right now.
@@ -536,38 +578,36 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
     configs.write_config(io_utils.join(output_dir, CONFIG_JSON), config)
   rows = [row for row in manifest.rows
           if io_utils.stable_key(row.patient_id) % config.num_partitions == config.partition_index]
-
-  markers: dict[str, dict] = {}
+  reused: dict[str, dict] = {}
   todo = []
   for row in rows:
     marker = _read_marker(output_dir, row.patient_id)
     if marker is not None and shards.marker_is_valid(output_dir, marker, patient_fingerprint(config, row)):
-      markers[row.patient_id] = marker
+      reused[row.patient_id] = marker
     else:
       todo.append(row)
-  num_reused = len(markers)
-  stale = sorted(pid for pid, marker in markers.items() if marker.get("code_version") != provenance.code_version())
+  stale = sorted(pid for pid, marker in reused.items() if marker.get("code_version") != provenance.code_version())
   if stale:
     # Reuse is keyed on config and manifest row, not on code: say so when the code has moved on.
     print(f"note: {len(stale)} finished patient(s) were written by other code versions (e.g. {stale[0]}) and are "
           "reused; delete their patients/<patient_id>.json to rebuild them", file=sys.stderr)
+  return RunPlan(manifest=manifest, rows=tuple(rows), reused=reused, todo=tuple(todo), start_time=start)
 
-  failures: dict[str, str] = {}
-  processed_slices = 0
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
 
-  with tqdm(total=len(todo), desc="patients", unit="patient", disable=not progress or not todo) as bar:
-    for patient_id, marker, reason, _ in _run_all(todo, config):
-      if marker is None:
-        failures[patient_id] = reason
-        tqdm.write(f"patient {patient_id} FAILED: {reason}", file=sys.stderr)
-      else:
-        markers[patient_id] = marker
-        processed_slices += marker["num_slices"]
-      bar.update(1)
+def finish_run(config: PipelineConfig, plan: RunPlan, new_markers: dict, failures: dict) -> PipelineResult:
+  """Ends a run: failures.csv, qc/index.html and (no failures, or allowed) dataset.json; none for a partition.
 
+  Args:
+    config: the run's config.
+    plan: `start_run`'s plan.
+    new_markers: patient_id -> completion marker of the patients processed by this run.
+    failures: patient_id -> one-line reason of the patients that failed in this run.
+  """
+  output_dir = config.output_dir
+  partitioned = config.num_partitions > 1
+  markers = {**plan.reused, **new_markers}
   failure_rows = sorted(failures.items())
-  ordered = [markers[row.patient_id] for row in sorted(rows, key=lambda r: r.patient_id)
+  ordered = [markers[row.patient_id] for row in sorted(plan.rows, key=lambda r: r.patient_id)
              if row.patient_id in markers]
   if not partitioned:
     io_utils.atomic_write_csv(io_utils.join(output_dir, FAILURES_CSV), ["patient_id", "reason"], failure_rows)
@@ -575,16 +615,18 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True) -> PipelineRe
       qc.write_index_html(io_utils.join(output_dir, QC_INDEX), ordered, failure_rows)
   written = None
   if not partitioned and (not failures or config.allow_failures):
-    dataset = build_dataset_json(config, manifest.covariate_names, ordered, len(failures))
+    dataset_path = io_utils.join(output_dir, DATASET_JSON)
+    dataset = build_dataset_json(config, plan.manifest.covariate_names, ordered, len(failures))
     io_utils.atomic_write_json(dataset_path, dataset)
     written = dataset_path
   return PipelineResult(
-      output_dir=output_dir, dataset_json=written, num_patients=len(ordered), num_reused=num_reused,
+      output_dir=output_dir, dataset_json=written, num_patients=len(ordered), num_reused=len(plan.reused),
       failures=tuple(failure_rows), num_slices=sum(m["num_slices"] for m in ordered),
       num_original_examples=sum(m["num_original_examples"] for m in ordered),
       num_augmented_examples=sum(m["num_augmented_examples"] for m in ordered),
       num_bytes=sum(shard["num_bytes"] for m in ordered for shard in m["shards"]),
-      wall_time_s=time.perf_counter() - start, processed_slices=processed_slices, partitioned=partitioned)
+      wall_time_s=time.perf_counter() - plan.start_time,
+      processed_slices=sum(m["num_slices"] for m in new_markers.values()), partitioned=partitioned)
 
 
 def demo_manifest_path() -> str:

@@ -1,16 +1,17 @@
 """Quality-control pictures of the pipeline: a montage per patient and an overview page.
 
 The montage shows a coronal view of the whole series with the chosen abdominal range, and a sample of the
-chosen slices (abdominal window) with the crop box each gets. Titles carry only the manifest patient_id, slice
-indexes and z positions: never DICOM header text (names, IDs, dates, UIDs). PNGs are written without metadata
-beyond matplotlib's "Software" tag.
+chosen slices (abdominal window) with the crop box each gets, under a line about the chosen series (thickness,
+slice count, spacing). Titles carry only the manifest patient_id, slice indexes, z positions and that series
+line: never DICOM header text (names, IDs, dates, UIDs). PNGs are written without metadata beyond matplotlib's
+"Software" tag.
 """
 
 from __future__ import annotations
 
 import html
 import io
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import matplotlib
 
@@ -36,10 +37,27 @@ def sample_indices(count: int, max_slices: int) -> list[int]:
   return sorted({int(round(value)) for value in np.linspace(0, count - 1, max_slices)})
 
 
+def series_description(series: Mapping[str, Any] | None) -> str:
+  """One line about the chosen series (a marker's "series" entry: thickness, slice count, spacing), or "".
+
+  E.g. "5.0 mm slices, 43 at 5.0 mm spacing, 210 mm; automatic (nearest 5.0 mm) of 2 series".
+  """
+  if not series:
+    return ""
+  thickness = series.get("slice_thickness_mm")
+  text = (f"{'?' if thickness is None else f'{float(thickness):.1f}'} mm slices, {series.get('num_slices')} at "
+          f"{float(series.get('slice_spacing_mm', 0.0)):.1f} mm spacing, "
+          f"{float(series.get('z_extent_mm', 0.0)):.0f} mm")
+  if series.get("chosen_by") == "series_uid":
+    return f"{text}; the manifest's series_uid"
+  return (f"{text}; automatic (nearest {float(series.get('preferred_slice_thickness_mm', 0.0)):.1f} mm) of "
+          f"{series.get('num_candidate_series')} series")
+
+
 def render_patient_montage(patient_id: str, series_hu: np.ndarray, series_z_mm: np.ndarray,
                            pixel_spacing_mm: Sequence[float], slices_hu: np.ndarray, slices_z_mm: np.ndarray,
                            boxes: np.ndarray, z_range_mm: Sequence[float], rule: str,
-                           max_slices: int = 16) -> bytes:
+                           max_slices: int = 16, series: Mapping[str, Any] | None = None) -> bytes:
   """PNG bytes of one patient's QC montage.
 
   Args:
@@ -53,6 +71,7 @@ def render_patient_montage(patient_id: str, series_hu: np.ndarray, series_z_mm: 
     z_range_mm: (low, high) abdominal range.
     rule: how the range was chosen.
     max_slices: most slices shown.
+    series: the chosen series (the marker's "series" entry), shown under the title.
   """
   chosen = sample_indices(len(slices_hu), max_slices)
   columns = min(MONTAGE_COLUMNS, len(chosen))
@@ -94,7 +113,9 @@ def render_patient_montage(patient_id: str, series_hu: np.ndarray, series_z_mm: 
     mosaic_axes.text(left + 1, top + 1, f"#{index} z={float(slices_z_mm[index]):.1f}", color="yellow",
                      fontsize=7, va="top")
   mosaic_axes.axis("off")
-  figure.suptitle(f"{patient_id}: {len(slices_hu)} abdominal slices", fontsize=10)
+  about_series = series_description(series)
+  figure.suptitle(f"{patient_id}: {len(slices_hu)} abdominal slices" + (f"\nseries: {about_series}" if about_series
+                                                                          else ""), fontsize=10)
   buffer = io.BytesIO()
   figure.savefig(buffer, format="png", metadata={"Software": None})
   plt.close(figure)
@@ -106,7 +127,8 @@ def write_index_html(path: str, patients: Sequence[dict], failures: Sequence[tup
 
   Args:
     path: where to write (D/qc/index.html); thumbnails are referenced relative to it.
-    patients: completion markers (dicts with patient_id, labels, num_slices, counts, z_range_mm, rule).
+    patients: completion markers (dicts with patient_id, labels, num_slices, counts, z_range_mm, rule and
+      the chosen series).
     failures: (patient_id, reason) pairs.
   """
   escape = html.escape
@@ -119,7 +141,8 @@ def write_index_html(path: str, patients: Sequence[dict], failures: Sequence[tup
     lines += [f"<tr><td>{escape(pid)}</td><td>{escape(reason)}</td></tr>" for pid, reason in failures]
     lines.append("</table>")
   lines.append("<h2>Patients</h2><table><tr><th>patient_id</th><th>label_p</th><th>label_sb</th><th>slices</th>"
-               "<th>z range (mm)</th><th>rule</th><th>original</th><th>augmented</th><th>notes</th><th>montage</th></tr>")
+               "<th>series</th><th>z range (mm)</th><th>rule</th><th>original</th><th>augmented</th><th>notes</th>"
+               "<th>montage</th></tr>")
   for marker in patients:
     pid = escape(marker["patient_id"])
     low, high = marker["z_range_mm"]
@@ -127,7 +150,8 @@ def write_index_html(path: str, patients: Sequence[dict], failures: Sequence[tup
              if marker.get("qc_path") else "")
     lines.append(
         f"<tr><td>{pid}</td><td>{marker['label_p']}</td><td>{marker['label_sb']}</td>"
-        f"<td>{marker['num_slices']}</td><td>{low:.1f} .. {high:.1f}</td><td>{escape(marker['z_range_rule'])}</td>"
+        f"<td>{marker['num_slices']}</td><td>{escape(series_description(marker.get('series')))}</td>"
+        f"<td>{low:.1f} .. {high:.1f}</td><td>{escape(marker['z_range_rule'])}</td>"
         f"<td>{marker['num_original_examples']}</td><td>{marker['num_augmented_examples']}</td>"
         f"<td>{escape('; '.join(marker.get('warnings', [])))}</td><td>{image}</td></tr>")
   lines.append("</table></body></html>")
