@@ -135,7 +135,7 @@ def main(argv):
     if _RUNNER.value == "beam":
       try:
         from pdx_tf.data import beam_pipeline  # pylint: disable=import-outside-toplevel
-        import apache_beam  # pylint: disable=import-outside-toplevel,unused-import
+        import apache_beam  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
       except ImportError as error:
         _fail(f"--runner=beam needs apache-beam ({error}); pip install \"pdx-tf[beam]\"")
       options = [option if option.startswith("--") else f"--{option}" for option in _BEAM_PIPELINE_OPTIONS.value]

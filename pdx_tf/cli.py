@@ -77,7 +77,7 @@ def _import_tensorflow_filtered() -> None:
   with tempfile.TemporaryFile() as captured:
     os.dup2(captured.fileno(), 2)
     try:
-      import tensorflow  # pylint: disable=import-outside-toplevel,unused-import
+      import tensorflow  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
     finally:
       sys.stderr.flush()
       os.dup2(saved, 2)

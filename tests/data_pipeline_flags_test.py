@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import shutil
 
 from absl import flags
 from absl.testing import flagsaver
