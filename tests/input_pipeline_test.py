@@ -159,3 +159,43 @@ def test_content_hash_follows_the_records_not_their_provenance(info):
   changed_label = json.loads(json.dumps(dataset))
   changed_label["patients"][0]["label_p"] = 1 - int(changed_label["patients"][0]["label_p"])
   assert input_pipeline.records_content_hash(changed_label) != reference
+
+
+def _documented_draw(seed, repeat, patient_ids, num_slices, num_copies, fraction):
+  """The pool draw rebuilt from the module docstring: bool [patients, slices, copies]."""
+  keys = [f"pdx-pool/{seed}/{repeat}/{patient_id}/{slice_index}/{copy}"
+          for patient_id in patient_ids for slice_index in range(num_slices) for copy in range(1, num_copies + 1)]
+  buckets = tf.strings.to_hash_bucket_fast(keys, 2**30).numpy()
+  return (buckets < round(fraction * 2**30)).reshape(len(patient_ids), num_slices, num_copies)
+
+
+def _library_draw(seed, repeat, patient_ids, num_slices, num_copies, fraction):
+  grid_patients, grid_slices, grid_copies = np.meshgrid(np.asarray(patient_ids), np.arange(num_slices),
+                                                        np.arange(1, num_copies + 1), indexing="ij")
+  kept = input_pipeline.pool_keep(seed, repeat, tf.constant(grid_patients.reshape(-1)),
+                                  tf.constant(grid_slices.reshape(-1), tf.int64),
+                                  tf.constant(grid_copies.reshape(-1), tf.int64), fraction)
+  return kept.numpy().reshape(len(patient_ids), num_slices, num_copies)
+
+
+def test_pool_draw_over_many_keys_differs_between_patients_and_repeats():
+  fraction, num_slices, num_copies = 0.3, 40, 50
+  patient_ids = [f"pt{index:04d}" for index in range(200)]
+  draws = {repeat: _library_draw(7, repeat, patient_ids, num_slices, num_copies, fraction) for repeat in (0, 1)}
+  # Equal, decision by decision, to the documented key and hash.
+  np.testing.assert_array_equal(draws[0], _documented_draw(7, 0, patient_ids, num_slices, num_copies, fraction))
+  np.testing.assert_array_equal(draws[1], _documented_draw(7, 1, patient_ids, num_slices, num_copies, fraction))
+  count = draws[0].size  # 400,000 decisions
+  tolerance = 5 * np.sqrt(fraction * (1 - fraction) / count)  # 5 binomial standard deviations
+  for draw in draws.values():
+    assert abs(draw.mean() - fraction) < tolerance
+    per_patient = draw.mean(axis=(1, 2))  # 2,000 decisions a patient
+    assert np.all(np.abs(per_patient - fraction) < 5 * np.sqrt(fraction * (1 - fraction) / 2000))
+  # Independent draws disagree on 2p(1-p) of the decisions: between neighbouring patients and between repeats.
+  disagree = 2 * fraction * (1 - fraction)
+  between_patients = np.mean(draws[0][1:] != draws[0][:-1])
+  between_repeats = np.mean(draws[0] != draws[1])
+  assert abs(between_patients - disagree) < 0.01, between_patients
+  assert abs(between_repeats - disagree) < 0.01, between_repeats
+  # No two patients share a draw.
+  assert len({draw.tobytes() for draw in draws[0]}) == len(patient_ids)
