@@ -6,6 +6,7 @@ The trainer keeps one compiled model per process, so only the first run pays for
 
 import csv
 import glob
+import hashlib
 import json
 import os
 
@@ -65,7 +66,8 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
     cell = root / "cells" / f"r00_f{fold:02d}"
     run = json.loads((cell / "run.json").read_text())
     assert run["status"] == "complete" and (run["repeat"], run["fold"]) == (0, fold) and run["task"] == "p"
-    assert run["split_hash"] == splits.split_hash(split)
+    # The documented recipe: SHA-256 of splits.json as written (canonical JSON), recomputed with hashlib.
+    assert run["split_hash"] == hashlib.sha256((root / "splits.json").read_bytes()).hexdigest()
     assert run["dataset_hash"] == io_utils.sha256_file(os.path.join(records_dir, "dataset.json"))
     assert run["records_hash"] is not None and run["records_hash"] == training.trained_records_hash(str(root))
     assert set(run["seeds"]) == {"split", "sample", "init"} and run["model_path"] == "model.keras"
