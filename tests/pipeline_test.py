@@ -167,9 +167,12 @@ def test_a_rerun_in_two_partitions_writes_identical_bytes(first_run, tmp_path):
   _assert_identical_outputs(config, dataclass_replace(config, output_dir=str(tmp_path / "D2"), num_partitions=2))
 
 
-@pytest.mark.slow  # Two spawned TensorFlow worker processes take about 30 s to start on a 2-core machine.
-def test_two_workers_write_identical_bytes(first_run, tmp_path):
-  config, _ = first_run
+def test_two_workers_write_identical_bytes(tmp_path):
+  """Two spawned worker processes give the bytes one process gives (a 2-patient cohort keeps this fast)."""
+  small = phantom.PhantomConfig(num_patients=2, matrix_size=64, pixel_spacing_mm=6.0)
+  manifest_path = phantom.write_demo_cohort(str(tmp_path / "cohort"), small)
+  config = _config(manifest_path, str(tmp_path / "D1"), augment_factor=1, qc_max_slices=2)
+  assert pipeline.run_pipeline(config, progress=False).ok
   _assert_identical_outputs(config, dataclass_replace(config, output_dir=str(tmp_path / "D2"), num_workers=2))
 
 
