@@ -199,3 +199,37 @@ def test_pool_draw_over_many_keys_differs_between_patients_and_repeats():
   assert abs(between_repeats - disagree) < 0.01, between_repeats
   # No two patients share a draw.
   assert len({draw.tobytes() for draw in draws[0]}) == len(patient_ids)
+
+
+def _copy_to_gfile(local_folder, url_folder):
+  for root, _, names in os.walk(local_folder):
+    for name in names:
+      relative = os.path.relpath(os.path.join(root, name), local_folder)
+      target = f"{url_folder}/{relative}"
+      tf.io.gfile.makedirs(os.path.dirname(target))
+      tf.io.gfile.copy(os.path.join(root, name), target, overwrite=True)
+
+
+def test_records_and_splits_on_a_non_local_gfile_path(records_dir, info, tmp_path):
+  """The records and run files work through tf.io.gfile on a URL filesystem (TF's in-memory ram://)."""
+  url = f"ram://pdx-test-{os.getpid()}-{tmp_path.name}"
+  _copy_to_gfile(records_dir, f"{url}/records")
+  remote = input_pipeline.load_dataset_info(f"{url}/records", expected_image_size=SIZE, verify_hashes=True)
+  assert remote.content_hash == info.content_hash and remote.dataset_hash == info.dataset_hash
+  assert all(path.startswith(f"{url}/records/") for path in remote.shard_paths(list(remote.patients), "augmented"))
+  ids = list(info.patients)
+  settings = dict(sample_seed=0, repeat=0, pool_fraction=0.5)
+  assert sorted(_keys(input_pipeline.train_examples(remote, ids[:4], **settings))) == sorted(
+      _keys(input_pipeline.train_examples(info, ids[:4], **settings)))
+  local_validation = input_pipeline.load_validation(info, ids[4:], "p")
+  remote_validation = input_pipeline.load_validation(remote, ids[4:], "p")
+  np.testing.assert_array_equal(remote_validation.images, local_validation.images)
+  np.testing.assert_array_equal(remote_validation.patient_ids, local_validation.patient_ids)
+  # Run files: splits.json written, verified and hashed on the URL path as on a local disk.
+  split = splits.make_splits(info.labels("p"), task="p", num_folds=2, num_repeats=1, seed=0)
+  splits.write_or_verify_splits(f"{url}/runs", split)
+  splits.write_or_verify_splits(f"{url}/runs", split)  # the second call verifies
+  splits.write_or_verify_splits(str(tmp_path), split)
+  with tf.io.gfile.GFile(f"{url}/runs/splits.json", "rb") as handle:
+    assert handle.read() == (tmp_path / "splits.json").read_bytes()
+  tf.io.gfile.rmtree(url)
