@@ -8,7 +8,7 @@ import pytest
 
 import fake_records
 from pdx_tf import demo
-from pdx_tf.model import ModelConfig
+from pdx_tf.training.model import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +34,7 @@ def test_demo_preset_is_a_valid_config_and_matches_demo_flags():
 
 def test_run_demo_wiring_at_tiny_scale(tmp_path, monkeypatch):
   """The demo's chain (records -> grid -> evaluation -> table) with the pipeline replaced by fake records."""
-  from pdx_tf import pipeline
+  from pdx_tf.data import pipeline
 
   def fake_pipeline(output_dir, *, progress=True, **overrides):
     fake_records.write_fake_records(output_dir, num_patients=8, slices_per_patient=3, augment_factor=2,

@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.export and pdx_tf.serving: layout, versions, signatures, serving == Keras, TF Serving."""
+"""Tests for pdx_tf.serving.export and pdx_tf.serving.signatures: layout, versions, signatures, serving == Keras, TF Serving."""
 
 import json
 import os
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import export
 from pdx_tf import io_utils
 from pdx_tf.configs import to_dict as configs_to_dict
-from pdx_tf import preprocess
+from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
+from pdx_tf.serving import export
 from tests import fake_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,13 +162,13 @@ def test_predict_request_maps_onto_serving_default(exported):
 
 
 def test_rest_json_body_maps_onto_the_signatures(exported):
-  from pdx_tf import serving  # pylint: disable=import-outside-toplevel
+  from pdx_tf.serving import signatures  # pylint: disable=import-outside-toplevel
 
   hu = np.round(_slices(seed=9, count=2))  # DICOM HU are whole numbers
   for signature_name, outputs in (("serving_default", {"probability", "uncertainty"}),
                                   ("predict_patient", {"slice_probability", "slice_uncertainty",
                                                        "patient_probability", "patient_uncertainty"})):
-    request = json.loads(serving.rest_predict_body({"hu": hu}, signature_name))
+    request = json.loads(signatures.rest_predict_body({"hu": hu}, signature_name))
     assert request["signature_name"] == signature_name and set(request["inputs"]) == {"hu"}
     signature = exported["ensemble"].signatures[request["signature_name"]]
     specs = signature.structured_input_signature[1]
@@ -179,12 +179,12 @@ def test_rest_json_body_maps_onto_the_signatures(exported):
     response = json.dumps({"outputs": {name: value.numpy().tolist() for name, value in result.items()}})
     assert json.loads(response)["outputs"]  # float32 outputs are plain JSON numbers
   direct = exported["ensemble"].signatures["serving_default"](hu=tf.constant(hu, tf.float32))
-  request = json.loads(serving.rest_predict_body({"hu": hu}))
+  request = json.loads(signatures.rest_predict_body({"hu": hu}))
   again = exported["ensemble"].signatures["serving_default"](hu=tf.constant(request["inputs"]["hu"], tf.float32))
   np.testing.assert_array_equal(again["probability"].numpy(), direct["probability"].numpy())
   # One 512x512 slice of whole-number HU: about 1.3-1.6 MB of JSON against 1 MB as a gRPC TensorProto.
   slice_hu = np.round(fake_cells.fake_hu_slices(1, 1, 512, 512))
-  size = len(serving.rest_predict_body({"hu": slice_hu}))
+  size = len(signatures.rest_predict_body({"hu": slice_hu}))
   assert 1_000_000 < size < 1_700_000, size
   assert len(tf.make_tensor_proto(slice_hu).SerializeToString()) < 1_100_000
 
@@ -254,7 +254,7 @@ def test_cell_selection_and_incomplete_cells(exported, tmp_path):
 
 
 def test_region_settings_come_from_the_training_records(exported, tmp_path):
-  from pdx_tf import region  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
 
   metadata = io_utils.read_json(os.path.join(exported["ensemble_dir"], "assets.extra", "pdx_export.json"))
   assert metadata["region"]["source"].startswith("pipeline defaults")  # fake cells have no records
@@ -272,7 +272,7 @@ def test_region_settings_come_from_the_training_records(exported, tmp_path):
   stale = dict(run_info, dataset_hash="f" * 64)  # records rewritten since training: not trusted
   assert export.region_settings([export.CellRun(cell.folder, 0, 0, stale)])["source"].startswith("pipeline")
   # dataset.json rewritten by newer code around the same records (same content hash): trusted.
-  from pdx_tf import input_pipeline  # pylint: disable=import-outside-toplevel
+  from pdx_tf.training import input_pipeline  # pylint: disable=import-outside-toplevel
   same_content = dict(stale, records_hash=input_pipeline.records_content_hash({"config": pipeline_config}))
   assert export.region_settings([export.CellRun(cell.folder, 0, 0, same_content)])["source"] == (
       "training dataset.json")
@@ -291,7 +291,7 @@ def test_mixed_precision_models_are_served_in_float32():
   import keras  # pylint: disable=import-outside-toplevel
 
   from pdx_tf import configs  # pylint: disable=import-outside-toplevel
-  from pdx_tf import model as model_lib  # pylint: disable=import-outside-toplevel
+  from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
 
   config = model_lib.ModelConfig(image_size=IMAGE_SIZE, alpha=0.35)
   previous = keras.mixed_precision.global_policy()

@@ -15,10 +15,7 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from pdx_tf import configs
-from pdx_tf import io_utils
-from pdx_tf import model as model_lib
-from pdx_tf import preprocess
+from pdx_tf import configs, io_utils, model as model_lib, preprocess
 
 TASK_INDEX = {"p": 0, "sb": 1}
 

@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.gradcam: the nested-backbone Grad-CAM, overlays, mask mapping and the localisation ratio."""
+"""Tests for pdx_tf.serving.gradcam: the nested-backbone Grad-CAM, overlays, mask mapping and the localisation ratio."""
 
 import os
 
@@ -7,9 +7,9 @@ import matplotlib
 import numpy as np
 import pytest
 
-from pdx_tf import gradcam
-from pdx_tf import model as model_lib
-from pdx_tf import preprocess
+from pdx_tf.data import preprocess
+from pdx_tf.serving import gradcam
+from pdx_tf.training import model as model_lib
 from tests import fake_cells
 
 matplotlib.use("Agg")

@@ -1,4 +1,4 @@
-"""Tests of pdx_tf.input_pipeline: dataset.json checks, the keyed pool draw, and leakage of the real datasets."""
+"""Tests of pdx_tf.training.input_pipeline: dataset.json checks, the keyed pool draw, and leakage of the real datasets."""
 
 import json
 import os
@@ -8,8 +8,9 @@ import pytest
 import tensorflow as tf
 
 import fake_records
-from pdx_tf import input_pipeline, records, splits
+from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
+from pdx_tf.training import input_pipeline, splits
 
 NUM_PATIENTS, SLICES, AUGMENT_FACTOR, SIZE = 8, 3, 4, 32
 

@@ -14,13 +14,8 @@ import tensorflow as tf
 from absl import flags
 from absl.testing import flagsaver
 
-from pdx_tf import io_utils
-from pdx_tf import phantom
-from pdx_tf import pipeline
-from pdx_tf import preprocess
-from pdx_tf import records
-from pdx_tf import region
-from pdx_tf import shards
+from pdx_tf import io_utils, phantom
+from pdx_tf.data import pipeline, preprocess, records, region, shards
 
 NUM_PATIENTS = 4
 COVARIATES = ("ascites", "pci", "site")

@@ -1,4 +1,4 @@
-"""Tests for pdx_tf.predict and `python -m predict`: end to end on a phantom study, PHI, one-line errors."""
+"""Tests for pdx_tf.serving.predict and `python -m predict`: end to end on a phantom study, PHI, one-line errors."""
 
 import json
 import os
@@ -8,10 +8,9 @@ import sys
 import pydicom
 import pytest
 
-from pdx_tf import io_utils
-from pdx_tf import phantom
-from pdx_tf import predict
+from pdx_tf import io_utils, phantom
 from pdx_tf.errors import DicomError, ExportError
+from pdx_tf.serving import predict
 from tests import fake_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,8 +4,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import augment
-from pdx_tf import preprocess
+from pdx_tf import augment, preprocess
 
 SIZE = 64
 

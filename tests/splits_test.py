@@ -1,4 +1,4 @@
-"""Tests of pdx_tf.splits: patient-level, stratified, complete, deterministic, race-safe splits.json."""
+"""Tests of pdx_tf.training.splits: patient-level, stratified, complete, deterministic, race-safe splits.json."""
 
 import collections
 import copy
@@ -10,8 +10,9 @@ import sys
 
 import pytest
 
-from pdx_tf import io_utils, splits
+from pdx_tf import io_utils
 from pdx_tf.errors import RunsError
+from pdx_tf.training import splits
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -7,11 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import io_utils
-from pdx_tf import phantom
-from pdx_tf import pipeline
-from pdx_tf import preprocess
-from pdx_tf import records
+from pdx_tf import io_utils, phantom, pipeline, preprocess, records
 
 tfds = pytest.importorskip("tensorflow_datasets")
 # tensorflow-datasets needs importlib_resources to build (an etils[epath] extra that pip may leave out).

@@ -1,4 +1,4 @@
-"""Tests of pdx_tf.training: a smoke run with every artifact, resume, determinism and bad-input errors.
+"""Tests of pdx_tf.training.trainer: a smoke run with every artifact, resume, determinism and bad-input errors.
 
 All cells use the real MobileNetV2 at 32 px, alpha 0.35, on the tiny fake dataset of tests/fake_records.py.
 The trainer keeps one compiled model per process, so only the first run pays for tracing the train step.
@@ -17,9 +17,10 @@ import tensorflow as tf
 from sklearn import metrics as sklearn_metrics
 
 import fake_records
-from pdx_tf import evaluation, io_utils, splits, training
+from pdx_tf import evaluation, io_utils
 from pdx_tf.errors import PdxError, RecordsError, RunsError
-from pdx_tf.model import ModelConfig
+from pdx_tf.training import splits, trainer
+from pdx_tf.training.model import ModelConfig
 
 SIZE = 32
 TINY_MODEL = ModelConfig(image_size=SIZE, alpha=0.35)
@@ -36,7 +37,7 @@ def tiny_config(records_dir, output_dir, **overrides):
   values = dict(task="p", records_dir=records_dir, output_dir=str(output_dir), model=TINY_MODEL, num_folds=2,
                 num_repeats=1, epochs=1, batch_size=8, pool_fraction=0.5, deterministic=True)
   values.update(overrides)
-  return training.TrainConfig(**values)
+  return trainer.TrainConfig(**values)
 
 
 def _read_csv(path):
@@ -52,7 +53,7 @@ def _events(folder):
 
 def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path):
   config = tiny_config(records_dir, tmp_path / "R")
-  result = training.run_grid(config)
+  result = trainer.run_grid(config)
   assert result["cells"] == {"r00_f00": "complete", "r00_f01": "complete"}
   root = tmp_path / "R"
   split = json.loads((root / "splits.json").read_text())
@@ -69,7 +70,7 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
     # The documented recipe: SHA-256 of splits.json as written (canonical JSON), recomputed with hashlib.
     assert run["split_hash"] == hashlib.sha256((root / "splits.json").read_bytes()).hexdigest()
     assert run["dataset_hash"] == io_utils.sha256_file(os.path.join(records_dir, "dataset.json"))
-    assert run["records_hash"] is not None and run["records_hash"] == training.trained_records_hash(str(root))
+    assert run["records_hash"] is not None and run["records_hash"] == trainer.trained_records_hash(str(root))
     assert set(run["seeds"]) == {"split", "sample", "init"} and run["model_path"] == "model.keras"
     assert run["config"]["model"]["alpha"] == 0.35 and run["preprocess"]["image_size"] == SIZE
     assert run["images_seen"] > 0 and run["images_seen"] % 8 == 0
@@ -106,7 +107,7 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
   assert any(value.metadata.plugin_data.plugin_name == "hparams" for value in _events(tensorboard))
   # Rerunning skips finished cells and leaves them untouched.
   before = (root / "cells" / "r00_f00" / "run.json").read_bytes()
-  assert training.run_grid(config)["cells"] == {"r00_f00": "skipped", "r00_f01": "skipped"}
+  assert trainer.run_grid(config)["cells"] == {"r00_f00": "skipped", "r00_f01": "skipped"}
   assert (root / "cells" / "r00_f00" / "run.json").read_bytes() == before
   # The evaluation stage reads these artifacts.
   summary = evaluation.evaluate_runs(evaluation.EvaluateConfig(
@@ -133,14 +134,14 @@ class _RecordEpochs(keras.callbacks.Callback):
 
 def test_interrupted_cell_resumes_at_the_next_epoch(records_dir, tmp_path):
   config = tiny_config(records_dir, tmp_path / "R", epochs=2, cells=("r0f1",))
-  result = training.run_grid(config, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])
+  result = trainer.run_grid(config, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])
   assert result["cells"] == {"r00_f01": "interrupted"}
   cell = tmp_path / "R" / "cells" / "r00_f01"
   progress = json.loads((cell / "progress.json").read_text())
   assert progress["epochs_completed"] == 1 and (cell / "checkpoint" / "model.keras").exists()
   assert not (cell / "run.json").exists()
   recorder = _RecordEpochs()
-  result = training.run_grid(config, cell_callbacks=lambda cell: [recorder])
+  result = trainer.run_grid(config, cell_callbacks=lambda cell: [recorder])
   assert result["cells"] == {"r00_f01": "complete"}
   assert recorder.epochs == [1], "the rerun must continue at epoch 2 (index 1), not start over"
   metrics = json.loads((cell / "metrics.json").read_text())
@@ -152,7 +153,7 @@ def test_interrupted_cell_resumes_at_the_next_epoch(records_dir, tmp_path):
 def test_same_seed_and_records_give_identical_predictions(records_dir, tmp_path):
   outputs = []
   for name in ("first", "second"):
-    training.run_grid(tiny_config(records_dir, tmp_path / name, cells=("r0f0",)))
+    trainer.run_grid(tiny_config(records_dir, tmp_path / name, cells=("r0f0",)))
     outputs.append((tmp_path / name / "cells" / "r00_f00" / "slice_predictions.csv").read_text())
     assert (tmp_path / name / "splits.json").read_bytes() == (tmp_path / "first" / "splits.json").read_bytes()
   assert outputs[0] == outputs[1]
@@ -167,13 +168,13 @@ def test_records_of_another_schema_version(tmp_path):
   fake_records.write_fake_records(folder, num_patients=4, slices_per_patient=1, augment_factor=1, image_size=SIZE,
                                   schema_version=2)
   with pytest.raises(RecordsError, match="schema version 2"):
-    training.run_grid(tiny_config(folder, tmp_path / "R"))
+    trainer.run_grid(tiny_config(folder, tmp_path / "R"))
   _assert_nothing_trained(tmp_path / "R")
 
 
 def test_image_size_that_does_not_match_the_model(records_dir, tmp_path):
   with pytest.raises(RecordsError, match="32 px images but the model expects 48 px"):
-    training.run_grid(tiny_config(records_dir, tmp_path / "R", model=ModelConfig(image_size=48, alpha=0.35)))
+    trainer.run_grid(tiny_config(records_dir, tmp_path / "R", model=ModelConfig(image_size=48, alpha=0.35)))
   _assert_nothing_trained(tmp_path / "R")
 
 
@@ -183,20 +184,20 @@ def test_fold_whose_training_labels_are_one_class(records_dir, tmp_path):
   fake_records.write_fake_records(folder, num_patients=4, slices_per_patient=1, augment_factor=1, image_size=SIZE,
                                   label_sb_every=100)
   with pytest.raises(RunsError, match="every training patient has task sb label 0"):
-    training.run_grid(tiny_config(folder, tmp_path / "R", task="sb"))
+    trainer.run_grid(tiny_config(folder, tmp_path / "R", task="sb"))
   _assert_nothing_trained(tmp_path / "R")
 
 
 def test_cells_out_of_range():
   with pytest.raises(ValueError, match="outside the grid"):
-    training.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=8, num_repeats=24, cells=("r0f8",))
+    trainer.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=8, num_repeats=24, cells=("r0f8",))
 
 
 def test_unwritable_output_dir(records_dir, tmp_path):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
   with pytest.raises(PdxError, match="not writable"):
-    training.run_grid(tiny_config(records_dir, blocker / "R"))
+    trainer.run_grid(tiny_config(records_dir, blocker / "R"))
 
 
 def test_output_dir_of_another_configuration(records_dir, tmp_path):
@@ -204,7 +205,7 @@ def test_output_dir_of_another_configuration(records_dir, tmp_path):
   io_utils.atomic_write_json(str(root / "config.json"),
                              __import__("pdx_tf.configs").configs.to_dict(tiny_config(records_dir, root).grid_config()))
   with pytest.raises(RunsError, match="seed differ"):
-    training.run_grid(tiny_config(records_dir, root, seed=1))
+    trainer.run_grid(tiny_config(records_dir, root, seed=1))
   _assert_nothing_trained(root)
 
 
@@ -212,38 +213,38 @@ def test_output_dir_trained_on_other_records(records_dir, tmp_path):
   root = tmp_path / "R"
   io_utils.atomic_write_json(str(root / "records.json"), {"records_hash": "0" * 64})
   with pytest.raises(RunsError, match="trained on other records"):
-    training.run_grid(tiny_config(records_dir, root))
+    trainer.run_grid(tiny_config(records_dir, root))
   _assert_nothing_trained(root)
 
 
 def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
   config = tiny_config(records_dir, tmp_path / "R", export_dir=str(tmp_path / "X"))
-  assert training._export(config) is None  # pylint: disable=protected-access
+  assert trainer._export(config) is None  # pylint: disable=protected-access
   assert not (tmp_path / "X").exists()
 
 
 def test_missing_imagenet_weights_fail_before_training(records_dir, tmp_path, monkeypatch):
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
   with pytest.raises(PdxError, match="ImageNet weights not found"):
-    training.run_grid(tiny_config(records_dir, tmp_path / "R", model=ModelConfig(image_size=SIZE, alpha=0.35,
+    trainer.run_grid(tiny_config(records_dir, tmp_path / "R", model=ModelConfig(image_size=SIZE, alpha=0.35,
                                                                                   weights="imagenet")))
   _assert_nothing_trained(tmp_path / "R")
 
 
 def test_config_validation_and_selected_cells():
-  config = training.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2, num_shards=3,
+  config = trainer.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2, num_shards=3,
                                 shard_index=1)
   assert config.selected_cells() == [(0, 1), (1, 0), (1, 3)]  # grid indices 1, 4, 7
-  chosen = training.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2,
+  chosen = trainer.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2,
                                 cells=("r1f3", "r0f0"))
   assert chosen.selected_cells() == [(0, 0), (1, 3)]
   for bad in (dict(task="x"), dict(precision="float64"), dict(pool_fraction=1.5), dict(aggregation="median"),
               dict(num_folds=1), dict(shard_index=2, num_shards=2)):
     with pytest.raises(ValueError):
-      training.TrainConfig(**{"task": "p", "records_dir": "D", "output_dir": "R", **bad})
+      trainer.TrainConfig(**{"task": "p", "records_dir": "D", "output_dir": "R", **bad})
   has_gpu = bool(tf.config.list_physical_devices("GPU"))
-  assert training.resolve_precision("auto") == ("mixed_float16" if has_gpu else "float32")
-  assert training.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+  assert trainer.resolve_precision("auto") == ("mixed_float16" if has_gpu else "float32")
+  assert trainer.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
 
 
 @pytest.mark.parametrize("labels, scores", [
@@ -253,7 +254,7 @@ def test_config_validation_and_selected_cells():
     ([1, 0, 0, 1], [0.8, 0.1, 0.3, 0.6]),  # no ties: 1.0
 ])
 def test_training_auc_equals_sklearn_with_ties(labels, scores):
-  assert training._auc(np.asarray(labels), np.asarray(scores)) == pytest.approx(  # pylint: disable=protected-access
+  assert trainer._auc(np.asarray(labels), np.asarray(scores)) == pytest.approx(  # pylint: disable=protected-access
       sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
 
 
@@ -261,9 +262,9 @@ def test_training_auc_equals_sklearn_on_many_tied_scores():
   rng = np.random.default_rng([12, 5])
   labels = rng.integers(0, 2, size=300)
   scores = rng.integers(0, 6, size=300) / 5.0  # six distinct values: most pairs tie
-  assert training._auc(labels, scores) == pytest.approx(  # pylint: disable=protected-access
+  assert trainer._auc(labels, scores) == pytest.approx(  # pylint: disable=protected-access
       sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
-  assert training._auc(np.ones(3), np.arange(3.0)) is None  # pylint: disable=protected-access
+  assert trainer._auc(np.ones(3), np.arange(3.0)) is None  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------------------------------------ what fit is fed
@@ -316,7 +317,7 @@ def fed_to_fit(monkeypatch):
 
 def test_a_cell_trains_on_exactly_its_training_patients_draw(records_dir, tmp_path, fed_to_fit):
   config = tiny_config(records_dir, tmp_path / "R", cells=("r0f0",))
-  training.run_grid(config)
+  trainer.run_grid(config)
   split = json.loads((tmp_path / "R" / "splits.json").read_text())
   train_ids = split["repeats"][0]["folds"][0]["train"]
   test_ids = split["repeats"][0]["folds"][0]["test"]
@@ -356,11 +357,11 @@ def test_resume_restores_weights_and_optimizer_state(records_dir, tmp_path):
   settings = dict(epochs=2, cells=("r0f0",), shuffle_buffer=1,
                   model=ModelConfig(image_size=SIZE, alpha=0.35, dropout_rate=0.0))
   straight = tiny_config(records_dir, tmp_path / "straight", **settings)
-  training.run_grid(straight)
+  trainer.run_grid(straight)
   resumed = tiny_config(records_dir, tmp_path / "resumed", **settings)
-  assert training.run_grid(resumed, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])["cells"] == {
+  assert trainer.run_grid(resumed, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])["cells"] == {
       "r00_f00": "interrupted"}
-  assert training.run_grid(resumed)["cells"] == {"r00_f00": "complete"}
+  assert trainer.run_grid(resumed)["cells"] == {"r00_f00": "complete"}
   cell = os.path.join("cells", "r00_f00")
   expected, found = _final_weights(tmp_path / "straight" / cell), _final_weights(tmp_path / "resumed" / cell)
   assert len(expected) == len(found)
