@@ -47,8 +47,11 @@ def test_run_demo_wiring_at_tiny_scale(tmp_path, monkeypatch):
   assert result["output_dir"] == os.path.join(str(tmp_path), "p")
   assert os.path.isdir(result["tensorboard_dir"])
   assert set(result["wall_time_s"]) == {"pipeline", "training", "evaluation"}
-  pytest.importorskip("pdx_tf.evaluation")
-  assert isinstance(result["table"], str) and result["table"]
+  # The evaluation ran (an import failure of pdx_tf.evaluation must fail here, not skip): its table has this
+  # run's P-Model row over the two models, and the summary counts them.
+  assert result["summary"]["p"]["n_cells"] == 2
+  ours = [line for line in result["table"].splitlines() if line.startswith("P-Model") and "this run" in line]
+  assert len(ours) == 1 and "(2 models)" in ours[0], result["table"]
 
   # A rerun reuses the finished cells; a newer preset sets the old run aside (renamed, never deleted).
   settings = dict(model=ModelConfig(image_size=32, alpha=0.35), num_folds=2, batch_size=8, pool_fraction=1.0)

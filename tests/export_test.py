@@ -319,3 +319,106 @@ def test_binary_reports_a_bad_runs_folder_on_one_line(tmp_path):
   assert result.returncode == 1
   errors = [line for line in result.stderr.splitlines() if line.startswith("export: error:")]
   assert len(errors) == 1 and "does not exist" in errors[0]
+
+
+# ------------------------------------------------- serving applies the run's own (non-default) preprocessing
+
+CUSTOM_WINDOWS = ((100.0, 60.0), (0.0, 300.0), (200.0, 800.0))  # none of them the default W400/L40
+CUSTOM_MARGIN = 0.2  # default 0.04
+
+
+def _rectangle_bodies(count=4, side=128):
+  """HU slices [count, 128, 128]: air around one axis-aligned rectangular body with smooth soft-tissue texture.
+
+  At 128 px the body mask needs no resize, and a single solid rectangle is its own largest component and is
+  unchanged by a 3x3 opening, so the mask the model sees is exactly the rectangle (what the numpy reference
+  below assumes).
+  """
+  rows, columns = np.mgrid[0:side, 0:side].astype(np.float64)
+  slices = np.full((count, side, side), -1000.0, np.float64)
+  for index in range(count):
+    top, bottom, left, right = 24 + 3 * index, 100 - 2 * index, 10 + 4 * index, 116 - index
+    texture = 100.0 + 180.0 * np.sin(rows / (5.0 + index)) * np.cos(columns / (7.0 + index)) + 0.5 * columns
+    body = (rows >= top) & (rows <= bottom) & (columns >= left) & (columns <= right)
+    slices[index][body] = texture[body]
+  return slices.astype(np.float32)
+
+
+def _bilinear_crop(hu, box, out_size):
+  """tf.image.crop_and_resize's documented sampling of one [H, W] slice, in numpy (outside: air)."""
+  height, width = hu.shape
+  y_min, x_min, y_max, x_max = box
+  in_y = y_min * (height - 1) + np.arange(out_size) * (y_max - y_min) * (height - 1) / (out_size - 1)
+  in_x = x_min * (width - 1) + np.arange(out_size) * (x_max - x_min) * (width - 1) / (out_size - 1)
+  out = np.full((out_size, out_size), -1000.0)
+  valid_y = (in_y >= 0) & (in_y <= height - 1)
+  valid_x = (in_x >= 0) & (in_x <= width - 1)
+  y0 = np.floor(in_y[valid_y]).astype(int)
+  x0 = np.floor(in_x[valid_x]).astype(int)
+  y1, x1 = np.ceil(in_y[valid_y]).astype(int), np.ceil(in_x[valid_x]).astype(int)
+  dy, dx = (in_y[valid_y] - y0)[:, None], (in_x[valid_x] - x0)[None, :]
+  top = hu[y0][:, x0] + (hu[y0][:, x1] - hu[y0][:, x0]) * dx
+  bottom = hu[y1][:, x0] + (hu[y1][:, x1] - hu[y1][:, x0]) * dx
+  out[np.ix_(valid_y, valid_x)] = top + (bottom - top) * dy
+  return out
+
+
+def _numpy_preprocess(slices, image_size, windows, margin, threshold_hu=-500.0, supersample=4):
+  """The documented preprocessing, re-derived in numpy for rectangle bodies on a 128 px grid."""
+  images = []
+  for hu in slices.astype(np.float64):
+    height, width = hu.shape
+    body = hu > threshold_hu
+    rows, columns = np.flatnonzero(body.any(axis=1)), np.flatnonzero(body.any(axis=0))
+    y_min, y_max = rows[0] / height, (rows[-1] + 1) / height
+    x_min, x_max = columns[0] / width, (columns[-1] + 1) / width
+    side_px = max((y_max - y_min) * height, (x_max - x_min) * width) * (1.0 + 2.0 * margin)
+    center_y, center_x = (y_min + y_max) / 2, (x_min + x_max) / 2
+    box = (center_y - side_px / height / 2, center_x - side_px / width / 2,
+           center_y + side_px / height / 2, center_x + side_px / width / 2)
+    fine = _bilinear_crop(hu, box, image_size * supersample)
+    resized = fine.reshape(image_size, supersample, image_size, supersample).mean(axis=(1, 3))
+    channels = [np.round(np.clip((resized - (center - width_hu / 2)) / width_hu, 0.0, 1.0) * 255.0)
+                for center, width_hu in windows]
+    images.append(np.stack(channels * (3 if len(channels) == 1 else 1), axis=-1))
+  return np.stack(images).astype(np.uint8)
+
+
+def test_export_serves_the_runs_own_window_and_crop_margin(tmp_path):
+  import keras  # pylint: disable=import-outside-toplevel
+
+  config = preprocess.PreprocessConfig(image_size=IMAGE_SIZE, windows=CUSTOM_WINDOWS,
+                                       crop_margin_fraction=CUSTOM_MARGIN)
+  folders = fake_cells.write_fake_cells(str(tmp_path / "runs"), "p", cells=((0, 0),), image_size=IMAGE_SIZE,
+                                        preprocess_config=config)
+  version_dir = export.export_models(folders, str(tmp_path / "X"), "p")
+  hu = _rectangle_bodies()
+  served = tf.saved_model.load(version_dir).signatures["serving_default"](hu=tf.constant(hu))["probability"].numpy()
+  model = keras.saving.load_model(os.path.join(folders[0], "model.keras"), compile=False)
+
+  def probabilities(windows, margin):
+    images = _numpy_preprocess(hu, IMAGE_SIZE, windows, margin)
+    return model.predict(images.astype(np.float32), verbose=0).reshape(-1)
+
+  def logit(probability):  # the fake models are steep: compare on the logit scale, where they are not flat
+    probability = np.asarray(probability, np.float64)
+    return np.log(probability) - np.log1p(-probability)
+
+  expected = probabilities(CUSTOM_WINDOWS, CUSTOM_MARGIN)
+  np.testing.assert_allclose(served, expected, atol=1e-3)
+  np.testing.assert_allclose(logit(served), logit(expected), atol=0.05)
+  # The check can tell the run's preprocessing from the defaults, and from a default margin or window alone.
+  for windows, margin in ((preprocess.WINDOW_PRESETS["abdomen"], 0.04), (CUSTOM_WINDOWS, 0.04),
+                          (preprocess.WINDOW_PRESETS["abdomen"], CUSTOM_MARGIN)):
+    assert np.abs(logit(probabilities(windows, margin)) - logit(served)).max() > 0.5, (windows, margin)
+
+
+def test_numpy_reference_preprocessing_matches_the_pipeline_images():
+  # The reference above must agree with the pipeline's graph on these slices (up to one grey level where a
+  # value sits on a rounding edge), or the export test would compare against the wrong thing.
+  hu = _rectangle_bodies()
+  config = preprocess.PreprocessConfig(image_size=IMAGE_SIZE, windows=CUSTOM_WINDOWS,
+                                       crop_margin_fraction=CUSTOM_MARGIN)
+  graph = preprocess.preprocess_slices(hu, config).numpy().astype(np.int64)
+  reference = _numpy_preprocess(hu, IMAGE_SIZE, CUSTOM_WINDOWS, CUSTOM_MARGIN).astype(np.int64)
+  assert np.abs(graph - reference).max() <= 1 and np.mean(graph != reference) < 0.01

@@ -173,3 +173,18 @@ def test_demo_models_look_at_the_nodules_better_than_chance(tmp_path_factory):
   assert numbers["num_slices"] > 0
   assert numbers["ratio"] > 1.0, numbers
   assert numbers["probability_erased"] < numbers["probability_as_read"] - 0.1, numbers
+
+
+def test_ensemble_averages_the_maps_of_distinct_models():
+  # Two models that look at different squares: the ensemble map must light up both, as the mean of the two
+  # single-model maps (computed here one model at a time) renormalised to a peak of 1.
+  red, green = _two_channel_model(8.0, 0.0), _two_channel_model(0.0, 8.0)
+  image = _two_squares_image()
+  red_map, green_map = gradcam.grad_cam(red, image), gradcam.grad_cam(green, image)
+  assert not np.allclose(red_map, green_map, atol=0.1)  # the two models really differ
+  mean = (red_map + green_map) / 2.0
+  expected = mean / mean.max(axis=(1, 2), keepdims=True)
+  ensemble = gradcam.ensemble_grad_cam([red, green], image)
+  np.testing.assert_allclose(ensemble, expected, atol=1e-5)
+  for square in (RED_SQUARE, GREEN_SQUARE):
+    assert ensemble[0][square].mean() > 0.3  # both models' regions are hot

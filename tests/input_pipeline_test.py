@@ -273,3 +273,65 @@ def test_content_hash_follows_the_records_not_their_provenance(info):
   changed_label = json.loads(json.dumps(dataset))
   changed_label["patients"][0]["label_p"] = 1 - int(changed_label["patients"][0]["label_p"])
   assert contracts.records_content_hash(changed_label) != reference
+
+
+def _block_draws(seed, repeat, patient_ids, num_blocks, fraction):
+  """bool [patients, blocks]: which blocks the library draws into repeat `repeat`'s pool."""
+  draws = np.zeros((len(patient_ids), num_blocks), bool)
+  for row, patient_id in enumerate(patient_ids):
+    draws[row, input_pipeline.pool_keep(seed, repeat, patient_id, range(num_blocks), fraction)] = True
+  return draws
+
+
+def test_pool_draw_over_many_keys_differs_between_patients_and_repeats():
+  """Over 200 patients x 60 blocks: every patient keeps exactly round(p x 60) blocks, and independent keys
+  (neighbouring patients, the two repeats) disagree on 2p(1-p) of the blocks, as independent draws must. A key
+  that dropped the patient or the repeat would make the draws identical."""
+  fraction, num_blocks = 0.3, 60
+  patient_ids = [f"pt{index:04d}" for index in range(200)]
+  draws = {repeat: _block_draws(7, repeat, patient_ids, num_blocks, fraction) for repeat in (0, 1)}
+  for draw in draws.values():
+    assert np.all(draw.sum(axis=1) == 18)  # the share of each patient's copies is exact, not binomial
+  disagree = 2 * fraction * (1 - fraction)
+  between_patients = np.mean(draws[0][1:] != draws[0][:-1])
+  between_repeats = np.mean(draws[0] != draws[1])
+  assert abs(between_patients - disagree) < 0.02, between_patients
+  assert abs(between_repeats - disagree) < 0.02, between_repeats
+  assert len({draw.tobytes() for draw in draws[0]}) == len(patient_ids)  # no two patients share a draw
+  # Every block is drawn about equally often over patients (no block is favoured by the ranking).
+  per_block = draws[0].mean(axis=0)
+  assert np.all(np.abs(per_block - fraction) < 5 * np.sqrt(fraction * (1 - fraction) / len(patient_ids)))
+
+
+def _copy_to_gfile(local_folder, url_folder):
+  for root, _, names in os.walk(local_folder):
+    for name in names:
+      relative = os.path.relpath(os.path.join(root, name), local_folder)
+      target = f"{url_folder}/{relative}"
+      tf.io.gfile.makedirs(os.path.dirname(target))
+      tf.io.gfile.copy(os.path.join(root, name), target, overwrite=True)
+
+
+def test_records_and_splits_on_a_non_local_gfile_path(records_dir, info, tmp_path):
+  """The records and run files work through tf.io.gfile on a URL filesystem (TF's in-memory ram://)."""
+  url = f"ram://pdx-test-{os.getpid()}-{tmp_path.name}"
+  _copy_to_gfile(records_dir, f"{url}/records")
+  remote = contracts.load_dataset_info(f"{url}/records", expected_image_size=SIZE, verify_hashes=True)
+  assert remote.content_hash == info.content_hash and remote.dataset_hash == info.dataset_hash
+  assert all(path.startswith(f"{url}/records/") for path in remote.shard_paths(list(remote.patients), "augmented"))
+  ids = list(info.patients)
+  settings = dict(sample_seed=0, repeat=0, pool_fraction=0.5)
+  assert sorted(_keys(input_pipeline.train_examples(remote, ids[:4], **settings))) == sorted(
+      _keys(input_pipeline.train_examples(info, ids[:4], **settings)))
+  local_validation = input_pipeline.load_validation(info, ids[4:], "p")
+  remote_validation = input_pipeline.load_validation(remote, ids[4:], "p")
+  np.testing.assert_array_equal(remote_validation.images, local_validation.images)
+  np.testing.assert_array_equal(remote_validation.patient_ids, local_validation.patient_ids)
+  # Run files: splits.json written, verified and hashed on the URL path as on a local disk.
+  split = splits.make_splits(info.labels("p"), task="p", num_folds=2, num_repeats=1, seed=0)
+  splits.write_or_verify_splits(f"{url}/runs", split)
+  splits.write_or_verify_splits(f"{url}/runs", split)  # the second call verifies
+  splits.write_or_verify_splits(str(tmp_path), split)
+  with tf.io.gfile.GFile(f"{url}/runs/splits.json", "rb") as handle:
+    assert handle.read() == (tmp_path / "splits.json").read_bytes()
+  tf.io.gfile.rmtree(url)

@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pydicom
@@ -173,9 +175,12 @@ def test_a_rerun_in_two_partitions_writes_identical_bytes(first_run, tmp_path):
   _assert_identical_outputs(config, dataclass_replace(config, output_dir=str(tmp_path / "D2"), num_partitions=2))
 
 
-@pytest.mark.slow  # Two spawned TensorFlow worker processes take about 30 s to start on a 2-core machine.
-def test_two_workers_write_identical_bytes(first_run, tmp_path):
-  config, _ = first_run
+def test_two_workers_write_identical_bytes(tmp_path):
+  """Two spawned worker processes give the bytes one process gives (a 2-patient cohort keeps this fast)."""
+  small = phantom.PhantomConfig(num_patients=2, matrix_size=64, pixel_spacing_mm=6.0)
+  manifest_path = phantom.write_demo_cohort(str(tmp_path / "cohort"), small)
+  config = _config(manifest_path, str(tmp_path / "D1"), augment_factor=1, qc_max_slices=2)
+  assert pipeline.run_pipeline(config, progress=False).ok
   _assert_identical_outputs(config, dataclass_replace(config, output_dir=str(tmp_path / "D2"), num_workers=2))
 
 
@@ -268,6 +273,10 @@ def _failing_manifest(cohort, first_config):
       data = handle.read()
     with open(victim, "wb") as handle:
       handle.write(data[: len(data) // 2])
+    with open(os.path.join(folder, "broken-study-victim.txt"), "w", encoding="utf-8") as handle:
+      handle.write(os.path.basename(victim))  # later calls (other tests) reuse the study and need the name
+  with open(os.path.join(folder, "broken-study-victim.txt"), encoding="utf-8") as handle:
+    victim = handle.read()
   with open(manifest_path, encoding="utf-8") as handle:
     text = handle.read()
   text += "broken,dicom/broken-study,1,0,none,3,A\nmissing,dicom/no-such-folder,0,0,none,0,B\n"
@@ -402,3 +411,32 @@ def test_config_validation():
     pipeline.PipelineConfig(manifest_path="m.csv", output_dir="D", augment_factor=-1)
   with pytest.raises(ValueError, match="num_workers"):
     pipeline.PipelineConfig(manifest_path="m.csv", output_dir="D", num_workers=0)
+
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_binary_console_and_file_names_carry_no_phi_with_two_workers(first_run, cohort, tmp_path):
+  """`python -m data_pipeline` with two worker processes, good and failing patients: neither its console (stdout
+  and stderr of the binary and its spawned workers) nor any output file name or content holds PHI."""
+  first_config, _ = first_run
+  manifest_path, _ = _failing_manifest(cohort, first_config)
+  output_dir = tmp_path / "D"
+  result = subprocess.run(
+      [sys.executable, "-m", "data_pipeline", f"--manifest={manifest_path}", f"--output_dir={output_dir}",
+       "--image_size=32", "--augment_factor=1", "--num_workers=2", "--shard_size_mb=0.05", "--allow_failures"],
+      capture_output=True, text=True, timeout=600, cwd=REPO_ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+      check=False)
+  assert result.returncode == 0, result.stderr[-2000:]
+  console = result.stdout + result.stderr
+  assert "broken" in console and "missing" in console  # the failure lines really were captured
+  phi = _phi_strings(cohort[1])
+  assert any(value.count(".") > 3 for value in phi)  # the DICOM UIDs are in the list
+  for value in phi:
+    assert value not in console, f"{value!r} printed by python -m data_pipeline"
+  files = _files(str(output_dir))
+  assert "dataset.json" in files and any(name.startswith("qc") for name in files)
+  for name, data in files.items():
+    for value in phi:
+      assert value not in name, f"{value!r} in the file name {name}"
+      assert value.encode("utf-8") not in data, f"{value!r} found in {name}"

@@ -130,3 +130,29 @@ def test_two_exports_of_one_task_are_refused(setup):
   model = os.path.join(setup["export_dir"], "pdx_sb")
   with pytest.raises(ExportError, match="same task"):
     predict.load_exports([model, os.path.join(model, "1")])
+
+
+def test_predict_binary_prints_no_phi_and_names_no_file_after_it(setup, tmp_path):
+  """The console (stdout and stderr of `python -m predict`) and the output file names carry no header value."""
+  output_dir = tmp_path / "out"
+  result = subprocess.run(
+      [sys.executable, "-m", "predict", f"--model={os.path.join(setup['export_dir'], 'pdx_p', '1')}",
+       f"--dicom_dir={setup['study']}", f"--output_dir={output_dir}", "--patient_id=case-017", "--gradcam_slices=1",
+       "--gradcam_max_models=2"], capture_output=True, text=True, timeout=300, cwd=REPO_ROOT,
+      env=dict(os.environ, PYTHONUNBUFFERED="1"), check=False)
+  assert result.returncode == 0, result.stderr[-1500:]
+  console = result.stdout + result.stderr
+  assert "p: probability" in console  # the console really was captured (predict prints its summary)
+  forbidden = set(phantom.PHI_CANARIES) | _header_identifiers(setup["study"]) | {"ZZCANARY"}
+  assert any(value.startswith("1.2.") for value in forbidden)
+  for value in forbidden:
+    assert value not in console, f"{value!r} printed by python -m predict"
+  names = [os.path.relpath(os.path.join(folder, name), output_dir)
+           for folder, _, files in os.walk(output_dir) for name in files]
+  assert "prediction.json" in names
+  for name in names:
+    assert not any(value in name for value in forbidden), name
+    with open(os.path.join(output_dir, name), "rb") as handle:
+      content = handle.read()
+    for value in forbidden:
+      assert value.encode() not in content, f"{value!r} leaked into {name}"

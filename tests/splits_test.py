@@ -1,14 +1,20 @@
 """Tests of pdx_tf.training.splits: patient-level, stratified, complete, deterministic, race-safe splits.json."""
 
 import collections
+import copy
+import hashlib
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 from pdx_tf import io_utils
 from pdx_tf.errors import RunsError
 from pdx_tf.training import splits
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _labels(num_positive, num_negative):
@@ -96,6 +102,26 @@ def test_write_or_verify_is_idempotent_and_rejects_other_settings(tmp_path):
     splits.write_or_verify_splits(str(tmp_path), other_cohort)
 
 
-def test_split_hash_is_the_canonical_json_hash():
+def test_split_hash_is_the_canonical_json_hash(tmp_path):
   split = splits.make_splits(_labels(2, 2), task="p", num_folds=2, num_repeats=1, seed=0)
-  assert splits.split_hash(split) == io_utils.sha256_json(json.loads(io_utils.canonical_json(split)))
+  # The documented recipe rebuilt with the standard library: sorted keys, indent 2, ASCII, a final newline.
+  canonical = json.dumps(split, sort_keys=True, indent=2, ensure_ascii=True) + "\n"
+  assert splits.split_hash(split) == hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+  splits.write_or_verify_splits(str(tmp_path), split)  # what run.json's hash refers to: the file's bytes
+  assert splits.split_hash(split) == hashlib.sha256((tmp_path / "splits.json").read_bytes()).hexdigest()
+
+
+def test_split_hash_changes_when_one_patient_moves_and_is_stable_across_processes():
+  split = splits.make_splits(_labels(4, 4), task="p", num_folds=2, num_repeats=1, seed=0)
+  moved = copy.deepcopy(split)
+  folds = moved["repeats"][0]["folds"]
+  patient = folds[0]["test"].pop()
+  folds[0]["train"].append(patient)
+  folds[1]["test"].append(patient)
+  folds[1]["train"].remove(patient)
+  assert splits.split_hash(moved) != splits.split_hash(split)
+  code = ("import json, sys; from pdx_tf import splits; "
+          "print(splits.split_hash(json.loads(sys.stdin.read())))")
+  other = subprocess.run([sys.executable, "-c", code], input=json.dumps(split), capture_output=True, text=True,
+                         cwd=REPO_ROOT, check=True, timeout=120)
+  assert other.stdout.strip() == splits.split_hash(split)

@@ -6,15 +6,18 @@ The trainer keeps one compiled model per process, so only the first run pays for
 
 import csv
 import glob
+import hashlib
 import json
 import os
 
 import keras
+import numpy as np
 import pytest
 import tensorflow as tf
+from sklearn import metrics as sklearn_metrics
 
 import fake_records
-from pdx_tf import io_utils
+from pdx_tf import evaluation, io_utils
 from pdx_tf.errors import PdxError, RecordsError, RunsError
 from pdx_tf.training import splits, trainer
 from pdx_tf.training.model import ModelConfig
@@ -59,11 +62,13 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
   patients = _read_csv(root / "patients.csv")
   assert [row["patient_id"] for row in patients] == fake_records.patient_ids(8)
   assert list(patients[0]) == ["patient_id", "label_p", "label_sb", "site"]
+  cell_patient_aucs = []
   for fold in range(2):
     cell = root / "cells" / f"r00_f{fold:02d}"
     run = json.loads((cell / "run.json").read_text())
     assert run["status"] == "complete" and (run["repeat"], run["fold"]) == (0, fold) and run["task"] == "p"
-    assert run["split_hash"] == splits.split_hash(split)
+    # The documented recipe: SHA-256 of splits.json as written (canonical JSON), recomputed with hashlib.
+    assert run["split_hash"] == hashlib.sha256((root / "splits.json").read_bytes()).hexdigest()
     assert run["dataset_hash"] == io_utils.sha256_file(os.path.join(records_dir, "dataset.json"))
     assert run["records_hash"] is not None and run["records_hash"] == trainer.trained_records_hash(str(root))
     assert set(run["seeds"]) == {"split", "sample", "init"} and run["model_path"] == "model.keras"
@@ -82,6 +87,12 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
       assert row["label"] == str(int(row["patient_id"][-1]) % 2 == 0 and 1 or 0)
     metrics = json.loads((cell / "metrics.json").read_text())
     assert {"patient/auc", "slice/auc", "collapsed", "history"} <= set(metrics) and len(metrics["history"]) == 1
+    # The training AUCs (metrics.json, HParams, the demo's printout) equal scikit-learn on the written predictions.
+    assert metrics["patient/auc"] == pytest.approx(sklearn_metrics.roc_auc_score(
+        [int(row["label"]) for row in patient_rows], [float(row["probability"]) for row in patient_rows]), abs=1e-6)
+    assert metrics["slice/auc"] == pytest.approx(sklearn_metrics.roc_auc_score(
+        [int(row["label"]) for row in slice_rows], [float(row["probability"]) for row in slice_rows]), abs=1e-6)
+    cell_patient_aucs.append(metrics["patient/auc"])
     assert keras.models.load_model(cell / "model.keras").output_shape == (None, 1)
     assert not (cell / "checkpoint").exists() and not (cell / "progress.json").exists()
   # TensorBoard: HParams session + final metrics in the cell run, scalars by epoch, the input images once.
@@ -99,10 +110,10 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
   assert trainer.run_grid(config)["cells"] == {"r00_f00": "skipped", "r00_f01": "skipped"}
   assert (root / "cells" / "r00_f00" / "run.json").read_bytes() == before
   # The evaluation stage reads these artifacts.
-  evaluation = pytest.importorskip("pdx_tf.evaluation")
   summary = evaluation.evaluate_runs(evaluation.EvaluateConfig(
       runs_dir=str(root), output_dir=str(tmp_path / "E"), tasks=("p",), num_bootstrap=0))
-  assert summary
+  assert summary["p"]["n_cells"] == 2
+  assert summary["p"]["per_cell"]["auc"]["mean"] == pytest.approx(np.mean(cell_patient_aucs), abs=1e-6)
 
 
 class _StopAfterFirstEpoch(keras.callbacks.Callback):
@@ -234,3 +245,127 @@ def test_config_validation_and_selected_cells():
   has_gpu = bool(tf.config.list_physical_devices("GPU"))
   assert trainer.resolve_precision("auto") == ("mixed_float16" if has_gpu else "float32")
   assert trainer.resolve_precision("mixed_bfloat16") == "mixed_bfloat16"
+
+
+@pytest.mark.parametrize("labels, scores", [
+    ([1, 0, 1, 0, 1, 0], [0.5, 0.5, 0.5, 0.5, 0.5, 0.5]),  # all tied: 0.5
+    ([1, 1, 0, 0, 0], [0.9, 0.4, 0.4, 0.4, 0.1]),  # a positive tied with three negatives
+    ([0, 1, 1, 0, 1, 0, 0, 1], [0.2, 0.2, 0.7, 0.7, 0.3, 0.1, 0.3, 0.9]),
+    ([1, 0, 0, 1], [0.8, 0.1, 0.3, 0.6]),  # no ties: 1.0
+])
+def test_training_auc_equals_sklearn_with_ties(labels, scores):
+  assert trainer._auc(np.asarray(labels), np.asarray(scores)) == pytest.approx(  # pylint: disable=protected-access
+      sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_training_auc_equals_sklearn_on_many_tied_scores():
+  rng = np.random.default_rng([12, 5])
+  labels = rng.integers(0, 2, size=300)
+  scores = rng.integers(0, 6, size=300) / 5.0  # six distinct values: most pairs tie
+  assert trainer._auc(labels, scores) == pytest.approx(  # pylint: disable=protected-access
+      sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
+  assert trainer._auc(np.ones(3), np.arange(3.0)) is None  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------------------------ what fit is fed
+
+
+def _image_identities(num_patients=8, slices_per_patient=3, augment_factor=4):
+  """(patient_id, slice_index, augmentation_index) of every fake image, keyed by its pixels (fake_records' recipe)."""
+  identities = {}
+  for index, patient_id in enumerate(fake_records.patient_ids(num_patients)):
+    for slice_index in range(slices_per_patient):
+      for augmentation_index in range(augment_factor + 1):
+        image = fake_records.fake_image(0, index, slice_index, augmentation_index, index % 2 == 0, SIZE)
+        identities[image.tobytes()] = (patient_id, slice_index, augmentation_index)
+  return identities
+
+
+def _identify(images, identities):
+  return [identities[np.asarray(image).astype(np.uint8).tobytes()] for image in images]
+
+
+def _documented_pool_keep(seed, repeat, patient_id, slice_index, augmentation_index, fraction):
+  """input_pipeline's documented key, rebuilt here: Fingerprint64 of the key string mod 2**30 < fraction * 2**30."""
+  key = f"pdx-pool/{seed}/{repeat}/{patient_id}/{slice_index}/{augmentation_index}"
+  bucket = int(tf.strings.to_hash_bucket_fast([key], 2**30).numpy()[0])
+  return bucket < round(fraction * 2**30)
+
+
+@pytest.fixture
+def fed_to_fit(monkeypatch):
+  """Records every training batch that reaches Model.fit (as the model consumes it) and the validation data."""
+  fed = {"train": [], "validation": []}
+  real_fit = keras.Model.fit
+
+  def recording_fit(self, x=None, *args, validation_data=None, **kwargs):
+    def record(images):
+      fed["train"].extend(images.numpy())
+      return images
+
+    def tap(images, labels):
+      images = tf.py_function(record, [images], tf.float32)
+      return tf.ensure_shape(images, [None, SIZE, SIZE, 3]), labels
+
+    for images, labels in validation_data:
+      fed["validation"].extend(zip(images.numpy(), labels.numpy()[:, 0]))
+    return real_fit(self, x.map(tap), *args, validation_data=validation_data, **kwargs)
+
+  monkeypatch.setattr(keras.Model, "fit", recording_fit)
+  return fed
+
+
+def test_a_cell_trains_on_exactly_its_training_patients_draw(records_dir, tmp_path, fed_to_fit):
+  config = tiny_config(records_dir, tmp_path / "R", cells=("r0f0",))
+  trainer.run_grid(config)
+  split = json.loads((tmp_path / "R" / "splits.json").read_text())
+  train_ids = split["repeats"][0]["folds"][0]["train"]
+  test_ids = split["repeats"][0]["folds"][0]["test"]
+  assert not set(train_ids) & set(test_ids) and len(train_ids) + len(test_ids) == 8
+  identities = _image_identities()
+  fed = _identify(fed_to_fit["train"], identities)
+  # Expected: the training patients' originals plus their augmented copies that the documented key draws.
+  expected = {(patient_id, slice_index, augmentation_index)
+              for patient_id in train_ids for slice_index in range(3) for augmentation_index in range(5)
+              if augmentation_index == 0 or _documented_pool_keep(0, 0, patient_id, slice_index, augmentation_index,
+                                                                   config.pool_fraction)}
+  assert {identity[0] for identity in fed} == set(train_ids), "fit saw a patient outside the cell's train list"
+  assert len(fed) == len(set(fed)) and set(fed) <= expected
+  assert len(fed) == len(expected) // config.batch_size * config.batch_size  # only the remainder is dropped
+  # Validation: exactly the held-out patients' original slices, with their own labels.
+  validation = [(identity, int(label)) for identity, label in
+                zip(_identify([image for image, _ in fed_to_fit["validation"]], identities),
+                    [label for _, label in fed_to_fit["validation"]])]
+  assert sorted(identity for identity, _ in validation) == sorted(
+      (patient_id, slice_index, 0) for patient_id in test_ids for slice_index in range(3))
+  for (patient_id, _, _), label in validation:
+    assert label == int(int(patient_id[-3:]) % 2 == 0)
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def _final_weights(folder):
+  return keras.models.load_model(os.path.join(folder, "model.keras")).get_weights()
+
+
+def test_resume_restores_weights_and_optimizer_state(records_dir, tmp_path):
+  # shuffle_buffer=1 keeps the example order the same in every epoch, so a resumed epoch 2 sees the very batches
+  # an uninterrupted epoch 2 sees; then only restored weights AND Adam moments give the same final model.
+  # Dropout is off: its seed generator's state is not part of the checkpoint (load_weights leaves it at its
+  # initial value), so with dropout a resumed epoch would draw other masks than an uninterrupted one.
+  settings = dict(epochs=2, cells=("r0f0",), shuffle_buffer=1,
+                  model=ModelConfig(image_size=SIZE, alpha=0.35, dropout_rate=0.0))
+  straight = tiny_config(records_dir, tmp_path / "straight", **settings)
+  trainer.run_grid(straight)
+  resumed = tiny_config(records_dir, tmp_path / "resumed", **settings)
+  assert trainer.run_grid(resumed, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])["cells"] == {
+      "r00_f00": "interrupted"}
+  assert trainer.run_grid(resumed)["cells"] == {"r00_f00": "complete"}
+  cell = os.path.join("cells", "r00_f00")
+  expected, found = _final_weights(tmp_path / "straight" / cell), _final_weights(tmp_path / "resumed" / cell)
+  assert len(expected) == len(found)
+  for want, got in zip(expected, found):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  assert ((tmp_path / "resumed" / cell / "slice_predictions.csv").read_text()
+          == (tmp_path / "straight" / cell / "slice_predictions.csv").read_text())
