@@ -1,7 +1,6 @@
 """Tests for pdx_tf.evaluation.runs: reading the run artifacts and every completeness/consistency error."""
 
 import hashlib
-import json
 import os
 import sys
 
@@ -187,8 +186,6 @@ def test_run_from_another_split_hash(root):
 
 
 def test_split_hash_is_the_canonical_json_hash(root):
-  with open(os.path.join(root, "p", "splits.json")) as handle:
-    splits = json.load(handle)
   with open(os.path.join(root, "p", "splits.json"), "rb") as handle:
     expected = hashlib.sha256(handle.read()).hexdigest()  # splits.json is written in the canonical form
   assert runs.load_runs(root)["p"].split_hash == expected
