@@ -127,7 +127,7 @@ def test_interrupted_cell_resumes_at_the_next_epoch(records_dir, tmp_path):
   assert result["cells"] == {"r00_f01": "interrupted"}
   cell = tmp_path / "R" / "cells" / "r00_f01"
   progress = json.loads((cell / "progress.json").read_text())
-  assert progress["epochs_completed"] == 1 and (cell / "checkpoint" / "model.keras").exists()
+  assert progress["epochs_completed"] == 1 and (cell / "checkpoint" / progress["checkpoint"]).exists()
   assert not (cell / "run.json").exists()
   recorder = _RecordEpochs()
   result = trainer.run_grid(config, cell_callbacks=lambda cell: [recorder])
@@ -207,8 +207,9 @@ def test_output_dir_trained_on_other_records(records_dir, tmp_path):
 
 
 def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
-  config = tiny_config(records_dir, tmp_path / "R", export_dir=str(tmp_path / "X"))
-  assert trainer._export(config) is None  # pylint: disable=protected-access
+  from train import __main__ as train_main  # pylint: disable=import-outside-toplevel
+
+  assert train_main.export_if_complete(str(tmp_path / "R"), "p", 1, 2, str(tmp_path / "X")) is None
   assert not (tmp_path / "X").exists()
 
 
