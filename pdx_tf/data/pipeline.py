@@ -403,6 +403,13 @@ def _run_patient(row: manifest_lib.ManifestRow, config: PipelineConfig) -> tuple
 
 
 def _init_worker(threads: int) -> None:
+  # Workers only decode and write on the CPU: hiding the GPU keeps them from each reserving GPU memory (and a
+  # CUDA context) that training in the same machine needs. Must run before TF touches a device.
+  os.environ["CUDA_VISIBLE_DEVICES"] = ""
+  try:
+    tf.config.set_visible_devices([], "GPU")
+  except RuntimeError:
+    pass  # devices were already initialised in this process (not in a fresh spawned worker)
   # Each worker gets a share of the cores instead of every process using all of them.
   tf.config.threading.set_intra_op_parallelism_threads(threads)
   tf.config.threading.set_inter_op_parallelism_threads(2)
