@@ -38,7 +38,7 @@ def main(argv):
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
   from pdx_tf import contracts  # pylint: disable=import-outside-toplevel
-  from pdx_tf.training import input_pipeline, trainer  # pylint: disable=import-outside-toplevel
+  from pdx_tf.training import cell_trainer, input_pipeline, trainer  # pylint: disable=import-outside-toplevel
   from pdx_tf.training.model import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
 
   records_dir = _RECORDS_DIR.value
@@ -63,7 +63,7 @@ def main(argv):
 
   model = build_model(ModelConfig(image_size=_IMAGE_SIZE.value, alpha=_ALPHA.value))
   config = trainer.TrainConfig(task="p", records_dir="x", output_dir="x")
-  trainer._compile(model, config)  # pylint: disable=protected-access
+  cell_trainer.compile_model(model, config)
   # Alternate the two inputs for several rounds and keep the median: on a shared machine one timing can be
   # off by 2x; images per CPU-second (this process's CPU time) is the steadier number there.
   timings = {"in-memory tensors": [], "tfrecords (input_pipeline)": []}

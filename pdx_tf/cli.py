@@ -91,11 +91,14 @@ def _import_tensorflow_filtered() -> None:
 
 
 def init_tensorflow_worker(intra_op_threads: int, inter_op_threads: int) -> None:
-  """A worker process's initialiser: quiet start-up as in the parent (its environment), then a share of cores.
+  """A CPU worker process's initialiser: no GPU, quiet start-up as in the parent, then a share of the cores.
 
   It lives here, in a module that does not import TensorFlow, so that a spawned worker runs it before
   TensorFlow loads.
   """
+  # Workers only decode and write on the CPU: hiding the GPU keeps each of them from reserving GPU memory (and
+  # a CUDA context) that training on the same machine needs. It must be set before TensorFlow loads.
+  os.environ["CUDA_VISIBLE_DEVICES"] = ""
   quiet_tensorflow(argv=())
   import tensorflow as tf  # pylint: disable=import-outside-toplevel
 

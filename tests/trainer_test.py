@@ -19,7 +19,7 @@ from sklearn import metrics as sklearn_metrics
 import fake_records
 from pdx_tf import evaluation, io_utils
 from pdx_tf.errors import PdxError, RecordsError, RunsError
-from pdx_tf.training import splits, trainer
+from pdx_tf.training import cell_trainer, trainer
 from pdx_tf.training.model import ModelConfig
 
 SIZE = 32
@@ -138,7 +138,7 @@ def test_interrupted_cell_resumes_at_the_next_epoch(records_dir, tmp_path):
   assert result["cells"] == {"r00_f01": "interrupted"}
   cell = tmp_path / "R" / "cells" / "r00_f01"
   progress = json.loads((cell / "progress.json").read_text())
-  assert progress["epochs_completed"] == 1 and (cell / "checkpoint" / "model.keras").exists()
+  assert progress["epochs_completed"] == 1 and (cell / "checkpoint" / progress["checkpoint"]).exists()
   assert not (cell / "run.json").exists()
   recorder = _RecordEpochs()
   result = trainer.run_grid(config, cell_callbacks=lambda cell: [recorder])
@@ -218,8 +218,9 @@ def test_output_dir_trained_on_other_records(records_dir, tmp_path):
 
 
 def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
-  config = tiny_config(records_dir, tmp_path / "R", export_dir=str(tmp_path / "X"))
-  assert trainer._export(config) is None  # pylint: disable=protected-access
+  from train import __main__ as train_main  # pylint: disable=import-outside-toplevel
+
+  assert train_main.export_if_complete(str(tmp_path / "R"), "p", 1, 2, str(tmp_path / "X")) is None
   assert not (tmp_path / "X").exists()
 
 
@@ -254,7 +255,7 @@ def test_config_validation_and_selected_cells():
     ([1, 0, 0, 1], [0.8, 0.1, 0.3, 0.6]),  # no ties: 1.0
 ])
 def test_training_auc_equals_sklearn_with_ties(labels, scores):
-  assert trainer._auc(np.asarray(labels), np.asarray(scores)) == pytest.approx(  # pylint: disable=protected-access
+  assert cell_trainer.auc(np.asarray(labels), np.asarray(scores)) == pytest.approx(
       sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
 
 
@@ -262,9 +263,9 @@ def test_training_auc_equals_sklearn_on_many_tied_scores():
   rng = np.random.default_rng([12, 5])
   labels = rng.integers(0, 2, size=300)
   scores = rng.integers(0, 6, size=300) / 5.0  # six distinct values: most pairs tie
-  assert trainer._auc(labels, scores) == pytest.approx(  # pylint: disable=protected-access
+  assert cell_trainer.auc(labels, scores) == pytest.approx(
       sklearn_metrics.roc_auc_score(labels, scores), abs=1e-12)
-  assert trainer._auc(np.ones(3), np.arange(3.0)) is None  # pylint: disable=protected-access
+  assert cell_trainer.auc(np.ones(3), np.arange(3.0)) is None
 
 
 # ------------------------------------------------------------------------------------------ what fit is fed
@@ -285,11 +286,22 @@ def _identify(images, identities):
   return [identities[np.asarray(image).astype(np.uint8).tobytes()] for image in images]
 
 
-def _documented_pool_keep(seed, repeat, patient_id, slice_index, augmentation_index, fraction):
-  """input_pipeline's documented key, rebuilt here: Fingerprint64 of the key string mod 2**30 < fraction * 2**30."""
-  key = f"pdx-pool/{seed}/{repeat}/{patient_id}/{slice_index}/{augmentation_index}"
-  bucket = int(tf.strings.to_hash_bucket_fast([key], 2**30).numpy()[0])
-  return bucket < round(fraction * 2**30)
+def _fingerprint64(key):
+  """FarmHash Fingerprint64 of `key`, rebuilt from to_hash_bucket_fast (another op than the library's
+  tf.fingerprint): fp mod (2^63 - 1), plus 2^63 - 1 when the parity says fp was larger (2^63 - 1 is odd)."""
+  modulus = (1 << 63) - 1
+  low = int(tf.strings.to_hash_bucket_fast(key, modulus))
+  parity = int(tf.strings.to_hash_bucket_fast(key, 2))
+  return low if low % 2 == parity else low + modulus
+
+
+def _documented_pool_keep(seed, repeat, patient_id, augmentation_index, fraction, augment_factor=4, block=2):
+  """input_pipeline's documented draw, rebuilt here: a patient's blocks of `block` copies ranked by
+  Fingerprint64("pdx-pool/<seed>/<repeat>/<patient_id>/<block>"), the first round(fraction x blocks) kept."""
+  num_blocks = -(-augment_factor // block)
+  ranked = sorted(range(num_blocks), key=lambda b: (_fingerprint64(f"pdx-pool/{seed}/{repeat}/{patient_id}/{b}"), b))
+  kept = ranked[:max(1, int(fraction * num_blocks + 0.5))]
+  return (augmentation_index - 1) // block in kept
 
 
 @pytest.fixture
@@ -327,7 +339,7 @@ def test_a_cell_trains_on_exactly_its_training_patients_draw(records_dir, tmp_pa
   # Expected: the training patients' originals plus their augmented copies that the documented key draws.
   expected = {(patient_id, slice_index, augmentation_index)
               for patient_id in train_ids for slice_index in range(3) for augmentation_index in range(5)
-              if augmentation_index == 0 or _documented_pool_keep(0, 0, patient_id, slice_index, augmentation_index,
+              if augmentation_index == 0 or _documented_pool_keep(0, 0, patient_id, augmentation_index,
                                                                    config.pool_fraction)}
   assert {identity[0] for identity in fed} == set(train_ids), "fit saw a patient outside the cell's train list"
   assert len(fed) == len(set(fed)) and set(fed) <= expected

@@ -13,7 +13,16 @@ Examples:
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=gs://b/records --output_dir=gs://b/runs/p \
       --num_shards=16 --shard_index=3
 
-Rerunning skips complete cells and resumes interrupted ones from their last epoch. Exit status 1 with a
+  # The budget first: cells, images, bytes read, records on disk and hours at a throughput (measured ~20 s
+  # here unless --plan_images_per_s is given); trains and writes nothing.
+  python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p --plan
+
+  # Fill one GPU: 3 cells of this shard at once, as 3 processes.
+  python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p \
+      --cells_per_gpu=3
+
+Rerunning skips complete cells and resumes interrupted ones after their last committed epoch (with
+--deterministic on CPU, byte-identical to an uninterrupted run, even after a kill). Exit status 1 with a
 one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training/trainer.py and
 CONTRACTS.md (R/splits.json, R/patients.csv, R/config.json, R/cells/<cell>/..., R/tensorboard).
 """
@@ -22,12 +31,14 @@ from pdx_tf import cli  # pylint: disable=wrong-import-order
 cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
 
 import os
+import subprocess
+import sys
 
 from absl import app
 from absl import flags
 from absl import logging
 
-from pdx_tf import cli
+from pdx_tf import cli, contracts
 from pdx_tf.errors import PdxError
 from pdx_tf.training import aggregation, grid, trainer
 from pdx_tf.training.model import ModelConfig
@@ -55,6 +66,8 @@ _REPARTITION = flags.DEFINE_bool("repartition", False, "A new patient partition 
                                  "partition; repeats differ in the pool draw and initialisation).")
 _POOL_FRACTION = flags.DEFINE_float("pool_fraction", 0.1, "Share of every training slice's augmented copies "
                                     "drawn (keyed by seed and repeat) into a cell's training set.")
+_IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", None, "Training images an epoch (rounded down to whole"
+                                       " batches; default: the cell's drawn pool).")
 _INCLUDE_ORIGINALS = flags.DEFINE_bool("include_originals", True, "Also train on the training patients' "
                                        "original slices.")
 _SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 4096, "Shuffle buffer, in examples.")
@@ -68,6 +81,13 @@ _NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Machines sharing the gri
 _SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This machine's shard (cell i goes to i % num_shards).")
 _CELLS = flags.DEFINE_list("cells", [], "Only these cells, e.g. r0f0,r0f1 (repeat, fold; 0-based).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "After a complete grid, export it for TF Serving here.")
+_PLAN = flags.DEFINE_bool("plan", False, "Print the budget (cells, images, bytes, disk, hours) and exit.")
+_PLAN_IMAGES_PER_S = flags.DEFINE_float("plan_images_per_s", None, "Throughput for --plan (default: measured for"
+                                        " ~20 s with the configured model on random data).")
+_CELLS_PER_GPU = flags.DEFINE_integer("cells_per_gpu", 1, "Cells of this shard trained at once, as processes"
+                                      " sharing one GPU (with TF_FORCE_GPU_ALLOW_GROWTH).")
+# The flags a --cells_per_gpu parent sets itself on its children.
+_CHILD_OWNED = ("num_shards", "shard_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
 
 
 def _shard() -> tuple[int, int]:
@@ -85,10 +105,10 @@ def _config() -> trainer.TrainConfig:
       num_folds=_NUM_FOLDS.value, num_repeats=_NUM_REPEATS.value, epochs=_EPOCHS.value,
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, precision=_PRECISION.value,
       jit_compile=_JIT_COMPILE.value, seed=_SEED.value, repartition=_REPARTITION.value,
-      pool_fraction=_POOL_FRACTION.value, include_originals=_INCLUDE_ORIGINALS.value,
+      pool_fraction=_POOL_FRACTION.value, images_per_epoch=_IMAGES_PER_EPOCH.value, include_originals=_INCLUDE_ORIGINALS.value,
       shuffle_buffer=_SHUFFLE_BUFFER.value, aggregation=_AGGREGATION.value, top_k=_TOP_K.value,
       deterministic=_DETERMINISTIC.value, verify_hashes=_VERIFY_HASHES.value, num_shards=num_shards,
-      shard_index=shard_index, cells=tuple(_CELLS.value), export_dir=_EXPORT_DIR.value or "")
+      shard_index=shard_index, cells=tuple(_CELLS.value))
 
 
 def _demo_overrides() -> dict:
@@ -132,22 +152,100 @@ def main(argv):
       return
     if _RECORDS_DIR.value is None or _OUTPUT_DIR.value is None:
       raise ValueError("--records_dir and --output_dir go together (neither runs the demo)")
+    if _CELLS_PER_GPU.value < 1:
+      raise ValueError(f"--cells_per_gpu must be at least 1, got {_CELLS_PER_GPU.value}")
+    if _PLAN_IMAGES_PER_S.value is not None and not _PLAN_IMAGES_PER_S.value > 0:
+      raise ValueError(f"--plan_images_per_s must be positive, got {_PLAN_IMAGES_PER_S.value}")
     config = _config()
   except PdxError as error:
     _fail(error)
   except ValueError as error:  # invalid flag values, caught by the config's validation
     _fail(error)
   try:
-    result = trainer.run_grid(config)
+    if _PLAN.value:
+      _print_plan(config)
+      return
+    if _CELLS_PER_GPU.value > 1:
+      _run_packed(config, _CELLS_PER_GPU.value)
+    else:
+      result = trainer.run_grid(config)
+      counts = {}
+      for status in result["cells"].values():
+        counts[status] = counts.get(status, 0) + 1
+      logging.info("cells: %s", ", ".join(f"{count} {status}" for status, count in sorted(counts.items()))
+                   or "none")
+      print(f"runs: {result['output_dir']}\nTensorBoard: tensorboard --logdir {result['tensorboard_dir']}")
+    if _EXPORT_DIR.value:
+      exported = export_if_complete(config.output_dir, config.task, config.num_repeats, config.num_folds,
+                                    _EXPORT_DIR.value)
+      if exported:
+        print(f"export: {exported}")
   except PdxError as error:
     _fail(error)
-  counts = {}
-  for status in result["cells"].values():
-    counts[status] = counts.get(status, 0) + 1
-  logging.info("cells: %s", ", ".join(f"{count} {status}" for status, count in sorted(counts.items())) or "none")
-  print(f"runs: {result['output_dir']}\nTensorBoard: tensorboard --logdir {result['tensorboard_dir']}")
-  if result["export"]:
-    print(f"export: {result['export']}")
+  except ValueError as error:
+    _fail(error)
+
+
+def export_if_complete(output_dir: str, task: str, num_repeats: int, num_folds: int, export_dir: str) -> str | None:
+  """Exports every cell of the grid as one ensemble (pdx_tf.serving.export) once all of them are complete.
+
+  With several shards only the machine that finds the grid complete exports; the others log and return None
+  (run `python -m export` afterwards, or rerun any shard with --export_dir).
+  """
+  folders = [contracts.cell_folder(output_dir, cell) for cell in grid.all_cells(num_repeats, num_folds)]
+  missing = [folder for folder in folders if not grid.is_complete(folder)]
+  if missing:
+    logging.warning("--export_dir: %d of %d cells are not complete yet (e.g. %s); not exporting. Rerun with"
+                    " --export_dir once every shard has finished, or use `python -m export`", len(missing),
+                    len(folders), missing[0])
+    return None
+  from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
+
+  return export.export_models(folders, export_dir, task)
+
+
+def _print_plan(config: trainer.TrainConfig) -> None:
+  if _PLAN_IMAGES_PER_S.value is not None:
+    images_per_s, source = _PLAN_IMAGES_PER_S.value, "given by --plan_images_per_s"
+  else:
+    images_per_s = trainer.measure_images_per_s(config)
+    source = "measured on this machine (~20 s, random in-memory data, no records input: an upper bound)"
+  plan = trainer.plan_grid(config, images_per_s)
+  gib = 1024**3
+  print(f"cells: {plan['cells_shard']} in this shard, {plan['cells_all']} in all\n"
+        f"images: {plan['images_shard']} in this shard, {plan['images_all']} in all"
+        f" ({min(plan['images_per_cell'].values())}-{max(plan['images_per_cell'].values())} a cell)\n"
+        f"bytes to read: {plan['bytes_shard']} in this shard ({plan['bytes_shard'] / gib:.2f} GiB),"
+        f" {plan['bytes_all']} in all ({plan['bytes_all'] / gib:.2f} GiB)\n"
+        f"records on disk: {plan['records_bytes']} bytes ({plan['records_bytes'] / gib:.2f} GiB)\n"
+        f"throughput: {images_per_s:.1f} images/s, {source}\n"
+        f"hours: {plan['hours_shard']:.2f} for this shard, {plan['hours_all']:.2f} for all cells on one such device")
+
+
+def _child_arguments() -> list[str]:
+  """This run's command-line flags, without the ones a --cells_per_gpu parent sets for its children."""
+  owned = tuple(f"--{name}" for name in _CHILD_OWNED) + tuple(f"--no{name}" for name in _CHILD_OWNED)
+  return [argument for argument in sys.argv[1:] if argument.split("=", 1)[0] not in owned]
+
+
+def _run_packed(config: trainer.TrainConfig, per_gpu: int) -> None:
+  """Trains this shard's cells as `per_gpu` processes sharing the GPU, then waits for all of them.
+
+  Child i of shard s (of n) is shard s + n * i of n * per_gpu: cell j goes to it iff j % (n * per_gpu) == s + n*i,
+  so the children split exactly this shard's cells (j % n == s) between them.
+  """
+  environment = dict(os.environ, TF_FORCE_GPU_ALLOW_GROWTH="true")
+  children = []
+  for index in range(per_gpu):
+    command = [sys.executable, "-m", "train", *_child_arguments(), f"--num_shards={config.num_shards * per_gpu}",
+               f"--shard_index={config.shard_index + config.num_shards * index}", "--cells_per_gpu=1"]
+    children.append(subprocess.Popen(command, env=environment))  # pylint: disable=consider-using-with
+  codes = [child.wait() for child in children]
+  failed = [index for index, code in enumerate(codes) if code != 0]
+  if failed:
+    _fail(f"{len(failed)} of {per_gpu} --cells_per_gpu processes failed (exit {codes[failed[0]]}; see their"
+          " messages above); rerun: complete cells are skipped")
+  print(f"runs: {config.output_dir} ({per_gpu} processes, all finished)")
 
 
 def _fail(message) -> None:

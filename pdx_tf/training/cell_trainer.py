@@ -1,0 +1,385 @@
+"""One cell of the grid: training epoch by epoch, the atomic per-epoch checkpoint, and the cell's artifacts.
+
+`train_cell` trains (or resumes) cell (repeat, fold) and, once its last epoch is done, writes `model.keras`,
+`slice_predictions.csv`, `patient_predictions.csv`, `metrics.json` and, last, `run.json` (CONTRACTS.md).
+
+Exact resume. Epoch e is one `model.fit(..., initial_epoch=e, epochs=e + 1)` over a dataset keyed by
+(cell, epoch), and the dropout seed generators are reset to a state keyed by (cell seed, epoch) at its start,
+so what epoch e sees never depends on how many epochs ran in this process. After every epoch:
+
+  1. `checkpoint/epoch-NNNN.keras` (model, optimizer moments and iteration count) is written to a temp name
+     and renamed;
+  2. `progress.json` naming that file is written the same way: this rename is the commit point;
+  3. older checkpoint files are deleted.
+
+A kill before step 2 leaves the previous progress.json, which names the previous checkpoint (still present):
+the epoch is redone from the same state with the same inputs, none is lost or run twice. A kill after step 2
+only leaves stale files, deleted on resume. A cell whose progress says every epoch is done goes straight to its
+artifacts. The dropout state is reseeded because `.keras` files do not restore Keras' SeedGenerator state
+(checked with Keras 3: `load_weights` restores Adam's moments and iterations, not `seed_generator_state`).
+
+Seeds: the pool draw uses (`seed`, repeat) (input_pipeline.pool_keep); the initialisation uses
+`cell_seed(seed, cell)`; the shuffle and dropout of epoch e use (cell_seed, e).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+import time
+import warnings
+from typing import Any, Mapping, Sequence, TYPE_CHECKING
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import logging
+
+from pdx_tf import configs, contracts, io_utils, provenance
+from pdx_tf.contracts import RUN_SCHEMA_VERSION, TENSORBOARD_FOLDER
+from pdx_tf.errors import RunsError
+from pdx_tf.evaluation import metrics as metrics_lib
+from pdx_tf.training import aggregation as aggregation_lib, input_pipeline, splits, tensorboard
+from pdx_tf.training.model import build_model
+
+if TYPE_CHECKING:
+  from pdx_tf.training.trainer import TrainConfig
+
+# Held-out slice probabilities with a smaller spread mean the model predicts one constant (see model.py).
+COLLAPSE_STD = 1e-3
+_CHECKPOINT_PATTERN = re.compile(r"^epoch-(\d{4,})\.keras$")
+
+
+def cell_seed(seed: int, cell: contracts.Cell) -> int:
+  """The initialisation seed of a cell (and the root of its per-epoch shuffle and dropout seeds)."""
+  return int(np.random.default_rng([seed, cell[0], cell[1]]).integers(2**31))
+
+
+def epoch_seed(init_seed: int, epoch: int) -> int:
+  """The shuffle / dropout seed of one epoch of a cell: a pure function of (cell seed, epoch)."""
+  return int(np.random.default_rng([init_seed, epoch, 0x5EED]).integers(2**31))
+
+
+def checkpoint_name(epoch: int) -> str:
+  """The checkpoint file written after `epoch` epochs (1-based count)."""
+  return f"epoch-{epoch:04d}.keras"
+
+
+# ------------------------------------------------------------------------------------------ training inputs
+
+
+def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: Sequence[str],
+                  cell: contracts.Cell, epoch: int) -> tf.data.Dataset:
+  """The (finite) batches of epoch `epoch` of a cell: a pure function of (config, cell, epoch), so a resumed
+  epoch sees exactly the batches an uninterrupted run would."""
+  return input_pipeline.train_dataset(
+      info, train_ids, task=config.task, sample_seed=config.seed, repeat=cell[0], epoch=epoch,
+      shuffle_seed=cell_seed(config.seed, cell), pool_fraction=config.pool_fraction, batch_size=config.batch_size,
+      include_originals=config.include_originals, images_per_epoch=config.images_per_epoch,
+      shuffle_buffer=config.shuffle_buffer, deterministic=config.deterministic, drop_remainder=True)
+
+
+# ------------------------------------------------------------------------------------------------ the model
+
+
+def hparams(config: TrainConfig, cell: contracts.Cell, policy: str) -> dict[str, Any]:
+  return {"task": config.task, "repeat": cell[0], "fold": cell[1], "alpha": config.model.alpha,
+          "image_size": config.model.image_size, "weights": config.model.weights,
+          "learning_rate": config.learning_rate, "precision": policy, "epochs": config.epochs,
+          "batch_size": config.batch_size, "pool_fraction": config.pool_fraction,
+          "bn_momentum": config.model.resolved_bn_momentum, "aggregation": config.aggregation}
+
+
+def compile_model(model: keras.Model, config: TrainConfig) -> None:
+  model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
+                loss=keras.losses.BinaryCrossentropy(),
+                metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
+                jit_compile=config.jit_compile)
+
+
+# One compiled model per process, reused by every cell with the same settings: tracing MobileNetV2's train step
+# costs 15-30 s on a CPU (more than a demo cell's training), so each cell assigns fresh initial weights and the
+# optimizer's initial state into the already-traced model instead of compiling a new one.
+_COMPILED: dict[tuple, tuple[keras.Model, list[np.ndarray]]] = {}
+
+
+def _seed_keras(seed: int) -> None:
+  """Seeds Keras' weight initialisation like `keras.utils.set_random_seed`, but leaves TF's global seed alone.
+
+  Keras draws initializer and dropout seeds from Python's `random` when a layer has no explicit seed, so
+  seeding it makes `build_model` a pure function of `seed`. `tf.random.set_seed` is set once per grid in
+  `run_grid` instead: it clears TF's kernel cache, which makes an already-traced model re-optimise its graph
+  at its next step (about 10 s per cell on a CPU).
+  """
+  random.seed(seed)
+  np.random.seed(seed % 2**32)
+  try:  # Keras' own global seed generator (keras.random without a seed); private, so optional.
+    from keras.src.backend.common import global_state  # pylint: disable=import-outside-toplevel
+    from keras.src.random import seed_generator  # pylint: disable=import-outside-toplevel
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR, None)
+    global_state.set_global_attribute("global_random_seed", seed)
+  except (ImportError, AttributeError):
+    pass
+
+
+def fresh_model(config: TrainConfig, policy: str, strategy: tf.distribute.Strategy, init_seed: int) -> keras.Model:
+  """A compiled model with the initial weights of `build_model` under `init_seed` and a fresh optimizer."""
+  key = (config.model, policy, config.learning_rate, config.jit_compile, id(strategy))
+  _seed_keras(init_seed)
+  with strategy.scope():
+    fresh = build_model(config.model)
+    if key not in _COMPILED:
+      compile_model(fresh, config)
+      fresh.optimizer.build(fresh.trainable_variables)
+      _COMPILED.clear()  # keep one model in memory
+      _COMPILED[key] = (fresh, [variable.numpy() for variable in fresh.optimizer.variables])
+      return fresh
+    model, optimizer_state = _COMPILED[key]
+    for target, source in zip(model.variables, fresh.variables, strict=True):
+      target.assign(source)
+    for variable, value in zip(model.optimizer.variables, optimizer_state, strict=True):
+      variable.assign(value)
+  return model
+
+
+def reseed_dropout(model: keras.Model, seed: int) -> int:
+  """Sets every SeedGenerator state of `model` (dropout) to one keyed by `seed`; returns how many it set."""
+  count = 0
+  for variable in model.non_trainable_variables:
+    if variable.path.endswith("seed_generator_state"):
+      state = np.asarray([(seed + count) % 2**31, 0]).astype(keras.backend.standardize_dtype(variable.dtype))
+      variable.assign(state)
+      count += 1
+  return count
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+
+
+def load_progress(folder: str) -> tuple[dict[str, Any], str] | None:
+  """(progress, checkpoint path) of an interrupted cell, or None to start from scratch.
+
+  Only a checkpoint named by progress.json counts: a newer file without its progress.json is an epoch that did
+  not commit, so it is redone.
+  """
+  progress_path = io_utils.join(folder, contracts.PROGRESS_FILE)
+  if not io_utils.exists(progress_path):
+    return None
+  try:
+    progress = io_utils.read_json(progress_path)
+  except ValueError:
+    logging.warning("%s is not valid JSON; the cell starts over", progress_path)
+    return None
+  name = progress.get("checkpoint", "model.keras")  # "model.keras": the layout before per-epoch files
+  checkpoint = io_utils.join(folder, contracts.CHECKPOINT_FOLDER, name)
+  if progress.get("epochs_completed", 0) > 0 and not io_utils.exists(checkpoint):
+    logging.warning("%s names %s, which is missing; the cell starts over", progress_path, checkpoint)
+    return None
+  return progress, checkpoint
+
+
+def _remove_other_checkpoints(folder: str, keep: str) -> None:
+  checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)
+  if not io_utils.exists(checkpoint_folder):
+    return
+  for name in tf.io.gfile.listdir(checkpoint_folder):
+    if name != keep:
+      path = io_utils.join(checkpoint_folder, name)
+      if not tf.io.gfile.isdir(path):
+        tf.io.gfile.remove(path)
+
+
+def commit_epoch(folder: str, model: keras.Model, progress: dict[str, Any]) -> None:
+  """Writes the checkpoint of `progress["epochs_completed"]`, then progress.json naming it (the commit), then
+  deletes older checkpoints (module docstring)."""
+  checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)
+  io_utils.make_dirs(checkpoint_folder)
+  name = checkpoint_name(int(progress["epochs_completed"]))
+  path = io_utils.join(checkpoint_folder, name)
+  temp = io_utils.temp_path_for(path)
+  if not temp.endswith(".keras"):
+    temp += ".keras"  # Keras refuses to save a model under another extension
+  model.save(temp)
+  tf.io.gfile.rename(temp, path, overwrite=True)
+  progress["checkpoint"] = name
+  io_utils.atomic_write_json(io_utils.join(folder, contracts.PROGRESS_FILE), progress)
+  _remove_other_checkpoints(folder, name)
+
+
+class _EpochChecks(keras.callbacks.Callback):
+  """Counts an epoch's steps and refuses a non-finite loss or an empty epoch."""
+
+  def __init__(self, folder: str):
+    super().__init__()
+    self._folder = folder
+    self.steps = 0
+    self.logs: dict[str, float] = {}
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.steps = 0
+
+  def on_train_batch_end(self, batch, logs=None):
+    self.steps += 1
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.logs = {key: float(value) for key, value in (logs or {}).items()}
+    if not all(math.isfinite(value) for value in self.logs.values()):
+      raise RunsError(f"epoch {epoch} of {self._folder} gave a non-finite loss or metric ({self.logs}); lower"
+                      " --learning_rate or use --precision=float32")
+    if self.steps == 0:
+      raise RunsError(f"{self._folder}: the training draw is smaller than one batch; raise --pool_fraction or"
+                      " lower --batch_size")
+
+
+# --------------------------------------------------------------------------------------------------- a cell
+
+
+def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any], cell: contracts.Cell,
+               *, strategy: tf.distribute.Strategy | None = None, policy: str = "float32",
+               tensorboard_dir: str | None = None,
+               extra_callbacks: Sequence[keras.callbacks.Callback] = ()) -> str:
+  """Trains (or resumes) one cell and writes its artifacts.
+
+  Args:
+    config: the grid settings; info: the records; split: splits.make_splits' result; cell: (repeat, fold).
+    strategy: the distribution strategy (default: the current one); policy: the resolved dtype policy.
+    tensorboard_dir: R/tensorboard by default.
+    extra_callbacks: Keras callbacks added to every epoch's fit (one that sets `model.stop_training` interrupts
+      the cell after the current epoch is committed).
+
+  Returns:
+    "complete", or "interrupted" when a callback stopped training (the next run resumes).
+  """
+  strategy = strategy or tf.distribute.get_strategy()
+  tensorboard_dir = tensorboard_dir or io_utils.join(config.output_dir, TENSORBOARD_FOLDER)
+  name = contracts.cell_name(cell)
+  folder = contracts.cell_folder(config.output_dir, cell)
+  io_utils.make_dirs(folder)
+  train_ids, test_ids = splits.cell_patients(split, *cell)
+  init_seed = cell_seed(config.seed, cell)
+  resumed = load_progress(folder)
+  progress = resumed[0] if resumed else None
+  if progress is not None and progress.get("epochs_completed", 0) > config.epochs:
+    progress = None  # an earlier run with more epochs; nothing sensible to resume
+  model = fresh_model(config, policy, strategy, init_seed)
+  if progress is None:
+    progress = {"epochs_completed": 0, "images_seen": 0, "history": [], "wall_time_s": 0.0}
+  elif progress["epochs_completed"] > 0:
+    logging.info("cell %s: resuming after epoch %d", name, progress["epochs_completed"])
+    # Restores the weights and the optimizer state (Adam moments, iteration count, loss scale).
+    model.load_weights(resumed[1])
+  _remove_other_checkpoints(folder, progress.get("checkpoint", ""))  # uncommitted epochs' files
+  validation = input_pipeline.load_validation(info, test_ids, config.task)
+  checks = _EpochChecks(folder)
+  interrupted = False
+  for epoch in range(int(progress["epochs_completed"]), config.epochs):
+    train = epoch_dataset(config, info, train_ids, cell, epoch)
+    if epoch == 0:
+      for images, _ in train.take(1):
+        tensorboard.write_input_images(tensorboard_dir, name, images.numpy())
+    reseed_dropout(model, epoch_seed(init_seed, epoch))
+    epoch_started = time.time()
+    # A logger per fit: EpochLogger closes its writers at the end of each fit.
+    callbacks = [tensorboard.EpochLogger(tensorboard_dir, name), checks, *extra_callbacks]
+    with warnings.catch_warnings():
+      # One pass over the (finite, unknown-length) dataset is an epoch by design; Keras warns about both.
+      warnings.filterwarnings("ignore", message=".*ran out of data.*")
+      warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
+      model.fit(train, epochs=epoch + 1, initial_epoch=epoch,
+                validation_data=validation.dataset(config.batch_size), callbacks=callbacks, verbose=2)
+    progress["epochs_completed"] = epoch + 1
+    progress["images_seen"] += checks.steps * config.batch_size  # batches drop the remainder: exact
+    progress["history"].append(checks.logs)
+    progress["wall_time_s"] = float(progress.get("wall_time_s", 0.0)) + time.time() - epoch_started
+    commit_epoch(folder, model, progress)
+    if model.stop_training and epoch + 1 < config.epochs:
+      interrupted = True
+      break
+  if interrupted:
+    logging.info("cell %s: stopped after epoch %d of %d; rerun to resume", name, progress["epochs_completed"],
+                 config.epochs)
+    return "interrupted"
+  _finish_cell(config, info, split, cell, model, validation, progress, policy, tensorboard_dir, init_seed)
+  return "complete"
+
+
+def _image_only(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
+  del label
+  return image
+
+
+def auc(labels, probabilities) -> float | None:
+  """The project's one ROC AUC (pdx_tf.evaluation.metrics: ties count one half); None when undefined."""
+  value = metrics_lib.binary_metrics(np.asarray(labels), np.asarray(probabilities, np.float64))["auc"]
+  return None if value is None or not math.isfinite(value) else float(value)
+
+
+def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
+                 cell: contracts.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
+                 progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int) -> None:
+  """Writes model.keras, predictions, metrics.json, the HParams session and (last) run.json."""
+  name = contracts.cell_name(cell)
+  folder = contracts.cell_folder(config.output_dir, cell)
+  model_path = io_utils.join(folder, "model.keras")
+  temp = io_utils.temp_path_for(model_path)
+  if not temp.endswith(".keras"):
+    temp += ".keras"
+  model.save(temp)
+  tf.io.gfile.rename(temp, model_path, overwrite=True)
+
+  probabilities = model.predict(validation.dataset(config.batch_size).map(_image_only), verbose=0)
+  probabilities = probabilities.reshape(-1).astype(np.float64)
+  slice_rows = [[patient_id, int(slice_index), int(label), f"{probability:.8f}"]
+                for patient_id, slice_index, label, probability in
+                zip(validation.patient_ids, validation.slice_indices, validation.labels, probabilities)]
+  io_utils.atomic_write_csv(io_utils.join(folder, "slice_predictions.csv"),
+                            ["patient_id", "slice_index", "label", "probability"], slice_rows)
+  _, test_ids = splits.cell_patients(split, *cell)
+  labels = info.labels(config.task)
+  patient_probabilities = []
+  for patient_id in test_ids:
+    mine = probabilities[validation.patient_ids == patient_id]
+    patient_probabilities.append(aggregation_lib.aggregate(mine, config.aggregation, config.top_k))
+  patient_probabilities = np.asarray(patient_probabilities)
+  patient_labels = np.asarray([labels[patient_id] for patient_id in test_ids])
+  io_utils.atomic_write_csv(io_utils.join(folder, "patient_predictions.csv"), ["patient_id", "label", "probability"],
+                            [[patient_id, int(label), f"{probability:.8f}"] for patient_id, label, probability
+                             in zip(test_ids, patient_labels, patient_probabilities)])
+
+  probability_std = float(np.std(probabilities))
+  collapsed = probability_std < COLLAPSE_STD
+  if collapsed:
+    logging.warning("cell %s: held-out slice probabilities collapsed to one value (std %.2g < %g); the model"
+                    " predicts a constant. From scratch, keep --bn_momentum at 0.9 (0.999 is the usual cause),"
+                    " or lower --learning_rate", name, probability_std, COLLAPSE_STD)
+  metrics = {
+      "patient/auc": auc(patient_labels, patient_probabilities),
+      "patient/accuracy": float(np.mean((patient_probabilities >= 0.5) == patient_labels.astype(bool))),
+      "slice/auc": auc(validation.labels, probabilities),
+  }
+  metrics_document = {
+      "task": config.task, "repeat": cell[0], "fold": cell[1], **metrics,
+      "slice/probability_std": probability_std, "collapsed": collapsed,
+      "num_test_patients": len(test_ids), "num_test_slices": int(probabilities.size),
+      "epochs": int(progress["epochs_completed"]), "images_seen": int(progress["images_seen"]),
+      "history": list(progress["history"])}
+  io_utils.atomic_write_json(io_utils.join(folder, "metrics.json"), metrics_document)
+  tensorboard.write_cell_hparams(tensorboard_dir, name, hparams(config, cell, policy), metrics)
+
+  run = {
+      "schema_version": RUN_SCHEMA_VERSION, "task": config.task, "repeat": cell[0], "fold": cell[1],
+      "status": contracts.COMPLETE_STATUS, "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
+      "records_hash": info.content_hash, "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
+      "config": configs.to_dict(config), "preprocess": info.preprocess, "region": info.region,
+      "aggregation": config.aggregation, "aggregation_top_k": config.top_k,
+      "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),
+      "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
+  io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), run)
+  # The resume state is no longer needed once run.json marks the cell complete.
+  checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)
+  if io_utils.exists(checkpoint_folder):
+    tf.io.gfile.rmtree(checkpoint_folder)
+  progress_path = io_utils.join(folder, contracts.PROGRESS_FILE)
+  if io_utils.exists(progress_path):
+    tf.io.gfile.remove(progress_path)

@@ -1,0 +1,212 @@
+"""Tests of pdx_tf.training.cell_trainer (exact resume), the --plan budget, --cells_per_gpu and GPU-free workers.
+
+Tiny: the real MobileNetV2 at 32 px, alpha 0.35, on tests/fake_records.py. The subprocess tests are slow.
+"""
+
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import fake_records
+from pdx_tf import cli, contracts
+from pdx_tf.training import cell_trainer, input_pipeline, splits, trainer
+from pdx_tf.training.model import ModelConfig
+
+SIZE = 32
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("records"))
+  fake_records.write_fake_records(folder, num_patients=8, slices_per_patient=3, augment_factor=4, image_size=SIZE)
+  return folder
+
+
+def tiny_config(records_dir, output_dir, **overrides):
+  values = dict(task="p", records_dir=records_dir, output_dir=str(output_dir),
+                model=ModelConfig(image_size=SIZE, alpha=0.35), num_folds=2, num_repeats=1, epochs=2, batch_size=8,
+                pool_fraction=0.5, deterministic=True, cells=("r0f0",))
+  values.update(overrides)
+  return trainer.TrainConfig(**values)
+
+
+def _predictions(root):
+  return (root / "cells" / "r00_f00" / "slice_predictions.csv").read_bytes()
+
+
+class _Stop(keras.callbacks.Callback):
+
+  def on_epoch_end(self, epoch, logs=None):
+    self.model.stop_training = True
+
+
+class _RecordEpochs(keras.callbacks.Callback):
+
+  def __init__(self):
+    super().__init__()
+    self.epochs = []
+
+  def on_epoch_begin(self, epoch, logs=None):
+    self.epochs.append(epoch)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(records_dir, tmp_path_factory):
+  root = tmp_path_factory.mktemp("uninterrupted")
+  assert trainer.run_grid(tiny_config(records_dir, root))["cells"] == {"r00_f00": "complete"}
+  return _predictions(root)
+
+
+def test_uncommitted_checkpoint_is_redone_once_and_predictions_match(records_dir, tmp_path, uninterrupted):
+  config = tiny_config(records_dir, tmp_path)
+  assert trainer.run_grid(config, cell_callbacks=lambda cell: [_Stop()])["cells"] == {"r00_f00": "interrupted"}
+  cell = tmp_path / "cells" / "r00_f00"
+  progress = json.loads((cell / "progress.json").read_text())
+  assert progress["epochs_completed"] == 1 and progress["checkpoint"] == "epoch-0001.keras"
+  # A kill between the checkpoint's rename and progress.json: epoch 2's file exists, progress still says 1.
+  (cell / "checkpoint" / "epoch-0002.keras").write_bytes((cell / "checkpoint" / "epoch-0001.keras").read_bytes())
+  recorder = _RecordEpochs()
+  assert trainer.run_grid(config, cell_callbacks=lambda cell: [recorder])["cells"] == {"r00_f00": "complete"}
+  assert recorder.epochs == [1], "epoch 2 did not commit, so it runs exactly once more; epoch 1 is not repeated"
+  assert _predictions(tmp_path) == uninterrupted
+
+
+def test_complete_progress_without_run_json_trains_nothing(records_dir, tmp_path, uninterrupted, monkeypatch):
+  config = tiny_config(records_dir, tmp_path)
+
+  def killed(*args, **kwargs):
+    raise KeyboardInterrupt("killed after the last epoch's commit")
+
+  with monkeypatch.context() as patch:
+    patch.setattr(cell_trainer, "_finish_cell", killed)
+    with pytest.raises(KeyboardInterrupt):
+      trainer.run_grid(config)
+  cell = tmp_path / "cells" / "r00_f00"
+  assert json.loads((cell / "progress.json").read_text())["epochs_completed"] == 2
+  assert not (cell / "run.json").exists()
+
+  def no_training(*args, **kwargs):
+    raise AssertionError("a cell whose every epoch is committed must not train again")
+
+  monkeypatch.setattr(keras.Model, "fit", no_training)
+  assert trainer.run_grid(config)["cells"] == {"r00_f00": "complete"}
+  assert _predictions(tmp_path) == uninterrupted
+
+
+def test_reseed_dropout_is_keyed_by_the_seed():
+  inputs = keras.Input((4,))
+  model = keras.Model(inputs, keras.layers.Dropout(0.5)(inputs))
+  assert cell_trainer.reseed_dropout(model, 7) == 1
+  first = model(np.ones((1, 64), np.float32)[:, :4], training=True).numpy()
+  model(np.ones((1, 4), np.float32), training=True)  # advances the state
+  cell_trainer.reseed_dropout(model, 7)
+  np.testing.assert_array_equal(model(np.ones((1, 4), np.float32), training=True).numpy(), first)
+
+
+def _train_command(records_dir, output_dir, *extra):
+  return [sys.executable, "-m", "train", "--task=p", f"--records_dir={records_dir}", f"--output_dir={output_dir}",
+          f"--image_size={SIZE}", "--alpha=0.35", "--num_folds=2", "--num_repeats=1", "--batch_size=8",
+          "--pool_fraction=0.5", "--deterministic", *extra]
+
+
+def _environment():
+  return dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+
+
+@pytest.mark.slow
+def test_sigkill_mid_cell_then_rerun_gives_identical_predictions(records_dir, tmp_path):
+  command = ["--epochs=3", "--cells=r0f0"]
+  subprocess.run(_train_command(records_dir, tmp_path / "A", *command), check=True, cwd=REPO_ROOT,
+                 env=_environment(), capture_output=True, timeout=600)
+  killed = tmp_path / "B"
+  progress = killed / "cells" / "r00_f00" / "progress.json"
+  process = subprocess.Popen(_train_command(records_dir, killed, *command), cwd=REPO_ROOT, env=_environment(),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  deadline = time.time() + 600
+  while time.time() < deadline and process.poll() is None:
+    if progress.exists() and json.loads(progress.read_text())["epochs_completed"] >= 1:
+      break
+    time.sleep(0.05)
+  assert process.poll() is None, "the run ended before it could be killed mid-cell"
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  assert not (killed / "cells" / "r00_f00" / "run.json").exists()
+  subprocess.run(_train_command(records_dir, killed, *command), check=True, cwd=REPO_ROOT, env=_environment(),
+                 capture_output=True, timeout=600)
+  assert _predictions(killed) == _predictions(tmp_path / "A")
+
+
+@pytest.mark.slow
+def test_cells_per_gpu_runs_every_cell_of_the_shard(records_dir, tmp_path):
+  result = subprocess.run(_train_command(records_dir, tmp_path, "--epochs=1", "--num_repeats=2",
+                                         "--num_shards=2", "--shard_index=1", "--cells_per_gpu=2"),
+                          cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-2000:]
+  # Shard 1 of 2 of a 2 x 2 grid (cells numbered repeat-major): cells 1 and 3, what a --cells_per_gpu=1 run trains.
+  expected = {"r00_f01", "r01_f01"}
+  found = {name for name in os.listdir(tmp_path / "cells") if (tmp_path / "cells" / name / "run.json").exists()}
+  assert found == expected
+  assert os.listdir(tmp_path / "cells") == sorted(expected) or set(os.listdir(tmp_path / "cells")) == expected
+
+
+def test_plan_numbers_match_dataset_json(records_dir, tmp_path):
+  config = tiny_config(records_dir, tmp_path, cells=(), num_repeats=3, num_shards=2, shard_index=1, epochs=3,
+                       images_per_epoch=20)
+  plan = trainer.plan_grid(config, images_per_s=10.0)
+  with open(os.path.join(records_dir, "dataset.json")) as handle:
+    document = json.load(handle)
+  per_cell = 3 * 16  # 3 epochs x 20 images rounded down to whole batches of 8
+  assert plan["cells_all"] == 6 and plan["cells_shard"] == 3
+  assert plan["images_all"] == 6 * per_cell and plan["images_shard"] == 3 * per_cell
+  assert plan["records_bytes"] == sum(os.path.getsize(os.path.join(records_dir, shard["path"]))
+                                      for shard in document["shards"])
+  assert plan["hours_all"] == pytest.approx(6 * per_cell / 10.0 / 3600)
+  # Bytes read: at most every training patient's shards once per pass, and more than nothing.
+  split = splits.make_splits({entry["patient_id"]: entry["label_p"] for entry in document["patients"]}, task="p",
+                             num_folds=2, num_repeats=3, seed=0)
+  sizes = {shard["patient_id"]: 0 for shard in document["shards"]}
+  for shard in document["shards"]:
+    sizes[shard["patient_id"]] += shard["num_bytes"]
+  info = contracts.load_dataset_info(records_dir)
+  pool = {cell: input_pipeline.pool_size(info, splits.cell_patients(split, *cell)[0], sample_seed=0, repeat=cell[0],
+                                         pool_fraction=0.5)
+          for cell in [(r, f) for r in range(3) for f in range(2)]}
+  ceiling = sum(3 * -(-16 // pool[cell]) * sum(sizes[p] for p in splits.cell_patients(split, *cell)[0])
+                for cell in pool)
+  assert 0 < plan["bytes_all"] <= ceiling
+  assert not os.path.exists(tmp_path / "config.json"), "--plan writes nothing"
+
+
+def test_plan_binary_and_bad_flags_fail_on_one_line(records_dir, tmp_path):
+  result = subprocess.run(_train_command(records_dir, tmp_path / "R", "--epochs=3", "--images_per_epoch=20",
+                                         "--plan", "--plan_images_per_s=10"),
+                          cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "cells: 2 in this shard, 2 in all" in result.stdout and "images: 96 in this shard" in result.stdout
+  assert "given by --plan_images_per_s" in result.stdout and not (tmp_path / "R").exists()
+  for bad, word in (("--pool_fraction=1.5", "pool_fraction"), ("--images_per_epoch=4", "images_per_epoch"),
+                    ("--cells_per_gpu=0", "cells_per_gpu")):
+    result = subprocess.run(_train_command(records_dir, tmp_path / "R", bad), cwd=REPO_ROOT, env=_environment(),
+                            capture_output=True, text=True, timeout=300)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("train: error:")]
+    assert result.returncode == 1 and len(errors) == 1 and word in errors[0], result.stderr[-1000:]
+    assert not (tmp_path / "R").exists()
+
+
+def test_pipeline_workers_see_no_gpu():
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=cli.init_tensorflow_worker,
+                                              initargs=(1, 1)) as pool:
+    assert pool.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result(timeout=300) == ""
+    assert pool.submit(tf.config.get_visible_devices, "GPU").result(timeout=300) == []
