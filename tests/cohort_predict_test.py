@@ -19,7 +19,7 @@ from tests import fake_cells
 from tests.predict_test import _header_identifiers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PHANTOM = phantom.PhantomConfig(num_patients=4, matrix_size=64, pixel_spacing_mm=6.0, slice_spacing_mm=5.0,
+PHANTOM = phantom.PhantomConfig(num_patients=24, matrix_size=64, pixel_spacing_mm=6.0, slice_spacing_mm=5.0,
                                 scanner_quirks=False)
 # Study folders named like a PACS export: the name must never reach an output or the console.
 FOLDER_CANARY = "ZZFOLDER^DOE^JANE"
@@ -209,6 +209,7 @@ def test_drift_flag_for_thin_slices_and_fine_pixels_end_to_end(cohort, tmp_path_
   metadata_path = os.path.join(version_dir, export.METADATA_FOLDER, export.METADATA_FILE)
   metadata = io_utils.read_json(metadata_path)
   metadata["input_statistics"] = summary
+  metadata["region"]["slice_spacing_mm"] = 5.0  # as the pipeline's default records: thin slices -> 5 mm slabs
   io_utils.atomic_write_json(metadata_path, metadata)
 
   _write_study(root / "inside", PHANTOM, 20, key=50)
