@@ -132,6 +132,12 @@ class DatasetInfo:
     config = self.document.get("config", {})
     return {key: config[key] for key in REGION_SETTINGS if key in config}
 
+  @property
+  def input_statistics(self) -> dict[str, Any] | None:
+    """The training inputs' distributions (`pdx_tf.data.input_statistics.aggregate`), None for older records."""
+    statistics = self.document.get("input_statistics")
+    return dict(statistics) if statistics else None
+
   def labels(self, task: str) -> dict[str, int]:
     key = f"label_{check_task(task)}"
     return {patient_id: int(entry[key]) for patient_id, entry in self.patients.items()}

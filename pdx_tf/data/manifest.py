@@ -64,8 +64,8 @@ class ManifestRow:
     row_number: the row as a spreadsheet shows it (header = 1).
     patient_id: pseudonymous ID (safe as a file name).
     dicom_dir: the study folder, resolved against the manifest's folder. Never write it to outputs.
-    label_p: 0/1 peritoneal dissemination.
-    label_sb: 0/1 small-bowel dissemination.
+    label_p: 0/1 peritoneal dissemination; None (unknown) only when read with allow_missing_labels.
+    label_sb: 0/1 small-bowel dissemination; None likewise.
     z_min_mm: abdominal range override (inferior end), or None for the automatic rule.
     z_max_mm: abdominal range override (superior end), or None.
     series_uid: series override, or None for the automatic choice. PHI-ish: never write it to outputs.
@@ -75,8 +75,8 @@ class ManifestRow:
   row_number: int
   patient_id: str
   dicom_dir: str
-  label_p: int
-  label_sb: int
+  label_p: int | None
+  label_sb: int | None
   z_min_mm: float | None
   z_max_mm: float | None
   series_uid: str | None
@@ -103,11 +103,14 @@ def resolve_dicom_dir(manifest_path: str, dicom_dir: str) -> str:
   return os.path.normpath(os.path.join(os.path.dirname(manifest_path), dicom_dir))
 
 
-def _parse_label(value: str, column: str, problems: list[str], where: str) -> int | None:
+def _parse_label(value: str, column: str, problems: list[str], where: str, allow_missing: bool = False
+                 ) -> int | None:
   if value in ("0", "1"):
     return int(value)
+  if allow_missing and not value:
+    return None  # unknown (an external cohort to predict)
   shown = repr(value) if value else "empty"
-  problems.append(f"{where}: {column} must be 0 or 1, got {shown}")
+  problems.append(f"{where}: {column} must be 0 or 1{' or empty' if allow_missing else ''}, got {shown}")
   return None
 
 
@@ -168,11 +171,14 @@ def _check_header(header: list[str], problems: list[str]) -> list[str]:
 
 
 def _parse_row(row_number: int, cells: list[str], header: list[str], covariate_names: Sequence[str],
-               manifest_path: str, first_row_of_id: dict[str, int], problems: list[str]) -> ManifestRow | None:
+               manifest_path: str, first_row_of_id: dict[str, int], problems: list[str],
+               allow_missing_labels: bool = False) -> ManifestRow | None:
   """One patient row -> ManifestRow, appending each problem (with its row number) to `problems`.
 
   `first_row_of_id` maps each case-folded patient_id seen so far to its row, for the duplicate check; None is
   returned only for a row whose field count does not match the header (nothing else can be read from it).
+  With `allow_missing_labels`, an empty label is None (unknown); otherwise unparsable labels are reported and
+  stored as 0 (the manifest is refused anyway).
   """
   where = f"row {row_number}"
   if len(cells) != len(header):
@@ -195,9 +201,9 @@ def _parse_row(row_number: int, cells: list[str], header: list[str], covariate_n
     problems.append(f"{where}: dicom_dir is empty")
   label_p = label_sb = None
   if LABEL_P_COLUMN in values:
-    label_p = _parse_label(values[LABEL_P_COLUMN], LABEL_P_COLUMN, problems, where)
+    label_p = _parse_label(values[LABEL_P_COLUMN], LABEL_P_COLUMN, problems, where, allow_missing_labels)
   if LABEL_SB_COLUMN in values:
-    label_sb = _parse_label(values[LABEL_SB_COLUMN], LABEL_SB_COLUMN, problems, where)
+    label_sb = _parse_label(values[LABEL_SB_COLUMN], LABEL_SB_COLUMN, problems, where, allow_missing_labels)
   if label_p == 0 and label_sb == 1:
     problems.append(f"{where}: label_sb=1 with label_p=0; small-bowel dissemination is peritoneal "
                     "dissemination, so label_p must be 1")
@@ -214,13 +220,16 @@ def _parse_row(row_number: int, cells: list[str], header: list[str], covariate_n
   return ManifestRow(
       row_number=row_number, patient_id=patient_id,
       dicom_dir=resolve_dicom_dir(manifest_path, dicom_dir) if dicom_dir else "",
-      label_p=label_p if label_p is not None else 0, label_sb=label_sb if label_sb is not None else 0,
+      label_p=label_p if label_p is not None or allow_missing_labels else 0,
+      label_sb=label_sb if label_sb is not None or allow_missing_labels else 0,
       z_min_mm=z_min_mm, z_max_mm=z_max_mm, series_uid=series_uid,
       covariates={name: values[name] for name in covariate_names})
 
 
-def parse_manifest_text(text: str, manifest_path: str) -> Manifest:
+def parse_manifest_text(text: str, manifest_path: str, *, allow_missing_labels: bool = False) -> Manifest:
   """Validates manifest CSV text (see the module docstring); `manifest_path` resolves relative folders.
+
+  `allow_missing_labels` (for `predict --manifest`): an empty label_p or label_sb means unknown (None).
 
   Raises:
     ManifestError: listing every problem, one per line, each with its row number.
@@ -249,7 +258,8 @@ def parse_manifest_text(text: str, manifest_path: str) -> Manifest:
   rows = []
   first_row_of_id: dict[str, int] = {}
   for row_number, cells in numbered[1:]:
-    row = _parse_row(row_number, cells, header, covariate_names, manifest_path, first_row_of_id, problems)
+    row = _parse_row(row_number, cells, header, covariate_names, manifest_path, first_row_of_id, problems,
+                     allow_missing_labels)
     if row is not None:
       rows.append(row)
 
@@ -264,8 +274,8 @@ def parse_manifest_text(text: str, manifest_path: str) -> Manifest:
   return Manifest(path=manifest_path, rows=tuple(rows), covariate_names=tuple(covariate_names))
 
 
-def read_manifest(path: str) -> Manifest:
-  """Reads and validates the manifest CSV at `path` (local or any tf.io.gfile URL).
+def read_manifest(path: str, *, allow_missing_labels: bool = False) -> Manifest:
+  """Reads and validates the manifest CSV at `path` (local or any tf.io.gfile URL); see `parse_manifest_text`.
 
   Raises:
     ManifestError: if the file is missing or unreadable, or listing every problem found in it.
@@ -280,4 +290,4 @@ def read_manifest(path: str) -> Manifest:
     raise ManifestError(f"manifest {path} is not UTF-8 text; save it as UTF-8 CSV") from None
   except (tf.errors.OpError, OSError) as error:
     raise ManifestError(f"manifest {path} cannot be read ({type(error).__name__})") from None
-  return parse_manifest_text(text, path)
+  return parse_manifest_text(text, path, allow_missing_labels=allow_missing_labels)

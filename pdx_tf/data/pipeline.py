@@ -31,6 +31,7 @@ import tensorflow as tf
 from pdx_tf import cli, configs, io_utils, provenance
 from pdx_tf.contracts import DATASET_FILE, DATASET_FORMAT, DEFAULT_MIN_SLICES
 from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, records, region, shards
+from pdx_tf.data import input_statistics
 from pdx_tf.errors import PdxError
 
 PAPER_AUGMENT_FACTOR = 960  # The study augmented every slice about 960-fold.
@@ -389,6 +390,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig, *, sh
       "z_range_rule": abdomen.rule,
       "series": series.choice.to_json(),  # Thickness, slice count, spacing of the chosen series; no UID.
       "warnings": list(abdomen.warnings),
+      "input_statistics": input_statistics.patient_statistics(abdomen, series.choice, config.region.body_threshold_hu),
       "original_shards": [shard["path"] for shard in original_writer.shards],
       "augmented_shards": [shard["path"] for shard in augmented_writer.shards],
       "num_original_examples": sum(shard["num_examples"] for shard in original_writer.shards),
@@ -489,6 +491,8 @@ def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], m
       "covariate_names": list(covariate_names),
       "patients": patients,
       "shards": all_shards,
+      # The cohort's input distributions (no patient's values), for predict's drift flags via run.json and export.
+      "input_statistics": input_statistics.aggregate([marker.get("input_statistics") for marker in markers]),
       "counts": {
           "patients": len(patients),
           "failed_patients": num_failed,

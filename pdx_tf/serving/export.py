@@ -259,6 +259,17 @@ def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
           "source": "pipeline defaults (the training dataset.json was not reachable at export time)"}
 
 
+def input_statistics(cells: Sequence[CellRun]) -> dict[str, Any] | None:
+  """The training inputs' distributions for predict's drift flags: run.json's "input_statistics" (from the
+  records' dataset.json). Cells of one export share their records, so the first cell that has them speaks for
+  all; None when no cell has them (records made before the pipeline computed them)."""
+  for cell in cells:
+    statistics = cell.run_info.get("input_statistics")
+    if statistics:
+      return dict(statistics)
+  return None
+
+
 def _load_model(cell: CellRun, image_size: int) -> keras.Model:
   if not tf.io.gfile.exists(cell.model_path):
     raise ExportError(f"{cell.model_path} is missing although run.json says complete; re-run cell {cell.name}")
@@ -327,6 +338,7 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "gradcam": {"backbone_layer": model_lib.BACKBONE_NAME,
                   "target_layer": model_lib.gradcam_layer(preprocess_config.image_size)},
       "region": region_settings(cells),
+      "input_statistics": input_statistics(cells),
       "code_version": provenance.code_version(),
   }
   return metadata

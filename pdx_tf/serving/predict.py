@@ -16,6 +16,7 @@ DICOM folder path is withheld (hospital folder names often carry names or access
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import re
 from typing import Any, Sequence
@@ -24,7 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import configs, contracts, io_utils, provenance
-from pdx_tf.data import preprocess
+from pdx_tf.data import input_statistics, preprocess
 from pdx_tf.errors import ExportError, PdxError
 from pdx_tf.serving import export, gradcam
 
@@ -115,12 +116,23 @@ def _region_arguments(metadata: dict[str, Any]) -> dict[str, Any]:
   return arguments
 
 
-def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray,
-                  config: PredictConfig) -> _TaskResult:
-  loaded = tf.saved_model.load(version_dir)
-  outputs = loaded.signatures["predict_patient"](hu=tf.constant(hu, tf.float32))
+@functools.lru_cache(maxsize=4)
+def _saved_model(version_dir: str):
+  """The loaded export, once per process: a cohort's patients share it (loading takes seconds)."""
+  return tf.saved_model.load(version_dir)
+
+
+@functools.lru_cache(maxsize=4)
+def _keras_models(version_dir: str, max_models: int) -> tuple:
+  _, metadata = export.read_export(version_dir)
+  return tuple(export.load_export_keras_models(version_dir, metadata, max_models))
+
+
+def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, num_gradcam_slices: int,
+                  gradcam_max_models: int) -> _TaskResult:
+  outputs = _saved_model(version_dir).signatures["predict_patient"](hu=tf.constant(hu, tf.float32))
   slice_probability = outputs["slice_probability"].numpy()
-  count = min(config.num_gradcam_slices, slice_probability.size)
+  count = min(num_gradcam_slices, slice_probability.size)
   # Highest first; ties by slice index so the choice is deterministic.
   order = sorted(range(slice_probability.size), key=lambda index: (-float(slice_probability[index]), index))
   chosen = sorted(order[:count], key=lambda index: -float(slice_probability[index]))
@@ -130,8 +142,7 @@ def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray,
   if chosen:
     preprocess_config = preprocess.preprocess_config_from_dict(metadata["preprocess"])
     images = preprocess.preprocess_slices(hu[chosen], preprocess_config).numpy()
-    models = export.load_export_keras_models(version_dir, metadata, config.gradcam_max_models)
-    heatmaps = gradcam.ensemble_grad_cam(models, images)
+    heatmaps = gradcam.ensemble_grad_cam(list(_keras_models(version_dir, gradcam_max_models)), images)
   return _TaskResult(
       task=metadata["task"], version_dir=version_dir, metadata=metadata, slice_probability=slice_probability,
       slice_uncertainty=outputs["slice_uncertainty"].numpy(),
@@ -148,12 +159,59 @@ def _region_summary(abdomen: Any) -> dict[str, Any]:
   }
 
 
-def _study_label(config: PredictConfig) -> str:
-  return f"patient {config.patient_id}" if config.patient_id else "the study"
+def _study_label(patient_id: str) -> str:
+  return f"patient {patient_id}" if patient_id else "the study"
 
 
-def _write_summary(path: str, results: Sequence[_TaskResult], regions: Sequence[Any], config: PredictConfig
-                   ) -> None:
+@dataclasses.dataclass(frozen=True)
+class Study:
+  """A study read for each export the way its training records were made.
+
+  Attributes:
+    regions: the abdominal slices, one per export (shared objects when the exports read studies alike).
+    statistics: `input_statistics.patient_statistics` of each export's slices, in the same order.
+  """
+
+  regions: tuple[Any, ...]
+  statistics: tuple[dict[str, Any], ...]
+
+
+def read_study(dicom_dir: str, exports: Sequence[tuple[str, dict[str, Any]]], *, patient_id: str = "",
+               series_uid: str | None = None, z_min_mm: float | None = None, z_max_mm: float | None = None) -> Study:
+  """Reads a study's series and abdominal slices once per distinct region setting of `exports`.
+
+  Raises:
+    DicomError, RegionError: one line starting with the patient (or "the study"), no PHI.
+  """
+  from pdx_tf.data import dicom, region  # pylint: disable=import-outside-toplevel
+
+  series_cache: dict[Any, Any] = {}
+  studies: dict[str, tuple[Any, dict[str, Any]]] = {}
+  regions, statistics = [], []
+  for _, metadata in exports:
+    arguments = _region_arguments(metadata)
+    key = repr(sorted((name, repr(value)) for name, value in arguments.items()))
+    if key not in studies:
+      series_key = (arguments.get("slice_thickness_mm", 5.0), arguments["min_slices"])
+      try:
+        if series_key not in series_cache:
+          series_cache[series_key] = dicom.read_ct_series(
+              dicom_dir, series_uid, min_slices=max(2, arguments["min_slices"]), slice_thickness_mm=series_key[0])
+        series = series_cache[series_key]
+        abdomen, _ = region.select_abdomen(
+            series.hu, series.z_mm, series.pixel_spacing_mm, z_min_mm=z_min_mm, z_max_mm=z_max_mm,
+            slice_spacing_mm=arguments["slice_spacing_mm"], min_slices=arguments["min_slices"],
+            config=arguments["config"], warnings=series.warnings)
+      except PdxError as error:
+        raise type(error)(f"{_study_label(patient_id)}: {error}") from None
+      studies[key] = (abdomen, input_statistics.patient_statistics(abdomen, series.choice,
+                                                                  arguments["config"].body_threshold_hu))
+    regions.append(studies[key][0])
+    statistics.append(studies[key][1])
+  return Study(regions=tuple(regions), statistics=tuple(statistics))
+
+
+def _write_summary(path: str, results: Sequence[_TaskResult], regions: Sequence[Any], patient_id: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use("Agg")
@@ -185,7 +243,7 @@ def _write_summary(path: str, results: Sequence[_TaskResult], regions: Sequence[
         axis.imshow(gradcam.overlay(result.images[position], result.heatmaps[position]))
         axis.set_title(f"slice {index} (z {z_mm[index]:.0f} mm): {result.slice_probability[index]:.2f}",
                        fontsize=8)
-  title = f"pdx-tf prediction for {_study_label(config)} (research software, not for clinical decisions)"
+  title = f"pdx-tf prediction for {_study_label(patient_id)} (research software, not for clinical decisions)"
   figure.suptitle(title, fontsize=10)
   figure.tight_layout()
   buffer = io.BytesIO()
@@ -195,7 +253,7 @@ def _write_summary(path: str, results: Sequence[_TaskResult], regions: Sequence[
 
 
 def predict_study(config: PredictConfig) -> dict[str, Any]:
-  """Runs `python -m predict`; returns what it writes to prediction.json.
+  """Runs `python -m predict --dicom_dir`; returns what it writes to prediction.json.
 
   Raises:
     ExportError: a --model folder is not a pdx export.
@@ -206,43 +264,66 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
   config_values = configs.to_dict(config)
   config_values["dicom_dir"] = WITHHELD
   io_utils.atomic_write_json(io_utils.join(config.output_dir, "config.json"), config_values)
-
-  from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
-
   # Each export reads the study the way its training records did (usually one setting for both tasks).
-  abdomens: dict[str, Any] = {}
-  results, regions = [], []
-  for version_dir, metadata in exports:
-    arguments = _region_arguments(metadata)
-    key = repr(sorted((name, repr(value)) for name, value in arguments.items()))
-    if key not in abdomens:
-      try:
-        abdomens[key] = region.load_abdomen(config.dicom_dir, **arguments)
-      except PdxError as error:
-        raise type(error)(f"{_study_label(config)}: {error}") from None
-    regions.append(abdomens[key])
-    results.append(_predict_task(version_dir, metadata, abdomens[key].hu, config))
+  study = read_study(config.dicom_dir, exports, patient_id=config.patient_id)
+  return predict_and_write(exports, study, config.output_dir, patient_id=config.patient_id,
+                           num_gradcam_slices=config.num_gradcam_slices,
+                           gradcam_max_models=config.gradcam_max_models)
 
+
+def operating_threshold(metadata: dict[str, Any]) -> float:
+  """The export's decision threshold on the patient probability: its "threshold", else 0.5."""
+  return float(metadata.get("threshold", 0.5))
+
+
+def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Study, output_dir: str, *,
+                      patient_id: str = "", num_gradcam_slices: int = 3, gradcam_max_models: int = 8,
+                      write_summary: bool = True) -> dict[str, Any]:
+  """Runs every export on a read study and writes prediction.json, the Grad-CAM PNGs and summary.png.
+
+  Args:
+    exports: (version folder, metadata) per task, from `load_exports`.
+    study: the study read by `read_study` with the same exports.
+    output_dir: the patient's output folder.
+    patient_id: the manifest's or user's code ("" for none); never a header value.
+    num_gradcam_slices: overlays per task (0: none).
+    gradcam_max_models: Grad-CAM averaged over at most this many models.
+    write_summary: also draw summary.png.
+
+  Returns:
+    prediction.json's content: per task the patient probability, uncertainty, decision at the export's
+    threshold and the drift flags (reasons the inputs are unlike the training inputs).
+  """
+  results = [_predict_task(version_dir, metadata, abdomen.hu, num_gradcam_slices, gradcam_max_models)
+             for (version_dir, metadata), abdomen in zip(exports, study.regions)]
   tasks: dict[str, Any] = {}
-  for result, abdomen in zip(results, regions):
+  all_flags: list[str] = []
+  for result, abdomen, statistics in zip(results, study.regions, study.statistics):
     z_mm = np.asarray(abdomen.z_mm, np.float64)
     overlays = []
     for position, index in enumerate(result.gradcam_slices):
       relative = f"gradcam/{result.task}_slice{index:03d}.png"
       title = (f"task {result.task}, slice {index} (z {z_mm[index]:.0f} mm): probability "
                f"{result.slice_probability[index]:.3f}")
-      gradcam.save_overlay_png(io_utils.join(config.output_dir, relative), result.images[position],
+      gradcam.save_overlay_png(io_utils.join(output_dir, relative), result.images[position],
                                result.heatmaps[position], title)
       overlays.append({"slice_index": index, "z_mm": round(float(z_mm[index]), 3), "png": relative})
     metadata = result.metadata
+    threshold = operating_threshold(metadata)
+    flags = input_statistics.drift_flags(statistics, metadata.get("input_statistics"))
+    all_flags.extend(flag for flag in flags if flag not in all_flags)
     tasks[result.task] = {
         "patient_probability": round(result.patient_probability, 6),
         "patient_uncertainty": round(result.patient_uncertainty, 6),
+        "threshold": threshold,
+        "predicted": int(round(result.patient_probability, 6) >= threshold),
+        "drift_flags": flags,
+        "training_statistics_available": bool(metadata.get("input_statistics")),
         "model": {
             "version": metadata["version"], "kind": metadata["kind"], "num_models": metadata["num_models"],
             "aggregation": metadata["aggregation"], "aggregation_top_k": metadata["aggregation_top_k"],
             "image_size": metadata["image_size"], "code_version": metadata["code_version"],
-            "gradcam_models": min(config.gradcam_max_models, metadata["num_models"]),
+            "gradcam_models": min(gradcam_max_models, metadata["num_models"]),
         },
         "slices": [{"slice_index": index, "z_mm": round(float(z_mm[index]), 3),
                     "probability": round(float(result.slice_probability[index]), 6),
@@ -251,19 +332,21 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
         "gradcam": overlays,
         "region": _region_summary(abdomen),
     }
-  summary = "summary.png"
-  _write_summary(io_utils.join(config.output_dir, summary), results, regions, config)
+  summary = "summary.png" if write_summary else None
+  if summary:
+    _write_summary(io_utils.join(output_dir, summary), results, study.regions, patient_id)
   prediction = {
       "format": PREDICTION_FORMAT,
       "schema_version": PREDICTION_SCHEMA_VERSION,
-      "patient_id": config.patient_id or None,
+      "patient_id": patient_id or None,
       "code_version": provenance.code_version(),
-      "region": _region_summary(regions[0]),  # each task also lists its own (they may differ in principle)
+      "region": _region_summary(study.regions[0]),  # each task also lists its own (they may differ in principle)
+      "drift_flags": all_flags,
       "tasks": tasks,
       "summary_png": summary,
       "note": "research software; not a medical device; not for clinical decisions",
   }
-  io_utils.atomic_write_json(io_utils.join(config.output_dir, "prediction.json"), prediction)
+  io_utils.atomic_write_json(io_utils.join(output_dir, "prediction.json"), prediction)
   return prediction
 
 
@@ -275,4 +358,6 @@ def format_prediction(prediction: dict[str, Any]) -> str:
     lines.append(f"{task}: probability {values['patient_probability']:.3f} +- {values['patient_uncertainty']:.3f} "
                  f"({model['kind']} of {model['num_models']} model(s), {model['aggregation']} over "
                  f"{prediction['region']['num_slices']} abdominal slices)")
+  if prediction.get("drift_flags"):
+    lines.append(f"inputs unlike the training data: {'; '.join(prediction['drift_flags'])}")
   return "\n".join(lines)
