@@ -127,6 +127,13 @@ class DatasetInfo:
     return dict(self.document.get("preprocess", {}))
 
   @property
+  def augment(self) -> dict[str, Any]:
+    """The records' offline augmentation (rotation, flip, scale ranges, copies a slice, block size, seed)."""
+    keys = ("augment_factor", "augment_block", "seed")
+    return {**dict(self.document.get("augment") or {}),
+            **{key: self.document[key] for key in keys if key in self.document}}
+
+  @property
   def region(self) -> dict[str, Any]:
     """The records' study-reading settings (z-range rule, slabs, series choice): what predict must repeat."""
     config = self.document.get("config", {})

@@ -372,6 +372,7 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       "status": contracts.COMPLETE_STATUS, "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
       "records_hash": info.content_hash, "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
       "config": configs.to_dict(config), "preprocess": info.preprocess, "region": info.region,
+      "augment": info.augment, "input_statistics": info.input_statistics,
       "aggregation": config.aggregation, "aggregation_top_k": config.top_k,
       "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),
       "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
