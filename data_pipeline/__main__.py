@@ -36,21 +36,24 @@ import sys  # pylint: disable=wrong-import-position,wrong-import-order
 from absl import app
 from absl import flags
 
+from pdx_tf import presets  # pylint: disable=wrong-import-position
 from pdx_tf.data import augment, pipeline, preprocess
 from pdx_tf.errors import ManifestError, PdxError
+
+_DEMO = presets.PIPELINE_PRESETS["demo"]
 
 _MANIFEST = flags.DEFINE_string("manifest", None, "Cohort CSV (patient_id,dicom_dir,label_p,label_sb[,z_min_mm,"
                                 "z_max_mm,series_uid][,covariates...]). Unset: the demo phantom cohort.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Output folder D (local or gs://). Required with "
                                   f"--manifest; the demo defaults to {pipeline.DEMO_OUTPUT_DIR}.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model image side in pixels (demo: "
-                                   f"{pipeline.DEMO_PRESET['image_size']}).")
+                                   f"{_DEMO['image_size']}).")
 _AUGMENT_FACTOR = flags.DEFINE_integer(
     "augment_factor", pipeline.PAPER_AUGMENT_FACTOR, "Augmented copies written per slice (the paper: "
-    f"{pipeline.PAPER_AUGMENT_FACTOR}; demo: {pipeline.DEMO_PRESET['augment_factor']}); 0 = originals only.")
+    f"{pipeline.PAPER_AUGMENT_FACTOR}; demo: {_DEMO['augment_factor']}); 0 = originals only.")
 _AUGMENT_BLOCK = flags.DEFINE_integer(
     "augment_block", pipeline.DEFAULT_AUGMENT_BLOCK, "Augmented copies per block file, the unit of the training pool"
-    f" draw (demo: {pipeline.DEMO_PRESET['augment_block']}).")
+    f" draw (demo: {_DEMO['augment_block']}).")
 _WINDOW = flags.DEFINE_string("window", "abdomen", "HU window(s): abdomen (W400/L40), triple, or C:W[,C:W,C:W].")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", pipeline.default_num_workers(),
                                     "Patient worker processes; 1 runs in this process.")
@@ -92,13 +95,12 @@ def _config() -> pipeline.PipelineConfig:
   demo = _MANIFEST.value is None
   if not demo and _OUTPUT_DIR.value is None:
     raise ValueError("--output_dir is required with --manifest")
-  image_size, augment_factor, augment_block = _IMAGE_SIZE.value, _AUGMENT_FACTOR.value, _AUGMENT_BLOCK.value
-  if demo:  # The demo preset, unless a flag is given explicitly.
-    image_size = image_size if flags.FLAGS["image_size"].present else pipeline.DEMO_PRESET["image_size"]
-    augment_factor = (augment_factor if flags.FLAGS["augment_factor"].present
-                      else pipeline.DEMO_PRESET["augment_factor"])
-    augment_block = (augment_block if flags.FLAGS["augment_block"].present
-                     else pipeline.DEMO_PRESET["augment_block"])
+  flagged = {"image_size": _IMAGE_SIZE.value, "augment_factor": _AUGMENT_FACTOR.value,
+             "augment_block": _AUGMENT_BLOCK.value}
+  given = {name: value for name, value in flagged.items() if flags.FLAGS[name].present}
+  # The demo preset, then the flags given explicitly (the one override path of pdx_tf.presets).
+  values = presets.apply(_DEMO if demo else {}, flagged, given)
+  image_size, augment_factor, augment_block = values["image_size"], values["augment_factor"], values["augment_block"]
   return pipeline.PipelineConfig(
       manifest_path=pipeline.demo_manifest_path() if demo else _MANIFEST.value,
       output_dir=_OUTPUT_DIR.value or pipeline.DEMO_OUTPUT_DIR,

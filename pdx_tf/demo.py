@@ -1,7 +1,7 @@
 """The demo: phantom cohort -> records -> a reduced training grid -> evaluation, on a laptop CPU.
 
 `run_demo("p")` builds (or reuses) the cached phantom cohort and its records (pdx_tf.data.pipeline), trains
-DEMO_PRESET (48 px, alpha 0.35, from scratch, all 8 folds of one repeat), evaluates the grid
+the preset table's demo row (48 px, alpha 0.35, from scratch, all 8 folds of one repeat), evaluates the grid
 (pdx_tf.evaluation) and returns the paper-style table. Everything is cached: a second run skips the finished
 cells and only re-evaluates.
 """
@@ -15,36 +15,26 @@ from typing import Any
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import contracts, io_utils
+from pdx_tf import contracts, io_utils, presets
 from pdx_tf.training import trainer
-from pdx_tf.training.model import ModelConfig
 
 DEMO_ROOT = "runs/demo"
-# The reduced protocol, sized for the 10-minute budget on a 2-core CPU: about 7-8 minutes end to end on an idle
-# 2-core machine, the phantom cohort included (benchmarks/README.md). 48 px keeps the omental cake (3-6 px) and
-# runs ~1.5x faster than 64 px; batch 64 is ~2x faster per image than 16 on a CPU, and 2e-3 makes up for the
-# fewer steps. Measured: task p patient AUC 0.81 mean per cell, 0.82 pooled (0.875 and 0.74 in another run: the
-# demo is not deterministic), and the models use the disease: filling the lesion pixels with fat lowers the
-# lesion slices' out-of-fold probability from 0.68 to 0.37 (benchmarks/localisation_benchmark.py).
-# The paper's protocol is configs/paper.flags.
-DEMO_PRESET: dict[str, Any] = {
-    "model": ModelConfig(image_size=48, alpha=0.35, weights="none"),
-    "num_folds": 8,
-    "num_repeats": 1,
-    "epochs": 5,
-    "batch_size": 64,
-    "learning_rate": 2e-3,
-    "pool_fraction": 0.25,
-    "aggregation": "mean",
-    "top_k": 3,
-    "precision": "float32",
-}
+# The demo preset is pdx_tf.presets' "demo" row: about 8 minutes end to end on an idle 2-core machine, the
+# phantom cohort included (benchmarks/README.md, with what its models learn). The paper's is configs/paper.flags.
 
 
 def demo_train_config(task: str, records_dir: str, output_dir: str, **overrides: Any) -> trainer.TrainConfig:
-  """The demo's TrainConfig (DEMO_PRESET with `overrides`)."""
-  return trainer.TrainConfig(task=task, records_dir=records_dir, output_dir=output_dir,
-                              **{**DEMO_PRESET, **overrides})
+  """The demo's TrainConfig: the preset table's demo row, then `overrides` (TrainConfig fields)."""
+  config = trainer.config_from_values({"task": task, "records_dir": records_dir, "output_dir": output_dir,
+                                       **presets.TRAIN_PRESETS["demo"]})
+  return dataclasses.replace(config, **overrides)
+
+
+def records_folder(root: str, image_size: int) -> str:
+  """The demo records at `image_size`: root/records at the preset's size, root/records-<size>px otherwise (so a
+  demo at another size keeps the default records)."""
+  default = presets.PIPELINE_PRESETS["demo"]["image_size"]
+  return io_utils.join(root, "records" if image_size == default else f"records-{image_size}px")
 
 
 def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
@@ -54,7 +44,7 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
     task: "p" or "sb".
     root: folder for records (root/records), runs (root/<task>) and evaluation (root/evaluation).
     progress: show pipeline progress.
-    **overrides: TrainConfig fields to change from DEMO_PRESET.
+    **overrides: TrainConfig fields to change from the demo preset (a `model` also sets the records' image size).
 
   Returns:
     {"table": paper-style text or None, "summary", "records_dir", "output_dir", "tensorboard_dir",
@@ -62,14 +52,15 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
   """
   from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
 
+  image_size = overrides["model"].image_size if "model" in overrides else presets.TRAIN_PRESETS["demo"]["image_size"]
+  records_dir = records_folder(root, image_size)
+  config = demo_train_config(task, records_dir, io_utils.join(root, task), **overrides)
   times = {}
   started = time.time()
-  records_dir = io_utils.join(root, "records")
-  pipeline.run_demo_pipeline(records_dir, progress=progress)
+  pipeline.run_demo_pipeline(records_dir, progress=progress, image_size=image_size)
   times["pipeline"] = time.time() - started
 
   started = time.time()
-  config = demo_train_config(task, records_dir, io_utils.join(root, task), **overrides)
   _set_aside_stale_run(config)
   grid_result = trainer.run_grid(config)
   times["training"] = time.time() - started

@@ -30,6 +30,7 @@ CONTRACTS.md (R/splits.json, R/patients.csv, R/config.json, R/cells/<cell>/..., 
 from pdx_tf import cli  # pylint: disable=wrong-import-order
 cli.quiet_tensorflow()  # Before anything loads TensorFlow: no C++ start-up lines unless --verbosity >= 1.
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -41,7 +42,6 @@ from absl import logging
 from pdx_tf import cli, contracts
 from pdx_tf.errors import PdxError
 from pdx_tf.training import aggregation, grid, trainer
-from pdx_tf.training.model import ModelConfig
 
 _TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "p: any peritoneal dissemination; sb: small-bowel.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
@@ -50,7 +50,8 @@ _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Run folder R for this tas
 _NUM_FOLDS = flags.DEFINE_integer("num_folds", 8, "Patient-level folds.")
 _NUM_REPEATS = flags.DEFINE_integer("num_repeats", 24, "Repeats: draws of training data and initialisations.")
 _EPOCHS = flags.DEFINE_integer("epochs", 20, "Passes over each cell's drawn training set.")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Model input size; must equal the records' image size.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Model input size; default: the records' (dataset.json). "
+                                   "A different size is refused.")
 _ALPHA = flags.DEFINE_float("alpha", 1.0, "MobileNetV2 width multiplier.")
 _WEIGHTS = flags.DEFINE_string("weights", "none", "none, imagenet (from the Keras cache) or a no-top .h5 path.")
 _BN_MOMENTUM = flags.DEFINE_float("bn_momentum", None, "BatchNorm momentum; unset: 0.9 from scratch, 0.999 "
@@ -96,49 +97,52 @@ def _shard() -> tuple[int, int]:
   return grid.shard_from_environment(os.environ) or (1, 0)
 
 
+# Flags that name a TrainConfig (or ModelConfig) field: the demo and a records run build their config from them
+# through one path, trainer.config_from_values.
+_CONFIG_FLAGS = ("task", "records_dir", "output_dir", "num_folds", "num_repeats", "epochs", "image_size", "alpha",
+                 "weights", "bn_momentum", "dropout_rate", "batch_size", "learning_rate", "precision",
+                 "jit_compile", "seed", "repartition", "pool_fraction", "images_per_epoch", "include_originals",
+                 "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells")
+# Flags of a run on records that the demo (one machine, its own folders) cannot honour.
+_NOT_FOR_DEMO = ("num_shards", "shard_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
+
+
+def _flag_values() -> tuple[dict, dict]:
+  """(every config flag's value, the ones given on the command line)."""
+  values = {name: flags.FLAGS[name].value for name in _CONFIG_FLAGS}
+  given = {name: flags.FLAGS[name].value for name in (*_CONFIG_FLAGS, *_NOT_FOR_DEMO) if flags.FLAGS[name].present}
+  return values, given
+
+
 def _config() -> trainer.TrainConfig:
+  values, _ = _flag_values()
+  if values["image_size"] is None:  # the records know their size
+    values["image_size"] = contracts.records_image_size(values["records_dir"])
   num_shards, shard_index = _shard()
-  model = ModelConfig(image_size=_IMAGE_SIZE.value, alpha=_ALPHA.value, weights=_WEIGHTS.value,
-                      dropout_rate=_DROPOUT_RATE.value, bn_momentum=_BN_MOMENTUM.value)
-  return trainer.TrainConfig(
-      task=_TASK.value, records_dir=_RECORDS_DIR.value, output_dir=_OUTPUT_DIR.value, model=model,
-      num_folds=_NUM_FOLDS.value, num_repeats=_NUM_REPEATS.value, epochs=_EPOCHS.value,
-      batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, precision=_PRECISION.value,
-      jit_compile=_JIT_COMPILE.value, seed=_SEED.value, repartition=_REPARTITION.value,
-      pool_fraction=_POOL_FRACTION.value, images_per_epoch=_IMAGES_PER_EPOCH.value, include_originals=_INCLUDE_ORIGINALS.value,
-      shuffle_buffer=_SHUFFLE_BUFFER.value, aggregation=_AGGREGATION.value, top_k=_TOP_K.value,
-      deterministic=_DETERMINISTIC.value, verify_hashes=_VERIFY_HASHES.value, num_shards=num_shards,
-      shard_index=shard_index, cells=tuple(_CELLS.value))
-
-
-def _demo_overrides() -> dict:
-  """Flags given explicitly on a demo run override the demo preset (model flags rebuild its ModelConfig)."""
-  from pdx_tf import demo  # pylint: disable=import-outside-toplevel
-
-  simple = {"num_folds": _NUM_FOLDS, "num_repeats": _NUM_REPEATS, "epochs": _EPOCHS, "batch_size": _BATCH_SIZE,
-            "learning_rate": _LEARNING_RATE, "precision": _PRECISION, "jit_compile": _JIT_COMPILE, "seed": _SEED,
-            "pool_fraction": _POOL_FRACTION, "aggregation": _AGGREGATION, "top_k": _TOP_K,
-            "deterministic": _DETERMINISTIC, "cells": _CELLS}
-  overrides = {name: (tuple(holder.value) if name == "cells" else holder.value)
-               for name, holder in simple.items() if flags.FLAGS[holder.name].present}
-  model_flags = {"alpha": _ALPHA, "weights": _WEIGHTS, "bn_momentum": _BN_MOMENTUM, "dropout_rate": _DROPOUT_RATE}
-  changed = {name: holder.value for name, holder in model_flags.items() if flags.FLAGS[holder.name].present}
-  if changed:
-    import dataclasses  # pylint: disable=import-outside-toplevel
-    overrides["model"] = dataclasses.replace(demo.DEMO_PRESET["model"], **changed)
-  return overrides
+  return trainer.config_from_values({**values, "num_shards": num_shards, "shard_index": shard_index})
 
 
 def _run_demo() -> None:
-  from pdx_tf import demo  # pylint: disable=import-outside-toplevel
+  from pdx_tf import demo, presets  # pylint: disable=import-outside-toplevel
 
-  result = demo.run_demo(_TASK.value, **_demo_overrides())
+  values, given = _flag_values()
+  values = presets.apply(presets.TRAIN_PRESETS["demo"], values, given, refused=_NOT_FOR_DEMO,
+                         why="they apply to a run on records: add --records_dir and --output_dir")
+  config = trainer.config_from_values(values | {"records_dir": "(demo)", "output_dir": "(demo)"})
+  overrides = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
+               if field.name not in ("task", "records_dir", "output_dir")}
+  result = demo.run_demo(_TASK.value, **overrides)
   times = result["wall_time_s"]
-  print(result["table"] or "(pdx_tf.evaluation is not available: no table; the runs are complete)")
+  print(result["table"])
   print(f"\nrecords: {result['records_dir']}\nmodels and predictions: {result['output_dir']}/cells/"
         f"\nevaluation: {result['evaluation_dir']}\nTensorBoard: tensorboard --logdir {result['tensorboard_dir']}"
         f"\ntime: pipeline {times['pipeline']:.0f} s, training {times['training']:.0f} s,"
         f" evaluation {times['evaluation']:.0f} s")
+  if _EXPORT_DIR.value:
+    exported = export_if_complete(result["output_dir"], _TASK.value, config.num_repeats,
+                                  config.num_folds, _EXPORT_DIR.value)
+    if exported:
+      print(f"export: {exported}")
 
 
 def main(argv):

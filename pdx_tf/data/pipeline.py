@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import cli, configs, io_utils, provenance
+from pdx_tf import cli, configs, io_utils, presets, provenance
 from pdx_tf.contracts import DATASET_FILE, DATASET_FORMAT, DEFAULT_MIN_SLICES
 from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, records, region, shards
 from pdx_tf.data import input_statistics
@@ -50,7 +50,6 @@ ENCODE_BATCH = 256  # Images handed to the encoding threads at a time (bounds me
 # per-patient fingerprints), so the dataset hash does not depend on parallelism or on where D lives.
 EXECUTION_ONLY_FIELDS = ("output_dir", "num_workers", "allow_failures", "num_partitions", "partition_index")
 # The demo's 8 copies in blocks of 2, so the demo's pool fraction (0.25) still draws 2 copies a slice.
-DEMO_PRESET = {"image_size": 48, "augment_factor": 8, "augment_block": 2}
 DEMO_OUTPUT_DIR = "runs/demo/records"
 
 
@@ -648,8 +647,9 @@ def demo_config(output_dir: str = DEMO_OUTPUT_DIR, **overrides) -> PipelineConfi
     **overrides: PipelineConfig fields to change; `image_size` sets the preprocess image size.
   """
   manifest_path = demo_manifest_path()
-  image_size = overrides.pop("image_size", DEMO_PRESET["image_size"])
-  values = {"augment_factor": DEMO_PRESET["augment_factor"], "augment_block": DEMO_PRESET["augment_block"],
+  preset = presets.PIPELINE_PRESETS["demo"]
+  image_size = overrides.pop("image_size", preset["image_size"])
+  values = {"augment_factor": preset["augment_factor"], "augment_block": preset["augment_block"],
             "num_workers": default_num_workers(), **overrides}
   if "preprocess" not in values:
     values["preprocess"] = preprocess.PreprocessConfig(image_size=image_size)
@@ -665,6 +665,6 @@ def run_demo_pipeline(output_dir: str = DEMO_OUTPUT_DIR, *, progress: bool = Tru
     output_dir: where the records go (default runs/demo/records).
     progress: show progress on stderr.
     **overrides: PipelineConfig fields (and `image_size`) to change from the demo preset
-      (image_size 64, augment_factor 8).
+      (pdx_tf.presets.PIPELINE_PRESETS["demo"]: 48 px, 8 copies a slice in blocks of 2).
   """
   return run_pipeline(demo_config(output_dir, **overrides), progress=progress)

@@ -145,6 +145,26 @@ def _strategy() -> tf.distribute.Strategy:
 # ----------------------------------------------------------------------------------------------- grid setup
 
 
+def config_from_values(values: Mapping[str, Any]) -> TrainConfig:
+  """A TrainConfig from flag-named values (the binary's flags, or a row of pdx_tf.presets.TRAIN_PRESETS).
+
+  The model's flags (ModelConfig's fields: image_size, alpha, weights, dropout_rate, bn_momentum) build
+  `model`; every other name is the TrainConfig field of the same name. The one path from flags to a config,
+  shared by `python -m train` and the demo.
+
+  Raises:
+    ValueError: a name that is neither, or a value the config refuses.
+  """
+  fields = {field.name for field in dataclasses.fields(TrainConfig)} - {"model"}
+  model_fields = {field.name for field in dataclasses.fields(ModelConfig)}
+  unknown = sorted(set(values) - fields - model_fields)
+  if unknown:
+    raise ValueError(f"not training settings: {', '.join(unknown)}")
+  model = ModelConfig(**{name: value for name, value in values.items() if name in model_fields})
+  return TrainConfig(model=model, **{name: tuple(value) if name == "cells" else value
+                                     for name, value in values.items() if name in fields})
+
+
 def changed_settings(config: TrainConfig) -> list[str] | None:
   """The R/config.json fields an existing grid in config.output_dir has with other values; None if no grid."""
   path = io_utils.join(config.output_dir, CONFIG_FILE)
