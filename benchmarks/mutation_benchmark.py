@@ -59,23 +59,24 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 #   equivalent:  optional {mutant key: why}: mutants read by a human and found to behave identically;
 #                they are not run and leave the score's denominator.
 TARGETS: dict[str, dict[str, Any]] = {
-    "splits": {
+    "splits": {  # splits and the training input: patient-level folds
         "module": "pdx_tf/training/splits.py",
         "tests": ["tests/splits_test.py"],
     },
-    "pool_keying": {
+    "pool_keying": {  # the keyed block draw and what a cell reads
         "module": "pdx_tf/training/input_pipeline.py",
-        "tests": ["tests/input_pipeline_test.py", "tests/trainer_test.py"],
-        "functions": ["pool_keep", "train_examples"],
+        "tests": ["tests/input_pipeline_test.py", "tests/trainer_test.py", "-k",
+                  "pool or drawn or leakage or exactly_its_training or epoch or block"],
+        "functions": ["pool_keep", "pool_shards", "pool_files", "pool_size", "_patient_shards"],
     },
     "metrics": {
         "module": "pdx_tf/evaluation/metrics.py",
         "tests": ["tests/evaluation_metrics_test.py"],
     },
     "training_auc": {
-        "module": "pdx_tf/training/trainer.py",
-        "tests": ["tests/trainer_test.py"],
-        "functions": ["_auc"],
+        "module": "pdx_tf/training/cell_trainer.py",
+        "tests": ["tests/trainer_test.py", "-k", "auc"],
+        "functions": ["auc"],
     },
     "export_preprocessing": {
         "module": "pdx_tf/serving/export.py",
@@ -87,21 +88,24 @@ TARGETS: dict[str, dict[str, Any]] = {
         "tests": ["tests/export_test.py"],
         "functions": ["model_image_size", "PdxServingModule.__init__"],
     },
-    "dicom_phi_errors": {
+    "dicom_phi_errors": {  # PHI: file tokens and every error path of the reader
         "module": "pdx_tf/data/dicom.py",
-        "tests": ["tests/dicom_test.py", "tests/pipeline_test.py"],
-        "functions": ["_display_name", "_header_from_dataset", "_scan_file", "_describe_counts", "_tilt_error",
-                      "_check_geometry", "_check_decodable", "read_ct_series"],
+        "tests": ["tests/dicom_paths_test.py", "tests/dicom_test.py"],
+        "functions": ["_relative_path", "file_token", "list_file_tokens", "_print_paths", "_describe_counts",
+                      "_tilt_error", "_check_geometry", "_check_decodable", "_why_unparseable", "_read_failure",
+                      "_malformed_error"],
     },
-    "pipeline_logging": {
+    "pipeline_logging": {  # PHI: what the pipeline prints and writes about a failed patient
         "module": "pdx_tf/data/pipeline.py",
-        "tests": ["tests/pipeline_test.py"],
-        "functions": ["_one_line", "_run_patient", "_run_all", "run_pipeline", "PipelineResult.summary"],
+        "tests": ["tests/pipeline_test.py", "tests/dicom_paths_test.py"],
+        "functions": ["_one_line", "_run_patient", "PipelineResult.summary"],
     },
     "training_resume": {
-        "module": "pdx_tf/training/trainer.py",
-        "tests": ["tests/trainer_test.py"],
-        "functions": ["_load_progress", "train_cell", "_Checkpointer"],
+        "module": "pdx_tf/training/cell_trainer.py",
+        "tests": ["tests/cell_trainer_test.py", "tests/trainer_test.py", "-k", "resume or progress or checkpoint or "
+                  "interrupted or idempotent or reseed"],
+        "functions": ["load_progress", "_remove_other_checkpoints", "commit_epoch", "checkpoint_name",
+                      "epoch_seed", "reseed_dropout"],
     },
 }
 
