@@ -120,7 +120,7 @@ def test_split_hash_changes_when_one_patient_moves_and_is_stable_across_processe
   folds[1]["test"].append(patient)
   folds[1]["train"].remove(patient)
   assert splits.split_hash(moved) != splits.split_hash(split)
-  code = ("import json, sys; from pdx_tf import splits; "
+  code = ("import json, sys; from pdx_tf.training import splits; "
           "print(splits.split_hash(json.loads(sys.stdin.read())))")
   other = subprocess.run([sys.executable, "-c", code], input=json.dumps(split), capture_output=True, text=True,
                          cwd=REPO_ROOT, check=True, timeout=120)
