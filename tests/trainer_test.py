@@ -218,9 +218,9 @@ def test_output_dir_trained_on_other_records(records_dir, tmp_path):
 
 
 def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
-  from train import __main__ as train_main  # pylint: disable=import-outside-toplevel
+  from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
 
-  assert train_main.export_if_complete(str(tmp_path / "R"), "p", 1, 2, str(tmp_path / "X")) is None
+  assert export.export_if_complete(str(tmp_path / "R"), "p", 1, 2, str(tmp_path / "X")) is None
   assert not (tmp_path / "X").exists()
 
 

@@ -41,6 +41,7 @@ from absl import logging
 
 from pdx_tf import cli, contracts
 from pdx_tf.errors import PdxError
+from pdx_tf.serving import export
 from pdx_tf.training import aggregation, grid, trainer
 
 _TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "p: any peritoneal dissemination; sb: small-bowel.")
@@ -139,7 +140,7 @@ def _run_demo() -> None:
         f"\ntime: pipeline {times['pipeline']:.0f} s, training {times['training']:.0f} s,"
         f" evaluation {times['evaluation']:.0f} s")
   if _EXPORT_DIR.value:
-    exported = export_if_complete(result["output_dir"], _TASK.value, config.num_repeats,
+    exported = export.export_if_complete(result["output_dir"], _TASK.value, config.num_repeats,
                                   config.num_folds, _EXPORT_DIR.value)
     if exported:
       print(f"export: {exported}")
@@ -180,7 +181,7 @@ def main(argv):
                    or "none")
       print(f"runs: {result['output_dir']}\nTensorBoard: tensorboard --logdir {result['tensorboard_dir']}")
     if _EXPORT_DIR.value:
-      exported = export_if_complete(config.output_dir, config.task, config.num_repeats, config.num_folds,
+      exported = export.export_if_complete(config.output_dir, config.task, config.num_repeats, config.num_folds,
                                     _EXPORT_DIR.value)
       if exported:
         print(f"export: {exported}")
@@ -188,24 +189,6 @@ def main(argv):
     _fail(error)
   except ValueError as error:
     _fail(error)
-
-
-def export_if_complete(output_dir: str, task: str, num_repeats: int, num_folds: int, export_dir: str) -> str | None:
-  """Exports every cell of the grid as one ensemble (pdx_tf.serving.export) once all of them are complete.
-
-  With several shards only the machine that finds the grid complete exports; the others log and return None
-  (run `python -m export` afterwards, or rerun any shard with --export_dir).
-  """
-  folders = [contracts.cell_folder(output_dir, cell) for cell in grid.all_cells(num_repeats, num_folds)]
-  missing = [folder for folder in folders if not grid.is_complete(folder)]
-  if missing:
-    logging.warning("--export_dir: %d of %d cells are not complete yet (e.g. %s); not exporting. Rerun with"
-                    " --export_dir once every shard has finished, or use `python -m export`", len(missing),
-                    len(folders), missing[0])
-    return None
-  from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
-
-  return export.export_models(folders, export_dir, task)
 
 
 def _print_plan(config: trainer.TrainConfig) -> None:

@@ -28,13 +28,14 @@ from typing import Any, Mapping, Sequence
 
 import keras
 import tensorflow as tf
+from absl import logging
 
 from pdx_tf import configs, contracts, io_utils, provenance
 from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_METADATA_FILE as METADATA_FILE, RUN_FILE, RUN_SCHEMA_VERSION, TASKS
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
 from pdx_tf.serving import signatures
-from pdx_tf.training import aggregation, model as model_lib
+from pdx_tf.training import aggregation, grid as training_grid, model as model_lib
 
 EXPORT_FORMAT = "pdx-tf-export"
 EXPORT_SCHEMA_VERSION = 1
@@ -398,6 +399,22 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
       tf.io.gfile.rmtree(temp_dir)
     raise
   return final_dir
+
+
+def export_if_complete(output_dir: str, task: str, num_repeats: int, num_folds: int, export_dir: str) -> str | None:
+  """Exports every cell of the grid as one ensemble (`export_models`): `python -m train --export_dir` once all of them are complete.
+
+  With several shards only the machine that finds the grid complete exports; the others log and return None
+  (run `python -m export` afterwards, or rerun any shard with --export_dir).
+  """
+  folders = [contracts.cell_folder(output_dir, cell) for cell in training_grid.all_cells(num_repeats, num_folds)]
+  missing = [folder for folder in folders if not training_grid.is_complete(folder)]
+  if missing:
+    logging.warning("--export_dir: %d of %d cells are not complete yet (e.g. %s); not exporting. Rerun with"
+                    " --export_dir once every shard has finished, or use `python -m export`", len(missing),
+                    len(folders), missing[0])
+    return None
+  return export_models(folders, export_dir, task)
 
 
 def export_runs(config: ExportConfig) -> str:
