@@ -307,6 +307,66 @@ def _set_pixels(dataset: Dataset, stored: np.ndarray, transfer_syntax_uid: str) 
                      f"{dicom_uid.UID(transfer_syntax_uid).name}: {error}") from None
 
 
+def _stored_pixels(hu: np.ndarray, pixel_spacing_mm: float, signed_pixels: bool, rescale_intercept: float,
+                   pixel_padding_value: int | None) -> tuple[np.ndarray, float, float]:
+  """HU -> stored integers (int16 or uint16), with the padding value outside the circular field of view.
+
+  Returns (stored [Z, Y, X], x0, y0): the position in mm of the first pixel's centre, the volume centred on x = y = 0.
+
+  Raises:
+    ValueError: the HU or the padding value do not fit the pixel type.
+  """
+  dtype = np.int16 if signed_pixels else np.uint16
+  limits = np.iinfo(dtype)
+  stored = np.round(hu.astype(np.float64) - rescale_intercept)
+  if stored.min() < limits.min or stored.max() > limits.max:
+    raise ValueError(f"HU range [{hu.min():g}, {hu.max():g}] does not fit {dtype.__name__} pixels with "
+                     f"intercept {rescale_intercept:g}; clip the HU or change signed_pixels/rescale_intercept")
+  stored = stored.astype(dtype)
+  rows, columns = hu.shape[1:]
+  x0 = -(columns - 1) / 2 * pixel_spacing_mm
+  y0 = -(rows - 1) / 2 * pixel_spacing_mm
+  if pixel_padding_value is not None:
+    if not limits.min <= pixel_padding_value <= limits.max:
+      raise ValueError(f"pixel_padding_value {pixel_padding_value} does not fit {dtype.__name__} pixels")
+    y_mm = y0 + np.arange(rows)[:, None] * pixel_spacing_mm
+    x_mm = x0 + np.arange(columns)[None, :] * pixel_spacing_mm
+    outside = x_mm ** 2 + y_mm ** 2 > (min(rows, columns) * pixel_spacing_mm / 2) ** 2
+    stored[:, outside] = pixel_padding_value
+  return stored, x0, y0
+
+
+def _series_template(key: int, series_number: int, patient_index: int, series_uid: str, series_description: str,
+                     image_orientation_patient: tuple[float, ...], pixel_spacing_mm: float,
+                     slice_thickness_mm: float, kvp: float, bits_stored: int, signed_pixels: bool,
+                     rescale_intercept: float, pixel_padding_value: int | None) -> pydicom.Dataset:
+  """The attributes every slice of an axial series shares (write_ct_series sets the per-slice ones)."""
+  dataset = _new_dataset(_uid("image", key, series_number, 0))
+  _add_identity(dataset, key, patient_index)
+  dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+  dataset.SeriesInstanceUID = series_uid
+  dataset.SeriesNumber = series_number
+  dataset.SeriesDescription = series_description
+  dataset.AcquisitionNumber = 1
+  dataset.PatientPosition = "HFS"
+  dataset.ImageOrientationPatient = [_ds(value) for value in image_orientation_patient]
+  dataset.PixelSpacing = [_ds(pixel_spacing_mm), _ds(pixel_spacing_mm)]
+  dataset.SliceThickness = _ds(slice_thickness_mm)
+  dataset.KVP = _ds(kvp)
+  dataset.ConvolutionKernel = "B30f"
+  dataset.BitsStored = bits_stored
+  dataset.HighBit = bits_stored - 1
+  dataset.PixelRepresentation = 1 if signed_pixels else 0
+  dataset.RescaleIntercept = _ds(rescale_intercept)
+  dataset.RescaleSlope = "1"
+  dataset.RescaleType = "HU"
+  dataset.WindowCenter = "40"
+  dataset.WindowWidth = "400"
+  if pixel_padding_value is not None:
+    dataset.PixelPaddingValue = int(pixel_padding_value)
+  return dataset
+
+
 def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: float, *, key: int,
                     signed_pixels: bool = True, reverse_instance_numbers: bool = False,
                     shuffle_file_names: bool = True, include_localizer: bool = False,
@@ -356,23 +416,7 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
   check_transfer_syntax(transfer_syntax_uid)
   if rescale_intercept is None:
     rescale_intercept = 0.0 if signed_pixels else -1024.0
-  dtype = np.int16 if signed_pixels else np.uint16
-  limits = np.iinfo(dtype)
-  stored = np.round(hu.astype(np.float64) - rescale_intercept)
-  if stored.min() < limits.min or stored.max() > limits.max:
-    raise ValueError(f"HU range [{hu.min():g}, {hu.max():g}] does not fit {dtype.__name__} pixels with "
-                     f"intercept {rescale_intercept:g}; clip the HU or change signed_pixels/rescale_intercept")
-  stored = stored.astype(dtype)
-  rows, columns = hu.shape[1:]
-  x0 = -(columns - 1) / 2 * pixel_spacing_mm
-  y0 = -(rows - 1) / 2 * pixel_spacing_mm
-  if pixel_padding_value is not None:
-    if not limits.min <= pixel_padding_value <= limits.max:
-      raise ValueError(f"pixel_padding_value {pixel_padding_value} does not fit {dtype.__name__} pixels")
-    y_mm = y0 + np.arange(rows)[:, None] * pixel_spacing_mm
-    x_mm = x0 + np.arange(columns)[None, :] * pixel_spacing_mm
-    outside = x_mm ** 2 + y_mm ** 2 > (min(rows, columns) * pixel_spacing_mm / 2) ** 2
-    stored[:, outside] = pixel_padding_value
+  stored, x0, y0 = _stored_pixels(hu, pixel_spacing_mm, signed_pixels, rescale_intercept, pixel_padding_value)
   bits_stored = 12 if not signed_pixels and stored.max() < 4096 else 16
   if slice_thickness_mm is None:
     slice_thickness_mm = float(np.median(np.abs(np.diff(np.sort(z_mm))))) if z_mm.size > 1 else 5.0
@@ -383,29 +427,9 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
   series_uid = _uid("series", key, series_number)
   # One dataset is reused for every slice (only per-slice attributes change): building 40 attributes per file
   # through pydicom's __setattr__ costs more than writing the file.
-  dataset = _new_dataset(_uid("image", key, series_number, 0))
-  _add_identity(dataset, key, patient_index)
-  dataset.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
-  dataset.SeriesInstanceUID = series_uid
-  dataset.SeriesNumber = series_number
-  dataset.SeriesDescription = series_description
-  dataset.AcquisitionNumber = 1
-  dataset.PatientPosition = "HFS"
-  dataset.ImageOrientationPatient = [_ds(value) for value in image_orientation_patient]
-  dataset.PixelSpacing = [_ds(pixel_spacing_mm), _ds(pixel_spacing_mm)]
-  dataset.SliceThickness = _ds(slice_thickness_mm)
-  dataset.KVP = _ds(kvp)
-  dataset.ConvolutionKernel = "B30f"
-  dataset.BitsStored = bits_stored
-  dataset.HighBit = bits_stored - 1
-  dataset.PixelRepresentation = 1 if signed_pixels else 0
-  dataset.RescaleIntercept = _ds(rescale_intercept)
-  dataset.RescaleSlope = "1"
-  dataset.RescaleType = "HU"
-  dataset.WindowCenter = "40"
-  dataset.WindowWidth = "400"
-  if pixel_padding_value is not None:
-    dataset.PixelPaddingValue = int(pixel_padding_value)
+  dataset = _series_template(key, series_number, patient_index, series_uid, series_description,
+                             image_orientation_patient, pixel_spacing_mm, slice_thickness_mm, kvp, bits_stored,
+                             signed_pixels, rescale_intercept, pixel_padding_value)
   paths = []
   for index in range(count):
     sop_uid = _uid("image", key, series_number, index)
