@@ -150,7 +150,7 @@ def test_sigkill_mid_cell_then_rerun_gives_identical_predictions(records_dir, tm
 @pytest.mark.slow
 def test_cells_per_gpu_runs_every_cell_of_the_shard(records_dir, tmp_path):
   result = subprocess.run(_train_command(records_dir, tmp_path, "--epochs=1", "--num_repeats=2",
-                                         "--num_shards=2", "--shard_index=1", "--cells_per_gpu=2"),
+                                         "--num_partitions=2", "--partition_index=1", "--cells_per_gpu=2"),
                           cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-2000:]
   # Shard 1 of 2 of a 2 x 2 grid (cells numbered repeat-major): cells 1 and 3, what a --cells_per_gpu=1 run trains.
@@ -161,14 +161,14 @@ def test_cells_per_gpu_runs_every_cell_of_the_shard(records_dir, tmp_path):
 
 
 def test_plan_numbers_match_dataset_json(records_dir, tmp_path):
-  config = tiny_config(records_dir, tmp_path, cells=(), num_repeats=3, num_shards=2, shard_index=1, epochs=3,
+  config = tiny_config(records_dir, tmp_path, cells=(), num_repeats=3, num_partitions=2, partition_index=1, epochs=3,
                        images_per_epoch=20)
   plan = trainer.plan_grid(config, images_per_s=10.0)
   with open(os.path.join(records_dir, "dataset.json")) as handle:
     document = json.load(handle)
   per_cell = 3 * 16  # 3 epochs x 20 images rounded down to whole batches of 8
-  assert plan["cells_all"] == 6 and plan["cells_shard"] == 3
-  assert plan["images_all"] == 6 * per_cell and plan["images_shard"] == 3 * per_cell
+  assert plan["cells_all"] == 6 and plan["cells_partition"] == 3
+  assert plan["images_all"] == 6 * per_cell and plan["images_partition"] == 3 * per_cell
   assert plan["records_bytes"] == sum(os.path.getsize(os.path.join(records_dir, shard["path"]))
                                       for shard in document["shards"])
   assert plan["hours_all"] == pytest.approx(6 * per_cell / 10.0 / 3600)
@@ -193,7 +193,7 @@ def test_plan_binary_and_bad_flags_fail_on_one_line(records_dir, tmp_path):
                                          "--plan", "--plan_images_per_s=10"),
                           cwd=REPO_ROOT, env=_environment(), capture_output=True, text=True, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "cells: 2 in this shard, 2 in all" in result.stdout and "images: 96 in this shard" in result.stdout
+  assert "cells: 2 in this partition, 2 in all" in result.stdout and "images: 96 in this partition" in result.stdout
   assert "given by --plan_images_per_s" in result.stdout and not (tmp_path / "R").exists()
   for bad, word in (("--pool_fraction=1.5", "pool_fraction"), ("--images_per_epoch=4", "images_per_epoch"),
                     ("--cells_per_gpu=0", "cells_per_gpu")):

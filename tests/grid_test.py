@@ -1,4 +1,4 @@
-"""Tests of pdx_tf.training.grid: cell enumeration, shards, --cells parsing, environment sharding, completion."""
+"""Tests of pdx_tf.training.grid: cell enumeration, partitions, --cells parsing, partitions from the environment, completion."""
 
 import pytest
 
@@ -13,22 +13,22 @@ def test_all_cells_repeat_major():
 
 
 @pytest.mark.parametrize("num_repeats,num_folds", [(24, 8), (1, 8), (3, 5)])
-def test_shards_cover_every_cell_exactly_once(num_repeats, num_folds):
+def test_partitions_cover_every_cell_exactly_once(num_repeats, num_folds):
   cells = grid.all_cells(num_repeats, num_folds)
-  for num_shards in range(1, 60):
+  for num_partitions in range(1, 60):
     seen = []
-    for shard_index in range(num_shards):
-      mine = grid.shard_cells(cells, num_shards, shard_index)
-      assert mine == [cell for index, cell in enumerate(cells) if index % num_shards == shard_index]
+    for partition_index in range(num_partitions):
+      mine = grid.partition_cells(cells, num_partitions, partition_index)
+      assert mine == [cell for index, cell in enumerate(cells) if index % num_partitions == partition_index]
       seen.extend(mine)
     assert sorted(seen) == sorted(cells) and len(seen) == len(cells)
 
 
-def test_shard_arguments_are_checked():
-  with pytest.raises(ValueError, match="shard_index"):
-    grid.shard_cells([], 4, 4)
-  with pytest.raises(ValueError, match="num_shards"):
-    grid.shard_cells([], 0, 0)
+def test_partition_arguments_are_checked():
+  with pytest.raises(ValueError, match="partition_index"):
+    grid.partition_cells([], 4, 4)
+  with pytest.raises(ValueError, match="num_partitions"):
+    grid.partition_cells([], 0, 0)
 
 
 def test_parse_cells():
@@ -45,16 +45,16 @@ def test_parse_cells():
   assert grid.parse_cells("r00_f02,r1_f0", 2, 3) == [(0, 2), (1, 0)]
 
 
-def test_shard_from_environment():
-  assert grid.shard_from_environment({}) is None
-  assert grid.shard_from_environment({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "16"}) == (16, 3)
-  assert grid.shard_from_environment({"JOB_COMPLETION_INDEX": "0", "JOB_COMPLETIONS": "4"}) == (4, 0)
+def test_partition_from_environment():
+  assert grid.partition_from_environment({}) is None
+  assert grid.partition_from_environment({"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_COUNT": "16"}) == (16, 3)
+  assert grid.partition_from_environment({"JOB_COMPLETION_INDEX": "0", "JOB_COMPLETIONS": "4"}) == (4, 0)
   with pytest.raises(ValueError, match="JOB_COMPLETIONS"):
-    grid.shard_from_environment({"JOB_COMPLETION_INDEX": "2"})
+    grid.partition_from_environment({"JOB_COMPLETION_INDEX": "2"})
   with pytest.raises(ValueError, match="not in"):
-    grid.shard_from_environment({"SLURM_ARRAY_TASK_ID": "16", "SLURM_ARRAY_TASK_COUNT": "16"})
+    grid.partition_from_environment({"SLURM_ARRAY_TASK_ID": "16", "SLURM_ARRAY_TASK_COUNT": "16"})
   with pytest.raises(ValueError, match="not integers"):
-    grid.shard_from_environment({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"})
+    grid.partition_from_environment({"SLURM_ARRAY_TASK_ID": "x", "SLURM_ARRAY_TASK_COUNT": "2"})
 
 
 def test_is_complete(tmp_path):

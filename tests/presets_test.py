@@ -55,8 +55,8 @@ def test_apply_takes_the_preset_then_the_given_flags():
 
 
 def test_apply_refuses_what_the_run_would_ignore():
-  with pytest.raises(ValueError, match=r"--num_shards is not used here; run on records"):
-    presets.apply({}, {"epochs": 1}, {"num_shards": 2}, refused=("num_shards",), why="run on records")
+  with pytest.raises(ValueError, match=r"--num_partitions is not used here; run on records"):
+    presets.apply({}, {"epochs": 1}, {"num_partitions": 2}, refused=("num_partitions",), why="run on records")
   with pytest.raises(ValueError, match="the preset sets bogus"):
     presets.apply({"bogus": 1}, {"epochs": 1}, {})
 
@@ -71,9 +71,9 @@ def test_every_preset_builds_a_train_config():
 
 
 def test_the_demo_refuses_a_flag_it_would_ignore_before_any_work(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "train", "--task=p", "--num_shards=2"], cwd=REPO_ROOT,
+  result = subprocess.run([sys.executable, "-m", "train", "--task=p", "--num_partitions=2"], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=300, env=dict(os.environ, PDX_TF_CACHE=str(tmp_path)))
   errors = [line for line in result.stderr.splitlines() if line.startswith("train: error:")]
   assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
-  assert "--num_shards is not used here" in errors[0] and "--records_dir" in errors[0]
+  assert "--num_partitions is not used here" in errors[0] and "--records_dir" in errors[0]
   assert not os.listdir(tmp_path), "nothing was built"

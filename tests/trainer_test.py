@@ -233,14 +233,14 @@ def test_missing_imagenet_weights_fail_before_training(records_dir, tmp_path, mo
 
 
 def test_config_validation_and_selected_cells():
-  config = trainer.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2, num_shards=3,
-                                shard_index=1)
+  config = trainer.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2, num_partitions=3,
+                                partition_index=1)
   assert config.selected_cells() == [(0, 1), (1, 0), (1, 3)]  # grid indices 1, 4, 7
   chosen = trainer.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=4, num_repeats=2,
                                 cells=("r1f3", "r0f0"))
   assert chosen.selected_cells() == [(0, 0), (1, 3)]
   for bad in (dict(task="x"), dict(precision="float64"), dict(pool_fraction=1.5), dict(aggregation="median"),
-              dict(num_folds=1), dict(shard_index=2, num_shards=2)):
+              dict(num_folds=1), dict(partition_index=2, num_partitions=2)):
     with pytest.raises(ValueError):
       trainer.TrainConfig(**{"task": "p", "records_dir": "D", "output_dir": "R", **bad})
   has_gpu = bool(tf.config.list_physical_devices("GPU"))

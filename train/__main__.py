@@ -7,17 +7,17 @@ Examples:
   # The paper's protocol (224 px, ImageNet weights, 20 epochs, 8 folds x 24 repeats, mixed precision on GPU).
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p
 
-  # A few cells only, or one shard of a cluster job (SLURM arrays and Kubernetes Indexed Jobs set the shard
+  # A few cells only, or one partition of a cluster job (SLURM arrays and Kubernetes Indexed Jobs set the partition
   # from SLURM_ARRAY_TASK_ID/COUNT or JOB_COMPLETION_INDEX/JOB_COMPLETIONS when the flags are not given).
   python -m train --task=sb --records_dir=data/records --output_dir=runs/sb --cells=r0f0,r0f1
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=gs://b/records --output_dir=gs://b/runs/p \
-      --num_shards=16 --shard_index=3
+      --num_partitions=16 --partition_index=3
 
   # The budget first: cells, images, bytes read, records on disk and hours at a throughput (measured ~20 s
   # here unless --plan_images_per_s is given); trains and writes nothing.
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p --plan
 
-  # Fill one GPU: 3 cells of this shard at once, as 3 processes.
+  # Fill one GPU: 3 cells of this partition at once, as 3 processes.
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p \
       --cells_per_gpu=3
 
@@ -78,24 +78,24 @@ _AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION,
 _TOP_K = flags.DEFINE_integer("top_k", aggregation.DEFAULT_TOP_K, "Slices averaged by topk_mean.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "TF op determinism (same predictions on CPU).")
 _VERIFY_HASHES = flags.DEFINE_bool("verify_hashes", False, "Check every shard's sha256 before training.")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", None, "Machines sharing the grid (default: from SLURM or "
+_NUM_PARTITIONS = flags.DEFINE_integer("num_partitions", None, "Machines sharing the grid (default: from SLURM or "
                                    "Kubernetes Indexed Job variables, else 1).")
-_SHARD_INDEX = flags.DEFINE_integer("shard_index", None, "This machine's shard (cell i goes to i % num_shards).")
+_PARTITION_INDEX = flags.DEFINE_integer("partition_index", None, "This machine's partition of the cells (cell i goes to i % num_partitions).")
 _CELLS = flags.DEFINE_list("cells", [], "Only these cells, e.g. r0f0,r0f1 (repeat, fold; 0-based).")
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "After a complete grid, export it for TF Serving here.")
 _PLAN = flags.DEFINE_bool("plan", False, "Print the budget (cells, images, bytes, disk, hours) and exit.")
 _PLAN_IMAGES_PER_S = flags.DEFINE_float("plan_images_per_s", None, "Throughput for --plan (default: measured for"
                                         " ~20 s with the configured model on random data).")
-_CELLS_PER_GPU = flags.DEFINE_integer("cells_per_gpu", 1, "Cells of this shard trained at once, as processes"
+_CELLS_PER_GPU = flags.DEFINE_integer("cells_per_gpu", 1, "Cells of this partition trained at once, as processes"
                                       " sharing one GPU (with TF_FORCE_GPU_ALLOW_GROWTH).")
 # The flags a --cells_per_gpu parent sets itself on its children.
-_CHILD_OWNED = ("num_shards", "shard_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
+_CHILD_OWNED = ("num_partitions", "partition_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
 
 
-def _shard() -> tuple[int, int]:
-  if _NUM_SHARDS.value is not None or _SHARD_INDEX.value is not None:
-    return (_NUM_SHARDS.value or 1), (_SHARD_INDEX.value or 0)
-  return grid.shard_from_environment(os.environ) or (1, 0)
+def _partition() -> tuple[int, int]:
+  if _NUM_PARTITIONS.value is not None or _PARTITION_INDEX.value is not None:
+    return (_NUM_PARTITIONS.value or 1), (_PARTITION_INDEX.value or 0)
+  return grid.partition_from_environment(os.environ) or (1, 0)
 
 
 # Flags that name a TrainConfig (or ModelConfig) field: the demo and a records run build their config from them
@@ -105,7 +105,7 @@ _CONFIG_FLAGS = ("task", "records_dir", "output_dir", "num_folds", "num_repeats"
                  "jit_compile", "seed", "repartition", "pool_fraction", "images_per_epoch", "include_originals",
                  "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells")
 # Flags of a run on records that the demo (one machine, its own folders) cannot honour.
-_NOT_FOR_DEMO = ("num_shards", "shard_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
+_NOT_FOR_DEMO = ("num_partitions", "partition_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
 
 
 def _flag_values() -> tuple[dict, dict]:
@@ -119,8 +119,8 @@ def _config() -> trainer.TrainConfig:
   values, _ = _flag_values()
   if values["image_size"] is None:  # the records know their size
     values["image_size"] = contracts.records_image_size(values["records_dir"])
-  num_shards, shard_index = _shard()
-  return trainer.config_from_values({**values, "num_shards": num_shards, "shard_index": shard_index})
+  num_partitions, partition_index = _partition()
+  return trainer.config_from_values({**values, "num_partitions": num_partitions, "partition_index": partition_index})
 
 
 def _run_demo() -> None:
@@ -199,14 +199,14 @@ def _print_plan(config: trainer.TrainConfig) -> None:
     source = "measured on this machine (~20 s, random in-memory data, no records input: an upper bound)"
   plan = trainer.plan_grid(config, images_per_s)
   gib = 1024**3
-  print(f"cells: {plan['cells_shard']} in this shard, {plan['cells_all']} in all\n"
-        f"images: {plan['images_shard']} in this shard, {plan['images_all']} in all"
+  print(f"cells: {plan['cells_partition']} in this partition, {plan['cells_all']} in all\n"
+        f"images: {plan['images_partition']} in this partition, {plan['images_all']} in all"
         f" ({min(plan['images_per_cell'].values())}-{max(plan['images_per_cell'].values())} a cell)\n"
-        f"bytes to read: {plan['bytes_shard']} in this shard ({plan['bytes_shard'] / gib:.2f} GiB),"
+        f"bytes to read: {plan['bytes_partition']} in this partition ({plan['bytes_partition'] / gib:.2f} GiB),"
         f" {plan['bytes_all']} in all ({plan['bytes_all'] / gib:.2f} GiB)\n"
         f"records on disk: {plan['records_bytes']} bytes ({plan['records_bytes'] / gib:.2f} GiB)\n"
         f"throughput: {images_per_s:.1f} images/s, {source}\n"
-        f"hours: {plan['hours_shard']:.2f} for this shard, {plan['hours_all']:.2f} for all cells on one such device")
+        f"hours: {plan['hours_partition']:.2f} for this partition, {plan['hours_all']:.2f} for all cells on one such device")
 
 
 def _child_arguments() -> list[str]:
@@ -216,16 +216,16 @@ def _child_arguments() -> list[str]:
 
 
 def _run_packed(config: trainer.TrainConfig, per_gpu: int) -> None:
-  """Trains this shard's cells as `per_gpu` processes sharing the GPU, then waits for all of them.
+  """Trains this partition's cells as `per_gpu` processes sharing the GPU, then waits for all of them.
 
-  Child i of shard s (of n) is shard s + n * i of n * per_gpu: cell j goes to it iff j % (n * per_gpu) == s + n*i,
-  so the children split exactly this shard's cells (j % n == s) between them.
+  Child i of partition s (of n) is partition s + n * i of n * per_gpu: cell j goes to it iff j % (n * per_gpu) == s + n*i,
+  so the children split exactly this partition's cells (j % n == s) between them.
   """
   environment = dict(os.environ, TF_FORCE_GPU_ALLOW_GROWTH="true")
   children = []
   for index in range(per_gpu):
-    command = [sys.executable, "-m", "train", *_child_arguments(), f"--num_shards={config.num_shards * per_gpu}",
-               f"--shard_index={config.shard_index + config.num_shards * index}", "--cells_per_gpu=1"]
+    command = [sys.executable, "-m", "train", *_child_arguments(), f"--num_partitions={config.num_partitions * per_gpu}",
+               f"--partition_index={config.partition_index + config.num_partitions * index}", "--cells_per_gpu=1"]
     children.append(subprocess.Popen(command, env=environment))  # pylint: disable=consider-using-with
   codes = [child.wait() for child in children]
   failed = [index for index, code in enumerate(codes) if code != 0]

@@ -1,7 +1,7 @@
-"""The cross-validation grid: cells (repeat, fold), their folders, shard assignment and resume state.
+"""The cross-validation grid: cells (repeat, fold), their folders, each machine's partition of the cells and resume state.
 
-Cells are numbered repeat-major: cell (r, f) has index r * num_folds + f, and goes to shard
-index % num_shards. Every cell is idempotent: a folder with run.json status "complete" is skipped, one with
+Cells are numbered repeat-major: cell (r, f) has index r * num_folds + f, and goes to partition
+index % num_partitions. Every cell is idempotent: a folder with run.json status "complete" is skipped, one with
 progress.json resumes after its last finished epoch, anything else starts from scratch.
 """
 
@@ -19,13 +19,13 @@ def all_cells(num_repeats: int, num_folds: int) -> list[Cell]:
   return [(repeat, fold) for repeat in range(num_repeats) for fold in range(num_folds)]
 
 
-def shard_cells(cells: Sequence[Cell], num_shards: int, shard_index: int) -> list[Cell]:
-  """The cells of one shard: position i of `cells` goes to shard i % num_shards."""
-  if num_shards < 1:
-    raise ValueError(f"num_shards must be at least 1, got {num_shards}")
-  if not 0 <= shard_index < num_shards:
-    raise ValueError(f"shard_index must be in [0, {num_shards}), got {shard_index}")
-  return [cell for index, cell in enumerate(cells) if index % num_shards == shard_index]
+def partition_cells(cells: Sequence[Cell], num_partitions: int, partition_index: int) -> list[Cell]:
+  """The cells of one partition (machine): position i of `cells` goes to partition i % num_partitions."""
+  if num_partitions < 1:
+    raise ValueError(f"num_partitions must be at least 1, got {num_partitions}")
+  if not 0 <= partition_index < num_partitions:
+    raise ValueError(f"partition_index must be in [0, {num_partitions}), got {partition_index}")
+  return [cell for index, cell in enumerate(cells) if index % num_partitions == partition_index]
 
 
 def parse_cells(text: str | Sequence[str], num_repeats: int, num_folds: int) -> list[Cell]:
@@ -50,8 +50,8 @@ def parse_cells(text: str | Sequence[str], num_repeats: int, num_folds: int) -> 
   return [cell for cell in all_cells(num_repeats, num_folds) if cell in chosen]
 
 
-def shard_from_environment(environ: Mapping[str, str]) -> tuple[int, int] | None:
-  """(num_shards, shard_index) from a SLURM job array or a Kubernetes Indexed Job, else None.
+def partition_from_environment(environ: Mapping[str, str]) -> tuple[int, int] | None:
+  """(num_partitions, partition_index) from a SLURM job array or a Kubernetes Indexed Job, else None.
 
   SLURM: SLURM_ARRAY_TASK_COUNT and SLURM_ARRAY_TASK_ID (an array submitted as --array=0-(N-1)).
   Kubernetes: JOB_COMPLETION_INDEX (set by an Indexed Job) and JOB_COMPLETIONS, which the Job spec must set
@@ -68,7 +68,7 @@ def shard_from_environment(environ: Mapping[str, str]) -> tuple[int, int] | None
     if index_text is None or count_text is None:
       missing = count_name if count_text is None else index_name
       raise ValueError(f"{index_name if index_text is not None else count_name} is set but {missing} is not;"
-                       f" set both, or pass --num_shards and --shard_index")
+                       f" set both, or pass --num_partitions and --partition_index")
     try:
       index, count = int(index_text), int(count_text)
     except ValueError:

@@ -2,7 +2,7 @@
 
 `run_grid(config)` checks the records and every selected cell, writes `R/config.json`, `R/records.json` (the
 records' content hash: a grid never mixes cells trained on different records), `R/splits.json` and
-`R/patients.csv`, then trains the cells of this shard one after another with
+`R/patients.csv`, then trains the cells of this partition one after another with
 `cell_trainer.train_cell` (one cell: epoch-by-epoch training, atomic checkpoints, exact resume, artifacts).
 Each cell is idempotent (see pdx_tf/training/grid.py): complete cells are skipped, interrupted ones resume
 after their last committed epoch and give the same predictions as an uninterrupted run (cell_trainer.py).
@@ -33,7 +33,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # dataset.
 # Fields that differ between the machines of one grid; R/config.json stores them at their defaults.
 # "export_dir" was one until the export hook moved into the binary; grids from then still list it.
-PER_MACHINE_FIELDS = ("records_dir", "num_shards", "shard_index", "cells", "export_dir", "verify_hashes")
+PER_MACHINE_FIELDS = ("records_dir", "num_partitions", "partition_index", "cells", "export_dir", "verify_hashes")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,9 +62,9 @@ class TrainConfig:
     top_k: slices averaged by `topk_mean`.
     deterministic: enable TF op determinism (reproducible on CPU; slower on GPU).
     verify_hashes: check every shard's sha256 against dataset.json before training.
-    num_shards: machines sharing the grid; this one trains cells with index % num_shards == shard_index.
-    shard_index: this machine's shard.
-    cells: names like "r0f3" to train only those cells (empty: all cells of the shard).
+    num_partitions: machines sharing the grid; this one trains cells with index % num_partitions == partition_index.
+    partition_index: this machine's partition.
+    cells: names like "r0f3" to train only those cells (empty: all cells of the partition).
   """
 
   task: str
@@ -88,8 +88,8 @@ class TrainConfig:
   top_k: int = aggregation_lib.DEFAULT_TOP_K
   deterministic: bool = False
   verify_hashes: bool = False
-  num_shards: int = 1
-  shard_index: int = 0
+  num_partitions: int = 1
+  partition_index: int = 0
   cells: tuple[str, ...] = ()
 
   def __post_init__(self):
@@ -113,18 +113,18 @@ class TrainConfig:
     if self.pool_fraction == 0.0 and not self.include_originals:
       raise ValueError("pool_fraction 0 without originals leaves nothing to train on")
     aggregation_lib.check_aggregation(self.aggregation, self.top_k)
-    grid.shard_cells([], self.num_shards, self.shard_index)  # validates the pair
+    grid.partition_cells([], self.num_partitions, self.partition_index)  # validates the pair
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
 
   def selected_cells(self) -> list[contracts.Cell]:
-    """This machine's cells: the `cells` subset (or the whole grid), then this shard's share of it."""
+    """This machine's cells: the `cells` subset (or the whole grid), then this partition's share of it."""
     chosen = (grid.parse_cells(self.cells, self.num_repeats, self.num_folds) if self.cells
               else grid.all_cells(self.num_repeats, self.num_folds))
-    return grid.shard_cells(chosen, self.num_shards, self.shard_index)
+    return grid.partition_cells(chosen, self.num_partitions, self.partition_index)
 
   def grid_config(self) -> "TrainConfig":
     """This config with the per-machine fields at their defaults: identical on every machine of a grid."""
-    return dataclasses.replace(self, records_dir="(per machine)", num_shards=1, shard_index=0, cells=(),
+    return dataclasses.replace(self, records_dir="(per machine)", num_partitions=1, partition_index=0, cells=(),
                                verify_hashes=False)
 
 
@@ -261,7 +261,7 @@ def run_grid(config: TrainConfig, *,
   splits.write_or_verify_splits(config.output_dir, split)
   _write_patients(config, info)
   tensorboard_dir = io_utils.join(config.output_dir, TENSORBOARD_FOLDER)
-  if config.shard_index == 0:
+  if config.partition_index == 0:
     tensorboard.write_experiment_config(tensorboard_dir, cell_trainer.hparams(config, (0, 0), "float32"))
   if config.deterministic:
     tf.config.experimental.enable_op_determinism()
@@ -331,8 +331,8 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
     images_per_s: the training throughput to convert images into hours.
 
   Returns:
-    {"cells_shard", "cells_all", "images_shard", "images_all", "images_per_cell" {name: n}, "bytes_shard",
-     "bytes_all", "records_bytes", "images_per_s", "hours_shard", "hours_all"}
+    {"cells_partition", "cells_all", "images_partition", "images_all", "images_per_cell" {name: n}, "bytes_partition",
+     "bytes_all", "records_bytes", "images_per_s", "hours_partition", "hours_all"}
   """
   if not images_per_s > 0:
     raise ValueError(f"images/s must be positive, got {images_per_s}")
@@ -354,10 +354,10 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
     images[cell] = config.epochs * per_epoch
     bytes_read[cell] = config.epochs * passes * input_pipeline.bytes_to_read(info, train_ids, **keys)
   records_bytes = sum(int(shard.get("num_bytes", 0)) for shard in info.document.get("shards", []))
-  images_shard = sum(images[cell] for cell in chosen if cell in mine)
+  images_partition = sum(images[cell] for cell in chosen if cell in mine)
   images_all = sum(images.values())
-  return {"cells_shard": len(mine), "cells_all": len(chosen), "images_shard": images_shard, "images_all": images_all,
+  return {"cells_partition": len(mine), "cells_all": len(chosen), "images_partition": images_partition, "images_all": images_all,
           "images_per_cell": {contracts.cell_name(cell): images[cell] for cell in chosen},
-          "bytes_shard": sum(bytes_read[cell] for cell in chosen if cell in mine),
+          "bytes_partition": sum(bytes_read[cell] for cell in chosen if cell in mine),
           "bytes_all": sum(bytes_read.values()), "records_bytes": records_bytes, "images_per_s": images_per_s,
-          "hours_shard": images_shard / images_per_s / 3600, "hours_all": images_all / images_per_s / 3600}
+          "hours_partition": images_partition / images_per_s / 3600, "hours_all": images_all / images_per_s / 3600}
