@@ -125,3 +125,52 @@ def test_split_hash_changes_when_one_patient_moves_and_is_stable_across_processe
   other = subprocess.run([sys.executable, "-c", code], input=json.dumps(split), capture_output=True, text=True,
                          cwd=REPO_ROOT, check=True, timeout=120)
   assert other.stdout.strip() == splits.split_hash(split)
+
+
+def _documented_partition(labels, num_folds, seed, partition_key):
+  """The dealing of the module docstring, rebuilt here: each class shuffled with default_rng([seed, key, class])
+  and dealt round-robin onto folds 0, 1, 2, ..., class 1 continuing where class 0 stopped."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+
+  folds, next_fold = [[] for _ in range(num_folds)], 0
+  for label in (0, 1):
+    members = sorted(patient for patient, value in labels.items() if value == label)
+    for position in np.random.default_rng([seed, partition_key, label]).permutation(len(members)):
+      folds[next_fold].append(members[int(position)])
+      next_fold = (next_fold + 1) % num_folds
+  return [sorted(fold) for fold in folds]
+
+
+@pytest.mark.parametrize("repartition", [False, True])
+def test_folds_are_the_documented_dealing(repartition):
+  labels = {f"pt{index:02d}": int(index % 3 == 0) for index in range(23)}
+  split = splits.make_splits(labels, task="p", num_folds=4, num_repeats=3, seed=11, repartition=repartition)
+  for repeat in range(3):
+    expected = _documented_partition(labels, 4, 11, repeat if repartition else 0)
+    assert [fold["test"] for fold in split["repeats"][repeat]["folds"]] == expected
+
+
+def test_grid_size_limits():
+  labels = {"a": 0, "b": 1, "c": 0}
+  assert len(splits.make_splits(labels, task="p", num_folds=3, num_repeats=1, seed=0)["repeats"]) == 1
+  with pytest.raises(ValueError, match="num_repeats must be at least 1"):
+    splits.make_splits(labels, task="p", num_folds=2, num_repeats=0, seed=0)
+  with pytest.raises(RunsError, match="3 patients cannot fill 4 folds"):
+    splits.make_splits(labels, task="p", num_folds=4, num_repeats=1, seed=0)
+
+
+@pytest.mark.parametrize("field, value", [("task", "sb"), ("seed", 5), ("num_folds", 3), ("repartition", True)])
+def test_an_existing_split_names_the_field_that_differs(tmp_path, field, value):
+  labels = {f"pt{index}": index % 2 for index in range(6)}
+  settings = {"task": "p", "seed": 0, "num_folds": 2, "repartition": False}
+  splits.write_or_verify_splits(str(tmp_path), splits.make_splits(labels, num_repeats=1, **settings))
+  other = splits.make_splits(labels, num_repeats=1, **{**settings, field: value})
+  with pytest.raises(RunsError, match=f"made with {field}="):
+    splits.write_or_verify_splits(str(tmp_path), other)
+
+
+def test_an_unreadable_split_is_one_line(tmp_path):
+  (tmp_path / "splits.json").write_text("{not json")
+  split = splits.make_splits({"a": 0, "b": 1}, task="p", num_folds=2, num_repeats=1, seed=0)
+  with pytest.raises(RunsError, match="is unreadable"):
+    splits.write_or_verify_splits(str(tmp_path), split)
