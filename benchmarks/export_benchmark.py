@@ -163,6 +163,8 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _NUM_MODELS.value < 2:
     raise app.UsageError("--num_models must be at least 2 (the per-model cost is the slope from 1 model)")
+  from pdx_tf import cli  # pylint: disable=import-outside-toplevel
+  cli.quiet_tensorflow(argv)  # TensorFlow's C++ start-up lines off the console, as in the binaries
   logging.set_verbosity(logging.WARNING)  # SavedModel saving logs every renamed input at INFO
   started = time.time()
   if _WORK_DIR.value:
