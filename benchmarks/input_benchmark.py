@@ -6,7 +6,12 @@ prefetch) and (b) fed by the same number of images already decoded in memory. Th
 the input pipeline slows training (target >= 0.9). With no --records_dir it writes a fake dataset first.
 
   python benchmarks/input_benchmark.py --image_size=64 --alpha=0.35 --batch_size=32 --steps=60
-  python benchmarks/input_benchmark.py --records_dir=runs/demo/records --image_size=64 --alpha=0.35
+  # The demo's records (48 px; --image_size defaults to the records' size, as in `python -m train`):
+  python benchmarks/input_benchmark.py --records_dir=runs/demo/records --image_size=48 --alpha=0.35 \
+      --steps=60 --batch_size=32 --rounds=3
+
+Each cell epoch's dataset is `train_dataset(..., epoch=0)`, repeated: the throughput of one epoch's pipeline (the
+trainer builds the next epoch's, keyed by its number, the same way).
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from absl import app, flags
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "records to read (default: a fake dataset)")
-_IMAGE_SIZE = flags.DEFINE_integer("image_size", 64, "image size (must match the records)")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "image size (must match the records); default: the records' "
+                                   "(dataset.json), 64 for the fake dataset")
 _ALPHA = flags.DEFINE_float("alpha", 0.35, "MobileNetV2 width")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "batch size")
 _STEPS = flags.DEFINE_integer("steps", 60, "timed training steps per mode")
@@ -42,18 +48,19 @@ def main(argv):
   from pdx_tf.training.model import ModelConfig, build_model  # pylint: disable=import-outside-toplevel
 
   records_dir = _RECORDS_DIR.value
+  image_size = _IMAGE_SIZE.value or (contracts.records_image_size(records_dir) if records_dir else 64)
   if records_dir is None:
     import fake_records  # pylint: disable=import-outside-toplevel
 
     records_dir = os.path.join(tempfile.mkdtemp(), "records")
     fake_records.write_fake_records(records_dir, num_patients=16, slices_per_patient=20, augment_factor=16,
-                                    image_size=_IMAGE_SIZE.value)
-  info = contracts.load_dataset_info(records_dir, expected_image_size=_IMAGE_SIZE.value)
+                                    image_size=image_size)
+  info = contracts.load_dataset_info(records_dir, expected_image_size=image_size)
   train_ids = list(info.patients)[: max(2, len(info.patients) * 7 // 8)]
   batch_size, steps, warmup = _BATCH_SIZE.value, _STEPS.value, _WARMUP_STEPS.value
   records = input_pipeline.train_dataset(
       info, train_ids, task="p", sample_seed=0, repeat=0, shuffle_seed=0, pool_fraction=_POOL_FRACTION.value,
-      batch_size=batch_size, deterministic=_DETERMINISTIC.value, drop_remainder=True).repeat()
+      batch_size=batch_size, epoch=0, deterministic=_DETERMINISTIC.value, drop_remainder=True).repeat()
   images, labels = [], []
   for image, label in records.take(steps + warmup):
     images.append(image.numpy())
@@ -61,7 +68,7 @@ def main(argv):
   memory = tf.data.Dataset.from_tensor_slices((np.concatenate(images), np.concatenate(labels)))
   memory = memory.batch(batch_size, drop_remainder=True).cache().repeat().prefetch(tf.data.AUTOTUNE)
 
-  model = build_model(ModelConfig(image_size=_IMAGE_SIZE.value, alpha=_ALPHA.value))
+  model = build_model(ModelConfig(image_size=image_size, alpha=_ALPHA.value, weights="none"))
   config = trainer.TrainConfig(task="p", records_dir="x", output_dir="x")
   cell_trainer.compile_model(model, config)
   # Alternate the two inputs for several rounds and keep the median: on a shared machine one timing can be
@@ -77,7 +84,7 @@ def main(argv):
   results = {name: tuple(float(np.median([t[i] for t in values])) for i in range(2))
              for name, values in timings.items()}
   baseline = results["in-memory tensors"]
-  print(f"\nimage_size={_IMAGE_SIZE.value} alpha={_ALPHA.value} batch_size={batch_size} steps={steps}"
+  print(f"\nimage_size={image_size} alpha={_ALPHA.value} batch_size={batch_size} steps={steps}"
         f" rounds={_ROUNDS.value} cpus={os.cpu_count()} records={records_dir}")
   print("| input | images/s (wall, median) | images per CPU-second | ratio (wall) | ratio (CPU) |")
   print("|---|---|---|---|---|")
