@@ -21,6 +21,11 @@ Examples:
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p \
       --cells_per_gpu=3
 
+  # Beyond the paper: 2.5D input (3 adjacent slices as the channels), then attention-MIL started from that grid.
+  python -m train --task=sb --records_dir=D --output_dir=runs/sb25 --context_slices=1
+  python -m train --task=sb --records_dir=D --output_dir=runs/sb25mil --context_slices=1 --head=attention_mil \
+      --mil_init_from=runs/sb25
+
 Rerunning skips complete cells and resumes interrupted ones after their last committed epoch (with
 --deterministic on CPU, byte-identical to an uninterrupted run, even after a kill). Exit status 1 with a
 one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training/trainer.py and
@@ -39,6 +44,7 @@ from absl import flags
 from absl import logging
 
 from pdx_tf import cli, contracts
+from pdx_tf.data import preprocess
 from pdx_tf.errors import PdxError
 from pdx_tf.training import aggregation, grid, trainer
 from pdx_tf.training.model import ModelConfig
@@ -71,8 +77,19 @@ _IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", None, "Training ima
 _INCLUDE_ORIGINALS = flags.DEFINE_bool("include_originals", True, "Also train on the training patients' "
                                        "original slices.")
 _SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 4096, "Shuffle buffer, in examples.")
-_AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION, list(aggregation.AGGREGATIONS),
-                                 "Slice-to-patient rule.")
+_AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION,
+                                 [*aggregation.AGGREGATIONS, trainer.MIL_AGGREGATION],
+                                 f"Slice-to-patient rule ({trainer.MIL_AGGREGATION}: --head=attention_mil's own, the"
+                                 " default with that head).")
+_CONTEXT_SLICES = flags.DEFINE_integer("context_slices", 0, "2.5D: N > 0 feeds 2N+1 adjacent slices of one window as"
+                                       " the channels (0: the paper's input).")
+_HEAD = flags.DEFINE_enum("head", "slice", ["slice", "attention_mil"], "slice: the paper's slice classifier;"
+                          " attention_mil: gated attention over a patient's slices, trained on the patient label.")
+_MIL_INIT_FROM = flags.DEFINE_string("mil_init_from", "", "--head=attention_mil starts each cell from this finished"
+                                     " slice grid R's same cell (required with --weights=none).")
+_MIL_MAX_SLICES = flags.DEFINE_integer("mil_max_slices", 0, "Slices in a training bag, evenly spaced (0: all).")
+_MIL_BAGS_PER_BATCH = flags.DEFINE_integer("mil_bags_per_batch", 4, "Patients (bags) a MIL training batch.")
+_ATTENTION_UNITS = flags.DEFINE_integer("attention_units", 128, "Hidden units of the gated attention.")
 _TOP_K = flags.DEFINE_integer("top_k", aggregation.DEFAULT_TOP_K, "Slices averaged by topk_mean.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "TF op determinism (same predictions on CPU).")
 _VERIFY_HASHES = flags.DEFINE_bool("verify_hashes", False, "Check every shard's sha256 before training.")
@@ -99,16 +116,23 @@ def _shard() -> tuple[int, int]:
 def _config() -> trainer.TrainConfig:
   num_shards, shard_index = _shard()
   model = ModelConfig(image_size=_IMAGE_SIZE.value, alpha=_ALPHA.value, weights=_WEIGHTS.value,
-                      dropout_rate=_DROPOUT_RATE.value, bn_momentum=_BN_MOMENTUM.value)
+                      dropout_rate=_DROPOUT_RATE.value, bn_momentum=_BN_MOMENTUM.value,
+                      input_channels=preprocess.model_channels(_CONTEXT_SLICES.value), head=_HEAD.value,
+                      attention_units=_ATTENTION_UNITS.value)
+  aggregation_rule = _AGGREGATION.value
+  if _HEAD.value == "attention_mil" and not flags.FLAGS["aggregation"].present:
+    aggregation_rule = trainer.MIL_AGGREGATION  # the head's own; an explicit other rule is refused by the config
   return trainer.TrainConfig(
       task=_TASK.value, records_dir=_RECORDS_DIR.value, output_dir=_OUTPUT_DIR.value, model=model,
       num_folds=_NUM_FOLDS.value, num_repeats=_NUM_REPEATS.value, epochs=_EPOCHS.value,
       batch_size=_BATCH_SIZE.value, learning_rate=_LEARNING_RATE.value, precision=_PRECISION.value,
       jit_compile=_JIT_COMPILE.value, seed=_SEED.value, repartition=_REPARTITION.value,
       pool_fraction=_POOL_FRACTION.value, images_per_epoch=_IMAGES_PER_EPOCH.value, include_originals=_INCLUDE_ORIGINALS.value,
-      shuffle_buffer=_SHUFFLE_BUFFER.value, aggregation=_AGGREGATION.value, top_k=_TOP_K.value,
+      shuffle_buffer=_SHUFFLE_BUFFER.value, aggregation=aggregation_rule, top_k=_TOP_K.value,
       deterministic=_DETERMINISTIC.value, verify_hashes=_VERIFY_HASHES.value, num_shards=num_shards,
-      shard_index=shard_index, cells=tuple(_CELLS.value))
+      shard_index=shard_index, cells=tuple(_CELLS.value), context_slices=_CONTEXT_SLICES.value,
+      mil_init_from=_MIL_INIT_FROM.value, mil_max_slices=_MIL_MAX_SLICES.value,
+      mil_bags_per_batch=_MIL_BAGS_PER_BATCH.value)
 
 
 def _demo_overrides() -> dict:
