@@ -136,11 +136,11 @@ def _keras_models(version_dir: str, max_models: int) -> tuple:
   return tuple(model_lib.mil_slice_model(model) if model_lib.is_mil_model(model) else model for model in models)
 
 
-def viewable_images(images: np.ndarray) -> np.ndarray:
-  """Model inputs as RGB for overlays: a 2.5D stack [N, S, S, 2C+1] shows its centre slice."""
-  if images.shape[-1] == 3:
+def viewable_images(images: np.ndarray, context_slices: int) -> np.ndarray:
+  """Model inputs as RGB for overlays: a 2.5D stack [N, S, S, 2C+1] shows its centre slice (channel C)."""
+  if not context_slices:
     return images
-  centre = images.shape[-1] // 2
+  centre = context_slices
   return np.repeat(images[..., centre:centre + 1], 3, axis=-1)
 
 
@@ -168,7 +168,7 @@ def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, nu
       slice_uncertainty=outputs["slice_uncertainty"].numpy(),
       patient_probability=float(outputs["patient_probability"].numpy()),
       patient_uncertainty=float(outputs["patient_uncertainty"].numpy()),
-      gradcam_slices=chosen, images=viewable_images(images), heatmaps=heatmaps,
+      gradcam_slices=chosen, images=viewable_images(images, context_slices), heatmaps=heatmaps,
       attention=outputs["attention"].numpy() if "attention" in outputs else None)
 
 

@@ -310,7 +310,7 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     train = epoch_dataset(config, info, train_ids, cell, epoch, stacks)
     if epoch == 0:
       for images, _ in train.take(1):
-        tensorboard.write_input_images(tensorboard_dir, name, _viewable(images))
+        tensorboard.write_input_images(tensorboard_dir, name, _viewable(images, config.context_slices))
     reseed_dropout(model, epoch_seed(init_seed, epoch))
     epoch_started = time.time()
     # A logger per fit: EpochLogger closes its writers at the end of each fit.
@@ -348,12 +348,12 @@ def _start_from_slice_model(config: TrainConfig, cell: contracts.Cell, model: ke
   logging.info("cell %s: attention-MIL starts from %s", contracts.cell_name(cell), path)
 
 
-def _viewable(images: tf.Tensor) -> np.ndarray:
+def _viewable(images: tf.Tensor, context_slices: int) -> np.ndarray:
   """A batch's inputs as [B, S, S, 3] for TensorBoard: a MIL batch's first bag; a 2.5D stack's centre slice."""
   images = images[0][0] if isinstance(images, tuple) else images
   images = np.asarray(images)
-  if images.shape[-1] != 3:
-    images = np.repeat(images[..., images.shape[-1] // 2:images.shape[-1] // 2 + 1], 3, axis=-1)
+  if context_slices:
+    images = np.repeat(images[..., context_slices:context_slices + 1], 3, axis=-1)
   return images
 
 
