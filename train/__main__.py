@@ -21,6 +21,11 @@ Examples:
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p \
       --cells_per_gpu=3
 
+  # Beyond the paper: 2.5D input (3 adjacent slices as the channels), then attention-MIL started from that grid.
+  python -m train --task=sb --records_dir=D --output_dir=runs/sb25 --context_slices=1
+  python -m train --task=sb --records_dir=D --output_dir=runs/sb25mil --context_slices=1 --head=attention_mil \
+      --mil_init_from=runs/sb25
+
 Rerunning skips complete cells and resumes interrupted ones after their last committed epoch (with
 --deterministic on CPU, byte-identical to an uninterrupted run, even after a kill). Exit status 1 with a
 one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training/trainer.py and
@@ -73,8 +78,19 @@ _IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", None, "Training ima
 _INCLUDE_ORIGINALS = flags.DEFINE_bool("include_originals", True, "Also train on the training patients' "
                                        "original slices.")
 _SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 4096, "Shuffle buffer, in examples.")
-_AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION, list(aggregation.AGGREGATIONS),
-                                 "Slice-to-patient rule.")
+_AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION,
+                                 [*aggregation.AGGREGATIONS, trainer.MIL_AGGREGATION],
+                                 f"Slice-to-patient rule ({trainer.MIL_AGGREGATION}: --head=attention_mil's own, the"
+                                 " default with that head).")
+_CONTEXT_SLICES = flags.DEFINE_integer("context_slices", 0, "2.5D: N > 0 feeds 2N+1 adjacent slices of one window as"
+                                       " the channels (0: the paper's input).")
+_HEAD = flags.DEFINE_enum("head", "slice", ["slice", "attention_mil"], "slice: the paper's slice classifier;"
+                          " attention_mil: gated attention over a patient's slices, trained on the patient label.")
+_MIL_INIT_FROM = flags.DEFINE_string("mil_init_from", "", "--head=attention_mil starts each cell from this finished"
+                                     " slice grid R's same cell (required with --weights=none).")
+_MIL_MAX_SLICES = flags.DEFINE_integer("mil_max_slices", 0, "Slices in a training bag, evenly spaced (0: all).")
+_MIL_BAGS_PER_BATCH = flags.DEFINE_integer("mil_bags_per_batch", 4, "Patients (bags) a MIL training batch.")
+_ATTENTION_UNITS = flags.DEFINE_integer("attention_units", 128, "Hidden units of the gated attention.")
 _TOP_K = flags.DEFINE_integer("top_k", aggregation.DEFAULT_TOP_K, "Slices averaged by topk_mean.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "TF op determinism (same predictions on CPU).")
 _VERIFY_HASHES = flags.DEFINE_bool("verify_hashes", False, "Check every shard's sha256 before training.")
@@ -103,7 +119,9 @@ def _partition() -> tuple[int, int]:
 _CONFIG_FLAGS = ("task", "records_dir", "output_dir", "num_folds", "num_repeats", "epochs", "image_size", "alpha",
                  "weights", "bn_momentum", "dropout_rate", "batch_size", "learning_rate", "precision",
                  "jit_compile", "seed", "repartition", "pool_fraction", "images_per_epoch", "include_originals",
-                 "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells")
+                 "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells",
+                 "context_slices", "head", "attention_units", "mil_init_from", "mil_max_slices",
+                 "mil_bags_per_batch")
 # Flags of a run on records that the demo (one machine, its own folders) cannot honour.
 _NOT_FOR_DEMO = ("num_partitions", "partition_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
 
@@ -112,6 +130,8 @@ def _flag_values() -> tuple[dict, dict]:
   """(every config flag's value, the ones given on the command line)."""
   values = {name: flags.FLAGS[name].value for name in _CONFIG_FLAGS}
   given = {name: flags.FLAGS[name].value for name in (*_CONFIG_FLAGS, *_NOT_FOR_DEMO) if flags.FLAGS[name].present}
+  if values["head"] == "attention_mil" and "aggregation" not in given:
+    values["aggregation"] = trainer.MIL_AGGREGATION  # the head's own; an explicit other rule is refused
   return values, given
 
 

@@ -217,3 +217,62 @@ def preprocess_config_from_dict(values: Mapping) -> PreprocessConfig:
   from pdx_tf import configs  # pylint: disable=import-outside-toplevel
 
   return configs.from_dict(PreprocessConfig, values)
+
+
+# ------------------------------------------------------------------------------------------- 2.5D input
+
+
+def model_channels(context_slices: int) -> int:
+  """Channels of the model input: 3 (one window repeated, or three windows) without context, else 2N+1."""
+  if context_slices < 0:
+    raise ValueError(f"context_slices must be at least 0, got {context_slices}")
+  return 3 if context_slices == 0 else 2 * context_slices + 1
+
+
+def context_indices(num_slices: tf.Tensor | int, context_slices: int) -> tf.Tensor:
+  """int32 [N, 2C+1]: row i lists slices i-C..i+C of an N-slice stack, clipped to [0, N-1] (edges replicate)."""
+  offsets = tf.range(-context_slices, context_slices + 1, dtype=tf.int32)
+  rows = tf.range(tf.cast(num_slices, tf.int32), dtype=tf.int32)[:, tf.newaxis] + offsets[tf.newaxis]
+  return tf.clip_by_value(rows, 0, tf.maximum(tf.cast(num_slices, tf.int32) - 1, 0))
+
+
+def context_stack(images: tf.Tensor, context_slices: int) -> tf.Tensor:
+  """THE 2.5D stack builder (training, validation, serving and predict all call it).
+
+  Args:
+    images: ONE patient's one-window slices in slice order, [N, S, S] or [N, S, S, K] (channel 0 is used: a
+      one-window image is stored or windowed as the same value in every channel).
+    context_slices: C; 0 returns `images` unchanged.
+
+  Returns:
+    [N, S, S, 2C+1] (same dtype): channel j of slice i is slice clip(i - C + j, 0, N - 1), so the centre channel
+    is slice i itself and slices past either end replicate the nearest slice.
+  """
+  if context_slices == 0:
+    return images
+  images = tf.convert_to_tensor(images)
+  if images.shape.rank == 4:
+    images = images[..., 0]
+  gathered = tf.gather(images, context_indices(tf.shape(images)[0], context_slices))  # [N, 2C+1, S, S]
+  return tf.transpose(gathered, [0, 2, 3, 1])
+
+
+def check_context_windows(config: PreprocessConfig, context_slices: int) -> None:
+  """2.5D stacks adjacent slices of ONE window as the channels.
+
+  Raises:
+    ValueError: for context_slices > 0 with three windows.
+  """
+  if context_slices and len(config.windows) != 1:
+    raise ValueError(f"--context_slices={context_slices} stacks adjacent slices of one window; these records have"
+                     f" {len(config.windows)} windows: rebuild them with one --window or use --context_slices=0")
+
+
+def preprocess_patient(hu: tf.Tensor, config: PreprocessConfig, context_slices: int = 0) -> tf.Tensor:
+  """One patient's raw HU slices [N, H, W], in slice order, to model input uint8 [N, S, S, model_channels(C)].
+
+  context_slices 0 is `preprocess_slices`; otherwise each slice's one-window image is stacked with its
+  neighbours by `context_stack`.
+  """
+  check_context_windows(config, context_slices)
+  return context_stack(preprocess_slices(hu, config), context_slices)

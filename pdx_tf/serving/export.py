@@ -181,8 +181,8 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
   for cell in cells:
     if cell.run_info.get("task") != task:
       raise ExportError(f"cell {cell.folder} is for task {cell.run_info.get('task')!r}, not {task}")
-    for key in ("preprocess", "aggregation", "aggregation_top_k"):
-      if cell.run_info[key] != first.run_info[key]:
+    for key in ("preprocess", "aggregation", "aggregation_top_k", "head", "context_slices"):
+      if cell.run_info.get(key) != first.run_info.get(key):
         raise ExportError(f"cells {first.name} and {cell.name} differ in {key!r} ({first.run_info[key]} vs "
                           f"{cell.run_info[key]}); export cells trained on the same settings separately")
   try:
@@ -191,12 +191,16 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
     raise ExportError(f"{first.folder}/run.json has an invalid preprocess config: {error}") from None
   rule = str(first.run_info["aggregation"])
   top_k = int(first.run_info["aggregation_top_k"])
+  head = str(first.run_info.get("head", "slice"))
+  context_slices = int(first.run_info.get("context_slices", 0))
   try:
-    aggregation.check_aggregation(rule, top_k)
+    if head != "attention_mil":  # the MIL head's patient score is its own attention pooling
+      aggregation.check_aggregation(rule, top_k)
+    preprocess.check_context_windows(preprocess_config, context_slices)
   except ValueError as error:
     raise ExportError(f"{first.folder}/run.json: {error}") from None
   return {"preprocess": preprocess_config, "aggregation": rule, "aggregation_top_k": top_k,
-          "model": first.run_info["config"].get("model", {})}
+          "model": first.run_info["config"].get("model", {}), "head": head, "context_slices": context_slices}
 
 
 def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Model:
@@ -330,6 +334,8 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "model": settings["model"],
       "aggregation": settings["aggregation"],
       "aggregation_top_k": settings["aggregation_top_k"],
+      "head": settings["head"],
+      "context_slices": settings["context_slices"],
       "ensemble_rule": ("slice probability = mean over models; uncertainty = population standard deviation "
                         "over models (0 for one model); patient probability = each model's aggregation of "
                         "its slice probabilities, then the mean over models"),
@@ -382,7 +388,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
 
   models = [_load_model(cell, preprocess_config.image_size) for cell in cells]
   module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
-                                    settings["aggregation_top_k"])
+                                    settings["aggregation_top_k"], context_slices=settings["context_slices"])
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")
   try:
     tf.saved_model.save(module, temp_dir, signatures=module.signatures())

@@ -104,8 +104,8 @@ def grad_cam(model: keras.Model, images: np.ndarray | tf.Tensor, *,
     raises the score).
   """
   images = np.asarray(images)
-  if images.ndim != 4 or images.shape[-1] != 3:
-    raise ValueError(f"images must be [N, S, S, 3], got shape {images.shape}")
+  if images.ndim != 4:  # [N, S, S, 3], or [N, S, S, 2C+1] 2.5D stacks
+    raise ValueError(f"images must be [N, S, S, channels], got shape {images.shape}")
   height, width = images.shape[1], images.shape[2]
   parts = _GradCamParts(model, backbone_name, layer_name)
   heatmaps = []

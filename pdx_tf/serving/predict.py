@@ -8,7 +8,10 @@ models stored in the export (`assets.extra/models/`, see `pdx_tf.serving.export`
 `gradcam_max_models` of them (Grad-CAM of all 192 cells would take minutes on a CPU and changes little).
 
 Outputs in output_dir: config.json, prediction.json, gradcam/<task>_slice<NNN>.png (model input and overlay),
-summary.png (per task: slice probability along z with its uncertainty band, and the overlays). Nothing read
+summary.png (per task: slice probability along z with its uncertainty band, for attention-MIL exports the
+attention weight of each slice on a second axis, and the overlays). 2.5D exports build each slice's stack from the
+study's slices in order with `preprocess.preprocess_patient` (as the serving graph does); the overlays show the
+centre slice. Grad-CAM of an attention-MIL export explains its instance score (`model.mil_slice_model`). Nothing read
 from the DICOM headers reaches them: the study is named only by the optional user-given patient_id, and the
 DICOM folder path is withheld (hospital folder names often carry names or accession numbers).
 """
@@ -82,6 +85,7 @@ class _TaskResult:
   gradcam_slices: list[int]
   images: np.ndarray  # model inputs of the Grad-CAM slices
   heatmaps: np.ndarray
+  attention: np.ndarray | None = None  # [N], attention-MIL exports only
 
 
 def load_exports(model_dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -124,8 +128,20 @@ def _saved_model(version_dir: str):
 
 @functools.lru_cache(maxsize=4)
 def _keras_models(version_dir: str, max_models: int) -> tuple:
+  """The export's Keras models as slice classifiers for Grad-CAM (an attention-MIL model's instance scorer)."""
+  from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
+
   _, metadata = export.read_export(version_dir)
-  return tuple(export.load_export_keras_models(version_dir, metadata, max_models))
+  models = export.load_export_keras_models(version_dir, metadata, max_models)
+  return tuple(model_lib.mil_slice_model(model) if model_lib.is_mil_model(model) else model for model in models)
+
+
+def viewable_images(images: np.ndarray, context_slices: int) -> np.ndarray:
+  """Model inputs as RGB for overlays: a 2.5D stack [N, S, S, 2C+1] shows its centre slice (channel C)."""
+  if not context_slices:
+    return images
+  centre = context_slices
+  return np.repeat(images[..., centre:centre + 1], 3, axis=-1)
 
 
 def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, num_gradcam_slices: int,
@@ -137,18 +153,23 @@ def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, nu
   order = sorted(range(slice_probability.size), key=lambda index: (-float(slice_probability[index]), index))
   chosen = sorted(order[:count], key=lambda index: -float(slice_probability[index]))
   image_size = int(metadata["image_size"])
-  images = np.zeros((0, image_size, image_size, 3), np.uint8)
+  context_slices = int(metadata.get("context_slices", 0))
+  images = np.zeros((0, image_size, image_size, preprocess.model_channels(context_slices)), np.uint8)
   heatmaps = np.zeros((0, image_size, image_size), np.float32)
   if chosen:
     preprocess_config = preprocess.preprocess_config_from_dict(metadata["preprocess"])
-    images = preprocess.preprocess_slices(hu[chosen], preprocess_config).numpy()
+    if context_slices:  # a stack needs the slice's neighbours: build every stack, as serving does, then pick
+      images = preprocess.preprocess_patient(hu, preprocess_config, context_slices).numpy()[chosen]
+    else:
+      images = preprocess.preprocess_slices(hu[chosen], preprocess_config).numpy()
     heatmaps = gradcam.ensemble_grad_cam(list(_keras_models(version_dir, gradcam_max_models)), images)
   return _TaskResult(
       task=metadata["task"], version_dir=version_dir, metadata=metadata, slice_probability=slice_probability,
       slice_uncertainty=outputs["slice_uncertainty"].numpy(),
       patient_probability=float(outputs["patient_probability"].numpy()),
       patient_uncertainty=float(outputs["patient_uncertainty"].numpy()),
-      gradcam_slices=chosen, images=images, heatmaps=heatmaps)
+      gradcam_slices=chosen, images=viewable_images(images, context_slices), heatmaps=heatmaps,
+      attention=outputs["attention"].numpy() if "attention" in outputs else None)
 
 
 def _region_summary(abdomen: Any) -> dict[str, Any]:
@@ -232,6 +253,11 @@ def _write_summary(path: str, results: Sequence[_TaskResult], regions: Sequence[
     curve.set_ylim(0, 1)
     curve.set_xlabel("z (mm)")
     curve.set_ylabel("slice probability")
+    if result.attention is not None:
+      weights = curve.twinx()
+      weights.plot(z_mm, result.attention, color="tab:orange", linewidth=1.2)
+      weights.set_ylim(0, max(float(np.max(result.attention)) * 1.1, 1e-6))
+      weights.set_ylabel("attention (MIL)", color="tab:orange")
     curve.set_title(f"task {result.task}: {result.patient_probability:.2f} +- {result.patient_uncertainty:.2f}",
                     fontsize=9)
     for column in range(1, columns):
@@ -323,11 +349,15 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
             "version": metadata["version"], "kind": metadata["kind"], "num_models": metadata["num_models"],
             "aggregation": metadata["aggregation"], "aggregation_top_k": metadata["aggregation_top_k"],
             "image_size": metadata["image_size"], "code_version": metadata["code_version"],
+            # Only beyond the paper's model, so a default export's prediction.json keeps its bytes.
+            **({"head": metadata["head"]} if metadata.get("head", "slice") != "slice" else {}),
+            **({"context_slices": metadata["context_slices"]} if metadata.get("context_slices") else {}),
             "gradcam_models": min(gradcam_max_models, metadata["num_models"]),
         },
         "slices": [{"slice_index": index, "z_mm": round(float(z_mm[index]), 3),
                     "probability": round(float(result.slice_probability[index]), 6),
-                    "uncertainty": round(float(result.slice_uncertainty[index]), 6)}
+                    "uncertainty": round(float(result.slice_uncertainty[index]), 6),
+                    **({} if result.attention is None else {"attention": round(float(result.attention[index]), 6)})}
                    for index in range(z_mm.size)],
         "gradcam": overlays,
         "region": _region_summary(abdomen),

@@ -13,6 +13,14 @@ Signatures (all outputs float32, so TF Serving's REST JSON carries plain numbers
   per-model patient probabilities. (Aggregating the mean slice curve instead would differ for top-k and
   max rules; per-model first is what each cross-validated model was evaluated with.)
 
+2.5D models (`context_slices` C > 0) take 2C+1 adjacent slices of one window as the channels: `serving_default`
+and `predict_patient` treat their N slices as ONE patient's stack in slice order and build each slice's stack
+with `preprocess.preprocess_patient` (the training's `preprocess.context_stack`); `predict_images` takes the
+stacks themselves, uint8 [N, S, S, 2C+1]. Attention-MIL models (`head="attention_mil"`): `predict_patient`'s
+patient probability is each model's attention-pooled probability (then the mean over models), and it also
+outputs `attention` [N] (each slice's attention weight, mean over models; sums to 1); the slice probabilities of
+every signature are the MIL model's instance scores (its output layer on each slice's own feature).
+
 Uncertainty is the population standard deviation over models (numpy's default, ddof=0), so a single model
 reports 0. The models are called in inference mode through one shared traced function, so the SavedModel holds
 each model's graph once, whatever the number of signatures.
@@ -28,7 +36,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf.data import preprocess
-from pdx_tf.training import aggregation
+from pdx_tf.training import aggregation, model as model_lib
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
@@ -36,12 +44,19 @@ PREDICT_PATIENT = "predict_patient"
 SIGNATURE_NAMES = (SERVING_DEFAULT, PREDICT_IMAGES, PREDICT_PATIENT)
 
 
-def model_image_size(model: keras.Model) -> int:
-  """The square input side of a slice classifier, from its input shape."""
+def model_input_shape(model: keras.Model) -> tuple[int, int]:
+  """(side S, channels C) of a slice classifier ([N, S, S, C]) or an attention-MIL model ([B, K, S, S, C])."""
   shape = tuple(model.inputs[0].shape)
-  if len(shape) != 4 or shape[1] != shape[2] or shape[3] != 3:
-    raise ValueError(f"model {model.name} takes {shape}; expected square RGB images [N, S, S, 3]")
-  return int(shape[1])
+  if model_lib.is_mil_model(model):
+    shape = shape[1:]
+  if len(shape) != 4 or shape[1] != shape[2]:
+    raise ValueError(f"model {model.name} takes {shape}; expected square images [N, S, S, C]")
+  return int(shape[1]), int(shape[3])
+
+
+def model_image_size(model: keras.Model) -> int:
+  """The square input side of a classifier, from its input shape."""
+  return model_input_shape(model)[0]
 
 
 class PdxServingModule(tf.Module):
@@ -54,27 +69,37 @@ class PdxServingModule(tf.Module):
   """
 
   def __init__(self, models: Sequence[keras.Model], preprocess_config: preprocess.PreprocessConfig,
-               aggregation_rule: str, aggregation_top_k: int):
+               aggregation_rule: str, aggregation_top_k: int, context_slices: int = 0):
     """Builds the signatures.
 
     Args:
       models: one or more classifiers from `pdx_tf.training.model.build_model`, all at `preprocess_config.image_size`.
       preprocess_config: the preprocessing the models were trained on (run.json "preprocess").
       aggregation_rule: one of `aggregation.AGGREGATIONS` (run.json "aggregation").
-      aggregation_top_k: k for `topk_mean` (run.json "aggregation_top_k").
+      aggregation_top_k: k for `topk_mean` (run.json "aggregation_top_k"); MIL models ignore both.
+      context_slices: C of 2.5D models (run.json "context_slices"), 0 otherwise.
 
     Raises:
-      ValueError: for no models, a model of another input size, or an unknown aggregation.
+      ValueError: for no models, a model of another input size or channel count, mixed heads, or an unknown
+        aggregation.
     """
     super().__init__(name="pdx_serving")
     if not models:
       raise ValueError("PdxServingModule needs at least one model")
-    aggregation.check_aggregation(aggregation_rule, aggregation_top_k)
+    mil = model_lib.is_mil_model(models[0])
+    if any(model_lib.is_mil_model(model) != mil for model in models):
+      raise ValueError("the models mix slice and attention-MIL heads; export them separately")
+    if not mil:
+      aggregation.check_aggregation(aggregation_rule, aggregation_top_k)
+    preprocess.check_context_windows(preprocess_config, context_slices)
     image_size = preprocess_config.image_size
+    channels = preprocess.model_channels(context_slices)
     for model in models:
-      if model_image_size(model) != image_size:
-        raise ValueError(f"model {model.name} takes {model_image_size(model)} px images but the preprocessing "
-                         f"makes {image_size} px")
+      if model_input_shape(model) != (image_size, channels):
+        raise ValueError(f"model {model.name} takes {model_input_shape(model)} (px, channels) but the preprocessing "
+                         f"makes ({image_size}, {channels})")
+    self.mil = mil
+    self.context_slices = context_slices
     self.model_variables = [variable for model in models for variable in model.variables]
     self.num_models = len(models)
     self.image_size = image_size
@@ -82,12 +107,22 @@ class PdxServingModule(tf.Module):
     frozen_models = tuple(models)
     config = preprocess_config
 
-    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, 3], tf.float32)],
+    @tf.function(input_signature=[tf.TensorSpec([None, image_size, image_size, channels], tf.float32)],
                  autograph=False)
+    def per_model_outputs(images):
+      """{"slice": [num_models, N] slice probabilities} and, for MIL models, "patient" [num_models] and
+      "attention" [num_models, N], with the N images as one bag."""
+      if not mil:
+        return {"slice": tf.stack([tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+                                   for model in frozen_models])}
+      mask = tf.ones([1, tf.shape(images)[0]], tf.float32)
+      outputs = [model_lib.mil_outputs(model, images[tf.newaxis], mask) for model in frozen_models]
+      return {"slice": tf.stack([output["slice_probability"][0] for output in outputs]),
+              "patient": tf.stack([output["probability"][0] for output in outputs]),
+              "attention": tf.stack([output["attention"][0] for output in outputs])}
+
     def per_model_probabilities(images):
-      """[num_models, N] slice probabilities."""
-      return tf.stack([tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
-                       for model in frozen_models])
+      return per_model_outputs(images)["slice"]
 
     def summarise(per_model):
       return {
@@ -96,22 +131,22 @@ class PdxServingModule(tf.Module):
       }
 
     def images_from_hu(hu):
-      return tf.cast(preprocess.preprocess_slices(hu, config), tf.float32)
+      return tf.cast(preprocess.preprocess_patient(hu, config, context_slices), tf.float32)
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
     def serving_default(hu):
       return summarise(per_model_probabilities(images_from_hu(hu)))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None, 3], tf.uint8, name="image")])
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, channels], tf.uint8, name="image")])
     def predict_images(image):
-      message = (f"predict_images expects uint8 images of {image_size}x{image_size}x3 pixels (the models' "
+      message = (f"predict_images expects uint8 images of {image_size}x{image_size}x{channels} pixels (the models' "
                  "input size); resize them, or send raw HU slices to serving_default")
       checks = [
           tf.debugging.assert_equal(tf.shape(image)[1], image_size, message=message),
           tf.debugging.assert_equal(tf.shape(image)[2], image_size, message=message),
       ]
       with tf.control_dependencies(checks):
-        images = tf.ensure_shape(tf.cast(image, tf.float32), [None, image_size, image_size, 3])
+        images = tf.ensure_shape(tf.cast(image, tf.float32), [None, image_size, image_size, channels])
       return summarise(per_model_probabilities(images))
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
@@ -119,17 +154,24 @@ class PdxServingModule(tf.Module):
       check = tf.debugging.assert_positive(
           tf.shape(hu)[0], message="predict_patient needs at least one slice of the patient")
       with tf.control_dependencies([check]):
-        per_model = per_model_probabilities(images_from_hu(hu))
-      patient = tf.stack([aggregation.aggregate_tf(per_model[index], aggregation_rule, aggregation_top_k)
-                          for index in range(len(frozen_models))])
-      return {
+        outputs = per_model_outputs(images_from_hu(hu))
+      per_model = outputs["slice"]
+      if mil:
+        patient = outputs["patient"]
+      else:
+        patient = tf.stack([aggregation.aggregate_tf(per_model[index], aggregation_rule, aggregation_top_k)
+                            for index in range(len(frozen_models))])
+      result = {
           "slice_probability": tf.reduce_mean(per_model, axis=0),
           "slice_uncertainty": tf.math.reduce_std(per_model, axis=0),
           "patient_probability": tf.reduce_mean(patient),
           "patient_uncertainty": tf.math.reduce_std(patient),
       }
+      if mil:
+        result["attention"] = tf.reduce_mean(outputs["attention"], axis=0)
+      return result
 
-    self.per_model_probabilities = per_model_probabilities
+    self.per_model_outputs = per_model_outputs
     self.serving_default = serving_default
     self.predict_images = predict_images
     self.predict_patient = predict_patient

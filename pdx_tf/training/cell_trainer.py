@@ -24,6 +24,7 @@ Seeds: the pool draw uses (`seed`, repeat) (input_pipeline.pool_keep); the initi
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -41,6 +42,7 @@ from pdx_tf.contracts import RUN_SCHEMA_VERSION, TENSORBOARD_FOLDER
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import metrics as metrics_lib
 from pdx_tf.training import aggregation as aggregation_lib, input_pipeline, splits, tensorboard
+from pdx_tf.training import model as model_lib
 from pdx_tf.training.model import build_model
 
 if TYPE_CHECKING:
@@ -69,10 +71,35 @@ def checkpoint_name(epoch: int) -> str:
 # ------------------------------------------------------------------------------------------ training inputs
 
 
+def uses_stacks(config: TrainConfig) -> bool:
+  """Whether training reads stacks built from the originals (2.5D or MIL) instead of the stored copies."""
+  return config.context_slices > 0 or config.model.head == "attention_mil"
+
+
 def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: Sequence[str],
-                  cell: contracts.Cell, epoch: int) -> tf.data.Dataset:
+                  cell: contracts.Cell, epoch: int,
+                  stacks: input_pipeline.PatientStacks | None = None) -> tf.data.Dataset:
   """The (finite) batches of epoch `epoch` of a cell: a pure function of (config, cell, epoch), so a resumed
-  epoch sees exactly the batches an uninterrupted run would."""
+  epoch sees exactly the batches an uninterrupted run would. `stacks`: the training patients'
+  `input_pipeline.load_patient_stacks` when `uses_stacks(config)`."""
+  if config.model.head == "attention_mil":
+    bags_per_epoch = None
+    if config.images_per_epoch:  # the same number of slice images an epoch as the slice head would see
+      mean_slices = np.mean([len(input_pipeline.bag_slices(stacks.counts[patient_id], config.mil_max_slices))
+                             for patient_id in train_ids])
+      bags_per_epoch = max(config.mil_bags_per_batch, int(round(config.images_per_epoch / mean_slices)))
+    return input_pipeline.mil_train_dataset(
+        info, train_ids, stacks, sample_seed=config.seed, repeat=cell[0], epoch=epoch,
+        shuffle_seed=cell_seed(config.seed, cell), pool_fraction=config.pool_fraction,
+        bags_per_batch=config.mil_bags_per_batch, include_originals=config.include_originals,
+        bags_per_epoch=bags_per_epoch, max_slices=config.mil_max_slices)
+  if config.context_slices:
+    return input_pipeline.stack_train_dataset(
+        info, train_ids, stacks, task=config.task, sample_seed=config.seed, repeat=cell[0], epoch=epoch,
+        shuffle_seed=cell_seed(config.seed, cell), pool_fraction=config.pool_fraction,
+        batch_size=config.batch_size, include_originals=config.include_originals,
+        images_per_epoch=config.images_per_epoch, shuffle_buffer=config.shuffle_buffer,
+        deterministic=config.deterministic)
   return input_pipeline.train_dataset(
       info, train_ids, task=config.task, sample_seed=config.seed, repeat=cell[0], epoch=epoch,
       shuffle_seed=cell_seed(config.seed, cell), pool_fraction=config.pool_fraction, batch_size=config.batch_size,
@@ -88,7 +115,8 @@ def hparams(config: TrainConfig, cell: contracts.Cell, policy: str) -> dict[str,
           "image_size": config.model.image_size, "weights": config.model.weights,
           "learning_rate": config.learning_rate, "precision": policy, "epochs": config.epochs,
           "batch_size": config.batch_size, "pool_fraction": config.pool_fraction,
-          "bn_momentum": config.model.resolved_bn_momentum, "aggregation": config.aggregation}
+          "bn_momentum": config.model.resolved_bn_momentum, "aggregation": config.aggregation,
+          "context_slices": config.context_slices, "head": config.model.head}
 
 
 def compile_model(model: keras.Model, config: TrainConfig) -> None:
@@ -265,19 +293,24 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   model = fresh_model(config, policy, strategy, init_seed)
   if progress is None:
     progress = {"epochs_completed": 0, "images_seen": 0, "history": [], "wall_time_s": 0.0}
-  elif progress["epochs_completed"] > 0:
+  if progress["epochs_completed"] > 0:
     logging.info("cell %s: resuming after epoch %d", name, progress["epochs_completed"])
     # Restores the weights and the optimizer state (Adam moments, iteration count, loss scale).
     model.load_weights(resumed[1])
+  elif config.model.head == "attention_mil" and config.mil_init_from:
+    _start_from_slice_model(config, cell, model)
   _remove_other_checkpoints(folder, progress.get("checkpoint", ""))  # uncommitted epochs' files
   validation = input_pipeline.load_validation(info, test_ids, config.task)
+  stacks = input_pipeline.load_patient_stacks(info, train_ids, config.task, config.context_slices) \
+      if uses_stacks(config) else None
+  validation_data = _validation_data(config, info, validation, test_ids)
   checks = _EpochChecks(folder)
   interrupted = False
   for epoch in range(int(progress["epochs_completed"]), config.epochs):
-    train = epoch_dataset(config, info, train_ids, cell, epoch)
+    train = epoch_dataset(config, info, train_ids, cell, epoch, stacks)
     if epoch == 0:
       for images, _ in train.take(1):
-        tensorboard.write_input_images(tensorboard_dir, name, images.numpy())
+        tensorboard.write_input_images(tensorboard_dir, name, _viewable(images, config.context_slices))
     reseed_dropout(model, epoch_seed(init_seed, epoch))
     epoch_started = time.time()
     # A logger per fit: EpochLogger closes its writers at the end of each fit.
@@ -286,8 +319,8 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
       # One pass over the (finite, unknown-length) dataset is an epoch by design; Keras warns about both.
       warnings.filterwarnings("ignore", message=".*ran out of data.*")
       warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
-      model.fit(train, epochs=epoch + 1, initial_epoch=epoch,
-                validation_data=validation.dataset(config.batch_size), callbacks=callbacks, verbose=2)
+      model.fit(train, epochs=epoch + 1, initial_epoch=epoch, validation_data=validation_data,
+                callbacks=callbacks, verbose=2)
     progress["epochs_completed"] = epoch + 1
     progress["images_seen"] += checks.steps * config.batch_size  # batches drop the remainder: exact
     progress["history"].append(checks.logs)
@@ -302,6 +335,66 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     return "interrupted"
   _finish_cell(config, info, split, cell, model, validation, progress, policy, tensorboard_dir, init_seed)
   return "complete"
+
+
+def _start_from_slice_model(config: TrainConfig, cell: contracts.Cell, model: keras.Model) -> None:
+  """Loads the same cell of the --mil_init_from slice grid into the MIL model (model.copy_slice_weights)."""
+  path = io_utils.join(contracts.cell_folder(config.mil_init_from, cell), "model.keras")
+  slice_model = keras.saving.load_model(path, compile=False)
+  try:
+    model_lib.copy_slice_weights(slice_model, model)
+  except ValueError as error:
+    raise RunsError(f"{path}: {error}") from None
+  logging.info("cell %s: attention-MIL starts from %s", contracts.cell_name(cell), path)
+
+
+def _viewable(images: tf.Tensor, context_slices: int) -> np.ndarray:
+  """A batch's inputs as [B, S, S, 3] for TensorBoard: a MIL batch's first bag; a 2.5D stack's centre slice."""
+  images = images[0][0] if isinstance(images, tuple) else images
+  images = np.asarray(images)
+  if context_slices:
+    images = np.repeat(images[..., context_slices:context_slices + 1], 3, axis=-1)
+  return images
+
+
+def _validation_data(config: TrainConfig, info: contracts.DatasetInfo, validation: input_pipeline.ValidationSet,
+                     test_ids: Sequence[str]) -> tf.data.Dataset:
+  """The held-out fold as the model takes it: slices (the paper), 2.5D stacks, or one bag a patient."""
+  if config.model.head == "attention_mil":
+    stacks = input_pipeline.load_patient_stacks(info, test_ids, config.task, config.context_slices)
+    return input_pipeline.mil_validation_dataset(stacks, test_ids)
+  if config.context_slices:
+    validation = dataclasses.replace(
+        validation, images=input_pipeline.stacks_from_validation(validation, config.context_slices))
+  return validation.dataset(config.batch_size)
+
+
+def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: input_pipeline.ValidationSet,
+                           test_ids: Sequence[str], validation_data: tf.data.Dataset | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+  """(slice probabilities [N] in validation order, patient probabilities in test_ids order, attention [N] or None).
+
+  Slice head: model.predict per slice, then the configured aggregation. Attention-MIL: one bag a patient; the
+  patient probability is the model's, the slice probability its instance score (`model.mil_outputs`) and the
+  attention its weight of each slice.
+  """
+  if config.model.head != "attention_mil":
+    data = validation_data if validation_data is not None else validation.dataset(config.batch_size)
+    probabilities = model.predict(data.map(_image_only), verbose=0).reshape(-1).astype(np.float64)
+    patient = np.asarray([aggregation_lib.aggregate(probabilities[validation.patient_ids == patient_id],
+                                                    config.aggregation, config.top_k) for patient_id in test_ids])
+    return probabilities, patient, None
+  probabilities = np.zeros(validation.patient_ids.size, np.float64)
+  attention = np.zeros(validation.patient_ids.size, np.float64)
+  patient = []
+  for ((bag, mask), _), patient_id in zip(validation_data, test_ids):
+    outputs = model_lib.mil_outputs(model, bag, mask)
+    rows = np.flatnonzero(validation.patient_ids == patient_id)
+    rows = rows[np.argsort(validation.slice_indices[rows], kind="stable")]  # the bag is in slice order
+    probabilities[rows] = np.asarray(outputs["slice_probability"])[0]
+    attention[rows] = np.asarray(outputs["attention"])[0]
+    patient.append(float(np.asarray(outputs["probability"])[0]))
+  return probabilities, np.asarray(patient), attention
 
 
 def _image_only(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
@@ -328,20 +421,19 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   model.save(temp)
   tf.io.gfile.rename(temp, model_path, overwrite=True)
 
-  probabilities = model.predict(validation.dataset(config.batch_size).map(_image_only), verbose=0)
-  probabilities = probabilities.reshape(-1).astype(np.float64)
+  _, test_ids = splits.cell_patients(split, *cell)
+  probabilities, patient_probabilities, attention = held_out_probabilities(
+      config, model, validation, test_ids, _validation_data(config, info, validation, test_ids))
   slice_rows = [[patient_id, int(slice_index), int(label), f"{probability:.8f}"]
                 for patient_id, slice_index, label, probability in
                 zip(validation.patient_ids, validation.slice_indices, validation.labels, probabilities)]
   io_utils.atomic_write_csv(io_utils.join(folder, "slice_predictions.csv"),
                             ["patient_id", "slice_index", "label", "probability"], slice_rows)
-  _, test_ids = splits.cell_patients(split, *cell)
+  if attention is not None:
+    io_utils.atomic_write_csv(io_utils.join(folder, "slice_attention.csv"), ["patient_id", "slice_index", "attention"],
+                              [[patient_id, int(slice_index), f"{weight:.8f}"] for patient_id, slice_index, weight
+                               in zip(validation.patient_ids, validation.slice_indices, attention)])
   labels = info.labels(config.task)
-  patient_probabilities = []
-  for patient_id in test_ids:
-    mine = probabilities[validation.patient_ids == patient_id]
-    patient_probabilities.append(aggregation_lib.aggregate(mine, config.aggregation, config.top_k))
-  patient_probabilities = np.asarray(patient_probabilities)
   patient_labels = np.asarray([labels[patient_id] for patient_id in test_ids])
   io_utils.atomic_write_csv(io_utils.join(folder, "patient_predictions.csv"), ["patient_id", "label", "probability"],
                             [[patient_id, int(label), f"{probability:.8f}"] for patient_id, label, probability
@@ -374,6 +466,7 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       "config": configs.to_dict(config), "preprocess": info.preprocess, "region": info.region,
       "augment": info.augment, "input_statistics": info.input_statistics,
       "aggregation": config.aggregation, "aggregation_top_k": config.top_k,
+      "head": config.model.head, "context_slices": config.context_slices,
       "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),
       "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
   io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), run)

@@ -25,6 +25,19 @@ is the same order on every call. `images_per_epoch` keeps a keyed uniform sample
 
 Validation uses only the held-out patients' ORIGINAL shards, in file order, loaded into memory once (a fold of
 originals is small), so predictions line up with (patient_id, slice_index).
+
+2.5D input (`context_slices` C > 0) and attention-MIL bags. The records hold one-channel slices, and augmented
+copy a of slice s was warped with its own key (seed, patient, s, a), so the stored copies of neighbouring slices
+are not geometrically consistent and cannot be stacked. Instead the stack is built at read time from the
+patient's ORIGINAL slices (`load_patient_stacks`, with `preprocess.context_stack`: the function serving and
+`predict` use), and the pool record (patient, s, a) drawn as now only names which stack and which augmentation:
+the stack is warped with `augment.random_parameters(seed, patient, s, a)` (the records' seed and ranges), the SAME
+keyed parameters for every channel. So the centre channel has the geometry of the stored copy a of slice s, and
+the pool draw, the epoch order and the keys are unchanged. The warp acts on windowed pixels rather than on HU
+(the records keep no HU): bilinear interpolation commutes with the linear part of the window and differs only
+where neighbouring pixels straddle a window edge; the area outside reads as air's windowed value. A cell holds
+its training patients' stacks in memory (uint8, (2C+1) bytes a pixel: about 1.5 GB for 10,000 224 px slices at
+C=1). With C = 0 and the slice head nothing of this runs: the stored copies are decoded as before.
 """
 
 from __future__ import annotations
@@ -38,7 +51,7 @@ import tensorflow as tf
 
 from pdx_tf import io_utils
 from pdx_tf.contracts import DatasetInfo
-from pdx_tf.data import records
+from pdx_tf.data import augment, preprocess, records
 from pdx_tf.errors import RecordsError
 
 def _round_half_up(value: float) -> int:
@@ -295,3 +308,224 @@ def load_validation(info: DatasetInfo, test_ids: Sequence[str], task: str) -> Va
   return ValidationSet(images=np.concatenate(images), labels=np.concatenate(labels).astype(np.int64),
                        patient_ids=np.asarray(patient_ids), slice_indices=np.concatenate(slice_indices),
                        augmentation_indices=np.concatenate(augmentation_indices))
+
+
+# ------------------------------------------------------------------------------- 2.5D stacks and MIL bags
+
+
+@dataclasses.dataclass(frozen=True)
+class PatientStacks:
+  """Some patients' original slices as model inputs (module docstring), in memory, patient by patient in slice
+  order: `images[starts[p]:starts[p] + counts[p]]` are patient p's slices 0..n-1."""
+
+  images: np.ndarray  # uint8 [M, S, S, channels]: 2C+1 adjacent slices, or the 3 stored channels when C = 0
+  labels: dict[str, int]
+  starts: dict[str, int]
+  counts: dict[str, int]
+  context_slices: int
+  seed: int
+  augment_config: augment.AugmentConfig
+  fill_value: float  # air (-1000 HU) after the records' window
+
+  def rows(self, patient_id: str) -> np.ndarray:
+    return np.arange(self.starts[patient_id], self.starts[patient_id] + self.counts[patient_id])
+
+
+def stacks_from_validation(validation: "ValidationSet", context_slices: int) -> np.ndarray:
+  """The validation images as model inputs: each patient's slices stacked by `preprocess.context_stack` in slice
+  order, at the rows they hold (so predictions still line up with (patient_id, slice_index))."""
+  if context_slices == 0:
+    return validation.images
+  out = np.zeros(validation.images.shape[:3] + (preprocess.model_channels(context_slices),), np.uint8)
+  for patient_id in dict.fromkeys(validation.patient_ids.tolist()):
+    rows = np.flatnonzero(validation.patient_ids == patient_id)
+    rows = rows[np.argsort(validation.slice_indices[rows], kind="stable")]
+    out[rows] = preprocess.context_stack(tf.constant(validation.images[rows]), context_slices).numpy()
+  return out
+
+
+def _augment_settings(info: DatasetInfo) -> tuple[int, augment.AugmentConfig, float]:
+  values = info.augment
+  fields = {field.name for field in dataclasses.fields(augment.AugmentConfig)}
+  config = augment.AugmentConfig(**{key: value for key, value in values.items() if key in fields})
+  windows = info.preprocess.get("windows") or [list(preprocess.WINDOW_PRESETS["abdomen"][0])]
+  center, width = windows[0]
+  fill = float(np.round(np.clip((preprocess.AIR_HU - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0))
+  return int(values.get("seed", 0)), config, fill
+
+
+def load_patient_stacks(info: DatasetInfo, patient_ids: Sequence[str], task: str,
+                        context_slices: int) -> PatientStacks:
+  """The patients' original slices, stacked with `preprocess.context_stack` (C > 0) or as stored (C = 0).
+
+  Raises:
+    RecordsError: as `load_validation`, or a patient whose slice indices are not 0..n-1.
+    ValueError: context_slices > 0 on records of three windows.
+  """
+  if context_slices:
+    preprocess.check_context_windows(preprocess.preprocess_config_from_dict(info.preprocess), context_slices)
+  validation = load_validation(info, patient_ids, task)
+  images, starts, counts, labels, start = [], {}, {}, {}, 0
+  for patient_id in patient_ids:
+    rows = np.flatnonzero(validation.patient_ids == patient_id)
+    rows = rows[np.argsort(validation.slice_indices[rows], kind="stable")]
+    if not np.array_equal(validation.slice_indices[rows], np.arange(rows.size)):
+      raise RecordsError(f"patient {patient_id}'s original slices in {info.records_dir} are not slices 0..n-1;"
+                         " rebuild the records")
+    images.append(preprocess.context_stack(tf.constant(validation.images[rows]), context_slices).numpy())
+    starts[patient_id], counts[patient_id], labels[patient_id] = start, rows.size, int(validation.labels[rows[0]])
+    start += rows.size
+  seed, config, fill = _augment_settings(info)
+  return PatientStacks(images=np.concatenate(images), labels=labels, starts=starts, counts=counts,
+                       context_slices=context_slices, seed=seed, augment_config=config, fill_value=fill)
+
+
+def augment_transforms(stacks: PatientStacks, patient_id: str, slice_indices: Sequence[int],
+                       augmentation_index: int) -> np.ndarray:
+  """float32 [len(slice_indices), 8] projective transforms: copy `augmentation_index` of each slice, keyed as the
+  records' copies (`augment.random_parameters`); the identity for the original (index 0)."""
+  size = stacks.images.shape[1]
+  if augmentation_index == 0:
+    return np.tile(np.asarray([1, 0, 0, 0, 1, 0, 0, 0], np.float32), (len(slice_indices), 1))
+  return np.asarray([augment.transform_vector(*augment.random_parameters(
+      stacks.seed, patient_id, int(slice_index), int(augmentation_index), stacks.augment_config), size)
+                     for slice_index in slice_indices], np.float32)
+
+
+def warp_stacks(images: tf.Tensor, transforms: tf.Tensor, fill_value: float) -> tf.Tensor:
+  """Warps float [K, S, S, C] stacks, each with its own transform [K, 8] applied to all its channels; rounds to
+  the uint8 grid (float32 0..255) like the stored copies."""
+  images = tf.cast(images, tf.float32)
+  size = tf.shape(images)[1:3]
+  warped = tf.raw_ops.ImageProjectiveTransformV3(
+      images=images, transforms=tf.cast(transforms, tf.float32), output_shape=size,
+      fill_value=tf.constant(fill_value, tf.float32), interpolation="BILINEAR", fill_mode="CONSTANT")
+  return tf.round(tf.clip_by_value(warped, 0.0, 255.0))
+
+
+def _stack_inputs(task: str, stacks: PatientStacks):
+  """(patient, slice, augmentation index) of a parsed pool record -> (its warped stack, label)."""
+  label_key = records.label_key(task)
+  images = tf.constant(stacks.images)
+  channels = stacks.images.shape[-1]
+  size = stacks.images.shape[1]
+  keys = tf.constant([f"{patient_id}/{index}" for patient_id in stacks.starts for index in
+                      range(stacks.counts[patient_id])])
+  rows = tf.range(stacks.images.shape[0], dtype=tf.int64)
+  table = tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(keys, rows), default_value=-1)
+
+  def transform(patient_id, slice_index, augmentation_index):
+    return augment_transforms(stacks, patient_id.decode("utf-8"), [int(slice_index)], int(augmentation_index))[0]
+
+  def convert(example):
+    patient_id = example[records.PATIENT_ID_KEY]
+    slice_index = tf.cast(example[records.SLICE_INDEX_KEY], tf.int64)
+    augmentation_index = tf.cast(example[records.AUGMENTATION_INDEX_KEY], tf.int64)
+    row = table.lookup(tf.strings.join([patient_id, tf.strings.as_string(slice_index)], separator="/"))
+    stack = tf.gather(images, tf.maximum(row, 0))[tf.newaxis]
+    matrix = tf.numpy_function(transform, [patient_id, slice_index, augmentation_index], tf.float32)
+    image = warp_stacks(stack, tf.reshape(matrix, [1, 8]), stacks.fill_value)[0]
+    image = tf.ensure_shape(image, [size, size, channels])
+    return image, tf.cast(tf.reshape(example[label_key], [1]), tf.float32)
+
+  return convert
+
+
+def stack_train_dataset(info: DatasetInfo, train_ids: Sequence[str], stacks: PatientStacks, *, task: str,
+                        sample_seed: int, repeat: int, shuffle_seed: int, pool_fraction: float, batch_size: int,
+                        epoch: int = 0, include_originals: bool = True, images_per_epoch: int | None = None,
+                        shuffle_buffer: int = 4096, deterministic: bool = True) -> tf.data.Dataset:
+  """`train_dataset` with 2.5D stacks (module docstring): the same records in the same order, each turned into
+  its patient's stack of slice s warped with the keyed parameters of copy a. float32 [B, S, S, 2C+1] batches."""
+  if images_per_epoch is not None:
+    images_per_epoch = images_per_epoch // batch_size * batch_size
+  dataset = train_examples(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+                           include_originals=include_originals, epoch=epoch, shuffle_seed=shuffle_seed,
+                           images_per_epoch=images_per_epoch, shuffle_buffer=shuffle_buffer,
+                           deterministic=deterministic)
+  dataset = dataset.map(_stack_inputs(task, stacks), num_parallel_calls=tf.data.AUTOTUNE,
+                        deterministic=deterministic)
+  return dataset.batch(batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def bag_slices(count: int, max_slices: int) -> np.ndarray:
+  """The slices of an n-slice patient in a training bag of at most `max_slices` (0: all): evenly spaced."""
+  if not max_slices or count <= max_slices:
+    return np.arange(count)
+  return np.unique(np.round(np.linspace(0, count - 1, max_slices)).astype(np.int64))
+
+
+def mil_bag(stacks: PatientStacks, patient_id: str, augmentation_index: int,
+            max_slices: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """One bag: float32 [K, S, S, C] (copy `augmentation_index` of each chosen slice's stack, keyed per slice as
+  the records' copies) and the mask [K] of ones."""
+  chosen = bag_slices(stacks.counts[patient_id], max_slices)
+  images = stacks.images[stacks.rows(patient_id)[chosen]]
+  if augmentation_index == 0:
+    bag = images.astype(np.float32)
+  else:
+    bag = warp_stacks(tf.constant(images), augment_transforms(stacks, patient_id, chosen, augmentation_index),
+                      stacks.fill_value).numpy()
+  return bag, np.ones(len(chosen), np.float32)
+
+
+def mil_pairs(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int, pool_fraction: float,
+              include_originals: bool = True) -> list[tuple[str, int]]:
+  """(patient, augmentation index) of every bag of a cell's pool: the originals (index 0) unless excluded, and
+  every copy in the patient's drawn blocks (`pool_shards`' draw)."""
+  factor, block = int(info.augment.get("augment_factor", 0)), int(info.augment.get("augment_block", 1) or 1)
+  pairs = []
+  for shard in pool_shards(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+                           include_originals=include_originals):
+    if shard.get("kind") == "original":
+      pairs.append((shard["patient_id"], 0))
+    else:
+      first = int(shard["block"]) * block + 1
+      pairs.extend((shard["patient_id"], index) for index in range(first, min(factor, first + block - 1) + 1))
+  return list(dict.fromkeys(pairs))  # a block split into several part files lists its copies once
+
+
+def mil_train_dataset(info: DatasetInfo, train_ids: Sequence[str], stacks: PatientStacks, *, sample_seed: int,
+                      repeat: int, shuffle_seed: int, pool_fraction: float, bags_per_batch: int, epoch: int = 0,
+                      include_originals: bool = True, bags_per_epoch: int | None = None,
+                      max_slices: int = 0) -> tf.data.Dataset:
+  """((bag [B, K, S, S, C], mask [B, K]), label [B, 1]) batches of one epoch of attention-MIL training.
+
+  The bags are the pool's (patient, copy) pairs (`mil_pairs`) in a keyed permutation of (sample_seed, repeat,
+  epoch, shuffle_seed); `bags_per_epoch` keeps a keyed sample (or repeats the pairs) of that many. Bags of one
+  batch are padded with zero slices of mask 0 to the longest.
+  """
+  pairs = mil_pairs(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+                    include_originals=include_originals)
+  if not pairs:
+    raise RecordsError(f"the training patients of repeat {repeat} have no bags in their drawn pool")
+  rng = _epoch_rng(4, sample_seed, repeat, epoch, shuffle_seed)
+  wanted = bags_per_epoch or len(pairs)
+  order = np.concatenate([rng.permutation(len(pairs)) for _ in range(-(-wanted // len(pairs)))])[:wanted]
+  order = order[:len(order) // bags_per_batch * bags_per_batch]
+  size, channels = stacks.images.shape[1], stacks.images.shape[-1]
+
+  def bags():
+    for index in order:
+      patient_id, augmentation_index = pairs[int(index)]
+      bag, mask = mil_bag(stacks, patient_id, augmentation_index, max_slices)
+      yield (bag, mask), np.asarray([stacks.labels[patient_id]], np.float32)
+
+  signature = ((tf.TensorSpec([None, size, size, channels], tf.float32), tf.TensorSpec([None], tf.float32)),
+               tf.TensorSpec([1], tf.float32))
+  dataset = tf.data.Dataset.from_generator(bags, output_signature=signature)
+  return dataset.padded_batch(bags_per_batch, drop_remainder=True).prefetch(2)
+
+
+def mil_validation_dataset(stacks: PatientStacks, patient_ids: Sequence[str]) -> tf.data.Dataset:
+  """One bag of ALL of each patient's original slices, one patient a batch, in `patient_ids` order."""
+
+  def bags():
+    for patient_id in patient_ids:
+      bag, mask = mil_bag(stacks, patient_id, 0)
+      yield (bag[np.newaxis], mask[np.newaxis]), np.asarray([[stacks.labels[patient_id]]], np.float32)
+
+  size, channels = stacks.images.shape[1], stacks.images.shape[-1]
+  signature = ((tf.TensorSpec([1, None, size, size, channels], tf.float32), tf.TensorSpec([1, None], tf.float32)),
+               tf.TensorSpec([1, 1], tf.float32))
+  return tf.data.Dataset.from_generator(bags, output_signature=signature)

@@ -24,10 +24,13 @@ from absl import logging
 
 from pdx_tf import configs, contracts, io_utils
 from pdx_tf.contracts import CONFIG_FILE, PATIENTS_FILE, RECORDS_FILE, TENSORBOARD_FOLDER
+from pdx_tf.data import preprocess
 from pdx_tf.errors import RunsError
 from pdx_tf.training import aggregation as aggregation_lib, cell_trainer, grid, input_pipeline, splits, tensorboard
 from pdx_tf.training.model import build_model, ModelConfig, resolve_weights
 
+# The patient score of --head=attention_mil: its own attention pooling, not a fixed rule.
+MIL_AGGREGATION = "attention"
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # {"records_hash": contracts.DatasetInfo.content_hash, "dataset_hash": of the first run}: one grid, one
 # dataset.
@@ -65,6 +68,13 @@ class TrainConfig:
     num_partitions: machines sharing the grid; this one trains cells with index % num_partitions == partition_index.
     partition_index: this machine's partition.
     cells: names like "r0f3" to train only those cells (empty: all cells of the partition).
+    context_slices: N > 0 feeds 2N+1 adjacent slices of one window as the channels (2.5D; input_pipeline's
+      docstring); `model.input_channels` must be `preprocess.model_channels(N)`. 0: the paper's input.
+    mil_init_from: with `model.head == "attention_mil"`, a finished slice grid R whose same cell's model.keras
+      starts the MIL model (backbone and output layer; model.copy_slice_weights).
+    mil_max_slices: a training bag holds at most this many of a patient's slices, evenly spaced (0: all).
+      Held-out and served patients always use every slice.
+    mil_bags_per_batch: bags (patients) a batch in MIL training; `batch_size` stays the slice head's.
   """
 
   task: str
@@ -91,6 +101,10 @@ class TrainConfig:
   num_partitions: int = 1
   partition_index: int = 0
   cells: tuple[str, ...] = ()
+  context_slices: int = 0
+  mil_init_from: str = ""
+  mil_max_slices: int = 0
+  mil_bags_per_batch: int = 4
 
   def __post_init__(self):
     contracts.check_task(self.task)
@@ -112,7 +126,24 @@ class TrainConfig:
                        f" {self.images_per_epoch}; unset it to use the drawn pool's size")
     if self.pool_fraction == 0.0 and not self.include_originals:
       raise ValueError("pool_fraction 0 without originals leaves nothing to train on")
-    aggregation_lib.check_aggregation(self.aggregation, self.top_k)
+    if self.model.head == "attention_mil":
+      if self.aggregation != MIL_AGGREGATION:
+        raise ValueError(f"--head=attention_mil makes the patient score by its learned attention; --aggregation="
+                         f"{self.aggregation} does not apply: use --aggregation={MIL_AGGREGATION} (or leave it unset)")
+      if not self.mil_init_from and self.model.weights == "none":
+        raise ValueError("--head=attention_mil needs learned features to start from: give --mil_init_from=<R of a"
+                         " finished slice grid of the same settings> (or pretrained --weights)")
+    else:
+      aggregation_lib.check_aggregation(self.aggregation, self.top_k)
+    if self.context_slices < 0:
+      raise ValueError(f"context_slices must be at least 0, got {self.context_slices}")
+    if self.model.input_channels != preprocess.model_channels(self.context_slices):
+      raise ValueError(f"--context_slices={self.context_slices} needs a model of"
+                       f" {preprocess.model_channels(self.context_slices)} input channels, got"
+                       f" {self.model.input_channels}")
+    if self.mil_max_slices < 0 or self.mil_bags_per_batch < 1:
+      raise ValueError(f"mil_max_slices must be >= 0 and mil_bags_per_batch >= 1, got {self.mil_max_slices} and"
+                       f" {self.mil_bags_per_batch}")
     grid.partition_cells([], self.num_partitions, self.partition_index)  # validates the pair
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
 
@@ -160,6 +191,9 @@ def config_from_values(values: Mapping[str, Any]) -> TrainConfig:
   unknown = sorted(set(values) - fields - model_fields)
   if unknown:
     raise ValueError(f"not training settings: {', '.join(unknown)}")
+  values = dict(values)
+  # The model's input channels follow from the 2.5D context (2N+1 slices, or 3 window channels for N = 0).
+  values.setdefault("input_channels", preprocess.model_channels(values.get("context_slices", 0)))
   model = ModelConfig(**{name: value for name, value in values.items() if name in model_fields})
   return TrainConfig(model=model, **{name: tuple(value) if name == "cells" else value
                                      for name, value in values.items() if name in fields})
@@ -233,6 +267,37 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       raise RunsError(f"cell {contracts.cell_name(cell)} has no test patients; use fewer --num_folds")
 
 
+def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
+                        cells: Sequence[contracts.Cell]) -> None:
+  """Fails before any training for 2.5D or MIL settings the records or the init grid cannot serve."""
+  if config.context_slices:
+    preprocess.check_context_windows(preprocess.preprocess_config_from_dict(info.preprocess), config.context_slices)
+    for patient_id, entry in info.patients.items():
+      count = int(entry.get("num_slices", 0))
+      if config.context_slices >= count:
+        raise RunsError(f"--context_slices={config.context_slices} needs patients of more than"
+                        f" {config.context_slices} slices; patient {patient_id} has {count}: lower --context_slices")
+  if config.model.head == "attention_mil" and config.mil_init_from:
+    for cell in cells:
+      folder = contracts.cell_folder(config.mil_init_from, cell)
+      if not grid.is_complete(folder):
+        raise RunsError(f"--mil_init_from={config.mil_init_from} has no complete cell {contracts.cell_name(cell)};"
+                        " train that slice grid first (same task, folds, repeats and seed)")
+      run = io_utils.read_json(io_utils.join(folder, contracts.RUN_FILE))
+      slice_config = run.get("config", {})
+      model = slice_config.get("model", {})
+      mismatched = [name for name, mine in (("task", config.task), ("num_folds", config.num_folds),
+                                            ("seed", config.seed), ("context_slices", config.context_slices))
+                    if slice_config.get(name, 0 if name == "context_slices" else None) != mine]
+      mismatched += [f"model.{name}" for name in ("image_size", "alpha")
+                     if model.get(name) != getattr(config.model, name)]
+      if model.get("head", "slice") != "slice":
+        mismatched.append("model.head")
+      if mismatched:
+        raise RunsError(f"--mil_init_from={config.mil_init_from} was trained with other {', '.join(mismatched)};"
+                        " its cells' test patients must match this grid's: use a slice grid of the same settings")
+
+
 def run_grid(config: TrainConfig, *,
              cell_callbacks: Callable[[contracts.Cell], Sequence[keras.callbacks.Callback]] | None = None
              ) -> dict[str, Any]:
@@ -256,6 +321,7 @@ def run_grid(config: TrainConfig, *,
   split = splits.make_splits(info.labels(config.task), task=config.task, num_folds=config.num_folds,
                              num_repeats=config.num_repeats, seed=config.seed, repartition=config.repartition)
   _check_cells(config, info, split, cells)
+  _check_model_inputs(config, info, cells)
   _check_or_write_config(config)
   _check_or_write_records_hash(config, info)
   splits.write_or_verify_splits(config.output_dir, split)
@@ -307,7 +373,7 @@ def measure_images_per_s(config: TrainConfig, *, seconds: float = 20.0, max_step
       cell_trainer.compile_model(model, config)
     size = config.model.image_size
     rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (config.batch_size, size, size, 3)).astype(np.float32)
+    images = rng.uniform(0, 255, (config.batch_size, size, size, config.model.input_channels)).astype(np.float32)
     labels = rng.integers(0, 2, (config.batch_size, 1)).astype(np.float32)
     model.train_on_batch(images, labels)  # tracing and compilation: not timed
     steps, started = 0, time.perf_counter()

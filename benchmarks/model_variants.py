@@ -1,0 +1,123 @@
+"""Compares the paper's slice model with 2.5D input, attention-MIL and both, on the demo phantom (issue 13).
+
+  python benchmarks/model_variants.py                                     # the full comparison
+  python benchmarks/model_variants.py --tasks=sb --seeds=0,1,2 --num_folds=4 --epochs=3   # a smaller one
+
+Every variant runs at ONE compute budget: the demo preset (pdx_tf/presets.py, the demo row: 48 px, alpha 0.35, from
+scratch, batch 64) with the same --epochs and --images_per_epoch, so each cell sees the same number of slice
+images (MIL: bags of the same total slice count, input_pipeline.mil_train_dataset). The MIL variants start from
+the finished grid of their slice variant (--mil_init_from: baseline -> MIL, 2.5D -> 2.5D+MIL), so their wall
+time is reported alone and with that grid's. Per (task, variant, seed): one grid of --num_folds folds x 1 repeat;
+per (task, variant): the pooled out-of-fold patient AUC of each seed, its mean, and a percentile bootstrap 95 %
+CI over patients (pdx_tf.evaluation.grid_statistics.bootstrap_weights + metrics.weighted_metrics) of the AUC of
+the seeds' mean patient probability; plus the wall time.
+
+Cost (2 shared CPU cores): a demo cell takes about 50 s (benchmarks/README.md: 8 cells in ~7 min), a MIL cell
+about as long, so the full comparison (2 tasks x 4 variants x 3 seeds x 8 folds = 192 cells) is about 2.7 hours;
+`--tasks=sb --num_folds=4` is about 40 min. Outputs: <root>/<task>/<variant>/s<seed>/ (the grids) and
+<root>/model_variants.json.
+"""
+
+from __future__ import annotations
+
+import json
+import dataclasses
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
+
+from pdx_tf import demo, io_utils  # pylint: disable=wrong-import-position
+from pdx_tf.evaluation import grid_statistics, metrics  # pylint: disable=wrong-import-position
+from pdx_tf.training import trainer  # pylint: disable=wrong-import-position
+
+_ROOT = flags.DEFINE_string("root", "runs/model_variants", "Where the grids and the summary go.")
+_TASKS = flags.DEFINE_list("tasks", ["p", "sb"], "Tasks.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, pool draw, initialisation).")
+_VARIANTS = flags.DEFINE_list("variants", ["baseline", "2.5d", "mil", "2.5d+mil"], "Variants to run.")
+_NUM_FOLDS = flags.DEFINE_integer("num_folds", 8, "Folds (one repeat).")
+_EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs of every variant (the demo's 5).")
+_IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", 2048, "Slice images an epoch, every variant.")
+_BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", 2000, "Bootstrap replicates over patients.")
+
+# variant -> (context_slices, head, the slice variant a MIL variant starts from)
+VARIANTS = {"baseline": (0, "slice", None), "2.5d": (1, "slice", None), "mil": (0, "attention_mil", "baseline"),
+            "2.5d+mil": (1, "attention_mil", "2.5d")}
+
+
+def _grid(task: str, variant: str, seed: int, records_dir: str) -> tuple[str, float]:
+  context, head, start_from = VARIANTS[variant]
+  output_dir = io_utils.join(_ROOT.value, task, variant, f"s{seed}")
+  preset_model = demo.demo_train_config(task, records_dir, output_dir).model
+  model = dataclasses.replace(preset_model, input_channels=3 if context == 0 else 2 * context + 1, head=head)
+  extra = {}
+  if head == "attention_mil":
+    extra = {"aggregation": trainer.MIL_AGGREGATION,
+             "mil_init_from": io_utils.join(_ROOT.value, task, start_from, f"s{seed}")}
+  config = demo.demo_train_config(task, records_dir, output_dir, model=model, context_slices=context, seed=seed,
+                                  num_folds=_NUM_FOLDS.value, epochs=_EPOCHS.value,
+                                  images_per_epoch=_IMAGES_PER_EPOCH.value, **extra)
+  started = time.time()
+  trainer.run_grid(config)
+  return output_dir, time.time() - started
+
+
+def _patient_probabilities(output_dir: str) -> dict[str, tuple[int, float]]:
+  result = {}
+  for name in sorted(os.listdir(io_utils.join(output_dir, "cells"))):
+    rows = io_utils.read_csv(io_utils.join(output_dir, "cells", name, "patient_predictions.csv"))
+    for row in rows:
+      result[row["patient_id"]] = (int(row["label"]), float(row["probability"]))
+  return result
+
+
+def _pooled_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
+  return float(metrics.binary_metrics(labels, probabilities)["auc"])
+
+
+def main(argv):
+  del argv
+  from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  records_dir = io_utils.join(demo.DEMO_ROOT, "records")
+  pipeline.run_demo_pipeline(records_dir, progress=False)
+  summary = {"command": " ".join(sys.argv), "budget": {"epochs": _EPOCHS.value,
+                                                       "images_per_epoch": _IMAGES_PER_EPOCH.value,
+                                                       "num_folds": _NUM_FOLDS.value}, "results": {}}
+  order = [variant for variant in VARIANTS if variant in _VARIANTS.value]
+  for task in _TASKS.value:
+    walls: dict[str, list[float]] = {}
+    for variant in order:
+      per_seed, wall = [], []
+      for seed in (int(value) for value in _SEEDS.value):
+        if VARIANTS[variant][2] and VARIANTS[variant][2] not in walls:
+          raise ValueError(f"variant {variant} starts from {VARIANTS[variant][2]}: list it in --variants first")
+        output_dir, seconds = _grid(task, variant, seed, records_dir)
+        per_seed.append(_patient_probabilities(output_dir))
+        wall.append(seconds)
+      walls[variant] = wall
+      ids = sorted(per_seed[0])
+      labels = np.asarray([per_seed[0][patient][0] for patient in ids])
+      seed_aucs = [_pooled_auc(labels, np.asarray([run[patient][1] for patient in ids])) for run in per_seed]
+      mean_probability = np.mean([[run[patient][1] for patient in ids] for run in per_seed], axis=0)
+      weights = grid_statistics.bootstrap_weights(len(ids), _BOOTSTRAP.value, 0, task)
+      replicates = metrics.weighted_metrics(labels, mean_probability, weights)["auc"]
+      estimate = _pooled_auc(labels, mean_probability)
+      start_from = VARIANTS[variant][2]
+      summary["results"][f"{task}/{variant}"] = {
+          "pooled_auc_per_seed": seed_aucs, "pooled_auc_mean_over_seeds": float(np.mean(seed_aucs)),
+          "pooled_auc_of_seed_mean": estimate,
+          "ci95": grid_statistics.percentile_interval(estimate, np.asarray(replicates)),
+          "wall_s_per_grid": float(np.mean(wall)),
+          "wall_s_per_grid_with_init": float(np.mean(wall) + (np.mean(walls[start_from]) if start_from else 0.0)),
+          "num_patients": len(ids), "num_positive": int(labels.sum())}
+      print(task, variant, json.dumps(summary["results"][f"{task}/{variant}"]), flush=True)
+  io_utils.atomic_write_json(io_utils.join(_ROOT.value, "model_variants.json"), summary)
+
+
+if __name__ == "__main__":
+  app.run(main)
