@@ -116,7 +116,7 @@ def _platt_by_sklearn(labels, probabilities):
   positives, negatives = labels.sum(), labels.size - labels.sum()
   targets = np.where(labels == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2))
   features = calibration.logit(probabilities)[:, None]
-  model = sklearn_linear_model.LogisticRegression(penalty=None, tol=1e-12, max_iter=10000)
+  model = sklearn_linear_model.LogisticRegression(C=np.inf, tol=1e-12, max_iter=10000)
   model.fit(np.vstack([features, features]), np.r_[np.ones(labels.size), np.zeros(labels.size)],
             sample_weight=np.r_[targets, 1 - targets])
   return float(model.coef_[0, 0]), float(model.intercept_[0])
@@ -151,6 +151,12 @@ def test_pav_equals_sklearn_isotonic_regression(seed):
   queries = np.r_[np.linspace(-0.1, 1.1, 61), probabilities]
   np.testing.assert_allclose(calibration.apply_calibration(fitted, queries), reference.predict(queries), atol=1e-12)
   assert all(a <= b for a, b in itertools.pairwise(fitted["y"])), "isotonic means non-decreasing"
+
+
+def test_platt_of_one_repeated_probability_is_the_smoothed_base_rate():
+  fitted = calibration.fit_platt([0, 1, 1], [0.3, 0.3, 0.3])
+  assert fitted["slope"] == 0.0
+  np.testing.assert_allclose(calibration.apply_calibration(fitted, [0.1, 0.3, 0.9]), (1 / 3 + 2 * 3 / 4) / 3)
 
 
 def test_fit_calibration_dispatch():

@@ -40,7 +40,7 @@ from absl import logging
 
 from pdx_tf import cli, contracts
 from pdx_tf.errors import PdxError
-from pdx_tf.training import aggregation, grid, trainer
+from pdx_tf.training import aggregation, calibration, grid, trainer
 from pdx_tf.training.model import ModelConfig
 
 _TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "p: any peritoneal dissemination; sb: small-bowel.")
@@ -86,6 +86,14 @@ _PLAN_IMAGES_PER_S = flags.DEFINE_float("plan_images_per_s", None, "Throughput f
                                         " ~20 s with the configured model on random data).")
 _CELLS_PER_GPU = flags.DEFINE_integer("cells_per_gpu", 1, "Cells of this shard trained at once, as processes"
                                       " sharing one GPU (with TF_FORCE_GPU_ALLOW_GROWTH).")
+_INNER_FRACTION = flags.DEFINE_float("inner_fraction", 0.0, "Share of each class of a cell's training patients held"
+                                     " out as inner patients (threshold, calibration, early stopping); 0: none.")
+_THRESHOLD = flags.DEFINE_string("threshold", "0.5", "The cells' operating threshold: a probability, or"
+                                 " inner_youden (Youden-optimal on the inner patients; needs --inner_fraction).")
+_CALIBRATION = flags.DEFINE_enum("calibration", "none", ["none", "platt", "isotonic"], "Calibration fitted on the"
+                                 " inner patients' patient probabilities (needs --inner_fraction).")
+_EARLY_STOPPING_PATIENCE = flags.DEFINE_integer("early_stopping_patience", 0, "Stop a cell after this many epochs"
+                                                " without a lower inner loss, keeping the best epoch (0: off).")
 # The flags a --cells_per_gpu parent sets itself on its children.
 _CHILD_OWNED = ("num_shards", "shard_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
 
@@ -108,7 +116,14 @@ def _config() -> trainer.TrainConfig:
       pool_fraction=_POOL_FRACTION.value, images_per_epoch=_IMAGES_PER_EPOCH.value, include_originals=_INCLUDE_ORIGINALS.value,
       shuffle_buffer=_SHUFFLE_BUFFER.value, aggregation=_AGGREGATION.value, top_k=_TOP_K.value,
       deterministic=_DETERMINISTIC.value, verify_hashes=_VERIFY_HASHES.value, num_shards=num_shards,
-      shard_index=shard_index, cells=tuple(_CELLS.value))
+      shard_index=shard_index, cells=tuple(_CELLS.value), inner_fraction=_INNER_FRACTION.value,
+      threshold=_threshold(), calibration=_CALIBRATION.value,
+      early_stopping_patience=_EARLY_STOPPING_PATIENCE.value)
+
+
+def _threshold() -> float | str:
+  rule, value = calibration.parse_threshold(_THRESHOLD.value)
+  return value if rule == "fixed" else rule
 
 
 def _demo_overrides() -> dict:

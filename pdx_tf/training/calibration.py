@@ -71,8 +71,9 @@ def _sigmoid(values: np.ndarray) -> np.ndarray:
 def fit_platt(labels, probabilities, *, max_iterations: int = 100) -> dict[str, Any]:
   """Platt scaling of patient probabilities (module docstring): {"method": "platt", "slope", "intercept"}.
 
-  Newton's method with step halving on the cross-entropy of the smoothed targets; a singular Hessian (every
-  inner probability equal) takes the least-squares step, which leaves the slope at 0.
+  Newton's method with step halving on the cross-entropy of the smoothed targets, from the identity map. When
+  every probability is equal the slope is not identifiable: it is 0 and the intercept is the logit of the mean
+  target.
   """
   labels = np.asarray(labels, np.float64)
   features = np.stack([logit(probabilities), np.ones(labels.size)], axis=1)
@@ -85,6 +86,10 @@ def fit_platt(labels, probabilities, *, max_iterations: int = 100) -> dict[str, 
     # log(1 + e^s) - t * s, computed stably.
     return float(np.sum(np.logaddexp(0.0, scores) - targets * scores))
 
+  if np.ptp(features[:, 0]) < 1e-12:
+    # One distinct probability (a collapsed model): the slope is not identifiable; keep it at 0 and fit the
+    # intercept alone, whose optimum is the mean target's logit.
+    return {"method": "platt", "slope": 0.0, "intercept": float(logit(np.mean(targets))[()])}
   parameters = np.asarray([1.0, 0.0])  # the identity: sigmoid(logit(p)) = p
   current = loss(parameters)
   for _ in range(max_iterations):
