@@ -133,9 +133,12 @@ def _demo_overrides() -> dict:
   simple = {"num_folds": _NUM_FOLDS, "num_repeats": _NUM_REPEATS, "epochs": _EPOCHS, "batch_size": _BATCH_SIZE,
             "learning_rate": _LEARNING_RATE, "precision": _PRECISION, "jit_compile": _JIT_COMPILE, "seed": _SEED,
             "pool_fraction": _POOL_FRACTION, "aggregation": _AGGREGATION, "top_k": _TOP_K,
-            "deterministic": _DETERMINISTIC, "cells": _CELLS}
+            "deterministic": _DETERMINISTIC, "cells": _CELLS, "inner_fraction": _INNER_FRACTION,
+            "calibration": _CALIBRATION, "early_stopping_patience": _EARLY_STOPPING_PATIENCE}
   overrides = {name: (tuple(holder.value) if name == "cells" else holder.value)
                for name, holder in simple.items() if flags.FLAGS[holder.name].present}
+  if flags.FLAGS["threshold"].present:
+    overrides["threshold"] = _threshold()
   model_flags = {"alpha": _ALPHA, "weights": _WEIGHTS, "bn_momentum": _BN_MOMENTUM, "dropout_rate": _DROPOUT_RATE}
   changed = {name: holder.value for name, holder in model_flags.items() if flags.FLAGS[holder.name].present}
   if changed:

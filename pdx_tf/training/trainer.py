@@ -202,7 +202,9 @@ def changed_settings(config: TrainConfig) -> list[str] | None:
   existing, wanted = io_utils.read_json(path), config_dict(config.grid_config())
   # Per-machine fields are stored at their defaults; one no longer in TrainConfig is not a setting.
   keys = (set(existing) | set(wanted)) - (set(PER_MACHINE_FIELDS) - set(wanted))
-  return sorted(key for key in keys if existing.get(key) != wanted.get(key))
+  # An opt-in field absent from either side is at its default (config_dict leaves defaults out).
+  return sorted(key for key in keys
+                if existing.get(key, OPT_IN_DEFAULTS.get(key)) != wanted.get(key, OPT_IN_DEFAULTS.get(key)))
 
 
 def trained_records_hash(output_dir: str) -> str | None:
