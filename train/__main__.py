@@ -47,7 +47,7 @@ from absl import logging
 from pdx_tf import cli, contracts
 from pdx_tf.errors import PdxError
 from pdx_tf.serving import export
-from pdx_tf.training import aggregation, grid, trainer
+from pdx_tf.training import aggregation, calibration, grid, trainer
 
 _TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "p: any peritoneal dissemination; sb: small-bowel.")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
@@ -104,6 +104,14 @@ _PLAN_IMAGES_PER_S = flags.DEFINE_float("plan_images_per_s", None, "Throughput f
                                         " ~20 s with the configured model on random data).")
 _CELLS_PER_GPU = flags.DEFINE_integer("cells_per_gpu", 1, "Cells of this partition trained at once, as processes"
                                       " sharing one GPU (with TF_FORCE_GPU_ALLOW_GROWTH).")
+_INNER_FRACTION = flags.DEFINE_float("inner_fraction", 0.0, "Share of each class of a cell's training patients held"
+                                     " out as inner patients (threshold, calibration, early stopping); 0: none.")
+_THRESHOLD = flags.DEFINE_string("threshold", "0.5", "The cells' operating threshold: a probability, or"
+                                 " inner_youden (Youden-optimal on the inner patients; needs --inner_fraction).")
+_CALIBRATION = flags.DEFINE_enum("calibration", "none", ["none", "platt", "isotonic"], "Calibration fitted on the"
+                                 " inner patients' patient probabilities (needs --inner_fraction).")
+_EARLY_STOPPING_PATIENCE = flags.DEFINE_integer("early_stopping_patience", 0, "Stop a cell after this many epochs"
+                                                " without a lower inner loss, keeping the best epoch (0: off).")
 # The flags a --cells_per_gpu parent sets itself on its children.
 _CHILD_OWNED = ("num_partitions", "partition_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
 
@@ -121,7 +129,7 @@ _CONFIG_FLAGS = ("task", "records_dir", "output_dir", "num_folds", "num_repeats"
                  "jit_compile", "seed", "repartition", "pool_fraction", "images_per_epoch", "include_originals",
                  "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells",
                  "context_slices", "head", "attention_units", "mil_init_from", "mil_max_slices",
-                 "mil_bags_per_batch")
+                 "mil_bags_per_batch", "inner_fraction", "threshold", "calibration", "early_stopping_patience")
 # Flags of a run on records that the demo (one machine, its own folders) cannot honour.
 _NOT_FOR_DEMO = ("num_partitions", "partition_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
 
@@ -130,6 +138,9 @@ def _flag_values() -> tuple[dict, dict]:
   """(every config flag's value, the ones given on the command line)."""
   values = {name: flags.FLAGS[name].value for name in _CONFIG_FLAGS}
   given = {name: flags.FLAGS[name].value for name in (*_CONFIG_FLAGS, *_NOT_FOR_DEMO) if flags.FLAGS[name].present}
+  values["threshold"] = _threshold()  # a probability or a rule's name
+  if "threshold" in given:
+    given["threshold"] = values["threshold"]
   if values["head"] == "attention_mil" and "aggregation" not in given:
     values["aggregation"] = trainer.MIL_AGGREGATION  # the head's own; an explicit other rule is refused
   return values, given
@@ -141,6 +152,11 @@ def _config() -> trainer.TrainConfig:
     values["image_size"] = contracts.records_image_size(values["records_dir"])
   num_partitions, partition_index = _partition()
   return trainer.config_from_values({**values, "num_partitions": num_partitions, "partition_index": partition_index})
+
+
+def _threshold() -> float | str:
+  rule, value = calibration.parse_threshold(_THRESHOLD.value)
+  return value if rule == "fixed" else rule
 
 
 def _run_demo() -> None:

@@ -42,7 +42,8 @@ class EvaluateConfig:
     runs_dir: a task's training output (e.g. runs/p) or a parent holding several (runs/).
     output_dir: where summary.json, the CSVs and the reports go.
     tasks: tasks to evaluate ("p", "sb"); empty means every task found below runs_dir.
-    threshold: a probability >= threshold is a positive decision.
+    threshold: a probability >= threshold is a positive decision (cells that carry their own threshold in
+      run.json, "threshold_rule" other than "fixed", e.g. inner_youden, use theirs instead).
     allow_partial: evaluate the complete cells that exist (the report is marked partial) instead of failing.
     num_bootstrap: patient-bootstrap replicates for the 95 % CIs (0 skips the CIs).
     seed: key of the bootstrap resampling.
@@ -106,11 +107,13 @@ def _csv_number(value: Any) -> Any:
 
 def _patient_prediction_rows(evaluations, threshold: float):
   for evaluation in evaluations:
+    own = grid_statistics.own_thresholds(evaluation.task_runs)  # the cells' own thresholds, if they carry them
     for (repeat, fold), cell in sorted(evaluation.task_runs.cells.items()):
+      here = own[(repeat, fold)] if own else threshold
       for patient_id, label, probability in sorted(
           zip(cell.patient_ids, cell.patient_labels.tolist(), cell.patient_probabilities.tolist())):
         yield (evaluation.task_runs.task, repeat, fold, patient_id, label, repr(probability),
-               int(probability >= threshold))
+               int(probability >= here))
 
 
 def evaluate_runs(config: EvaluateConfig) -> dict:

@@ -20,8 +20,9 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import metrics as metrics_lib
-from pdx_tf.evaluation.runs import cell_name, TaskRuns
+from pdx_tf.evaluation.runs import Cell, cell_name, TaskRuns
 
 # Fixed clinical bins for the peritoneal cancer index (0-39): (inclusive upper bound, label). A value goes to
 # the first bin whose bound it does not exceed, so a non-integer 10.5 falls in 11-20.
@@ -90,22 +91,47 @@ def pool_repeats(task_runs: TaskRuns) -> list[Pool]:
   return pools
 
 
-def cell_rows(task_runs: TaskRuns, threshold: float) -> list[dict[str, Any]]:
-  """One row per (cell, level) with counts and every metric: the content of cell_metrics.csv."""
+def own_thresholds(task_runs: TaskRuns) -> dict[Cell, float] | None:
+  """Each cell's own threshold (run.json "threshold") when the cells carry their own ("threshold_rule" other
+  than "fixed", e.g. inner_youden from inner validation); None when every cell uses the evaluation's threshold.
+
+  Raises:
+    RunsError: some cells carry their own threshold and another has none (one line, naming it).
+  """
+  cells = sorted(task_runs.cells.items())
+  if not any(predictions.run_info.get("threshold_rule", "fixed") != "fixed" for _, predictions in cells):
+    return None
+  thresholds = {}
+  for cell, predictions in cells:
+    value = predictions.run_info.get("threshold")
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0.0 <= value <= 1.0:
+      raise RunsError(f"{predictions.run_json_path} has no threshold in [0, 1] while other cells of task "
+                      f"{task_runs.task} carry their own; retrain that cell with the same threshold flags")
+    thresholds[cell] = float(value)
+  return thresholds
+
+
+def cell_rows(task_runs: TaskRuns, threshold: float,
+              thresholds: Mapping[Cell, float] | None = None) -> list[dict[str, Any]]:
+  """One row per (cell, level) with counts and every metric: the content of cell_metrics.csv.
+
+  `thresholds`: each cell's own threshold (own_thresholds), used instead of `threshold` where given.
+  """
   rows = []
   for cell, predictions in sorted(task_runs.cells.items()):
+    threshold_here = thresholds[cell] if thresholds else threshold
     for level, labels, probabilities in (
         ("patient", predictions.patient_labels, predictions.patient_probabilities),
         ("slice", predictions.slice_labels, predictions.slice_probabilities),
     ):
-      counts = metrics_lib.confusion_counts(labels, probabilities, threshold)
+      counts = metrics_lib.confusion_counts(labels, probabilities, threshold_here)
       row = {
           "task": task_runs.task, "repeat": cell[0], "fold": cell[1], "level": level,
           "n": int(labels.size), "n_positive": int(labels.sum()),
           "true_positive": counts.true_positive, "false_positive": counts.false_positive,
           "true_negative": counts.true_negative, "false_negative": counts.false_negative,
       }
-      row.update(metrics_lib.binary_metrics(labels, probabilities, threshold))
+      row.update(metrics_lib.binary_metrics(labels, probabilities, threshold_here))
       rows.append(row)
   return rows
 
@@ -135,9 +161,27 @@ def percentile_interval(estimate: float, replicates: np.ndarray) -> dict[str, fl
   return {"estimate": estimate, "low": float(low), "high": float(high), "n_bootstrap_defined": int(defined.size)}
 
 
+def pool_thresholds(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float,
+                    thresholds: Mapping[Cell, float] | None) -> tuple[list[Any], list[Any]]:
+  """(per pool: the patients' thresholds, per pool: the slices' thresholds): `threshold` itself without own
+  thresholds, else arrays holding each prediction's cell's own threshold (in pool_repeats' order)."""
+  if not thresholds:
+    return [threshold] * len(pools), [threshold] * len(pools)
+  patient_level, slice_level = [], []
+  for pool in pools:
+    patient_level.append(np.asarray([thresholds[(pool.repeat, int(fold))] for fold in pool.folds], np.float64))
+    cells = [cell for cell in sorted(task_runs.cells) if cell[0] == pool.repeat]
+    slice_level.append(np.concatenate([np.full(task_runs.cells[cell].slice_labels.size, thresholds[cell])
+                                       for cell in cells]))
+  return patient_level, slice_level
+
+
 def bootstrap_ci95(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float, num_bootstrap: int,
-                   seed: int) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+                   seed: int, thresholds: Mapping[Cell, float] | None = None
+                   ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
   """Patient-bootstrap 95 % CIs of the per-cell mean and of the per-repeat (pooled) mean of each metric.
+
+  `thresholds`: each cell's own threshold (own_thresholds), used instead of `threshold` where given.
 
   Returns:
     (per_cell_ci95, pooled_ci95): metric -> {estimate, low, high, n_bootstrap_defined}. Without bootstrap
@@ -147,22 +191,23 @@ def bootstrap_ci95(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float,
   index = {patient_id: position for position, patient_id in enumerate(patient_ids)}
   weights = bootstrap_weights(len(patient_ids), num_bootstrap, seed, task_runs.task)
 
-  def replicate_means(groups: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray]]) -> dict[str, np.ndarray]:
+  def replicate_means(groups: Sequence[tuple[Sequence[str], np.ndarray, np.ndarray, Any]]) -> dict[str, np.ndarray]:
     stacks = {name: np.empty((len(groups), num_bootstrap)) for name in metrics_lib.METRIC_NAMES}
-    for position, (ids, labels, probabilities) in enumerate(groups):
+    for position, (ids, labels, probabilities, group_threshold) in enumerate(groups):
       columns = [index[patient_id] for patient_id in ids]
-      values = metrics_lib.weighted_metrics(labels, probabilities, weights[:, columns], threshold)
+      values = metrics_lib.weighted_metrics(labels, probabilities, weights[:, columns], group_threshold)
       for name in metrics_lib.METRIC_NAMES:
         stacks[name][position] = values[name]
     return {name: _nan_mean(stack, axis=0) for name, stack in stacks.items()}
 
-  cell_groups = [(cell.patient_ids, cell.patient_labels, cell.patient_probabilities)
-                 for _, cell in sorted(task_runs.cells.items())]
-  pool_groups = [(pool.patient_ids, pool.labels, pool.probabilities) for pool in pools]
-  point_cells = _summaries_by_metric([metrics_lib.binary_metrics(labels, probabilities, threshold)
-                                      for _, labels, probabilities in cell_groups])
-  point_pools = _summaries_by_metric([metrics_lib.binary_metrics(labels, probabilities, threshold)
-                                      for _, labels, probabilities in pool_groups])
+  cell_groups = [(cell.patient_ids, cell.patient_labels, cell.patient_probabilities,
+                  thresholds[key] if thresholds else threshold) for key, cell in sorted(task_runs.cells.items())]
+  pool_groups = [(pool.patient_ids, pool.labels, pool.probabilities, pool_threshold)
+                 for pool, pool_threshold in zip(pools, pool_thresholds(task_runs, pools, threshold, thresholds)[0])]
+  point_cells = _summaries_by_metric([metrics_lib.binary_metrics(labels, probabilities, group_threshold)
+                                      for _, labels, probabilities, group_threshold in cell_groups])
+  point_pools = _summaries_by_metric([metrics_lib.binary_metrics(labels, probabilities, group_threshold)
+                                      for _, labels, probabilities, group_threshold in pool_groups])
 
   def interval(point: Mapping[str, Mapping[str, float]], replicates: Mapping[str, np.ndarray]):
     return {name: percentile_interval(point[name]["mean"], replicates[name]) for name in metrics_lib.METRIC_NAMES}
@@ -240,8 +285,11 @@ def covariate_groups(column: str, values: Mapping[str, str]) -> tuple[str, dict[
   return rule, groups, [label for label in order if label in used]
 
 
-def subgroup_metrics(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float) -> dict[str, Any]:
-  """Per covariate and group: patient counts and the per-repeat (pooled) metrics over the group's patients."""
+def subgroup_metrics(task_runs: TaskRuns, pools: Sequence[Pool], threshold: float,
+                     thresholds: Mapping[Cell, float] | None = None) -> dict[str, Any]:
+  """Per covariate and group: patient counts and the per-repeat (pooled) metrics over the group's patients
+  (`thresholds`: each cell's own threshold, used instead of `threshold` where given)."""
+  per_pool = pool_thresholds(task_runs, pools, threshold, thresholds)[0]
   evaluated = sorted({patient_id for pool in pools for patient_id in pool.patient_ids})
   labels_by_patient = {patient_id: int(task_runs.patients[patient_id][f"label_{task_runs.task}"])
                        for patient_id in evaluated}
@@ -254,10 +302,11 @@ def subgroup_metrics(task_runs: TaskRuns, pools: Sequence[Pool], threshold: floa
       members = {patient_id for patient_id in evaluated if groups[patient_id] == label}
       positives = sum(labels_by_patient[patient_id] for patient_id in members)
       per_repeat = []
-      for pool in pools:
+      for pool, pool_threshold in zip(pools, per_pool):
         mask = np.asarray([patient_id in members for patient_id in pool.patient_ids], dtype=bool)
         if mask.any():
-          per_repeat.append(metrics_lib.binary_metrics(pool.labels[mask], pool.probabilities[mask], threshold))
+          here = pool_threshold[mask] if isinstance(pool_threshold, np.ndarray) else pool_threshold
+          per_repeat.append(metrics_lib.binary_metrics(pool.labels[mask], pool.probabilities[mask], here))
       entries.append({
           "group": label,
           "n_patients": len(members),
@@ -294,13 +343,16 @@ class TaskEvaluation:
 def evaluate_task(task_runs: TaskRuns, threshold: float, num_bootstrap: int, seed: int) -> TaskEvaluation:
   """Computes every metric of one task; `summary` is its summary.json entry."""
   pools = pool_repeats(task_runs)
-  rows = cell_rows(task_runs, threshold)
+  own = own_thresholds(task_runs)
+  rows = cell_rows(task_runs, threshold, own)
   patient_rows = [row for row in rows if row["level"] == "patient"]
   slice_rows = [row for row in rows if row["level"] == "slice"]
-  per_repeat = [metrics_lib.binary_metrics(pool.labels, pool.probabilities, threshold) for pool in pools]
-  per_repeat_slice = [metrics_lib.binary_metrics(pool.slice_labels, pool.slice_probabilities, threshold)
-                      for pool in pools]
-  per_cell_ci95, pooled_ci95 = bootstrap_ci95(task_runs, pools, threshold, num_bootstrap, seed)
+  patient_thresholds, slice_thresholds = pool_thresholds(task_runs, pools, threshold, own)
+  per_repeat = [metrics_lib.binary_metrics(pool.labels, pool.probabilities, here)
+                for pool, here in zip(pools, patient_thresholds)]
+  per_repeat_slice = [metrics_lib.binary_metrics(pool.slice_labels, pool.slice_probabilities, here)
+                      for pool, here in zip(pools, slice_thresholds)]
+  per_cell_ci95, pooled_ci95 = bootstrap_ci95(task_runs, pools, threshold, num_bootstrap, seed, own)
   evaluated = sorted({patient_id for pool in pools for patient_id in pool.patient_ids})
   positives = sum(int(task_runs.patients[patient_id][f"label_{task_runs.task}"]) for patient_id in evaluated)
   summary = {
@@ -330,8 +382,19 @@ def evaluate_task(task_runs: TaskRuns, threshold: float, num_bootstrap: int, see
           "per_repeat": _summaries_by_metric(per_repeat_slice),
       },
       "youden": youden_summary(pools),
-      "subgroups": subgroup_metrics(task_runs, pools, threshold),
+      "subgroups": subgroup_metrics(task_runs, pools, threshold, own),
   }
+  if own:
+    # The cells' own thresholds (e.g. inner_youden, fitted on each cell's inner patients) replace --threshold.
+    rules = sorted({str(cell.run_info.get("threshold_rule")) for cell in task_runs.cells.values()})
+    summary.update({
+        "threshold": float(np.mean(list(own.values()))),
+        "threshold_source": "cells",
+        "threshold_rules": rules,
+        "cell_thresholds": summarize_values(list(own.values())),
+        "decision_rule": ("probability >= the threshold of the cell that predicted it (run.json, rule "
+                          f"{', '.join(rules)}); 'threshold' is their mean"),
+    })
   return TaskEvaluation(task_runs=task_runs, pools=pools, rows=rows, summary=json_safe(summary))
 
 

@@ -440,6 +440,21 @@ def clinical_blocks(entry: Mapping[str, Any], over_repeats: bool) -> list[tuple[
   return blocks
 
 
+def _threshold_text(task_summary: Mapping[str, Any]) -> str:
+  """The threshold used (the evaluation's, or each cell's own) and the calibration slope and intercept."""
+  if task_summary.get("threshold_source") == "cells":
+    spread = task_summary["cell_thresholds"]
+    text = (f"threshold: each cell's own ({', '.join(task_summary['threshold_rules'])}; mean "
+            f"{task_summary['threshold']:.3g}, SD {_number(spread['sd'])} over {spread['n']} cells)")
+  else:
+    text = f"threshold {task_summary['threshold']:g}"
+  calibration = task_summary.get("calibration")
+  if calibration and all(_is_number((calibration.get(name) or {}).get("mean")) for name in ("slope", "intercept")):
+    text += (f"; calibration slope {_number(calibration['slope']['mean'])}, intercept "
+             f"{_number(calibration['intercept']['mean'])} (mean over repeats)")
+  return text
+
+
 def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str, Any]]]]:
   """(title, blocks) per task; a block is ("p", text) or ("table", (caption, header, rows))."""
   sections = []
@@ -451,7 +466,7 @@ def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str
              f"{task_summary['n_expected_cells']} models ({task_summary['n_repeats']} repeats x "
              f"{task_summary['n_folds']} folds), {task_summary['n_patients']} patients "
              f"({task_summary['n_positive']} positive, {task_summary['n_negative']} negative), "
-             f"{task_summary['n_slices']} slice predictions; threshold {task_summary['threshold']:g}; "
+             f"{task_summary['n_slices']} slice predictions; {_threshold_text(task_summary)}; "
              f"split hash {task_summary['split_hash'][:12]}.")
     if task_summary["partial"]:
       missing = ", ".join(cell["name"] for cell in task_summary["missing_cells"])

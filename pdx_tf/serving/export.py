@@ -27,6 +27,7 @@ import uuid
 from typing import Any, Mapping, Sequence
 
 import keras
+import numpy as np
 import tensorflow as tf
 from absl import logging
 
@@ -348,7 +349,40 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "input_statistics": input_statistics(cells),
       "code_version": provenance.code_version(),
   }
+  metadata.update(operating_point(cells))
   return metadata
+
+
+def operating_point(cells: Sequence[CellRun]) -> dict[str, Any]:
+  """pdx_export.json's "threshold" and "calibration" from the cells' run.json (empty when no cell has its own).
+
+  Ensemble rule: the threshold is the mean of the cells' thresholds (a cell without one counts 0.5), applied to
+  the ensemble's patient probability (the mean of the cells' patient probabilities; predict's `predicted`).
+  Calibration is per cell, fitted on that cell's inner patients: it is listed for each cell, and the ensemble's
+  calibrated probability is the mean of the cells' calibrated patient probabilities
+  (pdx_tf.training.calibration.apply_calibration); the serving signatures return uncalibrated probabilities.
+  """
+  if not any("threshold_rule" in cell.run_info for cell in cells):
+    return {}
+  thresholds = [float(cell.run_info.get("threshold", 0.5)) for cell in cells]
+  rules = sorted({str(cell.run_info.get("threshold_rule", "fixed")) for cell in cells})
+  result: dict[str, Any] = {
+      "threshold": float(np.mean(thresholds)),
+      "threshold_rule": {"rules": rules, "cells": thresholds,
+                         "ensemble": "mean of the cells' thresholds, applied to the ensemble patient probability"},
+  }
+  calibrations = [cell.run_info.get("calibration") for cell in cells]
+  if any(calibrations):
+    result["calibration"] = {
+        "methods": sorted({entry["method"] for entry in calibrations if entry}),
+        "cells": [{"repeat": cell.repeat, "fold": cell.fold, "parameters": entry}
+                  for cell, entry in zip(cells, calibrations)],
+        "ensemble": ("mean over the cells of each cell's calibrated patient probability; not applied by the "
+                     "serving signatures"),
+    }
+  else:
+    result["calibration"] = None
+  return result
 
 
 def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, version: int | None = None,

@@ -18,6 +18,15 @@ only leaves stale files, deleted on resume. A cell whose progress says every epo
 artifacts. The dropout state is reseeded because `.keras` files do not restore Keras' SeedGenerator state
 (checked with Keras 3: `load_weights` restores Adam's moments and iterations, not `seed_generator_state`).
 
+Inner validation (config.inner_fraction > 0): the model fits on the cell's training patients minus its inner
+patients (splits.inner_split); after training, the inner patients' original slices are predicted and give the
+operating threshold (config.threshold) and the calibration (config.calibration, pdx_tf/training/calibration.py),
+both stored in run.json. With config.early_stopping_patience = K, each epoch's inner loss (binary cross-entropy
+over the inner slices) goes into progress.json with the best epoch so far ("best_epoch", "best_inner_loss",
+"best_checkpoint": that epoch's checkpoint file, kept until the cell is finished); after K epochs without a lower
+loss the cell stops ("stopped_early") and its artifacts come from the best epoch's weights. All of it is committed
+with the epoch, so a resumed cell makes the same decisions as an uninterrupted one.
+
 Seeds: the pool draw uses (`seed`, repeat) (input_pipeline.pool_keep); the initialisation uses
 `cell_seed(seed, cell)`; the shuffle and dropout of epoch e use (cell_seed, e).
 """
@@ -37,12 +46,12 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import configs, contracts, io_utils, provenance
+from pdx_tf import contracts, io_utils, provenance
 from pdx_tf.contracts import RUN_SCHEMA_VERSION, TENSORBOARD_FOLDER
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import metrics as metrics_lib
-from pdx_tf.training import aggregation as aggregation_lib, input_pipeline, splits, tensorboard
-from pdx_tf.training import model as model_lib
+from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib, input_pipeline
+from pdx_tf.training import model as model_lib, splits, tensorboard
 from pdx_tf.training.model import build_model
 
 if TYPE_CHECKING:
@@ -207,12 +216,12 @@ def load_progress(folder: str) -> tuple[dict[str, Any], str] | None:
   return progress, checkpoint
 
 
-def _remove_other_checkpoints(folder: str, keep: str) -> None:
+def _remove_other_checkpoints(folder: str, *keep: str) -> None:
   checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)
   if not io_utils.exists(checkpoint_folder):
     return
   for name in tf.io.gfile.listdir(checkpoint_folder):
-    if name != keep:
+    if name not in keep:
       path = io_utils.join(checkpoint_folder, name)
       if not tf.io.gfile.isdir(path):
         tf.io.gfile.remove(path)
@@ -231,8 +240,10 @@ def commit_epoch(folder: str, model: keras.Model, progress: dict[str, Any]) -> N
   model.save(temp)
   tf.io.gfile.rename(temp, path, overwrite=True)
   progress["checkpoint"] = name
+  if progress.get("best_epoch") == progress["epochs_completed"]:
+    progress["best_checkpoint"] = name  # early stopping: this epoch's file is kept while it stays the best
   io_utils.atomic_write_json(io_utils.join(folder, contracts.PROGRESS_FILE), progress)
-  _remove_other_checkpoints(folder, name)
+  _remove_other_checkpoints(folder, name, progress.get("best_checkpoint", name))
 
 
 class _EpochChecks(keras.callbacks.Callback):
@@ -285,6 +296,9 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   folder = contracts.cell_folder(config.output_dir, cell)
   io_utils.make_dirs(folder)
   train_ids, test_ids = splits.cell_patients(split, *cell)
+  # With inner validation off, fit_ids == train_ids (sorted) and inner_ids is empty.
+  fit_ids, inner_ids = splits.inner_split(info.labels(config.task), train_ids, seed=config.seed, repeat=cell[0],
+                                          fold=cell[1], fraction=config.inner_fraction)
   init_seed = cell_seed(config.seed, cell)
   resumed = load_progress(folder)
   progress = resumed[0] if resumed else None
@@ -299,15 +313,19 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     model.load_weights(resumed[1])
   elif config.model.head == "attention_mil" and config.mil_init_from:
     _start_from_slice_model(config, cell, model)
-  _remove_other_checkpoints(folder, progress.get("checkpoint", ""))  # uncommitted epochs' files
+  # Uncommitted epochs' files go; the committed one and the best epoch's (early stopping) stay.
+  _remove_other_checkpoints(folder, progress.get("checkpoint", ""), progress.get("best_checkpoint", ""))
   validation = input_pipeline.load_validation(info, test_ids, config.task)
-  stacks = input_pipeline.load_patient_stacks(info, train_ids, config.task, config.context_slices) \
+  inner = input_pipeline.load_validation(info, inner_ids, config.task) if inner_ids else None
+  stacks = input_pipeline.load_patient_stacks(info, fit_ids, config.task, config.context_slices) \
       if uses_stacks(config) else None
   validation_data = _validation_data(config, info, validation, test_ids)
   checks = _EpochChecks(folder)
   interrupted = False
   for epoch in range(int(progress["epochs_completed"]), config.epochs):
-    train = epoch_dataset(config, info, train_ids, cell, epoch, stacks)
+    if progress.get("stopped_early"):
+      break
+    train = epoch_dataset(config, info, fit_ids, cell, epoch, stacks)
     if epoch == 0:
       for images, _ in train.take(1):
         tensorboard.write_input_images(tensorboard_dir, name, _viewable(images, config.context_slices))
@@ -325,7 +343,13 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     progress["images_seen"] += checks.steps * config.batch_size  # batches drop the remainder: exact
     progress["history"].append(checks.logs)
     progress["wall_time_s"] = float(progress.get("wall_time_s", 0.0)) + time.time() - epoch_started
+    if config.early_stopping_patience > 0:
+      _early_stopping_step(model, inner, progress, config)
     commit_epoch(folder, model, progress)
+    if progress.get("stopped_early"):
+      logging.info("cell %s: inner loss not lower for %d epochs; stopped after epoch %d, keeping epoch %d", name,
+                   config.early_stopping_patience, progress["epochs_completed"], progress["best_epoch"])
+      break
     if model.stop_training and epoch + 1 < config.epochs:
       interrupted = True
       break
@@ -333,7 +357,10 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     logging.info("cell %s: stopped after epoch %d of %d; rerun to resume", name, progress["epochs_completed"],
                  config.epochs)
     return "interrupted"
-  _finish_cell(config, info, split, cell, model, validation, progress, policy, tensorboard_dir, init_seed)
+  if progress.get("best_checkpoint"):
+    model.load_weights(io_utils.join(folder, contracts.CHECKPOINT_FOLDER, progress["best_checkpoint"]))
+  _finish_cell(config, info, split, cell, model, validation, progress, policy, tensorboard_dir, init_seed,
+               inner=inner, inner_ids=inner_ids)
   return "complete"
 
 
@@ -397,6 +424,26 @@ def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: 
   return probabilities, np.asarray(patient), attention
 
 
+def inner_loss(model: keras.Model, inner: input_pipeline.ValidationSet, batch_size: int) -> float:
+  """Mean binary cross-entropy of the model on the inner patients' original slices (Keras' clipping)."""
+  probabilities = model.predict(inner.dataset(batch_size).map(_image_only), verbose=0).reshape(-1)
+  probabilities = np.clip(probabilities.astype(np.float64), 1e-7, 1.0 - 1e-7)
+  labels = inner.labels.astype(np.float64)
+  return float(-np.mean(labels * np.log(probabilities) + (1.0 - labels) * np.log1p(-probabilities)))
+
+
+def _early_stopping_step(model: keras.Model, inner: input_pipeline.ValidationSet, progress: dict[str, Any],
+                         config: TrainConfig) -> None:
+  """Records this epoch's inner loss in progress and updates the best epoch and the stop decision."""
+  loss = inner_loss(model, inner, config.batch_size)
+  completed = int(progress["epochs_completed"])
+  progress["history"][-1]["inner_loss"] = loss
+  if progress.get("best_inner_loss") is None or loss < progress["best_inner_loss"]:
+    progress["best_epoch"], progress["best_inner_loss"] = completed, loss
+  elif completed - int(progress["best_epoch"]) >= config.early_stopping_patience:
+    progress["stopped_early"] = True
+
+
 def _image_only(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
   del label
   return image
@@ -408,10 +455,55 @@ def auc(labels, probabilities) -> float | None:
   return None if value is None or not math.isfinite(value) else float(value)
 
 
+def _patient_probabilities(config: TrainConfig, slices: input_pipeline.ValidationSet, probabilities: np.ndarray,
+                           patient_ids: Sequence[str]) -> np.ndarray:
+  return np.asarray([aggregation_lib.aggregate(probabilities[slices.patient_ids == patient_id], config.aggregation,
+                                               config.top_k) for patient_id in patient_ids])
+
+
+def _inner_decisions(config: TrainConfig, model: keras.Model, inner: input_pipeline.ValidationSet | None,
+                     inner_ids: Sequence[str], labels: Mapping[str, int], progress: Mapping[str, Any]
+                     ) -> dict[str, Any] | None:
+  """run.json's threshold, calibration and inner-validation record; None when every opt-in field is at its
+  default (then run.json has none of these keys and the threshold is 0.5)."""
+  if config.inner_fraction == 0.0 and config.threshold_rule == "fixed" and float(config.threshold) == 0.5:
+    return None
+  rule, fixed = calibration_lib.parse_threshold(config.threshold)
+  if inner is None:
+    return {"threshold": fixed, "threshold_rule": rule, "calibration": None, "inner_validation": None}
+  slice_probabilities = model.predict(inner.dataset(config.batch_size).map(_image_only), verbose=0)
+  slice_probabilities = slice_probabilities.reshape(-1).astype(np.float64)
+  probabilities = _patient_probabilities(config, inner, slice_probabilities, inner_ids)
+  inner_labels = np.asarray([labels[patient_id] for patient_id in inner_ids])
+  return {
+      "threshold": calibration_lib.operating_threshold(rule, fixed, inner_labels, probabilities),
+      "threshold_rule": rule,
+      "calibration": calibration_lib.fit_calibration(config.calibration, inner_labels, probabilities),
+      "inner_validation": {
+          "fraction": config.inner_fraction, "patients": list(inner_ids),
+          "patient_probabilities": [float(value) for value in probabilities],
+          "n_positive": int(inner_labels.sum()), "n_slices": int(slice_probabilities.size),
+          "patient_auc": auc(inner_labels, probabilities),
+          "early_stopping": None if config.early_stopping_patience == 0 else {
+              "patience": config.early_stopping_patience, "best_epoch": progress.get("best_epoch"),
+              "best_inner_loss": progress.get("best_inner_loss"),
+              "stopped_early": bool(progress.get("stopped_early", False)),
+              "epochs_trained": int(progress["epochs_completed"])},
+      },
+  }
+
+
 def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
                  cell: contracts.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
-                 progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int) -> None:
-  """Writes model.keras, predictions, metrics.json, the HParams session and (last) run.json."""
+                 progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int, *,
+                 inner: input_pipeline.ValidationSet | None = None, inner_ids: Sequence[str] = ()) -> None:
+  """Writes model.keras, predictions, metrics.json, the HParams session and (last) run.json.
+
+  With inner validation, the inner patients' patient probabilities give the threshold and the calibration
+  (module docstring); the held-out patient_predictions.csv gains `calibrated_probability` when calibrating.
+  """
+  from pdx_tf.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel  (an import cycle)
+
   name = contracts.cell_name(cell)
   folder = contracts.cell_folder(config.output_dir, cell)
   model_path = io_utils.join(folder, "model.keras")
@@ -435,9 +527,17 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
                                in zip(validation.patient_ids, validation.slice_indices, attention)])
   labels = info.labels(config.task)
   patient_labels = np.asarray([labels[patient_id] for patient_id in test_ids])
-  io_utils.atomic_write_csv(io_utils.join(folder, "patient_predictions.csv"), ["patient_id", "label", "probability"],
-                            [[patient_id, int(label), f"{probability:.8f}"] for patient_id, label, probability
-                             in zip(test_ids, patient_labels, patient_probabilities)])
+  decision = _inner_decisions(config, model, inner, inner_ids, labels, progress)
+  header = ["patient_id", "label", "probability"]
+  rows = [[patient_id, int(label), f"{probability:.8f}"] for patient_id, label, probability
+          in zip(test_ids, patient_labels, patient_probabilities)]
+  if decision and decision["calibration"]:
+    header.append("calibrated_probability")
+    calibrated = calibration_lib.apply_calibration(decision["calibration"], patient_probabilities)
+    for row, value in zip(rows, calibrated):
+      row.append(f"{value:.8f}")
+  io_utils.atomic_write_csv(io_utils.join(folder, "patient_predictions.csv"), header, rows)
+  threshold = decision["threshold"] if decision else 0.5
 
   probability_std = float(np.std(probabilities))
   collapsed = probability_std < COLLAPSE_STD
@@ -447,7 +547,7 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
                     " or lower --learning_rate", name, probability_std, COLLAPSE_STD)
   metrics = {
       "patient/auc": auc(patient_labels, patient_probabilities),
-      "patient/accuracy": float(np.mean((patient_probabilities >= 0.5) == patient_labels.astype(bool))),
+      "patient/accuracy": float(np.mean((patient_probabilities >= threshold) == patient_labels.astype(bool))),
       "slice/auc": auc(validation.labels, probabilities),
   }
   metrics_document = {
@@ -456,6 +556,10 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       "num_test_patients": len(test_ids), "num_test_slices": int(probabilities.size),
       "epochs": int(progress["epochs_completed"]), "images_seen": int(progress["images_seen"]),
       "history": list(progress["history"])}
+  if decision:
+    metrics_document.update({"threshold": threshold, "threshold_rule": decision["threshold_rule"]})
+    if decision["inner_validation"]:
+      metrics_document["inner/patient_auc"] = decision["inner_validation"]["patient_auc"]
   io_utils.atomic_write_json(io_utils.join(folder, "metrics.json"), metrics_document)
   tensorboard.write_cell_hparams(tensorboard_dir, name, hparams(config, cell, policy), metrics)
 
@@ -463,12 +567,14 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       "schema_version": RUN_SCHEMA_VERSION, "task": config.task, "repeat": cell[0], "fold": cell[1],
       "status": contracts.COMPLETE_STATUS, "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
       "records_hash": info.content_hash, "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
-      "config": configs.to_dict(config), "preprocess": info.preprocess, "region": info.region,
+      "config": trainer_lib.config_dict(config), "preprocess": info.preprocess, "region": info.region,
       "augment": info.augment, "input_statistics": info.input_statistics,
       "aggregation": config.aggregation, "aggregation_top_k": config.top_k,
       "head": config.model.head, "context_slices": config.context_slices,
       "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),
       "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
+  if decision:
+    run.update(decision)
   io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), run)
   # The resume state is no longer needed once run.json marks the cell complete.
   checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)

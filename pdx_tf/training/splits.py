@@ -11,20 +11,30 @@ repeats and the seed:
 
 `splits.json` (CONTRACTS.md): {"schema_version": 1, "seed", "num_folds", "task", "repartition",
 "repeats": [{"repeat", "folds": [{"fold", "train": [ids], "test": [ids]}]}]}; ID lists are sorted.
+
+Inner validation (`inner_split`): with an inner fraction f > 0, each cell's TRAINING patients are split once more
+into the patients the model fits on and the inner patients (threshold, calibration, early stopping). Per class,
+round(f x the class's training patients) are taken from the sorted IDs in the order of
+`numpy.random.default_rng([seed, INNER_KEY, repeat, fold, class])`; the test fold is never an input. The inner
+IDs are data: each cell's run.json lists them ("inner_validation").
 """
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
+
+import math
 
 import numpy as np
 import tensorflow as tf
 
 from pdx_tf import io_utils
-from pdx_tf.contracts import SPLITS_FILE
+from pdx_tf.contracts import SPLITS_FILE, cell_name
 from pdx_tf.errors import RunsError
 
 SPLITS_SCHEMA_VERSION = 1
+# Keeps the inner draw's random stream apart from the fold partition's ([seed, partition_key, class]).
+INNER_KEY = 0x1AAE
 
 
 def _partition(labels: Mapping[str, int], num_folds: int, seed: int, partition_key: int) -> list[list[str]]:
@@ -121,3 +131,43 @@ def write_or_verify_splits(output_dir: str, splits: Mapping[str, Any]) -> str:
     raise RunsError(f"{path} differs from the split of these records and settings (other patients or"
                     " --num_repeats); use a new --output_dir for a different cohort")
   return path
+
+
+def inner_split(labels: Mapping[str, int], train_ids: Sequence[str], *, seed: int, repeat: int, fold: int,
+                fraction: float) -> tuple[list[str], list[str]]:
+  """Splits one cell's training patients into (fit IDs, inner IDs), stratified by class (module docstring).
+
+  Args:
+    labels: the task label (0/1) by patient_id (at least every training patient).
+    train_ids: the cell's training patients (its test patients must not be in it).
+    seed, repeat, fold: the key of the draw.
+    fraction: share of each class's training patients held out as inner patients; 0 keeps everyone for fitting.
+
+  Returns:
+    (fit IDs, inner IDs), both sorted; disjoint, and together exactly `train_ids`.
+
+  Raises:
+    ValueError: a fraction outside [0, 1).
+    RunsError: one line, when the inner patients or the fit patients would miss a class.
+  """
+  if not 0.0 <= fraction < 1.0:
+    raise ValueError(f"inner_fraction must be in [0, 1), got {fraction}")
+  everyone = sorted(train_ids)
+  if fraction == 0.0:
+    return everyone, []
+  inner: list[str] = []
+  for label in (0, 1):
+    members = [patient_id for patient_id in everyone if labels[patient_id] == label]
+    count = int(math.floor(fraction * len(members) + 0.5))
+    order = np.random.default_rng([seed, INNER_KEY, repeat, fold, label]).permutation(len(members))
+    inner.extend(members[int(position)] for position in order[:count])
+  held = set(inner)
+  fit = [patient_id for patient_id in everyone if patient_id not in held]
+  cell = cell_name((repeat, fold))
+  for name, group in (("inner", inner), ("fit", fit)):
+    missing = sorted({0, 1} - {labels[patient_id] for patient_id in group})
+    if missing:
+      raise RunsError(f"cell {cell}: --inner_fraction={fraction:g} leaves the {name} patients without task label"
+                      f" {missing[0]} ({len(inner)} inner of {len(everyone)} training patients); choose a"
+                      " fraction that keeps both classes on both sides, fewer --num_folds, or more patients")
+  return fit, sorted(inner)

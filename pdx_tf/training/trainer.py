@@ -26,6 +26,7 @@ from pdx_tf import configs, contracts, io_utils
 from pdx_tf.contracts import CONFIG_FILE, PATIENTS_FILE, RECORDS_FILE, TENSORBOARD_FOLDER
 from pdx_tf.data import preprocess
 from pdx_tf.errors import RunsError
+from pdx_tf.training import calibration as calibration_lib
 from pdx_tf.training import aggregation as aggregation_lib, cell_trainer, grid, input_pipeline, splits, tensorboard
 from pdx_tf.training.model import build_model, ModelConfig, resolve_weights
 
@@ -37,6 +38,8 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # Fields that differ between the machines of one grid; R/config.json stores them at their defaults.
 # "export_dir" was one until the export hook moved into the binary; grids from then still list it.
 PER_MACHINE_FIELDS = ("records_dir", "num_partitions", "partition_index", "cells", "export_dir", "verify_hashes")
+# Opt-in fields left out of config.json / run.json at these defaults (TrainConfig's docstring).
+OPT_IN_DEFAULTS = {"inner_fraction": 0.0, "threshold": 0.5, "calibration": "none", "early_stopping_patience": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +78,16 @@ class TrainConfig:
     mil_max_slices: a training bag holds at most this many of a patient's slices, evenly spaced (0: all).
       Held-out and served patients always use every slice.
     mil_bags_per_batch: bags (patients) a batch in MIL training; `batch_size` stays the slice head's.
+    inner_fraction: share of each class of a cell's training patients held out as inner patients (splits.py,
+      `inner_split`); the model fits on the rest. 0: no inner validation (the paper's protocol).
+    threshold: the cells' operating threshold: a probability, or "inner_youden" (Youden-optimal on the inner
+      patients' patient probabilities; needs inner_fraction).
+    calibration: "none", "platt" or "isotonic", fitted on the inner patients' patient probabilities.
+    early_stopping_patience: stop after this many epochs without a lower inner loss and keep the best epoch's
+      weights (0: off; needs inner_fraction).
+
+  The four inner-validation fields are written to config.json and run.json only when they differ from their
+  defaults (`config_dict`), so a default grid's files are byte-identical to those of code without them.
   """
 
   task: str
@@ -105,6 +118,10 @@ class TrainConfig:
   mil_init_from: str = ""
   mil_max_slices: int = 0
   mil_bags_per_batch: int = 4
+  inner_fraction: float = 0.0
+  threshold: float | str = 0.5
+  calibration: str = "none"
+  early_stopping_patience: int = 0
 
   def __post_init__(self):
     contracts.check_task(self.task)
@@ -146,6 +163,34 @@ class TrainConfig:
                        f" {self.mil_bags_per_batch}")
     grid.partition_cells([], self.num_partitions, self.partition_index)  # validates the pair
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
+    self._check_inner_validation()
+
+  def _check_inner_validation(self) -> None:
+    if not 0.0 <= self.inner_fraction < 1.0:
+      raise ValueError(f"inner_fraction must be in [0, 1), got {self.inner_fraction}")
+    rule, _ = calibration_lib.parse_threshold(self.threshold)
+    if self.calibration not in calibration_lib.CALIBRATIONS:
+      raise ValueError(f"calibration must be one of {', '.join(calibration_lib.CALIBRATIONS)}, got"
+                       f" {self.calibration!r}")
+    if self.early_stopping_patience < 0:
+      raise ValueError(f"early_stopping_patience must be at least 0 (0: off), got {self.early_stopping_patience}")
+    if self.inner_fraction == 0.0:
+      needs = [flag for flag, wanted in (("--threshold=inner_youden", rule == "inner_youden"),
+                                         (f"--calibration={self.calibration}", self.calibration != "none"),
+                                         ("--early_stopping_patience", self.early_stopping_patience > 0)) if wanted]
+      if needs:
+        raise ValueError(f"{needs[0]} is fitted on inner patients, and there are none; set --inner_fraction"
+                         " (e.g. 0.2) or drop it")
+    elif self.context_slices or self.model.head != "slice":
+      # The inner patients are predicted slice by slice (cell_trainer._inner_decisions); 2.5D stacks and MIL bags
+      # are not wired into that step yet.
+      raise ValueError("--inner_fraction works with the slice head on single slices for now; drop it, or"
+                       " --context_slices and --head=attention_mil")
+
+  @property
+  def threshold_rule(self) -> str:
+    """"fixed" or "inner_youden"."""
+    return calibration_lib.parse_threshold(self.threshold)[0]
 
   def selected_cells(self) -> list[contracts.Cell]:
     """This machine's cells: the `cells` subset (or the whole grid), then this partition's share of it."""
@@ -157,6 +202,15 @@ class TrainConfig:
     """This config with the per-machine fields at their defaults: identical on every machine of a grid."""
     return dataclasses.replace(self, records_dir="(per machine)", num_partitions=1, partition_index=0, cells=(),
                                verify_hashes=False)
+
+
+def config_dict(config: TrainConfig) -> dict[str, Any]:
+  """The JSON form of `config` for config.json and run.json: opt-in fields at their defaults are left out."""
+  values = configs.to_dict(config)
+  for name, default in OPT_IN_DEFAULTS.items():
+    if name in values and values[name] == default and type(values[name]) is type(default):
+      del values[name]
+  return values
 
 
 def resolve_precision(precision: str) -> str:
@@ -204,10 +258,12 @@ def changed_settings(config: TrainConfig) -> list[str] | None:
   path = io_utils.join(config.output_dir, CONFIG_FILE)
   if not io_utils.exists(path):
     return None
-  existing, wanted = io_utils.read_json(path), configs.to_dict(config.grid_config())
+  existing, wanted = io_utils.read_json(path), config_dict(config.grid_config())
   # Per-machine fields are stored at their defaults; one no longer in TrainConfig is not a setting.
   keys = (set(existing) | set(wanted)) - (set(PER_MACHINE_FIELDS) - set(wanted))
-  return sorted(key for key in keys if existing.get(key) != wanted.get(key))
+  # An opt-in field absent from either side is at its default (config_dict leaves defaults out).
+  return sorted(key for key in keys
+                if existing.get(key, OPT_IN_DEFAULTS.get(key)) != wanted.get(key, OPT_IN_DEFAULTS.get(key)))
 
 
 def trained_records_hash(output_dir: str) -> str | None:
@@ -224,7 +280,7 @@ def _check_or_write_config(config: TrainConfig) -> None:
       raise RunsError(f"{config.output_dir} holds a grid trained with other settings ({', '.join(changed)} differ"
                       f" from {path}); use a new --output_dir or the same settings")
     return
-  io_utils.atomic_write_json(path, configs.to_dict(config.grid_config()))
+  io_utils.atomic_write_json(path, config_dict(config.grid_config()))
 
 
 def _check_or_write_records_hash(config: TrainConfig, info: contracts.DatasetInfo) -> None:
@@ -265,6 +321,9 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
                       " fewer --num_folds")
     if not test_ids:
       raise RunsError(f"cell {contracts.cell_name(cell)} has no test patients; use fewer --num_folds")
+    # Raises a one-line RunsError when the inner or the fit patients would miss a class.
+    splits.inner_split(labels, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
+                       fraction=config.inner_fraction)
 
 
 def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
@@ -409,8 +468,11 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
             else grid.all_cells(config.num_repeats, config.num_folds))
   mine = set(config.selected_cells())
   images, bytes_read = {}, {}
+  labels = info.labels(config.task)
   for cell in chosen:
     train_ids, _ = splits.cell_patients(split, *cell)
+    train_ids, _ = splits.inner_split(labels, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
+                                      fraction=config.inner_fraction)  # what the model fits on
     keys = dict(sample_seed=config.seed, repeat=cell[0], pool_fraction=config.pool_fraction,
                 include_originals=config.include_originals)
     pool = input_pipeline.pool_size(info, train_ids, **keys)
