@@ -219,7 +219,7 @@ def calibration_bins(labels, probabilities, num_bins: int = 10) -> list[dict[str
   return rows
 
 
-def pr_curve_counts(labels, probabilities, num_thresholds: int = 201) -> np.ndarray:
+def pr_curve_counts(labels, probabilities, num_thresholds: int) -> np.ndarray:
   """TensorBoard's pr_curves tensor: [6, num_thresholds] rows TP, FP, TN, FN, precision, recall.
 
   Thresholds are evenly spaced in [0, 1]; an example counts at every threshold <= its score, bucketed as
