@@ -1,7 +1,7 @@
 """Export size and time per model: graph, weights and Keras copies on disk; seconds to export and to load.
 
 Examples:
-  # The paper's model shape (224 px, alpha 1.0) on fake untrained cells (tests/fake_cells.py): sizes and times do
+  # The paper's model shape (224 px, alpha 1.0) on fake untrained cells (pdx_tf/testing/fake_cells.py): sizes and times do
   # not depend on training, only on the architecture and the number of models.
   python benchmarks/export_benchmark.py --fake_cells --image_size=224 --alpha=1.0 --num_models=3
 
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 _RUNS_DIR = flags.DEFINE_string("runs_dir", "runs/demo/p", "Training output folder holding the cells to export.")
 _TASK = flags.DEFINE_enum("task", "p", ["p", "sb"], "Task of --runs_dir's cells.")
-_FAKE_CELLS = flags.DEFINE_bool("fake_cells", False, "Write --num_models fake untrained cells (tests/fake_cells.py) "
+_FAKE_CELLS = flags.DEFINE_bool("fake_cells", False, "Write --num_models fake untrained cells (pdx_tf/testing/fake_cells.py) "
                                 "at --image_size/--alpha instead of reading --runs_dir.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", 224, "Fake cells' input size.")
 _ALPHA = flags.DEFINE_float("alpha", 1.0, "Fake cells' MobileNetV2 width multiplier.")
@@ -120,7 +120,7 @@ def _cells(work_dir: str) -> tuple[list[str], str]:
   from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
 
   if _FAKE_CELLS.value:
-    from tests import fake_cells  # pylint: disable=import-outside-toplevel
+    from pdx_tf.testing import fake_cells  # pylint: disable=import-outside-toplevel
     cells = tuple((0, fold) for fold in range(_NUM_MODELS.value))
     return fake_cells.write_fake_cells(os.path.join(work_dir, "runs"), "p", cells=cells,
                                        image_size=_IMAGE_SIZE.value, alpha=_ALPHA.value), "p"

@@ -17,13 +17,11 @@ trainer builds the next epoch's, keyed by its number, the same way).
 from __future__ import annotations
 
 import os
-import sys
 import tempfile
 import time
 
 from absl import app, flags
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "records to read (default: a fake dataset)")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "image size (must match the records); default: the records' "
@@ -50,7 +48,7 @@ def main(argv):
   records_dir = _RECORDS_DIR.value
   image_size = _IMAGE_SIZE.value or (contracts.records_image_size(records_dir) if records_dir else 64)
   if records_dir is None:
-    import fake_records  # pylint: disable=import-outside-toplevel
+    from pdx_tf.testing import fake_records  # pylint: disable=import-outside-toplevel
 
     records_dir = os.path.join(tempfile.mkdtemp(), "records")
     fake_records.write_fake_records(records_dir, num_patients=16, slices_per_patient=20, augment_factor=16,

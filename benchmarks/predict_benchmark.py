@@ -36,7 +36,7 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", 2, "worker processes")
 def _small_setup(root: str) -> tuple[list[str], str]:
   from pdx_tf import phantom  # pylint: disable=import-outside-toplevel
   from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
-  from tests import fake_cells  # pylint: disable=import-outside-toplevel
+  from pdx_tf.testing import fake_cells  # pylint: disable=import-outside-toplevel
 
   cells = tuple((0, fold) for fold in range(_NUM_MODELS.value))
   folders = fake_cells.write_fake_cells(os.path.join(root, "runs"), "p", cells=cells, image_size=_IMAGE_SIZE.value)

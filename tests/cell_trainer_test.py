@@ -1,6 +1,6 @@
 """Tests of pdx_tf.training.cell_trainer (exact resume), the --plan budget, --cells_per_gpu and GPU-free workers.
 
-Tiny: the real MobileNetV2 at 32 px, alpha 0.35, on tests/fake_records.py. The subprocess tests are slow.
+Tiny: the real MobileNetV2 at 32 px, alpha 0.35, on pdx_tf/testing/fake_records.py. The subprocess tests are slow.
 """
 
 import concurrent.futures
@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import fake_records
 from pdx_tf import cli, contracts
+from pdx_tf.testing import fake_records
 from pdx_tf.training import cell_trainer, input_pipeline, splits, trainer
 from pdx_tf.training.model import ModelConfig
 

@@ -15,7 +15,7 @@ from pdx_tf import io_utils, phantom
 from pdx_tf.data import input_statistics, manifest
 from pdx_tf.errors import ExportError, ManifestError
 from pdx_tf.serving import cohort_predict, export, predict
-from tests import fake_cells
+from pdx_tf.testing import fake_cells
 from tests.predict_test import _header_identifiers
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-import fake_records
 from pdx_tf import demo
+from pdx_tf.testing import fake_records
 from pdx_tf.training.model import ModelConfig
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

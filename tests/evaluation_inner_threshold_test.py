@@ -2,7 +2,6 @@
 threshold and calibration line. Fake run folders from tests/fake_runs.py."""
 
 import csv
-import json
 import os
 
 import numpy as np

@@ -15,7 +15,7 @@ from pdx_tf.configs import to_dict as configs_to_dict
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
 from pdx_tf.serving import export
-from tests import fake_cells
+from pdx_tf.testing import fake_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 IMAGE_SIZE = 32

@@ -10,7 +10,7 @@ import pytest
 from pdx_tf.data import preprocess
 from pdx_tf.serving import gradcam
 from pdx_tf.training import model as model_lib
-from tests import fake_cells
+from pdx_tf.testing import fake_cells
 
 matplotlib.use("Agg")
 SIZE = 64

@@ -7,7 +7,7 @@ import pytest
 
 from pdx_tf import io_utils
 from pdx_tf.serving import export, predict
-from tests import fake_cells
+from pdx_tf.testing import fake_cells
 
 
 def test_export_metadata_threshold_is_the_mean_of_the_cells_and_lists_calibration(tmp_path_factory, tmp_path):

@@ -1,6 +1,6 @@
 """Inner validation in the trainer: what fit is fed, the inner predictions, threshold, calibration, early stopping.
 
-The real MobileNetV2 at 32 px, alpha 0.35, on tests/fake_records.py (12 patients, 2 folds: 6 training patients
+The real MobileNetV2 at 32 px, alpha 0.35, on pdx_tf/testing/fake_records.py (12 patients, 2 folds: 6 training patients
 a cell, of which one per class is an inner patient at --inner_fraction=0.34).
 """
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import fake_records
+from pdx_tf.testing import fake_records
 from inner_validation_test import _platt_by_sklearn
 from pdx_tf.errors import RunsError
 from pdx_tf.training import trainer

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import fake_records
+from pdx_tf.testing import fake_records
 from pdx_tf import contracts
 from pdx_tf.data import preprocess
 from pdx_tf.errors import RunsError

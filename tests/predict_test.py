@@ -11,7 +11,7 @@ import pytest
 from pdx_tf import io_utils, phantom
 from pdx_tf.errors import DicomError, ExportError
 from pdx_tf.serving import predict
-from tests import fake_cells
+from pdx_tf.testing import fake_cells
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PHANTOM = phantom.PhantomConfig(num_patients=4, matrix_size=64, pixel_spacing_mm=6.0, slice_spacing_mm=10.0,

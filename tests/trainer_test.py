@@ -1,6 +1,6 @@
 """Tests of pdx_tf.training.trainer: a smoke run with every artifact, resume, determinism and bad-input errors.
 
-All cells use the real MobileNetV2 at 32 px, alpha 0.35, on the tiny fake dataset of tests/fake_records.py.
+All cells use the real MobileNetV2 at 32 px, alpha 0.35, on the tiny fake dataset of pdx_tf/testing/fake_records.py.
 The trainer keeps one compiled model per process, so only the first run pays for tracing the train step.
 """
 
@@ -16,7 +16,7 @@ import pytest
 import tensorflow as tf
 from sklearn import metrics as sklearn_metrics
 
-import fake_records
+from pdx_tf.testing import fake_records
 from pdx_tf import evaluation, io_utils
 from pdx_tf.errors import PdxError, RecordsError, RunsError
 from pdx_tf.training import cell_trainer, trainer
