@@ -18,7 +18,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from pdx_tf import io_utils
-from pdx_tf.errors import RecordsError
+from pdx_tf.errors import PdxError, RecordsError, RunsError
 
 TASKS = ("p", "sb")  # p: any peritoneal dissemination; sb: small-bowel dissemination.
 DEFAULT_MIN_SLICES = 8  # fewest slices accepted, in a series and in the abdominal range
@@ -239,3 +239,82 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
   return DatasetInfo(records_dir=records_dir, document=document, dataset_hash=io_utils.sha256_file(path),
                      image_size=image_size, covariate_names=tuple(document.get("covariate_names", ())),
                      patients=dict(sorted(patients.items())))
+
+
+# ---------------------------------------------------------------------------------------- run.json
+
+# Fields every complete run.json has; the rest (provenance, region, augment, input statistics, the opt-in
+# threshold, calibration and inner-validation record, head and context) travel in RunInfo.document.
+RUN_REQUIRED_FIELDS = ("task", "repeat", "fold", "split_hash", "config", "preprocess", "aggregation",
+                       "aggregation_top_k")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunInfo:
+  """A complete cell's run.json: what evaluation and export rely on, typed, plus the whole document.
+
+  Attributes:
+    task, repeat, fold: the cell.
+    split_hash: sha256 of the splits.json it was trained on.
+    preprocess: the records' preprocessing (what serving repeats).
+    region: how a study's slices were chosen ({} in runs written before run.json carried it).
+    aggregation, aggregation_top_k: the slice-to-patient rule.
+    document: run.json as written (every field, including provenance and opt-in ones).
+  """
+
+  task: str
+  repeat: int
+  fold: int
+  split_hash: str
+  preprocess: Mapping[str, Any]
+  region: Mapping[str, Any]
+  aggregation: str
+  aggregation_top_k: int
+  document: Mapping[str, Any]
+
+  @property
+  def cell(self) -> Cell:
+    return (self.repeat, self.fold)
+
+  @classmethod
+  def from_document(cls, document: Any, path: str, error: type[PdxError] = RunsError) -> "RunInfo":
+    """Checks a parsed run.json (schema version, status complete, required fields) and types it.
+
+    Raises:
+      `error` (RunsError by default): one line naming the file and what to do.
+    """
+    if not isinstance(document, Mapping) or document.get("schema_version") != RUN_SCHEMA_VERSION:
+      raise error(f"{path} is not a version-{RUN_SCHEMA_VERSION} run.json; re-run that cell with this code")
+    if document.get("status") != COMPLETE_STATUS:
+      raise error(f"{path} has status {document.get('status')!r}, not complete; finish the cell first")
+    missing = [key for key in RUN_REQUIRED_FIELDS if key not in document]
+    if missing:
+      raise error(f"{path} lacks {', '.join(missing)}; re-create it with the training stage")
+    try:
+      check_task(document["task"])
+      return cls(task=document["task"], repeat=int(document["repeat"]), fold=int(document["fold"]),
+                 split_hash=str(document["split_hash"]), preprocess=dict(document["preprocess"]),
+                 region=dict(document.get("region") or {}),
+                 aggregation=str(document["aggregation"]), aggregation_top_k=int(document["aggregation_top_k"]),
+                 document=dict(document))
+    except (TypeError, ValueError) as problem:
+      raise error(f"{path} has a malformed field ({problem}); re-create it with the training stage") from None
+
+
+def run_document(fields: Mapping[str, Any]) -> dict[str, Any]:
+  """A complete run.json's content: the schema version and status, then `fields` (checked as RunInfo reads
+  them, so the trainer cannot write a run.json that its readers refuse)."""
+  document = {"schema_version": RUN_SCHEMA_VERSION, "status": COMPLETE_STATUS, **fields}
+  RunInfo.from_document(document, "run.json (being written)")
+  return document
+
+
+def read_run_info(path: str, error: type[PdxError] = RunsError) -> RunInfo:
+  """Reads and checks a run.json (see RunInfo.from_document); a missing or unparseable file is `error` too."""
+  if not io_utils.exists(path):
+    raise error(f"{path} is missing: the cell is not finished; train it or leave it out")
+  try:
+    document = io_utils.read_json(path)
+  except ValueError:
+    raise error(f"{path} is not valid JSON; re-run that cell") from None
+  return RunInfo.from_document(document, path, error)

@@ -34,3 +34,42 @@ def test_dataset_info_hands_on_preprocess_and_region_settings():
   assert info.preprocess == document["preprocess"]
   assert info.region == {"region": {"lung_air_hu": -400.0}, "slice_spacing_mm": 5.0, "slice_thickness_mm": 5.0,
                          "min_slices": 8}
+
+
+def _run_fields(**changes):
+  fields = {"task": "p", "repeat": 2, "fold": 5, "split_hash": "s" * 64, "config": {"epochs": 1},
+            "preprocess": {"image_size": 48}, "aggregation": "mean", "aggregation_top_k": 3,
+            "region": {"slice_spacing_mm": 5.0}, "code_version": "x"}
+  fields.update(changes)
+  return fields
+
+
+def test_run_document_round_trips_through_run_info(tmp_path):
+  document = contracts.run_document(_run_fields())
+  assert document["schema_version"] == contracts.RUN_SCHEMA_VERSION and document["status"] == "complete"
+  path = tmp_path / "run.json"
+  path.write_text(__import__("json").dumps(document))
+  info = contracts.read_run_info(str(path))
+  assert (info.task, info.cell, info.aggregation, info.aggregation_top_k) == ("p", (2, 5), "mean", 3)
+  assert info.region == {"slice_spacing_mm": 5.0} and info.document == document
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"task": "x"}, "malformed"), ({"repeat": "two"}, "malformed"), ({"config": None, "split_hash": None}, None)])
+def test_run_info_refuses_a_malformed_document(changes, message):
+  fields = _run_fields(**changes)
+  if message is None:  # missing fields: named
+    del fields["config"], fields["split_hash"]
+    message = "lacks split_hash, config"
+  with pytest.raises(contracts.RunsError, match=message):
+    contracts.run_document(fields)
+
+
+def test_run_info_needs_a_complete_run_of_this_schema(tmp_path):
+  document = contracts.run_document(_run_fields())
+  with pytest.raises(contracts.RunsError, match="not complete"):
+    contracts.RunInfo.from_document({**document, "status": "running"}, "R/run.json")
+  with pytest.raises(contracts.RunsError, match="not a version-1 run.json"):
+    contracts.RunInfo.from_document({**document, "schema_version": 0}, "R/run.json")
+  with pytest.raises(contracts.RunsError, match="is missing"):
+    contracts.read_run_info(str(tmp_path / "run.json"))

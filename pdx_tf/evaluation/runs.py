@@ -268,6 +268,40 @@ def _owning_root(path: str, roots: Iterable[str]) -> str | None:
   return max(candidates, key=len) if candidates else None
 
 
+def _complete_cells(task: str, runs: Sequence[tuple[str, Any]], fields: Mapping[str, Any]
+                    ) -> dict[Cell, list[tuple[str, dict[str, Any]]]]:
+  """The complete cells of one task's run.json files, checked against its split; every entry of a cell kept
+  (a duplicate is the caller's error). Unfinished cells are left out: they count as missing.
+  """
+  complete: dict[Cell, list[tuple[str, dict[str, Any]]]] = collections.defaultdict(list)
+  for run_path, run_info in runs:
+    if not isinstance(run_info, dict):
+      raise _fail(f"{run_path} is not a JSON object; re-create it with the training stage")
+    schema_version = run_info.get("schema_version")
+    if schema_version != RUN_SCHEMA_VERSION:
+      raise _fail(f"{run_path} has schema_version {schema_version!r}; this evaluation reads version "
+                  f"{RUN_SCHEMA_VERSION} (use the matching pdx_tf version)")
+    if run_info.get("status") != COMPLETE_STATUS:
+      continue  # an unfinished or failed cell counts as missing
+    if run_info.get("task") != task:
+      raise _fail(f"{run_path} is for task {run_info.get('task')!r} but sits under the {task} split "
+                  f"{fields['splits_path']}; move it to its own task folder")
+    if run_info.get("split_hash") != fields["split_hash"]:
+      raise _fail(f"{run_path} was trained on split hash {str(run_info.get('split_hash'))[:12]}... but "
+                  f"{fields['splits_path']} hashes to {fields['split_hash'][:12]}...; it belongs to another "
+                  "split: delete it or re-run that cell")
+    try:
+      cell = (int(run_info["repeat"]), int(run_info["fold"]))
+    except (KeyError, TypeError, ValueError):
+      raise _fail(f"{run_path} lacks integer repeat and fold fields; re-create it with the training stage") \
+          from None
+    if cell not in fields["test_patients"]:
+      raise _fail(f"{run_path} is repeat {cell[0]} fold {cell[1]}, which {fields['splits_path']} does not "
+                  "list; it belongs to another split")
+    complete[cell].append((run_path, run_info))
+  return complete
+
+
 def load_runs(runs_dir: str, tasks: Sequence[str] = (), allow_partial: bool = False) -> dict[str, TaskRuns]:
   """Reads and validates every task's run artifacts below `runs_dir`.
 
@@ -328,33 +362,7 @@ def load_runs(runs_dir: str, tasks: Sequence[str] = (), allow_partial: bool = Fa
     fields = dict(roots[root])
     patients, covariates = _parse_patients(io_utils.join(root, PATIENTS_FILE))
     fields["patients"] = patients
-    complete: dict[Cell, list[tuple[str, dict[str, Any]]]] = collections.defaultdict(list)
-    for run_path, run_info in runs_by_root[root]:
-      if not isinstance(run_info, dict):
-        raise _fail(f"{run_path} is not a JSON object; re-create it with the training stage")
-      schema_version = run_info.get("schema_version")
-      if schema_version != RUN_SCHEMA_VERSION:
-        raise _fail(f"{run_path} has schema_version {schema_version!r}; this evaluation reads version "
-                    f"{RUN_SCHEMA_VERSION} (use the matching pdx_tf version)")
-      if run_info.get("status") != COMPLETE_STATUS:
-        continue  # an unfinished or failed cell counts as missing
-      if run_info.get("task") != task:
-        raise _fail(f"{run_path} is for task {run_info.get('task')!r} but sits under the {task} split "
-                    f"{fields['splits_path']}; move it to its own task folder")
-      if run_info.get("split_hash") != fields["split_hash"]:
-        raise _fail(f"{run_path} was trained on split hash {str(run_info.get('split_hash'))[:12]}... but "
-                    f"{fields['splits_path']} hashes to {fields['split_hash'][:12]}...; it belongs to another "
-                    "split: delete it or re-run that cell")
-      try:
-        cell = (int(run_info["repeat"]), int(run_info["fold"]))
-      except (KeyError, TypeError, ValueError):
-        raise _fail(f"{run_path} lacks integer repeat and fold fields; re-create it with the training stage") \
-            from None
-      if cell not in fields["test_patients"]:
-        raise _fail(f"{run_path} is repeat {cell[0]} fold {cell[1]}, which {fields['splits_path']} does not "
-                    "list; it belongs to another split")
-      complete[cell].append((run_path, run_info))
-
+    complete = _complete_cells(task, runs_by_root[root], fields)
     duplicates = {cell: entries for cell, entries in complete.items() if len(entries) > 1}
     if duplicates:
       listed = "; ".join(f"{cell_name(cell)}: " + ", ".join(path for path, _ in entries)

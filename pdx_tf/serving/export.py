@@ -32,7 +32,7 @@ import tensorflow as tf
 from absl import logging
 
 from pdx_tf import configs, contracts, io_utils, provenance
-from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_METADATA_FILE as METADATA_FILE, RUN_FILE, RUN_SCHEMA_VERSION, TASKS
+from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_METADATA_FILE as METADATA_FILE, RUN_FILE, TASKS
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
 from pdx_tf.serving import signatures
@@ -121,17 +121,7 @@ def read_cell(folder: str) -> CellRun:
   path = io_utils.join(folder, RUN_FILE)
   if not tf.io.gfile.exists(path):
     raise ExportError(f"{path} is missing: the cell is not finished; train it or leave it out of --cells")
-  try:
-    run_info = io_utils.read_json(path)
-  except (ValueError, tf.errors.OpError):
-    raise ExportError(f"{path} is not valid JSON; re-run that cell") from None
-  if not isinstance(run_info, dict) or run_info.get("schema_version") != RUN_SCHEMA_VERSION:
-    raise ExportError(f"{path} is not a version-{RUN_SCHEMA_VERSION} run.json; re-run that cell with this code")
-  if run_info.get("status") != COMPLETE_STATUS:
-    raise ExportError(f"{path} has status {run_info.get('status')!r}, not complete; finish the cell first")
-  for key in ("task", "repeat", "fold", "preprocess", "aggregation", "aggregation_top_k", "config"):
-    if key not in run_info:
-      raise ExportError(f"{path} lacks {key!r}; re-create it with the training stage")
+  run_info = contracts.read_run_info(path, ExportError).document
   return CellRun(folder=folder, repeat=int(run_info["repeat"]), fold=int(run_info["fold"]), run_info=run_info)
 
 

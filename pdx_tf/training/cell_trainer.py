@@ -47,7 +47,7 @@ import tensorflow as tf
 from absl import logging
 
 from pdx_tf import contracts, io_utils, provenance
-from pdx_tf.contracts import RUN_SCHEMA_VERSION, TENSORBOARD_FOLDER
+from pdx_tf.contracts import TENSORBOARD_FOLDER
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import metrics as metrics_lib
 from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib, input_pipeline
@@ -564,8 +564,8 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   tensorboard.write_cell_hparams(tensorboard_dir, name, hparams(config, cell, policy), metrics)
 
   run = {
-      "schema_version": RUN_SCHEMA_VERSION, "task": config.task, "repeat": cell[0], "fold": cell[1],
-      "status": contracts.COMPLETE_STATUS, "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
+      "task": config.task, "repeat": cell[0], "fold": cell[1],
+      "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
       "records_hash": info.content_hash, "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
       "config": trainer_lib.config_dict(config), "preprocess": info.preprocess, "region": info.region,
       "augment": info.augment, "input_statistics": info.input_statistics,
@@ -575,7 +575,7 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
   if decision:
     run.update(decision)
-  io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), run)
+  io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), contracts.run_document(run))
   # The resume state is no longer needed once run.json marks the cell complete.
   checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)
   if io_utils.exists(checkpoint_folder):
