@@ -105,3 +105,31 @@ def test_the_binary_prints_one_line_and_exits_1(manifest_path, tmp_path, monkeyp
   assert raised.value.code == 1
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1 and "would not fit" in lines[0] and "GiB free" in lines[0]
+
+
+def test_the_binary_plan_prints_the_estimate_and_writes_nothing(manifest_path, tmp_path, monkeypatch, capsys):
+  from data_pipeline import __main__ as binary  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.mark_as_parsed()
+  _free(monkeypatch, 5 * 1024**3)
+  output_dir = tmp_path / "D"
+  with flagsaver.flagsaver(manifest=manifest_path, output_dir=str(output_dir), progress=False, plan=True,
+                           image_size=224, augment_factor=960):
+    binary.main(["data_pipeline"])
+  out = capsys.readouterr().out
+  # 2 patients x 45 slices x 961 images x (21,018 + 116) B = 1.70 GiB.
+  expected_gib = 2 * 45 * 961 * (21_018 + 116) / 1024**3
+  assert "patients: 2" in out and f"~{expected_gib:.1f} GiB estimated" in out and "5.0 GiB free" in out
+  assert not output_dir.exists()
+
+
+def test_the_binary_plan_refuses_a_tiny_disk_in_one_line(manifest_path, tmp_path, monkeypatch, capsys):
+  from data_pipeline import __main__ as binary  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.mark_as_parsed()
+  _free(monkeypatch, 1024**3)
+  with flagsaver.flagsaver(manifest=manifest_path, output_dir=str(tmp_path / "D"), progress=False, plan=True,
+                           image_size=224, augment_factor=960):
+    with pytest.raises(SystemExit) as raised:
+      binary.main(["data_pipeline"])
+  assert raised.value.code == 1
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and "would not fit" in lines[0] and "1.0 GiB free" in lines[0]

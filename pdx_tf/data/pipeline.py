@@ -573,9 +573,39 @@ def estimate_records_bytes(num_patients: int, *, image_size: int, channels: int,
   return int(images * (png_bytes + EXAMPLE_OVERHEAD_BYTES))
 
 
-def _slices_per_patient(slice_spacing_mm: float | None) -> int:
-  spacing = slice_spacing_mm if slice_spacing_mm and slice_spacing_mm > 0 else 1.0
+def estimated_slices_per_patient(config: PipelineConfig) -> int:
+  """Abdominal slices a patient before reading DICOM: 45 at 5 mm, scaled by 5 / slice_spacing_mm (0: 1 mm)."""
+  spacing = config.slice_spacing_mm if config.slice_spacing_mm and config.slice_spacing_mm > 0 else 1.0
   return max(1, round(DEFAULT_ABDOMINAL_SLICES_5MM * 5.0 / max(spacing, 1.0)))
+
+
+def partition_rows(config: PipelineConfig,
+                   manifest: manifest_lib.Manifest | None = None) -> list[manifest_lib.ManifestRow]:
+  """The manifest rows this run processes (its partition's; all with num_partitions = 1).
+
+  Raises:
+    ManifestError: the manifest is invalid (every problem listed).
+  """
+  manifest = manifest or manifest_lib.read_manifest(config.manifest_path)
+  return [row for row in manifest.rows
+          if io_utils.stable_key(row.patient_id) % config.num_partitions == config.partition_index]
+
+
+def records_budget(config: PipelineConfig, num_patients: int) -> tuple[int, int | None]:
+  """(estimated bytes of `num_patients` patients' records, free bytes where they go or None for gs:// and URLs).
+
+  The free space is that of the output folder's filesystem (its nearest existing parent when not made yet);
+  object stores have no fixed free space, so None.
+  """
+  estimate = estimate_records_bytes(num_patients, image_size=config.preprocess.image_size,
+                                    channels=len(config.preprocess.windows), augment_factor=config.augment_factor,
+                                    slices_per_patient=estimated_slices_per_patient(config))
+  if "://" in config.output_dir:
+    return estimate, None
+  folder = os.path.abspath(config.output_dir)
+  while not os.path.exists(folder):  # The nearest existing parent holds the filesystem it will be on.
+    folder = os.path.dirname(folder)
+  return estimate, shutil.disk_usage(folder).free
 
 
 def check_records_fit(config: PipelineConfig, num_patients: int) -> int | None:
@@ -591,20 +621,14 @@ def check_records_fit(config: PipelineConfig, num_patients: int) -> int | None:
   Raises:
     PdxError: the estimate exceeds the free space (one line: estimate, free space, what to do).
   """
-  if "://" in config.output_dir:
-    return None  # Object stores have no fixed free space to compare with.
-  estimate = estimate_records_bytes(num_patients, image_size=config.preprocess.image_size,
-                                    channels=len(config.preprocess.windows), augment_factor=config.augment_factor,
-                                    slices_per_patient=_slices_per_patient(config.slice_spacing_mm))
-  folder = os.path.abspath(config.output_dir)
-  while not os.path.exists(folder):  # The nearest existing parent holds the filesystem it will be on.
-    folder = os.path.dirname(folder)
-  free = shutil.disk_usage(folder).free
+  estimate, free = records_budget(config, num_patients)
+  if free is None:
+    return None
   if estimate > free:
     gib = 1024**3
     raise PdxError(
         f"the records would not fit: ~{estimate / gib:.1f} GiB estimated for {num_patients} patient(s) "
-        f"(~{_slices_per_patient(config.slice_spacing_mm)} slices x {1 + config.augment_factor} images x "
+        f"(~{estimated_slices_per_patient(config)} slices x {1 + config.augment_factor} images x "
         f"{config.preprocess.image_size} px), {free / gib:.1f} GiB free under {config.output_dir}; "
         "free space, choose another --output_dir or lower --augment_factor")
   return estimate
@@ -642,8 +666,7 @@ def start_run(config: PipelineConfig) -> RunPlan:
   output_dir = config.output_dir
   partitioned = config.num_partitions > 1
   io_utils.check_writable(output_dir)
-  rows = [row for row in manifest.rows
-          if io_utils.stable_key(row.patient_id) % config.num_partitions == config.partition_index]
+  rows = partition_rows(config, manifest)
   reused: dict[str, dict] = {}
   todo = []
   for row in rows:
