@@ -63,18 +63,12 @@ def pool_sizes(records_dir: str, seed: int, cells: list[tuple[int, int]]) -> lis
 
 
 def _auc(summary: dict) -> dict:
+  """Pooled patient AUC with its bootstrap 95 % CI, the per-cell mean and the slice-level per-cell mean."""
   entry = summary[_TASK.value]
-  found = {}
-
-  def walk(value, path):
-    if isinstance(value, dict):
-      for key, inner in value.items():
-        walk(inner, f"{path}.{key}" if path else key)
-    elif "auc" in path.lower():
-      found[path] = value
-
-  walk(entry, "")
-  return found
+  pooled = entry["pooled_ci95"]["auc"]
+  return {"pooled_patient_auc": pooled["estimate"], "ci95": [pooled["low"], pooled["high"]],
+          "per_cell_patient_auc_mean": entry["per_cell"]["auc"]["mean"],
+          "per_cell_slice_auc_mean": entry["slice_level"]["per_cell"]["auc"]["mean"]}
 
 
 def main(argv):
