@@ -8,6 +8,10 @@ Examples:
   # A real cohort, as in the paper (224 px, soft-tissue window, 960 augmented copies a slice).
   python -m data_pipeline --manifest=cohort/manifest.csv --output_dir=data/records
 
+  # The records' size first (estimated from the manifest, ~45 slices a patient) against the free disk; writes
+  # nothing. Every run makes this check before it starts and refuses, in one line, records that would not fit.
+  python -m data_pipeline --manifest=cohort/manifest.csv --output_dir=data/records --plan
+
   # Quick look first: originals only, three windows, 5 mm slices, keep going past bad studies.
   python -m data_pipeline --manifest=cohort/manifest.csv --output_dir=data/check --augment_factor=0 \
       --window=triple --slice_spacing_mm=5 --allow_failures
@@ -85,6 +89,8 @@ _SHOW_PATHS = flags.DEFINE_bool("show_paths", False, "Print the real relative pa
                                 "warnings and errors to the console, for local debugging; never written to a file.")
 _QC = flags.DEFINE_bool("qc", True, "Write QC montages (qc/<patient_id>.png) and qc/index.html.")
 _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
+_PLAN = flags.DEFINE_bool("plan", False, "Print the records' estimated size and the free space where they go, and "
+                          "exit (1 with one line when they would not fit); reads only the manifest.")
 
 
 def _fail(message) -> None:
@@ -133,6 +139,9 @@ def main(argv):
     _fail(str(error))
   if _BEAM_PIPELINE_OPTIONS.value and _RUNNER.value != "beam":
     _fail("--beam_pipeline_options needs --runner=beam")
+  if _PLAN.value:
+    _print_plan(config)
+    return
   try:
     if _RUNNER.value == "beam":
       try:
@@ -152,6 +161,25 @@ def main(argv):
   print(result.summary())
   if not result.ok:
     sys.exit(1)
+
+
+def _print_plan(config: pipeline.PipelineConfig) -> None:
+  try:
+    rows = pipeline.partition_rows(config)
+    estimate, free = pipeline.records_budget(config, len(rows))
+    pipeline.check_records_fit(config, len(rows))
+  except ManifestError as error:
+    print(f"data_pipeline: error: {error}", file=sys.stderr)  # One problem a line.
+    sys.exit(1)
+  except PdxError as error:
+    _fail(str(error))
+  gib = 1024**3
+  where = (f"{free / gib:.1f} GiB free under {config.output_dir}" if free is not None
+           else f"free space not checked ({config.output_dir} is not a local folder)")
+  print(f"patients: {len(rows)}\nrecords: ~{estimate / gib:.1f} GiB estimated (~"
+        f"{pipeline.estimated_slices_per_patient(config)} abdominal slices a patient x {1 + config.augment_factor}"
+        f" images x {config.preprocess.image_size} px, {len(config.preprocess.windows)} channel(s); slice counts are"
+        f" known only after reading the DICOM)\n{where}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import multiprocessing
 import os
+import shutil
 import sys
 import time
 from typing import Iterator, Sequence
@@ -541,6 +542,98 @@ def run_pipeline(config: PipelineConfig, *, progress: bool = True, show_paths: b
   return finish_run(config, plan, new_markers, failures)
 
 
+# The records' size before any DICOM is read (`estimate_records_bytes`). Measured PNG bytes of one phantom
+# abdominal slice at 224 px (pdx_tf.data.records.encode_image, the default compression): one window stored as
+# one channel 21,018 B, three windows 67,234 B; PNG bytes grow about with the pixel count (size**2).
+PNG_BYTES_224 = {1: 21_018, 3: 67_234}
+# Per example besides the PNG: 16 B of TFRecord framing and ~100 B of the other features (ids, labels, z).
+EXAMPLE_OVERHEAD_BYTES = 116
+# Slice counts are known only after reading the DICOM series: ~45 abdominal slices at 5 mm (about 22 cm from
+# the diaphragm to the pelvic floor). Thinner --slice_spacing_mm scales it up (0 keeps native slices: 1 mm).
+DEFAULT_ABDOMINAL_SLICES_5MM = 45
+
+
+def estimate_records_bytes(num_patients: int, *, image_size: int, channels: int, augment_factor: int,
+                           slices_per_patient: int = DEFAULT_ABDOMINAL_SLICES_5MM) -> int:
+  """Estimated bytes of the records of `num_patients` patients (originals and augmented copies).
+
+  Args:
+    num_patients: patients still to write.
+    image_size: the images' side in pixels.
+    channels: 1 (one window) or 3 (three windows).
+    augment_factor: augmented copies per slice.
+    slices_per_patient: abdominal slices per patient (unknown before reading DICOM; see
+      DEFAULT_ABDOMINAL_SLICES_5MM).
+
+  Returns:
+    patients x slices x (1 + augment_factor) x (PNG bytes at that size and channel count + per-example overhead).
+  """
+  png_bytes = PNG_BYTES_224[channels] * (image_size / 224) ** 2
+  images = num_patients * slices_per_patient * (1 + augment_factor)
+  return int(images * (png_bytes + EXAMPLE_OVERHEAD_BYTES))
+
+
+def estimated_slices_per_patient(config: PipelineConfig) -> int:
+  """Abdominal slices a patient before reading DICOM: 45 at 5 mm, scaled by 5 / slice_spacing_mm (0: 1 mm)."""
+  spacing = config.slice_spacing_mm if config.slice_spacing_mm and config.slice_spacing_mm > 0 else 1.0
+  return max(1, round(DEFAULT_ABDOMINAL_SLICES_5MM * 5.0 / max(spacing, 1.0)))
+
+
+def partition_rows(config: PipelineConfig,
+                   manifest: manifest_lib.Manifest | None = None) -> list[manifest_lib.ManifestRow]:
+  """The manifest rows this run processes (its partition's; all with num_partitions = 1).
+
+  Raises:
+    ManifestError: the manifest is invalid (every problem listed).
+  """
+  manifest = manifest or manifest_lib.read_manifest(config.manifest_path)
+  return [row for row in manifest.rows
+          if io_utils.stable_key(row.patient_id) % config.num_partitions == config.partition_index]
+
+
+def records_budget(config: PipelineConfig, num_patients: int) -> tuple[int, int | None]:
+  """(estimated bytes of `num_patients` patients' records, free bytes where they go or None for gs:// and URLs).
+
+  The free space is that of the output folder's filesystem (its nearest existing parent when not made yet);
+  object stores have no fixed free space, so None.
+  """
+  estimate = estimate_records_bytes(num_patients, image_size=config.preprocess.image_size,
+                                    channels=len(config.preprocess.windows), augment_factor=config.augment_factor,
+                                    slices_per_patient=estimated_slices_per_patient(config))
+  if "://" in config.output_dir:
+    return estimate, None
+  folder = os.path.abspath(config.output_dir)
+  while not os.path.exists(folder):  # The nearest existing parent holds the filesystem it will be on.
+    folder = os.path.dirname(folder)
+  return estimate, shutil.disk_usage(folder).free
+
+
+def check_records_fit(config: PipelineConfig, num_patients: int) -> int | None:
+  """Refuses, before any work, records that would not fit the free space of the output folder's filesystem.
+
+  Args:
+    config: the run's config (output folder, image size, windows, augment_factor, slice spacing).
+    num_patients: patients this run will write (finished ones already take their space).
+
+  Returns:
+    The estimate in bytes, or None for a non-local output folder (gs:// and other URLs: not checked).
+
+  Raises:
+    PdxError: the estimate exceeds the free space (one line: estimate, free space, what to do).
+  """
+  estimate, free = records_budget(config, num_patients)
+  if free is None:
+    return None
+  if estimate > free:
+    gib = 1024**3
+    raise PdxError(
+        f"the records would not fit: ~{estimate / gib:.1f} GiB estimated for {num_patients} patient(s) "
+        f"(~{estimated_slices_per_patient(config)} slices x {1 + config.augment_factor} images x "
+        f"{config.preprocess.image_size} px), {free / gib:.1f} GiB free under {config.output_dir}; "
+        "free space, choose another --output_dir or lower --augment_factor")
+  return estimate
+
+
 @dataclasses.dataclass(frozen=True)
 class RunPlan:
   """The start of a run (`start_run`): what is left to do, for any runner (processes here, Beam elsewhere).
@@ -561,26 +654,19 @@ class RunPlan:
 
 
 def start_run(config: PipelineConfig) -> RunPlan:
-  """Reads the manifest, removes dataset.json, writes config.json and finds the finished patients.
+  """Reads the manifest, finds the finished patients, checks the rest fit the disk, removes dataset.json and
+  writes config.json.
 
   Raises:
     ManifestError: the manifest is invalid (every problem listed).
-    PdxError: the output folder cannot be written.
+    PdxError: the output folder cannot be written, or the records would not fit its free space.
   """
   start = time.perf_counter()
   manifest = manifest_lib.read_manifest(config.manifest_path)
   output_dir = config.output_dir
   partitioned = config.num_partitions > 1
   io_utils.check_writable(output_dir)
-  try:
-    tf.io.gfile.remove(io_utils.join(output_dir, DATASET_JSON))  # Its presence must mean "complete".
-  except tf.errors.NotFoundError:
-    pass
-  if not partitioned:  # Other partitions may be writing run-level files right now.
-    shards.remove_temp_files(output_dir)
-    configs.write_config(io_utils.join(output_dir, CONFIG_JSON), config)
-  rows = [row for row in manifest.rows
-          if io_utils.stable_key(row.patient_id) % config.num_partitions == config.partition_index]
+  rows = partition_rows(config, manifest)
   reused: dict[str, dict] = {}
   todo = []
   for row in rows:
@@ -589,6 +675,14 @@ def start_run(config: PipelineConfig) -> RunPlan:
       reused[row.patient_id] = marker
     else:
       todo.append(row)
+  check_records_fit(config, len(todo))  # Before anything is removed or written.
+  try:
+    tf.io.gfile.remove(io_utils.join(output_dir, DATASET_JSON))  # Its presence must mean "complete".
+  except tf.errors.NotFoundError:
+    pass
+  if not partitioned:  # Other partitions may be writing run-level files right now.
+    shards.remove_temp_files(output_dir)
+    configs.write_config(io_utils.join(output_dir, CONFIG_JSON), config)
   stale = sorted(pid for pid, marker in reused.items() if marker.get("code_version") != provenance.code_version())
   if stale:
     # Reuse is keyed on config and manifest row, not on code: say so when the code has moved on.
