@@ -2,9 +2,9 @@
 
 Builds a records folder shaped like the paper's cohort: --num_patients patients x --slices abdominal slices x
 (1 + --augment_factor) images at 224 px, one channel (one window), augmented copies in blocks of
---augment_block (one file a block: 16 copies x 40 slices x ~21 KB = ~13 MB, under the pipeline's 150 MiB shard
+--augment_block (one file a block: 2 copies x 40 slices x ~21 KB = ~1.7 MB, under the pipeline's 150 MiB shard
 limit), labels p and sb at --positive_fraction (alternating, so every fold holds both classes). dataset.json
-follows the schema-2 contract (pdx_tf/data/pipeline.py build_dataset_json, tests/fake_records.py); the shard
+follows the schema-2 contract (pdx_tf/data/pipeline.py build_dataset_json, pdx_tf/testing/fake_records.py); the shard
 files are SPARSE (os.truncate to their size: no disk used, no image inside). Their sizes: --png_bytes per image
 (21,018 B: a 1-channel 224 px phantom slice PNG, measured) + 16 B TFRecord framing + --feature_bytes (the
 example's other features). `python -m train --plan` only stats the files (verify_hashes is off by default).
@@ -31,7 +31,7 @@ from absl import app, flags
 _NUM_PATIENTS = flags.DEFINE_integer("num_patients", 227, "patients (the paper's cohort)")
 _SLICES = flags.DEFINE_integer("slices", 40, "abdominal slices a patient")
 _AUGMENT_FACTOR = flags.DEFINE_integer("augment_factor", 960, "augmented copies a slice")
-_AUGMENT_BLOCK = flags.DEFINE_integer("augment_block", 16, "copies a block file")
+_AUGMENT_BLOCK = flags.DEFINE_integer("augment_block", 2, "copies a block file (the pipeline's default)")
 _POSITIVE_FRACTION = flags.DEFINE_float("positive_fraction", 0.5, "share of patients with label 1 (p and sb)")
 _PNG_BYTES = flags.DEFINE_integer("png_bytes", 21_018, "PNG bytes of one 1-channel 224 px image (measured)")
 _FEATURE_BYTES = flags.DEFINE_integer("feature_bytes", 100, "bytes of an example's other features")

@@ -17,7 +17,7 @@ from typing import Any, Iterable, Mapping
 # The data pipeline: image size and augmentation. The demo's small blocks keep its pool fraction of 0.25 a
 # draw of 2 of its 8 copies (a block is the draw's resolution, pdx_tf/training/input_pipeline.py).
 PIPELINE_PRESETS: dict[str, dict[str, Any]] = {
-    "paper": {"image_size": 224, "augment_factor": 960, "augment_block": 16},
+    "paper": {"image_size": 224, "augment_factor": 960, "augment_block": 2},
     "demo": {"image_size": 48, "augment_factor": 8, "augment_block": 2},
 }
 

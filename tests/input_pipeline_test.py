@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from pdx_tf.testing import fake_records
-from pdx_tf import contracts
+from pdx_tf import contracts, io_utils
 from pdx_tf.data import records
 from pdx_tf.errors import RecordsError
 from pdx_tf.training import input_pipeline, splits
@@ -158,6 +158,35 @@ def test_only_drawn_files_are_opened_and_sizes_come_from_dataset_json(info, monk
       os.path.getsize(path) for path in expected_files)
   assert input_pipeline.pool_size(info, ids, sample_seed=0, repeat=2, pool_fraction=0.25,
                                   include_originals=False) == len([key for key in examples if key[2] > 0])
+
+
+def test_an_epoch_smaller_than_the_pool_opens_only_what_it_trains_on(info, monkeypatch):
+  """Per file: 3 slices x 2 copies = 6 images (a block) or 3 (originals). With pool_fraction 1, 8 patients hold 8 x
+  (3 + 4 x 6) = 216 images; an epoch of 40 must open files holding 40 to 45 images (at most one file more), at
+  least one file of every patient first (rounds over the patients), and other files in another epoch."""
+  opened = []
+  original_reader = tf.data.TFRecordDataset
+  monkeypatch.setattr(tf.data, "TFRecordDataset", lambda path, *a, **k: opened.append(path) or original_reader(
+      path, *a, **k))
+  ids = list(info.patients)
+  sizes = {io_utils.join(info.records_dir, shard["path"]): int(shard["num_examples"])
+           for shard in info.document["shards"]}
+
+  def epoch(number):
+    opened.clear()
+    keys = _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=1.0, epoch=number,
+                                               images_per_epoch=40))
+    return keys, list(opened)
+
+  keys, files = epoch(0)
+  assert len(keys) == 40 and len(set(keys)) == 40
+  held = sum(sizes[path] for path in files)
+  assert 40 <= held < 40 + max(sizes.values())  # reading about equals training
+  assert {key[0] for key in keys} == set(ids)  # 8 patients' first files hold 3-6 images each: all are read
+  assert input_pipeline.bytes_to_read(info, ids, sample_seed=0, repeat=0, pool_fraction=1.0,
+                                      images_per_epoch=40) == sum(os.path.getsize(path) for path in files)
+  assert epoch(0) == (keys, files)  # a pure function of the keys
+  assert set(epoch(1)[1]) != set(files)  # another epoch, other files
 
 
 def test_epochs_reshuffle_and_each_epoch_reproduces(info):

@@ -37,9 +37,11 @@ from pdx_tf.errors import PdxError
 
 PAPER_AUGMENT_FACTOR = 960  # The study augmented every slice about 960-fold.
 # Augmented copies per block file (`pdx_tf.data.shards`): a cell's pool draw takes whole blocks, so
-# --pool_fraction has a resolution of one block (16 of 960 copies at the paper's factor, i.e. 1/60), and a
-# block of 16 copies of ~40 slices at 224 px is tens of MiB, large enough to read efficiently.
-DEFAULT_AUGMENT_BLOCK = 16
+# --pool_fraction has a resolution of one block (2 of 960 copies at the paper's factor, i.e. 1/480), and an epoch
+# smaller than the pool reads whole files (input_pipeline.epoch_shards): at 2 copies of ~40 slices a file
+# (~1.7 MB at 224 px), the paper's 16,000-image epochs read about one file of each of ~199 training patients, so
+# every epoch still sees every patient; blocks of 16 would read only ~25 patients an epoch.
+DEFAULT_AUGMENT_BLOCK = 2
 DATASET_JSON = DATASET_FILE
 FAILURES_CSV = "failures.csv"
 CONFIG_JSON = "config.json"

@@ -133,11 +133,53 @@ def pool_size(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, 
 
 
 def bytes_to_read(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int,
-                  pool_fraction: float, include_originals: bool = True) -> int:
-  """Bytes of the shard files one pass over the cell's pool opens, from dataset.json."""
-  return sum(int(shard["num_bytes"]) for shard in pool_shards(
+                  pool_fraction: float, include_originals: bool = True, epoch: int = 0,
+                  images_per_epoch: int | None = None) -> int:
+  """Bytes of the shard files one epoch opens (`epoch_shards`; the whole pool by default), from dataset.json."""
+  return sum(int(shard["num_bytes"]) for shard in epoch_shards(
       info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
-      include_originals=include_originals))
+      include_originals=include_originals, epoch=epoch, images_per_epoch=images_per_epoch))
+
+
+def epoch_shards(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, repeat: int,
+                 pool_fraction: float, include_originals: bool = True, epoch: int = 0,
+                 images_per_epoch: int | None = None) -> list[Mapping[str, Any]]:
+  """The pool files one epoch opens: the whole pool, or, when `images_per_epoch` is smaller, just enough of it.
+
+  An epoch smaller than the pool reads whole files in rounds: each round takes one more file of every training
+  patient (its originals file or a drawn block part, in a keyed order per patient and epoch), patients in a keyed
+  order, until the files hold `images_per_epoch` images. So an epoch reads about what it trains on (at most one
+  file more) and spreads over the patients evenly, where sampling records from the whole pool would open every
+  file for a small share of it. Keys: Fingerprint64("pdx-epoch/<seed>/<repeat>/<epoch>/<file path>") for files,
+  ".../patient/<patient_id>" for patients; a pure function of (seed, repeat, epoch) and the records.
+  """
+  pool = pool_shards(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+                     include_originals=include_originals)
+  total = sum(int(shard["num_examples"]) for shard in pool)
+  if images_per_epoch is None or int(images_per_epoch) >= total:
+    return pool
+  prefix = f"pdx-epoch/{int(sample_seed)}/{int(repeat)}/{int(epoch)}"
+  by_patient: dict[str, list[Mapping[str, Any]]] = {}
+  for shard in pool:
+    by_patient.setdefault(shard["patient_id"], []).append(shard)
+  for patient_id, files in by_patient.items():
+    keys = block_fingerprints([f"{prefix}/{shard['path']}" for shard in files])
+    ranked = sorted(zip(keys, files), key=lambda pair: (pair[0], pair[1]["path"]))
+    by_patient[patient_id] = [shard for _, shard in ranked]
+  patients = sorted(by_patient)
+  patients = [patient for _, patient in sorted(zip(block_fingerprints([f"{prefix}/patient/{p}" for p in patients]),
+                                                   patients))]
+  chosen, count, round_index = [], 0, 0
+  while count < int(images_per_epoch):
+    for patient_id in patients:
+      files = by_patient[patient_id]
+      if round_index < len(files):
+        chosen.append(files[round_index])
+        count += int(files[round_index]["num_examples"])
+        if count >= int(images_per_epoch):
+          break
+    round_index += 1
+  return chosen
 
 
 def _epoch_rng(purpose: int, sample_seed: int, repeat: int, epoch: int, shuffle_seed: int,
@@ -175,8 +217,9 @@ def train_examples(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: 
                    cycle_length: int | None = None) -> tf.data.Dataset:
   """Parsed (undecoded) training examples of one epoch of one cell, in training order.
 
-  Elements are `records.parse_example(..., decode_image=False)` dicts. Only the pool's files are opened
-  (`pool_files`: the training patients' originals and drawn blocks). The order (module docstring) is a pure
+  Elements are `records.parse_example(..., decode_image=False)` dicts. Only the epoch's files are opened
+  (`epoch_shards`: the training patients' originals and drawn blocks, or just enough of them for a smaller
+  `images_per_epoch`). The order (module docstring) is a pure
   function of (sample_seed, repeat, epoch, shuffle_seed) and the records.
 
   Args:
@@ -184,14 +227,14 @@ def train_examples(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: 
     sample_seed, repeat, pool_fraction, include_originals: the pool draw (`pool_shards`).
     epoch, shuffle_seed: key the epoch's order.
     images_per_epoch: None for the whole pool once; otherwise that many images: a keyed uniform sample of the
-      pool, or, when larger than the pool, whole passes over it plus a sample of one more.
+      epoch's files (`epoch_shards`), or, when larger than the pool, whole passes over it plus a sample of one more.
     shuffle_buffer: size of the final local shuffle (0 or 1: none).
     deterministic: False lets the parse map run out of order.
     cycle_length: accepted for compatibility, unused (every pool file is read at once).
   """
   del cycle_length
-  pool = pool_shards(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
-                        include_originals=include_originals)
+  pool = epoch_shards(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
+                      include_originals=include_originals, epoch=epoch, images_per_epoch=images_per_epoch)
   files = [io_utils.join(info.records_dir, shard["path"]) for shard in pool]
   counts = [int(shard["num_examples"]) for shard in pool]
   total = sum(counts)

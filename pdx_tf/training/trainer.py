@@ -449,7 +449,9 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
 
   Per cell: images = epochs * (images_per_epoch or the pool's size, rounded down to whole batches); bytes read =
   epochs * passes * input_pipeline.bytes_to_read, where passes = ceil(images an epoch / pool size) (an epoch
-  larger than the pool goes over it again). Records on disk: the sum of dataset.json's shard sizes.
+  larger than the pool goes over it again), and an epoch smaller than the pool opens only enough of its files
+  (input_pipeline.epoch_shards; epoch 0's files stand for every epoch's). Records on disk: the sum of
+  dataset.json's shard sizes.
 
   Args:
     config: the grid settings.
@@ -480,7 +482,8 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
     per_epoch = per_epoch // config.batch_size * config.batch_size
     passes = max(1, -(-per_epoch // pool)) if pool else 1
     images[cell] = config.epochs * per_epoch
-    bytes_read[cell] = config.epochs * passes * input_pipeline.bytes_to_read(info, train_ids, **keys)
+    bytes_read[cell] = config.epochs * passes * input_pipeline.bytes_to_read(
+        info, train_ids, **keys, images_per_epoch=per_epoch if per_epoch < pool else None)
   records_bytes = sum(int(shard.get("num_bytes", 0)) for shard in info.document.get("shards", []))
   images_partition = sum(images[cell] for cell in chosen if cell in mine)
   images_all = sum(images.values())
