@@ -80,12 +80,15 @@ TARGETS: dict[str, dict[str, Any]] = {
     },
     "export_preprocessing": {
         "module": "pdx_tf/serving/export.py",
-        "tests": ["tests/export_test.py"],
+        "tests": ["tests/export_test.py", "tests/contracts_test.py", "-k", "own_window or numpy_reference or "
+                  "mixed_precision or region_settings or different_preprocessing or run_info or run_document or "
+                  "existing_version or cell_selection"],
         "functions": ["_shared_settings", "region_settings", "float32_model", "_load_model", "export_models"],
     },
     "serving_preprocessing": {
         "module": "pdx_tf/serving/signatures.py",
-        "tests": ["tests/export_test.py"],
+        "tests": ["tests/export_test.py", "-k", "own_window or numpy_reference or serving_default or single_cell or "
+                  "predict_patient or predict_images or wrong_dtype"],
         "functions": ["model_image_size", "PdxServingModule.__init__"],
     },
     "dicom_phi_errors": {  # PHI: file tokens and every error path of the reader
@@ -97,13 +100,14 @@ TARGETS: dict[str, dict[str, Any]] = {
     },
     "pipeline_logging": {  # PHI: what the pipeline prints and writes about a failed patient
         "module": "pdx_tf/data/pipeline.py",
-        "tests": ["tests/pipeline_test.py", "tests/dicom_paths_test.py"],
+        "tests": ["tests/pipeline_test.py", "tests/dicom_paths_test.py", "-k", "fail or phi or path or console or "
+                  "summary or canar"],
         "functions": ["_one_line", "_run_patient", "PipelineResult.summary"],
     },
     "training_resume": {
         "module": "pdx_tf/training/cell_trainer.py",
-        "tests": ["tests/cell_trainer_test.py", "tests/trainer_test.py", "-k", "resume or progress or checkpoint or "
-                  "interrupted or idempotent or reseed"],
+        "tests": ["tests/cell_trainer_test.py", "tests/trainer_test.py", "-k", "uncommitted or complete_progress or "
+                  "reseed or resume or interrupted"],
         "functions": ["load_progress", "_remove_other_checkpoints", "commit_epoch", "checkpoint_name",
                       "epoch_seed", "reseed_dropout"],
     },
