@@ -66,8 +66,9 @@ TARGETS: dict[str, dict[str, Any]] = {
     "pool_keying": {  # the keyed block draw and what a cell reads
         "module": "pdx_tf/training/input_pipeline.py",
         "tests": ["tests/input_pipeline_test.py", "tests/trainer_test.py", "-k",
-                  "pool or drawn or leakage or exactly_its_training or epoch or block"],
-        "functions": ["pool_keep", "pool_shards", "pool_files", "pool_size", "_patient_shards"],
+                  "pool or drawn or leakage or exactly_its_training or epoch or block or opens"],
+        "functions": ["pool_keep", "pool_shards", "pool_files", "pool_size", "_patient_shards", "epoch_shards",
+                      "bytes_to_read"],
     },
     "metrics": {
         "module": "pdx_tf/evaluation/metrics.py",
