@@ -61,7 +61,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TARGETS: dict[str, dict[str, Any]] = {
     "splits": {  # splits and the training input: patient-level folds
         "module": "pdx_tf/training/splits.py",
-        "tests": ["tests/splits_test.py"],
+        "tests": ["tests/splits_test.py", "tests/inner_validation_test.py"],
     },
     "pool_keying": {  # the keyed block draw and what a cell reads
         "module": "pdx_tf/training/input_pipeline.py",
