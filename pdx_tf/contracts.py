@@ -18,7 +18,7 @@ import re
 from typing import Any, Mapping, Sequence
 
 from pdx_tf import io_utils
-from pdx_tf.errors import PdxError, RecordsError, RunsError
+from pdx_tf.errors import ExportError, PdxError, RecordsError, RunsError
 
 TASKS = ("p", "sb")  # p: any peritoneal dissemination; sb: small-bowel dissemination.
 DEFAULT_MIN_SLICES = 8  # fewest slices accepted, in a series and in the abdominal range
@@ -47,6 +47,8 @@ CHECKPOINT_FOLDER = "checkpoint"
 # ---------------------------------------------------------------------------------------- E and X
 SUMMARY_FILE = "summary.json"
 EXPORT_METADATA_FILE = "pdx_export.json"
+EXPORT_FORMAT = "pdx-tf-export"
+EXPORT_SCHEMA_VERSION = 1
 
 Cell = tuple[int, int]  # (repeat, fold), both 0-based
 
@@ -318,3 +320,59 @@ def read_run_info(path: str, error: type[PdxError] = RunsError) -> RunInfo:
   except ValueError:
     raise error(f"{path} is not valid JSON; re-run that cell") from None
   return RunInfo.from_document(document, path, error)
+
+
+# ---------------------------------------------------------------------------------------- pdx_export.json
+
+EXPORT_REQUIRED_FIELDS = ("task", "version", "num_models", "cells", "preprocess", "image_size", "aggregation",
+                          "aggregation_top_k", "signatures")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportInfo:
+  """An export's assets.extra/pdx_export.json, typed: what predict and serving clients rely on.
+
+  Attributes:
+    task, version: the model's task and version number.
+    num_models: the cells in the ensemble.
+    preprocess, image_size: the training records' preprocessing (the serving graph applies it).
+    aggregation, aggregation_top_k: the slice-to-patient rule.
+    region: how `predict` reads a study ({} for exports that do not record it).
+    threshold: the operating threshold (0.5 unless the cells carried their own).
+    document: pdx_export.json as written.
+  """
+
+  task: str
+  version: int
+  num_models: int
+  preprocess: Mapping[str, Any]
+  image_size: int
+  aggregation: str
+  aggregation_top_k: int
+  region: Mapping[str, Any]
+  threshold: float
+  document: Mapping[str, Any]
+
+  @classmethod
+  def from_document(cls, document: Any, path: str, error: type[PdxError] = ExportError) -> "ExportInfo":
+    """Checks a parsed pdx_export.json (format, schema version, required fields) and types it.
+
+    Raises:
+      `error` (ExportError by default): one line naming the file and what to do.
+    """
+    if not isinstance(document, Mapping) or document.get("format") != EXPORT_FORMAT:
+      raise error(f"{path} is not a {EXPORT_FORMAT} manifest; re-export the model")
+    if document.get("schema_version") != EXPORT_SCHEMA_VERSION:
+      raise error(f"{path} has schema_version {document.get('schema_version')!r}; this code reads version "
+                  f"{EXPORT_SCHEMA_VERSION}")
+    missing = [key for key in EXPORT_REQUIRED_FIELDS if key not in document]
+    if missing:
+      raise error(f"{path} lacks {', '.join(missing)}; re-export the model")
+    try:
+      return cls(task=check_task(document["task"]), version=int(document["version"]),
+                 num_models=int(document["num_models"]), preprocess=dict(document["preprocess"]),
+                 image_size=int(document["image_size"]), aggregation=str(document["aggregation"]),
+                 aggregation_top_k=int(document["aggregation_top_k"]), region=dict(document.get("region") or {}),
+                 threshold=float(document.get("threshold", 0.5)), document=dict(document))
+    except (TypeError, ValueError) as problem:
+      raise error(f"{path} has a malformed field ({problem}); re-export the model") from None

@@ -73,3 +73,30 @@ def test_run_info_needs_a_complete_run_of_this_schema(tmp_path):
     contracts.RunInfo.from_document({**document, "schema_version": 0}, "R/run.json")
   with pytest.raises(contracts.RunsError, match="is missing"):
     contracts.read_run_info(str(tmp_path / "run.json"))
+
+
+def _export_document(**changes):
+  document = {"format": contracts.EXPORT_FORMAT, "schema_version": contracts.EXPORT_SCHEMA_VERSION, "task": "sb",
+              "version": 3, "num_models": 8, "cells": [], "preprocess": {"image_size": 48}, "image_size": 48,
+              "aggregation": "mean", "aggregation_top_k": 3, "signatures": ["serving_default"]}
+  document.update(changes)
+  return document
+
+
+def test_export_info_types_the_metadata():
+  info = contracts.ExportInfo.from_document(_export_document(threshold=0.31, region={"min_slices": 8}), "X")
+  assert (info.task, info.version, info.num_models, info.image_size, info.threshold) == ("sb", 3, 8, 48, 0.31)
+  assert info.region == {"min_slices": 8}
+  assert contracts.ExportInfo.from_document(_export_document(), "X").threshold == 0.5  # no threshold recorded
+
+
+@pytest.mark.parametrize("changes, message", [({"format": "other"}, "is not a pdx-tf-export manifest"),
+                                              ({"schema_version": 9}, "schema_version 9"),
+                                              ({"task": "q"}, "malformed"), ({"version": "v1"}, "malformed")])
+def test_export_info_refuses_other_documents(changes, message):
+  with pytest.raises(contracts.ExportError, match=message):
+    contracts.ExportInfo.from_document(_export_document(**changes), "X/pdx_export.json")
+  document = _export_document()
+  del document["signatures"]
+  with pytest.raises(contracts.ExportError, match="lacks signatures"):
+    contracts.ExportInfo.from_document(document, "X/pdx_export.json")

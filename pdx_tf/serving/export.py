@@ -32,14 +32,13 @@ import tensorflow as tf
 from absl import logging
 
 from pdx_tf import configs, contracts, io_utils, provenance
-from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_METADATA_FILE as METADATA_FILE, RUN_FILE, TASKS
+from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_FORMAT, EXPORT_METADATA_FILE as METADATA_FILE, EXPORT_SCHEMA_VERSION
+from pdx_tf.contracts import RUN_FILE, TASKS
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
 from pdx_tf.serving import signatures
 from pdx_tf.training import aggregation, grid as training_grid, model as model_lib
 
-EXPORT_FORMAT = "pdx-tf-export"
-EXPORT_SCHEMA_VERSION = 1
 METADATA_FOLDER = "assets.extra"
 KERAS_MODELS_FOLDER = "models"
 _CELL_SELECTOR = re.compile(r"^r(\d+)(?:_?f(\d+))?$")  # r00_f03 or r0f3 (one cell), r00 (a repeat)
@@ -419,6 +418,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
     metadata = _write_metadata_models(temp_dir, task, version, cells, models, settings)
     if config is not None:
       configs.write_config(io_utils.join(temp_dir, METADATA_FOLDER, "config.json"), config)
+    contracts.ExportInfo.from_document(metadata, METADATA_FILE)  # the writer keeps the contract its readers check
     io_utils.atomic_write_json(io_utils.join(temp_dir, METADATA_FOLDER, METADATA_FILE), metadata)
     if tf.io.gfile.exists(final_dir):
       raise ExportError(f"{final_dir} appeared while exporting (another export?); versions are never "
@@ -482,12 +482,7 @@ def read_export(path: str) -> tuple[str, dict[str, Any]]:
     metadata = io_utils.read_json(metadata_path)
   except ValueError:
     raise ExportError(f"{metadata_path} is not valid JSON; re-export the model") from None
-  if not isinstance(metadata, dict) or metadata.get("format") != EXPORT_FORMAT:
-    raise ExportError(f"{metadata_path} is not a {EXPORT_FORMAT} manifest; re-export the model")
-  if metadata.get("schema_version") != EXPORT_SCHEMA_VERSION:
-    raise ExportError(f"{metadata_path} has schema_version {metadata.get('schema_version')!r}; this code reads "
-                      f"version {EXPORT_SCHEMA_VERSION}")
-  return version_dir, metadata
+  return version_dir, dict(contracts.ExportInfo.from_document(metadata, metadata_path).document)
 
 
 def load_export_keras_models(version_dir: str, metadata: dict[str, Any], max_models: int | None = None
