@@ -189,6 +189,31 @@ def test_an_epoch_smaller_than_the_pool_opens_only_what_it_trains_on(info, monke
   assert set(epoch(1)[1]) != set(files)  # another epoch, other files
 
 
+def test_an_epochs_files_follow_the_documented_rounds(info):
+  """epoch_shards rebuilt from its docstring with another hash op: each patient's files ranked by
+  Fingerprint64("pdx-epoch/<seed>/<repeat>/<epoch>/<path>"), patients by ".../patient/<id>", rounds of one file a
+  patient until the files hold images_per_epoch images."""
+  ids = list(info.patients)
+  pool = input_pipeline.pool_shards(info, ids, sample_seed=3, repeat=1, pool_fraction=0.5)
+  for epoch, wanted in ((0, 25), (2, 25), (1, 60)):
+    prefix = f"pdx-epoch/3/1/{epoch}"
+    files = {patient: sorted((shard for shard in pool if shard["patient_id"] == patient),
+                             key=lambda shard: (_fingerprint64(f"{prefix}/{shard['path']}"), shard["path"]))
+             for patient in ids}
+    order = sorted(ids, key=lambda patient: _fingerprint64(f"{prefix}/patient/{patient}"))
+    expected, held = [], 0
+    for round_index in range(max(len(group) for group in files.values())):
+      for patient in order:
+        if held < wanted and round_index < len(files[patient]):
+          expected.append(files[patient][round_index]["path"])
+          held += files[patient][round_index]["num_examples"]
+    chosen = input_pipeline.epoch_shards(info, ids, sample_seed=3, repeat=1, pool_fraction=0.5, epoch=epoch,
+                                         images_per_epoch=wanted)
+    assert [shard["path"] for shard in chosen] == expected
+  assert input_pipeline.epoch_shards(info, ids, sample_seed=3, repeat=1, pool_fraction=0.5,
+                                     images_per_epoch=10**6) == pool  # an epoch as large as the pool: all of it
+
+
 def test_epochs_reshuffle_and_each_epoch_reproduces(info):
   ids = list(info.patients)
 
