@@ -210,3 +210,26 @@ def test_pipeline_workers_see_no_gpu():
                                               initargs=(1, 1)) as pool:
     assert pool.submit(os.getenv, "CUDA_VISIBLE_DEVICES").result(timeout=300) == ""
     assert pool.submit(tf.config.get_visible_devices, "GPU").result(timeout=300) == []
+
+
+def test_load_progress_only_trusts_a_committed_checkpoint(tmp_path):
+  folder = tmp_path / "cell"
+  assert cell_trainer.load_progress(str(folder)) is None  # nothing yet: start from scratch
+  (folder / "checkpoint").mkdir(parents=True)
+  progress = {"epochs_completed": 1, "checkpoint": cell_trainer.checkpoint_name(1), "history": []}
+  (folder / "progress.json").write_text(json.dumps(progress))
+  assert cell_trainer.load_progress(str(folder)) is None  # it names epoch 1's file, which is missing
+  (folder / "checkpoint" / "epoch-0001.keras").write_bytes(b"weights")
+  assert cell_trainer.load_progress(str(folder)) == (progress, str(folder / "checkpoint" / "epoch-0001.keras"))
+  (folder / "progress.json").write_text("{broken")
+  assert cell_trainer.load_progress(str(folder)) is None  # unreadable: start over, never crash
+
+
+def test_remove_other_checkpoints_keeps_the_named_ones(tmp_path):
+  checkpoint = tmp_path / "checkpoint"
+  checkpoint.mkdir()
+  for name in ("epoch-0001.keras", "epoch-0002.keras", "epoch-0003.keras", ".tmp-abc-epoch-0004.keras"):
+    (checkpoint / name).write_bytes(b"x")
+  cell_trainer._remove_other_checkpoints(str(tmp_path), "epoch-0003.keras", "epoch-0001.keras")  # pylint: disable=protected-access
+  assert sorted(os.listdir(checkpoint)) == ["epoch-0001.keras", "epoch-0003.keras"]
+  assert cell_trainer.checkpoint_name(12) == "epoch-0012.keras"

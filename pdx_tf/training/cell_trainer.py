@@ -234,9 +234,7 @@ def commit_epoch(folder: str, model: keras.Model, progress: dict[str, Any]) -> N
   io_utils.make_dirs(checkpoint_folder)
   name = checkpoint_name(int(progress["epochs_completed"]))
   path = io_utils.join(checkpoint_folder, name)
-  temp = io_utils.temp_path_for(path)
-  if not temp.endswith(".keras"):
-    temp += ".keras"  # Keras refuses to save a model under another extension
+  temp = io_utils.temp_path_for(path)  # keeps the ".keras" ending, without which Keras refuses to save
   model.save(temp)
   tf.io.gfile.rename(temp, path, overwrite=True)
   progress["checkpoint"] = name
@@ -508,8 +506,6 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   folder = contracts.cell_folder(config.output_dir, cell)
   model_path = io_utils.join(folder, "model.keras")
   temp = io_utils.temp_path_for(model_path)
-  if not temp.endswith(".keras"):
-    temp += ".keras"
   model.save(temp)
   tf.io.gfile.rename(temp, model_path, overwrite=True)
 
