@@ -103,7 +103,7 @@ TARGETS: dict[str, dict[str, Any]] = {
         "module": "pdx_tf/data/pipeline.py",
         "tests": ["tests/pipeline_test.py", "tests/dicom_paths_test.py", "-k", "fail or phi or path or console or "
                   "summary or canar"],
-        "functions": ["_one_line", "_run_patient", "PipelineResult.summary"],
+        "functions": ["_run_patient", "PipelineResult.summary"],
     },
     "training_resume": {
         "module": "pdx_tf/training/cell_trainer.py",

@@ -85,3 +85,14 @@ def test_empty_and_missing_files(tmp_path):
     manifest.parse_manifest_text("patient_id,dicom_dir,label_p,label_sb\n", "m.csv")
   with pytest.raises(ManifestError, match="does not exist"):
     manifest.read_manifest(str(tmp_path / "nope.csv"))
+
+
+def test_failure_line_withholds_the_rows_folder_and_series_and_is_one_line():
+  row = manifest.ManifestRow(row_number=2, patient_id="p1", dicom_dir="/pacs/DOE_JANE_19650312",
+                             label_p=1, label_sb=0, z_min_mm=None, z_max_mm=None, series_uid="1.2.840.99.7",
+                             covariates={})
+  line = manifest.failure_line("cannot read /pacs/DOE_JANE_19650312/x:\n  series 1.2.840.99.7   missing", row)
+  assert line == "cannot read <dicom_dir>/x: series <series_uid> missing"
+  bare = manifest.ManifestRow(row_number=3, patient_id="p2", dicom_dir="", label_p=0, label_sb=0, z_min_mm=None,
+                              z_max_mm=None, series_uid=None, covariates={})
+  assert manifest.failure_line("a\tb\n", bare) == "a b"

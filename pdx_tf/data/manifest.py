@@ -274,6 +274,15 @@ def parse_manifest_text(text: str, manifest_path: str, *, allow_missing_labels: 
   return Manifest(path=manifest_path, rows=tuple(rows), covariate_names=tuple(covariate_names))
 
 
+def failure_line(text: str, row: ManifestRow) -> str:
+  """A patient's failure message as one line, with the row's folder and series UID withheld: both are user input
+  that may carry PHI (PACS folders are named after patients). Used by every stage that reports a refused study."""
+  for secret, shown in ((row.dicom_dir, "<dicom_dir>"), (row.series_uid, "<series_uid>")):
+    if secret:
+      text = text.replace(secret, shown)
+  return " ".join(text.split())
+
+
 def read_manifest(path: str, *, allow_missing_labels: bool = False) -> Manifest:
   """Reads and validates the manifest CSV at `path` (local or any tf.io.gfile URL); see `parse_manifest_text`.
 

@@ -406,14 +406,6 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig, *, sh
   return marker
 
 
-def _one_line(text: str, row: manifest_lib.ManifestRow) -> str:
-  """Flattens a message to one line and withholds the row's folder and series UID (user input, maybe PHI)."""
-  for secret, shown in ((row.dicom_dir, "<dicom_dir>"), (row.series_uid, "<series_uid>")):
-    if secret:
-      text = text.replace(secret, shown)
-  return " ".join(text.split())
-
-
 def _run_patient(row: manifest_lib.ManifestRow, config: PipelineConfig,
                  show_paths: bool = False) -> tuple[str, dict | None, str | None, float]:
   """Worker entry point: (patient_id, marker or None, failure reason or None, seconds). Never raises."""
@@ -422,10 +414,10 @@ def _run_patient(row: manifest_lib.ManifestRow, config: PipelineConfig,
     marker = process_patient(row, config, show_paths=show_paths)
     return row.patient_id, marker, None, time.perf_counter() - start
   except PdxError as error:
-    reason = _one_line(str(error), row)
+    reason = manifest_lib.failure_line(str(error), row)
   except Exception as error:  # pylint: disable=broad-except
     # One patient's bug or odd file must not end the cohort's run; the reason names the exception.
-    reason = _one_line(f"unexpected {type(error).__name__}: {error}", row)
+    reason = manifest_lib.failure_line(f"unexpected {type(error).__name__}: {error}", row)
   try:
     shards.remove_patient_files(config.output_dir, row.patient_id)
   except (tf.errors.OpError, OSError):
@@ -467,7 +459,7 @@ def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: PipelineConfig, s
             "a worker process died (out of memory?, or a calling script without an `if __name__ == "
             "\"__main__\":` guard, which spawned workers need); rerun with fewer --num_workers"), 0.0
       except Exception as error:  # pylint: disable=broad-except
-        yield row.patient_id, None, _one_line(f"unexpected {type(error).__name__}: {error}", row), 0.0
+        yield row.patient_id, None, manifest_lib.failure_line(f"unexpected {type(error).__name__}: {error}", row), 0.0
 
 
 def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], markers: Sequence[dict],

@@ -158,14 +158,6 @@ def predict_patient(row: manifest_lib.ManifestRow, config: CohortConfig,
   return marker
 
 
-def _one_line(text: str, row: manifest_lib.ManifestRow) -> str:
-  """Flattens a message to one line and withholds the row's folder and series UID (user input, maybe PHI)."""
-  for secret, shown in ((row.dicom_dir, "<dicom_dir>"), (row.series_uid, "<series_uid>")):
-    if secret:
-      text = text.replace(secret, shown)
-  return " ".join(text.split())
-
-
 _WORKER_EXPORTS: list = []
 
 
@@ -188,7 +180,7 @@ def _run_patient(row: manifest_lib.ManifestRow, config: CohortConfig, exports=No
   except Exception as error:  # pylint: disable=broad-except
     # One patient's odd file must not end the cohort's run; the reason names the exception.
     reason = f"unexpected {type(error).__name__}: {error}"
-  return row.patient_id, None, _one_line(reason, row)
+  return row.patient_id, None, manifest_lib.failure_line(reason, row)
 
 
 def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: CohortConfig, exports):
@@ -213,7 +205,7 @@ def _run_all(todo: Sequence[manifest_lib.ManifestRow], config: CohortConfig, exp
         yield row.patient_id, None, ("a worker process died (out of memory?, or a calling script without an "
                                      "`if __name__ == \"__main__\":` guard); rerun with fewer --num_workers")
       except Exception as error:  # pylint: disable=broad-except
-        yield row.patient_id, None, _one_line(f"unexpected {type(error).__name__}: {error}", row)
+        yield row.patient_id, None, manifest_lib.failure_line(f"unexpected {type(error).__name__}: {error}", row)
 
 
 def _read_marker(output_dir: str, patient_id: str) -> dict | None:
