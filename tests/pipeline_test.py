@@ -440,3 +440,25 @@ def test_binary_console_and_file_names_carry_no_phi_with_two_workers(first_run, 
     for value in phi:
       assert value not in name, f"{value!r} in the file name {name}"
       assert value.encode("utf-8") not in data, f"{value!r} found in {name}"
+
+
+def test_run_summary_lines():
+  """The console summary of a run, written out by hand for three outcomes."""
+  common = dict(output_dir="D", num_patients=3, num_reused=1, num_slices=120, num_original_examples=120,
+                num_augmented_examples=960, num_bytes=3 * 2**20, wall_time_s=4.0, processed_slices=80)
+  done = pipeline.PipelineResult(dataset_json="D/dataset.json", failures=(), **common)
+  assert done.summary().splitlines() == [
+      "patients: 3 ok (1 reused from an earlier run), 0 failed",
+      "slices: 120; examples: 120 original + 960 augmented; 3.0 MiB of records",
+      "time: 4.0 s (20.0 slices/s processed this run)",
+      "dataset: D/dataset.json"]
+  failed = pipeline.PipelineResult(dataset_json=None, failures=(("p9", "why"),), **common)
+  assert failed.summary().splitlines()[-1] == (
+      "dataset.json NOT written: 1 patient(s) failed (see D/failures.csv); fix them and rerun (finished patients"
+      " are skipped), or pass --allow_failures to build the dataset without them")
+  assert failed.summary().splitlines()[0] == "patients: 3 ok (1 reused from an earlier run), 1 failed"
+  partition = pipeline.PipelineResult(dataset_json=None, failures=(), partitioned=True,
+                                      **{**common, "wall_time_s": 0.0})
+  assert partition.summary().splitlines()[2:] == [
+      "time: 0.0 s (0.0 slices/s processed this run)",
+      "partition done; after every partition, run once without partitions to write dataset.json"]
