@@ -82,7 +82,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     "export_preprocessing": {
         "module": "pdx_tf/serving/export.py",
         "tests": ["tests/export_test.py", "tests/contracts_test.py", "-k", "own_window or numpy_reference or "
-                  "mixed_precision or region_settings or different_preprocessing or run_info or run_document or "
+                  "mixed_precision or region_settings or different_ or run_info or run_document or "
                   "existing_version or cell_selection"],
         "functions": ["_shared_settings", "region_settings", "float32_model", "_load_model", "export_models"],
     },

@@ -232,6 +232,20 @@ def test_cells_with_different_preprocessing_cannot_be_exported_together(exported
   assert not os.path.exists(tmp_path / "X" / "pdx_p" / "1")
 
 
+
+@pytest.mark.parametrize("key, value", [("aggregation", "max"), ("aggregation_top_k", 5), ("head", "attention_mil"),
+                                        ("context_slices", 1)])
+def test_cells_with_different_patient_rules_cannot_be_exported_together(exported, tmp_path, key, value):
+  first, second = exported["folders"]
+  other = str(tmp_path / "r00_f02")
+  shutil.copytree(second, other)
+  run = io_utils.read_json(os.path.join(other, "run.json"))
+  run["fold"], run[key] = 2, value
+  io_utils.atomic_write_json(os.path.join(other, "run.json"), run)
+  with pytest.raises(ExportError, match=f"differ in '{key}'"):
+    export.export_models([first, other], str(tmp_path / "X"), "p")
+
+
 def test_cell_selection_and_incomplete_cells(exported, tmp_path):
   runs_dir = str(tmp_path / "runs")
   shutil.copytree(exported["runs_dir"], runs_dir)

@@ -173,8 +173,8 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
       raise ExportError(f"cell {cell.folder} is for task {cell.run_info.get('task')!r}, not {task}")
     for key in ("preprocess", "aggregation", "aggregation_top_k", "head", "context_slices"):
       if cell.run_info.get(key) != first.run_info.get(key):
-        raise ExportError(f"cells {first.name} and {cell.name} differ in {key!r} ({first.run_info[key]} vs "
-                          f"{cell.run_info[key]}); export cells trained on the same settings separately")
+        raise ExportError(f"cells {first.name} and {cell.name} differ in {key!r} ({first.run_info.get(key)} vs "
+                          f"{cell.run_info.get(key)}); export cells trained on the same settings separately")
   try:
     preprocess_config = preprocess.preprocess_config_from_dict(first.run_info["preprocess"])
   except (ValueError, TypeError) as error:
