@@ -233,3 +233,10 @@ def test_remove_other_checkpoints_keeps_the_named_ones(tmp_path):
   cell_trainer._remove_other_checkpoints(str(tmp_path), "epoch-0003.keras", "epoch-0001.keras")  # pylint: disable=protected-access
   assert sorted(os.listdir(checkpoint)) == ["epoch-0001.keras", "epoch-0003.keras"]
   assert cell_trainer.checkpoint_name(12) == "epoch-0012.keras"
+
+
+def test_epoch_seeds_are_keyed_by_cell_and_epoch():
+  seeds = {(init, epoch): cell_trainer.epoch_seed(init, epoch) for init in (1, 2, 3) for epoch in (0, 1, 2)}
+  assert len(set(seeds.values())) == len(seeds)  # every (cell, epoch) its own dropout and shuffle seed
+  assert all(0 <= seed < 2**31 for seed in seeds.values())
+  assert cell_trainer.epoch_seed(2, 1) == seeds[(2, 1)]

@@ -16,7 +16,7 @@ from absl import flags
 from absl.testing import flagsaver
 
 from pdx_tf import io_utils, phantom
-from pdx_tf.data import pipeline, preprocess, records, region, shards
+from pdx_tf.data import manifest, pipeline, preprocess, records, region, shards
 
 NUM_PATIENTS = 4
 COVARIATES = ("ascites", "pci", "site")
@@ -462,3 +462,17 @@ def test_run_summary_lines():
   assert partition.summary().splitlines()[2:] == [
       "time: 0.0 s (0.0 slices/s processed this run)",
       "partition done; after every partition, run once without partitions to write dataset.json"]
+
+
+def test_an_unexpected_error_is_one_line_naming_its_type(monkeypatch, tmp_path):
+  row = manifest.ManifestRow(row_number=2, patient_id="p1", dicom_dir=str(tmp_path / "DOE_JANE"), label_p=1,
+                             label_sb=0, z_min_mm=None, z_max_mm=None, series_uid=None, covariates={})
+
+  def broken(*args, **kwargs):
+    raise RuntimeError(f"boom in {tmp_path / 'DOE_JANE'}\nsecond line")
+
+  monkeypatch.setattr(pipeline, "process_patient", broken)
+  config = pipeline.PipelineConfig(manifest_path=str(tmp_path / "m.csv"), output_dir=str(tmp_path / "D"))
+  patient_id, marker, reason, _ = pipeline._run_patient(row, config)  # pylint: disable=protected-access
+  assert (patient_id, marker) == ("p1", None)
+  assert reason == "unexpected RuntimeError: boom in <dicom_dir> second line"
