@@ -113,7 +113,7 @@ TARGETS: dict[str, dict[str, Any]] = {
     "training_resume": {
         "module": "pdx_tf/training/cell_trainer.py",
         "tests": ["tests/cell_trainer_test.py", "tests/trainer_test.py", "-k", "uncommitted or complete_progress or "
-                  "reseed or resume or interrupted or load_progress or remove_other"],
+                  "reseed or resume or interrupted or load_progress or remove_other or epoch_seeds"],
         "functions": ["load_progress", "_remove_other_checkpoints", "commit_epoch", "checkpoint_name",
                       "epoch_seed", "reseed_dropout"],
         "equivalent": {
