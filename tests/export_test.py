@@ -436,3 +436,15 @@ def test_numpy_reference_preprocessing_matches_the_pipeline_images():
   graph = preprocess.preprocess_slices(hu, config).numpy().astype(np.int64)
   reference = _numpy_preprocess(hu, IMAGE_SIZE, CUSTOM_WINDOWS, CUSTOM_MARGIN).astype(np.int64)
   assert np.abs(graph - reference).max() <= 1 and np.mean(graph != reference) < 0.01
+
+
+@pytest.mark.parametrize("preprocess", [{"image_size": "big"}, {"image_size": 32, "windows": "abdomen"}])
+def test_a_run_with_an_unreadable_preprocess_config_is_one_line(exported, tmp_path, preprocess):
+  first, _ = exported["folders"]
+  cell = str(tmp_path / "r00_f00")
+  shutil.copytree(first, cell)
+  run = io_utils.read_json(os.path.join(cell, "run.json"))
+  run["preprocess"] = preprocess
+  io_utils.atomic_write_json(os.path.join(cell, "run.json"), run)
+  with pytest.raises(ExportError, match="has an invalid preprocess config"):
+    export.export_models([cell], str(tmp_path / "X"), "p")
