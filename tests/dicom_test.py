@@ -328,6 +328,17 @@ def test_missing_decoder_plugin_names_the_package(folder, monkeypatch):
   assert message.endswith("run `pip install pylibjpeg pylibjpeg-openjpeg` (or `pip install python-gdcm`)")
 
 
+def test_each_missing_plugin_is_named(folder, monkeypatch):
+  """RLE names pylibjpeg-rle; a syntax no pylibjpeg plugin decodes (not in the table) names python-gdcm."""
+  uid, _, _ = fx.write_series(folder, num_slices=8, transfer_syntax_uid=pydicom.uid.RLELossless)
+  monkeypatch.setattr(dicom, "_get_decoder", lambda syntax: types.SimpleNamespace(is_available=False))
+  message = read_error(folder, uid)
+  assert "'RLE Lossless' needs a decoder plugin" in message
+  assert message.endswith("`pip install pylibjpeg pylibjpeg-rle`")
+  monkeypatch.setattr(dicom, "_PLUGIN_FOR_SYNTAX", {})
+  assert read_error(folder, uid).endswith("run `pip install python-gdcm`")
+
+
 # ------------------------------------------------------------------------------------------------------
 # Refusals.
 
