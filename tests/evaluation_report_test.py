@@ -15,7 +15,7 @@ from sklearn import metrics as sklearn_metrics
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_runs  # noqa: E402  pylint: disable=wrong-import-position
 
-from pdx_tf import io_utils  # noqa: E402
+from pdx_tf import configs, io_utils  # noqa: E402
 from pdx_tf.evaluation import EvaluateConfig, evaluate_runs, format_paper_table, metrics  # noqa: E402
 from pdx_tf.evaluation import report  # noqa: E402
 
@@ -195,10 +195,10 @@ def test_config_is_validated():
     EvaluateConfig(runs_dir="r", output_dir="e", tasks=("q",))
   with pytest.raises(ValueError, match="num_bootstrap"):
     EvaluateConfig(runs_dir="r", output_dir="e", num_bootstrap=-1)
-  with pytest.raises(ValueError, match="unknown EvaluateConfig key"):
-    EvaluateConfig.from_dict({"runs_dir": "r", "output_dir": "e", "bootstrap": 3})
+  with pytest.raises(ValueError, match="unknown EvaluateConfig keys"):
+    configs.from_dict(EvaluateConfig, {"runs_dir": "r", "output_dir": "e", "bootstrap": 3})
   config = EvaluateConfig(runs_dir="r", output_dir="e", tasks=["p"])
-  assert config.tasks == ("p",) and EvaluateConfig.from_dict(config.to_dict()) == config
+  assert config.tasks == ("p",) and configs.from_dict(EvaluateConfig, configs.to_dict(config)) == config
   assert not math.isnan(config.threshold)
 
 

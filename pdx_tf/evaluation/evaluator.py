@@ -10,11 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 
-from pdx_tf import io_utils
+from pdx_tf import configs, io_utils
 from pdx_tf.contracts import CONFIG_FILE, SUMMARY_FILE
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import clinical, external, grid_statistics, metrics as metrics_lib, model_card, report
@@ -79,20 +79,6 @@ class EvaluateConfig:
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
       raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
-  def to_dict(self) -> dict[str, Any]:
-    values = dataclasses.asdict(self)
-    values["tasks"] = list(self.tasks)
-    return values
-
-  @classmethod
-  def from_dict(cls, values: Mapping[str, Any]) -> "EvaluateConfig":
-    """Builds a config from e.g. a config.json; unknown keys are errors."""
-    known = {field.name for field in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-      raise ValueError(f"unknown EvaluateConfig key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return cls(**values)
-
 
 def tensorboard_dir(config: EvaluateConfig) -> str:
   return io_utils.join(config.runs_dir, *TENSORBOARD_SUBDIR)
@@ -132,7 +118,7 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
   # Validate the inputs first (reading only), so a bad --runs_dir leaves no half-made output folder.
   task_runs = runs_lib.load_runs(config.runs_dir, config.tasks, config.allow_partial)
   io_utils.check_writable(config.output_dir)
-  io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), config.to_dict())
+  io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), configs.to_dict(config))
   evaluations = []
   for task, runs in task_runs.items():
     logger.info("evaluating task %s: %d of %d cells", task, len(runs.cells), len(runs.expected_cells))
@@ -192,7 +178,7 @@ def evaluate_predictions(config: external.ExternalConfig) -> dict:
                     f"{', '.join(present)}); drop them from --tasks")
   internal = external.internal_summaries(config, tasks)  # validates --runs_dir before anything is written
   io_utils.check_writable(config.output_dir)
-  io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), config.to_dict())
+  io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), configs.to_dict(config))
   summary, data = {}, {}
   for task in tasks:
     task_rows = [row for row in rows if row.task == task]

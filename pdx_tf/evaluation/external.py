@@ -77,10 +77,6 @@ class ExternalConfig:
     if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
       raise ValueError(f"seed must be an integer >= 0, got {self.seed!r}")
 
-  def to_dict(self) -> dict[str, Any]:
-    values = dataclasses.asdict(self)
-    values["tasks"] = list(self.tasks)
-    return values
 
 
 @dataclasses.dataclass(frozen=True)

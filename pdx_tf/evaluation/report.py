@@ -576,18 +576,11 @@ def _inline_code(text: str) -> str:
   return "".join(f"<code>{piece}</code>" if index % 2 else piece for index, piece in enumerate(pieces))
 
 
-def render_html(summary: Mapping[str, Any], figures: Mapping[str, bytes], runs_dir: str) -> str:
-  """A self-contained HTML report: inline CSS, base64 PNG figures, no external src or href."""
-  parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-           "<title>pdx-tf evaluation report</title>", f"<style>{_CSS}</style></head><body>",
-           "<h1>pdx-tf evaluation report</h1>"]
-  if _is_partial(summary):
-    parts.append('<p class="warning">PARTIAL EVALUATION: some cells are missing; see each task.</p>')
-  parts.append(f"<p>Runs: <code>{html.escape(runs_dir)}</code></p><h2>Paper table</h2>")
-  table_rows = paper_table_rows(summary)
-  parts.append(_html_table(paper_table_caption(summary), PAPER_TABLE_HEADER, table_rows,
-                           ["paper" if row[1].startswith("paper") else "" for row in table_rows]))
-  for title, blocks in _task_sections(summary):
+def _html_sections_figures_methods(parts: list[str], sections, figures: Mapping[str, bytes],
+                                   captions: Mapping[str, str], notes) -> str:
+  """Appends the report's sections (paragraphs, warnings, tables), its figures (inline PNG) and its methods notes
+  to `parts` and returns the finished HTML page (both reports end this way)."""
+  for title, blocks in sections:
     parts.append(f"<h2>{html.escape(title)}</h2>")
     for kind, content in blocks:
       if kind == "p":
@@ -601,10 +594,24 @@ def render_html(summary: Mapping[str, Any], figures: Mapping[str, bytes], runs_d
   for name, png in figures.items():
     encoded = base64.b64encode(png).decode("ascii")
     parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
-                 f"<figcaption>{html.escape(FIGURE_CAPTIONS[name])}</figcaption></figure>")
-  parts.append("<h2>Methods</h2><ul>" + "".join(f"<li>{_inline_code(note)}</li>" for note in METHODS_NOTES)
+                 f"<figcaption>{html.escape(captions[name])}</figcaption></figure>")
+  parts.append("<h2>Methods</h2><ul>" + "".join(f"<li>{_inline_code(note)}</li>" for note in notes)
                + "</ul></body></html>")
   return "\n".join(parts) + "\n"
+
+
+def render_html(summary: Mapping[str, Any], figures: Mapping[str, bytes], runs_dir: str) -> str:
+  """A self-contained HTML report: inline CSS, base64 PNG figures, no external src or href."""
+  parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           "<title>pdx-tf evaluation report</title>", f"<style>{_CSS}</style></head><body>",
+           "<h1>pdx-tf evaluation report</h1>"]
+  if _is_partial(summary):
+    parts.append('<p class="warning">PARTIAL EVALUATION: some cells are missing; see each task.</p>')
+  parts.append(f"<p>Runs: <code>{html.escape(runs_dir)}</code></p><h2>Paper table</h2>")
+  table_rows = paper_table_rows(summary)
+  parts.append(_html_table(paper_table_caption(summary), PAPER_TABLE_HEADER, table_rows,
+                           ["paper" if row[1].startswith("paper") else "" for row in table_rows]))
+  return _html_sections_figures_methods(parts, _task_sections(summary), figures, FIGURE_CAPTIONS, METHODS_NOTES)
 
 
 # ------------------------------------------------------------------------------------ external validation
@@ -804,21 +811,5 @@ def render_external_html(summary: Mapping[str, Any], internal: Mapping[str, Any]
   parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            "<title>pdx-tf external validation report</title>", f"<style>{_CSS}</style></head><body>",
            "<h1>pdx-tf external validation report</h1>", f"<p>Predictions: <code>{html.escape(source)}</code></p>"]
-  for title, blocks in external_sections(summary, internal):
-    parts.append(f"<h2>{html.escape(title)}</h2>")
-    for kind, content in blocks:
-      if kind == "p":
-        parts.append(f"<p>{_inline_code(content)}</p>")
-      elif kind == "warning":
-        parts.append(f'<p class="warning">{html.escape(content)}</p>')
-      else:
-        caption, header, rows = content
-        parts.append(_html_table(caption.replace("`", ""), header, rows))
-  parts.append("<h2>Figures</h2>")
-  for name, png in figures.items():
-    encoded = base64.b64encode(png).decode("ascii")
-    parts.append(f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,{encoded}">'
-                 f"<figcaption>{html.escape(EXTERNAL_FIGURE_CAPTIONS[name])}</figcaption></figure>")
-  parts.append("<h2>Methods</h2><ul>" + "".join(f"<li>{_inline_code(note)}</li>" for note in EXTERNAL_METHODS_NOTES)
-               + "</ul></body></html>")
-  return "\n".join(parts) + "\n"
+  return _html_sections_figures_methods(parts, external_sections(summary, internal), figures,
+                                        EXTERNAL_FIGURE_CAPTIONS, EXTERNAL_METHODS_NOTES)
