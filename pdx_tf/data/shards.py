@@ -100,7 +100,26 @@ def remove_temp_files(folder: str) -> None:
       tf.io.gfile.remove(io_utils.join(folder, name))
 
 
-class ShardWriter:
+class _ClosedOnExit:
+  """`with writer:` closes on success and aborts (deletes the unfinished temporary files) on an error."""
+
+  def close(self) -> None:
+    raise NotImplementedError
+
+  def abort(self) -> None:
+    raise NotImplementedError
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, error_type, error, traceback) -> None:
+    if error_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+class ShardWriter(_ClosedOnExit):
   """Writes serialized examples to one or more shards of at most `max_bytes` each, atomically.
 
   Each shard is written to a temporary name and renamed when it is full or on `close()`. `shards` lists the
@@ -170,17 +189,8 @@ class ShardWriter:
         tf.io.gfile.remove(self._temp)
       self._writer, self._temp = None, None
 
-  def __enter__(self) -> "ShardWriter":
-    return self
 
-  def __exit__(self, error_type, error, traceback) -> None:
-    if error_type is None:
-      self.close()
-    else:
-      self.abort()
-
-
-class BlockShardWriter:
+class BlockShardWriter(_ClosedOnExit):
   """A patient's augmented copies, one `ShardWriter` per block (records of all blocks arrive interleaved).
 
   `shards` lists the finished shards ordered by (block, part).
@@ -208,15 +218,6 @@ class BlockShardWriter:
   def abort(self) -> None:
     for writer in self._writers.values():
       writer.abort()
-
-  def __enter__(self) -> "BlockShardWriter":
-    return self
-
-  def __exit__(self, error_type, error, traceback) -> None:
-    if error_type is None:
-      self.close()
-    else:
-      self.abort()
 
 
 def marker_is_valid(output_dir: str, marker: dict, fingerprint: str) -> bool:
