@@ -85,9 +85,13 @@ def main(argv):
 
   records_dir = io_utils.join(demo.DEMO_ROOT, "records")
   pipeline.run_demo_pipeline(records_dir, progress=False)
-  summary = {"command": " ".join(sys.argv), "budget": {"epochs": _EPOCHS.value,
-                                                       "images_per_epoch": _IMAGES_PER_EPOCH.value,
-                                                       "num_folds": _NUM_FOLDS.value}, "results": {}}
+  budget = {"epochs": _EPOCHS.value, "images_per_epoch": _IMAGES_PER_EPOCH.value, "num_folds": _NUM_FOLDS.value}
+  summary_path = io_utils.join(_ROOT.value, "model_variants.json")
+  # Runs of other variants under the same root and budget are kept, so the table can be built in parts.
+  summary = io_utils.read_json(summary_path) if io_utils.exists(summary_path) else {}
+  if summary.get("budget") != budget:
+    summary = {"budget": budget, "commands": [], "results": {}}
+  summary["commands"].append(" ".join(sys.argv))
   order = [variant for variant in VARIANTS if variant in _VARIANTS.value]
   for task in _TASKS.value:
     walls: dict[str, list[float]] = {}
@@ -116,7 +120,7 @@ def main(argv):
           "wall_s_per_grid_with_init": float(np.mean(wall) + (np.mean(walls[start_from]) if start_from else 0.0)),
           "num_patients": len(ids), "num_positive": int(labels.sum())}
       print(task, variant, json.dumps(summary["results"][f"{task}/{variant}"]), flush=True)
-  io_utils.atomic_write_json(io_utils.join(_ROOT.value, "model_variants.json"), summary)
+      io_utils.atomic_write_json(summary_path, summary)
 
 
 if __name__ == "__main__":
