@@ -19,11 +19,12 @@ from absl import flags
 
 from pdx_tf import cli
 from pdx_tf.errors import PdxError
-from pdx_tf.serving.export import export_runs, ExportConfig
+from pdx_tf.serving.export import export_tasks, ExportConfig
 
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Training output: a task folder or a parent of several.",
                                 required=True)
-_TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "Task whose cells to export.", required=True)
+_TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "Task whose cells to export; p,sb: both heads of a"
+                          " joint grid (X/pdx_p and X/pdx_sb).", required=True)
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export root X; writes X/pdx_<task>/<version>/.",
                                   required=True)
 _CELLS = flags.DEFINE_list("cells", [], "Cells to export: rRR_fFF (one cell) or rRR (all folds of a repeat); "
@@ -44,10 +45,11 @@ def main(argv):
   except ValueError as error:  # invalid flag values
     _fail(str(error))
   try:
-    version_dir = export_runs(config)  # also writes the config into the version's assets.extra/config.json
+    version_dirs = export_tasks(config)  # also writes the config into each version's assets.extra/config.json
   except PdxError as error:
     _fail(str(error))
-  print(f"Exported {version_dir}")
+  for version_dir in version_dirs:
+    print(f"Exported {version_dir}")
 
 
 if __name__ == "__main__":

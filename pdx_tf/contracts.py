@@ -21,6 +21,9 @@ from pdx_tf import io_utils
 from pdx_tf.errors import ExportError, PdxError, RecordsError, RunsError
 
 TASKS = ("p", "sb")  # p: any peritoneal dissemination; sb: small-bowel dissemination.
+# One grid, one backbone, both tasks (`--task=p,sb`): each cell's model has a head per task, and the cell writes
+# each task's predictions in its own sub-folder (<cell>/p/, <cell>/sb/) so evaluation reads them as two tasks.
+JOINT_TASK = "p,sb"
 DEFAULT_MIN_SLICES = 8  # fewest slices accepted, in a series and in the abdominal range
 
 # ---------------------------------------------------------------------------------------- D: the records
@@ -60,6 +63,24 @@ def check_task(task: str) -> str:
   if task not in TASKS:
     raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
   return task
+
+
+def check_training_task(task: str) -> str:
+  """Returns `task` if a grid can be trained on it: one of TASKS or JOINT_TASK; raises ValueError otherwise."""
+  if task not in TASKS and task != JOINT_TASK:
+    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)} or {JOINT_TASK} (one backbone, two heads)")
+  return task
+
+
+def task_list(task: str) -> tuple[str, ...]:
+  """The tasks a grid's task stands for: ("p",), ("sb",) or ("p", "sb") for JOINT_TASK."""
+  return TASKS if check_training_task(task) == JOINT_TASK else (task,)
+
+
+def task_folder(cell_folder_path: str, run_task: str, task: str) -> str:
+  """Where a cell of a `run_task` grid keeps `task`'s predictions: the cell folder itself for a one-task grid,
+  its `<task>/` sub-folder for a joint grid."""
+  return io_utils.join(cell_folder_path, task) if run_task == JOINT_TASK else cell_folder_path
 
 
 def cell_name(cell: Cell) -> str:
@@ -293,7 +314,7 @@ class RunInfo:
     if missing:
       raise error(f"{path} lacks {', '.join(missing)}; re-create it with the training stage")
     try:
-      check_task(document["task"])
+      check_training_task(document["task"])
       return cls(task=document["task"], repeat=int(document["repeat"]), fold=int(document["fold"]),
                  split_hash=str(document["split_hash"]), preprocess=dict(document["preprocess"]),
                  region=dict(document.get("region") or {}),

@@ -220,7 +220,7 @@ def test_output_dir_trained_on_other_records(records_dir, tmp_path):
 def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
   from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
 
-  assert export.export_if_complete(str(tmp_path / "R"), "p", 1, 2, str(tmp_path / "X")) is None
+  assert export.export_if_complete(str(tmp_path / "R"), "p", 1, 2, str(tmp_path / "X")) == []
   assert not (tmp_path / "X").exists()
 
 

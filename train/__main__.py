@@ -49,7 +49,8 @@ from pdx_tf.errors import PdxError
 from pdx_tf.serving import export
 from pdx_tf.training import aggregation, calibration, grid, trainer
 
-_TASK = flags.DEFINE_enum("task", None, ["p", "sb"], "p: any peritoneal dissemination; sb: small-bowel.")
+_TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "p: any peritoneal dissemination; sb: small-bowel;"
+                          " p,sb: one backbone with a head per task (one grid for both).")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
                                    "Unset, together with --output_dir: run the demo.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Run folder R for this task (local or gs://).")
@@ -178,15 +179,15 @@ def _run_demo() -> None:
   if _EXPORT_DIR.value:
     exported = export.export_if_complete(result["output_dir"], _TASK.value, config.num_repeats,
                                   config.num_folds, _EXPORT_DIR.value)
-    if exported:
-      print(f"export: {exported}")
+    for version_dir in exported:
+      print(f"export: {version_dir}")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _TASK.value is None:
-    _fail("--task is required (p or sb)")
+    _fail("--task is required (p, sb, or p,sb for one model with both heads)")
   try:
     if _RECORDS_DIR.value is None and _OUTPUT_DIR.value is None:
       _run_demo()
@@ -219,8 +220,8 @@ def main(argv):
     if _EXPORT_DIR.value:
       exported = export.export_if_complete(config.output_dir, config.task, config.num_repeats, config.num_folds,
                                     _EXPORT_DIR.value)
-      if exported:
-        print(f"export: {exported}")
+      for version_dir in exported:
+        print(f"export: {version_dir}")
   except PdxError as error:
     _fail(error)
   except ValueError as error:

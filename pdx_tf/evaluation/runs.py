@@ -6,6 +6,8 @@ Layout contract (produced by pdx_tf.training.trainer; files are found by walking
   <any folder below task_root>/run.json                  one per cell; only status "complete" counts
                               /patient_predictions.csv   patient_id,label,probability
                               /slice_predictions.csv     patient_id,slice_index,label,probability
+A joint grid (`--task=p,sb`, one model with a head per task) has one splits.json of task "p,sb" and each cell's
+predictions in <cell>/p/ and <cell>/sb/ (contracts.task_folder); it is read as the two tasks p and sb.
 Every problem raises RunsError with one line naming the file.
 """
 
@@ -26,6 +28,7 @@ from pdx_tf.errors import RunsError
 from pdx_tf.contracts import (  # noqa: F401  (re-exported for readers of this module)
     COMPLETE_STATUS, PATIENT_PREDICTIONS_FILE, PATIENTS_FILE, RUN_FILE, RUN_SCHEMA_VERSION, SLICE_PREDICTIONS_FILE,
     SPLITS_FILE, TASKS, Cell, cell_name)
+from pdx_tf import contracts
 
 # Columns of patients.csv that are not covariates.
 PATIENT_ID_COLUMN = "patient_id"
@@ -140,8 +143,8 @@ def _parse_splits(path: str) -> tuple[dict[str, Any], tuple[Cell, ...], dict[Cel
       raise
     raise _fail(f"{path} does not follow the splits.json schema ({type(error).__name__}: {error}); "
                 "regenerate it with the training stage") from None
-  if task not in TASKS:
-    raise _fail(f"{path} has task {task!r}; expected one of {', '.join(TASKS)}")
+  if task not in TASKS and task != contracts.JOINT_TASK:
+    raise _fail(f"{path} has task {task!r}; expected one of {', '.join(TASKS)} or {contracts.JOINT_TASK}")
   if not test_patients:
     raise _fail(f"{path} lists no folds; regenerate the split")
   return splits, tuple(sorted(test_patients)), test_patients, num_folds
@@ -191,7 +194,7 @@ def _read_cell(run_path: str, run_info: Mapping[str, Any], task_runs_fields: Map
   expected_ids = task_runs_fields["test_patients"][cell]
   expected_set = set(expected_ids)
   splits_path = task_runs_fields["splits_path"]
-  folder = os.path.dirname(run_path)
+  folder = contracts.task_folder(os.path.dirname(run_path), task_runs_fields["grid_task"], task)
 
   patient_path = io_utils.join(folder, PATIENT_PREDICTIONS_FILE)
   patient_rows = _read_csv(patient_path, ("patient_id", "label", "probability"))
@@ -283,8 +286,8 @@ def _complete_cells(task: str, runs: Sequence[tuple[str, Any]], fields: Mapping[
                   f"{RUN_SCHEMA_VERSION} (use the matching pdx_tf version)")
     if run_info.get("status") != COMPLETE_STATUS:
       continue  # an unfinished or failed cell counts as missing
-    if run_info.get("task") != task:
-      raise _fail(f"{run_path} is for task {run_info.get('task')!r} but sits under the {task} split "
+    if run_info.get("task") != fields["grid_task"]:
+      raise _fail(f"{run_path} is for task {run_info.get('task')!r} but sits under the {fields['grid_task']} split "
                   f"{fields['splits_path']}; move it to its own task folder")
     if run_info.get("split_hash") != fields["split_hash"]:
       raise _fail(f"{run_path} was trained on split hash {str(run_info.get('split_hash'))[:12]}... but "
@@ -327,14 +330,15 @@ def load_runs(runs_dir: str, tasks: Sequence[str] = (), allow_partial: bool = Fa
   by_task: dict[str, str] = {}
   for splits_path in splits_paths:
     splits, expected_cells, test_patients, num_folds = _parse_splits(splits_path)
-    task = splits["task"]
-    if task in by_task:
-      raise _fail(f"two {SPLITS_FILE} for task {task} below {runs_dir}: {by_task[task]} and {splits_path}; "
-                  "point --runs_dir at one training output per task")
-    by_task[task] = splits_path
+    grid_task = splits["task"]
+    for task in contracts.task_list(grid_task):  # a joint grid's split serves both of its tasks
+      if task in by_task:
+        raise _fail(f"two {SPLITS_FILE} for task {task} below {runs_dir}: {by_task[task]} and {splits_path}; "
+                    "point --runs_dir at one training output per task")
+      by_task[task] = splits_path
     root = os.path.dirname(splits_path)
     roots[root] = {
-        "task": task, "splits_path": splits_path, "split_hash": io_utils.sha256_json(splits),
+        "grid_task": grid_task, "splits_path": splits_path, "split_hash": io_utils.sha256_json(splits),
         "expected_cells": expected_cells, "test_patients": test_patients, "num_folds": num_folds,
     }
 
@@ -353,13 +357,13 @@ def load_runs(runs_dir: str, tasks: Sequence[str] = (), allow_partial: bool = Fa
     if root is None:
       raise _fail(f"{run_path} is not below any folder holding a {SPLITS_FILE}; move it into its task's "
                   "training folder or delete it")
-    if roots[root]["task"] in wanted:
+    if set(contracts.task_list(roots[root]["grid_task"])) & set(wanted):
       runs_by_root[root].append((run_path, _read_json(run_path)))
 
   result: dict[str, TaskRuns] = {}
   for task in wanted:
     root = os.path.dirname(by_task[task])
-    fields = dict(roots[root])
+    fields = {**roots[root], "task": task}
     patients, covariates = _parse_patients(io_utils.join(root, PATIENTS_FILE))
     fields["patients"] = patients
     complete = _complete_cells(task, runs_by_root[root], fields)

@@ -50,7 +50,7 @@ class ExportConfig:
 
   Attributes:
     runs_dir: the training output (a task folder such as runs/p, or a parent holding several tasks).
-    task: "p" or "sb".
+    task: "p", "sb", or "p,sb" for both heads of a joint grid (`export_tasks`: one model per task).
     export_dir: X; the model goes to X/pdx_<task>/<version>/.
     cells: cell selectors, each "rRR_fFF" (one cell) or "rRR" (every fold of repeat RR), matched against
       run.json's repeat and fold; empty means every complete cell of the task.
@@ -64,8 +64,8 @@ class ExportConfig:
   version: int | None = None
 
   def __post_init__(self):
-    if self.task not in TASKS:
-      raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+    if self.task not in TASKS and self.task != contracts.JOINT_TASK:
+      raise ValueError(f"task must be one of {', '.join(TASKS)} or {contracts.JOINT_TASK}, got {self.task!r}")
     if not self.runs_dir or not self.export_dir:
       raise ValueError("runs_dir and export_dir must be given")
     for selector in self.cells:
@@ -138,7 +138,7 @@ def find_cells(runs_dir: str, task: str, selectors: Sequence[str] = ()) -> list[
     if RUN_FILE not in files or io_utils.is_temp_path(folder):
       continue
     info = io_utils.read_json(io_utils.join(folder, RUN_FILE))
-    if not isinstance(info, dict) or info.get("task") != task or info.get("status") != COMPLETE_STATUS:
+    if not isinstance(info, dict) or not _serves(info.get("task"), task) or info.get("status") != COMPLETE_STATUS:
       continue  # other tasks, unfinished and failed cells are simply not candidates
     cell = read_cell(folder)
     key = (cell.repeat, cell.fold)
@@ -165,13 +165,18 @@ def find_cells(runs_dir: str, task: str, selectors: Sequence[str] = ()) -> list[
   return chosen
 
 
+def _serves(grid_task: Any, task: str) -> bool:
+  """Whether a cell trained on `grid_task` has a head for `task` (a joint grid's cells have both)."""
+  return grid_task == task or (grid_task == contracts.JOINT_TASK and task in TASKS)
+
+
 def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
   """Preprocess, aggregation and model settings that every chosen cell must share."""
   first = cells[0]
   for cell in cells:
-    if cell.run_info.get("task") != task:
+    if not _serves(cell.run_info.get("task"), task):
       raise ExportError(f"cell {cell.folder} is for task {cell.run_info.get('task')!r}, not {task}")
-    for key in ("preprocess", "aggregation", "aggregation_top_k", "head", "context_slices"):
+    for key in ("task", "preprocess", "aggregation", "aggregation_top_k", "head", "context_slices"):
       if cell.run_info.get(key) != first.run_info.get(key):
         raise ExportError(f"cells {first.name} and {cell.name} differ in {key!r} ({first.run_info.get(key)} vs "
                           f"{cell.run_info.get(key)}); export cells trained on the same settings separately")
@@ -190,7 +195,8 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
   except ValueError as error:
     raise ExportError(f"{first.folder}/run.json: {error}") from None
   return {"preprocess": preprocess_config, "aggregation": rule, "aggregation_top_k": top_k,
-          "model": first.run_info["config"].get("model", {}), "head": head, "context_slices": context_slices}
+          "model": first.run_info["config"].get("model", {}), "head": head, "context_slices": context_slices,
+          "grid_task": first.run_info.get("task")}
 
 
 def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Model:
@@ -265,7 +271,8 @@ def input_statistics(cells: Sequence[CellRun]) -> dict[str, Any] | None:
   return None
 
 
-def _load_model(cell: CellRun, image_size: int) -> keras.Model:
+def _load_model(cell: CellRun, image_size: int, task: str) -> keras.Model:
+  """The cell's float32 classifier of `task`: its model.keras, or that task's head of a joint model."""
   if not tf.io.gfile.exists(cell.model_path):
     raise ExportError(f"{cell.model_path} is missing although run.json says complete; re-run cell {cell.name}")
   try:
@@ -278,6 +285,11 @@ def _load_model(cell: CellRun, image_size: int) -> keras.Model:
   except ValueError as error:
     raise ExportError(f"cannot rebuild {cell.model_path} in float32 from run.json's model config ({error}); "
                       "re-run the cell") from None
+  if cell.run_info.get("task") == contracts.JOINT_TASK:
+    if not model_lib.is_joint_model(model):
+      raise ExportError(f"{cell.model_path} has one output, but its run.json says task {contracts.JOINT_TASK}; re-run"
+                        f" cell {cell.name}")
+    model = model_lib.task_view(model, task)
   size = signatures.model_image_size(model)
   if size != image_size:
     raise ExportError(f"{cell.model_path} takes {size} px images but its run.json preprocess makes "
@@ -326,6 +338,8 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "aggregation_top_k": settings["aggregation_top_k"],
       "head": settings["head"],
       "context_slices": settings["context_slices"],
+      **({"trained_with_tasks": list(contracts.task_list(settings["grid_task"]))}
+         if settings["grid_task"] == contracts.JOINT_TASK else {}),
       "ensemble_rule": ("slice probability = mean over models; uncertainty = population standard deviation "
                         "over models (0 for one model); patient probability = each model's aggregation of "
                         "its slice probabilities, then the mean over models"),
@@ -409,7 +423,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   version = _new_version(model_dir, version)
   final_dir = io_utils.join(model_dir, str(version))
 
-  models = [_load_model(cell, preprocess_config.image_size) for cell in cells]
+  models = [_load_model(cell, preprocess_config.image_size, task) for cell in cells]
   module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
                                     settings["aggregation_top_k"], context_slices=settings["context_slices"])
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")
@@ -431,10 +445,12 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   return final_dir
 
 
-def export_if_complete(output_dir: str, task: str, num_repeats: int, num_folds: int, export_dir: str) -> str | None:
-  """Exports every cell of the grid as one ensemble (`export_models`): `python -m train --export_dir` once all of them are complete.
+def export_if_complete(output_dir: str, task: str, num_repeats: int, num_folds: int, export_dir: str) -> list[str]:
+  """Exports every cell of the grid as one ensemble per task (`export_models`; a joint grid's `task` "p,sb" gives
+  X/pdx_p and X/pdx_sb): `python -m train --export_dir` once all of them are complete. Returns the version
+  folders written, none while cells are missing.
 
-  With several shards only the machine that finds the grid complete exports; the others log and return None
+  With several shards only the machine that finds the grid complete exports; the others log and return []
   (run `python -m export` afterwards, or rerun any shard with --export_dir).
   """
   folders = [contracts.cell_folder(output_dir, cell) for cell in training_grid.all_cells(num_repeats, num_folds)]
@@ -443,8 +459,8 @@ def export_if_complete(output_dir: str, task: str, num_repeats: int, num_folds: 
     logging.warning("--export_dir: %d of %d cells are not complete yet (e.g. %s); not exporting. Rerun with"
                     " --export_dir once every shard has finished, or use `python -m export`", len(missing),
                     len(folders), missing[0])
-    return None
-  return export_models(folders, export_dir, task)
+    return []
+  return [export_models(folders, export_dir, one_task) for one_task in contracts.task_list(task)]
 
 
 def export_runs(config: ExportConfig) -> str:
@@ -452,6 +468,11 @@ def export_runs(config: ExportConfig) -> str:
   cells = find_cells(config.runs_dir, config.task, config.cells)
   return export_models([cell.folder for cell in cells], config.export_dir, config.task, version=config.version,
                        config=config)
+
+
+def export_tasks(config: ExportConfig) -> list[str]:
+  """`python -m export`: `export_runs` for each task of config.task (both heads of a joint grid for "p,sb")."""
+  return [export_runs(dataclasses.replace(config, task=task)) for task in contracts.task_list(config.task)]
 
 
 def read_export(path: str) -> tuple[str, dict[str, Any]]:

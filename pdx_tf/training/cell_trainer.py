@@ -129,10 +129,14 @@ def hparams(config: TrainConfig, cell: contracts.Cell, policy: str) -> dict[str,
 
 
 def compile_model(model: keras.Model, config: TrainConfig) -> None:
-  model.compile(optimizer=keras.optimizers.Adam(config.learning_rate),
-                loss=keras.losses.BinaryCrossentropy(),
-                metrics=[keras.metrics.AUC(name="auc"), keras.metrics.BinaryAccuracy(name="accuracy")],
-                jit_compile=config.jit_compile)
+  """Adam on binary cross-entropy; a joint model (two heads) on model.JointLoss, its AUC the mean of the two."""
+  if config.model.joint_heads:
+    loss = model_lib.JointLoss(config.consistency_weight)
+    auc_metric = keras.metrics.AUC(name="auc", multi_label=True, num_labels=len(config.tasks))
+  else:
+    loss, auc_metric = keras.losses.BinaryCrossentropy(), keras.metrics.AUC(name="auc")
+  model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss,
+                metrics=[auc_metric, keras.metrics.BinaryAccuracy(name="accuracy")], jit_compile=config.jit_compile)
 
 
 # One compiled model per process, reused by every cell with the same settings: tracing MobileNetV2's train step
@@ -162,7 +166,7 @@ def _seed_keras(seed: int) -> None:
 
 def fresh_model(config: TrainConfig, policy: str, strategy: tf.distribute.Strategy, init_seed: int) -> keras.Model:
   """A compiled model with the initial weights of `build_model` under `init_seed` and a fresh optimizer."""
-  key = (config.model, policy, config.learning_rate, config.jit_compile, id(strategy))
+  key = (config.model, policy, config.learning_rate, config.jit_compile, config.consistency_weight, id(strategy))
   _seed_keras(init_seed)
   with strategy.scope():
     fresh = build_model(config.model)
@@ -295,7 +299,7 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   io_utils.make_dirs(folder)
   train_ids, test_ids = splits.cell_patients(split, *cell)
   # With inner validation off, fit_ids == train_ids (sorted) and inner_ids is empty.
-  fit_ids, inner_ids = splits.inner_split(info.labels(config.task), train_ids, seed=config.seed, repeat=cell[0],
+  fit_ids, inner_ids = splits.inner_split(splits.split_labels(info, config.task), train_ids, seed=config.seed, repeat=cell[0],
                                           fold=cell[1], fraction=config.inner_fraction)
   init_seed = cell_seed(config.seed, cell)
   resumed = load_progress(folder)
@@ -495,13 +499,13 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
                  cell: contracts.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
                  progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int, *,
                  inner: input_pipeline.ValidationSet | None = None, inner_ids: Sequence[str] = ()) -> None:
-  """Writes model.keras, predictions, metrics.json, the HParams session and (last) run.json.
+  """Writes model.keras, each task's predictions and metrics.json, the HParams session and (last) run.json.
 
   With inner validation, the inner patients' patient probabilities give the threshold and the calibration
   (module docstring); the held-out patient_predictions.csv gains `calibrated_probability` when calibrating.
+  A joint grid's cell writes each task's predictions and metrics.json in its `<task>/` sub-folder
+  (contracts.task_folder), from that task's head (model.task_view).
   """
-  from pdx_tf.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel  (an import cycle)
-
   name = contracts.cell_name(cell)
   folder = contracts.cell_folder(config.output_dir, cell)
   model_path = io_utils.join(folder, "model.keras")
@@ -510,6 +514,26 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   tf.io.gfile.rename(temp, model_path, overwrite=True)
 
   _, test_ids = splits.cell_patients(split, *cell)
+  decision = None if config.joint else _inner_decisions(config, model, inner, inner_ids, info.labels(config.task),
+                                                         progress)
+  board_metrics: dict[str, float | None] = {}
+  for index, task in enumerate(config.tasks):
+    task_validation = validation if not config.joint else dataclasses.replace(validation,
+                                                                              labels=validation.labels[:, index])
+    metrics = _write_task_predictions(
+        config, info, task, contracts.task_folder(folder, config.task, task), model_lib.task_view(model, task),
+        task_validation, cell, test_ids, progress, decision)
+    board_metrics.update(metrics if not config.joint else {f"{task}/{key}": value for key, value in metrics.items()})
+  tensorboard.write_cell_hparams(tensorboard_dir, name, hparams(config, cell, policy), board_metrics)
+  _write_run(config, info, split, cell, progress, policy, init_seed, decision)
+
+def _write_task_predictions(config: TrainConfig, info: contracts.DatasetInfo, task: str, folder: str,
+                            model: keras.Model, validation: input_pipeline.ValidationSet, cell: contracts.Cell,
+                            test_ids: Sequence[str], progress: Mapping[str, Any],
+                            decision: Mapping[str, Any] | None) -> dict[str, float | None]:
+  """One task's slice_predictions.csv, patient_predictions.csv and metrics.json in `folder`, from `model` (that
+  task's classifier) on the held-out slices with that task's labels; returns the TensorBoard metrics."""
+  name = contracts.cell_name(cell)
   probabilities, patient_probabilities, attention = held_out_probabilities(
       config, model, validation, test_ids, _validation_data(config, info, validation, test_ids))
   slice_rows = [[patient_id, int(slice_index), int(label), f"{probability:.8f}"]
@@ -521,9 +545,8 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
     io_utils.atomic_write_csv(io_utils.join(folder, "slice_attention.csv"), ["patient_id", "slice_index", "attention"],
                               [[patient_id, int(slice_index), f"{weight:.8f}"] for patient_id, slice_index, weight
                                in zip(validation.patient_ids, validation.slice_indices, attention)])
-  labels = info.labels(config.task)
+  labels = info.labels(task)
   patient_labels = np.asarray([labels[patient_id] for patient_id in test_ids])
-  decision = _inner_decisions(config, model, inner, inner_ids, labels, progress)
   header = ["patient_id", "label", "probability"]
   rows = [[patient_id, int(label), f"{probability:.8f}"] for patient_id, label, probability
           in zip(test_ids, patient_labels, patient_probabilities)]
@@ -547,7 +570,7 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       "slice/auc": auc(validation.labels, probabilities),
   }
   metrics_document = {
-      "task": config.task, "repeat": cell[0], "fold": cell[1], **metrics,
+      "task": task, "repeat": cell[0], "fold": cell[1], **metrics,
       "slice/probability_std": probability_std, "collapsed": collapsed,
       "num_test_patients": len(test_ids), "num_test_slices": int(probabilities.size),
       "epochs": int(progress["epochs_completed"]), "images_seen": int(progress["images_seen"]),
@@ -557,8 +580,15 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
     if decision["inner_validation"]:
       metrics_document["inner/patient_auc"] = decision["inner_validation"]["patient_auc"]
   io_utils.atomic_write_json(io_utils.join(folder, "metrics.json"), metrics_document)
-  tensorboard.write_cell_hparams(tensorboard_dir, name, hparams(config, cell, policy), metrics)
+  return metrics
 
+
+def _write_run(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any], cell: contracts.Cell,
+               progress: Mapping[str, Any], policy: str, init_seed: int, decision: Mapping[str, Any] | None) -> None:
+  """run.json, the commit of a cell, then the resume state goes."""
+  from pdx_tf.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel  (an import cycle)
+
+  folder = contracts.cell_folder(config.output_dir, cell)
   run = {
       "task": config.task, "repeat": cell[0], "fold": cell[1],
       "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
@@ -569,6 +599,9 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       "head": config.model.head, "context_slices": config.context_slices,
       "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),
       "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
+  if config.joint:
+    run.update({"tasks": list(config.tasks), "consistency_weight": config.consistency_weight,
+                "task_folders": {task: task for task in config.tasks}})
   if decision:
     run.update(decision)
   io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), contracts.run_document(run))

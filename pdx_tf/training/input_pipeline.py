@@ -49,7 +49,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import io_utils
+from pdx_tf import contracts, io_utils
 from pdx_tf.contracts import DatasetInfo
 from pdx_tf.data import augment, preprocess, records
 from pdx_tf.errors import RecordsError
@@ -265,14 +265,18 @@ def train_examples(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: 
   return dataset.with_options(options)
 
 
-def _to_model_inputs(task: str, image_size: int):
-  label_key = records.label_key(task)
+def label_vector(example: Mapping[str, tf.Tensor], task: str) -> tf.Tensor:
+  """A parsed record's training target, float32 [T]: [label] for "p" or "sb", [label_p, label_sb] for "p,sb"."""
+  keys = [records.label_key(name) for name in contracts.task_list(task)]
+  return tf.cast(tf.stack([tf.reshape(example[key], []) for key in keys]), tf.float32)
 
+
+def _to_model_inputs(task: str, image_size: int):
   def convert(example):
     # channels=3 tiles a one-channel (one-window) PNG to RGB: the model input is always [S, S, 3].
     image = tf.io.decode_png(example[records.IMAGE_KEY], channels=3)
     image = tf.cast(tf.reshape(image, [image_size, image_size, 3]), tf.float32)
-    return image, tf.cast(tf.reshape(example[label_key], [1]), tf.float32)
+    return image, label_vector(example, task)
 
   return convert
 
@@ -281,7 +285,8 @@ def train_dataset(info: DatasetInfo, train_ids: Sequence[str], *, task: str, sam
                   shuffle_seed: int, pool_fraction: float, batch_size: int, epoch: int = 0,
                   include_originals: bool = True, images_per_epoch: int | None = None, shuffle_buffer: int = 4096,
                   deterministic: bool = True, drop_remainder: bool = True) -> tf.data.Dataset:
-  """(image float32 [B,S,S,3] in 0..255, label float32 [B,1]) batches of ONE epoch of one cell (finite).
+  """(image float32 [B,S,S,3] in 0..255, label float32 [B,T]) batches of ONE epoch of one cell (finite); T is 1,
+  or 2 for the joint task (`label_vector`).
 
   A pure function of (sample_seed, repeat, epoch, shuffle_seed) and the records (`train_examples`): calling it
   again with the same arguments yields the same batches in the same order (with `deterministic=True`); call it
@@ -307,24 +312,26 @@ class ValidationSet:
   """The held-out fold's original slices, in memory, in file order."""
 
   images: np.ndarray  # uint8 [N, S, S, 3]
-  labels: np.ndarray  # int [N]
+  labels: np.ndarray  # int [N]; [N, 2] (p, sb) when loaded for the joint task
   patient_ids: np.ndarray  # str [N]
   slice_indices: np.ndarray  # int [N]
   augmentation_indices: np.ndarray  # int [N], all 0
 
   def dataset(self, batch_size: int) -> tf.data.Dataset:
     images = tf.data.Dataset.from_tensor_slices(self.images).map(lambda image: tf.cast(image, tf.float32))
-    labels = tf.data.Dataset.from_tensor_slices(self.labels.astype(np.float32)[:, np.newaxis])
+    labels = self.labels.astype(np.float32)
+    labels = tf.data.Dataset.from_tensor_slices(labels[:, np.newaxis] if labels.ndim == 1 else labels)
     return tf.data.Dataset.zip((images, labels)).batch(batch_size).prefetch(tf.data.AUTOTUNE)
 
 
 def load_validation(info: DatasetInfo, test_ids: Sequence[str], task: str) -> ValidationSet:
-  """Loads the ORIGINAL slices of the held-out patients (augmented files are never opened).
+  """Loads the ORIGINAL slices of the held-out patients (augmented files are never opened); `task` "p,sb" loads
+  both labels as columns.
 
   Raises:
     RecordsError: if an original shard holds an augmented example or another patient's slice.
   """
-  label_key = records.label_key(task)
+  label_keys = [records.label_key(name) for name in contracts.task_list(task)]
   images, labels, patient_ids, slice_indices, augmentation_indices = [], [], [], [], []
   for patient_id in test_ids:
     for path in info.shard_paths([patient_id], "original"):
@@ -342,7 +349,8 @@ def load_validation(info: DatasetInfo, test_ids: Sequence[str], task: str) -> Va
           raise RecordsError(f"{path} holds {batch[records.IMAGE_KEY].shape[1]} px images, dataset.json says"
                              f" {info.image_size}; rebuild the records")
         images.append(batch[records.IMAGE_KEY])
-        labels.append(batch[label_key])
+        labels.append(batch[label_keys[0]] if task != contracts.JOINT_TASK
+                      else np.stack([batch[key] for key in label_keys], axis=-1))
         patient_ids.extend(found_ids)
         slice_indices.append(batch[records.SLICE_INDEX_KEY])
         augmentation_indices.append(batch[records.AUGMENTATION_INDEX_KEY])

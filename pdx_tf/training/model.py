@@ -14,6 +14,12 @@ Heads:
   feature: one patient probability, trained on the patient label. The backbone's BatchNorm layers run in
   inference mode (frozen statistics): padded slices must not enter batch statistics, and one patient's slices
   are not an i.i.d. batch. Start it from a trained slice model (`copy_slice_weights`), not from scratch.
+
+Joint heads (`joint_heads`, the grid's `--task=p,sb`): the slice model with one Dense(1, sigmoid) per task on the
+same pooled feature (`probability_p`, `probability_sb`), concatenated into the training output `probabilities`
+[B, 2] (column order `JOINT_OUTPUTS`). One backbone learns both tasks, and `JointLoss` uses that small-bowel
+dissemination is peritoneal dissemination: besides each task's cross-entropy it penalises P(sb) > P(p).
+`task_view(model, task)` is the plain slice classifier of one task, the form export, serving and Grad-CAM take.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ GRADCAM_LAYERS: tuple[tuple[str, int], ...] = (
     ("out_relu", 32), ("block_13_expand_relu", 16), ("block_6_expand_relu", 8), ("block_3_expand_relu", 4))
 MIN_GRADCAM_MAP = 7
 HEADS = ("slice", "attention_mil")
+JOINT_OUTPUTS = ("p", "sb")  # the columns of a joint model's `probabilities` output
+JOINT_OUTPUT_NAME = "probabilities"
 SLICE_FEATURES_NAME = "slice_features"
 ATTENTION_LAYER = "attention"
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -60,6 +68,7 @@ class ModelConfig:
     input_channels: 3, or 2N+1 for 2.5D input (`preprocess.model_channels`); ImageNet weights need 3.
     head: "slice" or "attention_mil" (module docstring).
     attention_units: hidden units of the gated attention (Ilse et al. use 128).
+    joint_heads: one output per task, p and sb, on one backbone (module docstring); the slice head only.
   """
 
   image_size: int = 224
@@ -70,6 +79,7 @@ class ModelConfig:
   input_channels: int = 3
   head: str = "slice"
   attention_units: int = 128
+  joint_heads: bool = False
 
   def __post_init__(self):
     if self.image_size < 32:
@@ -89,6 +99,9 @@ class ModelConfig:
       raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
     if self.attention_units < 1:
       raise ValueError(f"attention_units must be at least 1, got {self.attention_units}")
+    if self.joint_heads and self.head != "slice":
+      raise ValueError(f"joint heads (--task={JOINT_OUTPUTS[0]},{JOINT_OUTPUTS[1]}) work with the slice head only,"
+                       f" not --head={self.head}; train the two tasks as separate grids")
 
   @property
   def resolved_bn_momentum(self) -> float:
@@ -168,8 +181,53 @@ def build_model(config: ModelConfig) -> keras.Model:
   features = _backbone(config)(scaled)
   pooled = keras.layers.GlobalAveragePooling2D(name="pool")(features)
   dropped = keras.layers.Dropout(config.dropout_rate, name="dropout")(pooled)
+  if config.joint_heads:
+    heads = [keras.layers.Dense(1, activation="sigmoid", dtype="float32", name=f"probability_{task}")(dropped)
+             for task in JOINT_OUTPUTS]
+    outputs = keras.layers.Concatenate(axis=-1, dtype="float32", name=JOINT_OUTPUT_NAME)(heads)
+    return keras.Model(inputs, outputs, name="pdx_mobilenetv2_joint")
   outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(dropped)
   return keras.Model(inputs, outputs, name="pdx_mobilenetv2")
+
+
+def is_joint_model(model: keras.Model) -> bool:
+  return any(layer.name == JOINT_OUTPUT_NAME for layer in model.layers)
+
+
+def task_view(model: keras.Model, task: str) -> keras.Model:
+  """One task's slice classifier (image -> [B, 1]) sharing a joint model's layers: the chain Rescaling ->
+  backbone -> pool -> Dropout -> `probability_<task>`, which export, serving and Grad-CAM take like any slice
+  model. A model without joint heads is returned as it is."""
+  if not is_joint_model(model):
+    return model
+  if task not in JOINT_OUTPUTS:
+    raise ValueError(f"a joint model has heads {', '.join(JOINT_OUTPUTS)}, not {task!r}")
+  return keras.Model(model.input, model.get_layer(f"probability_{task}").output, name=f"pdx_mobilenetv2_{task}")
+
+
+@keras.saving.register_keras_serializable(package="pdx_tf")
+class JointLoss(keras.losses.Loss):
+  """The joint model's loss on labels [B, 2] (p, sb) and probabilities [B, 2].
+
+  loss = mean over the two tasks of the binary cross-entropy + consistency_weight x mean_B(max(0, P(sb) - P(p))^2).
+  The consistency term is zero for every prediction that respects "small-bowel dissemination implies peritoneal
+  dissemination", so it only moves predictions that contradict it; it needs no label, so it also teaches the sb
+  head from the p head's view of a slice and back.
+  """
+
+  def __init__(self, consistency_weight: float = 1.0, name: str = "joint_loss", **kwargs):
+    super().__init__(name=name, **kwargs)
+    self.consistency_weight = float(consistency_weight)
+
+  def call(self, y_true, y_pred):
+    y_true = ops.cast(y_true, "float32")
+    y_pred = ops.cast(y_pred, "float32")
+    cross_entropy = ops.mean(keras.losses.binary_crossentropy(y_true[..., :, None], y_pred[..., :, None]), axis=-1)
+    violation = ops.relu(y_pred[..., 1] - y_pred[..., 0])
+    return cross_entropy + self.consistency_weight * ops.square(violation)
+
+  def get_config(self):
+    return {**super().get_config(), "consistency_weight": self.consistency_weight}
 
 
 @keras.saving.register_keras_serializable(package="pdx_tf")

@@ -5,6 +5,9 @@ repeats and the seed:
 - Each class is shuffled on its own with `numpy.random.default_rng([seed, partition_key, class])` and dealt
   round-robin onto the folds, the dealing of class 1 continuing where class 0 stopped. So every fold's count of
   each class differs by at most 1 from every other fold's, and fold sizes differ by at most 1.
+- A joint grid (`--task=p,sb`) has one split for both heads, stratified on the pair of labels: its classes are
+  the strata 0 (no dissemination), 1 (peritoneal, not small-bowel) and 3 (both; `split_labels`), dealt the same
+  way in that order.
 - By default the partition is the same in every repeat (`partition_key` 0): the paper's 24 repeats are 24 draws
   of training data from the augmented pool with new initialisation, over one fixed patient partition. With
   `repartition=True`, repeat r uses `partition_key = r`, so each repeat is a new partition.
@@ -29,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import io_utils
-from pdx_tf.contracts import SPLITS_FILE, cell_name
+from pdx_tf.contracts import JOINT_TASK, SPLITS_FILE, cell_name
 from pdx_tf.errors import RunsError
 
 SPLITS_SCHEMA_VERSION = 1
@@ -41,7 +44,8 @@ def _partition(labels: Mapping[str, int], num_folds: int, seed: int, partition_k
   """Test patients of each fold (stratified dealing, see the module docstring)."""
   folds: list[list[str]] = [[] for _ in range(num_folds)]
   next_fold = 0
-  for label in (0, 1):
+  # For 0/1 labels this is (0, 1) whichever are present: an absent class deals no one and draws nothing.
+  for label in sorted(set(labels.values()) | {0, 1}):
     members = sorted(patient_id for patient_id, value in labels.items() if value == label)
     order = np.random.default_rng([seed, partition_key, label]).permutation(len(members))
     for position in order:
@@ -50,13 +54,23 @@ def _partition(labels: Mapping[str, int], num_folds: int, seed: int, partition_k
   return [sorted(fold) for fold in folds]
 
 
+def split_labels(info: Any, task: str) -> dict[str, int]:
+  """The classes a task's split is stratified on, by patient_id: the 0/1 label of "p" or "sb", or for the joint
+  task the stratum label_p + 2 x label_sb (0, 1 or 3). `info`: a contracts.DatasetInfo."""
+  if task != JOINT_TASK:
+    return info.labels(task)
+  labels_p, labels_sb = info.labels("p"), info.labels("sb")
+  return {patient_id: labels_p[patient_id] + 2 * labels_sb[patient_id] for patient_id in labels_p}
+
+
 def make_splits(labels: Mapping[str, int], *, task: str, num_folds: int, num_repeats: int, seed: int,
                 repartition: bool = False) -> dict[str, Any]:
   """Builds the splits.json dict.
 
   Args:
-    labels: the task label (0/1) of every patient, by patient_id.
-    task: "p" or "sb" (recorded, so evaluation and reruns can check it).
+    labels: the task label (0/1) of every patient, by patient_id; for the joint task the strata of
+      `split_labels` (0, 1, 2 or 3).
+    task: "p", "sb" or "p,sb" (recorded, so evaluation and reruns can check it).
     num_folds: folds per repeat (at least 2, at most the number of patients).
     num_repeats: repeats (at least 1).
     seed: the split seed.
@@ -69,7 +83,8 @@ def make_splits(labels: Mapping[str, int], *, task: str, num_folds: int, num_rep
     raise ValueError(f"num_folds must be at least 2, got {num_folds}")
   if num_repeats < 1:
     raise ValueError(f"num_repeats must be at least 1, got {num_repeats}")
-  bad = sorted(patient_id for patient_id, value in labels.items() if value not in (0, 1))
+  allowed = (0, 1, 2, 3) if task == JOINT_TASK else (0, 1)
+  bad = sorted(patient_id for patient_id, value in labels.items() if value not in allowed)
   if bad:
     raise RunsError(f"patient {bad[0]} has task {task} label {labels[bad[0]]!r}, not 0 or 1; fix the manifest")
   if len(labels) < num_folds:

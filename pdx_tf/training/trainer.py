@@ -39,7 +39,10 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # "export_dir" was one until the export hook moved into the binary; grids from then still list it.
 PER_MACHINE_FIELDS = ("records_dir", "num_partitions", "partition_index", "cells", "export_dir", "verify_hashes")
 # Opt-in fields left out of config.json / run.json at these defaults (TrainConfig's docstring).
-OPT_IN_DEFAULTS = {"inner_fraction": 0.0, "threshold": 0.5, "calibration": "none", "early_stopping_patience": 0}
+OPT_IN_DEFAULTS = {"inner_fraction": 0.0, "threshold": 0.5, "calibration": "none", "early_stopping_patience": 0,
+                   "consistency_weight": 1.0}
+# The same for the model's fields (config.json's "model").
+MODEL_OPT_IN_DEFAULTS = {"joint_heads": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +50,8 @@ class TrainConfig:
   """Everything that defines a training grid (written to R/config.json and every run.json).
 
   Attributes:
-    task: "p" (peritoneal dissemination) or "sb" (small-bowel dissemination).
+    task: "p" (peritoneal dissemination), "sb" (small-bowel dissemination) or "p,sb" (contracts.JOINT_TASK: one
+      backbone with a head per task, `model.joint_heads`; the split is stratified on both labels).
     records_dir: the data pipeline's output (holds dataset.json).
     output_dir: R, this task's run folder (any tf.io.gfile path).
     model: the MobileNetV2 settings; `model.image_size` must equal the records' image size.
@@ -85,8 +89,10 @@ class TrainConfig:
     calibration: "none", "platt" or "isotonic", fitted on the inner patients' patient probabilities.
     early_stopping_patience: stop after this many epochs without a lower inner loss and keep the best epoch's
       weights (0: off; needs inner_fraction).
+    consistency_weight: with task "p,sb", the weight of the loss term that penalises P(sb) > P(p)
+      (model.JointLoss).
 
-  The four inner-validation fields are written to config.json and run.json only when they differ from their
+  The four inner-validation fields and consistency_weight are written to config.json and run.json only when they differ from their
   defaults (`config_dict`), so a default grid's files are byte-identical to those of code without them.
   """
 
@@ -122,9 +128,10 @@ class TrainConfig:
   threshold: float | str = 0.5
   calibration: str = "none"
   early_stopping_patience: int = 0
+  consistency_weight: float = 1.0
 
   def __post_init__(self):
-    contracts.check_task(self.task)
+    contracts.check_training_task(self.task)
     if not self.records_dir or not self.output_dir:
       raise ValueError("records_dir and output_dir are required")
     for name in ("num_repeats", "epochs", "batch_size", "shuffle_buffer"):
@@ -164,6 +171,32 @@ class TrainConfig:
     grid.partition_cells([], self.num_partitions, self.partition_index)  # validates the pair
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
     self._check_inner_validation()
+    self._check_joint()
+
+  @property
+  def tasks(self) -> tuple[str, ...]:
+    """The tasks this grid learns: (task,), or ("p", "sb") for the joint task."""
+    return contracts.task_list(self.task)
+
+  @property
+  def joint(self) -> bool:
+    return self.task == contracts.JOINT_TASK
+
+  def _check_joint(self) -> None:
+    if self.model.joint_heads != self.joint:
+      raise ValueError(f"--task={self.task} needs a model with{'' if self.joint else 'out'} joint heads"
+                       " (config_from_values sets it from the task)")
+    if not self.consistency_weight >= 0:
+      raise ValueError(f"consistency_weight must be at least 0, got {self.consistency_weight}")
+    if not self.joint:
+      return
+    # One step at a time: the joint grid trains the paper's input and head; 2.5D, MIL and the inner
+    # validation keep one task a grid for now.
+    for flag, used in (("--context_slices", self.context_slices > 0), ("--head=attention_mil", self.model.head != "slice"),
+                       ("--inner_fraction", self.inner_fraction > 0), ("--threshold", self.threshold != 0.5)):
+      if used:
+        raise ValueError(f"--task={contracts.JOINT_TASK} trains single slices with the slice head and no inner"
+                         f" validation for now; drop {flag}, or train --task=p and --task=sb as two grids")
 
   def _check_inner_validation(self) -> None:
     if not 0.0 <= self.inner_fraction < 1.0:
@@ -207,9 +240,10 @@ class TrainConfig:
 def config_dict(config: TrainConfig) -> dict[str, Any]:
   """The JSON form of `config` for config.json and run.json: opt-in fields at their defaults are left out."""
   values = configs.to_dict(config)
-  for name, default in OPT_IN_DEFAULTS.items():
-    if name in values and values[name] == default and type(values[name]) is type(default):
-      del values[name]
+  for fields, defaults in ((values, OPT_IN_DEFAULTS), (values.get("model", {}), MODEL_OPT_IN_DEFAULTS)):
+    for name, default in defaults.items():
+      if name in fields and fields[name] == default and type(fields[name]) is type(default):
+        del fields[name]
   return values
 
 
@@ -248,6 +282,7 @@ def config_from_values(values: Mapping[str, Any]) -> TrainConfig:
   values = dict(values)
   # The model's input channels follow from the 2.5D context (2N+1 slices, or 3 window channels for N = 0).
   values.setdefault("input_channels", preprocess.model_channels(values.get("context_slices", 0)))
+  values.setdefault("joint_heads", values.get("task") == contracts.JOINT_TASK)
   model = ModelConfig(**{name: value for name, value in values.items() if name in model_fields})
   return TrainConfig(model=model, **{name: tuple(value) if name == "cells" else value
                                      for name, value in values.items() if name in fields})
@@ -311,19 +346,35 @@ def _write_patients(config: TrainConfig, info: contracts.DatasetInfo) -> None:
 def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
                  cells: Sequence[contracts.Cell]) -> None:
   """Fails before any training if a selected cell cannot be trained (one class, no test patients)."""
-  labels = info.labels(config.task)
+  labels = info.labels(config.task) if not config.joint else {}
   for cell in cells:
     train_ids, test_ids = splits.cell_patients(split, *cell)
-    classes = {labels[patient_id] for patient_id in train_ids}
-    if len(classes) < 2:
-      raise RunsError(f"cell {contracts.cell_name(cell)}: every training patient has task {config.task} label"
-                      f" {classes.pop()}, so the model cannot learn; add patients of the other class or use"
-                      " fewer --num_folds")
+    for task in config.tasks:
+      classes = {info.labels(task)[patient_id] for patient_id in train_ids}
+      if len(classes) < 2:
+        raise RunsError(f"cell {contracts.cell_name(cell)}: every training patient has task {task} label"
+                        f" {classes.pop()}, so the model cannot learn; add patients of the other class or use"
+                        " fewer --num_folds")
     if not test_ids:
       raise RunsError(f"cell {contracts.cell_name(cell)} has no test patients; use fewer --num_folds")
     # Raises a one-line RunsError when the inner or the fit patients would miss a class.
     splits.inner_split(labels, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
                        fraction=config.inner_fraction)
+
+
+def _check_joint_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
+  """Fails before any training when a joint grid's records lack a label or contradict "sb implies p"."""
+  if not config.joint:
+    return
+  for patient_id, entry in info.patients.items():
+    values = {task: entry.get(f"label_{task}") for task in config.tasks}
+    missing = [task for task, value in values.items() if value not in (0, 1)]
+    if missing:
+      raise RunsError(f"--task={config.task}: patient {patient_id} has no label_{missing[0]} in"
+                      f" {info.records_dir}/dataset.json; rebuild the records from a manifest with both labels")
+    if values["sb"] == 1 and values["p"] == 0:
+      raise RunsError(f"--task={config.task}: patient {patient_id} has label_sb 1 but label_p 0; small-bowel"
+                      " dissemination is peritoneal dissemination: fix the manifest (label_p 1) and rebuild")
 
 
 def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
@@ -377,7 +428,8 @@ def run_grid(config: TrainConfig, *,
   info = contracts.load_dataset_info(config.records_dir, expected_image_size=config.model.image_size,
                                           verify_hashes=config.verify_hashes)
   cells = config.selected_cells()
-  split = splits.make_splits(info.labels(config.task), task=config.task, num_folds=config.num_folds,
+  _check_joint_labels(config, info)
+  split = splits.make_splits(splits.split_labels(info, config.task), task=config.task, num_folds=config.num_folds,
                              num_repeats=config.num_repeats, seed=config.seed, repartition=config.repartition)
   _check_cells(config, info, split, cells)
   _check_model_inputs(config, info, cells)
@@ -433,7 +485,7 @@ def measure_images_per_s(config: TrainConfig, *, seconds: float = 20.0, max_step
     size = config.model.image_size
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (config.batch_size, size, size, config.model.input_channels)).astype(np.float32)
-    labels = rng.integers(0, 2, (config.batch_size, 1)).astype(np.float32)
+    labels = rng.integers(0, 2, (config.batch_size, len(config.tasks))).astype(np.float32)
     model.train_on_batch(images, labels)  # tracing and compilation: not timed
     steps, started = 0, time.perf_counter()
     while steps < max_steps and (steps == 0 or time.perf_counter() - started < seconds):
@@ -464,13 +516,13 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
   if not images_per_s > 0:
     raise ValueError(f"images/s must be positive, got {images_per_s}")
   info = contracts.load_dataset_info(config.records_dir, expected_image_size=config.model.image_size)
-  split = splits.make_splits(info.labels(config.task), task=config.task, num_folds=config.num_folds,
+  split = splits.make_splits(splits.split_labels(info, config.task), task=config.task, num_folds=config.num_folds,
                              num_repeats=config.num_repeats, seed=config.seed, repartition=config.repartition)
   chosen = (grid.parse_cells(config.cells, config.num_repeats, config.num_folds) if config.cells
             else grid.all_cells(config.num_repeats, config.num_folds))
   mine = set(config.selected_cells())
   images, bytes_read = {}, {}
-  labels = info.labels(config.task)
+  labels = splits.split_labels(info, config.task)
   for cell in chosen:
     train_ids, _ = splits.cell_patients(split, *cell)
     train_ids, _ = splits.inner_split(labels, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],

@@ -1,0 +1,215 @@
+"""Tests of the joint grid (`--task=p,sb`): one MobileNetV2 backbone with a head per task (issue 13, item 3).
+
+The expectations are built independently of the code under test: the loss from its formula in numpy, the labels
+fit sees from the fake records' documented labels (patient i: p = 1 for even i, sb = 1 when i % 4 == 0), the
+patient probabilities from the saved model and a numpy mean, the served outputs from the joint Keras model.
+"""
+
+import csv
+import json
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pdx_tf import contracts
+from pdx_tf.errors import RunsError
+from pdx_tf.evaluation import evaluator, runs as runs_lib
+from pdx_tf.serving import export, gradcam
+from pdx_tf.testing import fake_records
+from pdx_tf.training import model as model_lib, splits, trainer
+
+SIZE = 32
+NUM_PATIENTS = 8
+
+
+def _labels(patient_id):
+  index = int(patient_id[-3:])
+  return int(index % 2 == 0), int(index % 4 == 0)
+
+
+@pytest.fixture(scope="module")
+def records_dir(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("records"))
+  fake_records.write_fake_records(folder, num_patients=NUM_PATIENTS, slices_per_patient=3, augment_factor=4,
+                                  image_size=SIZE)
+  return folder
+
+
+def _config(records_dir, output_dir, **overrides):
+  values = dict(task=contracts.JOINT_TASK, records_dir=records_dir, output_dir=str(output_dir), image_size=SIZE,
+                alpha=0.35, num_folds=2, num_repeats=1, epochs=1, batch_size=8, pool_fraction=0.5,
+                deterministic=True, aggregation="mean")
+  values.update(overrides)
+  return trainer.config_from_values(values)
+
+
+def _bce(label, probability):
+  probability = np.clip(probability, 1e-7, 1 - 1e-7)
+  return -(label * np.log(probability) + (1 - label) * np.log(1 - probability))
+
+
+def test_joint_loss_is_both_cross_entropies_plus_the_consistency_penalty():
+  labels = np.array([[1, 0], [0, 0], [1, 1]], np.float32)
+  probabilities = np.array([[0.7, 0.2], [0.1, 0.4], [0.6, 0.9]], np.float32)
+  expected = np.mean([(_bce(l[0], p[0]) + _bce(l[1], p[1])) / 2 + 2.5 * max(0.0, p[1] - p[0]) ** 2
+                      for l, p in zip(labels, probabilities)])
+  assert float(model_lib.JointLoss(2.5)(labels, probabilities)) == pytest.approx(expected, rel=1e-5)
+  # Predictions that respect "sb implies p" pay nothing beyond the cross-entropy.
+  consistent = np.array([[0.7, 0.2], [0.5, 0.4]], np.float32)
+  assert float(model_lib.JointLoss(100.0)(labels[:2], consistent)) == pytest.approx(
+      float(model_lib.JointLoss(0.0)(labels[:2], consistent)), rel=1e-6)
+
+
+def test_task_views_are_the_joint_columns_and_plain_slice_classifiers():
+  joint = model_lib.build_model(model_lib.ModelConfig(image_size=SIZE, alpha=0.35, joint_heads=True))
+  images = np.random.default_rng(0).uniform(0, 255, (4, SIZE, SIZE, 3)).astype(np.float32)
+  outputs = joint(images, training=False).numpy()
+  assert outputs.shape == (4, 2)
+  for column, task in enumerate(model_lib.JOINT_OUTPUTS):
+    view = model_lib.task_view(joint, task)
+    np.testing.assert_allclose(view(images, training=False).numpy()[:, 0], outputs[:, column], rtol=1e-6)
+    # The same weights in a separately built one-task model: Grad-CAM sees the view as that model.
+    single = model_lib.build_model(model_lib.ModelConfig(image_size=SIZE, alpha=0.35))
+    single.get_layer(model_lib.BACKBONE_NAME).set_weights(joint.get_layer(model_lib.BACKBONE_NAME).get_weights())
+    single.get_layer("probability").set_weights(joint.get_layer(f"probability_{task}").get_weights())
+    np.testing.assert_allclose(gradcam.grad_cam(view, images), gradcam.grad_cam(single, images), atol=1e-5)
+  with pytest.raises(ValueError, match="heads p, sb"):
+    model_lib.task_view(joint, "x")
+  with pytest.raises(ValueError, match="slice head only"):
+    model_lib.ModelConfig(image_size=SIZE, head="attention_mil", joint_heads=True)
+
+
+def test_joint_split_is_stratified_on_both_labels():
+  labels_p = {f"q{i:03d}": int(i % 3 != 0) for i in range(40)}
+  labels_sb = {patient: int(labels_p[patient] and int(patient[1:]) % 2 == 0) for patient in labels_p}
+
+  class Info:
+    def labels(self, task):
+      return labels_p if task == "p" else labels_sb
+
+  strata = splits.split_labels(Info(), contracts.JOINT_TASK)
+  assert strata == {patient: labels_p[patient] + 2 * labels_sb[patient] for patient in labels_p}
+  split = splits.make_splits(strata, task=contracts.JOINT_TASK, num_folds=4, num_repeats=1, seed=3)
+  for stratum in (0, 1, 3):
+    counts = [sum(strata[patient] == stratum for patient in fold["test"]) for fold in split["repeats"][0]["folds"]]
+    assert max(counts) - min(counts) <= 1, (stratum, counts)
+  for fold in split["repeats"][0]["folds"]:
+    assert not set(fold["train"]) & set(fold["test"])
+
+
+@pytest.fixture
+def fed_labels(monkeypatch):
+  """Per Model.fit call (one epoch of one cell), the (patient, label row) pairs of its training batches."""
+  fed = []
+  real_fit = keras.Model.fit
+  identities = {}
+  for index, patient_id in enumerate(fake_records.patient_ids(NUM_PATIENTS)):
+    for slice_index in range(3):
+      for augmentation_index in range(5):
+        image = fake_records.fake_image(0, index, slice_index, augmentation_index, index % 2 == 0, SIZE)
+        identities[image.tobytes()] = patient_id
+
+  def recording_fit(self, x=None, *args, **kwargs):
+    fed.append([])
+    for images, labels in x:
+      fed[-1].extend(zip((identities[np.asarray(image).astype(np.uint8).tobytes()] for image in images.numpy()),
+                     labels.numpy().tolist()))
+    return real_fit(self, x, *args, **kwargs)
+
+  monkeypatch.setattr(keras.Model, "fit", recording_fit)
+  return fed
+
+
+def test_joint_grid_trains_both_heads_and_evaluation_and_export_read_both(records_dir, tmp_path, fed_labels):
+  config = _config(records_dir, tmp_path / "R")
+  assert config.model.joint_heads and config.tasks == ("p", "sb")
+  assert trainer.run_grid(config)["cells"] == {"r00_f00": "complete", "r00_f01": "complete"}
+  root = tmp_path / "R"
+  split = json.loads((root / "splits.json").read_text())
+  assert split["task"] == contracts.JOINT_TASK
+  assert len(fed_labels) == 2  # one epoch of each cell, in cell order
+  for fold, fed in zip(split["repeats"][0]["folds"], fed_labels):
+    fold_name = contracts.cell_name((0, fold["fold"]))
+    assert not set(fold["train"]) & set(fold["test"])
+    # fit saw only the cell's training patients, each slice with both labels: [label_p, label_sb].
+    assert fed and {patient for patient, _ in fed} == set(fold["train"])
+    assert all(row == list(map(float, _labels(patient))) for patient, row in fed)
+    run = json.loads((root / "cells" / fold_name / "run.json").read_text())
+    assert run["task"] == contracts.JOINT_TASK and run["tasks"] == ["p", "sb"]
+    # Each head's patient probability: the mean of that column of the saved model over the patient's slices.
+    joint = keras.saving.load_model(root / "cells" / fold_name / "model.keras", compile=False)
+    for column, task in enumerate(("p", "sb")):
+      with open(root / "cells" / fold_name / task / "patient_predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+      assert sorted(row["patient_id"] for row in rows) == sorted(fold["test"])
+      for row in rows:
+        index = int(row["patient_id"][-3:])
+        images = np.stack([fake_records.fake_image(0, index, s, 0, index % 2 == 0, SIZE) for s in range(3)])
+        images = np.repeat(images[..., :1] if images.ndim == 4 else images[..., None], 3, axis=-1)
+        expected = joint(images.astype(np.float32), training=False).numpy()[:, column].mean()
+        assert float(row["probability"]) == pytest.approx(float(expected), abs=1e-5)
+        assert int(row["label"]) == _labels(row["patient_id"])[column]
+
+  loaded = runs_lib.load_runs(str(root))
+  assert sorted(loaded) == ["p", "sb"]
+  assert loaded["p"].split_hash == loaded["sb"].split_hash == splits.split_hash(split)
+  summary = evaluator.evaluate_runs(evaluator.EvaluateConfig(runs_dir=str(root), output_dir=str(tmp_path / "E"),
+                                                             num_bootstrap=20))
+  assert sorted(summary) == ["p", "sb"]
+
+  # Export serves both heads: X/pdx_p and X/pdx_sb, each the ensemble's column of the joint models.
+  version_dirs = export.export_if_complete(str(root), contracts.JOINT_TASK, 1, 2, str(tmp_path / "X"))
+  assert [os.path.basename(os.path.dirname(path)) for path in version_dirs] == ["pdx_p", "pdx_sb"]
+  models = [keras.saving.load_model(root / "cells" / contracts.cell_name((0, fold)) / "model.keras", compile=False)
+            for fold in (0, 1)]
+  images = np.random.default_rng(1).integers(0, 256, (5, SIZE, SIZE, 3)).astype(np.uint8)
+  per_model = np.stack([model(images.astype(np.float32), training=False).numpy() for model in models])
+  for column, version_dir in enumerate(version_dirs):
+    served = tf.saved_model.load(version_dir).signatures["predict_images"](image=tf.constant(images))
+    np.testing.assert_allclose(served["probability"].numpy(), per_model[:, :, column].mean(axis=0), atol=1e-5)
+    np.testing.assert_allclose(served["uncertainty"].numpy(), per_model[:, :, column].std(axis=0), atol=1e-5)
+    _, metadata = export.read_export(version_dir)
+    assert metadata["trained_with_tasks"] == ["p", "sb"]
+    # The stored Keras models (predict's Grad-CAM) are that task's plain slice classifiers.
+    stored = export.load_export_keras_models(version_dir, metadata, max_models=1)[0]
+    np.testing.assert_allclose(stored(images.astype(np.float32), training=False).numpy()[:, 0],
+                               per_model[0, :, column], atol=1e-5)
+
+
+def test_single_task_config_files_do_not_change():
+  config = trainer.config_from_values(dict(task="p", records_dir="d", output_dir="o", image_size=SIZE))
+  written = trainer.config_dict(config)
+  assert "joint_heads" not in written["model"] and "consistency_weight" not in written
+  joint = trainer.config_dict(trainer.config_from_values(dict(task="p,sb", records_dir="d", output_dir="o",
+                                                              image_size=SIZE)))
+  assert joint["model"]["joint_heads"] is True and joint["task"] == "p,sb"
+
+
+def test_bad_joint_input_is_one_line_before_training(records_dir, tmp_path):
+  for overrides, flag in ((dict(context_slices=1), "--context_slices"), (dict(inner_fraction=0.3), "--inner_fraction")):
+    with pytest.raises(ValueError, match=f"drop {flag}") as error:
+      _config(records_dir, tmp_path / "a", **overrides)
+    assert "\n" not in str(error.value)
+  with pytest.raises(ValueError, match="slice head only"):
+    _config(records_dir, tmp_path / "a", head="attention_mil", aggregation=trainer.MIL_AGGREGATION, mil_init_from="x")
+  # Records whose labels break "sb implies p", and records lacking a label.
+  contradicting = str(tmp_path / "contradicting")
+  fake_records.write_fake_records(contradicting, num_patients=NUM_PATIENTS, slices_per_patient=3, augment_factor=2,
+                                  image_size=SIZE, labels_p=[0] + [1, 0] * 3 + [1])
+  with pytest.raises(RunsError, match="patient fake000 has label_sb 1 but label_p 0"):
+    trainer.run_grid(_config(contradicting, tmp_path / "b"))
+  unlabelled = str(tmp_path / "unlabelled")
+  fake_records.write_fake_records(unlabelled, num_patients=NUM_PATIENTS, slices_per_patient=3, augment_factor=2,
+                                  image_size=SIZE)
+  path = os.path.join(unlabelled, contracts.DATASET_FILE)
+  document = json.loads(open(path).read())
+  del document["patients"][0]["label_sb"]  # the patient list's first entry: fake000
+  with open(path, "w") as handle:
+    json.dump(document, handle)
+  with pytest.raises(RunsError, match="patient fake000 has no label_sb") as error:
+    trainer.run_grid(_config(unlabelled, tmp_path / "c"))
+  assert "\n" not in str(error.value)
+  assert not (tmp_path / "b" / "cells").exists() and not (tmp_path / "c" / "cells").exists()
