@@ -1,4 +1,5 @@
-"""Compares the paper's slice model with 2.5D input, attention-MIL and both, on the demo phantom (issue 13).
+"""Compares the paper's slice model with 2.5D input, attention-MIL, both, and one backbone for both tasks, on the
+demo phantom (issue 13).
 
   python benchmarks/model_variants.py                                     # the full comparison
   python benchmarks/model_variants.py --tasks=sb --seeds=0,1,2 --num_folds=4 --epochs=3   # a smaller one
@@ -10,7 +11,9 @@ the finished grid of their slice variant (--mil_init_from: baseline -> MIL, 2.5D
 time is reported alone and with that grid's. Per (task, variant, seed): one grid of --num_folds folds x 1 repeat;
 per (task, variant): the pooled out-of-fold patient AUC of each seed, its mean, and a percentile bootstrap 95 %
 CI over patients (pdx_tf.evaluation.grid_statistics.bootstrap_weights + metrics.weighted_metrics) of the AUC of
-the seeds' mean patient probability; plus the wall time.
+the seeds' mean patient probability; plus the wall time. The "joint" variant (`--task=p,sb`: one backbone, a head
+per task) trains ONE grid per seed for both tasks (<root>/joint/s<seed>/); its wall time is that grid's, which
+covers p and sb together.
 
 Cost (2 shared CPU cores): a demo cell takes about 50 s (benchmarks/README.md: 8 cells in ~7 min), a MIL cell
 about as long, so the full comparison (2 tasks x 4 variants x 3 seeds x 8 folds = 192 cells) is about 2.7 hours;
@@ -31,14 +34,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from pdx_tf import demo, io_utils  # pylint: disable=wrong-import-position
+from pdx_tf import contracts, demo, io_utils  # pylint: disable=wrong-import-position
 from pdx_tf.evaluation import grid_statistics, metrics  # pylint: disable=wrong-import-position
 from pdx_tf.training import trainer  # pylint: disable=wrong-import-position
 
 _ROOT = flags.DEFINE_string("root", "runs/model_variants", "Where the grids and the summary go.")
 _TASKS = flags.DEFINE_list("tasks", ["p", "sb"], "Tasks.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, pool draw, initialisation).")
-_VARIANTS = flags.DEFINE_list("variants", ["baseline", "2.5d", "mil", "2.5d+mil"], "Variants to run.")
+_VARIANTS = flags.DEFINE_list("variants", ["baseline", "2.5d", "mil", "2.5d+mil", "joint"], "Variants to run.")
 _NUM_FOLDS = flags.DEFINE_integer("num_folds", 8, "Folds (one repeat).")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs of every variant (the demo's 5).")
 _IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", 2048, "Slice images an epoch, every variant.")
@@ -46,11 +49,23 @@ _BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", 2000, "Bootstrap replicates o
 
 # variant -> (context_slices, head, the slice variant a MIL variant starts from)
 VARIANTS = {"baseline": (0, "slice", None), "2.5d": (1, "slice", None), "mil": (0, "attention_mil", "baseline"),
-            "2.5d+mil": (1, "attention_mil", "2.5d")}
+            "2.5d+mil": (1, "attention_mil", "2.5d"), "joint": (0, "slice", None)}
+# The joint grid's wall time by seed: trained once (in the first task's loop), it serves both tasks.
+_JOINT_WALL: dict[int, float] = {}
 
 
 def _grid(task: str, variant: str, seed: int, records_dir: str) -> tuple[str, float]:
   context, head, start_from = VARIANTS[variant]
+  if variant == "joint":
+    output_dir = io_utils.join(_ROOT.value, "joint", f"s{seed}")
+    if seed not in _JOINT_WALL:
+      config = demo.demo_train_config(contracts.JOINT_TASK, records_dir, output_dir, seed=seed,
+                                      num_folds=_NUM_FOLDS.value, epochs=_EPOCHS.value,
+                                      images_per_epoch=_IMAGES_PER_EPOCH.value)
+      started = time.time()
+      trainer.run_grid(config)
+      _JOINT_WALL[seed] = time.time() - started
+    return output_dir, _JOINT_WALL[seed]
   output_dir = io_utils.join(_ROOT.value, task, variant, f"s{seed}")
   preset_model = demo.demo_train_config(task, records_dir, output_dir).model
   model = dataclasses.replace(preset_model, input_channels=3 if context == 0 else 2 * context + 1, head=head)
@@ -66,10 +81,12 @@ def _grid(task: str, variant: str, seed: int, records_dir: str) -> tuple[str, fl
   return output_dir, time.time() - started
 
 
-def _patient_probabilities(output_dir: str) -> dict[str, tuple[int, float]]:
+def _patient_probabilities(output_dir: str, task: str) -> dict[str, tuple[int, float]]:
+  grid_task = io_utils.read_json(io_utils.join(output_dir, "config.json"))["task"]
   result = {}
   for name in sorted(os.listdir(io_utils.join(output_dir, "cells"))):
-    rows = io_utils.read_csv(io_utils.join(output_dir, "cells", name, "patient_predictions.csv"))
+    folder = contracts.task_folder(io_utils.join(output_dir, "cells", name), grid_task, task)
+    rows = io_utils.read_csv(io_utils.join(folder, "patient_predictions.csv"))
     for row in rows:
       result[row["patient_id"]] = (int(row["label"]), float(row["probability"]))
   return result
@@ -101,7 +118,7 @@ def main(argv):
         if VARIANTS[variant][2] and VARIANTS[variant][2] not in walls:
           raise ValueError(f"variant {variant} starts from {VARIANTS[variant][2]}: list it in --variants first")
         output_dir, seconds = _grid(task, variant, seed, records_dir)
-        per_seed.append(_patient_probabilities(output_dir))
+        per_seed.append(_patient_probabilities(output_dir, task))
         wall.append(seconds)
       walls[variant] = wall
       ids = sorted(per_seed[0])

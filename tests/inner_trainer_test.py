@@ -228,3 +228,73 @@ def test_bad_inner_settings_fail_on_one_line_before_training(records_dir, tmp_pa
     trainer.run_grid(tiny_config(records_dir, tmp_path / "R", inner_fraction=0.1))
   assert "\n" not in str(error.value)
   assert not (tmp_path / "R" / "cells").exists()
+
+
+def _fake_one_window(patient_id):
+  """The patient's original slices as one window [N, S, S] (fake_records' pixels)."""
+  index = int(patient_id[-3:])
+  return np.stack([fake_records.fake_image(0, index, slice_index, 0, index % 2 == 0, SIZE, 1)[..., 0]
+                   for slice_index in range(3)])
+
+
+def _bce(labels, probabilities):
+  probabilities = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1 - 1e-7)
+  labels = np.asarray(labels, np.float64)
+  return float(-np.mean(labels * np.log(probabilities) + (1 - labels) * np.log(1 - probabilities)))
+
+
+def test_inner_validation_predicts_2p5d_stacks_like_the_test_patients(records_dir, tmp_path):
+  from model_variants_test import numpy_stack  # pylint: disable=import-outside-toplevel
+
+  config = tiny_config(records_dir, tmp_path / "R", context_slices=1, inner_fraction=0.34,
+                       threshold="inner_youden", calibration="platt", early_stopping_patience=2, epochs=2)
+  trainer.run_grid(config)
+  cell = tmp_path / "R" / "cells" / "r00_f00"
+  run = json.loads((cell / "run.json").read_text())
+  inner_ids = run["inner_validation"]["patients"]
+  assert len(inner_ids) == 2 and not set(inner_ids) & set(_read_csv_ids(cell / "patient_predictions.csv"))
+  model = keras.models.load_model(cell / "model.keras")
+  # Each inner slice as its numpy 2.5D stack (edges replicated), the patient score the mean of its 3 slices.
+  per_slice = {patient: model.predict(numpy_stack(_fake_one_window(patient), 1).astype(np.float32), verbose=0)[:, 0]
+               for patient in inner_ids}
+  np.testing.assert_allclose(run["inner_validation"]["patient_probabilities"],
+                             [float(np.mean(per_slice[patient])) for patient in inner_ids], atol=1e-5)
+  assert run["inner_validation"]["n_slices"] == 6
+  # The early-stopping loss of the kept epoch: cross-entropy over the inner stacks' slice predictions.
+  history = json.loads((cell / "metrics.json").read_text())["history"]
+  kept = run["inner_validation"]["early_stopping"]["best_epoch"]
+  labels = [_label(patient) for patient in inner_ids for _ in range(3)]
+  assert history[kept - 1]["inner_loss"] == pytest.approx(
+      _bce(labels, np.concatenate([per_slice[patient] for patient in inner_ids])), rel=1e-4)
+
+
+def test_inner_validation_predicts_mil_bags_like_the_test_patients(records_dir, tmp_path):
+  from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  trainer.run_grid(tiny_config(records_dir, tmp_path / "slice"))
+  mil = ModelConfig(image_size=SIZE, alpha=0.35, head="attention_mil", attention_units=8)
+  config = tiny_config(records_dir, tmp_path / "R", model=mil, aggregation=trainer.MIL_AGGREGATION,
+                       mil_init_from=str(tmp_path / "slice"), inner_fraction=0.34, threshold="inner_youden",
+                       early_stopping_patience=2, epochs=2)
+  trainer.run_grid(config)
+  cell = tmp_path / "R" / "cells" / "r00_f00"
+  run = json.loads((cell / "run.json").read_text())
+  inner_ids = run["inner_validation"]["patients"]
+  assert len(inner_ids) == 2 and not set(inner_ids) & set(_read_csv_ids(cell / "patient_predictions.csv"))
+  model = keras.models.load_model(cell / "model.keras")
+  # One bag a patient: its 3 original slices in slice order, no padding; the patient score is the model's own.
+  expected = []
+  for patient in inner_ids:
+    bag = np.repeat(_fake_one_window(patient)[..., None], 3, axis=-1)[None].astype(np.float32)
+    expected.append(float(model([bag, np.ones((1, 3), np.float32)], training=False).numpy()[0, 0]))
+  np.testing.assert_allclose(run["inner_validation"]["patient_probabilities"], expected, atol=1e-5)
+  assert run["threshold"] in run["inner_validation"]["patient_probabilities"]
+  history = json.loads((cell / "metrics.json").read_text())["history"]
+  kept = run["inner_validation"]["early_stopping"]["best_epoch"]
+  # MIL's inner loss is over patients (its training unit), not slices.
+  assert history[kept - 1]["inner_loss"] == pytest.approx(_bce([_label(p) for p in inner_ids], expected), rel=1e-4)
+  assert model_lib.is_mil_model(model)
+
+
+def _read_csv_ids(path):
+  return [row["patient_id"] for row in _read_csv(path)]

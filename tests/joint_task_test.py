@@ -159,6 +159,8 @@ def test_joint_grid_trains_both_heads_and_evaluation_and_export_read_both(record
   summary = evaluator.evaluate_runs(evaluator.EvaluateConfig(runs_dir=str(root), output_dir=str(tmp_path / "E"),
                                                              num_bootstrap=20))
   assert sorted(summary) == ["p", "sb"]
+  card = (tmp_path / "E" / "model_card.md").read_text()
+  assert "one backbone shared by tasks p, sb" in card and "1 x max(0, P(sb) - P(p))^2" in card
 
   # Export serves both heads: X/pdx_p and X/pdx_sb, each the ensemble's column of the joint models.
   version_dirs = export.export_if_complete(str(root), contracts.JOINT_TASK, 1, 2, str(tmp_path / "X"))

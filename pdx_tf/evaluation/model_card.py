@@ -61,6 +61,8 @@ def run_metadata(evaluation: TaskEvaluation) -> dict[str, Any]:
       "n_positive": sum(labels),
       "covariates": list(task_runs.covariate_columns),
       "differing_fields": differing,
+      "joint_tasks": first.get("tasks"),
+      "consistency_weight": first.get("consistency_weight"),
   }
 
 
@@ -200,6 +202,9 @@ def _development_section(evaluation: TaskEvaluation) -> list[str]:
            "", "### Model and training", "",
            f"- Model: {_settings(model)}.",
            f"- Training: {_settings(training)}.",
+           *([f"- Heads: one backbone shared by tasks {', '.join(meta['joint_tasks'])} (one head each, trained together"
+              f" on both labels; loss: mean cross-entropy + {meta['consistency_weight']:g} x max(0, P(sb) - P(p))^2,"
+              " as small-bowel dissemination implies peritoneal dissemination)."] if meta["joint_tasks"] else []),
            f"- Initialisation seeds: {', '.join(str(seed) for seed in meta['init_seeds']) or NOT_RECORDED}.",
            f"- Code version: {', '.join(meta['code_versions'])}; records hash: "
            f"{', '.join(hash_[:12] for hash_ in meta['records_hashes'])}.",

@@ -19,11 +19,13 @@ artifacts. The dropout state is reseeded because `.keras` files do not restore K
 (checked with Keras 3: `load_weights` restores Adam's moments and iterations, not `seed_generator_state`).
 
 Inner validation (config.inner_fraction > 0): the model fits on the cell's training patients minus its inner
-patients (splits.inner_split); after training, the inner patients' original slices are predicted and give the
+patients (splits.inner_split); after training, the inner patients are predicted as the held-out ones are (original
+slices, 2.5D stacks, or one bag a patient for attention-MIL) and their patient probabilities give the
 operating threshold (config.threshold) and the calibration (config.calibration, pdx_tf/training/calibration.py),
 both stored in run.json. With config.early_stopping_patience = K, each epoch's inner loss (binary cross-entropy
-over the inner slices) goes into progress.json with the best epoch so far ("best_epoch", "best_inner_loss",
-"best_checkpoint": that epoch's checkpoint file, kept until the cell is finished); after K epochs without a lower
+over the inner slices, or over the inner patients' bags for attention-MIL) goes into progress.json with the best
+epoch so far ("best_epoch", "best_inner_loss", "best_checkpoint": that epoch's checkpoint file, kept until the
+cell is finished); after K epochs without a lower
 loss the cell stops ("stopped_early") and its artifacts come from the best epoch's weights. All of it is committed
 with the epoch, so a resumed cell makes the same decisions as an uninterrupted one.
 
@@ -322,6 +324,8 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   stacks = input_pipeline.load_patient_stacks(info, fit_ids, config.task, config.context_slices) \
       if uses_stacks(config) else None
   validation_data = _validation_data(config, info, validation, test_ids)
+  # The inner patients as the model takes them (slices, 2.5D stacks or bags), built once for every epoch.
+  inner_data = _validation_data(config, info, inner, inner_ids) if inner is not None else None
   checks = _EpochChecks(folder)
   interrupted = False
   for epoch in range(int(progress["epochs_completed"]), config.epochs):
@@ -346,7 +350,7 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     progress["history"].append(checks.logs)
     progress["wall_time_s"] = float(progress.get("wall_time_s", 0.0)) + time.time() - epoch_started
     if config.early_stopping_patience > 0:
-      _early_stopping_step(model, inner, progress, config)
+      _early_stopping_step(config, model, inner, inner_ids, inner_data, progress)
     commit_epoch(folder, model, progress)
     if progress.get("stopped_early"):
       logging.info("cell %s: inner loss not lower for %d epochs; stopped after epoch %d, keeping epoch %d", name,
@@ -362,7 +366,7 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   if progress.get("best_checkpoint"):
     model.load_weights(io_utils.join(folder, contracts.CHECKPOINT_FOLDER, progress["best_checkpoint"]))
   _finish_cell(config, info, split, cell, model, validation, progress, policy, tensorboard_dir, init_seed,
-               inner=inner, inner_ids=inner_ids)
+               inner=inner, inner_ids=inner_ids, inner_data=inner_data)
   return "complete"
 
 
@@ -426,18 +430,26 @@ def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: 
   return probabilities, np.asarray(patient), attention
 
 
-def inner_loss(model: keras.Model, inner: input_pipeline.ValidationSet, batch_size: int) -> float:
-  """Mean binary cross-entropy of the model on the inner patients' original slices (Keras' clipping)."""
-  probabilities = model.predict(inner.dataset(batch_size).map(_image_only), verbose=0).reshape(-1)
-  probabilities = np.clip(probabilities.astype(np.float64), 1e-7, 1.0 - 1e-7)
-  labels = inner.labels.astype(np.float64)
+def inner_loss(config: TrainConfig, model: keras.Model, inner: input_pipeline.ValidationSet,
+               inner_ids: Sequence[str], inner_data: tf.data.Dataset) -> float:
+  """Mean binary cross-entropy (Keras' clipping) on the inner patients, at the unit the model is trained on: their
+  original slices (or 2.5D stacks) for the slice head, one bag a patient for attention-MIL. `inner_data`: their
+  `_validation_data`."""
+  slice_probabilities, patient_probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data)
+  if config.model.head == "attention_mil":
+    labels_by_patient = {patient_id: int(label) for patient_id, label in zip(inner.patient_ids, inner.labels)}
+    probabilities, labels = patient_probabilities, np.asarray([labels_by_patient[p] for p in inner_ids])
+  else:
+    probabilities, labels = slice_probabilities, inner.labels
+  probabilities = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1.0 - 1e-7)
+  labels = np.asarray(labels, np.float64)
   return float(-np.mean(labels * np.log(probabilities) + (1.0 - labels) * np.log1p(-probabilities)))
 
 
-def _early_stopping_step(model: keras.Model, inner: input_pipeline.ValidationSet, progress: dict[str, Any],
-                         config: TrainConfig) -> None:
+def _early_stopping_step(config: TrainConfig, model: keras.Model, inner: input_pipeline.ValidationSet,
+                         inner_ids: Sequence[str], inner_data: tf.data.Dataset, progress: dict[str, Any]) -> None:
   """Records this epoch's inner loss in progress and updates the best epoch and the stop decision."""
-  loss = inner_loss(model, inner, config.batch_size)
+  loss = inner_loss(config, model, inner, inner_ids, inner_data)
   completed = int(progress["epochs_completed"])
   progress["history"][-1]["inner_loss"] = loss
   if progress.get("best_inner_loss") is None or loss < progress["best_inner_loss"]:
@@ -457,25 +469,19 @@ def auc(labels, probabilities) -> float | None:
   return None if value is None or not math.isfinite(value) else float(value)
 
 
-def _patient_probabilities(config: TrainConfig, slices: input_pipeline.ValidationSet, probabilities: np.ndarray,
-                           patient_ids: Sequence[str]) -> np.ndarray:
-  return np.asarray([aggregation_lib.aggregate(probabilities[slices.patient_ids == patient_id], config.aggregation,
-                                               config.top_k) for patient_id in patient_ids])
-
-
 def _inner_decisions(config: TrainConfig, model: keras.Model, inner: input_pipeline.ValidationSet | None,
-                     inner_ids: Sequence[str], labels: Mapping[str, int], progress: Mapping[str, Any]
-                     ) -> dict[str, Any] | None:
+                     inner_ids: Sequence[str], inner_data: tf.data.Dataset | None, labels: Mapping[str, int],
+                     progress: Mapping[str, Any]) -> dict[str, Any] | None:
   """run.json's threshold, calibration and inner-validation record; None when every opt-in field is at its
-  default (then run.json has none of these keys and the threshold is 0.5)."""
+  default (then run.json has none of these keys and the threshold is 0.5). The inner patients' probabilities are
+  made like the held-out ones (`held_out_probabilities`: the aggregation rule over slices or 2.5D stacks, or the
+  MIL model's own patient probability)."""
   if config.inner_fraction == 0.0 and config.threshold_rule == "fixed" and float(config.threshold) == 0.5:
     return None
   rule, fixed = calibration_lib.parse_threshold(config.threshold)
   if inner is None:
     return {"threshold": fixed, "threshold_rule": rule, "calibration": None, "inner_validation": None}
-  slice_probabilities = model.predict(inner.dataset(config.batch_size).map(_image_only), verbose=0)
-  slice_probabilities = slice_probabilities.reshape(-1).astype(np.float64)
-  probabilities = _patient_probabilities(config, inner, slice_probabilities, inner_ids)
+  slice_probabilities, probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data)
   inner_labels = np.asarray([labels[patient_id] for patient_id in inner_ids])
   return {
       "threshold": calibration_lib.operating_threshold(rule, fixed, inner_labels, probabilities),
@@ -498,7 +504,8 @@ def _inner_decisions(config: TrainConfig, model: keras.Model, inner: input_pipel
 def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
                  cell: contracts.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
                  progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int, *,
-                 inner: input_pipeline.ValidationSet | None = None, inner_ids: Sequence[str] = ()) -> None:
+                 inner: input_pipeline.ValidationSet | None = None, inner_ids: Sequence[str] = (),
+                 inner_data: tf.data.Dataset | None = None) -> None:
   """Writes model.keras, each task's predictions and metrics.json, the HParams session and (last) run.json.
 
   With inner validation, the inner patients' patient probabilities give the threshold and the calibration
@@ -514,8 +521,8 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   tf.io.gfile.rename(temp, model_path, overwrite=True)
 
   _, test_ids = splits.cell_patients(split, *cell)
-  decision = None if config.joint else _inner_decisions(config, model, inner, inner_ids, info.labels(config.task),
-                                                         progress)
+  decision = None if config.joint else _inner_decisions(config, model, inner, inner_ids, inner_data,
+                                                         info.labels(config.task), progress)
   board_metrics: dict[str, float | None] = {}
   for index, task in enumerate(config.tasks):
     task_validation = validation if not config.joint else dataclasses.replace(validation,

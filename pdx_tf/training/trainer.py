@@ -214,11 +214,6 @@ class TrainConfig:
       if needs:
         raise ValueError(f"{needs[0]} is fitted on inner patients, and there are none; set --inner_fraction"
                          " (e.g. 0.2) or drop it")
-    elif self.context_slices or self.model.head != "slice":
-      # The inner patients are predicted slice by slice (cell_trainer._inner_decisions); 2.5D stacks and MIL bags
-      # are not wired into that step yet.
-      raise ValueError("--inner_fraction works with the slice head on single slices for now; drop it, or"
-                       " --context_slices and --head=attention_mil")
 
   @property
   def threshold_rule(self) -> str:
