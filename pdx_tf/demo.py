@@ -38,10 +38,11 @@ def records_folder(root: str, image_size: int) -> str:
 
 
 def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
-  """Runs the whole demo for one task.
+  """Runs the whole demo for one task (or both, on one backbone).
 
   Args:
-    task: "p" or "sb".
+    task: "p", "sb" or "p,sb" (the joint grid; its runs and evaluation go to root/joint and
+      root/evaluation/joint).
     root: folder for records (root/records), runs (root/<task>) and evaluation (root/evaluation).
     progress: show pipeline progress.
     **overrides: TrainConfig fields to change from the demo preset (a `model` also sets the records' image size).
@@ -54,7 +55,8 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
 
   image_size = overrides["model"].image_size if "model" in overrides else presets.TRAIN_PRESETS["demo"]["image_size"]
   records_dir = records_folder(root, image_size)
-  config = demo_train_config(task, records_dir, io_utils.join(root, task), **overrides)
+  folder = "joint" if task == contracts.JOINT_TASK else task
+  config = demo_train_config(task, records_dir, io_utils.join(root, folder), **overrides)
   times = {}
   started = time.time()
   pipeline.run_demo_pipeline(records_dir, progress=progress, image_size=image_size)
@@ -66,7 +68,7 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
   times["training"] = time.time() - started
 
   started = time.time()
-  evaluation_dir = io_utils.join(root, "evaluation", task)
+  evaluation_dir = io_utils.join(root, "evaluation", folder)
   summary, table = _evaluate(config.output_dir, evaluation_dir, task)
   times["evaluation"] = time.time() - started
   return {"table": table, "summary": summary, "records_dir": records_dir, "output_dir": config.output_dir,
@@ -97,5 +99,5 @@ def _set_aside_stale_run(config: trainer.TrainConfig) -> None:
 def _evaluate(runs_dir: str, evaluation_dir: str, task: str) -> tuple[Any, str | None]:
   from pdx_tf import evaluation  # pylint: disable=import-outside-toplevel
   summary = evaluation.evaluate_runs(evaluation.EvaluateConfig(
-      runs_dir=runs_dir, output_dir=evaluation_dir, tasks=(task,), num_bootstrap=200))
+      runs_dir=runs_dir, output_dir=evaluation_dir, tasks=contracts.task_list(task), num_bootstrap=200))
   return summary, evaluation.format_paper_table(summary)

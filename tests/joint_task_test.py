@@ -215,3 +215,26 @@ def test_bad_joint_input_is_one_line_before_training(records_dir, tmp_path):
     trainer.run_grid(_config(unlabelled, tmp_path / "c"))
   assert "\n" not in str(error.value)
   assert not (tmp_path / "b" / "cells").exists() and not (tmp_path / "c" / "cells").exists()
+
+
+def test_train_and_export_binaries_take_the_joint_task(records_dir, tmp_path):
+  import subprocess  # pylint: disable=import-outside-toplevel
+  import sys  # pylint: disable=import-outside-toplevel
+
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+  result = subprocess.run(
+      [sys.executable, "-m", "train", "--task=p,sb", f"--records_dir={records_dir}", f"--output_dir={tmp_path / 'R'}",
+       "--alpha=0.35", "--num_folds=2", "--num_repeats=1", "--epochs=1", "--batch_size=8", "--pool_fraction=0.5",
+       "--consistency_weight=0.5", f"--export_dir={tmp_path / 'X'}"],
+      cwd=repo, env=environment, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert f"export: {tmp_path / 'X' / 'pdx_p' / '1'}" in result.stdout
+  assert f"export: {tmp_path / 'X' / 'pdx_sb' / '1'}" in result.stdout
+  assert json.loads((tmp_path / "R" / "config.json").read_text())["consistency_weight"] == 0.5
+  result = subprocess.run([sys.executable, "-m", "export", f"--runs_dir={tmp_path / 'R'}", "--task=p,sb",
+                           f"--export_dir={tmp_path / 'X'}"], cwd=repo, env=environment, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert result.stdout.split() == ["Exported", str(tmp_path / "X" / "pdx_p" / "2"),
+                                   "Exported", str(tmp_path / "X" / "pdx_sb" / "2")]

@@ -26,6 +26,9 @@ Examples:
   python -m train --task=sb --records_dir=D --output_dir=runs/sb25mil --context_slices=1 --head=attention_mil \
       --mil_init_from=runs/sb25
 
+  # One backbone, a head per task: one grid for p and sb, exported as X/pdx_p and X/pdx_sb.
+  python -m train --task=p,sb --records_dir=D --output_dir=runs/joint --export_dir=X
+
 Rerunning skips complete cells and resumes interrupted ones after their last committed epoch (with
 --deterministic on CPU, byte-identical to an uninterrupted run, even after a kill). Exit status 1 with a
 one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training/trainer.py and
@@ -113,6 +116,8 @@ _CALIBRATION = flags.DEFINE_enum("calibration", "none", ["none", "platt", "isoto
                                  " inner patients' patient probabilities (needs --inner_fraction).")
 _EARLY_STOPPING_PATIENCE = flags.DEFINE_integer("early_stopping_patience", 0, "Stop a cell after this many epochs"
                                                 " without a lower inner loss, keeping the best epoch (0: off).")
+_CONSISTENCY_WEIGHT = flags.DEFINE_float("consistency_weight", 1.0, "With --task=p,sb: weight of the loss term"
+                                         " max(0, P(sb) - P(p))^2 (small-bowel dissemination implies peritoneal).")
 # The flags a --cells_per_gpu parent sets itself on its children.
 _CHILD_OWNED = ("num_partitions", "partition_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
 
@@ -130,7 +135,8 @@ _CONFIG_FLAGS = ("task", "records_dir", "output_dir", "num_folds", "num_repeats"
                  "jit_compile", "seed", "repartition", "pool_fraction", "images_per_epoch", "include_originals",
                  "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells",
                  "context_slices", "head", "attention_units", "mil_init_from", "mil_max_slices",
-                 "mil_bags_per_batch", "inner_fraction", "threshold", "calibration", "early_stopping_patience")
+                 "mil_bags_per_batch", "inner_fraction", "threshold", "calibration", "early_stopping_patience",
+                 "consistency_weight")
 # Flags of a run on records that the demo (one machine, its own folders) cannot honour.
 _NOT_FOR_DEMO = ("num_partitions", "partition_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
 
