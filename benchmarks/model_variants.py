@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # pylint: disable=wrong-import-position
 from absl import app, flags  # pylint: disable=wrong-import-position
 
-from pdx_tf import contracts, demo, io_utils  # pylint: disable=wrong-import-position
+from pdx_tf import contracts, demo, io_utils, presets  # pylint: disable=wrong-import-position
 from pdx_tf.evaluation import grid_statistics, metrics  # pylint: disable=wrong-import-position
 from pdx_tf.training import trainer  # pylint: disable=wrong-import-position
 
@@ -46,6 +46,8 @@ _NUM_FOLDS = flags.DEFINE_integer("num_folds", 8, "Folds (one repeat).")
 _EPOCHS = flags.DEFINE_integer("epochs", 5, "Epochs of every variant (the demo's 5).")
 _IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", 2048, "Slice images an epoch, every variant.")
 _BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", 2000, "Bootstrap replicates over patients.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Input size of every variant (default: the demo preset's);"
+                                   " the demo records are built at this size (runs/demo/records-<size>px).")
 
 # variant -> (context_slices, head, the slice variant a MIL variant starts from)
 VARIANTS = {"baseline": (0, "slice", None), "2.5d": (1, "slice", None), "mil": (0, "attention_mil", "baseline"),
@@ -59,7 +61,9 @@ def _grid(task: str, variant: str, seed: int, records_dir: str) -> tuple[str, fl
   if variant == "joint":
     output_dir = io_utils.join(_ROOT.value, "joint", f"s{seed}")
     if seed not in _JOINT_WALL:
+      joint_model = demo.demo_train_config(contracts.JOINT_TASK, records_dir, output_dir).model
       config = demo.demo_train_config(contracts.JOINT_TASK, records_dir, output_dir, seed=seed,
+                                      model=dataclasses.replace(joint_model, image_size=_image_size()),
                                       num_folds=_NUM_FOLDS.value, epochs=_EPOCHS.value,
                                       images_per_epoch=_IMAGES_PER_EPOCH.value)
       started = time.time()
@@ -68,7 +72,8 @@ def _grid(task: str, variant: str, seed: int, records_dir: str) -> tuple[str, fl
     return output_dir, _JOINT_WALL[seed]
   output_dir = io_utils.join(_ROOT.value, task, variant, f"s{seed}")
   preset_model = demo.demo_train_config(task, records_dir, output_dir).model
-  model = dataclasses.replace(preset_model, input_channels=3 if context == 0 else 2 * context + 1, head=head)
+  model = dataclasses.replace(preset_model, input_channels=3 if context == 0 else 2 * context + 1, head=head,
+                              image_size=_image_size())
   extra = {}
   if head == "attention_mil":
     extra = {"aggregation": trainer.MIL_AGGREGATION,
@@ -79,6 +84,10 @@ def _grid(task: str, variant: str, seed: int, records_dir: str) -> tuple[str, fl
   started = time.time()
   trainer.run_grid(config)
   return output_dir, time.time() - started
+
+
+def _image_size() -> int:
+  return _IMAGE_SIZE.value or presets.TRAIN_PRESETS["demo"]["image_size"]
 
 
 def _patient_probabilities(output_dir: str, task: str) -> dict[str, tuple[int, float]]:
@@ -100,13 +109,17 @@ def main(argv):
   del argv
   from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
 
-  records_dir = io_utils.join(demo.DEMO_ROOT, "records")
-  pipeline.run_demo_pipeline(records_dir, progress=False)
-  budget = {"epochs": _EPOCHS.value, "images_per_epoch": _IMAGES_PER_EPOCH.value, "num_folds": _NUM_FOLDS.value}
+  records_dir = demo.records_folder(demo.DEMO_ROOT, _image_size())
+  pipeline.run_demo_pipeline(records_dir, progress=False, image_size=_image_size())
+  budget = {"epochs": _EPOCHS.value, "images_per_epoch": _IMAGES_PER_EPOCH.value, "num_folds": _NUM_FOLDS.value,
+            "image_size": _image_size()}
   summary_path = io_utils.join(_ROOT.value, "model_variants.json")
   # Runs of other variants under the same root and budget are kept, so the table can be built in parts.
   summary = io_utils.read_json(summary_path) if io_utils.exists(summary_path) else {}
-  if summary.get("budget") != budget:
+  # Summaries written before the size was a flag were at the demo preset's size.
+  if summary and {"image_size": presets.TRAIN_PRESETS["demo"]["image_size"], **summary.get("budget", {})} != budget:
+    summary = {}
+  if not summary:
     summary = {"budget": budget, "commands": [], "results": {}}
   summary["commands"].append(" ".join(sys.argv))
   order = [variant for variant in VARIANTS if variant in _VARIANTS.value]
