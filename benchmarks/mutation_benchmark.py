@@ -110,6 +110,11 @@ TARGETS: dict[str, dict[str, Any]] = {
                   "summary or canar"],
         "functions": ["_run_patient", "PipelineResult.summary"],
     },
+    "joint_heads": {  # --task=p,sb: the two heads, the consistency loss, the per-task views export serves
+        "module": "pdx_tf/training/model.py",
+        "tests": ["tests/joint_task_test.py", "-k", "loss or views"],
+        "functions": ["task_view", "JointLoss.call", "JointLoss.__init__", "is_joint_model", "build_model"],
+    },
     "training_resume": {
         "module": "pdx_tf/training/cell_trainer.py",
         "tests": ["tests/cell_trainer_test.py", "tests/trainer_test.py", "-k", "uncommitted or complete_progress or "
