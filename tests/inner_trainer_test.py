@@ -294,6 +294,21 @@ def test_inner_validation_predicts_mil_bags_like_the_test_patients(records_dir, 
   # MIL's inner loss is over patients (its training unit), not slices.
   assert history[kept - 1]["inner_loss"] == pytest.approx(_bce([_label(p) for p in inner_ids], expected), rel=1e-4)
   assert model_lib.is_mil_model(model)
+  # The MIL grid through export: its head and inner threshold travel, and predict_patient returns the model's own
+  # patient probability and attention (one bag of the patient's slices).
+  from pdx_tf.serving import export  # pylint: disable=import-outside-toplevel
+
+  version_dir = export.export_models([str(cell)], str(tmp_path / "X"), "p")
+  _, metadata = export.read_export(version_dir)
+  assert metadata["head"] == "attention_mil" and metadata["threshold"] == pytest.approx(run["threshold"])
+  patient = inner_ids[0]
+  hu = (_fake_one_window(patient).astype(np.float32) - 80.0) * 3.0  # any HU stack: compare served with Keras
+  served = tf.saved_model.load(version_dir).signatures["predict_patient"](hu=tf.constant(hu))
+  from pdx_tf.data import preprocess  # pylint: disable=import-outside-toplevel
+  images = preprocess.preprocess_slices(hu, preprocess.preprocess_config_from_dict(run["preprocess"])).numpy()
+  outputs = model_lib.mil_outputs(model, images[None].astype(np.float32), np.ones((1, 3), np.float32))
+  assert float(served["patient_probability"]) == pytest.approx(float(outputs["probability"][0]), abs=1e-5)
+  np.testing.assert_allclose(served["attention"].numpy(), np.asarray(outputs["attention"])[0], atol=1e-5)
 
 
 def _read_csv_ids(path):
