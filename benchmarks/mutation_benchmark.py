@@ -112,8 +112,13 @@ TARGETS: dict[str, dict[str, Any]] = {
     },
     "joint_heads": {  # --task=p,sb: the two heads, the consistency loss, the per-task views export serves
         "module": "pdx_tf/training/model.py",
-        "tests": ["tests/joint_task_test.py", "-k", "loss or views"],
+        "tests": ["tests/joint_task_test.py", "-k", "loss or views or scales"],
         "functions": ["task_view", "JointLoss.call", "JointLoss.__init__", "is_joint_model", "build_model"],
+        "equivalent": {
+            "f9b47034835c": "y_true[..., :, None] -> y_true[..., None]: the same indexing",
+            "6b98aa4e831d": "the slice model's Dropout layer name: read by no code (MIL's is looked up, not this one)",
+            "b9c13fd1c1ea": "the slice model's name: shown in summaries only",
+        },
     },
     "training_resume": {
         "module": "pdx_tf/training/cell_trainer.py",

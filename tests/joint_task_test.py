@@ -82,6 +82,17 @@ def test_task_views_are_the_joint_columns_and_plain_slice_classifiers():
     model_lib.ModelConfig(image_size=SIZE, head="attention_mil", joint_heads=True)
 
 
+@pytest.mark.parametrize("settings", [{}, {"joint_heads": True}, {"head": "attention_mil"}])
+def test_every_model_scales_uint8_pixels_to_minus_one_one(settings):
+  """MobileNetV2's input range (ImageNet weights expect [-1, 1]): pixel v enters the backbone as v / 127.5 - 1."""
+  model = model_lib.build_model(model_lib.ModelConfig(image_size=SIZE, alpha=0.35, **settings))
+  holder = model.get_layer("per_slice").layer if settings.get("head") else model
+  scaling = holder.get_layer("to_unit_range")
+  pixels = np.array([[0.0, 127.5, 255.0, 51.0]], np.float32)
+  np.testing.assert_allclose(np.asarray(scaling(pixels)), pixels / 127.5 - 1.0, atol=1e-6)
+  assert holder.layers.index(scaling) < holder.layers.index(holder.get_layer(model_lib.BACKBONE_NAME))
+
+
 def test_joint_split_is_stratified_on_both_labels():
   labels_p = {f"q{i:03d}": int(i % 3 != 0) for i in range(40)}
   labels_sb = {patient: int(labels_p[patient] and int(patient[1:]) % 2 == 0) for patient in labels_p}
