@@ -61,6 +61,8 @@ def test_oracle_labels_follow_the_mapped_pixel_coverage():
   labels = oracle.oracle_labels(arrays["peak_coverage"], 0.5)
   np.testing.assert_array_equal(labels, (expected_peak >= 0.5).astype(int))
   np.testing.assert_array_equal(labels, [1, 1, 0, 0, 0])
+  # The threshold itself counts as covered.
+  np.testing.assert_array_equal(oracle.oracle_labels(np.array([0.5, 0.49, 0.51]), 0.5), [1, 0, 1])
   # A lower threshold takes in the quarter-covered slices too, never the empty one.
   np.testing.assert_array_equal(oracle.oracle_labels(arrays["peak_coverage"], 0.2), [1, 1, 1, 1, 0])
   # Nodule area in model pixels (native pixels / 16) and the nodule count of each slice.
