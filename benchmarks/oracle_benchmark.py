@@ -33,13 +33,13 @@ Output: one line per (size, seed), a summary per size, and <root>/oracle.json (m
 each size's entry is replaced when it is rerun). Only manifest patient_ids appear; nothing is read from inside the
 DICOM but pixels and slice positions.
 
-Cost, measured on the shared 2-core box (2026-11-30, load from other jobs): reading the 40-patient cohort's
-1606 abdominal slices is about 25 s a run (sizes share one read; a cached size reads nothing), plus about a
-minute to write the cohort the first time. Training costs about 6.5 ms a slice image an epoch at 48 px plus about
-18 s a fold (building and tracing the model, predicting); at 96 px about 4x per image is assumed from the pixel
-count (not measured). So the default run (3 seeds x 4 folds, 10 epochs over ~1200 training slices) is about
-20 min at 48 px and about 70 min at 96 px; 128 px (--image_sizes=48,96,128) would add about 2 h. The smoke run
-(--image_sizes=48 --seeds=0 --num_folds=2 --epochs=1) takes about 80 s with the cohort on disk.
+Cost, measured on the shared 2-core box (2026-11-30, loaded by other jobs, so noisy): reading the 40-patient
+cohort's 1606 abdominal slices is 25-50 s a run (sizes share one read; a cached size reads nothing), plus about a
+minute to write the cohort the first time. At 48 px, 2 folds x 1 epoch took 47 s and 2 folds x 3 epochs 68 s:
+about 6.5 ms a slice image an epoch plus about 18 s a fold (building and tracing the model, predicting). At 96 px,
+2 folds x 1 epoch took 60 s and x 2 epochs 53 s: the load noise hides the per-image cost, which is no more than
+4x that at 48 px. So the default run (3 seeds x 4 folds, 10 epochs over ~1200 training slices) is about 20 min at
+48 px and 25-70 min at 96 px.
 """
 
 from __future__ import annotations
