@@ -1,0 +1,389 @@
+"""Can a from-scratch MobileNetV2 see the phantom's small-bowel nodules at all at a given input size? (issue 13)
+
+  python benchmarks/oracle_benchmark.py                                   # 48 and 96 px, 3 seeds x 4 folds
+  python benchmarks/oracle_benchmark.py --image_sizes=48 --seeds=0 --num_folds=2 --epochs=1   # a smoke run
+
+An "oracle" run: the demo preset's model (pdx_tf/presets.py, the demo row: MobileNetV2 alpha 0.35, weights none)
+is trained on EXACT slice labels instead of the pipeline's weak patient labels. The label of a slice is 1 when
+some model pixel is covered by a small-bowel nodule for at least --min_coverage of its area, 0 otherwise. If the
+model cannot separate those slices at a size, no patient-label training at that size can learn the nodules.
+
+Data: the demo phantom cohort (`phantom.write_demo_cohort(phantom.demo_cohort_dir())`, written if absent). Each
+study is read like the pipeline reads it (`region.load_abdomen` with the demo PipelineConfig's region, slice
+spacing and thickness); the cohort's `masks/<patient_id>.npz` small_bowel_nodule_mask is aligned to the kept
+slices by z (like benchmarks/localisation_benchmark.py) and mapped through the same body crop and resize as the
+slices (`gradcam.map_masks_to_model_grid`, each model pixel's covered fraction); the images are
+`preprocess.preprocess_slices` with the demo's preprocessing (pipeline.demo_config) at each --image_sizes size.
+The arrays of a size are cached in <root>/slices-<S>px.npz (keyed by the cohort's config hash and the
+preprocessing), so a rerun reads no DICOM.
+
+Training, per size, seed and fold: patient-level folds of `splits.make_splits` on label_sb (the grid's kind of
+split, --num_folds folds, one repeat, split seed = the seed); `model.build_model(ModelConfig(S, alpha=0.35))`
+from scratch on the training patients' slices, --epochs epochs (default 10) over every training slice, batch 64,
+Adam lr 1e-3, binary cross-entropy with class-balanced sample weights (each class weighs half of an epoch: nodule
+slices are rare), and a random flip and 90-degree rotation of every image each epoch (numpy, keyed by (seed,
+fold, epoch)). Keras is seeded with a key of (seed, fold). Evaluated on the held-out patients with
+`metrics.binary_metrics`: the slice AUC against the oracle slice labels, and the patient AUC for label_sb with the
+patient score = the max of the patient's slice probabilities. Per (size, seed): the fold means and the pooled
+out-of-fold AUCs; per size: their means over seeds, and the pooled AUC of the seeds' mean patient score. Also per
+size: the oracle-positive slices and patients, and the nodules' size in model pixels (per positive slice, the
+covered area divided by the count of nodules on the slice; its median and the equivalent diameter 2 sqrt(a/pi)).
+
+Output: one line per (size, seed), a summary per size, and <root>/oracle.json (merged across runs of one root:
+each size's entry is replaced when it is rerun). Only manifest patient_ids appear; nothing is read from inside the
+DICOM but pixels and slice positions.
+
+Cost, measured on the shared 2-core box (2026-11-30, loaded by other jobs, so noisy): reading the 40-patient
+cohort's 1606 abdominal slices is 25-50 s a run (sizes share one read; a cached size reads nothing), plus about a
+minute to write the cohort the first time. At 48 px, 2 folds x 1 epoch took 47 s and 2 folds x 3 epochs 68 s:
+about 6.5 ms a slice image an epoch plus about 18 s a fold (building and tracing the model, predicting). At 96 px,
+2 folds x 1 epoch took 60 s and x 2 epochs 53 s: the load noise hides the per-image cost, which is no more than
+4x that at 48 px. So the default run (3 seeds x 4 folds, 10 epochs over ~1200 training slices) is about 20 min at
+48 px and 25-70 min at 96 px.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # pylint: disable=wrong-import-position
+from absl import app, flags  # pylint: disable=wrong-import-position
+
+from pdx_tf import io_utils, phantom  # pylint: disable=wrong-import-position
+from pdx_tf.errors import PdxError  # pylint: disable=wrong-import-position
+
+_ROOT = flags.DEFINE_string("root", "runs/oracle", "Where the cached slice arrays and oracle.json go.")
+_IMAGE_SIZES = flags.DEFINE_list("image_sizes", ["48", "96"], "Model input sizes (px) to test.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds (split, initialisation, augmentation).")
+_NUM_FOLDS = flags.DEFINE_integer("num_folds", 4, "Patient-level folds (one repeat).")
+_EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs over all training slices.")
+_MIN_COVERAGE = flags.DEFINE_float("min_coverage", 0.5,
+                                   "A slice is oracle-positive when some model pixel is covered this much.")
+_COHORT_DIR = flags.DEFINE_string("cohort_dir", None, "Demo cohort folder; default the cached demo cohort.")
+
+Z_MATCH_TOLERANCE_MM = 0.01  # as benchmarks/localisation_benchmark.py: the masks share the series' z grid.
+BATCH_SIZE = 64
+LEARNING_RATE = 1e-3
+ALPHA = 0.35  # the demo preset's width (pdx_tf.presets.TRAIN_PRESETS["demo"]).
+_FOLD_KEY = 0x0AC1E
+_CACHE_VERSION = 1
+
+
+def aligned_masks(slice_z_mm: np.ndarray, mask_volume: np.ndarray, mask_z_mm: np.ndarray,
+                  tolerance_mm: float = Z_MATCH_TOLERANCE_MM) -> np.ndarray:
+  """The mask slices at the read slices' positions: bool [N, Y, X]; a slice with no mask within tolerance is empty.
+
+  Args:
+    slice_z_mm: [N] z of the slices kept by `region.load_abdomen`.
+    mask_volume: bool [Z, Y, X] of the phantom's whole series.
+    mask_z_mm: [Z] z of the mask slices.
+  """
+  masks = np.zeros((len(slice_z_mm),) + mask_volume.shape[1:], bool)
+  for index, z in enumerate(slice_z_mm):
+    nearest = int(np.argmin(np.abs(mask_z_mm - z)))
+    if abs(mask_z_mm[nearest] - z) <= tolerance_mm:
+      masks[index] = mask_volume[nearest]
+  return masks
+
+
+def oracle_labels(peak_coverage: np.ndarray, min_coverage: float) -> np.ndarray:
+  """int32 [N]: 1 where a slice's most-covered model pixel reaches `min_coverage`."""
+  return (np.asarray(peak_coverage) >= min_coverage).astype(np.int32)
+
+
+def slice_arrays(hu: np.ndarray, masks: np.ndarray, config) -> dict[str, np.ndarray]:
+  """Model images and nodule measures of one patient's slices at `config.image_size`.
+
+  Args:
+    hu: float32 [N, Y, X] HU.
+    masks: bool [N, Y, X] nodule masks on the same grid.
+    config: a preprocess.PreprocessConfig.
+
+  Returns:
+    {"images": uint8 [N, S, S, 3], "peak_coverage": float32 [N] (the most-covered model pixel's fraction),
+     "area_px": float32 [N] (covered model pixels, summed fractions), "num_nodules": int32 [N] (connected
+     nodules in the native mask)}.
+  """
+  import scipy.ndimage  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import preprocess  # pylint: disable=import-outside-toplevel
+  from pdx_tf.serving import gradcam  # pylint: disable=import-outside-toplevel
+
+  fractions = gradcam.map_masks_to_model_grid(hu, masks, config)
+  flat = fractions.reshape(fractions.shape[0], -1)
+  return {"images": np.asarray(preprocess.preprocess_slices(hu, config)),
+          "peak_coverage": flat.max(axis=1).astype(np.float32), "area_px": flat.sum(axis=1).astype(np.float32),
+          "num_nodules": np.array([scipy.ndimage.label(mask)[1] for mask in masks], np.int32)}
+
+
+def _cache_key(cohort_dir: str, config) -> str:
+  cohort = io_utils.read_json(os.path.join(cohort_dir, "cohort.json"))
+  return json.dumps({"version": _CACHE_VERSION, "cohort": cohort["config_hash"],
+                     "preprocess": dataclasses.asdict(config)}, sort_keys=True)
+
+
+def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int]) -> dict[int, dict[str, np.ndarray]]:
+  """The cohort's slice arrays per size (`slice_arrays` concatenated over patients, plus "slice_patient" (index
+  into "patient_ids"), "patient_ids" and "label_sb"), from <root>/slices-<S>px.npz or read from DICOM once for
+  every size not cached. A patient that cannot be read gets one line and is left out."""
+  from pdx_tf.data import pipeline, region  # pylint: disable=import-outside-toplevel
+
+  pipeline_config = pipeline.demo_config(os.path.join(root, "unused-records"))
+  configs = {size: dataclasses.replace(pipeline_config.preprocess, image_size=size) for size in image_sizes}
+  result, missing = {}, []
+  for size in image_sizes:
+    path, key = os.path.join(root, f"slices-{size}px.npz"), _cache_key(cohort_dir, configs[size])
+    if os.path.exists(path):
+      with np.load(path) as cached:
+        if str(cached["cache_key"]) == key:
+          result[size] = {name: cached[name] for name in cached.files if name != "cache_key"}
+          continue
+    missing.append(size)
+  if not missing:
+    return result
+  rows = io_utils.read_csv(os.path.join(cohort_dir, "manifest.csv"))
+  parts = {size: [] for size in missing}
+  patient_ids, labels = [], []
+  for row in rows:
+    try:
+      abdomen = region.load_abdomen(os.path.join(cohort_dir, row["dicom_dir"]), config=pipeline_config.region,
+                                    slice_spacing_mm=pipeline_config.slice_spacing_mm,
+                                    slice_thickness_mm=pipeline_config.slice_thickness_mm,
+                                    min_slices=pipeline_config.min_slices)
+    except PdxError as error:
+      print(f"oracle_benchmark: patient {row['patient_id']} left out: {' '.join(str(error).split())}",
+            file=sys.stderr)
+      continue
+    with np.load(os.path.join(cohort_dir, "masks", f"{row['patient_id']}.npz")) as stored:
+      masks = aligned_masks(abdomen.z_mm, stored["small_bowel_nodule_mask"], np.asarray(stored["z_mm"]))
+    index = len(patient_ids)
+    patient_ids.append(row["patient_id"])
+    labels.append(int(float(row["label_sb"])))
+    for size in missing:
+      arrays = slice_arrays(abdomen.hu, masks, configs[size])
+      arrays["slice_patient"] = np.full(len(abdomen.z_mm), index, np.int32)
+      parts[size].append(arrays)
+  if not patient_ids:
+    raise PdxError(f"no patient of {cohort_dir} could be read; rewrite the cohort (delete the folder and rerun)")
+  os.makedirs(root, exist_ok=True)
+  for size in missing:
+    arrays = {name: np.concatenate([part[name] for part in parts[size]]) for name in parts[size][0]}
+    arrays.update(patient_ids=np.array(patient_ids), label_sb=np.array(labels, np.int32))
+    np.savez(os.path.join(root, f"slices-{size}px.npz"), cache_key=_cache_key(cohort_dir, configs[size]),
+             **arrays)
+    result[size] = arrays
+  return result
+
+
+def patient_folds(labels_sb: dict[str, int], num_folds: int, seed: int) -> list[tuple[list[str], list[str]]]:
+  """(train patient_ids, test patient_ids) per fold: one repeat of `splits.make_splits` on label_sb."""
+  from pdx_tf.training import splits  # pylint: disable=import-outside-toplevel
+
+  split = splits.make_splits(labels_sb, task="sb", num_folds=num_folds, num_repeats=1, seed=seed)
+  return [splits.cell_patients(split, 0, fold) for fold in range(num_folds)]
+
+
+def slice_selection(slice_patient: np.ndarray, patient_ids: np.ndarray, chosen: list[str]) -> np.ndarray:
+  """bool [N]: the slices whose patient (index into patient_ids) is in `chosen`."""
+  return np.isin(np.asarray(patient_ids)[slice_patient], list(chosen))
+
+
+def dihedral_augment(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A random 90-degree rotation and left-right flip of each square image [N, S, S, C]."""
+  turns, flips = rng.integers(0, 4, len(images)), rng.integers(0, 2, len(images)).astype(bool)
+  out = np.empty_like(images)
+  for turn in range(4):
+    chosen = turns == turn
+    out[chosen] = np.rot90(images[chosen], turn, axes=(1, 2))
+  out[flips] = out[flips][:, :, ::-1]
+  return out
+
+
+def balanced_weights(labels: np.ndarray) -> np.ndarray:
+  """float32 [N]: each present class weighs half of the total (N / (2 * class count) per example)."""
+  labels = np.asarray(labels)
+  weights = np.ones(len(labels), np.float32)
+  for value in (0, 1):
+    count = int((labels == value).sum())
+    if count:
+      weights[labels == value] = len(labels) / (2.0 * count)
+  return weights
+
+
+def fold_key(seed: int, fold: int) -> int:
+  return int(np.random.default_rng([seed, fold, _FOLD_KEY]).integers(2**31))
+
+
+def train_and_predict(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, image_size: int,
+                      key: int, epochs: int) -> np.ndarray:
+  """Trains the demo's model from scratch on the oracle slice labels; returns the test slices' probabilities."""
+  import keras  # pylint: disable=import-outside-toplevel
+  from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  keras.utils.set_random_seed(key)
+  model = model_lib.build_model(model_lib.ModelConfig(image_size=image_size, alpha=ALPHA, weights="none"))
+  model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.BinaryCrossentropy())
+  weights = balanced_weights(train_labels)
+  targets = train_labels.astype(np.float32)[:, None]
+  for epoch in range(epochs):
+    augmented = dihedral_augment(train_images, np.random.default_rng([key, epoch]))
+    model.fit(augmented.astype(np.float32), targets, sample_weight=weights, batch_size=BATCH_SIZE, epochs=1,
+              shuffle=True, verbose=0)
+  probabilities = model.predict(test_images.astype(np.float32), batch_size=256, verbose=0).reshape(-1)
+  keras.backend.clear_session()
+  return probabilities
+
+
+def _auc(labels, scores) -> float:
+  from pdx_tf.evaluation import metrics  # pylint: disable=import-outside-toplevel
+
+  return metrics.binary_metrics(np.asarray(labels), np.asarray(scores, np.float64))["auc"]
+
+
+def _nanmean(values) -> float:
+  values = np.asarray(values, np.float64)
+  return float(np.nanmean(values)) if np.isfinite(values).any() else float("nan")
+
+
+def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_folds: int, epochs: int,
+             min_coverage: float) -> dict:
+  """One seed's folds at one size: fold and pooled out-of-fold AUCs, and each patient's out-of-fold score."""
+  started = time.time()
+  labels = oracle_labels(arrays["peak_coverage"], min_coverage)
+  patient_ids = arrays["patient_ids"]
+  labels_sb = {str(pid): int(label) for pid, label in zip(patient_ids, arrays["label_sb"])}
+  slice_scores = np.full(len(labels), np.nan)
+  fold_slice_auc, fold_patient_auc, skipped = [], [], []
+  for fold, (train_ids, test_ids) in enumerate(patient_folds(labels_sb, num_folds, seed)):
+    train = slice_selection(arrays["slice_patient"], patient_ids, train_ids)
+    test = slice_selection(arrays["slice_patient"], patient_ids, test_ids)
+    if not labels[train].any():
+      skipped.append(fold)  # no oracle-positive slice to learn from: the fold's scores stay NaN
+      continue
+    slice_scores[test] = train_and_predict(arrays["images"][train], labels[train], arrays["images"][test],
+                                           image_size, fold_key(seed, fold), epochs)
+    fold_slice_auc.append(_auc(labels[test], slice_scores[test]))
+    test_scores = patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids))
+    test_index = [list(patient_ids).index(pid) for pid in test_ids]
+    fold_patient_auc.append(_auc([labels_sb[pid] for pid in test_ids], test_scores[test_index]))
+  scores = patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids))
+  scored = np.isfinite(scores)
+  scored_slices = np.isfinite(slice_scores)
+  return {"seed": seed, "slice_auc_fold_mean": _nanmean(fold_slice_auc),
+          "patient_auc_fold_mean": _nanmean(fold_patient_auc),
+          "slice_auc_pooled": _auc(labels[scored_slices], slice_scores[scored_slices]) if scored_slices.any()
+          else float("nan"),
+          "patient_auc_pooled": _auc(arrays["label_sb"][scored], scores[scored]) if scored.any() else float("nan"),
+          "folds_skipped": skipped, "patient_scores": [float(value) for value in scores],
+          "wall_s": time.time() - started}
+
+
+def _nanmean_rows(values: np.ndarray) -> np.ndarray:
+  """Column means over the finite rows (NaN where a column has none), without numpy's empty-slice warning."""
+  finite = np.isfinite(values)
+  counts = finite.sum(axis=0)
+  sums = np.where(finite, values, 0.0).sum(axis=0)
+  return np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+
+
+def _json_safe(value):
+  """NaN -> None (strict JSON), recursively."""
+  if isinstance(value, dict):
+    return {key: _json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [_json_safe(item) for item in value]
+  if isinstance(value, float) and not np.isfinite(value):
+    return None
+  return value
+
+
+def patient_scores(slice_scores: np.ndarray, slice_patient: np.ndarray, num_patients: int) -> np.ndarray:
+  """[P]: the max of each patient's slice scores (NaN for a patient with no scored slice)."""
+  scores = np.full(num_patients, np.nan)
+  for index in range(num_patients):
+    own = slice_scores[slice_patient == index]
+    own = own[np.isfinite(own)]
+    if own.size:
+      scores[index] = own.max()
+  return scores
+
+
+def nodule_summary(arrays: dict[str, np.ndarray], min_coverage: float) -> dict:
+  """Counts of oracle-positive slices and patients, and the nodules' size in model pixels on those slices."""
+  labels = oracle_labels(arrays["peak_coverage"], min_coverage)
+  positive = labels == 1
+  per_nodule = arrays["area_px"][positive] / np.maximum(arrays["num_nodules"][positive], 1)
+  area = float(np.median(per_nodule)) if per_nodule.size else float("nan")
+  with_pixels = arrays["num_nodules"] > 0
+  return {"num_slices": int(len(labels)), "positive_slices": int(positive.sum()),
+          "slices_with_nodule_pixels": int(with_pixels.sum()),
+          "positive_patients_oracle": int(len(np.unique(arrays["slice_patient"][positive]))),
+          "positive_patients_label_sb": int(arrays["label_sb"].sum()), "num_patients": int(len(arrays["label_sb"])),
+          "nodule_area_px_median": area, "nodule_diameter_px_median": float(2.0 * np.sqrt(area / np.pi)),
+          "peak_coverage_median_on_nodule_slices": float(np.median(arrays["peak_coverage"][with_pixels]))
+          if with_pixels.any() else float("nan")}
+
+
+def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epochs: int, min_coverage: float,
+        cohort_dir: str | None) -> dict:
+  """Runs every size and seed; prints the lines and writes <root>/oracle.json; returns its dict."""
+  cohort_dir = cohort_dir or os.path.dirname(phantom.write_demo_cohort(phantom.demo_cohort_dir()))
+  started = time.time()
+  all_arrays = cohort_arrays(cohort_dir, root, image_sizes)
+  print(f"cohort slices ready for {', '.join(map(str, image_sizes))} px in {time.time() - started:.0f} s")
+  output_path = os.path.join(root, "oracle.json")
+  result = io_utils.read_json(output_path) if os.path.exists(output_path) else {"sizes": {}}
+  settings = {"num_folds": num_folds, "epochs": epochs, "min_coverage": min_coverage, "batch_size": BATCH_SIZE,
+              "learning_rate": LEARNING_RATE, "alpha": ALPHA, "seeds": seeds}
+  for size in image_sizes:
+    arrays = all_arrays[size]
+    size_started = time.time()
+    nodules = nodule_summary(arrays, min_coverage)
+    per_seed = []
+    for seed in seeds:
+      entry = run_seed(arrays, size, seed, num_folds, epochs, min_coverage)
+      per_seed.append(entry)
+      print(f"{size} px seed {seed}: slice AUC {entry['slice_auc_pooled']:.3f} pooled "
+            f"({entry['slice_auc_fold_mean']:.3f} fold mean), patient sb AUC {entry['patient_auc_pooled']:.3f} "
+            f"pooled ({entry['patient_auc_fold_mean']:.3f} fold mean), {entry['wall_s']:.0f} s"
+            + (f", folds without positive training slices: {entry['folds_skipped']}" if entry["folds_skipped"]
+               else ""))
+    mean_scores = _nanmean_rows(np.array([entry["patient_scores"] for entry in per_seed], np.float64))
+    scored = np.isfinite(mean_scores)
+    summary = {"slice_auc_mean_over_seeds": _nanmean([entry["slice_auc_pooled"] for entry in per_seed]),
+               "patient_auc_mean_over_seeds": _nanmean([entry["patient_auc_pooled"] for entry in per_seed]),
+               "patient_auc_pooled_seed_mean_score": _auc(arrays["label_sb"][scored], mean_scores[scored])
+               if scored.any() else float("nan"),
+               "wall_s": time.time() - size_started}
+    print(f"{size} px summary over {len(seeds)} seed(s): slice AUC {summary['slice_auc_mean_over_seeds']:.3f}, "
+          f"patient sb AUC {summary['patient_auc_mean_over_seeds']:.3f} (pooled, seeds' mean score "
+          f"{summary['patient_auc_pooled_seed_mean_score']:.3f}); {nodules['positive_slices']} oracle-positive of "
+          f"{nodules['num_slices']} slices ({nodules['slices_with_nodule_pixels']} with nodule pixels), "
+          f"{nodules['positive_patients_oracle']} patients (label_sb: {nodules['positive_patients_label_sb']} of "
+          f"{nodules['num_patients']}); nodule {nodules['nodule_area_px_median']:.2f} px median "
+          f"(diameter {nodules['nodule_diameter_px_median']:.2f} px, peak coverage "
+          f"{nodules['peak_coverage_median_on_nodule_slices']:.2f}); wall {summary['wall_s']:.0f} s")
+    result["sizes"][str(size)] = {"settings": settings, "nodules": nodules, "summary": summary,
+                                  "per_seed": per_seed, "patient_ids": [str(pid) for pid in arrays["patient_ids"]]}
+    io_utils.atomic_write_json(output_path, _json_safe(result))  # after each size: a long run keeps its sizes
+  return result
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  try:
+    run(_ROOT.value, [int(size) for size in _IMAGE_SIZES.value], [int(seed) for seed in _SEEDS.value],
+        _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value)
+  except (PdxError, ValueError) as error:
+    print(f"oracle_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main)

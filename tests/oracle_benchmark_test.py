@@ -1,0 +1,122 @@
+"""Tests for the pure pieces of benchmarks/oracle_benchmark.py: oracle slice labels, patient-level folds.
+
+Tiny synthetic inputs only (the demo cohort is slow to write); expectations are computed independently with
+numpy block means, or written out by hand.
+"""
+
+import importlib.util
+import os
+import sys
+
+import numpy as np
+from absl import flags
+
+from pdx_tf.data import preprocess
+
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+
+
+def _load(name):
+  """Imports benchmarks/<name>.py and takes its flags off absl's registry (as tests/benchmark_scripts_test.py)."""
+  before = set(flags.FLAGS)
+  spec = importlib.util.spec_from_file_location(name, os.path.join(_BENCHMARKS, f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  for flag_name in set(flags.FLAGS) - before:
+    delattr(flags.FLAGS, flag_name)
+  return module
+
+
+oracle = _load("oracle_benchmark")
+
+NATIVE, MODEL = 64, 16  # a model pixel is a 4 x 4 native block when the body fills the image and no margin
+
+
+def _slices_and_masks():
+  """Soft tissue filling the whole image (so the body box is the image) and one nodule mask per slice."""
+  hu = np.full((5, NATIVE, NATIVE), 40.0, np.float32)
+  masks = np.zeros(hu.shape, bool)
+  masks[0, 8:12, 8:12] = True      # one whole model pixel: coverage 1 -> positive
+  masks[1, 20:23, 32:36] = True    # 3 of 4 rows of one model pixel: 0.75 -> positive
+  masks[2, 40:41, 12:16] = True    # 1 of 4 rows: 0.25 -> negative
+  masks[3, 30:34, 30:34] = True    # a whole pixel's area split over 4 model pixels, 0.25 each -> negative
+  # slice 4: no nodule -> negative
+  return hu, masks
+
+
+def _block_coverage(masks):
+  """Independent expectation: each model pixel's covered fraction as the mean of its 4 x 4 native block."""
+  step = NATIVE // MODEL
+  return masks.reshape(len(masks), MODEL, step, MODEL, step).mean(axis=(2, 4))
+
+
+def test_oracle_labels_follow_the_mapped_pixel_coverage():
+  hu, masks = _slices_and_masks()
+  config = preprocess.PreprocessConfig(image_size=MODEL, crop_margin_fraction=0.0)
+  arrays = oracle.slice_arrays(hu, masks, config)
+  expected_peak = _block_coverage(masks).reshape(len(masks), -1).max(axis=1)
+  np.testing.assert_allclose(expected_peak, [1.0, 0.75, 0.25, 0.25, 0.0])  # the construction itself
+  np.testing.assert_allclose(arrays["peak_coverage"], expected_peak, atol=0.02)
+  labels = oracle.oracle_labels(arrays["peak_coverage"], 0.5)
+  np.testing.assert_array_equal(labels, (expected_peak >= 0.5).astype(int))
+  np.testing.assert_array_equal(labels, [1, 1, 0, 0, 0])
+  # The threshold itself counts as covered.
+  np.testing.assert_array_equal(oracle.oracle_labels(np.array([0.5, 0.49, 0.51]), 0.5), [1, 0, 1])
+  # A lower threshold takes in the quarter-covered slices too, never the empty one.
+  np.testing.assert_array_equal(oracle.oracle_labels(arrays["peak_coverage"], 0.2), [1, 1, 1, 1, 0])
+  # Nodule area in model pixels (native pixels / 16) and the nodule count of each slice.
+  np.testing.assert_allclose(arrays["area_px"], masks.sum(axis=(1, 2)) / 16.0, atol=0.02)
+  np.testing.assert_array_equal(arrays["num_nodules"], [1, 1, 1, 1, 0])
+  assert arrays["images"].shape == (5, MODEL, MODEL, 3) and arrays["images"].dtype == np.uint8
+
+
+def test_masks_are_aligned_by_slice_position():
+  volume = np.zeros((4, 2, 2), bool)
+  volume[2] = True
+  mask_z = np.array([0.0, 5.0, 10.0, 15.0])
+  aligned = oracle.aligned_masks(np.array([10.0, 5.0, 12.5]), volume, mask_z)
+  # 10 mm is mask slice 2 (nodule), 5 mm slice 1 (none), 12.5 mm matches no mask slice (empty, not the nearest).
+  assert aligned[0].all() and not aligned[1].any() and not aligned[2].any()
+
+
+def test_folds_are_patient_level_and_cover_every_patient_once():
+  patient_ids = np.array([f"p{index:02d}" for index in range(12)])
+  labels = {pid: int(index % 3 == 0) for index, pid in enumerate(patient_ids)}
+  slice_patient = np.repeat(np.arange(12), 5)
+  for seed in (0, 1):
+    folds = oracle.patient_folds(labels, 4, seed)
+    assert len(folds) == 4
+    tested = []
+    for train_ids, test_ids in folds:
+      assert not set(train_ids) & set(test_ids)
+      assert set(train_ids) | set(test_ids) == set(patient_ids)
+      train = oracle.slice_selection(slice_patient, patient_ids, train_ids)
+      test = oracle.slice_selection(slice_patient, patient_ids, test_ids)
+      assert not (train & test).any() and (train | test).all()
+      assert set(patient_ids[slice_patient[test]]) == set(test_ids)
+      assert sum(labels[pid] for pid in test_ids) == 1  # 4 positives dealt one per fold (stratified)
+      tested += list(test_ids)
+    assert sorted(tested) == sorted(patient_ids)
+
+
+def test_patient_score_is_the_max_of_its_scored_slices():
+  slice_patient = np.array([0, 0, 0, 1, 1, 2])
+  slice_scores = np.array([0.1, 0.7, 0.3, np.nan, 0.2, np.nan])
+  np.testing.assert_allclose(oracle.patient_scores(slice_scores, slice_patient, 3), [0.7, 0.2, np.nan])
+
+
+def test_balanced_weights_give_each_class_half_the_total():
+  labels = np.array([0, 0, 0, 0, 0, 0, 1, 1])
+  weights = oracle.balanced_weights(labels)
+  assert np.isclose(weights[labels == 0].sum(), 4.0) and np.isclose(weights[labels == 1].sum(), 4.0)
+
+
+def test_dihedral_augment_keeps_each_image_a_rotation_or_flip_of_itself():
+  rng = np.random.default_rng(0)
+  images = rng.integers(0, 255, (16, 6, 6, 3)).astype(np.uint8)
+  out = oracle.dihedral_augment(images, np.random.default_rng(1))
+  for original, augmented in zip(images, out):
+    variants = [np.rot90(original, turn, axes=(0, 1)) for turn in range(4)]
+    variants += [variant[:, ::-1] for variant in variants]
+    assert any(np.array_equal(augmented, variant) for variant in variants)
