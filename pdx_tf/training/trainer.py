@@ -341,7 +341,6 @@ def _write_patients(config: TrainConfig, info: contracts.DatasetInfo) -> None:
 def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
                  cells: Sequence[contracts.Cell]) -> None:
   """Fails before any training if a selected cell cannot be trained (one class, no test patients)."""
-  labels = info.labels(config.task) if not config.joint else {}
   for cell in cells:
     train_ids, test_ids = splits.cell_patients(split, *cell)
     for task in config.tasks:
@@ -352,9 +351,10 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
                         " fewer --num_folds")
     if not test_ids:
       raise RunsError(f"cell {contracts.cell_name(cell)} has no test patients; use fewer --num_folds")
-    # Raises a one-line RunsError when the inner or the fit patients would miss a class.
-    splits.inner_split(labels, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
-                       fraction=config.inner_fraction)
+    if config.inner_fraction:  # never with the joint task (TrainConfig._check_joint)
+      # Raises a one-line RunsError when the inner or the fit patients would miss a class.
+      splits.inner_split(info.labels(config.task), train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
+                         fraction=config.inner_fraction)
 
 
 def _check_joint_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
