@@ -3,32 +3,14 @@
 The expectations are written out by hand from the fake inputs, not computed with the code under test.
 """
 
-import importlib.util
 import math
-import os
-import sys
 
 import pytest
-from absl import flags
 
-_BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+from benchmark_loader import load_benchmark
 
-
-def _load(name):
-  """Imports benchmarks/<name>.py, then takes its flags off absl's global registry so the next script (with
-  flags of the same names, e.g. --task) can be imported too; the helpers tested here read no flags."""
-  before = set(flags.FLAGS)
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_BENCHMARKS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  for flag_name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, flag_name)
-  return module
-
-
-demo_runs = _load("demo_runs")
-export_benchmark = _load("export_benchmark")
+demo_runs = load_benchmark("demo_runs")
+export_benchmark = load_benchmark("export_benchmark")
 
 
 def _summary_entry(per_cell_auc, pooled_auc, sensitivity, pci_auc, ascites_auc):

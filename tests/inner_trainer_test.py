@@ -249,11 +249,7 @@ def test_inner_validation_predicts_2p5d_stacks_like_the_test_patients(records_di
   config = tiny_config(records_dir, tmp_path / "R", context_slices=1, inner_fraction=0.34,
                        threshold="inner_youden", calibration="platt", early_stopping_patience=2, epochs=2)
   trainer.run_grid(config)
-  cell = tmp_path / "R" / "cells" / "r00_f00"
-  run = json.loads((cell / "run.json").read_text())
-  inner_ids = run["inner_validation"]["patients"]
-  assert len(inner_ids) == 2 and not set(inner_ids) & set(_read_csv_ids(cell / "patient_predictions.csv"))
-  model = keras.models.load_model(cell / "model.keras")
+  cell, run, inner_ids, model = _finished_cell(tmp_path / "R")
   # Each inner slice as its numpy 2.5D stack (edges replicated), the patient score the mean of its 3 slices.
   per_slice = {patient: model.predict(numpy_stack(_fake_one_window(patient), 1).astype(np.float32), verbose=0)[:, 0]
                for patient in inner_ids}
@@ -277,11 +273,7 @@ def test_inner_validation_predicts_mil_bags_like_the_test_patients(records_dir, 
                        mil_init_from=str(tmp_path / "slice"), inner_fraction=0.34, threshold="inner_youden",
                        early_stopping_patience=2, epochs=2)
   trainer.run_grid(config)
-  cell = tmp_path / "R" / "cells" / "r00_f00"
-  run = json.loads((cell / "run.json").read_text())
-  inner_ids = run["inner_validation"]["patients"]
-  assert len(inner_ids) == 2 and not set(inner_ids) & set(_read_csv_ids(cell / "patient_predictions.csv"))
-  model = keras.models.load_model(cell / "model.keras")
+  cell, run, inner_ids, model = _finished_cell(tmp_path / "R")
   # One bag a patient: its 3 original slices in slice order, no padding; the patient score is the model's own.
   expected = []
   for patient in inner_ids:
@@ -311,5 +303,12 @@ def test_inner_validation_predicts_mil_bags_like_the_test_patients(records_dir, 
   np.testing.assert_allclose(served["attention"].numpy(), np.asarray(outputs["attention"])[0], atol=1e-5)
 
 
-def _read_csv_ids(path):
-  return [row["patient_id"] for row in _read_csv(path)]
+def _finished_cell(root):
+  """(cell folder, run.json, inner patient IDs, model) of cell r00_f00; checks the inner patients are 2 and
+  none of them is a test patient."""
+  cell = root / "cells" / "r00_f00"
+  run = json.loads((cell / "run.json").read_text())
+  inner_ids = run["inner_validation"]["patients"]
+  test_ids = [row["patient_id"] for row in _read_csv(cell / "patient_predictions.csv")]
+  assert len(inner_ids) == 2 and not set(inner_ids) & set(test_ids)
+  return cell, run, inner_ids, keras.models.load_model(cell / "model.keras")

@@ -4,31 +4,14 @@ Tiny synthetic inputs only (the demo cohort is slow to write); expectations are 
 numpy block means, or written out by hand.
 """
 
-import importlib.util
-import os
-import sys
 
 import numpy as np
-from absl import flags
 
 from pdx_tf.data import preprocess
 
-_BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+from benchmark_loader import load_benchmark
 
-
-def _load(name):
-  """Imports benchmarks/<name>.py and takes its flags off absl's registry (as tests/benchmark_scripts_test.py)."""
-  before = set(flags.FLAGS)
-  spec = importlib.util.spec_from_file_location(name, os.path.join(_BENCHMARKS, f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  sys.modules[name] = module
-  spec.loader.exec_module(module)
-  for flag_name in set(flags.FLAGS) - before:
-    delattr(flags.FLAGS, flag_name)
-  return module
-
-
-oracle = _load("oracle_benchmark")
+oracle = load_benchmark("oracle_benchmark")
 
 NATIVE, MODEL = 64, 16  # a model pixel is a 4 x 4 native block when the body fills the image and no margin
 
