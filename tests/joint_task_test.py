@@ -126,8 +126,10 @@ def fed_labels(monkeypatch):
   def recording_fit(self, x=None, *args, **kwargs):
     fed.append([])
     for images, labels in x:
-      fed[-1].extend(zip((identities[np.asarray(image).astype(np.uint8).tobytes()] for image in images.numpy()),
-                     labels.numpy().tolist()))
+      # A slice's image repeats one window in its 3 channels; a 2.5D stack's centre channel is its own slice.
+      centres = [np.repeat(image[..., image.shape[-1] // 2:image.shape[-1] // 2 + 1], 3, axis=-1)
+                 for image in images.numpy().astype(np.uint8)]
+      fed[-1].extend(zip((identities[centre.tobytes()] for centre in centres), labels.numpy().tolist()))
     return real_fit(self, x, *args, **kwargs)
 
   monkeypatch.setattr(keras.Model, "fit", recording_fit)
@@ -192,6 +194,30 @@ def test_joint_grid_trains_both_heads_and_evaluation_and_export_read_both(record
                                per_model[0, :, column], atol=1e-5)
 
 
+def test_joint_grid_on_2p5d_stacks(records_dir, tmp_path, fed_labels):
+  from model_variants_test import numpy_stack  # pylint: disable=import-outside-toplevel
+
+  # Originals only (pool_fraction 0): a drawn copy's stack is warped, so the pixels would not name its patient.
+  config = _config(records_dir, tmp_path / "R", context_slices=1, cells=("r0f0",), pool_fraction=0.0)
+  assert config.model.input_channels == 3 and config.model.joint_heads
+  trainer.run_grid(config)
+  fold = json.loads((tmp_path / "R" / "splits.json").read_text())["repeats"][0]["folds"][0]
+  # fit saw stacks of the training patients with both labels (identified by the stack's centre slice).
+  assert len(fed_labels) == 1 and {patient for patient, _ in fed_labels[0]} == set(fold["train"])
+  assert all(row == list(map(float, _labels(patient))) for patient, row in fed_labels[0])
+  cell = tmp_path / "R" / "cells" / "r00_f00"
+  joint = keras.saving.load_model(cell / "model.keras", compile=False)
+  for column, task in enumerate(("p", "sb")):
+    with open(cell / task / "patient_predictions.csv") as handle:
+      rows = {row["patient_id"]: float(row["probability"]) for row in csv.DictReader(handle)}
+    assert sorted(rows) == sorted(fold["test"])
+    for patient_id, probability in rows.items():
+      index = int(patient_id[-3:])
+      window = np.stack([fake_records.fake_image(0, index, s, 0, index % 2 == 0, SIZE, 1)[..., 0] for s in range(3)])
+      stacks = numpy_stack(window, 1).astype(np.float32)
+      assert probability == pytest.approx(float(joint(stacks, training=False).numpy()[:, column].mean()), abs=1e-5)
+
+
 def test_single_task_config_files_do_not_change():
   config = trainer.config_from_values(dict(task="p", records_dir="d", output_dir="o", image_size=SIZE))
   written = trainer.config_dict(config)
@@ -202,7 +228,7 @@ def test_single_task_config_files_do_not_change():
 
 
 def test_bad_joint_input_is_one_line_before_training(records_dir, tmp_path):
-  for overrides, flag in ((dict(context_slices=1), "--context_slices"), (dict(inner_fraction=0.3), "--inner_fraction")):
+  for overrides, flag in ((dict(threshold=0.3), "--threshold"), (dict(inner_fraction=0.3), "--inner_fraction")):
     with pytest.raises(ValueError, match=f"drop {flag}") as error:
       _config(records_dir, tmp_path / "a", **overrides)
     assert "\n" not in str(error.value)

@@ -370,7 +370,7 @@ class PatientStacks:
   order: `images[starts[p]:starts[p] + counts[p]]` are patient p's slices 0..n-1."""
 
   images: np.ndarray  # uint8 [M, S, S, channels]: 2C+1 adjacent slices, or the 3 stored channels when C = 0
-  labels: dict[str, int]
+  labels: dict[str, Any]  # the task label; for the joint task the pair (label_p, label_sb)
   starts: dict[str, int]
   counts: dict[str, int]
   context_slices: int
@@ -424,7 +424,9 @@ def load_patient_stacks(info: DatasetInfo, patient_ids: Sequence[str], task: str
       raise RecordsError(f"patient {patient_id}'s original slices in {info.records_dir} are not slices 0..n-1;"
                          " rebuild the records")
     images.append(preprocess.context_stack(tf.constant(validation.images[rows]), context_slices).numpy())
-    starts[patient_id], counts[patient_id], labels[patient_id] = start, rows.size, int(validation.labels[rows[0]])
+    label = validation.labels[rows[0]]
+    starts[patient_id], counts[patient_id] = start, rows.size
+    labels[patient_id] = int(label) if np.ndim(label) == 0 else tuple(int(value) for value in label)
     start += rows.size
   seed, config, fill = _augment_settings(info)
   return PatientStacks(images=np.concatenate(images), labels=labels, starts=starts, counts=counts,
@@ -455,8 +457,7 @@ def warp_stacks(images: tf.Tensor, transforms: tf.Tensor, fill_value: float) -> 
 
 
 def _stack_inputs(task: str, stacks: PatientStacks):
-  """(patient, slice, augmentation index) of a parsed pool record -> (its warped stack, label)."""
-  label_key = records.label_key(task)
+  """(patient, slice, augmentation index) of a parsed pool record -> (its warped stack, label [T])."""
   images = tf.constant(stacks.images)
   channels = stacks.images.shape[-1]
   size = stacks.images.shape[1]
@@ -477,7 +478,7 @@ def _stack_inputs(task: str, stacks: PatientStacks):
     matrix = tf.numpy_function(transform, [patient_id, slice_index, augmentation_index], tf.float32)
     image = warp_stacks(stack, tf.reshape(matrix, [1, 8]), stacks.fill_value)[0]
     image = tf.ensure_shape(image, [size, size, channels])
-    return image, tf.cast(tf.reshape(example[label_key], [1]), tf.float32)
+    return image, label_vector(example, task)
 
   return convert
 

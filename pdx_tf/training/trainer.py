@@ -190,13 +190,13 @@ class TrainConfig:
       raise ValueError(f"consistency_weight must be at least 0, got {self.consistency_weight}")
     if not self.joint:
       return
-    # One step at a time: the joint grid trains the paper's input and head; 2.5D, MIL and the inner
-    # validation keep one task a grid for now.
-    for flag, used in (("--context_slices", self.context_slices > 0), ("--head=attention_mil", self.model.head != "slice"),
-                       ("--inner_fraction", self.inner_fraction > 0), ("--threshold", self.threshold != 0.5)):
+    # The joint grid trains the slice head (single slices or 2.5D stacks). MIL's patient bags and the inner
+    # validation (one threshold and calibration per cell in run.json) keep one task a grid for now.
+    for flag, used in (("--head=attention_mil", self.model.head != "slice"), ("--inner_fraction", self.inner_fraction > 0),
+                       ("--threshold", self.threshold != 0.5)):
       if used:
-        raise ValueError(f"--task={contracts.JOINT_TASK} trains single slices with the slice head and no inner"
-                         f" validation for now; drop {flag}, or train --task=p and --task=sb as two grids")
+        raise ValueError(f"--task={contracts.JOINT_TASK} trains the slice head without inner validation for now;"
+                         f" drop {flag}, or train --task=p and --task=sb as two grids")
 
   def _check_inner_validation(self) -> None:
     if not 0.0 <= self.inner_fraction < 1.0:
