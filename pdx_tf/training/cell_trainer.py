@@ -25,9 +25,9 @@ operating threshold (config.threshold) and the calibration (config.calibration, 
 both stored in run.json. With config.early_stopping_patience = K, each epoch's inner loss (binary cross-entropy
 over the inner slices, or over the inner patients' bags for attention-MIL) goes into progress.json with the best
 epoch so far ("best_epoch", "best_inner_loss", "best_checkpoint": that epoch's checkpoint file, kept until the
-cell is finished); after K epochs without a lower
-loss the cell stops ("stopped_early") and its artifacts come from the best epoch's weights. All of it is committed
-with the epoch, so a resumed cell makes the same decisions as an uninterrupted one.
+cell is finished); after K epochs without a lower loss the cell stops ("stopped_early") and its artifacts come
+from the best epoch's weights. All of it is committed with the epoch, so a resumed cell makes the same decisions
+as an uninterrupted one.
 
 Seeds: the pool draw uses (`seed`, repeat) (input_pipeline.pool_keep); the initialisation uses
 `cell_seed(seed, cell)`; the shuffle and dropout of epoch e use (cell_seed, e).
@@ -301,8 +301,8 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   io_utils.make_dirs(folder)
   train_ids, test_ids = splits.cell_patients(split, *cell)
   # With inner validation off, fit_ids == train_ids (sorted) and inner_ids is empty.
-  fit_ids, inner_ids = splits.inner_split(splits.split_labels(info, config.task), train_ids, seed=config.seed, repeat=cell[0],
-                                          fold=cell[1], fraction=config.inner_fraction)
+  fit_ids, inner_ids = splits.inner_split(splits.split_labels(info, config.task), train_ids, seed=config.seed,
+                                          repeat=cell[0], fold=cell[1], fraction=config.inner_fraction)
   init_seed = cell_seed(config.seed, cell)
   resumed = load_progress(folder)
   progress = resumed[0] if resumed else None

@@ -92,8 +92,9 @@ class TrainConfig:
     consistency_weight: with task "p,sb", the weight of the loss term that penalises P(sb) > P(p)
       (model.JointLoss).
 
-  The four inner-validation fields and consistency_weight are written to config.json and run.json only when they differ from their
-  defaults (`config_dict`), so a default grid's files are byte-identical to those of code without them.
+  The four inner-validation fields, consistency_weight and model.joint_heads are written to config.json and
+  run.json only when they differ from their defaults (`config_dict`), so a default grid's files are
+  byte-identical to those of code without them.
   """
 
   task: str
@@ -192,8 +193,8 @@ class TrainConfig:
       return
     # The joint grid trains the slice head (single slices or 2.5D stacks). MIL's patient bags and the inner
     # validation (one threshold and calibration per cell in run.json) keep one task a grid for now.
-    for flag, used in (("--head=attention_mil", self.model.head != "slice"), ("--inner_fraction", self.inner_fraction > 0),
-                       ("--threshold", self.threshold != 0.5)):
+    for flag, used in (("--head=attention_mil", self.model.head != "slice"),
+                       ("--inner_fraction", self.inner_fraction > 0), ("--threshold", self.threshold != 0.5)):
       if used:
         raise ValueError(f"--task={contracts.JOINT_TASK} trains the slice head without inner validation for now;"
                          f" drop {flag}, or train --task=p and --task=sb as two grids")
