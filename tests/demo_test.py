@@ -64,6 +64,25 @@ def test_run_demo_wiring_at_tiny_scale(tmp_path, monkeypatch):
   assert len(stale) == 1 and os.path.exists(os.path.join(tmp_path, stale[0], "cells", "r00_f00", "run.json"))
 
 
+def test_run_demo_of_the_joint_task(tmp_path, monkeypatch):
+  """--task=p,sb: one grid (root/joint) for both tasks, evaluated as both."""
+  from pdx_tf.data import pipeline
+
+  def fake_pipeline(output_dir, *, progress=True, **overrides):
+    fake_records.write_fake_records(output_dir, num_patients=8, slices_per_patient=3, augment_factor=2,
+                                    image_size=32)
+
+  monkeypatch.setattr(pipeline, "run_demo_pipeline", fake_pipeline)
+  result = demo.run_demo("p,sb", str(tmp_path), progress=False,
+                         model=ModelConfig(image_size=32, alpha=0.35, joint_heads=True), num_folds=2, epochs=1,
+                         batch_size=8, pool_fraction=1.0)
+  assert result["output_dir"] == os.path.join(str(tmp_path), "joint")
+  assert result["evaluation_dir"] == os.path.join(str(tmp_path), "evaluation", "joint")
+  assert result["summary"]["p"]["n_cells"] == result["summary"]["sb"]["n_cells"] == 2
+  rows = [line.split()[0] for line in result["table"].splitlines() if "this run" in line]
+  assert rows == ["P-Model", "SB-Model"], result["table"]
+
+
 def _train(*args):
   return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
