@@ -403,17 +403,19 @@ def _validation_data(config: TrainConfig, info: contracts.DatasetInfo, validatio
 
 
 def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: input_pipeline.ValidationSet,
-                           test_ids: Sequence[str], validation_data: tf.data.Dataset | None = None
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+                           test_ids: Sequence[str], validation_data: tf.data.Dataset | None = None,
+                           column: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
   """(slice probabilities [N] in validation order, patient probabilities in test_ids order, attention [N] or None).
 
-  Slice head: model.predict per slice, then the configured aggregation. Attention-MIL: one bag a patient; the
-  patient probability is the model's, the slice probability its instance score (`model.mil_outputs`) and the
-  attention its weight of each slice.
+  Slice head: model.predict per slice, then the configured aggregation; `column`: the output column of a joint
+  model (its task's head), predicted with the joint model itself so its predict function is traced once a cell.
+  Attention-MIL: one bag a patient; the patient probability is the model's, the slice probability its instance
+  score (`model.mil_outputs`) and the attention its weight of each slice.
   """
   if config.model.head != "attention_mil":
     data = validation_data if validation_data is not None else validation.dataset(config.batch_size)
-    probabilities = model.predict(data.map(_image_only), verbose=0).reshape(-1).astype(np.float64)
+    probabilities = model.predict(data.map(_image_only), verbose=0)
+    probabilities = (probabilities if column is None else probabilities[:, column]).reshape(-1).astype(np.float64)
     patient = np.asarray([aggregation_lib.aggregate(probabilities[validation.patient_ids == patient_id],
                                                     config.aggregation, config.top_k) for patient_id in test_ids])
     return probabilities, patient, None
@@ -511,7 +513,7 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   With inner validation, the inner patients' patient probabilities give the threshold and the calibration
   (module docstring); the held-out patient_predictions.csv gains `calibrated_probability` when calibrating.
   A joint grid's cell writes each task's predictions and metrics.json in its `<task>/` sub-folder
-  (contracts.task_folder), from that task's head (model.task_view).
+  (contracts.task_folder), from that task's output column.
   """
   name = contracts.cell_name(cell)
   folder = contracts.cell_folder(config.output_dir, cell)
@@ -527,22 +529,23 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   for index, task in enumerate(config.tasks):
     task_validation = validation if not config.joint else dataclasses.replace(validation,
                                                                               labels=validation.labels[:, index])
-    metrics = _write_task_predictions(
-        config, info, task, contracts.task_folder(folder, config.task, task), model_lib.task_view(model, task),
-        task_validation, cell, test_ids, progress, decision)
+    metrics = _write_task_predictions(config, info, task, contracts.task_folder(folder, config.task, task), model,
+                                      index if config.joint else None, task_validation, cell, test_ids, progress,
+                                      decision)
     board_metrics.update(metrics if not config.joint else {f"{task}/{key}": value for key, value in metrics.items()})
   tensorboard.write_cell_hparams(tensorboard_dir, name, hparams(config, cell, policy), board_metrics)
   _write_run(config, info, split, cell, progress, policy, init_seed, decision)
 
 def _write_task_predictions(config: TrainConfig, info: contracts.DatasetInfo, task: str, folder: str,
-                            model: keras.Model, validation: input_pipeline.ValidationSet, cell: contracts.Cell,
-                            test_ids: Sequence[str], progress: Mapping[str, Any],
+                            model: keras.Model, column: int | None, validation: input_pipeline.ValidationSet,
+                            cell: contracts.Cell, test_ids: Sequence[str], progress: Mapping[str, Any],
                             decision: Mapping[str, Any] | None) -> dict[str, float | None]:
-  """One task's slice_predictions.csv, patient_predictions.csv and metrics.json in `folder`, from `model` (that
-  task's classifier) on the held-out slices with that task's labels; returns the TensorBoard metrics."""
+  """One task's slice_predictions.csv, patient_predictions.csv and metrics.json in `folder`, from `model` (its
+  output `column` for a joint model) on the held-out slices with that task's labels; returns the TensorBoard
+  metrics."""
   name = contracts.cell_name(cell)
   probabilities, patient_probabilities, attention = held_out_probabilities(
-      config, model, validation, test_ids, _validation_data(config, info, validation, test_ids))
+      config, model, validation, test_ids, _validation_data(config, info, validation, test_ids), column=column)
   slice_rows = [[patient_id, int(slice_index), int(label), f"{probability:.8f}"]
                 for patient_id, slice_index, label, probability in
                 zip(validation.patient_ids, validation.slice_indices, validation.labels, probabilities)]
