@@ -199,36 +199,35 @@ def _python(args: Sequence[str], env: Mapping[str, str], log_path: str) -> float
   return time.time() - started
 
 
+def _run_once(json_path: str, args: Sequence[str], env: Mapping[str, str], log_path: str,
+              seconds_key: str) -> dict[str, Any]:
+  """The JSON a `python <args>` child writes to json_path, with its wall seconds under `seconds_key`; the child
+  runs only when json_path is absent, so a rerun of the benchmark resumes after its finished steps."""
+  if not os.path.exists(json_path):
+    seconds = _python(args, env, log_path)
+    with open(json_path, encoding="utf-8") as handle:
+      result = json.load(handle)
+    result[seconds_key] = seconds
+    with open(json_path, "w", encoding="utf-8") as handle:
+      json.dump(result, handle)
+  with open(json_path, encoding="utf-8") as handle:
+    return json.load(handle)
+
+
 def one_run(root: str, task: str, overrides: Mapping[str, Any], cache_dir: str,
             skip_localisation: bool) -> dict[str, float | None]:
   """Runs (or reuses) the demo in `root`, then the localisation benchmark; returns run_figures' result."""
   os.makedirs(root, exist_ok=True)
   env = {**os.environ, "PDX_TF_CACHE": cache_dir, "PYTHONPATH": _REPO}
   demo_json, localisation_json = os.path.join(root, "demo_result.json"), os.path.join(root, "localisation.json")
-  if not os.path.exists(demo_json):
-    seconds = _python(["-c", _DEMO_SNIPPET, root, task, json.dumps(dict(overrides)), demo_json], env,
-                      os.path.join(root, "demo.log"))
-    with open(demo_json, encoding="utf-8") as handle:
-      result = json.load(handle)
-    result["demo_process_s"] = seconds
-    with open(demo_json, "w", encoding="utf-8") as handle:
-      json.dump(result, handle)
-  with open(demo_json, encoding="utf-8") as handle:
-    demo_result = json.load(handle)
+  demo_result = _run_once(demo_json, ["-c", _DEMO_SNIPPET, root, task, json.dumps(dict(overrides)), demo_json], env,
+                          os.path.join(root, "demo.log"), "demo_process_s")
   wall_s = {**demo_result["wall_time_s"], "demo_process": demo_result["demo_process_s"]}
   localisation = None
   if not skip_localisation:
-    if not os.path.exists(localisation_json):
-      seconds = _python(["-c", _LOCALISATION_SNIPPET, os.path.join(_REPO, "benchmarks", "localisation_benchmark.py"),
-                         demo_result["output_dir"], task, localisation_json], env,
-                        os.path.join(root, "localisation.log"))
-      with open(localisation_json, encoding="utf-8") as handle:
-        localisation = json.load(handle)
-      localisation["wall_s"] = seconds
-      with open(localisation_json, "w", encoding="utf-8") as handle:
-        json.dump(localisation, handle)
-    with open(localisation_json, encoding="utf-8") as handle:
-      localisation = json.load(handle)
+    script = os.path.join(_REPO, "benchmarks", "localisation_benchmark.py")
+    args = ["-c", _LOCALISATION_SNIPPET, script, demo_result["output_dir"], task, localisation_json]
+    localisation = _run_once(localisation_json, args, env, os.path.join(root, "localisation.log"), "wall_s")
     wall_s["localisation"] = localisation["wall_s"]
   with open(os.path.join(demo_result["evaluation_dir"], "summary.json"), encoding="utf-8") as handle:
     summary = json.load(handle)

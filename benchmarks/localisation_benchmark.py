@@ -54,7 +54,6 @@ _LAYER = flags.DEFINE_string("layer", "", "Backbone layer to explain; empty: pre
                              "px, out_relu at 224 px). E.g. out_relu is 1/32 of the image side, "
                              "block_13_expand_relu 1/16, block_6_expand_relu 1/8.")
 
-Z_MATCH_TOLERANCE_MM = 0.01
 FILL_HU, FILL_NOISE_HU = -90.0, 10.0  # the phantom's intraperitoneal fat
 
 
@@ -99,11 +98,7 @@ def patient_arrays(cohort_dir, row, task, models, config, layer_name=None, targe
   """Localisation arrays of one patient: the abdominal slices read from DICOM, masks aligned by z."""
   abdomen = region.load_abdomen(os.path.join(cohort_dir, row["dicom_dir"]))
   lesion_volume, mask_z = _target_volume(cohort_dir, row, task, target)
-  lesions = np.zeros(abdomen.hu.shape, bool)
-  for index, z in enumerate(abdomen.z_mm):
-    nearest = int(np.argmin(np.abs(mask_z - z)))
-    if abs(mask_z[nearest] - z) <= Z_MATCH_TOLERANCE_MM:
-      lesions[index] = lesion_volume[nearest]
+  lesions = phantom.masks_at_slices(abdomen.z_mm, lesion_volume, mask_z)
   arrays = gradcam.localisation_arrays(models, abdomen.hu, lesions, config, layer_name=layer_name)
   seed = zlib.crc32(row["patient_id"].encode("utf-8"))
   return (*arrays, *occlusion_probabilities(models, abdomen.hu, lesions, config, seed=seed))

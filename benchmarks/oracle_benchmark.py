@@ -67,29 +67,11 @@ _MIN_COVERAGE = flags.DEFINE_float("min_coverage", 0.5,
                                    "A slice is oracle-positive when some model pixel is covered this much.")
 _COHORT_DIR = flags.DEFINE_string("cohort_dir", None, "Demo cohort folder; default the cached demo cohort.")
 
-Z_MATCH_TOLERANCE_MM = 0.01  # as benchmarks/localisation_benchmark.py: the masks share the series' z grid.
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 ALPHA = 0.35  # the demo preset's width (pdx_tf.presets.TRAIN_PRESETS["demo"]).
 _FOLD_KEY = 0x0AC1E
 _CACHE_VERSION = 1
-
-
-def aligned_masks(slice_z_mm: np.ndarray, mask_volume: np.ndarray, mask_z_mm: np.ndarray,
-                  tolerance_mm: float = Z_MATCH_TOLERANCE_MM) -> np.ndarray:
-  """The mask slices at the read slices' positions: bool [N, Y, X]; a slice with no mask within tolerance is empty.
-
-  Args:
-    slice_z_mm: [N] z of the slices kept by `region.load_abdomen`.
-    mask_volume: bool [Z, Y, X] of the phantom's whole series.
-    mask_z_mm: [Z] z of the mask slices.
-  """
-  masks = np.zeros((len(slice_z_mm),) + mask_volume.shape[1:], bool)
-  for index, z in enumerate(slice_z_mm):
-    nearest = int(np.argmin(np.abs(mask_z_mm - z)))
-    if abs(mask_z_mm[nearest] - z) <= tolerance_mm:
-      masks[index] = mask_volume[nearest]
-  return masks
 
 
 def oracle_labels(peak_coverage: np.ndarray, min_coverage: float) -> np.ndarray:
@@ -160,7 +142,7 @@ def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int]) -> dict[in
             file=sys.stderr)
       continue
     with np.load(os.path.join(cohort_dir, "masks", f"{row['patient_id']}.npz")) as stored:
-      masks = aligned_masks(abdomen.z_mm, stored["small_bowel_nodule_mask"], np.asarray(stored["z_mm"]))
+      masks = phantom.masks_at_slices(abdomen.z_mm, stored["small_bowel_nodule_mask"], np.asarray(stored["z_mm"]))
     index = len(patient_ids)
     patient_ids.append(row["patient_id"])
     labels.append(int(float(row["label_sb"])))

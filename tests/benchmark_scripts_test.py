@@ -4,6 +4,7 @@ The expectations are written out by hand from the fake inputs, not computed with
 """
 
 import math
+import os
 
 import pytest
 
@@ -117,3 +118,13 @@ def test_summarize_reports_mib_per_model_and_seconds():
   assert figures["export_s_mean_per_model"] == 5.0 and figures["load_s_mean_per_model"] == pytest.approx(5 / 3)
   assert figures["keras_load_s_per_model"] == 1.0
   assert not any(math.isnan(value) for value in figures["mib_per_model"].values())
+
+
+def test_run_once_runs_the_child_only_when_its_json_is_absent(tmp_path):
+  out, counter = tmp_path / "result.json", tmp_path / "runs.txt"
+  child = ("import json, sys; open(sys.argv[2], 'a').write('x'); json.dump({'value': 7}, open(sys.argv[1], 'w'))")
+  args = ["-c", child, str(out), str(counter)]
+  first = demo_runs._run_once(str(out), args, dict(os.environ), str(tmp_path / "log"), "wall")  # pylint: disable=protected-access
+  again = demo_runs._run_once(str(out), args, dict(os.environ), str(tmp_path / "log"), "wall")  # pylint: disable=protected-access
+  assert first["value"] == again["value"] == 7 and first["wall"] == again["wall"] >= 0.0
+  assert counter.read_text() == "x"  # the second call read the JSON and ran nothing

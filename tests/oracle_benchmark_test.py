@@ -7,6 +7,7 @@ numpy block means, or written out by hand.
 
 import numpy as np
 
+from pdx_tf import phantom
 from pdx_tf.data import preprocess
 
 from benchmark_loader import load_benchmark
@@ -58,7 +59,7 @@ def test_masks_are_aligned_by_slice_position():
   volume = np.zeros((4, 2, 2), bool)
   volume[2] = True
   mask_z = np.array([0.0, 5.0, 10.0, 15.0])
-  aligned = oracle.aligned_masks(np.array([10.0, 5.0, 12.5]), volume, mask_z)
+  aligned = phantom.masks_at_slices(np.array([10.0, 5.0, 12.5]), volume, mask_z)
   # 10 mm is mask slice 2 (nodule), 5 mm slice 1 (none), 12.5 mm matches no mask slice (empty, not the nearest).
   assert aligned[0].all() and not aligned[1].any() and not aligned[2].any()
 

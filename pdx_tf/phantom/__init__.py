@@ -9,8 +9,8 @@ Nothing here imports TensorFlow.
 """
 
 from pdx_tf.phantom.cohort import (MANIFEST_COLUMNS, PHI_CANARIES, PhantomConfig, config_hash, demo_cohort_dir,
-                                   dicom_quirks, generate_patient, patient_labels, write_ct_series,
-                                   write_demo_cohort)
+                                   dicom_quirks, generate_patient, masks_at_slices, patient_labels,
+                                   write_ct_series, write_demo_cohort)
 
 __all__ = ["MANIFEST_COLUMNS", "PHI_CANARIES", "PhantomConfig", "config_hash", "demo_cohort_dir", "dicom_quirks",
-           "generate_patient", "patient_labels", "write_ct_series", "write_demo_cohort"]
+           "generate_patient", "masks_at_slices", "patient_labels", "write_ct_series", "write_demo_cohort"]

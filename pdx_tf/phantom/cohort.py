@@ -131,6 +131,28 @@ class PhantomPatient:
   nodule_sites: tuple[str, ...]       # site of each nodule, small-bowel nodules first
 
 
+# Masks and series share one z grid, so a read slice's mask slice is at the same z up to float rounding.
+MASK_Z_TOLERANCE_MM = 0.01
+
+
+def masks_at_slices(slice_z_mm: np.ndarray, mask_volume: np.ndarray, mask_z_mm: np.ndarray,
+                    tolerance_mm: float = MASK_Z_TOLERANCE_MM) -> np.ndarray:
+  """A cohort mask (masks/<patient_id>.npz) at the slices a reader kept: bool [N, Y, X], slice i the mask slice
+  nearest to slice_z_mm[i], or empty when none lies within `tolerance_mm`.
+
+  Args:
+    slice_z_mm: [N] z of the slices kept (e.g. by `region.load_abdomen`).
+    mask_volume: bool [Z, Y, X] over the patient's whole series.
+    mask_z_mm: [Z] z of the mask slices.
+  """
+  masks = np.zeros((len(slice_z_mm),) + mask_volume.shape[1:], bool)
+  for index, z in enumerate(slice_z_mm):
+    nearest = int(np.argmin(np.abs(mask_z_mm - z)))
+    if abs(mask_z_mm[nearest] - z) <= tolerance_mm:
+      masks[index] = mask_volume[nearest]
+  return masks
+
+
 def patient_id_for(patient_index: int) -> str:
   return f"demo-{patient_index:03d}"
 

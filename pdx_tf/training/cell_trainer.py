@@ -610,8 +610,8 @@ def _write_run(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
       "code_version": provenance.code_version(), "wall_time_s": float(progress["wall_time_s"]),
       "images_seen": int(progress["images_seen"]), "model_path": "model.keras", "precision": policy}
   if config.joint:
-    run.update({"tasks": list(config.tasks), "consistency_weight": config.consistency_weight,
-                "task_folders": {task: task for task in config.tasks}})
+    # Each task's predictions are in contracts.task_folder(cell, task): derived, so not written here.
+    run.update({"tasks": list(config.tasks), "consistency_weight": config.consistency_weight})
   if decision:
     run.update(decision)
   io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), contracts.run_document(run))

@@ -32,7 +32,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import io_utils
-from pdx_tf.contracts import JOINT_TASK, SPLITS_FILE, cell_name
+from pdx_tf.contracts import JOINT_TASK, SPLITS_FILE, DatasetInfo, cell_name
 from pdx_tf.errors import RunsError
 
 SPLITS_SCHEMA_VERSION = 1
@@ -54,9 +54,9 @@ def _partition(labels: Mapping[str, int], num_folds: int, seed: int, partition_k
   return [sorted(fold) for fold in folds]
 
 
-def split_labels(info: Any, task: str) -> dict[str, int]:
+def split_labels(info: DatasetInfo, task: str) -> dict[str, int]:
   """The classes a task's split is stratified on, by patient_id: the 0/1 label of "p" or "sb", or for the joint
-  task the stratum label_p + 2 x label_sb (0, 1 or 3). `info`: a contracts.DatasetInfo."""
+  task the stratum label_p + 2 x label_sb (0, 1 or 3)."""
   if task != JOINT_TASK:
     return info.labels(task)
   labels_p, labels_sb = info.labels("p"), info.labels("sb")
