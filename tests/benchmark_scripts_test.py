@@ -1,8 +1,10 @@
-"""Tests for the pure helpers of benchmarks/demo_runs.py and benchmarks/export_benchmark.py (no training, no TF).
+"""Tests for the pure helpers of benchmarks/demo_runs.py, benchmarks/export_benchmark.py and
+benchmarks/keras_gpu_benchmark.py (no training; one tiny measurement on the CPU).
 
 The expectations are written out by hand from the fake inputs, not computed with the code under test.
 """
 
+import argparse
 import math
 import os
 
@@ -12,6 +14,7 @@ from benchmark_loader import load_benchmark
 
 demo_runs = load_benchmark("demo_runs")
 export_benchmark = load_benchmark("export_benchmark")
+keras_gpu_benchmark = load_benchmark("keras_gpu_benchmark")
 
 
 def _summary_entry(per_cell_auc, pooled_auc, sensitivity, pci_auc, ascites_auc):
@@ -128,3 +131,31 @@ def test_run_once_runs_the_child_only_when_its_json_is_absent(tmp_path):
   again = demo_runs._run_once(str(out), args, dict(os.environ), str(tmp_path / "log"), "wall")  # pylint: disable=protected-access
   assert first["value"] == again["value"] == 7 and first["wall"] == again["wall"] >= 0.0
   assert counter.read_text() == "x"  # the second call read the JSON and ran nothing
+
+
+def _gpu_args(**values):
+  defaults = {"image_size": 224, "alpha": 1.0, "batch_size": 32, "seconds": 10.0, "jit": True}
+  return argparse.Namespace(**{**defaults, **values})
+
+
+def test_gpu_child_command_passes_switches_bare_and_overrides_the_defaults():
+  overrides = {"precision": "mixed_bfloat16", "batch_size": 128, "fit": True, "joint": True}
+  command = keras_gpu_benchmark._child_command(_gpu_args(), **dict(overrides))  # pylint: disable=protected-access
+  options = command[command.index("--child") + 1:]
+  assert sorted(options) == sorted(["--image_size=224", "--alpha=1.0", "--batch_size=128", "--seconds=10.0",
+                                    "--precision=mixed_bfloat16", "--channels=3", "--fit", "--joint"])
+  plain = keras_gpu_benchmark._child_command(_gpu_args(jit=False))  # pylint: disable=protected-access
+  assert "--precision=float32" in plain and "--nojit" in plain
+  assert not any(option.startswith(("--fit", "--joint")) for option in plain)
+
+
+def test_gpu_measure_trains_the_pdx_model_and_counts_images_per_second():
+  args = _gpu_args(image_size=32, alpha=0.35, batch_size=2, seconds=0.2, jit=False, precision="float32",
+                   channels=3, joint=True, fit=False)
+  record = keras_gpu_benchmark._measure(args)  # pylint: disable=protected-access
+  # keras.applications.MobileNetV2(alpha=0.35, include_top=False) alone holds 410,208 weights at 3 channels;
+  # + 2 heads of 1,280 features + 1 bias each.
+  assert record["parameters"] == 410_208 + 2 * (1_280 + 1)
+  assert record["steps"] >= 1 and record["seconds"] >= 0.2
+  assert record["images_per_s"] == pytest.approx(record["steps"] * 2 / record["seconds"])
+  assert record["joint"] and record["mode"] == "train_on_batch"
