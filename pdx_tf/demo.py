@@ -4,6 +4,10 @@
 the preset table's demo row (48 px, alpha 0.35, from scratch, all 8 folds of one repeat), evaluates the grid
 (pdx_tf.evaluation) and returns the paper-style table. Everything is cached: a second run skips the finished
 cells and only re-evaluates.
+
+`run_demo("p,sb", num_patients=120, ...)` with the preset table's demo_sb row is the small-bowel demo
+(`python -m train --flagfile=configs/demo_sb.flags`): a cohort size other than the demo's 40 works in its own
+folder, runs/demo-<N>patients, so the two demos never set each other's records or runs aside.
 """
 
 from __future__ import annotations
@@ -30,6 +34,12 @@ def demo_train_config(task: str, records_dir: str, output_dir: str, **overrides:
   return dataclasses.replace(config, **overrides)
 
 
+def demo_root(num_patients: int = presets.DEMO_PATIENTS) -> str:
+  """The demo's folder for a phantom cohort of `num_patients`: runs/demo for the demo's 40, else
+  runs/demo-<N>patients."""
+  return DEMO_ROOT if num_patients == presets.DEMO_PATIENTS else f"{DEMO_ROOT}-{num_patients}patients"
+
+
 def records_folder(root: str, image_size: int) -> str:
   """The demo records at `image_size`: root/records at the preset's size, root/records-<size>px otherwise (so a
   demo at another size keeps the default records)."""
@@ -37,14 +47,18 @@ def records_folder(root: str, image_size: int) -> str:
   return io_utils.join(root, "records" if image_size == default else f"records-{image_size}px")
 
 
-def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, **overrides: Any) -> dict[str, Any]:
+def run_demo(task: str = "p", root: str | None = None, *, progress: bool = True,
+             num_patients: int = presets.DEMO_PATIENTS, **overrides: Any) -> dict[str, Any]:
   """Runs the whole demo for one task (or both, on one backbone).
 
   Args:
     task: "p", "sb" or "p,sb" (the joint grid; its runs and evaluation go to root/joint and
       root/evaluation/joint).
-    root: folder for records (root/records), runs (root/<task>) and evaluation (root/evaluation).
+    root: folder for records (root/records), runs (root/<task>) and evaluation (root/evaluation); default
+      `demo_root(num_patients)`.
     progress: show pipeline progress.
+    num_patients: the phantom cohort's size, a positive multiple of 4 (default the demo's 40; the demo_sb
+      preset's 120).
     **overrides: TrainConfig fields to change from the demo preset (a `model` also sets the records' image size).
 
   Returns:
@@ -53,13 +67,15 @@ def run_demo(task: str = "p", root: str = DEMO_ROOT, *, progress: bool = True, *
   """
   from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
 
+  pipeline.check_demo_num_patients(num_patients)  # before any work
+  root = demo_root(num_patients) if root is None else root
   image_size = overrides["model"].image_size if "model" in overrides else presets.TRAIN_PRESETS["demo"]["image_size"]
   records_dir = records_folder(root, image_size)
   folder = "joint" if task == contracts.JOINT_TASK else task
   config = demo_train_config(task, records_dir, io_utils.join(root, folder), **overrides)
   times = {}
   started = time.time()
-  pipeline.run_demo_pipeline(records_dir, progress=progress, image_size=image_size)
+  pipeline.run_demo_pipeline(records_dir, progress=progress, image_size=image_size, num_patients=num_patients)
   times["pipeline"] = time.time() - started
 
   started = time.time()

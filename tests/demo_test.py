@@ -83,6 +83,34 @@ def test_run_demo_of_the_joint_task(tmp_path, monkeypatch):
   assert rows == ["P-Model", "SB-Model"], result["table"]
 
 
+def test_a_demo_of_another_cohort_size_works_in_its_own_folder(tmp_path, monkeypatch):
+  """num_patients reaches the pipeline, and the run goes to runs/demo-<N>patients (the 40-patient demo's stays)."""
+  from pdx_tf.data import pipeline
+
+  class Stop(Exception):
+    pass
+
+  calls = []
+
+  def fake_pipeline(output_dir, **arguments):
+    calls.append((output_dir, arguments))
+    raise Stop  # what follows the pipeline is the plain demo, tested above
+
+  monkeypatch.setattr(pipeline, "run_demo_pipeline", fake_pipeline)
+  monkeypatch.chdir(tmp_path)
+  assert demo.demo_root() == "runs/demo" and demo.demo_root(40) == "runs/demo"
+  for size, expected_root in ((8, "runs/demo-8patients"), (40, "runs/demo")):
+    with pytest.raises(Stop):
+      demo.run_demo("p,sb", progress=False, num_patients=size, model=ModelConfig(image_size=96, alpha=0.35,
+                                                                                   joint_heads=True))
+    output_dir, arguments = calls[-1]
+    assert output_dir == os.path.join(expected_root, "records-96px")
+    assert arguments["num_patients"] == size and arguments["image_size"] == 96
+  with pytest.raises(ValueError, match="positive multiple of 4"):
+    demo.run_demo("p", progress=False, num_patients=10)
+  assert len(calls) == 2, "a bad size is refused before the pipeline"
+
+
 def _train(*args):
   return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
                         timeout=120)
@@ -103,6 +131,20 @@ def test_binary_prints_one_line_errors(tmp_path):
   errors = [line for line in completed.stderr.splitlines() if line.startswith("train: error:")]
   assert len(errors) == 1 and "schema version 7" in errors[0]
   assert not (tmp_path / "R" / "cells").exists()
+
+
+def test_demo_patients_errors_are_one_line_before_any_work(tmp_path):
+  environment = dict(os.environ, PDX_TF_CACHE=str(tmp_path / "cache"))
+  for args, expected in (
+      (("--flagfile=configs/demo_sb.flags", "--demo_patients=10"), "--demo_patients: the demo cohort's size must be"
+       " a positive multiple of 4"),
+      (("--task=p", f"--records_dir={tmp_path / 'D'}", f"--output_dir={tmp_path / 'R'}", "--demo_patients=120"),
+       "--demo_patients sizes the demo's phantom cohort; a run on --records_dir")):
+    completed = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
+                               timeout=120, env=environment)
+    errors = [line for line in completed.stderr.splitlines() if line.startswith("train: error:")]
+    assert completed.returncode == 1 and len(errors) == 1 and expected in errors[0], completed.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "cache") and not os.path.exists(os.path.join(REPO, "runs", "demo-10patients"))
 
 
 @pytest.mark.slow

@@ -386,10 +386,14 @@ def test_invalid_manifest_lists_every_problem(tmp_path, capsys):
 
 
 def test_demo_preset(monkeypatch, cohort, tmp_path):
-  monkeypatch.setattr(pipeline, "demo_manifest_path", lambda: cohort[0])
+  sizes = []
+  monkeypatch.setattr(pipeline, "demo_manifest_path",
+                      lambda num_patients=40: sizes.append(num_patients) or cohort[0])
   config = pipeline.demo_config(str(tmp_path / "demo"))
   assert config.preprocess.image_size == 48 and config.augment_factor == 8
-  assert config.manifest_path == cohort[0]
+  assert config.manifest_path == cohort[0] and sizes == [40]
+  pipeline.demo_config(str(tmp_path / "demo_sb"), num_patients=120, image_size=96)
+  assert sizes == [40, 120]
   from data_pipeline import __main__ as binary  # pylint: disable=import-outside-toplevel
   flags.FLAGS.mark_as_parsed()
   seen = []
@@ -398,6 +402,50 @@ def test_demo_preset(monkeypatch, cohort, tmp_path):
     binary.main(["data_pipeline"])
   assert seen[0].preprocess.image_size == 48 and seen[0].augment_factor == 8
   assert seen[0].manifest_path == cohort[0]
+
+
+def _tree_digest(folder):
+  """sha256 over every file's relative path and bytes under folder."""
+  digest = hashlib.sha256()
+  for name, data in sorted(_files(folder).items()):
+    digest.update(name.encode() + b"\0" + hashlib.sha256(data).digest())
+  return digest.hexdigest()
+
+
+def test_demo_cohort_of_another_size_has_its_patients_and_prevalence(monkeypatch, tmp_path):
+  """demo_manifest_path(8): 8 patients, 4 p-positive, 2 sb-positive (sb only with p); the same bytes again."""
+  digests = []
+  for cache in ("a", "b"):
+    monkeypatch.setenv("PDX_TF_CACHE", str(tmp_path / cache))
+    manifest_path = pipeline.demo_manifest_path(8)
+    assert manifest_path.startswith(str(tmp_path / cache))
+    with open(manifest_path, encoding="utf-8") as handle:
+      rows = [line.split(",") for line in handle.read().splitlines()[1:]]
+    assert [row[0] for row in rows] == [f"demo-{index:03d}" for index in range(8)]
+    label_p, label_sb = [int(row[2]) for row in rows], [int(row[3]) for row in rows]
+    assert sum(label_p) == 4 and sum(label_sb) == 2
+    assert all(p == 1 for p, sb in zip(label_p, label_sb) if sb == 1)
+    digests.append(_tree_digest(os.path.dirname(manifest_path)))
+  assert digests[0] == digests[1]
+
+
+def test_the_default_demo_cohort_is_the_one_it_always_was(monkeypatch, tmp_path):
+  """The default asks the phantom for exactly the cohort the demo wrote before it had a size: PhantomConfig()
+  in phantom.demo_cohort_dir() (a one-off check compared the 40-patient cohort's 2,015 files, byte for byte)."""
+  monkeypatch.setenv("PDX_TF_CACHE", str(tmp_path))
+  calls = []
+  monkeypatch.setattr(phantom, "write_demo_cohort", lambda folder, config: calls.append((folder, config)) or "M")
+  assert pipeline.demo_manifest_path() == "M"
+  assert calls == [(phantom.demo_cohort_dir(), phantom.PhantomConfig())]
+  assert phantom.demo_cohort_dir(phantom.PhantomConfig(num_patients=120)) != calls[0][0]
+
+
+@pytest.mark.parametrize("size", [0, -4, 10, 4.0, True])
+def test_a_bad_demo_cohort_size_is_refused_before_anything_is_written(monkeypatch, tmp_path, size):
+  monkeypatch.setenv("PDX_TF_CACHE", str(tmp_path))
+  with pytest.raises(ValueError, match=r"must be a positive multiple of 4 .* got "):
+    pipeline.demo_manifest_path(size)
+  assert not os.listdir(tmp_path)
 
 
 def _fake_result():

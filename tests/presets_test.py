@@ -1,5 +1,6 @@
 """Tests for pdx_tf.presets: one table, the flagfiles agree with it, one override path that refuses what it ignores."""
 
+import json
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ def _parse(lines):
   return values
 
 
-@pytest.mark.parametrize("name", ["paper", "demo"])
+@pytest.mark.parametrize("name", ["paper", "demo", "demo_sb"])
 def test_flagfiles_hold_the_table(name):
   with open(os.path.join(REPO_ROOT, "configs", f"{name}.flags"), encoding="utf-8") as handle:
     lines = [line.strip() for line in handle if line.strip() and not line.lstrip().startswith("#")]
@@ -63,7 +64,9 @@ def test_apply_refuses_what_the_run_would_ignore():
 
 def test_every_preset_builds_a_train_config():
   for name, row in presets.TRAIN_PRESETS.items():
-    config = trainer.config_from_values({"task": "p", "records_dir": "D", "output_dir": "R", **row})
+    training = {key: value for key, value in row.items() if key not in presets.DEMO_ONLY_FLAGS}
+    config = trainer.config_from_values({"task": "p", "records_dir": "D", "output_dir": "R", **training})
+    assert config.task == row.get("task", "p")
     assert config.model.image_size == row["image_size"] == presets.PIPELINE_PRESETS[name]["image_size"]
     assert config.model.alpha == row["alpha"] and config.epochs == row["epochs"]
   with pytest.raises(ValueError, match="not training settings: colour"):
@@ -77,3 +80,16 @@ def test_the_demo_refuses_a_flag_it_would_ignore_before_any_work(tmp_path):
   assert result.returncode == 1 and len(errors) == 1, result.stderr[-2000:]
   assert "--num_partitions is not used here" in errors[0] and "--records_dir" in errors[0]
   assert not os.listdir(tmp_path), "nothing was built"
+
+
+def test_absl_reads_the_demo_sb_flagfile_as_the_row():
+  """The train binary's own flags, parsed by absl from configs/demo_sb.flags, hold the demo_sb row."""
+  row = presets.TRAIN_PRESETS["demo_sb"]
+  script = ("import json, sys\nfrom absl import flags\nfrom train import __main__ as binary\n"
+            "flags.FLAGS(['train', '--flagfile=configs/demo_sb.flags'])\n"
+            f"print(json.dumps({{name: flags.FLAGS[name].value for name in {sorted(row)!r}}}))\n")
+  result = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert json.loads(result.stdout.splitlines()[-1]) == row
+  assert row["task"] == "p,sb" and row["demo_patients"] == 120 and row["image_size"] == 96
+  assert presets.PIPELINE_PRESETS["demo_sb"] == {**presets.PIPELINE_PRESETS["demo"], "image_size": 96}

@@ -4,6 +4,9 @@ Examples:
   # The demo: phantom cohort -> records -> reduced grid (48 px, alpha 0.35, 8 folds x 1 repeat) -> evaluation.
   python -m train --task=p
 
+  # The small-bowel demo: a 120-patient phantom cohort at 96 px, one joint grid for p and sb, 4 folds (about 15 min).
+  python -m train --flagfile=configs/demo_sb.flags
+
   # The paper's protocol (224 px, ImageNet weights, 20 epochs, 8 folds x 24 repeats, mixed precision on GPU).
   python -m train --flagfile=configs/paper.flags --task=p --records_dir=data/records --output_dir=runs/p
 
@@ -57,6 +60,8 @@ _TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "p: any peritoneal 
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
                                    "Unset, together with --output_dir: run the demo.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Run folder R for this task (local or gs://).")
+_DEMO_PATIENTS = flags.DEFINE_integer("demo_patients", None, "The demo only (no --records_dir): patients in its "
+                                      "phantom cohort, a multiple of 4 (default 40; configs/demo_sb.flags: 120).")
 _NUM_FOLDS = flags.DEFINE_integer("num_folds", 8, "Patient-level folds.")
 _NUM_REPEATS = flags.DEFINE_integer("num_repeats", 24, "Repeats: draws of training data and initialisations.")
 _EPOCHS = flags.DEFINE_integer("epochs", 20, "Passes over each cell's drawn training set.")
@@ -169,13 +174,20 @@ def _threshold() -> float | str:
 def _run_demo() -> None:
   from pdx_tf import demo, presets  # pylint: disable=import-outside-toplevel
 
+  from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+
+  num_patients = presets.DEMO_PATIENTS if _DEMO_PATIENTS.value is None else _DEMO_PATIENTS.value
+  try:
+    pipeline.check_demo_num_patients(num_patients)
+  except ValueError as error:
+    raise ValueError(f"--demo_patients: {error}") from None
   values, given = _flag_values()
   values = presets.apply(presets.TRAIN_PRESETS["demo"], values, given, refused=_NOT_FOR_DEMO,
                          why="they apply to a run on records: add --records_dir and --output_dir")
   config = trainer.config_from_values(values | {"records_dir": "(demo)", "output_dir": "(demo)"})
   overrides = {field.name: getattr(config, field.name) for field in dataclasses.fields(config)
                if field.name not in ("task", "records_dir", "output_dir")}
-  result = demo.run_demo(_TASK.value, **overrides)
+  result = demo.run_demo(_TASK.value, num_patients=num_patients, **overrides)
   times = result["wall_time_s"]
   print(result["table"])
   print(f"\nrecords: {result['records_dir']}\nmodels and predictions: {result['output_dir']}/cells/"
@@ -200,6 +212,9 @@ def main(argv):
       return
     if _RECORDS_DIR.value is None or _OUTPUT_DIR.value is None:
       raise ValueError("--records_dir and --output_dir go together (neither runs the demo)")
+    if _DEMO_PATIENTS.present:
+      raise ValueError("--demo_patients sizes the demo's phantom cohort; a run on --records_dir trains the records'"
+                       " patients: drop it")
     if _CELLS_PER_GPU.value < 1:
       raise ValueError(f"--cells_per_gpu must be at least 1, got {_CELLS_PER_GPU.value}")
     if _PLAN_IMAGES_PER_S.value is not None and not _PLAN_IMAGES_PER_S.value > 0:

@@ -720,21 +720,45 @@ def finish_run(config: PipelineConfig, plan: RunPlan, new_markers: dict, failure
       processed_slices=sum(m["num_slices"] for m in new_markers.values()), partitioned=partitioned)
 
 
-def demo_manifest_path() -> str:
-  """The manifest of the cached demo phantom cohort, written first if needed (about a minute)."""
+def demo_manifest_path(num_patients: int = presets.DEMO_PATIENTS) -> str:
+  """The manifest of the cached demo phantom cohort, written first if needed (about a minute for 40 patients).
+
+  Args:
+    num_patients: the cohort's size: a positive multiple of 4, so its prevalence is exactly the demo's (half
+      p-positive, a quarter sb-positive; the phantom balances labels in blocks of 4). Patient i is the same in
+      every size (keyed by the phantom seed and i), and one size and seed give the same cohort bytes; the
+      default is the demo's 40-patient cohort, unchanged.
+
+  Returns:
+    The path of its manifest.csv, under $PDX_TF_CACHE (or ~/.cache/pdx_tf), one folder a size.
+
+  Raises:
+    ValueError: `num_patients` is not a positive multiple of 4.
+  """
   from pdx_tf import phantom  # pylint: disable=import-outside-toplevel
 
-  return phantom.write_demo_cohort(phantom.demo_cohort_dir())
+  check_demo_num_patients(num_patients)
+  config = phantom.PhantomConfig(num_patients=num_patients)
+  return phantom.write_demo_cohort(phantom.demo_cohort_dir(config), config)
 
 
-def demo_config(output_dir: str = DEMO_OUTPUT_DIR, **overrides) -> PipelineConfig:
+def check_demo_num_patients(num_patients: int) -> None:
+  """Raises ValueError unless `num_patients` is a demo cohort size: a positive multiple of 4."""
+  if isinstance(num_patients, bool) or not isinstance(num_patients, int) or num_patients < 4 or num_patients % 4:
+    raise ValueError(f"the demo cohort's size must be a positive multiple of 4 (the phantom balances its labels in"
+                     f" blocks of 4 patients), got {num_patients!r}; e.g. 40 (the demo) or 120 (the sb preset)")
+
+
+def demo_config(output_dir: str = DEMO_OUTPUT_DIR, *, num_patients: int = presets.DEMO_PATIENTS,
+                **overrides) -> PipelineConfig:
   """The demo preset on the cached phantom cohort (writing the cohort first if needed).
 
   Args:
     output_dir: where the records go.
+    num_patients: the phantom cohort's size (see `demo_manifest_path`; default the demo's 40).
     **overrides: PipelineConfig fields to change; `image_size` sets the preprocess image size.
   """
-  manifest_path = demo_manifest_path()
+  manifest_path = demo_manifest_path(num_patients)
   preset = presets.PIPELINE_PRESETS["demo"]
   image_size = overrides.pop("image_size", preset["image_size"])
   values = {"augment_factor": preset["augment_factor"], "augment_block": preset["augment_block"],
@@ -744,7 +768,8 @@ def demo_config(output_dir: str = DEMO_OUTPUT_DIR, **overrides) -> PipelineConfi
   return PipelineConfig(manifest_path=manifest_path, output_dir=output_dir, **values)
 
 
-def run_demo_pipeline(output_dir: str = DEMO_OUTPUT_DIR, *, progress: bool = True, **overrides) -> PipelineResult:
+def run_demo_pipeline(output_dir: str = DEMO_OUTPUT_DIR, *, progress: bool = True,
+                      num_patients: int = presets.DEMO_PATIENTS, **overrides) -> PipelineResult:
   """Builds (or reuses) the demo phantom cohort and runs the pipeline on it with the demo preset.
 
   A finished demo dataset is reused: every patient is skipped and dataset.json rewritten identically.
@@ -752,7 +777,8 @@ def run_demo_pipeline(output_dir: str = DEMO_OUTPUT_DIR, *, progress: bool = Tru
   Args:
     output_dir: where the records go (default runs/demo/records).
     progress: show progress on stderr.
+    num_patients: the phantom cohort's size (default the demo's 40; the sb preset's 120).
     **overrides: PipelineConfig fields (and `image_size`) to change from the demo preset
       (pdx_tf.presets.PIPELINE_PRESETS["demo"]: 48 px, 8 copies a slice in blocks of 2).
   """
-  return run_pipeline(demo_config(output_dir, **overrides), progress=progress)
+  return run_pipeline(demo_config(output_dir, num_patients=num_patients, **overrides), progress=progress)
