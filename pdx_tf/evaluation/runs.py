@@ -254,7 +254,7 @@ def _read_cell(run_path: str, run_info: Mapping[str, Any], task_runs_fields: Map
       repeat=cell[0],
       fold=cell[1],
       run_json_path=run_path,
-      run_info=dict(run_info),
+      run_info=contracts.task_run_document(run_info, task, run_path),  # a joint cell: this task's threshold
       patient_ids=tuple(patient_ids),
       patient_labels=np.asarray(labels, dtype=np.int64),
       patient_probabilities=np.asarray(probabilities, dtype=np.float64),
