@@ -7,7 +7,8 @@ Layout contract (produced by pdx_tf.training.trainer; files are found by walking
                               /patient_predictions.csv   patient_id,label,probability
                               /slice_predictions.csv     patient_id,slice_index,label,probability
 A joint grid (`--task=p,sb`, one model with a head per task) has one splits.json of task "p,sb" and each cell's
-predictions in <cell>/p/ and <cell>/sb/ (contracts.task_folder); it is read as the two tasks p and sb.
+predictions in <cell>/p/ and <cell>/sb/ (contracts.task_folder); it is read as the two tasks p and sb, each cell's
+run_info being that task's view of run.json (contracts.task_run_document: its own threshold and calibration).
 Every problem raises RunsError with one line naming the file.
 """
 
