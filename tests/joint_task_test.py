@@ -415,3 +415,17 @@ def test_train_and_export_binaries_take_the_joint_task(records_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ["Exported", str(tmp_path / "X" / "pdx_p" / "2"),
                                    "Exported", str(tmp_path / "X" / "pdx_sb" / "2")]
+
+
+def test_task_run_document_is_one_task_view_of_a_joint_run():
+  one_task = {"task": "p", "repeat": 0, "fold": 1, "threshold": 0.3, "threshold_rule": "fixed"}
+  assert contracts.task_run_document(one_task, "p") == one_task
+  entries = {task: {"threshold": value, "threshold_rule": "inner_youden", "calibration": None,
+                    "inner_validation": {"patients": ["a"]}} for task, value in (("p", 0.4), ("sb", 0.2))}
+  joint = {"task": "p,sb", "repeat": 0, "fold": 1, "tasks": ["p", "sb"], "by_task": entries}
+  for task in ("p", "sb"):
+    assert contracts.task_run_document(joint, task) == {"task": "p,sb", "repeat": 0, "fold": 1, "tasks": ["p", "sb"],
+                                                        **entries[task]}
+  with pytest.raises(RunsError, match="cells/r00_f01/run.json has no task sb entry under 'by_task'") as error:
+    contracts.task_run_document({**joint, "by_task": {"p": entries["p"]}}, "sb", "cells/r00_f01/run.json")
+  assert "\n" not in str(error.value)
