@@ -23,8 +23,9 @@ patients (splits.inner_split); after training, the inner patients are predicted 
 slices, 2.5D stacks, or one bag a patient for attention-MIL) and their patient probabilities give the
 operating threshold (config.threshold) and the calibration (config.calibration, pdx_tf/training/calibration.py),
 both stored in run.json. A joint cell fits both per task from that task's head and stores them under run.json's
-"by_task" (the inner patients are drawn on both labels' strata); its inner loss is model.JointLoss. With config.early_stopping_patience = K, each epoch's inner loss (binary cross-entropy
-over the inner slices, or over the inner patients' bags for attention-MIL) goes into progress.json with the best
+"by_task" (the inner patients are drawn on both labels' strata). With config.early_stopping_patience = K, each
+epoch's inner loss (binary cross-entropy over the inner slices, or over the inner patients' bags for attention-MIL,
+or model.JointLoss over the inner slices for a joint model) goes into progress.json with the best
 epoch so far ("best_epoch", "best_inner_loss", "best_checkpoint": that epoch's checkpoint file, kept until the
 cell is finished); after K epochs without a lower loss the cell stops ("stopped_early") and its artifacts come
 from the best epoch's weights. All of it is committed with the epoch, so a resumed cell makes the same decisions
