@@ -270,6 +270,28 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
 # threshold, calibration and inner-validation record, head and context) travel in RunInfo.document.
 RUN_REQUIRED_FIELDS = ("task", "repeat", "fold", "split_hash", "config", "preprocess", "aggregation",
                        "aggregation_top_k")
+# A joint cell's run.json keeps each task's threshold, calibration and inner-validation record under this key,
+# {task: {"threshold", "threshold_rule", "calibration", "inner_validation"}}; a one-task cell has them at the top.
+TASK_DECISIONS_FIELD = "by_task"
+TASK_DECISION_FIELDS = ("threshold", "threshold_rule", "calibration", "inner_validation")
+
+
+def task_run_document(document: Mapping[str, Any], task: str, path: str = "run.json",
+                      error: type[PdxError] = RunsError) -> dict[str, Any]:
+  """run.json as the readers of one task see it: a joint cell's `by_task[task]` entry (threshold, calibration,
+  inner-validation record) at the top level, where a one-task cell has them; a one-task run.json as it is.
+
+  Raises:
+    `error` (RunsError by default): a "by_task" without an entry for `task` (one line naming `path`).
+  """
+  by_task = document.get(TASK_DECISIONS_FIELD)
+  if by_task is None:
+    return dict(document)
+  if not isinstance(by_task, Mapping) or not isinstance(by_task.get(task), Mapping):
+    raise error(f"{path} has no task {task} entry under {TASK_DECISIONS_FIELD!r}; re-run that cell")
+  view = {key: value for key, value in document.items() if key != TASK_DECISIONS_FIELD}
+  view.update({key: by_task[task][key] for key in TASK_DECISION_FIELDS if key in by_task[task]})
+  return view
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,6 +6,7 @@ patient probabilities from the saved model and a numpy mean, the served outputs 
 """
 
 import csv
+import fractions
 import json
 import os
 
@@ -23,6 +24,7 @@ from pdx_tf.training import model as model_lib, splits, trainer
 
 SIZE = 32
 NUM_PATIENTS = 8
+INNER_NUM_PATIENTS = 16  # 2 folds: 8 training patients a cell, 2 of them with both labels (stratum 3)
 
 
 def _labels(patient_id):
@@ -117,7 +119,7 @@ def fed_labels(monkeypatch):
   fed = []
   real_fit = keras.Model.fit
   identities = {}
-  for index, patient_id in enumerate(fake_records.patient_ids(NUM_PATIENTS)):
+  for index, patient_id in enumerate(fake_records.patient_ids(INNER_NUM_PATIENTS)):
     for slice_index in range(3):
       for augmentation_index in range(5):
         image = fake_records.fake_image(0, index, slice_index, augmentation_index, index % 2 == 0, SIZE)
@@ -218,6 +220,142 @@ def test_joint_grid_on_2p5d_stacks(records_dir, tmp_path, fed_labels):
       assert probability == pytest.approx(float(joint(stacks, training=False).numpy()[:, column].mean()), abs=1e-5)
 
 
+@pytest.fixture(scope="module")
+def inner_records_dir(tmp_path_factory):
+  folder = str(tmp_path_factory.mktemp("inner_records"))
+  fake_records.write_fake_records(folder, num_patients=INNER_NUM_PATIENTS, slices_per_patient=3, augment_factor=4,
+                                  image_size=SIZE)
+  return folder
+
+
+def _documented_inner_draw_on_strata(train_ids, fraction, seed=0, repeat=0, fold=0):
+  """splits.py's documented recipe on a joint grid's strata (label_p + 2 label_sb: 0, 1, 3): per stratum,
+  round(f x n) from the sorted IDs in the order of default_rng([seed, 0x1AAE, repeat, fold, stratum])."""
+  inner = []
+  for stratum in (0, 1, 3):
+    members = sorted(patient for patient in train_ids if _labels(patient)[0] + 2 * _labels(patient)[1] == stratum)
+    order = np.random.default_rng([seed, 0x1AAE, repeat, fold, stratum]).permutation(len(members))
+    inner += [members[position] for position in order[:int(np.floor(fraction * len(members) + 0.5))]]
+  return sorted(inner)
+
+
+def _youden_by_brute_force(labels, probabilities):
+  """The observed score with the largest exact Youden index (sensitivity + specificity - 1) as `>=` threshold,
+  ties to the highest score (the documented rule of metrics.youden_threshold)."""
+  labels = np.asarray(labels).astype(bool)
+  best = None
+  for score in sorted(set(probabilities), reverse=True):
+    predicted = np.asarray(probabilities) >= score
+    index = (fractions.Fraction(int(predicted[labels].sum()), int(labels.sum()))
+             - fractions.Fraction(int(predicted[~labels].sum()), int((~labels).sum())))
+    if best is None or index > best[0]:
+      best = (index, score)
+  return best[1]
+
+
+def _platt_by_sklearn_standardized(labels, probabilities):
+  """(slope, intercept) of Platt scaling by unpenalised scikit-learn LogisticRegression (the smoothed targets as
+  sample weights of duplicated rows) on the standardised logits, mapped back: a tiny model's inner probabilities
+  can differ only in their 7th digit, where the raw logits would leave the solver ill-conditioned."""
+  from sklearn import linear_model  # pylint: disable=import-outside-toplevel
+
+  labels = np.asarray(labels)
+  positives, negatives = labels.sum(), labels.size - labels.sum()
+  targets = np.where(labels == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2))
+  clipped = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1 - 1e-7)
+  logits = np.log(clipped) - np.log1p(-clipped)
+  mean, scale = logits.mean(), logits.std()
+  features = ((logits - mean) / scale)[:, None]
+  model = linear_model.LogisticRegression(C=np.inf, tol=1e-12, max_iter=100000)
+  model.fit(np.vstack([features, features]), np.r_[np.ones(labels.size), np.zeros(labels.size)],
+            sample_weight=np.r_[targets, 1 - targets])
+  slope = float(model.coef_[0, 0]) / scale
+  return slope, float(model.intercept_[0]) - slope * mean
+
+
+def test_joint_grid_with_inner_validation_fits_threshold_and_calibration_per_task(inner_records_dir, tmp_path,
+                                                                                  fed_labels):
+  config = _config(inner_records_dir, tmp_path / "R", cells=("r0f0",), epochs=2, inner_fraction=0.34,
+                   threshold="inner_youden", calibration="platt", early_stopping_patience=2, consistency_weight=0.5)
+  assert trainer.run_grid(config)["cells"] == {"r00_f00": "complete"}
+  root = tmp_path / "R"
+  fold = json.loads((root / "splits.json").read_text())["repeats"][0]["folds"][0]
+  train_ids, test_ids = fold["train"], fold["test"]
+  cell = root / "cells" / "r00_f00"
+  run = json.loads((cell / "run.json").read_text())
+  assert sorted(run["by_task"]) == ["p", "sb"]
+  assert not {"threshold", "threshold_rule", "calibration", "inner_validation"} & set(run), "per task only"
+  inner_ids = run["by_task"]["p"]["inner_validation"]["patients"]
+  assert run["by_task"]["sb"]["inner_validation"]["patients"] == inner_ids
+  # The inner patients: the documented draw on both labels' strata, training patients only, never a test patient;
+  # each task has both classes among them; fit saw exactly the other training patients, in every epoch.
+  assert inner_ids == _documented_inner_draw_on_strata(train_ids, 0.34)
+  assert set(inner_ids) < set(train_ids) and not set(inner_ids) & set(test_ids)
+  for column in (0, 1):
+    assert sorted({_labels(patient)[column] for patient in inner_ids}) == [0, 1]
+  assert fed_labels and all({patient for patient, _ in fed} == set(train_ids) - set(inner_ids) for fed in fed_labels)
+
+  joint = keras.saving.load_model(cell / "model.keras", compile=False)
+  per_slice = {}
+  for patient in inner_ids:
+    index = int(patient[-3:])
+    images = np.stack([fake_records.fake_image(0, index, s, 0, index % 2 == 0, SIZE) for s in range(3)])
+    per_slice[patient] = joint(images.astype(np.float32), training=False).numpy()  # [3 slices, (p, sb)]
+  thresholds = {}
+  for column, task in enumerate(("p", "sb")):
+    decision = run["by_task"][task]
+    probabilities = decision["inner_validation"]["patient_probabilities"]
+    # That head's column of the saved model, averaged over the patient's slices (aggregation "mean").
+    np.testing.assert_allclose(probabilities, [per_slice[p][:, column].mean() for p in inner_ids], atol=1e-5)
+    labels = [_labels(patient)[column] for patient in inner_ids]
+    assert decision["threshold_rule"] == "inner_youden"
+    assert decision["threshold"] == pytest.approx(_youden_by_brute_force(labels, probabilities), abs=1e-7)
+    thresholds[task] = decision["threshold"]
+    assert decision["calibration"]["method"] == "platt"
+    if len(set(probabilities)) > 1:
+      slope, intercept = _platt_by_sklearn_standardized(labels, probabilities)
+    else:  # a collapsed head: the slope is not identifiable; Platt's smoothed targets' mean, as a logit
+      positives, negatives = sum(labels), len(labels) - sum(labels)
+      mean = np.mean([(positives + 1) / (positives + 2) if label else 1 / (negatives + 2) for label in labels])
+      slope, intercept = 0.0, float(np.log(mean / (1 - mean)))
+    assert decision["calibration"]["slope"] == pytest.approx(slope, rel=1e-5, abs=1e-4)
+    assert decision["calibration"]["intercept"] == pytest.approx(intercept, rel=1e-5, abs=1e-4)
+    # The task's folder: metrics.json at its own threshold, the held-out CSV with its own calibration.
+    metrics = json.loads((cell / task / "metrics.json").read_text())
+    assert (metrics["threshold"], metrics["threshold_rule"]) == (decision["threshold"], "inner_youden")
+    with open(cell / task / "patient_predictions.csv") as handle:
+      rows = list(csv.DictReader(handle))
+    assert sorted(row["patient_id"] for row in rows) == sorted(test_ids)
+    for row in rows:
+      probability = min(max(float(row["probability"]), 1e-6), 1 - 1e-6)
+      expected = 1 / (1 + np.exp(-(slope * np.log(probability / (1 - probability)) + intercept)))
+      # The CSV rounds the probability to 8 decimals; a steep fit amplifies that by d(calibrated)/d(probability).
+      rounding = 5e-9 * expected * (1 - expected) * abs(slope) / (probability * (1 - probability))
+      assert float(row["calibrated_probability"]) == pytest.approx(expected, abs=1e-5 + 2 * rounding)
+  assert thresholds["p"] != thresholds["sb"], "the two heads' thresholds must differ for this test to tell them apart"
+
+  # Early stopping on the inner JointLoss: the kept epoch's loss is the formula over the inner slices of model.keras.
+  stopping = run["by_task"]["p"]["inner_validation"]["early_stopping"]
+  assert run["by_task"]["sb"]["inner_validation"]["early_stopping"] == stopping
+  history = json.loads((cell / "p" / "metrics.json").read_text())["history"]
+  outputs = np.concatenate([per_slice[patient] for patient in inner_ids])
+  truth = np.asarray([_labels(patient) for patient in inner_ids for _ in range(3)], np.float64)
+  joint_loss = np.mean([(_bce(t[0], o[0]) + _bce(t[1], o[1])) / 2 + 0.5 * max(0.0, o[1] - o[0]) ** 2
+                        for t, o in zip(truth, outputs.astype(np.float64))])
+  assert history[stopping["best_epoch"] - 1]["inner_loss"] == pytest.approx(joint_loss, rel=1e-4)
+
+  # Evaluation decides each task at its own cells' thresholds; each task's export carries its own.
+  summary = evaluator.evaluate_runs(evaluator.EvaluateConfig(runs_dir=str(root), output_dir=str(tmp_path / "E"),
+                                                             num_bootstrap=20, allow_partial=True))
+  for task in ("p", "sb"):
+    assert summary[task]["threshold_source"] == "cells"
+    assert summary[task]["threshold"] == pytest.approx(thresholds[task])
+    version_dir = export.export_models([str(cell)], str(tmp_path / "X"), task)
+    _, metadata = export.read_export(version_dir)
+    assert metadata["threshold"] == pytest.approx(thresholds[task])
+    assert metadata["calibration"]["cells"][0]["parameters"] == run["by_task"][task]["calibration"]
+
+
 def test_single_task_config_files_do_not_change():
   config = trainer.config_from_values(dict(task="p", records_dir="d", output_dir="o", image_size=SIZE))
   written = trainer.config_dict(config)
@@ -228,12 +366,14 @@ def test_single_task_config_files_do_not_change():
 
 
 def test_bad_joint_input_is_one_line_before_training(records_dir, tmp_path):
-  for overrides, flag in ((dict(threshold=0.3), "--threshold"), (dict(inner_fraction=0.3), "--inner_fraction")):
-    with pytest.raises(ValueError, match=f"drop {flag}") as error:
-      _config(records_dir, tmp_path / "a", **overrides)
-    assert "\n" not in str(error.value)
   with pytest.raises(ValueError, match="slice head only"):
     _config(records_dir, tmp_path / "a", head="attention_mil", aggregation=trainer.MIL_AGGREGATION, mil_init_from="x")
+  # Each cell's 4 training patients: 2 of stratum 0, 1 with p only, 1 with both labels. Half of every stratum takes
+  # both p positives into the inner patients: one line, naming the task whose class the fit patients miss.
+  with pytest.raises(RunsError, match="r00_f00: --inner_fraction=0.5 leaves the fit patients without task p label 1"
+                     ) as error:
+    trainer.run_grid(_config(records_dir, tmp_path / "a", inner_fraction=0.5, threshold="inner_youden"))
+  assert "\n" not in str(error.value) and not (tmp_path / "a" / "cells").exists()
   # Records whose labels break "sb implies p", and records lacking a label.
   contradicting = str(tmp_path / "contradicting")
   fake_records.write_fake_records(contradicting, num_patients=NUM_PATIENTS, slices_per_patient=3, augment_factor=2,
@@ -275,3 +415,17 @@ def test_train_and_export_binaries_take_the_joint_task(records_dir, tmp_path):
   assert result.returncode == 0, result.stderr[-2000:]
   assert result.stdout.split() == ["Exported", str(tmp_path / "X" / "pdx_p" / "2"),
                                    "Exported", str(tmp_path / "X" / "pdx_sb" / "2")]
+
+
+def test_task_run_document_is_one_task_view_of_a_joint_run():
+  one_task = {"task": "p", "repeat": 0, "fold": 1, "threshold": 0.3, "threshold_rule": "fixed"}
+  assert contracts.task_run_document(one_task, "p") == one_task
+  entries = {task: {"threshold": value, "threshold_rule": "inner_youden", "calibration": None,
+                    "inner_validation": {"patients": ["a"]}} for task, value in (("p", 0.4), ("sb", 0.2))}
+  joint = {"task": "p,sb", "repeat": 0, "fold": 1, "tasks": ["p", "sb"], "by_task": entries}
+  for task in ("p", "sb"):
+    assert contracts.task_run_document(joint, task) == {"task": "p,sb", "repeat": 0, "fold": 1, "tasks": ["p", "sb"],
+                                                        **entries[task]}
+  with pytest.raises(RunsError, match="cells/r00_f01/run.json has no task sb entry under 'by_task'") as error:
+    contracts.task_run_document({**joint, "by_task": {"p": entries["p"]}}, "sb", "cells/r00_f01/run.json")
+  assert "\n" not in str(error.value)

@@ -7,7 +7,8 @@ Layout contract (produced by pdx_tf.training.trainer; files are found by walking
                               /patient_predictions.csv   patient_id,label,probability
                               /slice_predictions.csv     patient_id,slice_index,label,probability
 A joint grid (`--task=p,sb`, one model with a head per task) has one splits.json of task "p,sb" and each cell's
-predictions in <cell>/p/ and <cell>/sb/ (contracts.task_folder); it is read as the two tasks p and sb.
+predictions in <cell>/p/ and <cell>/sb/ (contracts.task_folder); it is read as the two tasks p and sb, each cell's
+run_info being that task's view of run.json (contracts.task_run_document: its own threshold and calibration).
 Every problem raises RunsError with one line naming the file.
 """
 
@@ -254,7 +255,7 @@ def _read_cell(run_path: str, run_info: Mapping[str, Any], task_runs_fields: Map
       repeat=cell[0],
       fold=cell[1],
       run_json_path=run_path,
-      run_info=dict(run_info),
+      run_info=contracts.task_run_document(run_info, task, run_path),  # a joint cell: this task's threshold
       patient_ids=tuple(patient_ids),
       patient_labels=np.asarray(labels, dtype=np.int64),
       patient_probabilities=np.asarray(probabilities, dtype=np.float64),

@@ -352,12 +352,13 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "input_statistics": input_statistics(cells),
       "code_version": provenance.code_version(),
   }
-  metadata.update(operating_point(cells))
+  metadata.update(operating_point(cells, task))
   return metadata
 
 
-def operating_point(cells: Sequence[CellRun]) -> dict[str, Any]:
-  """pdx_export.json's "threshold" and "calibration" from the cells' run.json (empty when no cell has its own).
+def operating_point(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
+  """pdx_export.json's "threshold" and "calibration" of `task` from the cells' run.json (empty when no cell has
+  its own); a joint grid's cells give that task's own (run.json "by_task", contracts.task_run_document).
 
   Ensemble rule: the threshold is the mean of the cells' thresholds (a cell without one counts 0.5), applied to
   the ensemble's patient probability (the mean of the cells' patient probabilities; predict's `predicted`).
@@ -365,16 +366,18 @@ def operating_point(cells: Sequence[CellRun]) -> dict[str, Any]:
   calibrated probability is the mean of the cells' calibrated patient probabilities
   (pdx_tf.training.calibration.apply_calibration); the serving signatures return uncalibrated probabilities.
   """
-  if not any("threshold_rule" in cell.run_info for cell in cells):
+  infos = [contracts.task_run_document(cell.run_info, task, io_utils.join(cell.folder, RUN_FILE), ExportError)
+           for cell in cells]
+  if not any("threshold_rule" in info for info in infos):
     return {}
-  thresholds = [float(cell.run_info.get("threshold", 0.5)) for cell in cells]
-  rules = sorted({str(cell.run_info.get("threshold_rule", "fixed")) for cell in cells})
+  thresholds = [float(info.get("threshold", 0.5)) for info in infos]
+  rules = sorted({str(info.get("threshold_rule", "fixed")) for info in infos})
   result: dict[str, Any] = {
       "threshold": float(np.mean(thresholds)),
       "threshold_rule": {"rules": rules, "cells": thresholds,
                          "ensemble": "mean of the cells' thresholds, applied to the ensemble patient probability"},
   }
-  calibrations = [cell.run_info.get("calibration") for cell in cells]
+  calibrations = [info.get("calibration") for info in infos]
   if any(calibrations):
     result["calibration"] = {
         "methods": sorted({entry["method"] for entry in calibrations if entry}),

@@ -22,8 +22,10 @@ Inner validation (config.inner_fraction > 0): the model fits on the cell's train
 patients (splits.inner_split); after training, the inner patients are predicted as the held-out ones are (original
 slices, 2.5D stacks, or one bag a patient for attention-MIL) and their patient probabilities give the
 operating threshold (config.threshold) and the calibration (config.calibration, pdx_tf/training/calibration.py),
-both stored in run.json. With config.early_stopping_patience = K, each epoch's inner loss (binary cross-entropy
-over the inner slices, or over the inner patients' bags for attention-MIL) goes into progress.json with the best
+both stored in run.json. A joint cell fits both per task from that task's head and stores them under run.json's
+"by_task" (the inner patients are drawn on both labels' strata). With config.early_stopping_patience = K, each
+epoch's inner loss (binary cross-entropy over the inner slices, or over the inner patients' bags for attention-MIL,
+or model.JointLoss over the inner slices for a joint model) goes into progress.json with the best
 epoch so far ("best_epoch", "best_inner_loss", "best_checkpoint": that epoch's checkpoint file, kept until the
 cell is finished); after K epochs without a lower loss the cell stops ("stopped_early") and its artifacts come
 from the best epoch's weights. All of it is committed with the epoch, so a resumed cell makes the same decisions
@@ -302,7 +304,8 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   train_ids, test_ids = splits.cell_patients(split, *cell)
   # With inner validation off, fit_ids == train_ids (sorted) and inner_ids is empty.
   fit_ids, inner_ids = splits.inner_split(splits.split_labels(info, config.task), train_ids, seed=config.seed,
-                                          repeat=cell[0], fold=cell[1], fraction=config.inner_fraction)
+                                          repeat=cell[0], fold=cell[1], fraction=config.inner_fraction,
+                                          task_labels=splits.task_labels(info, config.task))
   init_seed = cell_seed(config.seed, cell)
   resumed = load_progress(folder)
   progress = resumed[0] if resumed else None
@@ -432,20 +435,32 @@ def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: 
   return probabilities, np.asarray(patient), attention
 
 
+def _binary_cross_entropy(labels, probabilities) -> np.ndarray:
+  """Elementwise binary cross-entropy with Keras' clipping of the probabilities to [1e-7, 1 - 1e-7]."""
+  probabilities = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1.0 - 1e-7)
+  labels = np.asarray(labels, np.float64)
+  return -(labels * np.log(probabilities) + (1.0 - labels) * np.log1p(-probabilities))
+
+
 def inner_loss(config: TrainConfig, model: keras.Model, inner: input_pipeline.ValidationSet,
                inner_ids: Sequence[str], inner_data: tf.data.Dataset) -> float:
   """Mean binary cross-entropy (Keras' clipping) on the inner patients, at the unit the model is trained on: their
   original slices (or 2.5D stacks) for the slice head, one bag a patient for attention-MIL. `inner_data`: their
-  `_validation_data`."""
+  `_validation_data`. A joint model's loss is its training loss, model.JointLoss, over the inner slices: the mean
+  of the two tasks' cross-entropies plus consistency_weight x max(0, P(sb) - P(p))^2."""
+  if config.joint:
+    probabilities = np.asarray(model.predict(inner_data.map(_image_only), verbose=0), np.float64)  # [N, 2]
+    violation = np.maximum(0.0, probabilities[:, 1] - probabilities[:, 0])
+    per_slice = (np.mean(_binary_cross_entropy(inner.labels, probabilities), axis=-1)
+                 + config.consistency_weight * violation**2)
+    return float(np.mean(per_slice))
   slice_probabilities, patient_probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data)
   if config.model.head == "attention_mil":
     labels_by_patient = {patient_id: int(label) for patient_id, label in zip(inner.patient_ids, inner.labels)}
     probabilities, labels = patient_probabilities, np.asarray([labels_by_patient[p] for p in inner_ids])
   else:
     probabilities, labels = slice_probabilities, inner.labels
-  probabilities = np.clip(np.asarray(probabilities, np.float64), 1e-7, 1.0 - 1e-7)
-  labels = np.asarray(labels, np.float64)
-  return float(-np.mean(labels * np.log(probabilities) + (1.0 - labels) * np.log1p(-probabilities)))
+  return float(np.mean(_binary_cross_entropy(labels, probabilities)))
 
 
 def _early_stopping_step(config: TrainConfig, model: keras.Model, inner: input_pipeline.ValidationSet,
@@ -473,17 +488,19 @@ def auc(labels, probabilities) -> float | None:
 
 def _inner_decisions(config: TrainConfig, model: keras.Model, inner: input_pipeline.ValidationSet | None,
                      inner_ids: Sequence[str], inner_data: tf.data.Dataset | None, labels: Mapping[str, int],
-                     progress: Mapping[str, Any]) -> dict[str, Any] | None:
-  """run.json's threshold, calibration and inner-validation record; None when every opt-in field is at its
-  default (then run.json has none of these keys and the threshold is 0.5). The inner patients' probabilities are
-  made like the held-out ones (`held_out_probabilities`: the aggregation rule over slices or 2.5D stacks, or the
-  MIL model's own patient probability)."""
+                     progress: Mapping[str, Any], column: int | None = None) -> dict[str, Any] | None:
+  """One task's threshold, calibration and inner-validation record (run.json's, or a joint cell's
+  run.json "by_task" entry); None when every opt-in field is at its default (then run.json has none of these keys
+  and the threshold is 0.5). The inner patients' probabilities are made like the held-out ones
+  (`held_out_probabilities`: the aggregation rule over slices or 2.5D stacks, or the MIL model's own patient
+  probability); `column`: the task's output column of a joint model, `labels`: that task's labels."""
   if config.inner_fraction == 0.0 and config.threshold_rule == "fixed" and float(config.threshold) == 0.5:
     return None
   rule, fixed = calibration_lib.parse_threshold(config.threshold)
   if inner is None:
     return {"threshold": fixed, "threshold_rule": rule, "calibration": None, "inner_validation": None}
-  slice_probabilities, probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data)
+  slice_probabilities, probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data,
+                                                                 column=column)
   inner_labels = np.asarray([labels[patient_id] for patient_id in inner_ids])
   return {
       "threshold": calibration_lib.operating_threshold(rule, fixed, inner_labels, probabilities),
@@ -523,18 +540,21 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   tf.io.gfile.rename(temp, model_path, overwrite=True)
 
   _, test_ids = splits.cell_patients(split, *cell)
-  decision = None if config.joint else _inner_decisions(config, model, inner, inner_ids, inner_data,
-                                                         info.labels(config.task), progress)
+  # Each task's threshold, calibration and inner record, from its own head's inner patient probabilities.
+  decisions = {task: _inner_decisions(config, model, inner, inner_ids, inner_data, info.labels(task), progress,
+                                      column=index if config.joint else None)
+               for index, task in enumerate(config.tasks)}
   board_metrics: dict[str, float | None] = {}
   for index, task in enumerate(config.tasks):
     task_validation = validation if not config.joint else dataclasses.replace(validation,
                                                                               labels=validation.labels[:, index])
     metrics = _write_task_predictions(config, info, task, contracts.task_folder(folder, config.task, task), model,
                                       index if config.joint else None, task_validation, cell, test_ids, progress,
-                                      decision)
+                                      decisions[task])
     board_metrics.update(metrics if not config.joint else {f"{task}/{key}": value for key, value in metrics.items()})
   tensorboard.write_cell_hparams(tensorboard_dir, name, hparams(config, cell, policy), board_metrics)
-  _write_run(config, info, split, cell, progress, policy, init_seed, decision)
+  _write_run(config, info, split, cell, progress, policy, init_seed, decisions)
+
 
 def _write_task_predictions(config: TrainConfig, info: contracts.DatasetInfo, task: str, folder: str,
                             model: keras.Model, column: int | None, validation: input_pipeline.ValidationSet,
@@ -594,8 +614,10 @@ def _write_task_predictions(config: TrainConfig, info: contracts.DatasetInfo, ta
 
 
 def _write_run(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any], cell: contracts.Cell,
-               progress: Mapping[str, Any], policy: str, init_seed: int, decision: Mapping[str, Any] | None) -> None:
-  """run.json, the commit of a cell, then the resume state goes."""
+               progress: Mapping[str, Any], policy: str, init_seed: int,
+               decisions: Mapping[str, Mapping[str, Any] | None]) -> None:
+  """run.json, the commit of a cell, then the resume state goes. `decisions`: each task's `_inner_decisions`; a
+  one-task cell's go to run.json's top level, a joint cell's under "by_task" (contracts.TASK_DECISIONS_FIELD)."""
   from pdx_tf.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel  (an import cycle)
 
   folder = contracts.cell_folder(config.output_dir, cell)
@@ -612,8 +634,10 @@ def _write_run(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   if config.joint:
     # Each task's predictions are in contracts.task_folder(cell, task): derived, so not written here.
     run.update({"tasks": list(config.tasks), "consistency_weight": config.consistency_weight})
-  if decision:
-    run.update(decision)
+  if not config.joint and decisions[config.task]:
+    run.update(decisions[config.task])
+  if config.joint and any(decisions.values()):
+    run[contracts.TASK_DECISIONS_FIELD] = {task: dict(decision) for task, decision in decisions.items()}
   io_utils.atomic_write_json(io_utils.join(folder, contracts.RUN_FILE), contracts.run_document(run))
   # The resume state is no longer needed once run.json marks the cell complete.
   checkpoint_folder = io_utils.join(folder, contracts.CHECKPOINT_FOLDER)

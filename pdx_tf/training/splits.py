@@ -18,8 +18,10 @@ repeats and the seed:
 Inner validation (`inner_split`): with an inner fraction f > 0, each cell's TRAINING patients are split once more
 into the patients the model fits on and the inner patients (threshold, calibration, early stopping). Per class,
 round(f x the class's training patients) are taken from the sorted IDs in the order of
-`numpy.random.default_rng([seed, INNER_KEY, repeat, fold, class])`; the test fold is never an input. The inner
-IDs are data: each cell's run.json lists them ("inner_validation").
+`numpy.random.default_rng([seed, INNER_KEY, repeat, fold, class])`; the test fold is never an input. A joint grid
+draws the same way over the strata of `split_labels` (0, 1, 3), and each of its tasks must keep both of its classes
+among the inner and among the fit patients (`task_labels`). The inner IDs are data: each cell's run.json lists
+them ("inner_validation").
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import io_utils
-from pdx_tf.contracts import JOINT_TASK, SPLITS_FILE, DatasetInfo, cell_name
+from pdx_tf.contracts import JOINT_TASK, SPLITS_FILE, DatasetInfo, cell_name, task_list
 from pdx_tf.errors import RunsError
 
 SPLITS_SCHEMA_VERSION = 1
@@ -148,22 +150,32 @@ def write_or_verify_splits(output_dir: str, splits: Mapping[str, Any]) -> str:
   return path
 
 
+def task_labels(info: DatasetInfo, task: str) -> dict[str, dict[str, int]]:
+  """Each task's 0/1 labels by patient_id for a grid of `task`: {"p": ...}, {"sb": ...} or both for the joint
+  task (what `inner_split` checks both sides of)."""
+  return {one_task: info.labels(one_task) for one_task in task_list(task)}
+
+
 def inner_split(labels: Mapping[str, int], train_ids: Sequence[str], *, seed: int, repeat: int, fold: int,
-                fraction: float) -> tuple[list[str], list[str]]:
+                fraction: float, task_labels: Mapping[str, Mapping[str, int]] | None = None
+                ) -> tuple[list[str], list[str]]:
   """Splits one cell's training patients into (fit IDs, inner IDs), stratified by class (module docstring).
 
   Args:
-    labels: the task label (0/1) by patient_id (at least every training patient).
+    labels: the classes to stratify on by patient_id (at least every training patient): the task label (0/1),
+      or a joint grid's strata (`split_labels`: 0, 1, 3).
     train_ids: the cell's training patients (its test patients must not be in it).
     seed, repeat, fold: the key of the draw.
     fraction: share of each class's training patients held out as inner patients; 0 keeps everyone for fitting.
+    task_labels: each task's 0/1 labels (`task_labels(info, task)`); every one must keep both classes among the
+      inner and among the fit patients. None: `labels` themselves (one task).
 
   Returns:
     (fit IDs, inner IDs), both sorted; disjoint, and together exactly `train_ids`.
 
   Raises:
     ValueError: a fraction outside [0, 1).
-    RunsError: one line, when the inner patients or the fit patients would miss a class.
+    RunsError: one line, when the inner patients or the fit patients would miss a class of a task.
   """
   if not 0.0 <= fraction < 1.0:
     raise ValueError(f"inner_fraction must be in [0, 1), got {fraction}")
@@ -171,7 +183,8 @@ def inner_split(labels: Mapping[str, int], train_ids: Sequence[str], *, seed: in
   if fraction == 0.0:
     return everyone, []
   inner: list[str] = []
-  for label in (0, 1):
+  # (0, 1) for one task's labels, the present strata (0, 1, 3) for a joint grid; an absent class draws no one.
+  for label in sorted({labels[patient_id] for patient_id in everyone} | {0, 1}):
     members = [patient_id for patient_id in everyone if labels[patient_id] == label]
     count = int(math.floor(fraction * len(members) + 0.5))
     order = np.random.default_rng([seed, INNER_KEY, repeat, fold, label]).permutation(len(members))
@@ -179,10 +192,13 @@ def inner_split(labels: Mapping[str, int], train_ids: Sequence[str], *, seed: in
   held = set(inner)
   fit = [patient_id for patient_id in everyone if patient_id not in held]
   cell = cell_name((repeat, fold))
-  for name, group in (("inner", inner), ("fit", fit)):
-    missing = sorted({0, 1} - {labels[patient_id] for patient_id in group})
-    if missing:
-      raise RunsError(f"cell {cell}: --inner_fraction={fraction:g} leaves the {name} patients without task label"
-                      f" {missing[0]} ({len(inner)} inner of {len(everyone)} training patients); choose a"
-                      " fraction that keeps both classes on both sides, fewer --num_folds, or more patients")
+  checked = {"": labels} if task_labels is None else task_labels
+  for task, values in checked.items():
+    for name, group in (("inner", inner), ("fit", fit)):
+      missing = sorted({0, 1} - {values[patient_id] for patient_id in group})
+      if missing:
+        what = f"task {task} label" if task else "task label"
+        raise RunsError(f"cell {cell}: --inner_fraction={fraction:g} leaves the {name} patients without {what}"
+                        f" {missing[0]} ({len(inner)} inner of {len(everyone)} training patients); choose a"
+                        " fraction that keeps both classes on both sides, fewer --num_folds, or more patients")
   return fit, sorted(inner)

@@ -85,10 +85,11 @@ class TrainConfig:
     inner_fraction: share of each class of a cell's training patients held out as inner patients (splits.py,
       `inner_split`); the model fits on the rest. 0: no inner validation (the paper's protocol).
     threshold: the cells' operating threshold: a probability, or "inner_youden" (Youden-optimal on the inner
-      patients' patient probabilities; needs inner_fraction).
-    calibration: "none", "platt" or "isotonic", fitted on the inner patients' patient probabilities.
+      patients' patient probabilities; needs inner_fraction). A joint grid fits one per task, from that task's head.
+    calibration: "none", "platt" or "isotonic", fitted on the inner patients' patient probabilities (per task for
+      a joint grid).
     early_stopping_patience: stop after this many epochs without a lower inner loss and keep the best epoch's
-      weights (0: off; needs inner_fraction).
+      weights (0: off; needs inner_fraction). A joint grid's inner loss is model.JointLoss on the inner slices.
     consistency_weight: with task "p,sb", the weight of the loss term that penalises P(sb) > P(p)
       (model.JointLoss).
 
@@ -191,13 +192,11 @@ class TrainConfig:
       raise ValueError(f"consistency_weight must be at least 0, got {self.consistency_weight}")
     if not self.joint:
       return
-    # The joint grid trains the slice head (single slices or 2.5D stacks). MIL's patient bags and the inner
-    # validation (one threshold and calibration per cell in run.json) keep one task a grid for now.
-    for flag, used in (("--head=attention_mil", self.model.head != "slice"),
-                       ("--inner_fraction", self.inner_fraction > 0), ("--threshold", self.threshold != 0.5)):
-      if used:
-        raise ValueError(f"--task={contracts.JOINT_TASK} trains the slice head without inner validation for now;"
-                         f" drop {flag}, or train --task=p and --task=sb as two grids")
+    # The joint grid trains the slice head (single slices or 2.5D stacks); MIL's patient bags keep one task a
+    # grid for now. Inner validation works per task (threshold and calibration in run.json's "by_task").
+    if self.model.head != "slice":
+      raise ValueError(f"--task={contracts.JOINT_TASK} trains the slice head for now; drop --head=attention_mil,"
+                       " or train --task=p and --task=sb as two grids")
 
   def _check_inner_validation(self) -> None:
     if not 0.0 <= self.inner_fraction < 1.0:
@@ -352,10 +351,11 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
                         " fewer --num_folds")
     if not test_ids:
       raise RunsError(f"cell {contracts.cell_name(cell)} has no test patients; use fewer --num_folds")
-    if config.inner_fraction:  # never with the joint task (TrainConfig._check_joint)
-      # Raises a one-line RunsError when the inner or the fit patients would miss a class.
-      splits.inner_split(info.labels(config.task), train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
-                         fraction=config.inner_fraction)
+    if config.inner_fraction:
+      # Raises a one-line RunsError when the inner or the fit patients would miss a class of a task.
+      splits.inner_split(splits.split_labels(info, config.task), train_ids, seed=config.seed, repeat=cell[0],
+                         fold=cell[1], fraction=config.inner_fraction,
+                         task_labels=splits.task_labels(info, config.task))
 
 
 def _check_joint_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
@@ -522,7 +522,8 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
   for cell in chosen:
     train_ids, _ = splits.cell_patients(split, *cell)
     train_ids, _ = splits.inner_split(labels, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
-                                      fraction=config.inner_fraction)  # what the model fits on
+                                      fraction=config.inner_fraction,
+                                      task_labels=splits.task_labels(info, config.task))  # what the model fits on
     keys = dict(sample_seed=config.seed, repeat=cell[0], pool_fraction=config.pool_fraction,
                 include_originals=config.include_originals)
     pool = input_pipeline.pool_size(info, train_ids, **keys)
