@@ -159,6 +159,21 @@ def test_platt_of_one_repeated_probability_is_the_smoothed_base_rate():
   np.testing.assert_allclose(calibration.apply_calibration(fitted, [0.1, 0.3, 0.9]), (1 / 3 + 2 * 3 / 4) / 3)
 
 
+def test_platt_of_probabilities_equal_up_to_float32_noise_is_the_smoothed_base_rate():
+  # A collapsed float32 model: its patients' probabilities differ in the 7th digit, which a fitted slope would
+  # blow up into a ranking (slopes of 1e6 and more).
+  noisy = np.float32(0.3) + np.asarray([0.0, 6e-8, -6e-8, 1.2e-7], np.float32)
+  assert len(set(noisy.tolist())) > 1
+  fitted = calibration.fit_platt([0, 1, 1, 0], noisy.astype(np.float64))
+  assert fitted["slope"] == 0.0
+  smoothed_mean = (2 * (1 / 4) + 2 * (3 / 4)) / 4  # negatives' target 1/(2+2), positives' (2+1)/(2+2)
+  assert fitted["intercept"] == pytest.approx(np.log(smoothed_mean / (1 - smoothed_mean)), abs=1e-12)
+  # A spread a model means to make (1e-3) is fitted, as scikit-learn does.
+  spread = [0.3, 0.301, 0.302, 0.3005]
+  slope, intercept = _platt_by_sklearn([0, 1, 1, 0], spread)
+  assert calibration.fit_platt([0, 1, 1, 0], spread)["slope"] == pytest.approx(slope, rel=1e-3)
+
+
 def test_fit_calibration_dispatch():
   assert calibration.fit_calibration("none", [0, 1], [0.1, 0.9]) is None
   assert calibration.fit_calibration("platt", [0, 1], [0.1, 0.9])["method"] == "platt"

@@ -59,6 +59,12 @@ def operating_threshold(rule: str, fixed: float | None, labels, probabilities) -
   return float(point.threshold)
 
 
+# Inner probabilities whose logits span less than this are one probability: a float32 sigmoid output resolves
+# about 6e-8 near 0.5 (1e-7 relative elsewhere), so a collapsed model's patients differ by ~1e-6 in logit at most,
+# while any spread a model means to make between patients is orders of magnitude above 1e-5.
+FLAT_LOGIT_SPREAD = 1e-5
+
+
 def logit(probabilities) -> np.ndarray:
   clipped = np.clip(np.asarray(probabilities, np.float64), EPSILON, 1.0 - EPSILON)
   return np.log(clipped) - np.log1p(-clipped)
@@ -72,8 +78,8 @@ def fit_platt(labels, probabilities, *, max_iterations: int = 100) -> dict[str, 
   """Platt scaling of patient probabilities (module docstring): {"method": "platt", "slope", "intercept"}.
 
   Newton's method with step halving on the cross-entropy of the smoothed targets, from the identity map. When
-  every probability is equal the slope is not identifiable: it is 0 and the intercept is the logit of the mean
-  target.
+  every probability is equal (their logits within FLAT_LOGIT_SPREAD, float32 noise) the slope is not
+  identifiable: it is 0 and the intercept is the logit of the mean target.
   """
   labels = np.asarray(labels, np.float64)
   features = np.stack([logit(probabilities), np.ones(labels.size)], axis=1)
@@ -86,9 +92,10 @@ def fit_platt(labels, probabilities, *, max_iterations: int = 100) -> dict[str, 
     # log(1 + e^s) - t * s, computed stably.
     return float(np.sum(np.logaddexp(0.0, scores) - targets * scores))
 
-  if np.ptp(features[:, 0]) < 1e-12:
-    # One distinct probability (a collapsed model): the slope is not identifiable; keep it at 0 and fit the
-    # intercept alone, whose optimum is the mean target's logit.
+  if np.ptp(features[:, 0]) < FLAT_LOGIT_SPREAD:
+    # One distinct probability (a collapsed model) up to float32 noise: the slope is not identifiable (fitted, it
+    # would scale the noise by 1e6 or more and rank patients by it); keep it at 0 and fit the intercept alone,
+    # whose optimum is the mean target's logit.
     return {"method": "platt", "slope": 0.0, "intercept": float(logit(np.mean(targets))[()])}
   parameters = np.asarray([1.0, 0.0])  # the identity: sigmoid(logit(p)) = p
   current = loss(parameters)
