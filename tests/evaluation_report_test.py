@@ -145,6 +145,19 @@ def test_paper_table_shows_undefined_values_as_na():
   assert rows[0][2:] == ["n/a"] * 4
 
 
+def test_paper_table_caption_names_each_task_threshold_when_they_differ():
+  fixed = {"threshold": 0.5}
+  assert "each scored on its own held-out fold at threshold 0.5 (" in report.paper_table_caption(
+      {"p": fixed, "sb": dict(fixed)})
+  # A joint grid with inner validation: each head's cells fit their own Youden thresholds.
+  own = {"p": {"threshold": 0.6541, "threshold_source": "cells", "threshold_rules": ["inner_youden"]},
+         "sb": {"threshold": 0.2131, "threshold_source": "cells", "threshold_rules": ["inner_youden"]}}
+  caption = report.paper_table_caption(own)
+  assert ("held-out fold at its task's threshold (P-Model: each model's own (inner_youden, mean 0.654); SB-Model:"
+          " each model's own (inner_youden, mean 0.213)) (95 %") in caption
+  assert "0.5" not in caption.split("(95 %")[0]
+
+
 def _events(logdir):
   files = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
   assert len(files) == 1

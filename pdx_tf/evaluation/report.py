@@ -85,13 +85,23 @@ def paper_table_rows(summary: Mapping[str, Any]) -> list[list[str]]:
 PAPER_TABLE_HEADER = ["Model", "Source", "Sensitivity %", "Specificity %", "Accuracy %", "AUC"]
 
 
+def _caption_threshold(tasks: Mapping[str, Mapping[str, Any]]) -> str:
+  """"at threshold 0.5" when every task was scored at one threshold; else each task's, named (a joint grid's heads
+  each fit their own, and the cells' own thresholds differ from cell to cell: their mean is given)."""
+  own = {task: (f"each model's own ({', '.join(task_summary['threshold_rules'])}, mean"
+                f" {task_summary['threshold']:.3g})") if task_summary.get("threshold_source") == "cells"
+         else f"{task_summary['threshold']:g}" for task, task_summary in tasks.items()}
+  if len(set(own.values())) <= 1:
+    return f"at threshold {next(iter(own.values()), '0.5')}"
+  return "at its task's threshold (" + "; ".join(f"{MODEL_NAMES[task]}: {text}" for task, text in own.items()) + ")"
+
+
 def paper_table_caption(summary: Mapping[str, Any]) -> str:
-  tasks = [task_summary for task, task_summary in summary.items() if task in MODEL_NAMES]
-  threshold = tasks[0]["threshold"] if tasks else 0.5
-  caption = (f"Mean over the models, each scored on its own held-out fold at threshold {threshold:g} "
+  tasks = {task: task_summary for task, task_summary in summary.items() if task in MODEL_NAMES}
+  caption = (f"Mean over the models, each scored on its own held-out fold {_caption_threshold(tasks)} "
              "(95 % CI: patient bootstrap). The paper's values are from its own private cohort and are "
              "not directly comparable; it published no AUC.")
-  if any(task_summary.get("partial") for task_summary in tasks):
+  if any(task_summary.get("partial") for task_summary in tasks.values()):
     caption = "PARTIAL GRID (some cells missing). " + caption
   return caption
 
