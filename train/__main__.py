@@ -4,7 +4,7 @@ Examples:
   # The demo: phantom cohort -> records -> reduced grid (48 px, alpha 0.35, 8 folds x 1 repeat) -> evaluation.
   python -m train --task=p
 
-  # The small-bowel demo: a 120-patient phantom cohort at 96 px, one joint grid for p and sb, 4 folds (about 15 min).
+  # The small-bowel demo: a 120-patient phantom cohort at 96 px, one joint grid for p and sb, 4 folds (13-15 min).
   python -m train --flagfile=configs/demo_sb.flags
 
   # The paper's protocol (224 px, ImageNet weights, 20 epochs, 8 folds x 24 repeats, mixed precision on GPU).
