@@ -1,7 +1,7 @@
 """GPU training throughput of pdx_tf's own model through a Keras 3 backend other than TensorFlow.
 
-Why: the GPU machine lent to this project has no TensorFlow, and TensorFlow's CUDA build (a wheel of about 600 MB
-plus CUDA 12 libraries) cannot travel to it (64 MiB a call). It has JAX and PyTorch. `pdx_tf.training.model` is
+Why: the GPU machine lent to this project has no TensorFlow, and TensorFlow's CUDA build (1.9 GB installed, plus
+CUDA 12 libraries) cannot travel to it (64 MiB a call). It has JAX and PyTorch. `pdx_tf.training.model` is
 written in Keras 3 alone (keras + keras.ops, no tf), so the very `build_model` that training calls runs there
 under KERAS_BACKEND=jax. What this measures is therefore the model's GPU compute ceiling under XLA (the JAX
 backend always compiles with XLA), NOT TensorFlow's: `benchmarks/gpu_benchmark.py` is the script for a GPU box
