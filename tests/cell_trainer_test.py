@@ -104,6 +104,21 @@ def test_complete_progress_without_run_json_trains_nothing(records_dir, tmp_path
   assert _predictions(tmp_path) == uninterrupted
 
 
+def test_adam_counts_the_steps_really_taken(records_dir, tmp_path):
+  """The saved optimizer's step counter (Adam's bias correction reads it) equals the batches the cell's epochs
+  hold, counted here by iterating each epoch's dataset: Keras' TensorFlow trainer adds one step to it at the end
+  of every epoch of unknown length, which cell_trainer takes back."""
+  config = tiny_config(records_dir, tmp_path / "R", epochs=3)
+  assert trainer.run_grid(config)["cells"] == {"r00_f00": "complete"}
+  info = contracts.load_dataset_info(records_dir)
+  split = json.loads((tmp_path / "R" / "splits.json").read_text())
+  train_ids, _ = splits.cell_patients(split, 0, 0)
+  batches = sum(sum(1 for _ in cell_trainer.epoch_dataset(config, info, train_ids, (0, 0), epoch))
+                for epoch in range(3))
+  model = keras.saving.load_model(tmp_path / "R" / "cells" / "r00_f00" / "model.keras")
+  assert batches >= 3 and int(model.optimizer.iterations.numpy()) == batches
+
+
 def test_reseed_dropout_is_keyed_by_the_seed():
   inputs = keras.Input((4,))
   model = keras.Model(inputs, keras.layers.Dropout(0.5)(inputs))

@@ -342,12 +342,17 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     epoch_started = time.time()
     # A logger per fit: EpochLogger closes its writers at the end of each fit.
     callbacks = [tensorboard.EpochLogger(tensorboard_dir, name), checks, *extra_callbacks]
+    steps_before = int(model.optimizer.iterations.numpy())
     with warnings.catch_warnings():
       # One pass over the (finite, unknown-length) dataset is an epoch by design; Keras warns about both.
       warnings.filterwarnings("ignore", message=".*ran out of data.*")
       warnings.filterwarnings("ignore", message=".*`shuffle=True` was passed.*")
       model.fit(train, epochs=epoch + 1, initial_epoch=epoch, validation_data=validation_data,
                 callbacks=callbacks, verbose=2)
+    # Keras 3.15's TensorFlow trainer ends an epoch of unknown length with a step whose get_next fails; the
+    # optimizer's step counter, which does not wait for the data, is incremented by it all the same (no weight
+    # moves). Adam's bias correction reads that counter, so it is set back to the steps really taken.
+    model.optimizer.iterations.assign(steps_before + checks.steps)
     progress["epochs_completed"] = epoch + 1
     progress["images_seen"] += checks.steps * config.batch_size  # batches drop the remainder: exact
     progress["history"].append(checks.logs)
