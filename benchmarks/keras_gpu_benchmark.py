@@ -167,7 +167,12 @@ def main():
   if args.child:
     print(json.dumps(_measure(args)), flush=True)
     return 0
-  gpu = _gpu_name(args.backend)
+  try:
+    gpu = _gpu_name(args.backend)
+  except ImportError:
+    print(f"keras_gpu_benchmark: backend {args.backend} is not installed here; install it or pass"
+          f" --backend={'torch' if args.backend == 'jax' else 'jax'}", file=sys.stderr)
+    return 2
   if gpu is None and not args.allow_cpu:
     print("no GPU: not measured")
     return 0
