@@ -116,20 +116,24 @@ def _run(args, processes: int = 1, **overrides) -> list[dict]:
   children = [subprocess.Popen(_child_command(args, **dict(overrides)), env=_environment(args), stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True) for _ in range(processes)]
   records = []
-  for child in children:
-    try:
-      stdout, stderr = child.communicate(timeout=args.child_timeout_s)
-    except subprocess.TimeoutExpired:
-      child.kill()
-      print(f"  timed out after {args.child_timeout_s} s: {overrides}", flush=True)
-      return []
-    lines = [line for line in stdout.splitlines() if line.startswith("{")]
-    if child.returncode or not lines:
-      print(f"  failed ({overrides}): {stderr.strip().splitlines()[-1:] or 'no output'}", flush=True)
-      sys.stderr.write(stderr[-4000:])
-      return []
-    records.append(json.loads(lines[-1]))
-  return records
+  try:
+    for child in children:
+      try:
+        stdout, stderr = child.communicate(timeout=args.child_timeout_s)
+      except subprocess.TimeoutExpired:
+        print(f"  timed out after {args.child_timeout_s} s: {overrides}", flush=True)
+        return []
+      lines = [line for line in stdout.splitlines() if line.startswith("{")]
+      if child.returncode or not lines:
+        print(f"  failed ({overrides}): {stderr.strip().splitlines()[-1:] or 'no output'}", flush=True)
+        sys.stderr.write(stderr[-4000:])
+        return []
+      records.append(json.loads(lines[-1]))
+    return records
+  finally:
+    for child in children:  # a failed or timed-out measurement leaves none of its processes on the GPU
+      if child.poll() is None:
+        child.kill()
 
 
 def _gpu_name(backend: str) -> str | None:

@@ -303,9 +303,8 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
   io_utils.make_dirs(folder)
   train_ids, test_ids = splits.cell_patients(split, *cell)
   # With inner validation off, fit_ids == train_ids (sorted) and inner_ids is empty.
-  fit_ids, inner_ids = splits.inner_split(splits.split_labels(info, config.task), train_ids, seed=config.seed,
-                                          repeat=cell[0], fold=cell[1], fraction=config.inner_fraction,
-                                          task_labels=splits.task_labels(info, config.task))
+  fit_ids, inner_ids = splits.cell_inner_split(info, config.task, train_ids, seed=config.seed, repeat=cell[0],
+                                               fold=cell[1], fraction=config.inner_fraction)
   init_seed = cell_seed(config.seed, cell)
   resumed = load_progress(folder)
   progress = resumed[0] if resumed else None

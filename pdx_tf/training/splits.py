@@ -156,6 +156,15 @@ def task_labels(info: DatasetInfo, task: str) -> dict[str, dict[str, int]]:
   return {one_task: info.labels(one_task) for one_task in task_list(task)}
 
 
+def cell_inner_split(info: DatasetInfo, task: str, train_ids: Sequence[str], *, seed: int, repeat: int, fold: int,
+                     fraction: float) -> tuple[list[str], list[str]]:
+  """`inner_split` of one cell of a grid of `task`, on the classes its split is stratified on (`split_labels`) and
+  checked for every task it learns (`task_labels`): (fit IDs, inner IDs). The one call training, the grid's
+  pre-flight check and the plan share."""
+  return inner_split(split_labels(info, task), train_ids, seed=seed, repeat=repeat, fold=fold, fraction=fraction,
+                     task_labels=task_labels(info, task))
+
+
 def inner_split(labels: Mapping[str, int], train_ids: Sequence[str], *, seed: int, repeat: int, fold: int,
                 fraction: float, task_labels: Mapping[str, Mapping[str, int]] | None = None
                 ) -> tuple[list[str], list[str]]:

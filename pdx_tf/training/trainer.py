@@ -353,9 +353,8 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       raise RunsError(f"cell {contracts.cell_name(cell)} has no test patients; use fewer --num_folds")
     if config.inner_fraction:
       # Raises a one-line RunsError when the inner or the fit patients would miss a class of a task.
-      splits.inner_split(splits.split_labels(info, config.task), train_ids, seed=config.seed, repeat=cell[0],
-                         fold=cell[1], fraction=config.inner_fraction,
-                         task_labels=splits.task_labels(info, config.task))
+      splits.cell_inner_split(info, config.task, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
+                              fraction=config.inner_fraction)
 
 
 def _check_joint_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
@@ -518,12 +517,10 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
             else grid.all_cells(config.num_repeats, config.num_folds))
   mine = set(config.selected_cells())
   images, bytes_read = {}, {}
-  labels = splits.split_labels(info, config.task)
   for cell in chosen:
     train_ids, _ = splits.cell_patients(split, *cell)
-    train_ids, _ = splits.inner_split(labels, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
-                                      fraction=config.inner_fraction,
-                                      task_labels=splits.task_labels(info, config.task))  # what the model fits on
+    train_ids, _ = splits.cell_inner_split(info, config.task, train_ids, seed=config.seed, repeat=cell[0],
+                                           fold=cell[1], fraction=config.inner_fraction)  # what the model fits on
     keys = dict(sample_seed=config.seed, repeat=cell[0], pool_fraction=config.pool_fraction,
                 include_originals=config.include_originals)
     pool = input_pipeline.pool_size(info, train_ids, **keys)
