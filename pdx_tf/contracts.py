@@ -24,7 +24,31 @@ TASKS = ("p", "sb")  # p: any peritoneal dissemination; sb: small-bowel dissemin
 # One grid, one backbone, both tasks (`--task=p,sb`): each cell's model has a head per task, and the cell writes
 # each task's predictions in its own sub-folder (<cell>/p/, <cell>/sb/) so evaluation reads them as two tasks.
 JOINT_TASK = "p,sb"
-DEFAULT_MIN_SLICES = 8  # fewest slices accepted, in a series and in the abdominal range
+DEFAULT_MIN_SLICES = 8
+
+# The Peritoneal Cancer Index (PCI) regions, index = region number (Jacquet & Sugarbaker): 0-8 the abdominopelvic
+# regions, 9-12 the small-bowel segments. Each region's lesion-size score is 0 (none), 1 (up to 0.5 cm), 2 (up to
+# 5 cm) or 3 (larger or confluent); PCI = the sum (0-39). "pci" names these everywhere: "region" already means the
+# abdominal z range (pdx_tf.data.region, REGION_SETTINGS).
+PCI_REGION_NAMES = ("central", "right upper", "epigastrium", "left upper", "left flank", "left lower", "pelvis",
+                    "right lower", "right flank", "upper jejunum", "lower jejunum", "upper ileum", "lower ileum")
+NUM_PCI_REGIONS = len(PCI_REGION_NAMES)
+PCI_SMALL_BOWEL_REGIONS = (9, 10, 11, 12)  # task sb is "any of these"
+PCI_MAX_SCORE = 3
+PCI_UNRECORDED = -1  # a region's score where the manifest left it empty (masked out of any loss)
+# A left-right mirror image of a patient swaps these regions (right upper <-> left upper, right flank <-> left
+# flank, right lower <-> left lower); the others lie on the midline or follow the bowel.
+PCI_LATERAL_PAIRS = ((1, 3), (8, 4), (7, 5))
+PCI_TASK = "regions"  # `train --task=regions`: one probability a PCI region
+
+
+def pci_mirror(scores):
+  """The PCI scores of the left-right mirror image: a list with each PCI_LATERAL_PAIRS pair swapped."""
+  mirrored = list(scores)
+  for right, left in PCI_LATERAL_PAIRS:
+    mirrored[right], mirrored[left] = scores[left], scores[right]
+  return mirrored
+  # fewest slices accepted, in a series and in the abdominal range
 
 # ---------------------------------------------------------------------------------------- D: the records
 DATASET_FILE = "dataset.json"  # written last by the data pipeline: its presence means the records are complete
@@ -171,6 +195,19 @@ class DatasetInfo:
   def labels(self, task: str) -> dict[str, int]:
     key = f"label_{check_task(task)}"
     return {patient_id: int(entry[key]) for patient_id, entry in self.patients.items()}
+
+  @property
+  def has_pci_scores(self) -> bool:
+    """Whether the cohort manifest had PCI columns (pci_0 ... pci_12): then every patient entry has `pci_scores`."""
+    return any(entry.get("pci_scores") is not None for entry in self.patients.values())
+
+  def pci_scores(self, patient_id: str) -> tuple[int, ...] | None:
+    """A patient's 13 PCI lesion-size scores (0-3, PCI_UNRECORDED where not recorded) as the manifest gave them
+    (unmirrored); None when the cohort has no PCI columns."""
+    scores = self.patients[patient_id].get("pci_scores")
+    if scores is None:
+      return None
+    return tuple(PCI_UNRECORDED if value is None else int(value) for value in scores)
 
   def shard_paths(self, patient_ids: Sequence[str], kind: str) -> list[str]:
     """Absolute paths of the `kind` ("original"/"augmented") shards of these patients, in patient order."""

@@ -34,6 +34,12 @@ AUGMENTATION_INDEX_KEY = "augmentation_index"
 LABEL_P_KEY = "label_p"
 LABEL_SB_KEY = "label_sb"
 COVARIATE_PREFIX = "covariate/"
+# int64 [13] PCI lesion-size scores of the patient (contracts.PCI_REGION_NAMES order), -1 where not recorded,
+# already mirrored (contracts.pci_mirror) for an augmented copy that was flipped left-right, so every image's
+# scores describe what it shows. Written only when the manifest has PCI columns (older records and cohorts
+# without them parse as all -1, and their bytes are unchanged).
+PCI_SCORES_KEY = "pci_scores"
+NUM_PCI_REGIONS = 13  # = contracts.NUM_PCI_REGIONS (records stay free of the core's imports)
 
 LABEL_KEYS = {"p": LABEL_P_KEY, "sb": LABEL_SB_KEY}  # one per contracts.TASKS
 
@@ -72,7 +78,8 @@ def encode_image(image: np.ndarray | tf.Tensor) -> bytes:
 
 def make_example(image_png: bytes, *, image_size: int, patient_id: str, slice_index: int, z_mm: float,
                  augmentation_index: int, label_p: int, label_sb: int,
-                 covariates: Mapping[str, str] | None = None) -> tf.train.Example:
+                 covariates: Mapping[str, str] | None = None,
+                 pci_scores: Sequence[int] | None = None) -> tf.train.Example:
   """Builds one example.
 
   Args:
@@ -85,6 +92,8 @@ def make_example(image_png: bytes, *, image_size: int, patient_id: str, slice_in
     label_p: any peritoneal dissemination (0/1).
     label_sb: small-bowel dissemination (0/1).
     covariates: manifest covariates as strings, carried through for subgroup analysis.
+    pci_scores: 13 PCI lesion-size scores (0-3, -1 = not recorded) as this image shows them (mirrored for a
+      flipped copy); None writes no PCI feature.
   """
   features = {
       SCHEMA_VERSION_KEY: _int(SCHEMA_VERSION),
@@ -97,6 +106,10 @@ def make_example(image_png: bytes, *, image_size: int, patient_id: str, slice_in
       LABEL_P_KEY: _int(label_p),
       LABEL_SB_KEY: _int(label_sb),
   }
+  if pci_scores is not None:
+    if len(pci_scores) != NUM_PCI_REGIONS:
+      raise ValueError(f"pci_scores must hold {NUM_PCI_REGIONS} scores, got {len(pci_scores)}")
+    features[PCI_SCORES_KEY] = tf.train.Feature(int64_list=tf.train.Int64List(value=[int(v) for v in pci_scores]))
   for name, value in (covariates or {}).items():
     features[COVARIATE_PREFIX + name] = _bytes(str(value).encode("utf-8"))
   return tf.train.Example(features=tf.train.Features(feature=features))
@@ -114,6 +127,7 @@ def feature_spec(covariate_names: Sequence[str] = ()) -> dict[str, tf.io.FixedLe
       AUGMENTATION_INDEX_KEY: tf.io.FixedLenFeature([], tf.int64),
       LABEL_P_KEY: tf.io.FixedLenFeature([], tf.int64),
       LABEL_SB_KEY: tf.io.FixedLenFeature([], tf.int64),
+      PCI_SCORES_KEY: tf.io.FixedLenFeature([NUM_PCI_REGIONS], tf.int64, default_value=[-1] * NUM_PCI_REGIONS),
   }
   for name in covariate_names:
     spec[COVARIATE_PREFIX + name] = tf.io.FixedLenFeature([], tf.string, default_value="")
