@@ -60,12 +60,31 @@ def test_load_dataset_info(info, records_dir):
       os.path.join(records_dir, f"augmented/fake001-b{block:05d}-00000.tfrecord") for block in range(NUM_BLOCKS)]
 
 
-def test_leakage_every_cell_reads_only_its_patients(info, monkeypatch):
-  """Every example of a cell's train input is a train patient's; validation is the test patients' originals."""
-  opened = []
+def _spy_on_opened_files(monkeypatch, opened: list) -> None:
+  """Appends to `opened` every file a training dataset opens: the validation reader (tf.data.TFRecordDataset) and
+  the pool's per-file streams, which input_pipeline caches (so the spy replaces the cached builder, uncached)."""
   original_reader = tf.data.TFRecordDataset
   monkeypatch.setattr(tf.data, "TFRecordDataset", lambda path, *a, **k: opened.append(path) or original_reader(
       path, *a, **k))
+  monkeypatch.setattr(input_pipeline, "_record_stream", tf.data.TFRecordDataset)
+
+
+def test_pool_file_streams_are_built_once_and_read_from_the_start(info):
+  """The cached per-file stream gives every epoch the whole file from its first record (a dataset is read afresh
+  by each iterator), so two passes over one cached stream equal two fresh readers."""
+  input_pipeline._record_stream.cache_clear()
+  path = info.shard_paths(["fake000"], "original")[0]
+  first = input_pipeline._record_stream(path)
+  assert input_pipeline._record_stream(path) is first
+  fresh = [record.numpy() for record in tf.data.TFRecordDataset(path)]
+  assert [record.numpy() for record in first] == fresh
+  assert [record.numpy() for record in first] == fresh
+
+
+def test_leakage_every_cell_reads_only_its_patients(info, monkeypatch):
+  """Every example of a cell's train input is a train patient's; validation is the test patients' originals."""
+  opened = []
+  _spy_on_opened_files(monkeypatch, opened)
   split = splits.make_splits(info.labels("p"), task="p", num_folds=4, num_repeats=2, seed=0, repartition=True)
   for repeat_entry in split["repeats"]:
     for fold_entry in repeat_entry["folds"]:
@@ -143,9 +162,7 @@ def test_pool_keep_matches_the_documented_formula():
 
 def test_only_drawn_files_are_opened_and_sizes_come_from_dataset_json(info, monkeypatch):
   opened = []
-  original_reader = tf.data.TFRecordDataset
-  monkeypatch.setattr(tf.data, "TFRecordDataset", lambda path, *a, **k: opened.append(path) or original_reader(
-      path, *a, **k))
+  _spy_on_opened_files(monkeypatch, opened)
   ids = ["fake000", "fake001", "fake002"]
   examples = _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=2, pool_fraction=0.25))
   expected_files = sorted(
@@ -165,9 +182,7 @@ def test_an_epoch_smaller_than_the_pool_opens_only_what_it_trains_on(info, monke
   (3 + 4 x 6) = 216 images; an epoch of 40 must open files holding 40 to 45 images (at most one file more), at
   least one file of every patient first (rounds over the patients), and other files in another epoch."""
   opened = []
-  original_reader = tf.data.TFRecordDataset
-  monkeypatch.setattr(tf.data, "TFRecordDataset", lambda path, *a, **k: opened.append(path) or original_reader(
-      path, *a, **k))
+  _spy_on_opened_files(monkeypatch, opened)
   ids = list(info.patients)
   sizes = {io_utils.join(info.records_dir, shard["path"]): int(shard["num_examples"])
            for shard in info.document["shards"]}
