@@ -19,7 +19,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pdx_tf.evaluation import grid_statistics
+from pdx_tf.evaluation import burden, grid_statistics
 from pdx_tf.evaluation import metrics as metrics_lib
 
 # Thresholds of the decision curve (figure) and those tabulated in summary.json.
@@ -260,7 +260,8 @@ def extend_grid_evaluation(evaluation: grid_statistics.TaskEvaluation, num_boots
   Returns:
     The evaluation with summary keys `calibration` (slope, intercept, calibration_in_the_large: statistics over
     the repeats' pooled predictions), `decision_curve` (mean over repeats), `covariate_baselines` (beside
-    `model_auc`, the models' pooled AUC and CI) and `failure_analysis` added.
+    `model_auc`, the models' pooled AUC and CI), `failure_analysis` and `burden` (the metrics by disease burden,
+    pdx_tf/evaluation/burden.py; None without a PCI or nodule-count column) added.
   """
   task_runs, pools = evaluation.task_runs, evaluation.pools
   fits = [calibration_fit(pool.labels, pool.probabilities) for pool in pools]
@@ -278,4 +279,7 @@ def extend_grid_evaluation(evaluation: grid_statistics.TaskEvaluation, num_boots
       "covariates": covariate_baselines(task_runs.covariate_columns, task_runs.patients, labels, weights),
   }
   summary["failure_analysis"] = failure_analysis(summary["subgroups"], _grid_subgroup_value)
+  own = grid_statistics.own_thresholds(task_runs)
+  summary["burden"] = burden.burden_split(task_runs, pools, float(evaluation.summary["threshold"]), own,
+                                          num_bootstrap, seed)
   return dataclasses.replace(evaluation, summary=grid_statistics.json_safe(summary))

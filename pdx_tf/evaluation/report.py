@@ -435,6 +435,20 @@ def clinical_blocks(entry: Mapping[str, Any], over_repeats: bool) -> list[tuple[
             for row in curve["table"]]
     blocks.append(("table", (f"Decision curve at selected thresholds ({curve['rule']}).",
                              ["Threshold pt", "Model", "Treat all", "Treat none"], rows)))
+  burden_entry = entry.get("burden")
+  if burden_entry and burden_entry.get("strata"):
+    rows = []
+    for stratum in burden_entry["strata"]:
+      metrics = stratum["metrics"]
+      rows.append([stratum["stratum"], stratum["range"], str(stratum["n_positive"]), str(stratum["n_negative"])]
+                  + [with_interval(metric, metrics[metric]["estimate"], metrics[metric]["low"],
+                                   metrics[metric]["high"]) for metric in ("auc", "sensitivity", "accuracy")])
+    missing = burden_entry.get("n_positive_missing", 0)
+    blocks.append(("table", (f"Disease burden: the positives cut by `{burden_entry['column']}` ("
+                             f"{burden_entry['rule']}). A low AUC in the low stratum means small-volume disease is"
+                             " missed" + (f"; {missing} positives without a value are left out." if missing else "."),
+                             ["Burden", "Range", "Positives", "Negatives", "AUC (95 % CI)", "Sensitivity % (95 % CI)",
+                              "Accuracy % (95 % CI)"], rows)))
   failures = entry.get("failure_analysis")
   if failures:
     rows = []
