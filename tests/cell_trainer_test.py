@@ -73,9 +73,9 @@ def test_uncommitted_checkpoint_is_redone_once_and_predictions_match(records_dir
   assert trainer.run_grid(config, cell_callbacks=lambda cell: [_Stop()])["cells"] == {"r00_f00": "interrupted"}
   cell = tmp_path / "cells" / "r00_f00"
   progress = json.loads((cell / "progress.json").read_text())
-  assert progress["epochs_completed"] == 1 and progress["checkpoint"] == "epoch-0001.keras"
+  assert progress["epochs_completed"] == 1 and progress["checkpoint"] == "epoch-0001.npz"
   # A kill between the checkpoint's rename and progress.json: epoch 2's file exists, progress still says 1.
-  (cell / "checkpoint" / "epoch-0002.keras").write_bytes((cell / "checkpoint" / "epoch-0001.keras").read_bytes())
+  (cell / "checkpoint" / "epoch-0002.npz").write_bytes((cell / "checkpoint" / "epoch-0001.npz").read_bytes())
   recorder = _RecordEpochs()
   assert trainer.run_grid(config, cell_callbacks=lambda cell: [recorder])["cells"] == {"r00_f00": "complete"}
   assert recorder.epochs == [1], "epoch 2 did not commit, so it runs exactly once more; epoch 1 is not repeated"
@@ -234,8 +234,8 @@ def test_load_progress_only_trusts_a_committed_checkpoint(tmp_path):
   progress = {"epochs_completed": 1, "checkpoint": cell_trainer.checkpoint_name(1), "history": []}
   (folder / "progress.json").write_text(json.dumps(progress))
   assert cell_trainer.load_progress(str(folder)) is None  # it names epoch 1's file, which is missing
-  (folder / "checkpoint" / "epoch-0001.keras").write_bytes(b"weights")
-  assert cell_trainer.load_progress(str(folder)) == (progress, str(folder / "checkpoint" / "epoch-0001.keras"))
+  (folder / "checkpoint" / "epoch-0001.npz").write_bytes(b"weights")
+  assert cell_trainer.load_progress(str(folder)) == (progress, str(folder / "checkpoint" / "epoch-0001.npz"))
   (folder / "progress.json").write_text("{broken")
   assert cell_trainer.load_progress(str(folder)) is None  # unreadable: start over, never crash
 
@@ -247,7 +247,7 @@ def test_remove_other_checkpoints_keeps_the_named_ones(tmp_path):
     (checkpoint / name).write_bytes(b"x")
   cell_trainer._remove_other_checkpoints(str(tmp_path), "epoch-0003.keras", "epoch-0001.keras")  # pylint: disable=protected-access
   assert sorted(os.listdir(checkpoint)) == ["epoch-0001.keras", "epoch-0003.keras"]
-  assert cell_trainer.checkpoint_name(12) == "epoch-0012.keras"
+  assert cell_trainer.checkpoint_name(12) == "epoch-0012.npz"
 
 
 def test_epoch_seeds_are_keyed_by_cell_and_epoch():
@@ -255,3 +255,62 @@ def test_epoch_seeds_are_keyed_by_cell_and_epoch():
   assert len(set(seeds.values())) == len(seeds)  # every (cell, epoch) its own dropout and shuffle seed
   assert all(0 <= seed < 2**31 for seed in seeds.values())
   assert cell_trainer.epoch_seed(2, 1) == seeds[(2, 1)]
+
+
+def _trained_tiny_model(seed):
+  model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, name="hidden"),
+                            keras.layers.BatchNormalization(name="norm"), keras.layers.Dense(1, name="out")])
+  model.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  rng = np.random.default_rng(seed)
+  model.fit(rng.normal(size=(16, 4)), rng.normal(size=(16, 1)), epochs=2, verbose=0)
+  return model
+
+
+def _state(model):
+  return [np.array(variable.numpy()) for variable in list(model.variables) + list(model.optimizer.variables)]
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".keras"])
+def test_checkpoint_restores_weights_moments_and_step_count(tmp_path, suffix):
+  """A restored model equals the saved one in every weight, BatchNorm statistic and Adam variable (the .npz
+  checkpoint, and a .keras checkpoint of an earlier version), and the next step moves both alike."""
+  saved = _trained_tiny_model(0)
+  path = str(tmp_path / f"epoch-0002{suffix}")
+  if suffix == ".npz":
+    cell_trainer.save_training_state(saved, path)
+  else:
+    saved.save(path)
+  restored = _trained_tiny_model(1)  # same architecture, other weights and optimizer state
+  assert any(not np.array_equal(a, b) for a, b in zip(_state(saved), _state(restored)))
+  cell_trainer.restore_training_state(restored, path)
+  for expected, actual in zip(_state(saved), _state(restored), strict=True):
+    np.testing.assert_array_equal(actual, expected)
+  assert int(restored.optimizer.iterations.numpy()) == int(saved.optimizer.iterations.numpy()) == 2
+  x, y = np.ones((4, 4)), np.zeros((4, 1))
+  saved.train_on_batch(x, y)
+  restored.train_on_batch(x, y)
+  for expected, actual in zip(_state(saved), _state(restored), strict=True):
+    np.testing.assert_array_equal(actual, expected)
+
+
+def test_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
+  path = str(tmp_path / "epoch-0001.npz")
+  cell_trainer.save_training_state(_trained_tiny_model(0), path)
+  other = keras.Sequential([keras.Input((4,)), keras.layers.Dense(5), keras.layers.Dense(1)])
+  other.compile(optimizer=keras.optimizers.Adam(1e-2), loss="mse")
+  with pytest.raises(cell_trainer.RunsError, match="do not match") as caught:
+    cell_trainer.restore_training_state(other, path)
+  assert "\n" not in str(caught.value)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+  """A save that fails midway leaves no final-named file (and no older one is touched)."""
+  path = tmp_path / "epoch-0001.npz"
+
+  def broken(*args, **kwargs):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(np, "savez", lambda buffer, *arrays: (buffer.write(b"partial"), broken()))
+  with pytest.raises(OSError):
+    cell_trainer.save_training_state(_trained_tiny_model(0), str(path))
+  assert not path.exists()
