@@ -747,7 +747,7 @@ def finish_run(config: PipelineConfig, plan: RunPlan, new_markers: dict, failure
       processed_slices=sum(m["num_slices"] for m in new_markers.values()), partitioned=partitioned)
 
 
-def demo_manifest_path(num_patients: int = presets.DEMO_PATIENTS) -> str:
+def demo_manifest_path(num_patients: int = presets.DEMO_PATIENTS, phantom_preset: str | None = None) -> str:
   """The manifest of the cached demo phantom cohort, written first if needed (about a minute for 40 patients).
 
   Args:
@@ -755,6 +755,7 @@ def demo_manifest_path(num_patients: int = presets.DEMO_PATIENTS) -> str:
       p-positive, a quarter sb-positive; the phantom balances labels in blocks of 4). Patient i is the same in
       every size (keyed by the phantom seed and i), and one size and seed give the same cohort bytes; the
       default is the demo's 40-patient cohort, unchanged.
+    phantom_preset: a named phantom cohort (`phantom.PHANTOM_PRESETS`, e.g. "low_burden"); None: the default.
 
   Returns:
     The path of its manifest.csv, under $PDX_TF_CACHE (or ~/.cache/pdx_tf), one folder a size.
@@ -765,7 +766,8 @@ def demo_manifest_path(num_patients: int = presets.DEMO_PATIENTS) -> str:
   from pdx_tf import phantom  # pylint: disable=import-outside-toplevel
 
   check_demo_num_patients(num_patients)
-  config = phantom.PhantomConfig(num_patients=num_patients)
+  config = (phantom.preset_config(phantom_preset, num_patients=num_patients) if phantom_preset is not None
+            else phantom.PhantomConfig(num_patients=num_patients))
   return phantom.write_demo_cohort(phantom.demo_cohort_dir(config), config)
 
 
@@ -777,15 +779,16 @@ def check_demo_num_patients(num_patients: int) -> None:
 
 
 def demo_config(output_dir: str = DEMO_OUTPUT_DIR, *, num_patients: int = presets.DEMO_PATIENTS,
-                **overrides) -> PipelineConfig:
+                phantom_preset: str | None = None, **overrides) -> PipelineConfig:
   """The demo preset on the cached phantom cohort (writing the cohort first if needed).
 
   Args:
     output_dir: where the records go.
     num_patients: the phantom cohort's size (see `demo_manifest_path`; default the demo's 40).
+    phantom_preset: a named phantom cohort (see `demo_manifest_path`); None: the default demo cohort.
     **overrides: PipelineConfig fields to change; `image_size` sets the preprocess image size.
   """
-  manifest_path = demo_manifest_path(num_patients)
+  manifest_path = demo_manifest_path(num_patients, phantom_preset)
   preset = presets.PIPELINE_PRESETS["demo"]
   image_size = overrides.pop("image_size", preset["image_size"])
   values = {"augment_factor": preset["augment_factor"], "augment_block": preset["augment_block"],
@@ -796,7 +799,8 @@ def demo_config(output_dir: str = DEMO_OUTPUT_DIR, *, num_patients: int = preset
 
 
 def run_demo_pipeline(output_dir: str = DEMO_OUTPUT_DIR, *, progress: bool = True,
-                      num_patients: int = presets.DEMO_PATIENTS, **overrides) -> PipelineResult:
+                      num_patients: int = presets.DEMO_PATIENTS, phantom_preset: str | None = None,
+                      **overrides) -> PipelineResult:
   """Builds (or reuses) the demo phantom cohort and runs the pipeline on it with the demo preset.
 
   A finished demo dataset is reused: every patient is skipped and dataset.json rewritten identically.
@@ -805,7 +809,9 @@ def run_demo_pipeline(output_dir: str = DEMO_OUTPUT_DIR, *, progress: bool = Tru
     output_dir: where the records go (default runs/demo/records).
     progress: show progress on stderr.
     num_patients: the phantom cohort's size (default the demo's 40; the sb preset's 120).
+    phantom_preset: a named phantom cohort (e.g. "low_burden", see `pdx_tf.phantom.PHANTOM_PRESETS`).
     **overrides: PipelineConfig fields (and `image_size`) to change from the demo preset
       (pdx_tf.presets.PIPELINE_PRESETS["demo"]: 48 px, 8 copies a slice in blocks of 2).
   """
-  return run_pipeline(demo_config(output_dir, num_patients=num_patients, **overrides), progress=progress)
+  return run_pipeline(demo_config(output_dir, num_patients=num_patients, phantom_preset=phantom_preset, **overrides),
+                      progress=progress)
