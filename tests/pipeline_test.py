@@ -279,7 +279,9 @@ def _failing_manifest(cohort, first_config):
     victim = handle.read()
   with open(manifest_path, encoding="utf-8") as handle:
     text = handle.read()
-  text += "broken,dicom/broken-study,1,0,none,3,A\nmissing,dicom/no-such-folder,0,0,none,0,B\n"
+  unrecorded = "," * 13  # the phantom's manifest has the 13 PCI region columns: not recorded here
+  text += (f"broken,dicom/broken-study,1,0,none,3,A{unrecorded}\n"
+           f"missing,dicom/no-such-folder,0,0,none,0,B{unrecorded}\n")
   path = os.path.join(folder, "manifest-with-failures.csv")
   with open(path, "w", encoding="utf-8") as handle:
     handle.write(text)
@@ -438,6 +440,10 @@ def test_the_default_demo_cohort_is_the_one_it_always_was(monkeypatch, tmp_path)
   assert pipeline.demo_manifest_path() == "M"
   assert calls == [(phantom.demo_cohort_dir(), phantom.PhantomConfig())]
   assert phantom.demo_cohort_dir(phantom.PhantomConfig(num_patients=120)) != calls[0][0]
+  assert pipeline.demo_manifest_path(40, "low_burden") == "M"
+  low_burden = phantom.PhantomConfig(num_patients=40, nodule_diameter_range_mm=(7.0, 20.0), omental_cake=False,
+                                     ascites_given_positive=(0.7, 0.2, 0.1), ascites_given_negative=(0.7, 0.2, 0.1))
+  assert calls[1] == (phantom.demo_cohort_dir(low_burden), low_burden) and calls[1][0] != calls[0][0]
 
 
 @pytest.mark.parametrize("size", [0, -4, 10, 4.0, True])
