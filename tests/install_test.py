@@ -3,7 +3,6 @@
 
 import email.parser
 import os
-import shutil
 import subprocess
 import sys
 import zipfile
@@ -11,14 +10,10 @@ import zipfile
 import pytest
 
 from pdx_tf import console
+from tests.source_tree import BINARIES, REPO, copy_sources
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BINARIES = ("data_pipeline", "train", "evaluate", "export", "predict")
 SCRIPTS = {"pdx-data-pipeline": "data_pipeline", "pdx-train": "train", "pdx-evaluate": "evaluate",
            "pdx-export": "export", "pdx-predict": "predict"}
-# What a build needs from the checkout (a copy, so the build's build/ and *.egg-info never touch the worktree).
-_SOURCES = ("setup.cfg", "setup.py", "pyproject.toml", "MANIFEST.in", "README.md", "CONTRACTS.md", "configs", "pdx_tf",
-            *BINARIES)
 
 
 def _clean_environment() -> dict:
@@ -26,21 +21,10 @@ def _clean_environment() -> dict:
   return {name: value for name, value in os.environ.items() if name not in ("PYTHONPATH", "PYTHONHOME")}
 
 
-def _copy_sources(destination) -> str:
-  for name in _SOURCES:
-    source = os.path.join(REPO, name)
-    if os.path.isdir(source):
-      shutil.copytree(source, os.path.join(destination, name),
-                      ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    else:
-      shutil.copy(source, destination)
-  return str(destination)
-
-
 @pytest.fixture(scope="module", name="wheel")
 def _wheel(tmp_path_factory) -> str:
   """Builds the wheel offline (no build isolation: setuptools and wheel come from this environment)."""
-  source = _copy_sources(tmp_path_factory.mktemp("source"))
+  source = copy_sources(tmp_path_factory.mktemp("source"))
   out = tmp_path_factory.mktemp("wheel")
   subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--no-index", "-q",
                   "-w", str(out), source], check=True, cwd=str(out), capture_output=True, timeout=600)
