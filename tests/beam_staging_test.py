@@ -50,7 +50,8 @@ class _LocalStager(stager_lib.Stager):
 
 def test_every_documented_option_is_one_of_beams():
   # Importing the portable runners registers their option classes (flink_master, spark_master_url, ...).
-  from apache_beam.runners.portability import flink_runner, spark_runner  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
+  # pylint: disable-next=import-outside-toplevel,unused-import
+  from apache_beam.runners.portability import flink_runner, spark_runner  # noqa: F401
   known = set(PipelineOptions([]).get_all_options())
   lines = _documented_option_lines()
   runners = {re.search(r"runner=(\w+)", line).group(1) for line in lines}

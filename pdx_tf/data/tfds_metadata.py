@@ -18,9 +18,9 @@ holds part NNNNN when a block was split into parts). <name> is the patient_id wi
 names are [A-Za-z0-9_-]); metadata["split_patient_ids"] maps every split back to its patient_id, and patient-level
 selections (the training grid's folds) stay a choice of splits, never a slice of one.
 
-What it writes: D/dataset_info.json, D/features.json and D/metadata.json (TFDS's names), each atomically; nothing else in D/
-changes, and dataset.json (its content and hash) is untouched. It carries only what dataset.json already holds
-(pseudonymous patient IDs, counts, sizes): no DICOM identifier and no path outside D/. When dataset.json is not
+What it writes: D/dataset_info.json, D/features.json and D/metadata.json (TFDS's names), each atomically; nothing
+else in D/ changes, and dataset.json (its content and hash) is untouched. It carries only what dataset.json
+already holds (pseudonymous patient IDs, counts, sizes): no DICOM identifier and no path outside D/. When dataset.json is not
 written (patients failed, or a partition), stale TFDS metadata is removed so it never describes other shards.
 """
 
@@ -113,7 +113,8 @@ def _split_groups(dataset: Mapping[str, Any]) -> list[dict]:
 
 
 def write_metadata(output_dir: str, dataset: Mapping[str, Any]) -> None:
-  """Writes D/dataset_info.json, features.json and metadata.json for `dataset` (the dataset.json just written to `output_dir`).
+  """Writes D/dataset_info.json, features.json and metadata.json for `dataset` (the dataset.json just written to
+  `output_dir`).
 
   Raises:
     ImportError: tensorflow-datasets is not installed.
