@@ -16,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLAGS_MD = os.path.join(REPO, "docs", "flags.md")
@@ -58,12 +59,12 @@ def _cell(text: str) -> str:
 
 def render() -> str:
   """The text of docs/flags.md."""
-  out = ["# Flag reference", "",
+  out = ["# Flag reference", "", *textwrap.wrap(
          "Generated from the binaries' absl flags by `tools/flags_doc.py`; do not edit by hand. After changing a "
          f"flag, run `{REGENERATE}` (tests/flags_doc_test.py fails while this page differs from the flags). "
          "`python -m <binary> --help` prints the same; `--helpfull` adds absl's own flags (`--verbosity`, "
          "`--flagfile`, ...). Every binary also reads flags from a file: `--flagfile=configs/paper.flags` "
-         "(installed copies: `python -m pdx_tf.console` prints their folder).", ""]
+         "(installed copies: `python -m pdx_tf.console` prints their folder).", width=116), ""]
   for binary in BINARIES:
     found = _flags_of(binary)
     out += [f"## `python -m {binary}` (`pdx-{binary.replace('_', '-')}`)", "", _cell(found["summary"]), "",
