@@ -72,6 +72,7 @@ def _auc(summary: dict) -> dict:
 
 
 def main(argv):
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   del argv
   work_dir = _WORK_DIR.value or tempfile.mkdtemp(prefix="budget-")
   records_dir = _RECORDS_DIR.value or os.path.join(work_dir, "records")
@@ -105,8 +106,9 @@ def main(argv):
              "load_1min_after": round(os.getloadavg()[0], 2), "auc": aucs}
       rows.append(row)
       print(json.dumps(row), flush=True)
-  print(json.dumps({"command": " ".join(sys.argv), "cells": cell_names, "preset": _preset_flags(), "rows": rows},
-                   indent=1))
+  figures = {"command": " ".join(sys.argv), "cells": cell_names, "preset": _preset_flags(), "rows": rows}
+  print(json.dumps(figures, indent=1))
+  print(f"raw output: {results_io.record_figures('budget_benchmark', figures)}")
 
 
 if __name__ == "__main__":

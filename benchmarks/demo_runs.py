@@ -235,6 +235,7 @@ def one_run(root: str, task: str, overrides: Mapping[str, Any], cache_dir: str,
 
 
 def main(argv):
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _RUNS.value < 1:
@@ -260,9 +261,11 @@ def main(argv):
   print(f"\nDemo task {_TASK.value}, {len(runs)} run(s)" + (f", overrides {overrides}" if overrides else "")
         + f"; load average now {os.getloadavg()[0]:.1f}")
   print(markdown_table(runs, summary))
+  figures = {"task": _TASK.value, "overrides": overrides, "runs": runs, "aggregate": summary}
+  print(f"raw output: {results_io.record_figures(f'demo_runs_{_TASK.value}', figures)}")
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as handle:
-      json.dump({"task": _TASK.value, "overrides": overrides, "runs": runs, "aggregate": summary}, handle, indent=2)
+      json.dump(figures, handle, indent=2)
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def measure(work_dir: str) -> dict[str, Any]:
 
 
 def main(argv):
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _NUM_MODELS.value < 2:
@@ -180,6 +181,7 @@ def main(argv):
   print(f"Export of {source} (1 model, then {figures['num_models']}); {time.time() - started:.0f} s in all, "
         f"load average {figures['load_average']:.1f}")
   print(markdown_table(figures))
+  print(f"raw output: {results_io.record_figures('export_benchmark', figures)}")
   if _OUTPUT_JSON.value:
     with open(_OUTPUT_JSON.value, "w", encoding="utf-8") as handle:
       json.dump(figures, handle, indent=2)

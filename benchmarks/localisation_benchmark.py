@@ -167,13 +167,15 @@ def run(model_dir, runs_dir, task, cohort_dir, max_models, max_patients, layer_n
 
 
 def main(argv):
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if bool(_MODEL.value) == bool(_RUNS_DIR.value):
     raise app.UsageError("give exactly one of --model and --runs_dir")
   try:
-    run(_MODEL.value, _RUNS_DIR.value, _TASK.value, _COHORT_DIR.value, _MAX_MODELS.value, _MAX_PATIENTS.value,
-        _LAYER.value or None, _TARGET.value)
+    result = run(_MODEL.value, _RUNS_DIR.value, _TASK.value, _COHORT_DIR.value, _MAX_MODELS.value,
+                 _MAX_PATIENTS.value, _LAYER.value or None, _TARGET.value)
+    print(f"raw output: {results_io.record_figures('localisation_benchmark', result)}")
   except PdxError as error:
     print(f"localisation_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)

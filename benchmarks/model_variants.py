@@ -106,6 +106,7 @@ def _pooled_auc(labels: np.ndarray, probabilities: np.ndarray) -> float:
 
 
 def main(argv):
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   del argv
   from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
 
@@ -151,6 +152,7 @@ def main(argv):
           "num_patients": len(ids), "num_positive": int(labels.sum())}
       print(task, variant, json.dumps(summary["results"][f"{task}/{variant}"]), flush=True)
       io_utils.atomic_write_json(summary_path, summary)
+  print(f"raw output: {results_io.record_figures('model_variants', summary)}")
 
 
 if __name__ == "__main__":

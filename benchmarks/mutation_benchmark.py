@@ -770,6 +770,7 @@ def _targets(args: argparse.Namespace) -> list[Target]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   args = _parse_args(sys.argv[1:] if argv is None else argv)
   targets = _targets(args)
   if args.list:
@@ -814,10 +815,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     for survivor in report["survivors"]:
       print(f"SURVIVED {survivor}")
   print(f"wall time {wall_s:.0f} s")
+  summary = {"command": ["python", "benchmarks/mutation_benchmark.py", *(sys.argv[1:] if argv is None else argv)],
+             "seed": args.seed, "max_mutants_per_target": args.max_mutants_per_target, "jobs": args.jobs,
+             "timeout_factor": args.timeout_factor, "wall_s": round(wall_s, 1), "targets": reports}
+  # The raw line keeps the scores and survivors; --output keeps every mutant's outcome as well.
+  scores = {name: {key: report[key] for key in ("mutants", "killed", "timeouts", "survived", "errors", "score",
+                                                 "survivors")} for name, report in reports.items()}
+  print(f"raw output: {results_io.record_figures('mutation_benchmark', dict(summary, targets=scores))}")
   if args.output:
-    summary = {"command": ["python", "benchmarks/mutation_benchmark.py", *(sys.argv[1:] if argv is None else argv)],
-               "seed": args.seed, "max_mutants_per_target": args.max_mutants_per_target, "jobs": args.jobs,
-               "timeout_factor": args.timeout_factor, "wall_s": round(wall_s, 1), "targets": reports}
     with open(args.output, "w", encoding="utf-8") as file:
       json.dump(summary, file, indent=2)
     print(f"wrote {args.output}")

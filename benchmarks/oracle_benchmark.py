@@ -357,11 +357,13 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
 
 
 def main(argv):
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
-    run(_ROOT.value, [int(size) for size in _IMAGE_SIZES.value], [int(seed) for seed in _SEEDS.value],
-        _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value)
+    result = run(_ROOT.value, [int(size) for size in _IMAGE_SIZES.value], [int(seed) for seed in _SEEDS.value],
+                 _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value)
+    print(f"raw output: {results_io.record_figures('oracle_benchmark', _json_safe(result))}")
   except (PdxError, ValueError) as error:
     print(f"oracle_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)

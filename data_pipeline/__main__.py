@@ -56,11 +56,12 @@ _AUGMENT_FACTOR = flags.DEFINE_integer(
     "augment_factor", pipeline.PAPER_AUGMENT_FACTOR, "Augmented copies written per slice (the paper: "
     f"{pipeline.PAPER_AUGMENT_FACTOR}; demo: {_DEMO['augment_factor']}); 0 = originals only.")
 _AUGMENT_BLOCK = flags.DEFINE_integer(
-    "augment_block", pipeline.DEFAULT_AUGMENT_BLOCK, "Augmented copies per block file, the unit of the training pool"
-    f" draw (demo: {_DEMO['augment_block']}).")
+    "augment_block", pipeline.DEFAULT_AUGMENT_BLOCK, "Augmented copies of each slice per block file: the unit"
+    " the training pool draws (a cell opens only its drawn blocks, so it reads what it trains on); default"
+    f" {pipeline.DEFAULT_AUGMENT_BLOCK}, the demo's {_DEMO['augment_block']}.")
 _WINDOW = flags.DEFINE_string("window", "abdomen", "HU window(s): abdomen (W400/L40), triple, or C:W[,C:W,C:W].")
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", pipeline.default_num_workers(),
-                                    "Patient worker processes; 1 runs in this process.")
+                                    "Patient worker processes (default min(CPU count, 4)); 1 runs in this process.")
 _ALLOW_FAILURES = flags.DEFINE_bool("allow_failures", False,
                                     "Write dataset.json and exit 0 even if some patients failed (left out).")
 _SEED = flags.DEFINE_integer("seed", 0, "Augmentation seed.")

@@ -151,13 +151,15 @@ def test_masks_follow_the_slice_crop_and_resize():
 
 
 @pytest.mark.slow
-def test_demo_models_look_at_the_nodules_better_than_chance(tmp_path_factory):
+def test_demo_models_use_the_disease_pixels(tmp_path_factory):
   """Trains the demo grid (8 folds at 48 px; about 8 minutes on 2 cores, instant when cached) and checks that the
-  models look at the phantom's disease: Grad-CAM puts more mass on it than its share of the body, and filling
-  the disease pixels with fat lowers the slices' probability. Set PDX_TF_DEMO_ROOT to a folder (e.g. runs/demo)
-  to reuse a finished demo.
+  models use the phantom's disease: filling the disease pixels with fat lowers the slices' probability. Set
+  PDX_TF_DEMO_ROOT to a folder (e.g. runs/demo) to reuse a finished demo.
 
-  Measured 2026-11-29 (benchmarks/README.md), out-of-fold: ratio 1.29, probability 0.68 as read and 0.37 erased.
+  What holds over runs (benchmarks/README.md, the demo's 3-run table, earlier code): the probability drops from
+  0.60-0.66 as read to 0.37-0.39 erased in every run (drops of 0.23-0.27), so the test asks for 0.1. The Grad-CAM
+  localisation ratio does NOT hold: 0.86-1.29 over five runs, at chance at 48 px, so it is computed but not
+  asserted (the Grad-CAM code itself is tested above on models built to look at one region).
   """
   import sys  # pylint: disable=import-outside-toplevel
 
@@ -170,8 +172,7 @@ def test_demo_models_look_at_the_nodules_better_than_chance(tmp_path_factory):
   import localisation_benchmark  # pylint: disable=import-outside-toplevel
 
   numbers = localisation_benchmark.run(None, result["output_dir"], "p", phantom.demo_cohort_dir(), 8, 0)
-  assert numbers["num_slices"] > 0
-  assert numbers["ratio"] > 1.0, numbers
+  assert numbers["num_slices"] > 0 and np.isfinite(numbers["ratio"])
   assert numbers["probability_erased"] < numbers["probability_as_read"] - 0.1, numbers
 
 

@@ -1,4 +1,5 @@
-"""Tests for configs/serving/ and the README's gRPC settings: a 60-slice 512x512 study fits the stated limits."""
+"""Tests for configs/serving/ and the documented gRPC settings (docs/deployment.md, "TF Serving"): a 60-slice
+512x512 study fits the stated limits."""
 
 import os
 import re
@@ -13,7 +14,8 @@ SERVER_MAX_MESSAGE = 2**31 - 1  # tensorflow_model_server: ServerBuilder.SetMaxM
 
 
 def _readme() -> str:
-  with open(os.path.join(REPO_ROOT, "README.md"), encoding="utf-8") as handle:
+  """The page with the TF Serving section (moved from README.md to docs/deployment.md)."""
+  with open(os.path.join(REPO_ROOT, "docs", "deployment.md"), encoding="utf-8") as handle:
     return handle.read()
 
 

@@ -59,7 +59,8 @@ _TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "p: any peritoneal 
                           " p,sb: one backbone with a head per task (one grid for both).")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
                                    "Unset, together with --output_dir: run the demo.")
-_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Run folder R for this task (local or gs://).")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Run folder R for this task (local or gs://). Unset, "
+                                  "together with --records_dir: the demo, under runs/demo/ of this folder.")
 _DEMO_PATIENTS = flags.DEFINE_integer("demo_patients", None, "The demo only (no --records_dir): patients in its "
                                       "phantom cohort, a multiple of 4 (default 40; configs/demo_sb.flags: 120).")
 _NUM_FOLDS = flags.DEFINE_integer("num_folds", 8, "Patient-level folds.")
@@ -71,7 +72,7 @@ _ALPHA = flags.DEFINE_float("alpha", 1.0, "MobileNetV2 width multiplier.")
 _WEIGHTS = flags.DEFINE_string("weights", "none", "none, imagenet (from the Keras cache) or a no-top .h5 path.")
 _BN_MOMENTUM = flags.DEFINE_float("bn_momentum", None, "BatchNorm momentum; unset: 0.9 from scratch, 0.999 "
                                   "pretrained (0.999 from scratch collapses to a constant prediction).")
-_DROPOUT_RATE = flags.DEFINE_float("dropout_rate", 0.2, "Dropout before the output layer.")
+_DROPOUT_RATE = flags.DEFINE_float("dropout_rate", 0.2, "Dropout rate before the output layer (0: none).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Global batch size.")
 _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate.")
 _PRECISION = flags.DEFINE_enum("precision", "auto", list(trainer.PRECISIONS),
@@ -86,7 +87,8 @@ _IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", None, "Training ima
                                        " batches; default: the cell's drawn pool).")
 _INCLUDE_ORIGINALS = flags.DEFINE_bool("include_originals", True, "Also train on the training patients' "
                                        "original slices.")
-_SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 4096, "Shuffle buffer, in examples.")
+_SHUFFLE_BUFFER = flags.DEFINE_integer("shuffle_buffer", 4096, "Training examples in the shuffle buffer (memory:"
+                                      " about buffer x one image's bytes).")
 _AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION,
                                  [*aggregation.AGGREGATIONS, trainer.MIL_AGGREGATION],
                                  f"Slice-to-patient rule ({trainer.MIL_AGGREGATION}: --head=attention_mil's own, the"
@@ -99,7 +101,8 @@ _MIL_INIT_FROM = flags.DEFINE_string("mil_init_from", "", "--head=attention_mil 
                                      " slice grid R's same cell (required with --weights=none).")
 _MIL_MAX_SLICES = flags.DEFINE_integer("mil_max_slices", 0, "Slices in a training bag, evenly spaced (0: all).")
 _MIL_BAGS_PER_BATCH = flags.DEFINE_integer("mil_bags_per_batch", 4, "Patients (bags) a MIL training batch.")
-_ATTENTION_UNITS = flags.DEFINE_integer("attention_units", 128, "Hidden units of the gated attention.")
+_ATTENTION_UNITS = flags.DEFINE_integer("attention_units", 128, "With --head=attention_mil: hidden units of the"
+                                        " gated attention.")
 _TOP_K = flags.DEFINE_integer("top_k", aggregation.DEFAULT_TOP_K, "Slices averaged by topk_mean.")
 _DETERMINISTIC = flags.DEFINE_bool("deterministic", False, "TF op determinism (same predictions on CPU).")
 _VERIFY_HASHES = flags.DEFINE_bool("verify_hashes", False, "Check every shard's sha256 before training.")
@@ -107,7 +110,8 @@ _NUM_PARTITIONS = flags.DEFINE_integer("num_partitions", None, "Machines sharing
                                    "Kubernetes Indexed Job variables, else 1).")
 _PARTITION_INDEX = flags.DEFINE_integer("partition_index", None, "This machine's partition of the cells (cell i goes to i % num_partitions).")
 _CELLS = flags.DEFINE_list("cells", [], "Only these cells, e.g. r0f0,r0f1 (repeat, fold; 0-based).")
-_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "After a complete grid, export it for TF Serving here.")
+_EXPORT_DIR = flags.DEFINE_string("export_dir", None, "After a complete grid, export it for TF Serving"
+                                   " here (unset: no export).")
 _PLAN = flags.DEFINE_bool("plan", False, "Print the budget (cells, images, bytes, disk, hours) and exit.")
 _PLAN_IMAGES_PER_S = flags.DEFINE_float("plan_images_per_s", None, "Throughput for --plan (default: measured for"
                                         " ~20 s with the configured model on random data).")

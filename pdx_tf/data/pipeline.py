@@ -33,6 +33,7 @@ from pdx_tf import cli, configs, contracts, io_utils, presets, provenance
 from pdx_tf.contracts import DATASET_FILE, DATASET_FORMAT, DEFAULT_MIN_SLICES
 from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, records, region, shards
 from pdx_tf.data import input_statistics
+from pdx_tf.data import tfds_metadata
 from pdx_tf.errors import PdxError
 
 PAPER_AUGMENT_FACTOR = 960  # The study augmented every slice about 960-fold.
@@ -737,6 +738,8 @@ def finish_run(config: PipelineConfig, plan: RunPlan, new_markers: dict, failure
     dataset = build_dataset_json(config, plan.manifest.covariate_names, ordered, len(failures))
     io_utils.atomic_write_json(dataset_path, dataset)
     written = dataset_path
+  # TFDS metadata beside dataset.json (tfds.builder_from_directory(D) reads the records), none without it.
+  tfds_metadata.update_metadata(output_dir, dataset if written else None)
   return PipelineResult(
       output_dir=output_dir, dataset_json=written, num_patients=len(ordered), num_reused=len(plan.reused),
       failures=tuple(failure_rows), num_slices=sum(m["num_slices"] for m in ordered),

@@ -1,4 +1,4 @@
-"""Operating thresholds and probability calibration fitted on a cell's inner patients (numpy only).
+"""Operating thresholds and probability calibration fitted on a cell's inner patients (scikit-learn fits).
 
 Every function here is fitted on the inner patients' PATIENT probabilities (pdx_tf.training.splits.inner_split),
 never on a test fold, and its result is plain JSON stored in the cell's run.json:
@@ -7,9 +7,10 @@ never on a test fold, and its result is plain JSON stored in the cell's run.json
 - `fit_platt`: a logistic fit of the label on logit(p), with Platt's (1999) smoothed targets
   (N+ + 1)/(N+ + 2) and 1/(N- + 2), so a perfectly separated inner set still gives finite parameters.
   calibrated = sigmoid(slope * logit(p) + intercept).
-- `fit_isotonic`: pool-adjacent-violators (PAV) of the label on p (ties in p pooled first), applied by linear
-  interpolation between the fitted points and clipped outside them (scikit-learn's IsotonicRegression with
-  out_of_bounds="clip").
+- `fit_isotonic`: scikit-learn's IsotonicRegression (pool-adjacent-violators, ties in p pooled first) of the label
+  on p, applied by linear interpolation between the fitted points and clipped outside them (out_of_bounds="clip").
+Both were hand-written (Newton iterations, PAV) before scikit-learn became a run-time dependency; the calibrated
+probabilities agree with those within 1e-6 (tests/calibration_test.py keeps the numpy versions as the reference).
 """
 
 from __future__ import annotations
@@ -74,75 +75,47 @@ def _sigmoid(values: np.ndarray) -> np.ndarray:
   return 0.5 * (1.0 + np.tanh(0.5 * values))  # overflow-free
 
 
-def fit_platt(labels, probabilities, *, max_iterations: int = 100) -> dict[str, Any]:
+def fit_platt(labels, probabilities) -> dict[str, Any]:
   """Platt scaling of patient probabilities (module docstring): {"method": "platt", "slope", "intercept"}.
 
-  Newton's method with step halving on the cross-entropy of the smoothed targets, from the identity map. When
-  every probability is equal (their logits within FLAT_LOGIT_SPREAD, float32 noise) the slope is not
-  identifiable: it is 0 and the intercept is the logit of the mean target.
+  scikit-learn's unpenalised LogisticRegression of the label on logit(p); Platt's smoothed targets t enter as
+  sample weights of each patient written twice (as a positive with weight t, as a negative with weight 1 - t),
+  which is the cross-entropy of the smoothed targets exactly. When every probability is equal (their logits within
+  FLAT_LOGIT_SPREAD, float32 noise) the slope is not identifiable: it is 0 and the intercept is the logit of the
+  mean target.
   """
+  from sklearn import linear_model  # pylint: disable=import-outside-toplevel  (keeps `import train` light)
+
   labels = np.asarray(labels, np.float64)
-  features = np.stack([logit(probabilities), np.ones(labels.size)], axis=1)
+  features = logit(probabilities)[:, None]
   positives = float(labels.sum())
   negatives = float(labels.size - positives)
   targets = np.where(labels > 0.5, (positives + 1.0) / (positives + 2.0), 1.0 / (negatives + 2.0))
-
-  def loss(parameters):
-    scores = features @ parameters
-    # log(1 + e^s) - t * s, computed stably.
-    return float(np.sum(np.logaddexp(0.0, scores) - targets * scores))
-
   if np.ptp(features[:, 0]) < FLAT_LOGIT_SPREAD:
     # One distinct probability (a collapsed model) up to float32 noise: the slope is not identifiable (fitted, it
     # would scale the noise by 1e6 or more and rank patients by it); keep it at 0 and fit the intercept alone,
     # whose optimum is the mean target's logit.
     return {"method": "platt", "slope": 0.0, "intercept": float(logit(np.mean(targets))[()])}
-  parameters = np.asarray([1.0, 0.0])  # the identity: sigmoid(logit(p)) = p
-  current = loss(parameters)
-  for _ in range(max_iterations):
-    fitted = _sigmoid(features @ parameters)
-    gradient = features.T @ (fitted - targets)
-    hessian = features.T @ (features * (fitted * (1.0 - fitted))[:, None])
-    step = np.linalg.lstsq(hessian, gradient, rcond=None)[0]
-    scale = 1.0
-    while scale > 1e-10:
-      candidate = parameters - scale * step
-      candidate_loss = loss(candidate)
-      if candidate_loss <= current:
-        break
-      scale *= 0.5
-    else:
-      break
-    converged = abs(current - candidate_loss) < 1e-12 * max(1.0, abs(current))
-    parameters, current = candidate, candidate_loss
-    if converged:
-      break
-  return {"method": "platt", "slope": float(parameters[0]), "intercept": float(parameters[1])}
+  # C=inf: no penalty (Platt's fit); tol 1e-12 brings lbfgs within 1e-6 of the exact optimum (tests say how close).
+  model = linear_model.LogisticRegression(C=np.inf, tol=1e-12, max_iter=10000)
+  model.fit(np.vstack([features, features]), np.r_[np.ones(labels.size), np.zeros(labels.size)],
+            sample_weight=np.r_[targets, 1.0 - targets])
+  return {"method": "platt", "slope": float(model.coef_[0, 0]), "intercept": float(model.intercept_[0])}
 
 
 def fit_isotonic(labels, probabilities) -> dict[str, Any]:
-  """PAV isotonic regression (non-decreasing) of the labels on the probabilities: {"method": "isotonic",
-  "x": fitted points' probabilities, "y": their calibrated values} (module docstring)."""
-  probabilities = np.asarray(probabilities, np.float64)
-  labels = np.asarray(labels, np.float64)
-  order = np.argsort(probabilities, kind="stable")
-  unique_x, inverse = np.unique(probabilities[order], return_inverse=True)
-  weights = np.bincount(inverse).astype(np.float64)
-  means = np.bincount(inverse, weights=labels[order]) / weights
-  # Blocks of [value, weight, count of unique points]; a violation merges the last two blocks.
-  values, block_weights, counts = [], [], []
-  for mean, weight in zip(means, weights):
-    values.append(float(mean))
-    block_weights.append(float(weight))
-    counts.append(1)
-    while len(values) > 1 and values[-2] > values[-1]:
-      total = block_weights[-2] + block_weights[-1]
-      values[-2] = (values[-2] * block_weights[-2] + values[-1] * block_weights[-1]) / total
-      block_weights[-2] = total
-      counts[-2] += counts[-1]
-      del values[-1], block_weights[-1], counts[-1]
-  fitted = np.repeat(values, counts)
-  return {"method": "isotonic", "x": unique_x.tolist(), "y": fitted.tolist()}
+  """Isotonic (non-decreasing) regression of the labels on the probabilities by scikit-learn's IsotonicRegression:
+  {"method": "isotonic", "x": its threshold probabilities, "y": their calibrated values} (module docstring).
+
+  `apply_calibration` interpolates between them and clips outside, which is IsotonicRegression.predict with
+  out_of_bounds="clip".
+  """
+  from sklearn import isotonic  # pylint: disable=import-outside-toplevel
+
+  model = isotonic.IsotonicRegression(out_of_bounds="clip", increasing=True)
+  model.fit(np.asarray(probabilities, np.float64), np.asarray(labels, np.float64))
+  return {"method": "isotonic", "x": np.asarray(model.X_thresholds_, np.float64).tolist(),
+          "y": np.asarray(model.y_thresholds_, np.float64).tolist()}
 
 
 def fit_calibration(method: str, labels, probabilities) -> dict[str, Any] | None:

@@ -1,0 +1,1 @@
+"""The `python -m train` binary (see __main__.py); a package so `pip install .` installs it."""
