@@ -200,6 +200,7 @@ def _content_config(config: PipelineConfig) -> dict:
   values = configs.to_dict(config)
   for name in EXECUTION_ONLY_FIELDS:
     values.pop(name, None)
+  values["augment"] = augment.settings_dict(config.augment)  # an opt-in augmentation left off changes no hash
   return values
 
 
@@ -478,7 +479,7 @@ def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], m
       "code_version": provenance.code_version(),
       "config": _content_config(config),
       "preprocess": configs.to_dict(config.preprocess),
-      "augment": configs.to_dict(config.augment),
+      "augment": augment.settings_dict(config.augment),
       "augment_factor": config.augment_factor,
       "augment_block": config.augment_block,
       "seed": config.seed,
