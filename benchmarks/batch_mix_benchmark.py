@@ -44,7 +44,7 @@ def write_cohort(records_dir: str, *, num_patients: int, mean_slices: int, augme
   from pdx_tf.data import records  # pylint: disable=import-outside-toplevel
 
   rng = np.random.default_rng(seed)
-  pngs = [records.encode_image(rng.integers(0, 256, (8, 8, 1), dtype=np.uint8)) for _ in range(4)]
+  pngs = [records.encode_image(rng.integers(0, 256, (16, 16, 1), dtype=np.uint8)) for _ in range(4)]
   os.makedirs(os.path.join(records_dir, "original"), exist_ok=True)
   os.makedirs(os.path.join(records_dir, "augmented"), exist_ok=True)
   num_blocks = -(-augment_factor // augment_block)
@@ -63,7 +63,7 @@ def write_cohort(records_dir: str, *, num_patients: int, mean_slices: int, augme
       with tf.io.TFRecordWriter(path) as writer:
         for slice_index in range(slices):
           for copy in copies:
-            example = records.make_example(pngs[(slice_index + copy) % len(pngs)], image_size=8,
+            example = records.make_example(pngs[(slice_index + copy) % len(pngs)], image_size=16,
                                            patient_id=patient_id, slice_index=slice_index, z_mm=5.0 * slice_index,
                                            augmentation_index=copy, label_p=int(labels[index]), label_sb=0)
             writer.write(example.SerializeToString())
@@ -78,7 +78,7 @@ def write_cohort(records_dir: str, *, num_patients: int, mean_slices: int, augme
                      "augmented_shards": [file[2] for file in files[1:]], "num_original_examples": slices,
                      "num_augmented_examples": slices * augment_factor, "num_augmented_blocks": num_blocks})
   io_utils.atomic_write_json(os.path.join(records_dir, "dataset.json"), {
-      "format": "pdx-tf-dataset", "schema_version": records.SCHEMA_VERSION, "preprocess": {"image_size": 8},
+      "format": "pdx-tf-dataset", "schema_version": records.SCHEMA_VERSION, "preprocess": {"image_size": 16},
       "augment_factor": augment_factor, "augment_block": augment_block, "covariate_names": [],
       "patients": patients, "shards": shards})
 

@@ -64,7 +64,10 @@ _NUM_WORKERS = flags.DEFINE_integer("num_workers", pipeline.default_num_workers(
                                     "Patient worker processes (default min(CPU count, 4)); 1 runs in this process.")
 _ALLOW_FAILURES = flags.DEFINE_bool("allow_failures", False,
                                     "Write dataset.json and exit 0 even if some patients failed (left out).")
-_SEED = flags.DEFINE_integer("seed", 0, "Augmentation seed.")
+_AUGMENT_SEED = flags.DEFINE_integer(
+    "augment_seed", 0, "The augmentation key: each copy is a pure function of (augment_seed, patient_id, slice_index,"
+    " copy index); stored as dataset.json's \"seed\". Not train's --seed (the split, pool draw and initialisation).")
+_SEED = flags.DEFINE_integer("seed", None, "Deprecated (accepted for one release): the old name of --augment_seed.")
 _SLICE_SPACING_MM = flags.DEFINE_float("slice_spacing_mm", 5.0,
                                        "Average thin abdominal slices into slabs this thick (mm), as a thick "
                                        "reconstruction; a study already near it keeps its slices; 0 keeps all.")
@@ -98,6 +101,18 @@ def _fail(message) -> None:
   cli.exit_with_error("data_pipeline", message)
 
 
+def _augment_seed() -> int:
+  """--augment_seed, or the deprecated --seed (one warning line); both with different values is an error."""
+  if _SEED.value is None:
+    return _AUGMENT_SEED.value
+  if flags.FLAGS["augment_seed"].present and _AUGMENT_SEED.value != _SEED.value:
+    raise ValueError(f"--seed={_SEED.value} and --augment_seed={_AUGMENT_SEED.value} disagree; --seed is the"
+                     " deprecated name of --augment_seed: give only --augment_seed")
+  print("data_pipeline: warning: --seed is deprecated and will be removed; use --augment_seed (the augmentation"
+        " key; train's --seed is another seed)", file=sys.stderr)
+  return _SEED.value
+
+
 def _config() -> pipeline.PipelineConfig:
   demo = _MANIFEST.value is None
   if not demo and _OUTPUT_DIR.value is None:
@@ -118,7 +133,7 @@ def _config() -> pipeline.PipelineConfig:
                                     scale_max=_SCALE_MAX.value),
       augment_factor=augment_factor,
       augment_block=augment_block,
-      seed=_SEED.value,
+      seed=_augment_seed(),
       num_workers=_NUM_WORKERS.value,
       allow_failures=_ALLOW_FAILURES.value,
       slice_spacing_mm=_SLICE_SPACING_MM.value,

@@ -17,7 +17,7 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from pdx_tf import io_utils
+from pdx_tf import io_utils, settings
 from pdx_tf.errors import ExportError, PdxError, RecordsError, RunsError
 
 TASKS = ("p", "sb")  # p: any peritoneal dissemination; sb: small-bowel dissemination.
@@ -52,6 +52,9 @@ def pci_mirror(scores):
 
 # ---------------------------------------------------------------------------------------- D: the records
 DATASET_FILE = "dataset.json"  # written last by the data pipeline: its presence means the records are complete
+# The TFRecord schema's version (pdx_tf/data/records.py writes it into every example and dataset.json). It lives
+# here, with its check, so reading a hand-off never imports a stage (arrows point from the stages to the core).
+RECORDS_SCHEMA_VERSION = 2
 DATASET_FORMAT = "pdx-tf-dataset"
 FAILURES_FILE = "failures.csv"
 
@@ -152,17 +155,28 @@ class DatasetInfo:
     records_dir: the folder D.
     document: dataset.json as read (schema version, config, preprocess, patients, shards).
     dataset_hash: sha256 of dataset.json's bytes (provenance).
-    image_size: the records' image side in pixels.
     covariate_names: the manifest covariates carried in every record.
     patients: each patient's entry of dataset.json, by patient_id.
+    preprocess_config: the records' typed preprocessing, parsed and checked once from document["preprocess"]
+      (built here when not given); `image_size` is its image size, the one holder of the records' size.
   """
 
   records_dir: str
   document: Mapping[str, Any]
   dataset_hash: str
-  image_size: int
   covariate_names: tuple[str, ...]
   patients: Mapping[str, Mapping[str, Any]]
+  preprocess_config: settings.PreprocessConfig | None = None
+
+  def __post_init__(self):
+    if self.preprocess_config is None:
+      object.__setattr__(self, "preprocess_config",
+                         settings.preprocess_config_from_dict(self.document.get("preprocess", {})))
+
+  @property
+  def image_size(self) -> int:
+    """The records' image side in pixels (preprocess_config.image_size)."""
+    return self.preprocess_config.image_size
 
   @property
   def content_hash(self) -> str:
@@ -173,7 +187,8 @@ class DatasetInfo:
 
   @property
   def preprocess(self) -> dict[str, Any]:
-    """The records' preprocessing settings (window, crop, image size): what serving must repeat."""
+    """The records' preprocessing settings as dataset.json holds them (what run.json copies); code that uses them
+    reads the typed `preprocess_config`."""
     return dict(self.document.get("preprocess", {}))
 
   @property
@@ -230,6 +245,15 @@ class DatasetInfo:
 REGION_SETTINGS = ("region", "slice_spacing_mm", "slice_thickness_mm", "min_slices")
 
 
+def check_records_schema_version(version: int, source: str) -> None:
+  """Raises RecordsError (one line, with the rebuild command) unless `version` is the version this code reads."""
+  if int(version) != RECORDS_SCHEMA_VERSION:
+    raise RecordsError(
+        f"{source} has records schema version {version}, but this pdx-tf reads version {RECORDS_SCHEMA_VERSION};"
+        " rebuild the records with this version: `python -m data_pipeline --manifest=<cohort.csv>"
+        " --output_dir=<new folder>` (same flags as the first build)")
+
+
 def records_image_size(records_dir: str) -> int:
   """The records' image side in pixels, from `records_dir/dataset.json` (train's default --image_size).
 
@@ -265,7 +289,6 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
     RecordsError: one line naming the file and what to do.
   """
   import tensorflow as tf  # pylint: disable=import-outside-toplevel  # the stat; contracts stay light to import
-  from pdx_tf.data import records  # pylint: disable=import-outside-toplevel
 
   path = io_utils.join(records_dir, DATASET_FILE)
   if not io_utils.exists(path):
@@ -277,7 +300,7 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
     raise RecordsError(f"{path} is not valid JSON ({error}); rerun the data pipeline") from None
   if document.get("format") != DATASET_FORMAT:
     raise RecordsError(f"{path} is not a pdx-tf dataset manifest (format {document.get('format')!r})")
-  records.check_schema_version(document.get("schema_version", -1), path)
+  check_records_schema_version(document.get("schema_version", -1), path)
   try:
     image_size = int(document["preprocess"]["image_size"])
     patients = {entry["patient_id"]: entry for entry in document["patients"]}
@@ -289,6 +312,11 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
                        f" train with --image_size={image_size} or rebuild the records at {expected_image_size} px")
   if not patients:
     raise RecordsError(f"{path} lists no patients; check the data pipeline's failures.csv")
+  try:
+    preprocess_config = settings.preprocess_config_from_dict(document["preprocess"])
+  except (ValueError, TypeError) as error:
+    raise RecordsError(f"{path} has preprocess settings this code cannot use ({' '.join(str(error).split())});"
+                       " rebuild the records with this version of the data pipeline") from None
   for shard in shards:
     shard_path = io_utils.join(records_dir, shard["path"])
     if not io_utils.exists(shard_path):
@@ -300,8 +328,8 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
     if verify_hashes and shard.get("sha256") and io_utils.sha256_file(shard_path) != shard["sha256"]:
       raise RecordsError(f"shard {shard_path} does not match its sha256 in dataset.json; re-copy or rebuild it")
   return DatasetInfo(records_dir=records_dir, document=document, dataset_hash=io_utils.sha256_file(path),
-                     image_size=image_size, covariate_names=tuple(document.get("covariate_names", ())),
-                     patients=dict(sorted(patients.items())))
+                     covariate_names=tuple(document.get("covariate_names", ())),
+                     patients=dict(sorted(patients.items())), preprocess_config=preprocess_config)
 
 
 # ---------------------------------------------------------------------------------------- run.json
@@ -345,6 +373,7 @@ class RunInfo:
     region: how a study's slices were chosen ({} in runs written before run.json carried it).
     aggregation, aggregation_top_k: the slice-to-patient rule.
     document: run.json as written (every field, including provenance and opt-in ones).
+    preprocess_config: `preprocess` typed and checked once (built here when not given).
   """
 
   task: str
@@ -356,6 +385,11 @@ class RunInfo:
   aggregation: str
   aggregation_top_k: int
   document: Mapping[str, Any]
+  preprocess_config: settings.PreprocessConfig | None = None
+
+  def __post_init__(self):
+    if self.preprocess_config is None:
+      object.__setattr__(self, "preprocess_config", settings.preprocess_config_from_dict(self.preprocess))
 
   @property
   def cell(self) -> Cell:
@@ -376,12 +410,17 @@ class RunInfo:
     if missing:
       raise error(f"{path} lacks {', '.join(missing)}; re-create it with the training stage")
     try:
+      preprocess_config = settings.preprocess_config_from_dict(document["preprocess"])
+    except (TypeError, ValueError) as problem:
+      raise error(f"{path} has an invalid preprocess config ({' '.join(str(problem).split())}); re-create it with"
+                  " the training stage") from None
+    try:
       check_training_task(document["task"])
       return cls(task=document["task"], repeat=int(document["repeat"]), fold=int(document["fold"]),
                  split_hash=str(document["split_hash"]), preprocess=dict(document["preprocess"]),
                  region=dict(document.get("region") or {}),
                  aggregation=str(document["aggregation"]), aggregation_top_k=int(document["aggregation_top_k"]),
-                 document=dict(document))
+                 document=dict(document), preprocess_config=preprocess_config)
     except (TypeError, ValueError) as problem:
       raise error(f"{path} has a malformed field ({problem}); re-create it with the training stage") from None
 
@@ -423,6 +462,7 @@ class ExportInfo:
     region: how `predict` reads a study ({} for exports that do not record it).
     threshold: the operating threshold (0.5 unless the cells carried their own).
     document: pdx_export.json as written.
+    preprocess_config: `preprocess` typed and checked once (built here when not given).
   """
 
   task: str
@@ -435,6 +475,11 @@ class ExportInfo:
   region: Mapping[str, Any]
   threshold: float
   document: Mapping[str, Any]
+  preprocess_config: settings.PreprocessConfig | None = None
+
+  def __post_init__(self):
+    if self.preprocess_config is None:
+      object.__setattr__(self, "preprocess_config", settings.preprocess_config_from_dict(self.preprocess))
 
   @classmethod
   def from_document(cls, document: Any, path: str, error: type[PdxError] = ExportError) -> "ExportInfo":

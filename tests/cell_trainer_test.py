@@ -17,72 +17,91 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pdx_tf import cli, contracts
+from pdx_tf import cli, contracts, io_utils
 from pdx_tf.testing import fake_records
 from pdx_tf.training import cell_trainer, input_pipeline, splits, trainer
-from pdx_tf.training.model import ModelConfig
 
 SIZE = 32
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture(scope="module")
-def records_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("records"))
-  fake_records.write_fake_records(folder, num_patients=8, slices_per_patient=3, augment_factor=4, image_size=SIZE)
-  return folder
-
-
-def tiny_config(records_dir, output_dir, **overrides):
-  values = dict(task="p", records_dir=records_dir, output_dir=str(output_dir),
-                model=ModelConfig(image_size=SIZE, alpha=0.35), num_folds=2, num_repeats=1, epochs=2, batch_size=8,
-                pool_fraction=0.5, deterministic=True, cells=("r0f0",))
-  values.update(overrides)
-  return trainer.TrainConfig(**values)
+@pytest.fixture(name="tiny_config", scope="session")
+def two_epoch_first_cell_config(tiny_config):
+  """The shared tiny config at 2 epochs, training only cell r0f0 unless overridden."""
+  return lambda records_dir, output_dir, **overrides: tiny_config(
+      records_dir, output_dir, **{"epochs": 2, "cells": ("r0f0",), **overrides})
 
 
 def _predictions(root):
   return (root / "cells" / "r00_f00" / "slice_predictions.csv").read_bytes()
 
 
-class _Stop(keras.callbacks.Callback):
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.model.stop_training = True
-
-
-class _RecordEpochs(keras.callbacks.Callback):
-
-  def __init__(self):
-    super().__init__()
-    self.epochs = []
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self.epochs.append(epoch)
-
-
 @pytest.fixture(scope="module")
-def uninterrupted(records_dir, tmp_path_factory):
+def uninterrupted(records_dir, tmp_path_factory, tiny_config):
   root = tmp_path_factory.mktemp("uninterrupted")
   assert trainer.run_grid(tiny_config(records_dir, root))["cells"] == {"r00_f00": "complete"}
   return _predictions(root)
 
 
-def test_uncommitted_checkpoint_is_redone_once_and_predictions_match(records_dir, tmp_path, uninterrupted):
+def test_uncommitted_checkpoint_is_redone_once_and_predictions_match(records_dir, tmp_path, uninterrupted, tiny_config,
+                                                                     stop_after_first_epoch, epoch_recorder):
   config = tiny_config(records_dir, tmp_path)
-  assert trainer.run_grid(config, cell_callbacks=lambda cell: [_Stop()])["cells"] == {"r00_f00": "interrupted"}
+  assert trainer.run_grid(config, cell_callbacks=stop_after_first_epoch)["cells"] == {"r00_f00": "interrupted"}
   cell = tmp_path / "cells" / "r00_f00"
   progress = json.loads((cell / "progress.json").read_text())
   assert progress["epochs_completed"] == 1 and progress["checkpoint"] == "epoch-0001.npz"
   # A kill between the checkpoint's rename and progress.json: epoch 2's file exists, progress still says 1.
   (cell / "checkpoint" / "epoch-0002.npz").write_bytes((cell / "checkpoint" / "epoch-0001.npz").read_bytes())
-  recorder = _RecordEpochs()
+  recorder = epoch_recorder
   assert trainer.run_grid(config, cell_callbacks=lambda cell: [recorder])["cells"] == {"r00_f00": "complete"}
   assert recorder.epochs == [1], "epoch 2 did not commit, so it runs exactly once more; epoch 1 is not repeated"
   assert _predictions(tmp_path) == uninterrupted
 
 
-def test_complete_progress_without_run_json_trains_nothing(records_dir, tmp_path, uninterrupted, monkeypatch):
+def _dying_checkpoint_writes(monkeypatch, die_at: int) -> list:
+  """Makes the `die_at`-th file write of a checkpoint (.npz) write half its bytes and raise, as a kill or a full disk
+  would leave it, whatever name the file is written under; returns the list of names written."""
+  real_gfile = tf.io.gfile.GFile
+  written = []
+
+  class DyingGFile(real_gfile):  # pylint: disable=too-few-public-methods
+
+    def write(self, data):
+      if "w" in self.mode and str(self.name).endswith(".npz"):
+        written.append(str(self.name))
+        if len(written) == die_at:
+          super().write(data[:len(data) // 2])
+          raise OSError("disk full (simulated)")
+      return super().write(data)
+
+  monkeypatch.setattr(tf.io.gfile, "GFile", DyingGFile)
+  return written
+
+
+def test_no_final_named_checkpoint_is_ever_partial(records_dir, tmp_path, uninterrupted, monkeypatch, tiny_config):
+  """A checkpoint save that dies half-way (half the bytes written, then an error) must leave only a temp name
+  behind: every final-named checkpoint loads whole, progress.json names a complete one, and the rerun ends on the
+  uninterrupted predictions. Writing the checkpoint in place would leave a truncated epoch-0002.npz."""
+  config = tiny_config(records_dir, tmp_path)
+  with monkeypatch.context() as patch:
+    written = _dying_checkpoint_writes(patch, die_at=2)  # epoch 2's checkpoint: epoch 1's is committed
+    with pytest.raises(OSError, match="simulated"):
+      trainer.run_grid(config)
+  assert len(written) == 2
+  cell = tmp_path / "cells" / "r00_f00"
+  final_named = [path for path in (cell / "checkpoint").iterdir() if not io_utils.is_temp_path(str(path))]
+  assert [path.name for path in final_named] == ["epoch-0001.npz"]
+  for path in final_named:
+    with np.load(path) as arrays:  # raises on a truncated archive
+      assert all(arrays[name].size >= 0 for name in arrays.files)
+  assert json.loads((cell / "progress.json").read_text())["checkpoint"] == "epoch-0001.npz"
+  assert trainer.run_grid(config)["cells"] == {"r00_f00": "complete"}
+  keras.models.load_model(cell / "model.keras")
+  assert _predictions(tmp_path) == uninterrupted
+
+
+def test_complete_progress_without_run_json_trains_nothing(records_dir, tmp_path, uninterrupted, monkeypatch,
+                                                           tiny_config):
   config = tiny_config(records_dir, tmp_path)
 
   def killed(*args, **kwargs):
@@ -104,7 +123,7 @@ def test_complete_progress_without_run_json_trains_nothing(records_dir, tmp_path
   assert _predictions(tmp_path) == uninterrupted
 
 
-def test_adam_counts_the_steps_really_taken(records_dir, tmp_path):
+def test_adam_counts_the_steps_really_taken(records_dir, tmp_path, tiny_config):
   """The saved optimizer's step counter (Adam's bias correction reads it) equals the batches the cell's epochs
   hold, counted here by iterating each epoch's dataset: Keras' TensorFlow trainer adds one step to it at the end
   of every epoch of unknown length, which cell_trainer takes back."""
@@ -175,7 +194,7 @@ def test_cells_per_gpu_runs_every_cell_of_the_shard(records_dir, tmp_path):
   assert os.listdir(tmp_path / "cells") == sorted(expected) or set(os.listdir(tmp_path / "cells")) == expected
 
 
-def test_plan_numbers_match_dataset_json(records_dir, tmp_path):
+def test_plan_numbers_match_dataset_json(records_dir, tmp_path, tiny_config):
   config = tiny_config(records_dir, tmp_path, cells=(), num_repeats=3, num_partitions=2, partition_index=1, epochs=3,
                        images_per_epoch=20)
   plan = trainer.plan_grid(config, images_per_s=10.0)
@@ -301,16 +320,3 @@ def test_checkpoint_of_another_model_is_refused_in_one_line(tmp_path):
   with pytest.raises(cell_trainer.RunsError, match="do not match") as caught:
     cell_trainer.restore_training_state(other, path)
   assert "\n" not in str(caught.value)
-
-
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-  """A save that fails midway leaves no final-named file (and no older one is touched)."""
-  path = tmp_path / "epoch-0001.npz"
-
-  def broken(*args, **kwargs):
-    raise OSError("disk full")
-
-  monkeypatch.setattr(np, "savez", lambda buffer, *arrays: (buffer.write(b"partial"), broken()))
-  with pytest.raises(OSError):
-    cell_trainer.save_training_state(_trained_tiny_model(0), str(path))
-  assert not path.exists()

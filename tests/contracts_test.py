@@ -3,6 +3,7 @@
 import pytest
 
 from pdx_tf import contracts
+from pdx_tf.data import preprocess
 
 
 @pytest.mark.parametrize("text, cell", [("r03_f07", (3, 7)), ("r3f7", (3, 7)), ("r0_f0", (0, 0)),
@@ -29,9 +30,12 @@ def test_dataset_info_hands_on_preprocess_and_region_settings():
   document = {"preprocess": {"image_size": 48, "windows": [[40.0, 400.0]]},
               "config": {"region": {"lung_air_hu": -400.0}, "slice_spacing_mm": 5.0, "slice_thickness_mm": 5.0,
                          "min_slices": 8, "augment_factor": 8, "output_dir": "ignored"}}
-  info = contracts.DatasetInfo(records_dir="D", document=document, dataset_hash="h", image_size=48,
-                               covariate_names=(), patients={})
+  info = contracts.DatasetInfo(records_dir="D", document=document, dataset_hash="h", covariate_names=(),
+                               patients={})
   assert info.preprocess == document["preprocess"]
+  # Parsed once, typed: image_size has one holder.
+  assert info.preprocess_config == preprocess.PreprocessConfig(image_size=48, windows=((40.0, 400.0),))
+  assert info.image_size == 48
   assert info.region == {"region": {"lung_air_hu": -400.0}, "slice_spacing_mm": 5.0, "slice_thickness_mm": 5.0,
                          "min_slices": 8}
 

@@ -35,6 +35,34 @@ def test_flags_reach_the_config_and_the_call(monkeypatch, tmp_path):
   assert "show_paths" not in dataclasses.asdict(config)  # never part of config.json or the fingerprints
 
 
+def test_augment_seed_and_its_deprecated_name(monkeypatch, tmp_path, capsys):
+  """--augment_seed keys the copies (PipelineConfig.seed, dataset.json "seed"); the old --seed still works for a
+  release with one warning line; the two disagreeing is a one-line error."""
+  from data_pipeline import __main__ as binary  # pylint: disable=import-outside-toplevel
+  flags.FLAGS.mark_as_parsed()
+  calls = []
+  monkeypatch.setattr(pipeline, "run_pipeline", lambda config, **kwargs: calls.append(config) or _result())
+  common = dict(manifest="m.csv", output_dir=str(tmp_path / "D"), progress=False)
+  with flagsaver.flagsaver(augment_seed=7, **common):
+    binary.main(["data_pipeline"])
+  assert calls[-1].seed == 7 and "deprecated" not in capsys.readouterr().err
+  with flagsaver.flagsaver(seed=5, **common):
+    binary.main(["data_pipeline"])
+  warnings = [line for line in capsys.readouterr().err.splitlines() if "deprecated" in line]
+  assert calls[-1].seed == 5 and len(warnings) == 1 and "--augment_seed" in warnings[0]
+  with flagsaver.flagsaver(seed=5, augment_seed=6, **common):
+    flags.FLAGS["augment_seed"].present = 1
+    try:
+      try:
+        binary.main(["data_pipeline"])
+      except SystemExit as error:
+        assert error.code == 1
+    finally:
+      flags.FLAGS["augment_seed"].present = 0
+  errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("data_pipeline: error:")]
+  assert len(errors) == 1 and "disagree" in errors[0] and len(calls) == 2
+
+
 def _files(folder):
   found = {}
   for root, _, names in os.walk(folder):

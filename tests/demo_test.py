@@ -1,9 +1,6 @@
 """Tests of pdx_tf.demo and the train binary: the demo wiring at tiny scale, the preset, one-line errors."""
 
 import os
-import subprocess
-import sys
-
 import pytest
 
 from pdx_tf import demo
@@ -111,37 +108,31 @@ def test_a_demo_of_another_cohort_size_works_in_its_own_folder(tmp_path, monkeyp
   assert len(calls) == 2, "a bad size is refused before the pipeline"
 
 
-def _train(*args):
-  return subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
-                        timeout=120)
-
-
-def test_binary_prints_one_line_errors(tmp_path):
+def test_binary_prints_one_line_errors(tmp_path, run_binary):
   records = str(tmp_path / "records")
   fake_records.write_fake_records(records, num_patients=4, slices_per_patient=1, augment_factor=1, image_size=32,
                                   schema_version=7)
-  completed = _train("--task=p", f"--records_dir={records}", f"--output_dir={tmp_path / 'R'}", "--image_size=32",
-                     "--num_folds=2", "--num_repeats=1", "--cells=r0f5")
+  completed = run_binary("train", "--task=p", f"--records_dir={records}", f"--output_dir={tmp_path / 'R'}",
+                         "--image_size=32", "--num_folds=2", "--num_repeats=1", "--cells=r0f5")
   assert completed.returncode == 1
   errors = [line for line in completed.stderr.splitlines() if line.startswith("train: error:")]
   assert len(errors) == 1 and "outside the grid" in errors[0]
-  completed = _train("--task=p", f"--records_dir={records}", f"--output_dir={tmp_path / 'R'}", "--image_size=32",
-                     "--num_folds=2", "--num_repeats=1")
+  completed = run_binary("train", "--task=p", f"--records_dir={records}", f"--output_dir={tmp_path / 'R'}",
+                         "--image_size=32", "--num_folds=2", "--num_repeats=1")
   assert completed.returncode == 1
   errors = [line for line in completed.stderr.splitlines() if line.startswith("train: error:")]
   assert len(errors) == 1 and "schema version 7" in errors[0]
   assert not (tmp_path / "R" / "cells").exists()
 
 
-def test_demo_patients_errors_are_one_line_before_any_work(tmp_path):
+def test_demo_patients_errors_are_one_line_before_any_work(tmp_path, run_binary):
   environment = dict(os.environ, PDX_TF_CACHE=str(tmp_path / "cache"))
   for args, expected in (
       (("--flagfile=configs/demo_sb.flags", "--demo_patients=10"), "--demo_patients: the demo cohort's size must be"
        " a positive multiple of 4"),
       (("--task=p", f"--records_dir={tmp_path / 'D'}", f"--output_dir={tmp_path / 'R'}", "--demo_patients=120"),
        "--demo_patients sizes the demo's phantom cohort; a run on --records_dir")):
-    completed = subprocess.run([sys.executable, "-m", "train", *args], cwd=REPO, capture_output=True, text=True,
-                               timeout=120, env=environment)
+    completed = run_binary("train", *args, env=environment)
     errors = [line for line in completed.stderr.splitlines() if line.startswith("train: error:")]
     assert completed.returncode == 1 and len(errors) == 1 and expected in errors[0], completed.stderr[-2000:]
   assert not os.path.exists(tmp_path / "cache") and not os.path.exists(os.path.join(REPO, "runs", "demo-10patients"))

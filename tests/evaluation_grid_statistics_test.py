@@ -7,10 +7,12 @@ import sys
 
 import numpy as np
 import pytest
+from sklearn import metrics as sklearn_metrics
 
 sys.path.insert(0, os.path.dirname(__file__))
 import fake_runs  # noqa: E402  pylint: disable=wrong-import-position
 
+from pdx_tf import io_utils  # noqa: E402
 from pdx_tf.evaluation import grid_statistics, runs  # noqa: E402
 
 MISSED_POSITIVE = "pt000"  # predicted 0.2 in repeat 0 only: one false negative
@@ -178,3 +180,61 @@ def test_subgroup_counts_add_up(grid):
 def test_json_safe_replaces_nan():
   assert grid_statistics.json_safe({"a": [float("nan"), np.float64(0.5), float("inf")], "b": np.int64(3)}) == {
       "a": [None, 0.5, None], "b": 3}
+
+
+def _reverse_patient_rows(root):
+  """Writes every cell's patient_predictions.csv in reverse (descending patient_id) row order."""
+  for folder, _, names in os.walk(root):
+    if "patient_predictions.csv" in names:
+      path = os.path.join(folder, "patient_predictions.csv")
+      rows = io_utils.read_csv(path)
+      header = list(rows[0])
+      io_utils.atomic_write_csv(path, header, ([row[column] for column in header] for row in reversed(rows)))
+
+
+def _resampled_metrics(counts_by_patient, patient_ids, labels, probabilities):
+  """Accuracy, sensitivity and AUC of one bootstrap replicate: each patient repeated by its count (scikit-learn)."""
+  repeats = np.asarray([counts_by_patient[patient_id] for patient_id in patient_ids], dtype=int)
+  labels, probabilities = np.repeat(labels, repeats), np.repeat(probabilities, repeats)
+  predicted = (probabilities >= 0.5).astype(int)
+  both = len(set(labels.tolist())) == 2
+  return {
+      "accuracy": sklearn_metrics.accuracy_score(labels, predicted) if labels.size else math.nan,
+      "sensitivity": sklearn_metrics.recall_score(labels, predicted) if labels.sum() else math.nan,
+      "auc": sklearn_metrics.roc_auc_score(labels, probabilities) if both else math.nan,
+  }
+
+
+def test_bootstrap_resamples_patients_by_id_not_by_row_position(tmp_path):
+  """Rows in descending patient order; the replicates are rebuilt here by patient ID (sorted IDs index the counts,
+  as bootstrap_weights documents), each resample expanded and scored by scikit-learn. A bootstrap that weighted row
+  positions instead of patients would pair counts with the wrong patients and miss these intervals."""
+  fake_runs.write_fake_runs(str(tmp_path), tasks=("p",), num_repeats=2, num_folds=3, num_patients=18)
+  _reverse_patient_rows(str(tmp_path))
+  task_runs = runs.load_runs(str(tmp_path))["p"]
+  first_cell = task_runs.cells[(0, 0)]
+  assert list(first_cell.patient_ids) == sorted(first_cell.patient_ids, reverse=True)
+  pools = grid_statistics.pool_repeats(task_runs)
+  num_bootstrap, seed = 40, 11
+  per_cell, pooled = grid_statistics.bootstrap_ci95(task_runs, pools, 0.5, num_bootstrap=num_bootstrap, seed=seed)
+
+  everyone = sorted({patient_id for pool in pools for patient_id in pool.patient_ids})
+  weights = grid_statistics.bootstrap_weights(len(everyone), num_bootstrap, seed, "p")
+  groups = {
+      "cells": [(cell.patient_ids, cell.patient_labels, cell.patient_probabilities)
+                for _, cell in sorted(task_runs.cells.items())],
+      "pools": [(pool.patient_ids, pool.labels, pool.probabilities) for pool in pools],
+  }
+  for name, found in (("cells", per_cell), ("pools", pooled)):
+    replicates = {metric: [] for metric in ("accuracy", "sensitivity", "auc")}
+    for row in weights:
+      counts = dict(zip(everyone, row))
+      values = [_resampled_metrics(counts, *group) for group in groups[name]]
+      for metric, series in replicates.items():
+        defined = [value[metric] for value in values if not math.isnan(value[metric])]
+        series.append(statistics.fmean(defined) if defined else math.nan)
+    for metric, series in replicates.items():
+      series = np.asarray(series)
+      low, high = np.percentile(series[np.isfinite(series)], [2.5, 97.5])
+      assert found[metric]["low"] == pytest.approx(low), (name, metric)
+      assert found[metric]["high"] == pytest.approx(high), (name, metric)

@@ -17,28 +17,24 @@ import tensorflow as tf
 from pdx_tf.testing import fake_records
 from inner_validation_test import _platt_by_sklearn
 from pdx_tf.errors import RunsError
-from pdx_tf.training import trainer
+from pdx_tf.training import cell_trainer, trainer
 from pdx_tf.training.model import ModelConfig
 
 SIZE = 32
 NUM_PATIENTS = 12
-TINY_MODEL = ModelConfig(image_size=SIZE, alpha=0.35)
 OPT_IN_KEYS = {"threshold", "threshold_rule", "calibration", "inner_validation"}
 
 
 @pytest.fixture(scope="module")
-def records_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("records"))
-  fake_records.write_fake_records(folder, num_patients=NUM_PATIENTS, slices_per_patient=3, augment_factor=4,
-                                  image_size=SIZE)
-  return folder
+def records_dir(fake_records_dir):
+  return fake_records_dir(num_patients=NUM_PATIENTS, slices_per_patient=3, augment_factor=4)
 
 
-def tiny_config(records_dir, output_dir, **overrides):
-  values = dict(task="p", records_dir=records_dir, output_dir=str(output_dir), model=TINY_MODEL, num_folds=2,
-                num_repeats=1, epochs=1, batch_size=8, pool_fraction=0.5, deterministic=True, cells=("r0f0",))
-  values.update(overrides)
-  return trainer.TrainConfig(**values)
+@pytest.fixture(name="tiny_config", scope="session")
+def first_cell_config(tiny_config):
+  """The shared tiny config training only cell r0f0 unless overridden."""
+  return lambda records_dir, output_dir, **overrides: tiny_config(
+      records_dir, output_dir, **{"cells": ("r0f0",), **overrides})
 
 
 def _read_csv(path):
@@ -94,7 +90,8 @@ def _youden_index(labels, probabilities, threshold):
           - fractions.Fraction(int(predicted[~labels].sum()), int((~labels).sum())))
 
 
-def test_inner_patients_are_held_out_of_fit_and_give_threshold_and_calibration(records_dir, tmp_path, fed_to_fit):
+def test_inner_patients_are_held_out_of_fit_and_give_threshold_and_calibration(records_dir, tmp_path, fed_to_fit,
+                                                                               tiny_config):
   config = tiny_config(records_dir, tmp_path / "R", inner_fraction=0.34, threshold="inner_youden",
                        calibration="platt")
   trainer.run_grid(config)
@@ -148,7 +145,50 @@ def test_inner_patients_are_held_out_of_fit_and_give_threshold_and_calibration(r
   assert json.loads((root / "config.json").read_text())["threshold"] == "inner_youden"
 
 
-def test_default_flags_add_no_key(records_dir, tmp_path):
+def _distinct_probability(patient_id):
+  """A patient-keyed probability that separates the classes imperfectly and differs from patient to patient, so a
+  Platt fit or a Youden threshold on one set of patients differs from that on another."""
+  index = int(patient_id[-3:])
+  return 0.1 + 0.04 * index + (0.3 if _label(patient_id) else 0.0) - (0.05 if index % 3 == 0 else 0.0)
+
+
+def test_threshold_and_calibration_are_fitted_on_the_inner_patients_not_the_test_fold(records_dir, tmp_path,
+                                                                                       monkeypatch, tiny_config):
+  """The tiny model predicts a near-constant, with which a fit on the inner patients and one on the test fold agree.
+  Here every patient's probability is a fixed, patient-keyed number (the trained model's own slice outputs still
+  flow everywhere else), so the two fits differ and run.json must hold the inner patients' fit."""
+  real = cell_trainer.held_out_probabilities
+
+  def keyed(config, model, validation, test_ids, *args, **kwargs):
+    slices, _, attention = real(config, model, validation, test_ids, *args, **kwargs)
+    return slices, np.asarray([_distinct_probability(patient_id) for patient_id in test_ids]), attention
+
+  monkeypatch.setattr(cell_trainer, "held_out_probabilities", keyed)
+  config = tiny_config(records_dir, tmp_path / "R", inner_fraction=0.34, threshold="inner_youden",
+                       calibration="platt")
+  trainer.run_grid(config)
+  root = tmp_path / "R"
+  fold = json.loads((root / "splits.json").read_text())["repeats"][0]["folds"][0]
+  run = json.loads((root / "cells" / "r00_f00" / "run.json").read_text())
+  inner_ids = run["inner_validation"]["patients"]
+  assert inner_ids == _documented_inner_draw(fold["train"], 0.34)
+  fits = {}
+  for name, ids in (("inner", inner_ids), ("test", fold["test"])):
+    labels, probabilities = [_label(patient) for patient in ids], [_distinct_probability(patient) for patient in ids]
+    fits[name] = (_platt_by_sklearn(labels, probabilities),
+                  [score for score in probabilities if _youden_index(labels, probabilities, score) == max(
+                      _youden_index(labels, probabilities, other) for other in probabilities)])
+  (inner_slope, inner_intercept), inner_thresholds = fits["inner"]
+  (test_slope, test_intercept), test_thresholds = fits["test"]
+  assert abs(inner_slope - test_slope) > 0.1 and not set(inner_thresholds) & set(test_thresholds), "fits must differ"
+  assert run["calibration"]["slope"] == pytest.approx(inner_slope, abs=1e-4)
+  assert run["calibration"]["intercept"] == pytest.approx(inner_intercept, abs=1e-4)
+  assert run["threshold"] in inner_thresholds
+  assert run["inner_validation"]["patient_probabilities"] == pytest.approx(
+      [_distinct_probability(patient) for patient in inner_ids])
+
+
+def test_default_flags_add_no_key(records_dir, tmp_path, tiny_config):
   """Inner validation off: run.json, metrics.json, config.json and the CSV header are as before (no new keys)."""
   trainer.run_grid(tiny_config(records_dir, tmp_path / "R"))
   cell = tmp_path / "R" / "cells" / "r00_f00"
@@ -160,7 +200,7 @@ def test_default_flags_add_no_key(records_dir, tmp_path):
   assert list(_read_csv(cell / "patient_predictions.csv")[0]) == ["patient_id", "label", "probability"]
 
 
-def test_fixed_threshold_without_inner_patients(records_dir, tmp_path):
+def test_fixed_threshold_without_inner_patients(records_dir, tmp_path, tiny_config):
   trainer.run_grid(tiny_config(records_dir, tmp_path / "R", threshold=0.3))
   cell = tmp_path / "R" / "cells" / "r00_f00"
   run = json.loads((cell / "run.json").read_text())
@@ -171,18 +211,13 @@ def test_fixed_threshold_without_inner_patients(records_dir, tmp_path):
       [(float(row["probability"]) >= 0.3) == bool(int(row["label"])) for row in rows]))
 
 
-class _StopAfterFirstEpoch(keras.callbacks.Callback):
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.model.stop_training = True
-
-
-def test_early_stopping_keeps_the_best_epoch_and_resumes_exactly(records_dir, tmp_path):
+def test_early_stopping_keeps_the_best_epoch_and_resumes_exactly(records_dir, tmp_path, tiny_config,
+                                                                 stop_after_first_epoch):
   settings = dict(epochs=4, inner_fraction=0.34, early_stopping_patience=1, learning_rate=0.02)
   straight = tiny_config(records_dir, tmp_path / "straight", **settings)
   trainer.run_grid(straight)
   resumed = tiny_config(records_dir, tmp_path / "resumed", **settings)
-  assert trainer.run_grid(resumed, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])["cells"] == {
+  assert trainer.run_grid(resumed, cell_callbacks=stop_after_first_epoch)["cells"] == {
       "r00_f00": "interrupted"}
   progress = json.loads((tmp_path / "resumed" / "cells" / "r00_f00" / "progress.json").read_text())
   assert progress["best_epoch"] == 1 and progress["best_checkpoint"] == progress["checkpoint"]
@@ -216,7 +251,7 @@ def test_early_stopping_keeps_the_best_epoch_and_resumes_exactly(records_dir, tm
   assert loss == pytest.approx(losses[best - 1], rel=1e-4)
 
 
-def test_bad_inner_settings_fail_on_one_line_before_training(records_dir, tmp_path):
+def test_bad_inner_settings_fail_on_one_line_before_training(records_dir, tmp_path, tiny_config):
   for overrides in (dict(threshold="inner_youden"), dict(calibration="isotonic"), dict(early_stopping_patience=2)):
     with pytest.raises(ValueError, match="--inner_fraction") as error:
       tiny_config(records_dir, tmp_path / "R", **overrides)
@@ -243,7 +278,7 @@ def _bce(labels, probabilities):
   return float(-np.mean(labels * np.log(probabilities) + (1 - labels) * np.log(1 - probabilities)))
 
 
-def test_inner_validation_predicts_2p5d_stacks_like_the_test_patients(records_dir, tmp_path):
+def test_inner_validation_predicts_2p5d_stacks_like_the_test_patients(records_dir, tmp_path, tiny_config):
   from model_variants_test import numpy_stack  # pylint: disable=import-outside-toplevel
 
   config = tiny_config(records_dir, tmp_path / "R", context_slices=1, inner_fraction=0.34,
@@ -264,7 +299,7 @@ def test_inner_validation_predicts_2p5d_stacks_like_the_test_patients(records_di
       _bce(labels, np.concatenate([per_slice[patient] for patient in inner_ids])), rel=1e-4)
 
 
-def test_inner_validation_predicts_mil_bags_like_the_test_patients(records_dir, tmp_path):
+def test_inner_validation_predicts_mil_bags_like_the_test_patients(records_dir, tmp_path, tiny_config):
   from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
 
   trainer.run_grid(tiny_config(records_dir, tmp_path / "slice"))

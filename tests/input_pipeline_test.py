@@ -18,11 +18,9 @@ NUM_BLOCKS = AUGMENT_FACTOR // BLOCK
 
 
 @pytest.fixture(scope="module")
-def records_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("records"))
-  fake_records.write_fake_records(folder, num_patients=NUM_PATIENTS, slices_per_patient=SLICES,
-                                  augment_factor=AUGMENT_FACTOR, augment_block=BLOCK, image_size=SIZE)
-  return folder
+def records_dir(fake_records_dir):
+  return fake_records_dir(num_patients=NUM_PATIENTS, slices_per_patient=SLICES, augment_factor=AUGMENT_FACTOR,
+                          augment_block=BLOCK, image_size=SIZE)
 
 
 @pytest.fixture(scope="module")
@@ -272,7 +270,7 @@ def test_batches_mix_patients_and_originals_spread_over_the_epoch(tmp_path):
   num_patients, slices, batch = 24, 4, 8
   folder = str(tmp_path / "mix")
   fake_records.write_fake_records(folder, num_patients=num_patients, slices_per_patient=slices, augment_factor=4,
-                                  augment_block=2, image_size=8)
+                                  augment_block=2, image_size=16)  # PreprocessConfig's smallest size
   info = contracts.load_dataset_info(folder)
   ids = list(info.patients)
   keys = _keys(input_pipeline.train_examples(info, ids, sample_seed=0, repeat=0, pool_fraction=0.5,

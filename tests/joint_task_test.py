@@ -32,16 +32,9 @@ def _labels(patient_id):
   return int(index % 2 == 0), int(index % 4 == 0)
 
 
-def _write_records(tmp_path_factory, name, num_patients):
-  folder = str(tmp_path_factory.mktemp(name))
-  fake_records.write_fake_records(folder, num_patients=num_patients, slices_per_patient=3, augment_factor=4,
-                                  image_size=SIZE)
-  return folder
-
-
 @pytest.fixture(scope="module")
-def records_dir(tmp_path_factory):
-  return _write_records(tmp_path_factory, "records", NUM_PATIENTS)
+def records_dir(fake_records_dir):
+  return fake_records_dir(num_patients=NUM_PATIENTS, slices_per_patient=3, augment_factor=4)
 
 
 def _config(records_dir, output_dir, **overrides):
@@ -225,8 +218,8 @@ def test_joint_grid_on_2p5d_stacks(records_dir, tmp_path, fed_labels):
 
 
 @pytest.fixture(scope="module")
-def inner_records_dir(tmp_path_factory):
-  return _write_records(tmp_path_factory, "inner_records", INNER_NUM_PATIENTS)
+def inner_records_dir(fake_records_dir):
+  return fake_records_dir("inner_records", num_patients=INNER_NUM_PATIENTS, slices_per_patient=3, augment_factor=4)
 
 
 def _documented_inner_draw_on_strata(train_ids, fraction, seed=0, repeat=0, fold=0):

@@ -82,3 +82,45 @@ def test_index_page_shows_the_chosen_series(tmp_path):
   qc.write_index_html(str(path), [marker], [])
   text = path.read_text()
   assert "<th>series</th>" in text and "<td>5.0 mm slices, 43 at 4.8 mm spacing" in text
+
+
+# Every word a QC montage may draw, besides the patient ID, numbers and punctuation: the fixed wording of
+# pdx_tf/data/qc.py and the z-range rule names of pdx_tf/data/region.py. A new non-identifying word goes here; a
+# word from a DICOM header or a study path never may.
+QC_WORDS = {"abdominal", "slices", "series", "mm", "slice", "at", "spacing", "automatic", "nearest", "of", "the",
+            "manifest", "s", "series_uid", "range", "z", "top", "bottom", "diaphragm", "study_top", "thighs",
+            "study_bottom"}
+
+
+def test_every_drawn_title_and_label_says_only_the_patient_id_and_facts(tmp_path, monkeypatch):
+  """The data pipeline on a study whose folders, files and headers are full of identity (dicom_paths_test's PACS
+  layout): every text artist of the rendered montage (titles, axis labels, slice labels), read before the figure
+  becomes pixels, is the manifest ID plus the allowed wording, numbers and punctuation."""
+  import re  # pylint: disable=import-outside-toplevel
+
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  from dicom_paths_test import CANARIES, write_canary_study  # pylint: disable=import-outside-toplevel
+  from pdx_tf.data import pipeline, preprocess  # pylint: disable=import-outside-toplevel
+
+  study = str(tmp_path / "export")
+  write_canary_study(study, 0, truncate_a_slice=False)
+  manifest = tmp_path / "cohort.csv"
+  manifest.write_text(f"patient_id,dicom_dir,label_p,label_sb\nqc-007,{study},1,0\n")
+  drawn = []
+  real_savefig = matplotlib.figure.Figure.savefig
+
+  def recording_savefig(figure, *args, **kwargs):
+    drawn.extend(text.get_text() for text in figure.findobj(matplotlib.text.Text) if text.get_text())
+    return real_savefig(figure, *args, **kwargs)
+
+  monkeypatch.setattr(matplotlib.figure.Figure, "savefig", recording_savefig)
+  config = pipeline.PipelineConfig(manifest_path=str(manifest), output_dir=str(tmp_path / "D"), augment_factor=0,
+                                   preprocess=preprocess.PreprocessConfig(image_size=32), num_workers=1,
+                                   qc_max_slices=4, min_slices=4)
+  assert pipeline.run_pipeline(config, progress=False).ok
+  assert any(text.startswith("qc-007: ") for text in drawn), drawn
+  for text in drawn:
+    for canary in CANARIES:
+      assert canary not in text, text
+    words = set(re.findall(r"[A-Za-z_]+", text.replace("qc-007", " ")))
+    assert words <= QC_WORDS, f"{text!r} draws {sorted(words - QC_WORDS)}"

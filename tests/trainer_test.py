@@ -23,21 +23,6 @@ from pdx_tf.training import cell_trainer, trainer
 from pdx_tf.training.model import ModelConfig
 
 SIZE = 32
-TINY_MODEL = ModelConfig(image_size=SIZE, alpha=0.35)
-
-
-@pytest.fixture(scope="module")
-def records_dir(tmp_path_factory):
-  folder = str(tmp_path_factory.mktemp("records"))
-  fake_records.write_fake_records(folder, num_patients=8, slices_per_patient=3, augment_factor=4, image_size=SIZE)
-  return folder
-
-
-def tiny_config(records_dir, output_dir, **overrides):
-  values = dict(task="p", records_dir=records_dir, output_dir=str(output_dir), model=TINY_MODEL, num_folds=2,
-                num_repeats=1, epochs=1, batch_size=8, pool_fraction=0.5, deterministic=True)
-  values.update(overrides)
-  return trainer.TrainConfig(**values)
 
 
 def _read_csv(path):
@@ -51,7 +36,7 @@ def _events(folder):
       yield from event.summary.value
 
 
-def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path):
+def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path, tiny_config):
   config = tiny_config(records_dir, tmp_path / "R")
   result = trainer.run_grid(config)
   assert result["cells"] == {"r00_f00": "complete", "r00_f01": "complete"}
@@ -116,31 +101,16 @@ def test_smoke_run_writes_every_artifact_and_is_idempotent(records_dir, tmp_path
   assert summary["p"]["per_cell"]["auc"]["mean"] == pytest.approx(np.mean(cell_patient_aucs), abs=1e-6)
 
 
-class _StopAfterFirstEpoch(keras.callbacks.Callback):
-
-  def on_epoch_end(self, epoch, logs=None):
-    self.model.stop_training = True
-
-
-class _RecordEpochs(keras.callbacks.Callback):
-
-  def __init__(self):
-    super().__init__()
-    self.epochs = []
-
-  def on_epoch_begin(self, epoch, logs=None):
-    self.epochs.append(epoch)
-
-
-def test_interrupted_cell_resumes_at_the_next_epoch(records_dir, tmp_path):
+def test_interrupted_cell_resumes_at_the_next_epoch(records_dir, tmp_path, tiny_config, stop_after_first_epoch,
+                                                    epoch_recorder):
   config = tiny_config(records_dir, tmp_path / "R", epochs=2, cells=("r0f1",))
-  result = trainer.run_grid(config, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])
+  result = trainer.run_grid(config, cell_callbacks=stop_after_first_epoch)
   assert result["cells"] == {"r00_f01": "interrupted"}
   cell = tmp_path / "R" / "cells" / "r00_f01"
   progress = json.loads((cell / "progress.json").read_text())
   assert progress["epochs_completed"] == 1 and (cell / "checkpoint" / progress["checkpoint"]).exists()
   assert not (cell / "run.json").exists()
-  recorder = _RecordEpochs()
+  recorder = epoch_recorder
   result = trainer.run_grid(config, cell_callbacks=lambda cell: [recorder])
   assert result["cells"] == {"r00_f01": "complete"}
   assert recorder.epochs == [1], "the rerun must continue at epoch 2 (index 1), not start over"
@@ -150,7 +120,7 @@ def test_interrupted_cell_resumes_at_the_next_epoch(records_dir, tmp_path):
   assert (cell / "run.json").exists() and not (cell / "checkpoint").exists()
 
 
-def test_same_seed_and_records_give_identical_predictions(records_dir, tmp_path):
+def test_same_seed_and_records_give_identical_predictions(records_dir, tmp_path, tiny_config):
   outputs = []
   for name in ("first", "second"):
     trainer.run_grid(tiny_config(records_dir, tmp_path / name, cells=("r0f0",)))
@@ -163,7 +133,7 @@ def _assert_nothing_trained(output_dir):
   assert not glob.glob(os.path.join(str(output_dir), "cells", "*"))
 
 
-def test_records_of_another_schema_version(tmp_path):
+def test_records_of_another_schema_version(tmp_path, tiny_config):
   folder = str(tmp_path / "records")
   fake_records.write_fake_records(folder, num_patients=4, slices_per_patient=1, augment_factor=1, image_size=SIZE,
                                   schema_version=1)
@@ -172,13 +142,13 @@ def test_records_of_another_schema_version(tmp_path):
   _assert_nothing_trained(tmp_path / "R")
 
 
-def test_image_size_that_does_not_match_the_model(records_dir, tmp_path):
+def test_image_size_that_does_not_match_the_model(records_dir, tmp_path, tiny_config):
   with pytest.raises(RecordsError, match="32 px images but the model expects 48 px"):
     trainer.run_grid(tiny_config(records_dir, tmp_path / "R", model=ModelConfig(image_size=48, alpha=0.35)))
   _assert_nothing_trained(tmp_path / "R")
 
 
-def test_fold_whose_training_labels_are_one_class(records_dir, tmp_path):
+def test_fold_whose_training_labels_are_one_class(records_dir, tmp_path, tiny_config):
   # Only fake000 is sb-positive: the fold that tests it trains on negatives only.
   folder = str(tmp_path / "records")
   fake_records.write_fake_records(folder, num_patients=4, slices_per_patient=1, augment_factor=1, image_size=SIZE,
@@ -193,14 +163,14 @@ def test_cells_out_of_range():
     trainer.TrainConfig(task="p", records_dir="D", output_dir="R", num_folds=8, num_repeats=24, cells=("r0f8",))
 
 
-def test_unwritable_output_dir(records_dir, tmp_path):
+def test_unwritable_output_dir(records_dir, tmp_path, tiny_config):
   blocker = tmp_path / "a_file"
   blocker.write_text("not a folder")
   with pytest.raises(PdxError, match="not writable"):
     trainer.run_grid(tiny_config(records_dir, blocker / "R"))
 
 
-def test_output_dir_of_another_configuration(records_dir, tmp_path):
+def test_output_dir_of_another_configuration(records_dir, tmp_path, tiny_config):
   root = tmp_path / "R"
   io_utils.atomic_write_json(str(root / "config.json"),
                              __import__("pdx_tf.configs").configs.to_dict(tiny_config(records_dir, root).grid_config()))
@@ -209,7 +179,7 @@ def test_output_dir_of_another_configuration(records_dir, tmp_path):
   _assert_nothing_trained(root)
 
 
-def test_output_dir_trained_on_other_records(records_dir, tmp_path):
+def test_output_dir_trained_on_other_records(records_dir, tmp_path, tiny_config):
   root = tmp_path / "R"
   io_utils.atomic_write_json(str(root / "records.json"), {"records_hash": "0" * 64})
   with pytest.raises(RunsError, match="trained on other records"):
@@ -224,7 +194,7 @@ def test_export_waits_for_a_complete_grid(records_dir, tmp_path):
   assert not (tmp_path / "X").exists()
 
 
-def test_missing_imagenet_weights_fail_before_training(records_dir, tmp_path, monkeypatch):
+def test_missing_imagenet_weights_fail_before_training(records_dir, tmp_path, monkeypatch, tiny_config):
   monkeypatch.setenv("KERAS_HOME", str(tmp_path / "empty_keras_home"))
   with pytest.raises(PdxError, match="ImageNet weights not found"):
     trainer.run_grid(tiny_config(records_dir, tmp_path / "R", model=ModelConfig(image_size=SIZE, alpha=0.35,
@@ -327,7 +297,7 @@ def fed_to_fit(monkeypatch):
   return fed
 
 
-def test_a_cell_trains_on_exactly_its_training_patients_draw(records_dir, tmp_path, fed_to_fit):
+def test_a_cell_trains_on_exactly_its_training_patients_draw(records_dir, tmp_path, fed_to_fit, tiny_config):
   config = tiny_config(records_dir, tmp_path / "R", cells=("r0f0",))
   trainer.run_grid(config)
   split = json.loads((tmp_path / "R" / "splits.json").read_text())
@@ -361,7 +331,7 @@ def _final_weights(folder):
   return keras.models.load_model(os.path.join(folder, "model.keras")).get_weights()
 
 
-def test_resume_restores_weights_and_optimizer_state(records_dir, tmp_path):
+def test_resume_restores_weights_and_optimizer_state(records_dir, tmp_path, tiny_config, stop_after_first_epoch):
   # shuffle_buffer=1 keeps the example order the same in every epoch, so a resumed epoch 2 sees the very batches
   # an uninterrupted epoch 2 sees; then only restored weights AND Adam moments give the same final model.
   # Dropout is off: its seed generator's state is not part of the checkpoint (load_weights leaves it at its
@@ -371,7 +341,7 @@ def test_resume_restores_weights_and_optimizer_state(records_dir, tmp_path):
   straight = tiny_config(records_dir, tmp_path / "straight", **settings)
   trainer.run_grid(straight)
   resumed = tiny_config(records_dir, tmp_path / "resumed", **settings)
-  assert trainer.run_grid(resumed, cell_callbacks=lambda cell: [_StopAfterFirstEpoch()])["cells"] == {
+  assert trainer.run_grid(resumed, cell_callbacks=stop_after_first_epoch)["cells"] == {
       "r00_f00": "interrupted"}
   assert trainer.run_grid(resumed)["cells"] == {"r00_f00": "complete"}
   cell = os.path.join("cells", "r00_f00")

@@ -78,7 +78,8 @@ _LEARNING_RATE = flags.DEFINE_float("learning_rate", 1e-3, "Adam learning rate."
 _PRECISION = flags.DEFINE_enum("precision", "auto", list(trainer.PRECISIONS),
                                "auto: mixed_float16 when a GPU is visible, else float32.")
 _JIT_COMPILE = flags.DEFINE_bool("jit_compile", False, "Compile the train step with XLA.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the split, the pool draw and the initialisation.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the split, the pool draw and the initialisation (the records'"
+                            " augmentation key is data_pipeline's --augment_seed, another seed).")
 _REPARTITION = flags.DEFINE_bool("repartition", False, "A new patient partition each repeat (default: one "
                                  "partition; repeats differ in the pool draw and initialisation).")
 _POOL_FRACTION = flags.DEFINE_float("pool_fraction", 0.1, "Share of every training slice's augmented copies "

@@ -201,6 +201,7 @@ def _content_config(config: PipelineConfig) -> dict:
   values = configs.to_dict(config)
   for name in EXECUTION_ONLY_FIELDS:
     values.pop(name, None)
+  values["augment"] = augment.settings_dict(config.augment)  # an opt-in augmentation left off changes no hash
   return values
 
 
@@ -273,16 +274,13 @@ def image_pci_scores(row: manifest_lib.ManifestRow, config: PipelineConfig, slic
   (`contracts.pci_mirror`) when this augmented copy was flipped left-right; None when the manifest has no PCI
   columns (no feature written).
 
-  The flip is the one `augment.random_augment_hu` applies: `augment.random_parameters(...)[1]` of the copy's key.
+  The flip is the one `augment.random_augment_hu` applies: `augment.is_flipped` of the copy's key.
   """
   if row.pci_scores is None:
     return None
   scores = [contracts.PCI_UNRECORDED if score is None else int(score) for score in row.pci_scores]
-  if augmentation_index > 0:
-    _, flipped, _ = augment.random_parameters(config.seed, row.patient_id, slice_index, augmentation_index,
-                                              config.augment)
-    if flipped:
-      scores = contracts.pci_mirror(scores)
+  if augment.is_flipped(config.seed, row.patient_id, slice_index, augmentation_index, config.augment):
+    scores = contracts.pci_mirror(scores)
   return scores
 
 
@@ -506,7 +504,7 @@ def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], m
       "code_version": provenance.code_version(),
       "config": _content_config(config),
       "preprocess": configs.to_dict(config.preprocess),
-      "augment": configs.to_dict(config.augment),
+      "augment": augment.settings_dict(config.augment),
       "augment_factor": config.augment_factor,
       "augment_block": config.augment_block,
       "seed": config.seed,

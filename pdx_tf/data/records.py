@@ -20,9 +20,11 @@ from typing import Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf.errors import RecordsError
+from pdx_tf import contracts
 
-SCHEMA_VERSION = 2
+# The version and its check live in contracts.py (the core), which reads dataset.json without importing a stage.
+SCHEMA_VERSION = contracts.RECORDS_SCHEMA_VERSION
+check_schema_version = contracts.check_records_schema_version
 
 SCHEMA_VERSION_KEY = "schema_version"
 IMAGE_KEY = "image"  # PNG bytes of a uint8 [S, S, 1] or [S, S, 3] image.
@@ -149,12 +151,3 @@ def parse_example(serialized: tf.Tensor | bytes, covariate_names: Sequence[str] 
   for name in covariate_names:
     parsed[name] = parsed.pop(COVARIATE_PREFIX + name)
   return parsed
-
-
-def check_schema_version(version: int, source: str) -> None:
-  """Raises RecordsError (one line, with the rebuild command) unless `version` is the version this code reads."""
-  if int(version) != SCHEMA_VERSION:
-    raise RecordsError(
-        f"{source} has records schema version {version}, but this pdx-tf reads version {SCHEMA_VERSION}; rebuild"
-        " the records with this version: `python -m data_pipeline --manifest=<cohort.csv> --output_dir=<new folder>`"
-        " (same flags as the first build)")

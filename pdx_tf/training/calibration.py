@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from pdx_tf.evaluation import metrics as metrics_lib
+from pdx_tf import metrics as metrics_lib
 
 CALIBRATIONS = ("none", "platt", "isotonic")
 THRESHOLD_RULES = ("fixed", "inner_youden")

@@ -55,15 +55,14 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import contracts, io_utils, provenance
+from pdx_tf import contracts, io_utils, metrics as metrics_lib, provenance
 from pdx_tf.contracts import TENSORBOARD_FOLDER
 from pdx_tf.errors import RunsError
-from pdx_tf.evaluation import metrics as metrics_lib
 from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib, input_pipeline
 from pdx_tf.training import model as model_lib, splits, tensorboard
 from pdx_tf.training.model import build_model
 
-if TYPE_CHECKING:
+if TYPE_CHECKING:  # annotations only, never executed: trainer imports this module, not the other way round
   from pdx_tf.training.trainer import TrainConfig
 
 # Held-out slice probabilities with a smaller spread mean the model predicts one constant (see model.py).
@@ -79,6 +78,34 @@ def cell_seed(seed: int, cell: contracts.Cell) -> int:
 def epoch_seed(init_seed: int, epoch: int) -> int:
   """The shuffle / dropout seed of one epoch of a cell: a pure function of (cell seed, epoch)."""
   return int(np.random.default_rng([init_seed, epoch, 0x5EED]).integers(2**31))
+
+
+@dataclasses.dataclass(frozen=True)
+class PoolKey:
+  """What a cell's training pool and its epoch order are pure functions of (with the records): the pool draw's
+  sample_seed (train's --seed), the cell's repeat, pool_fraction and include_originals, and the cell's shuffle seed.
+  Built once, by `pool_key`, for training (epoch_dataset) and for `train --plan` (trainer.plan_grid), so the plan
+  counts the pool that training draws."""
+  sample_seed: int
+  repeat: int
+  pool_fraction: float
+  include_originals: bool
+  shuffle_seed: int
+
+  def pool_arguments(self) -> dict[str, Any]:
+    """Keyword arguments of input_pipeline.pool_shards, pool_size, bytes_to_read and epoch_shards."""
+    return {"sample_seed": self.sample_seed, "repeat": self.repeat, "pool_fraction": self.pool_fraction,
+            "include_originals": self.include_originals}
+
+  def epoch_arguments(self, epoch: int) -> dict[str, Any]:
+    """Keyword arguments of input_pipeline.train_dataset, stack_train_dataset and mil_train_dataset for `epoch`."""
+    return {**self.pool_arguments(), "epoch": epoch, "shuffle_seed": self.shuffle_seed}
+
+
+def pool_key(config: TrainConfig, cell: contracts.Cell) -> PoolKey:
+  """The PoolKey of `cell` under `config`."""
+  return PoolKey(sample_seed=config.seed, repeat=cell[0], pool_fraction=config.pool_fraction,
+                 include_originals=config.include_originals, shuffle_seed=cell_seed(config.seed, cell))
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -107,22 +134,17 @@ def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: S
                              for patient_id in train_ids])
       bags_per_epoch = max(config.mil_bags_per_batch, int(round(config.images_per_epoch / mean_slices)))
     return input_pipeline.mil_train_dataset(
-        info, train_ids, stacks, sample_seed=config.seed, repeat=cell[0], epoch=epoch,
-        shuffle_seed=cell_seed(config.seed, cell), pool_fraction=config.pool_fraction,
-        bags_per_batch=config.mil_bags_per_batch, include_originals=config.include_originals,
-        bags_per_epoch=bags_per_epoch, max_slices=config.mil_max_slices)
+        info, train_ids, stacks, **pool_key(config, cell).epoch_arguments(epoch),
+        bags_per_batch=config.mil_bags_per_batch, bags_per_epoch=bags_per_epoch, max_slices=config.mil_max_slices)
   if config.context_slices:
     return input_pipeline.stack_train_dataset(
-        info, train_ids, stacks, task=config.task, sample_seed=config.seed, repeat=cell[0], epoch=epoch,
-        shuffle_seed=cell_seed(config.seed, cell), pool_fraction=config.pool_fraction,
-        batch_size=config.batch_size, include_originals=config.include_originals,
-        images_per_epoch=config.images_per_epoch, shuffle_buffer=config.shuffle_buffer,
+        info, train_ids, stacks, task=config.task, **pool_key(config, cell).epoch_arguments(epoch),
+        batch_size=config.batch_size, images_per_epoch=config.images_per_epoch, shuffle_buffer=config.shuffle_buffer,
         deterministic=config.deterministic)
   return input_pipeline.train_dataset(
-      info, train_ids, task=config.task, sample_seed=config.seed, repeat=cell[0], epoch=epoch,
-      shuffle_seed=cell_seed(config.seed, cell), pool_fraction=config.pool_fraction, batch_size=config.batch_size,
-      include_originals=config.include_originals, images_per_epoch=config.images_per_epoch,
-      shuffle_buffer=config.shuffle_buffer, deterministic=config.deterministic, drop_remainder=True)
+      info, train_ids, task=config.task, **pool_key(config, cell).epoch_arguments(epoch),
+      batch_size=config.batch_size, images_per_epoch=config.images_per_epoch, shuffle_buffer=config.shuffle_buffer,
+      deterministic=config.deterministic, drop_remainder=True)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -522,8 +544,8 @@ def _image_only(image: tf.Tensor, label: tf.Tensor) -> tf.Tensor:
 
 
 def auc(labels, probabilities) -> float | None:
-  """The project's one ROC AUC (pdx_tf.evaluation.metrics: ties count one half); None when undefined."""
-  value = metrics_lib.binary_metrics(np.asarray(labels), np.asarray(probabilities, np.float64))["auc"]
+  """The project's one ROC AUC (pdx_tf/metrics.py: ties count one half); None when undefined."""
+  value = metrics_lib.auc(np.asarray(labels), np.asarray(probabilities, np.float64))
   return None if value is None or not math.isfinite(value) else float(value)
 
 
@@ -659,14 +681,12 @@ def _write_run(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
                decisions: Mapping[str, Mapping[str, Any] | None]) -> None:
   """run.json, the commit of a cell, then the resume state goes. `decisions`: each task's `_inner_decisions`; a
   one-task cell's go to run.json's top level, a joint cell's under "by_task" (contracts.TASK_DECISIONS_FIELD)."""
-  from pdx_tf.training import trainer as trainer_lib  # pylint: disable=import-outside-toplevel  (an import cycle)
-
   folder = contracts.cell_folder(config.output_dir, cell)
   run = {
       "task": config.task, "repeat": cell[0], "fold": cell[1],
       "split_hash": splits.split_hash(split), "dataset_hash": info.dataset_hash,
       "records_hash": info.content_hash, "seeds": {"split": config.seed, "sample": config.seed, "init": init_seed},
-      "config": trainer_lib.config_dict(config), "preprocess": info.preprocess, "region": info.region,
+      "config": config.json_dict(), "preprocess": info.preprocess, "region": info.region,
       "augment": info.augment, "input_statistics": info.input_statistics,
       "aggregation": config.aggregation, "aggregation_top_k": config.top_k,
       "head": config.model.head, "context_slices": config.context_slices,

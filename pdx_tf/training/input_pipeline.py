@@ -412,8 +412,7 @@ def _augment_settings(info: DatasetInfo) -> tuple[int, augment.AugmentConfig, fl
   values = info.augment
   fields = {field.name for field in dataclasses.fields(augment.AugmentConfig)}
   config = augment.AugmentConfig(**{key: value for key, value in values.items() if key in fields})
-  windows = info.preprocess.get("windows") or [list(preprocess.WINDOW_PRESETS["abdomen"][0])]
-  center, width = windows[0]
+  center, width = info.preprocess_config.windows[0]
   fill = float(np.round(np.clip((preprocess.AIR_HU - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0))
   return int(values.get("seed", 0)), config, fill
 
@@ -427,7 +426,7 @@ def load_patient_stacks(info: DatasetInfo, patient_ids: Sequence[str], task: str
     ValueError: context_slices > 0 on records of three windows.
   """
   if context_slices:
-    preprocess.check_context_windows(preprocess.preprocess_config_from_dict(info.preprocess), context_slices)
+    preprocess.check_context_windows(info.preprocess_config, context_slices)
   validation = load_validation(info, patient_ids, task)
   images, starts, counts, labels, start = [], {}, {}, {}, 0
   for patient_id in patient_ids:
@@ -449,12 +448,12 @@ def load_patient_stacks(info: DatasetInfo, patient_ids: Sequence[str], task: str
 def augment_transforms(stacks: PatientStacks, patient_id: str, slice_indices: Sequence[int],
                        augmentation_index: int) -> np.ndarray:
   """float32 [len(slice_indices), 8] projective transforms: copy `augmentation_index` of each slice, keyed as the
-  records' copies (`augment.random_parameters`); the identity for the original (index 0)."""
+  records' copies (`augment.random_transform`); the identity for the original (index 0)."""
   size = stacks.images.shape[1]
   if augmentation_index == 0:
     return np.tile(np.asarray([1, 0, 0, 0, 1, 0, 0, 0], np.float32), (len(slice_indices), 1))
-  return np.asarray([augment.transform_vector(*augment.random_parameters(
-      stacks.seed, patient_id, int(slice_index), int(augmentation_index), stacks.augment_config), size)
+  return np.asarray([augment.random_transform(stacks.seed, patient_id, int(slice_index), int(augmentation_index),
+                                              stacks.augment_config, size)
                      for slice_index in slice_indices], np.float32)
 
 

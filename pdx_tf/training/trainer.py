@@ -231,6 +231,11 @@ class TrainConfig:
     return dataclasses.replace(self, records_dir="(per machine)", num_partitions=1, partition_index=0, cells=(),
                                verify_hashes=False)
 
+  def json_dict(self) -> dict[str, Any]:
+    """config_dict(self): the JSON form for config.json and run.json. A method so that cell_trainer, which
+    trainer imports, writes run.json without importing trainer back (no import loop)."""
+    return config_dict(self)
+
 
 def config_dict(config: TrainConfig) -> dict[str, Any]:
   """The JSON form of `config` for config.json and run.json: opt-in fields at their defaults are left out."""
@@ -376,7 +381,7 @@ def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
                         cells: Sequence[contracts.Cell]) -> None:
   """Fails before any training for 2.5D or MIL settings the records or the init grid cannot serve."""
   if config.context_slices:
-    preprocess.check_context_windows(preprocess.preprocess_config_from_dict(info.preprocess), config.context_slices)
+    preprocess.check_context_windows(info.preprocess_config, config.context_slices)
     for patient_id, entry in info.patients.items():
       count = int(entry.get("num_slices", 0))
       if config.context_slices >= count:
@@ -521,8 +526,7 @@ def plan_grid(config: TrainConfig, images_per_s: float) -> dict[str, Any]:
     train_ids, _ = splits.cell_patients(split, *cell)
     train_ids, _ = splits.cell_inner_split(info, config.task, train_ids, seed=config.seed, repeat=cell[0],
                                            fold=cell[1], fraction=config.inner_fraction)  # what the model fits on
-    keys = dict(sample_seed=config.seed, repeat=cell[0], pool_fraction=config.pool_fraction,
-                include_originals=config.include_originals)
+    keys = cell_trainer.pool_key(config, cell).pool_arguments()  # the pool training draws (epoch_dataset)
     pool = input_pipeline.pool_size(info, train_ids, **keys)
     per_epoch = config.images_per_epoch or pool
     per_epoch = per_epoch // config.batch_size * config.batch_size
