@@ -53,7 +53,7 @@ from absl import logging
 from pdx_tf import cli, contracts
 from pdx_tf.errors import PdxError
 from pdx_tf.serving import export
-from pdx_tf.training import aggregation, calibration, grid, trainer
+from pdx_tf.training import aggregation, calibration, grid, heads, trainer
 
 _TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "p: any peritoneal dissemination; sb: small-bowel;"
                           " p,sb: one backbone with a head per task (one grid for both).")
@@ -93,8 +93,7 @@ _AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION,
                                  " default with that head).")
 _CONTEXT_SLICES = flags.DEFINE_integer("context_slices", 0, "2.5D: N > 0 feeds 2N+1 adjacent slices of one window as"
                                        " the channels (0: the paper's input).")
-_HEAD = flags.DEFINE_enum("head", "slice", ["slice", "attention_mil"], "slice: the paper's slice classifier;"
-                          " attention_mil: gated attention over a patient's slices, trained on the patient label.")
+_HEAD = flags.DEFINE_enum("head", heads.DEFAULT_HEAD, list(heads.names()), heads.flag_help())
 _MIL_INIT_FROM = flags.DEFINE_string("mil_init_from", "", "--head=attention_mil starts each cell from this finished"
                                      " slice grid R's same cell (required with --weights=none).")
 _MIL_MAX_SLICES = flags.DEFINE_integer("mil_max_slices", 0, "Slices in a training bag, evenly spaced (0: all).")
@@ -153,8 +152,9 @@ def _flag_values() -> tuple[dict, dict]:
   values["threshold"] = _threshold()  # a probability or a rule's name
   if "threshold" in given:
     given["threshold"] = values["threshold"]
-  if values["head"] == "attention_mil" and "aggregation" not in given:
-    values["aggregation"] = trainer.MIL_AGGREGATION  # the head's own; an explicit other rule is refused
+  own_rule = heads.get(values["head"]).aggregation_name
+  if own_rule and "aggregation" not in given:
+    values["aggregation"] = own_rule  # the head's own; an explicit other rule is refused
   return values, given
 
 

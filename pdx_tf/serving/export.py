@@ -37,7 +37,7 @@ from pdx_tf.contracts import RUN_FILE, TASKS
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
 from pdx_tf.serving import signatures
-from pdx_tf.training import aggregation, grid as training_grid, model as model_lib
+from pdx_tf.training import aggregation, grid as training_grid, heads, model as model_lib
 
 METADATA_FOLDER = "assets.extra"
 KERAS_MODELS_FOLDER = "models"
@@ -186,10 +186,10 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
     raise ExportError(f"{first.folder}/run.json has an invalid preprocess config: {error}") from None
   rule = str(first.run_info["aggregation"])
   top_k = int(first.run_info["aggregation_top_k"])
-  head = str(first.run_info.get("head", "slice"))
+  head = str(first.run_info.get("head", heads.DEFAULT_HEAD))
   context_slices = int(first.run_info.get("context_slices", 0))
   try:
-    if head != "attention_mil":  # the MIL head's patient score is its own attention pooling
+    if not heads.get(head).own_patient_score:  # e.g. the MIL head's patient score is its own attention pooling
       aggregation.check_aggregation(rule, top_k)
     preprocess.check_context_windows(preprocess_config, context_slices)
   except ValueError as error:

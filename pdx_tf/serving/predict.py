@@ -31,6 +31,7 @@ from pdx_tf import configs, contracts, io_utils, provenance
 from pdx_tf.data import input_statistics, preprocess
 from pdx_tf.errors import ExportError, PdxError
 from pdx_tf.serving import export, gradcam
+from pdx_tf.training import heads
 
 PREDICTION_FORMAT = "pdx-tf-prediction"
 PREDICTION_SCHEMA_VERSION = 1
@@ -350,7 +351,7 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
             "aggregation": metadata["aggregation"], "aggregation_top_k": metadata["aggregation_top_k"],
             "image_size": metadata["image_size"], "code_version": metadata["code_version"],
             # Only beyond the paper's model, so a default export's prediction.json keeps its bytes.
-            **({"head": metadata["head"]} if metadata.get("head", "slice") != "slice" else {}),
+            **({"head": metadata["head"]} if metadata.get("head", heads.DEFAULT_HEAD) != heads.DEFAULT_HEAD else {}),
             **({"context_slices": metadata["context_slices"]} if metadata.get("context_slices") else {}),
             "gradcam_models": min(gradcam_max_models, metadata["num_models"]),
         },

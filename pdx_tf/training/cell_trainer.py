@@ -55,7 +55,7 @@ from pdx_tf.contracts import TENSORBOARD_FOLDER
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import metrics as metrics_lib
 from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib, input_pipeline
-from pdx_tf.training import model as model_lib, splits, tensorboard
+from pdx_tf.training import heads, model as model_lib, splits, tensorboard
 from pdx_tf.training.model import build_model
 
 if TYPE_CHECKING:
@@ -86,7 +86,7 @@ def checkpoint_name(epoch: int) -> str:
 
 def uses_stacks(config: TrainConfig) -> bool:
   """Whether training reads stacks built from the originals (2.5D or MIL) instead of the stored copies."""
-  return config.context_slices > 0 or config.model.head == "attention_mil"
+  return config.context_slices > 0 or heads.get(config.model.head).bags
 
 
 def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: Sequence[str],
@@ -95,7 +95,7 @@ def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: S
   """The (finite) batches of epoch `epoch` of a cell: a pure function of (config, cell, epoch), so a resumed
   epoch sees exactly the batches an uninterrupted run would. `stacks`: the training patients'
   `input_pipeline.load_patient_stacks` when `uses_stacks(config)`."""
-  if config.model.head == "attention_mil":
+  if heads.get(config.model.head).bags:
     bags_per_epoch = None
     if config.images_per_epoch:  # the same number of slice images an epoch as the slice head would see
       mean_slices = np.mean([len(input_pipeline.bag_slices(stacks.counts[patient_id], config.mil_max_slices))
@@ -317,7 +317,7 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     logging.info("cell %s: resuming after epoch %d", name, progress["epochs_completed"])
     # Restores the weights and the optimizer state (Adam moments, iteration count, loss scale).
     model.load_weights(resumed[1])
-  elif config.model.head == "attention_mil" and config.mil_init_from:
+  elif heads.get(config.model.head).needs_learned_features and config.mil_init_from:
     _start_from_slice_model(config, cell, model)
   # Uncommitted epochs' files go; the committed one and the best epoch's (early stopping) stay.
   _remove_other_checkpoints(folder, progress.get("checkpoint", ""), progress.get("best_checkpoint", ""))
@@ -400,7 +400,7 @@ def _viewable(images: tf.Tensor, context_slices: int) -> np.ndarray:
 def _validation_data(config: TrainConfig, info: contracts.DatasetInfo, validation: input_pipeline.ValidationSet,
                      test_ids: Sequence[str]) -> tf.data.Dataset:
   """The held-out fold as the model takes it: slices (the paper), 2.5D stacks, or one bag a patient."""
-  if config.model.head == "attention_mil":
+  if heads.get(config.model.head).bags:
     stacks = input_pipeline.load_patient_stacks(info, test_ids, config.task, config.context_slices)
     return input_pipeline.mil_validation_dataset(stacks, test_ids)
   if config.context_slices:
@@ -419,7 +419,7 @@ def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: 
   Attention-MIL: one bag a patient; the patient probability is the model's, the slice probability its instance
   score (`model.mil_outputs`) and the attention its weight of each slice.
   """
-  if config.model.head != "attention_mil":
+  if not heads.get(config.model.head).own_patient_score:
     data = validation_data if validation_data is not None else validation.dataset(config.batch_size)
     probabilities = model.predict(data.map(_image_only), verbose=0)
     probabilities = (probabilities if column is None else probabilities[:, column]).reshape(-1).astype(np.float64)
@@ -459,7 +459,7 @@ def inner_loss(config: TrainConfig, model: keras.Model, inner: input_pipeline.Va
                  + config.consistency_weight * violation**2)
     return float(np.mean(per_slice))
   slice_probabilities, patient_probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data)
-  if config.model.head == "attention_mil":
+  if heads.get(config.model.head).bags:  # trained a bag (patient) at a time
     labels_by_patient = {patient_id: int(label) for patient_id, label in zip(inner.patient_ids, inner.labels)}
     probabilities, labels = patient_probabilities, np.asarray([labels_by_patient[p] for p in inner_ids])
   else:

@@ -27,11 +27,12 @@ from pdx_tf.contracts import CONFIG_FILE, PATIENTS_FILE, RECORDS_FILE, TENSORBOA
 from pdx_tf.data import preprocess
 from pdx_tf.errors import RunsError
 from pdx_tf.training import calibration as calibration_lib
-from pdx_tf.training import aggregation as aggregation_lib, cell_trainer, grid, input_pipeline, splits, tensorboard
+from pdx_tf.training import aggregation as aggregation_lib, cell_trainer, grid, heads, input_pipeline, splits
+from pdx_tf.training import tensorboard
 from pdx_tf.training.model import build_model, ModelConfig, resolve_weights
 
-# The patient score of --head=attention_mil: its own attention pooling, not a fixed rule.
-MIL_AGGREGATION = "attention"
+# The patient score of --head=attention_mil: its own attention pooling, not a fixed rule (heads.py).
+MIL_AGGREGATION = heads.ATTENTION_MIL.aggregation_name
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # {"records_hash": contracts.DatasetInfo.content_hash, "dataset_hash": of the first run}: one grid, one
 # dataset.
@@ -77,8 +78,8 @@ class TrainConfig:
     cells: names like "r0f3" to train only those cells (empty: all cells of the partition).
     context_slices: N > 0 feeds 2N+1 adjacent slices of one window as the channels (2.5D; input_pipeline's
       docstring); `model.input_channels` must be `preprocess.model_channels(N)`. 0: the paper's input.
-    mil_init_from: with `model.head == "attention_mil"`, a finished slice grid R whose same cell's model.keras
-      starts the MIL model (backbone and output layer; model.copy_slice_weights).
+    mil_init_from: with a head that needs learned features (attention_mil, heads.py), a finished slice grid R
+      whose same cell's model.keras starts the MIL model (backbone and output layer; model.copy_slice_weights).
     mil_max_slices: a training bag holds at most this many of a patient's slices, evenly spaced (0: all).
       Held-out and served patients always use every slice.
     mil_bags_per_batch: bags (patients) a batch in MIL training; `batch_size` stays the slice head's.
@@ -152,13 +153,12 @@ class TrainConfig:
                        f" {self.images_per_epoch}; unset it to use the drawn pool's size")
     if self.pool_fraction == 0.0 and not self.include_originals:
       raise ValueError("pool_fraction 0 without originals leaves nothing to train on")
-    if self.model.head == "attention_mil":
-      if self.aggregation != MIL_AGGREGATION:
-        raise ValueError(f"--head=attention_mil makes the patient score by its learned attention; --aggregation="
-                         f"{self.aggregation} does not apply: use --aggregation={MIL_AGGREGATION} (or leave it unset)")
-      if not self.mil_init_from and self.model.weights == "none":
-        raise ValueError("--head=attention_mil needs learned features to start from: give --mil_init_from=<R of a"
-                         " finished slice grid of the same settings> (or pretrained --weights)")
+    head = heads.get(self.model.head)
+    if head.own_patient_score:
+      if self.aggregation != head.aggregation_name:
+        raise ValueError(f"--head={head.name} makes the patient score itself ({head.aggregation_name}); --aggregation="
+                         f"{self.aggregation} does not apply: use --aggregation={head.aggregation_name} (or leave it"
+                         " unset)")
     else:
       aggregation_lib.check_aggregation(self.aggregation, self.top_k)
     if self.context_slices < 0:
@@ -170,6 +170,9 @@ class TrainConfig:
     if self.mil_max_slices < 0 or self.mil_bags_per_batch < 1:
       raise ValueError(f"mil_max_slices must be >= 0 and mil_bags_per_batch >= 1, got {self.mil_max_slices} and"
                        f" {self.mil_bags_per_batch}")
+    if head.needs_learned_features and not self.mil_init_from and self.model.weights == "none":
+      raise ValueError(f"--head={head.name} needs learned features to start from: give --mil_init_from=<R of a"
+                       " finished slice grid of the same settings> (or pretrained --weights)")
     grid.partition_cells([], self.num_partitions, self.partition_index)  # validates the pair
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
     self._check_inner_validation()
@@ -194,7 +197,7 @@ class TrainConfig:
       return
     # The joint grid trains the slice head (single slices or 2.5D stacks); MIL's patient bags keep one task a
     # grid for now. Inner validation works per task (threshold and calibration in run.json's "by_task").
-    if self.model.head != "slice":
+    if not heads.get(self.model.head).joint_capable:
       raise ValueError(f"--task={contracts.JOINT_TASK} trains the slice head for now; drop --head=attention_mil,"
                        " or train --task=p and --task=sb as two grids")
 
@@ -382,7 +385,7 @@ def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
       if config.context_slices >= count:
         raise RunsError(f"--context_slices={config.context_slices} needs patients of more than"
                         f" {config.context_slices} slices; patient {patient_id} has {count}: lower --context_slices")
-  if config.model.head == "attention_mil" and config.mil_init_from:
+  if heads.get(config.model.head).needs_learned_features and config.mil_init_from:
     for cell in cells:
       folder = contracts.cell_folder(config.mil_init_from, cell)
       if not grid.is_complete(folder):
@@ -396,7 +399,7 @@ def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
                     if slice_config.get(name, 0 if name == "context_slices" else None) != mine]
       mismatched += [f"model.{name}" for name in ("image_size", "alpha")
                      if model.get(name) != getattr(config.model, name)]
-      if model.get("head", "slice") != "slice":
+      if model.get("head", heads.DEFAULT_HEAD) != heads.DEFAULT_HEAD:  # MIL starts from the slice head
         mismatched.append("model.head")
       if mismatched:
         raise RunsError(f"--mil_init_from={config.mil_init_from} was trained with other {', '.join(mismatched)};"
