@@ -90,14 +90,16 @@ def check_task(task: str) -> str:
 
 
 def check_training_task(task: str) -> str:
-  """Returns `task` if a grid can be trained on it: one of TASKS or JOINT_TASK; raises ValueError otherwise."""
-  if task not in TASKS and task != JOINT_TASK:
-    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)} or {JOINT_TASK} (one backbone, two heads)")
+  """Returns `task` if a grid can be trained on it: one of TASKS, JOINT_TASK or PCI_TASK; raises ValueError
+  otherwise."""
+  if task not in TASKS and task not in (JOINT_TASK, PCI_TASK):
+    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}, {JOINT_TASK} (one backbone, two heads)"
+                     f" or {PCI_TASK} (one probability a PCI region)")
   return task
 
 
 def task_list(task: str) -> tuple[str, ...]:
-  """The tasks a grid's task stands for: ("p",), ("sb",) or ("p", "sb") for JOINT_TASK."""
+  """The tasks a grid's task stands for: ("p",), ("sb",), ("p", "sb") for JOINT_TASK, ("regions",) for PCI_TASK."""
   return TASKS if check_training_task(task) == JOINT_TASK else (task,)
 
 

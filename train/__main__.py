@@ -32,6 +32,10 @@ Examples:
   # One backbone, a head per task: one grid for p and sb, exported as X/pdx_p and X/pdx_sb.
   python -m train --task=p,sb --records_dir=D --output_dir=runs/joint --export_dir=X
 
+  # Where the disease is: one probability a PCI region (records with pci_0 ... pci_12; docs/regions.md).
+  python -m train --task=regions --records_dir=D --output_dir=runs/regions --inner_fraction=0.2 \
+      --threshold=inner_youden
+
 Rerunning skips complete cells and resumes interrupted ones after their last committed epoch (with
 --deterministic on CPU, byte-identical to an uninterrupted run, even after a kill). Exit status 1 with a
 one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training/trainer.py and
@@ -55,8 +59,10 @@ from pdx_tf.errors import PdxError
 from pdx_tf.serving import export
 from pdx_tf.training import aggregation, calibration, grid, heads, trainer
 
-_TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "p: any peritoneal dissemination; sb: small-bowel;"
-                          " p,sb: one backbone with a head per task (one grid for both).")
+_TASK = flags.DEFINE_enum("task", None, [*contracts.TASKS, contracts.JOINT_TASK, contracts.PCI_TASK],
+                          "p: any peritoneal dissemination; sb: small-bowel; p,sb: one backbone with a head per task"
+                          f" (one grid for both); {contracts.PCI_TASK}: one probability a PCI region (needs records"
+                          " with pci_0 ... pci_12; docs/regions.md).")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
                                    "Unset, together with --output_dir: run the demo.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Run folder R for this task (local or gs://).")
@@ -205,7 +211,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _TASK.value is None:
-    _fail("--task is required (p, sb, or p,sb for one model with both heads)")
+    _fail(f"--task is required (p, sb, p,sb for one model with both heads, or {contracts.PCI_TASK})")
   try:
     if _RECORDS_DIR.value is None and _OUTPUT_DIR.value is None:
       _run_demo()

@@ -87,7 +87,14 @@ ATTENTION_MIL = Head(
     evidence=(GRADCAM, ATTENTION), serving_outputs=("attention",), tasks=contracts.TASKS,
     needs_learned_features=True, aggregation_name="attention",
     description="gated attention over a patient's slices, trained on the patient label")
-HEADS: dict[str, Head] = {head.name: head for head in (SLICE, ATTENTION_MIL)}
+REGIONS = Head(
+    name="regions", builder="build_region_model", input_kind=SLICES, patient_score=AGGREGATED,
+    evidence=(SLICE_SCORES, GRADCAM), serving_outputs=("region_probabilities", "region_names"),
+    tasks=(contracts.PCI_TASK,), num_outputs=contracts.NUM_PCI_REGIONS,
+    description=f"one sigmoid a PCI region ({contracts.NUM_PCI_REGIONS}) on the slice model, each region's"
+                " patient score by --aggregation over its slice scores (--task=regions)")
+
+HEADS: dict[str, Head] = {head.name: head for head in (SLICE, ATTENTION_MIL, REGIONS)}
 DEFAULT_HEAD = SLICE.name
 
 

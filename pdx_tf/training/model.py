@@ -44,6 +44,7 @@ GRADCAM_LAYERS: tuple[tuple[str, int], ...] = (
 MIN_GRADCAM_MAP = 7
 JOINT_OUTPUTS = ("p", "sb")  # the columns of a joint model's `probabilities` output
 JOINT_OUTPUT_NAME = "probabilities"
+REGION_OUTPUT_NAME = "region_probabilities"  # the regions head's output [B, NUM_PCI_REGIONS]
 SLICE_FEATURES_NAME = "slice_features"
 ATTENTION_LAYER = "attention"
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -190,6 +191,25 @@ def build_slice_model(config: ModelConfig) -> keras.Model:
     return keras.Model(inputs, outputs, name="pdx_mobilenetv2_joint")
   outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(dropped)
   return keras.Model(inputs, outputs, name="pdx_mobilenetv2")
+
+
+def build_region_model(config: ModelConfig) -> keras.Model:
+  """The regions head: the slice model with one sigmoid a PCI region, Dense(NUM_PCI_REGIONS) named
+  `region_probabilities` on the same pooled feature; input `image` [B, S, S, C], output [B, 13] (column r =
+  region r). Each column is a slice's score for "this patient has disease in region r"; a patient's region
+  probability is the grid's aggregation over that column (pdx_tf/training/regions.py says why)."""
+  size, channels = config.image_size, config.input_channels
+  inputs = keras.Input((size, size, channels), dtype="float32", name="image")
+  scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_unit_range")(inputs)
+  pooled = keras.layers.GlobalAveragePooling2D(name="pool")(_backbone(config)(scaled))
+  dropped = keras.layers.Dropout(config.dropout_rate, name="dropout")(pooled)
+  outputs = keras.layers.Dense(heads.REGIONS.num_outputs, activation="sigmoid", dtype="float32",
+                               name=REGION_OUTPUT_NAME)(dropped)
+  return keras.Model(inputs, outputs, name="pdx_mobilenetv2_regions")
+
+
+def is_region_model(model: keras.Model) -> bool:
+  return any(layer.name == REGION_OUTPUT_NAME for layer in model.layers)
 
 
 def is_joint_model(model: keras.Model) -> bool:

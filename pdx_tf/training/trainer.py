@@ -28,7 +28,7 @@ from pdx_tf.data import preprocess
 from pdx_tf.errors import RunsError
 from pdx_tf.training import calibration as calibration_lib
 from pdx_tf.training import aggregation as aggregation_lib, cell_trainer, grid, heads, input_pipeline, splits
-from pdx_tf.training import tensorboard
+from pdx_tf.training import regions, tensorboard
 from pdx_tf.training.model import build_model, ModelConfig, resolve_weights
 
 # The patient score of --head=attention_mil: its own attention pooling, not a fixed rule (heads.py).
@@ -51,8 +51,10 @@ class TrainConfig:
   """Everything that defines a training grid (written to R/config.json and every run.json).
 
   Attributes:
-    task: "p" (peritoneal dissemination), "sb" (small-bowel dissemination) or "p,sb" (contracts.JOINT_TASK: one
-      backbone with a head per task, `model.joint_heads`; the split is stratified on both labels).
+    task: "p" (peritoneal dissemination), "sb" (small-bowel dissemination), "p,sb" (contracts.JOINT_TASK: one
+      backbone with a head per task, `model.joint_heads`; the split is stratified on both labels) or "regions"
+      (contracts.PCI_TASK: one probability a PCI region, `model.head` "regions", pdx_tf/training/regions.py; the
+      split is stratified on both labels; thresholds are per region, no calibration, no 2.5D yet).
     records_dir: the data pipeline's output (holds dataset.json).
     output_dir: R, this task's run folder (any tf.io.gfile path).
     model: the MobileNetV2 settings; `model.image_size` must equal the records' image size.
@@ -153,7 +155,7 @@ class TrainConfig:
                        f" {self.images_per_epoch}; unset it to use the drawn pool's size")
     if self.pool_fraction == 0.0 and not self.include_originals:
       raise ValueError("pool_fraction 0 without originals leaves nothing to train on")
-    head = heads.get(self.model.head)
+    head = heads.check_task(self.model.head, self.task)
     if head.own_patient_score:
       if self.aggregation != head.aggregation_name:
         raise ValueError(f"--head={head.name} makes the patient score itself ({head.aggregation_name}); --aggregation="
@@ -177,11 +179,24 @@ class TrainConfig:
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
     self._check_inner_validation()
     self._check_joint()
+    if self.regions:
+      if self.context_slices:
+        raise ValueError(f"--task={contracts.PCI_TASK} reads each record's own region labels (mirrored in flipped"
+                         " copies); 2.5D stacks are warped at read time and would need them mirrored too: use"
+                         " --context_slices=0")
+      if self.calibration != "none":
+        raise ValueError(f"--task={contracts.PCI_TASK} fits a threshold a region, not a calibration; drop"
+                         f" --calibration={self.calibration}")
 
   @property
   def tasks(self) -> tuple[str, ...]:
     """The tasks this grid learns: (task,), or ("p", "sb") for the joint task."""
     return contracts.task_list(self.task)
+
+  @property
+  def regions(self) -> bool:
+    """Whether this grid learns the PCI regions (contracts.PCI_TASK)."""
+    return self.task == contracts.PCI_TASK
 
   @property
   def joint(self) -> bool:
@@ -281,6 +296,8 @@ def config_from_values(values: Mapping[str, Any]) -> TrainConfig:
   # The model's input channels follow from the 2.5D context (2N+1 slices, or 3 window channels for N = 0).
   values.setdefault("input_channels", preprocess.model_channels(values.get("context_slices", 0)))
   values.setdefault("joint_heads", values.get("task") == contracts.JOINT_TASK)
+  if values.get("task") in (contracts.PCI_TASK,) and values.get("head", heads.DEFAULT_HEAD) == heads.DEFAULT_HEAD:
+    values["head"] = heads.default_head(values["task"])  # the task's own head unless another is asked for
   model = ModelConfig(**{name: value for name, value in values.items() if name in model_fields})
   return TrainConfig(model=model, **{name: tuple(value) if name == "cells" else value
                                      for name, value in values.items() if name in fields})
@@ -346,7 +363,7 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   """Fails before any training if a selected cell cannot be trained (one class, no test patients)."""
   for cell in cells:
     train_ids, test_ids = splits.cell_patients(split, *cell)
-    for task in config.tasks:
+    for task in ("p",) if config.regions else config.tasks:
       classes = {info.labels(task)[patient_id] for patient_id in train_ids}
       if len(classes) < 2:
         raise RunsError(f"cell {contracts.cell_name(cell)}: every training patient has task {task} label"
@@ -358,6 +375,20 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       # Raises a one-line RunsError when the inner or the fit patients would miss a class of a task.
       splits.cell_inner_split(info, config.task, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
                               fraction=config.inner_fraction)
+
+
+def _check_region_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
+  """Fails before any training when a regions grid's records carry no region labels, or none of one class."""
+  if not config.regions:
+    return
+  if not info.has_pci_scores:
+    raise RunsError(f"--task={contracts.PCI_TASK}: {info.records_dir}/dataset.json has no PCI region scores; add the"
+                    " columns pci_0 ... pci_12 to the manifest and rebuild the records, or train --task=p / sb")
+  labels = regions.patient_region_labels(info, sorted(info.patients))
+  if not (labels == 1).any() or not (labels == 0).any():
+    raise RunsError(f"--task={contracts.PCI_TASK}: every recorded region label in {info.records_dir} is"
+                    f" {int(labels[labels >= 0][0]) if (labels >= 0).any() else 'missing'}; the model needs regions"
+                    " with and without disease")
 
 
 def _check_joint_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
@@ -427,6 +458,7 @@ def run_grid(config: TrainConfig, *,
                                           verify_hashes=config.verify_hashes)
   cells = config.selected_cells()
   _check_joint_labels(config, info)
+  _check_region_labels(config, info)
   split = splits.make_splits(splits.split_labels(info, config.task), task=config.task, num_folds=config.num_folds,
                              num_repeats=config.num_repeats, seed=config.seed, repartition=config.repartition)
   _check_cells(config, info, split, cells)
@@ -483,7 +515,8 @@ def measure_images_per_s(config: TrainConfig, *, seconds: float = 20.0, max_step
     size = config.model.image_size
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (config.batch_size, size, size, config.model.input_channels)).astype(np.float32)
-    labels = rng.integers(0, 2, (config.batch_size, len(config.tasks))).astype(np.float32)
+    labels = rng.integers(0, 2, (config.batch_size, heads.get(config.model.head).num_outputs
+                                 if config.regions else len(config.tasks))).astype(np.float32)
     model.train_on_batch(images, labels)  # tracing and compilation: not timed
     steps, started = 0, time.perf_counter()
     while steps < max_steps and (steps == 0 or time.perf_counter() - started < seconds):
