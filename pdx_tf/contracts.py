@@ -451,7 +451,8 @@ class ExportInfo:
     if missing:
       raise error(f"{path} lacks {', '.join(missing)}; re-export the model")
     try:
-      return cls(task=check_task(document["task"]), version=int(document["version"]),
+      task = document["task"] if document["task"] == PCI_TASK else check_task(document["task"])
+      return cls(task=task, version=int(document["version"]),
                  num_models=int(document["num_models"]), preprocess=dict(document["preprocess"]),
                  image_size=int(document["image_size"]), aggregation=str(document["aggregation"]),
                  aggregation_top_k=int(document["aggregation_top_k"]), region=dict(document.get("region") or {}),

@@ -30,7 +30,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import contracts, io_utils
+from pdx_tf import contracts, io_utils, pci_map
 from pdx_tf.contracts import NUM_PCI_REGIONS, PCI_REGION_NAMES, PCI_SMALL_BOWEL_REGIONS, PCI_TASK
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import metrics as metrics_lib
@@ -40,10 +40,6 @@ REGION_PREDICTIONS_HEADER = ("patient_id", "region", "label", "probability")
 REGION_MAP_FIGURE = "region_auc_map"
 PCI_DEFINITION = ("predicted PCI = sum over regions of P(region) x the mean lesion-size score of that region among"
                   " the cell's training patients where it is positive; true PCI = the sum of the 13 recorded scores")
-# The PCI diagram as a surgeon draws it (the patient's right on the viewer's left): regions 0-8 in a 3 x 3 grid,
-# the small-bowel segments 9-12 beside it. (row, column) of each region.
-MAP_POSITIONS = {1: (0, 0), 2: (0, 1), 3: (0, 2), 8: (1, 0), 0: (1, 1), 4: (1, 2), 7: (2, 0), 6: (2, 1), 5: (2, 2),
-                 9: (0, 3.3), 10: (0.75, 3.3), 11: (1.5, 3.3), 12: (2.25, 3.3)}
 
 
 def find_region_grids(runs_dir: str) -> list[str]:
@@ -245,38 +241,6 @@ def evaluate_regions(root: str, *, num_bootstrap: int = 1000, seed: int = 0, all
   return summary, rows
 
 
-def region_map_png(values: Sequence[float | None], title: str, label: str = "AUC", vmin: float = 0.5,
-                   vmax: float = 1.0) -> bytes:
-  """The 13-region PCI map (MAP_POSITIONS) with each region coloured by its value (grey: None), as PNG bytes."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-  matplotlib.use("Agg")
-  from matplotlib import pyplot  # pylint: disable=import-outside-toplevel
-
-  figure, axes = pyplot.subplots(figsize=(6.0, 3.6), dpi=100)
-  colormap = matplotlib.colormaps["viridis"]
-  for region, (row, column) in MAP_POSITIONS.items():
-    small = region in PCI_SMALL_BOWEL_REGIONS
-    width, height = (1.4, 0.7) if small else (1.0, 1.0)
-    value = values[region]
-    colour = "#cccccc" if value is None else colormap((min(max(value, vmin), vmax) - vmin) / (vmax - vmin))
-    axes.add_patch(matplotlib.patches.Rectangle((column, -row - height), width, height, facecolor=colour,
-                                                edgecolor="black"))
-    text = "n/a" if value is None else f"{value:.2f}"
-    axes.text(column + width / 2, -row - height / 2, f"{region}\n{text}", ha="center", va="center", fontsize=8,
-              color="white" if value is not None and value < (vmin + vmax) / 2 else "black")
-  axes.set_xlim(-0.1, 4.8)
-  axes.set_ylim(-3.1, 0.1)
-  axes.set_aspect("equal")
-  axes.axis("off")
-  axes.set_title(title, fontsize=9)
-  mappable = matplotlib.cm.ScalarMappable(norm=matplotlib.colors.Normalize(vmin, vmax), cmap=colormap)
-  figure.colorbar(mappable, ax=axes, fraction=0.04, label=label)
-  buffer = io.BytesIO()
-  figure.savefig(buffer, format="png", bbox_inches="tight")
-  pyplot.close(figure)
-  return buffer.getvalue()
-
-
 def markdown_section(summary: Mapping[str, Any], figure_path: str | None) -> str:
   """The report's regions section (markdown)."""
   def number(value):
@@ -288,7 +252,8 @@ def markdown_section(summary: Mapping[str, Any], figure_path: str | None) -> str
   lines = ["## Regions (PCI)", "",
            f"{summary['n_patients']} patients, {summary['n_cells']} cells, {summary['n_repeats']} repeat(s)"
            f"{' (partial)' if summary['partial'] else ''}. Macro AUC {number(summary['macro_auc'])}"
-           f"{interval(summary['macro_auc_ci'])}; small-bowel regions (9-12) {number(summary['small_bowel_macro_auc'])}.",
+           f"{interval(summary['macro_auc_ci'])}; small-bowel regions (9-12)"
+           f" {number(summary['small_bowel_macro_auc'])}.",
            ""]
   if figure_path:
     lines += [f"![AUC by region]({figure_path})", ""]
@@ -315,7 +280,7 @@ def write_outputs(output_dir: str, summary: Mapping[str, Any], rows: Sequence[Se
   io_utils.atomic_write_csv(io_utils.join(output_dir, REGION_PREDICTIONS_FILE), REGION_PREDICTIONS_HEADER, rows)
   relative = f"{figures_folder}/{REGION_MAP_FIGURE}.png"
   io_utils.atomic_write_bytes(io_utils.join(output_dir, relative),
-                              region_map_png([entry["auc"] for entry in summary["regions"]],
+                              pci_map.region_map_png([entry["auc"] for entry in summary["regions"]],
                                              f"AUC by PCI region (macro {summary['macro_auc'] or float('nan'):.2f})"))
   return relative
 
