@@ -137,8 +137,11 @@ def records_content_hash(dataset: Mapping[str, Any]) -> str:
       "schema_version": dataset.get("schema_version"),
       "preprocess": dataset.get("preprocess"),
       "shards": sorted([shard["path"], shard["sha256"], shard["num_examples"]] for shard in dataset.get("shards", [])),
+      # pci_scores enters only where present, so cohorts without PCI columns keep their hashes.
       "patients": sorted([entry["patient_id"], entry["label_p"], entry["label_sb"],
-                          sorted(entry.get("covariates", {}).items())] for entry in patients),
+                          sorted(entry.get("covariates", {}).items())]
+                         + ([list(entry["pci_scores"])] if entry.get("pci_scores") is not None else [])
+                         for entry in patients),
   }
   return hashlib.sha256(json.dumps(content, sort_keys=True).encode("utf-8")).hexdigest()
 

@@ -133,11 +133,50 @@ def test_orders_by_position_not_instance_number_or_file_name(folder):
 
 
 def test_flipped_orientation_still_grows_toward_the_head(folder):
-  # Columns running posterior to anterior make the cross product point to the feet.
+  # Columns running posterior to anterior make the cross product point to the feet; the rows come back flipped
+  # into the standard orientation (first row the most anterior).
   _, stored, z_mm = fx.write_series(folder, orientation=(1, 0, 0, 0, -1, 0))
   series = dicom.read_ct_series(folder)
   np.testing.assert_array_equal(series.z_mm, z_mm)
-  np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
+  np.testing.assert_array_equal(series.hu, stored[:, ::-1, :].astype(np.float32) - 1024.0)
+
+
+@pytest.mark.parametrize("orientation, expected", [
+    ((1, 0, 0, 0, 1, 0), lambda a: a),
+    ((-1, 0, 0, 0, 1, 0), lambda a: a[:, :, ::-1]),      # columns run toward the patient's right
+    ((1, 0, 0, 0, -1, 0), lambda a: a[:, ::-1, :]),      # rows run toward the front
+    ((-1, 0, 0, 0, -1, 0), lambda a: a[:, ::-1, ::-1]),  # both (a 180-degree in-plane rotation)
+    ((0, 1, 0, 1, 0, 0), lambda a: a.transpose(0, 2, 1)),  # stored transposed
+    ((0, -1, 0, 1, 0, 0), lambda a: a.transpose(0, 2, 1)[:, ::-1, :]),  # a 90-degree in-plane rotation
+])
+def test_axis_aligned_orientations_come_back_standard(folder, orientation, expected):
+  """Each stored pixel (r, c) lies at row direction * c + column direction * r in the patient frame; the reader
+  must return the array whose rows grow toward +y and columns toward +x (written out per case above)."""
+  rows, columns = 6, 8  # not square: a transposed result has the other shape
+  series_uid = fx.new_uid()
+  stored = fx.pixel_stack(4, rows, columns)
+  normal = np.cross(orientation[:3], orientation[3:])
+  for index in range(4):
+    fx.write(fx.make_slice(stored[index], series_uid=series_uid, position_mm=list(4.0 * index * normal),
+                           orientation=orientation, instance_number=index + 1, pixel_spacing_mm=(0.7, 0.9)),
+             os.path.join(folder, f"s{index}.dcm"))
+  series = dicom.read_ct_series(folder, min_slices=2)
+  order = np.argsort(4.0 * np.arange(4) * normal[2])
+  want = expected(stored[order].astype(np.float32) - 1024.0)
+  np.testing.assert_array_equal(series.hu, want)
+  # Rows of the result advance along the stored column direction unless transposed.
+  transposed = abs(orientation[1]) > abs(orientation[0])
+  assert series.pixel_spacing_mm == ((0.9, 0.7) if transposed else (0.7, 0.9))
+
+
+def test_in_plane_rotated_series_is_refused(folder):
+  angle = np.radians(30.0)
+  orientation = (np.cos(angle), np.sin(angle), 0.0, -np.sin(angle), np.cos(angle), 0.0)
+  fx.write_series(folder, orientation=orientation)
+  with pytest.raises(DicomError) as raised:
+    dicom.read_ct_series(folder)
+  message = str(raised.value)
+  assert "rotated 30.0 degrees in the axial plane" in message and "\n" not in message
 
 
 def test_slightly_oblique_series_uses_projection_on_normal(folder):
@@ -702,3 +741,29 @@ def test_malformed_field_in_another_series_does_not_stop_the_chosen_one(folder):
   np.testing.assert_array_equal(series.hu, stored.astype(np.float32) - 1024.0)
   assert read_error(folder, chosen, thin, series_uid=thin).startswith(
       f"{token_of(folder, 'thin/IM0002.dcm')}: RescaleSlope is not a number")
+
+
+@pytest.mark.parametrize("stored_orientation", ["mirrored", "upside_down", "transposed"])
+def test_phantom_series_in_any_stored_orientation_reads_as_the_standard_one(tmp_path, stored_orientation):
+  """A phantom patient written mirrored (ImageOrientationPatient -1\\0\\0\\0\\1\\0, pixels mirrored left-right) or
+  otherwise re-oriented reads back as exactly the array of the standard series, which is the generator's HU with
+  the patient's left on the right of the image (the liver, on the patient's right, in the left columns)."""
+  from pdx_tf import phantom  # pylint: disable=import-outside-toplevel
+  config = phantom.PhantomConfig(num_patients=1, matrix_size=64, pixel_spacing_mm=6.0)
+  patient = phantom.generate_patient(config, 0)
+  standard_dir, other_dir = str(tmp_path / "standard"), str(tmp_path / "other")
+  phantom.write_ct_series(standard_dir, patient.hu, patient.z_mm, 6.0, key=7)
+  paths = phantom.write_ct_series(other_dir, patient.hu, patient.z_mm, 6.0, key=7,
+                                  stored_orientation=stored_orientation)
+  stored = pydicom.dcmread(paths[0])
+  assert [float(v) for v in stored.ImageOrientationPatient] == list(
+      phantom.STORED_ORIENTATIONS[stored_orientation][0])
+  assert not np.array_equal(stored.pixel_array, pydicom.dcmread(
+      phantom.write_ct_series(str(tmp_path / "again"), patient.hu, patient.z_mm, 6.0, key=7)[0]).pixel_array)
+  standard = dicom.read_ct_series(standard_dir)
+  other = dicom.read_ct_series(other_dir)
+  np.testing.assert_array_equal(standard.hu, patient.hu)
+  np.testing.assert_array_equal(other.hu, standard.hu)
+  np.testing.assert_array_equal(other.z_mm, standard.z_mm)
+  liver = patient.tissue_labels == phantom.cohort.anatomy_lib.TISSUE["liver"]
+  assert liver[..., :32].sum() > 5 * liver[..., 32:].sum()  # the patient's right is the image's left

@@ -161,12 +161,13 @@ def test_nodules_are_small_and_on_a_minority_of_slices(small_patients, tiny_pati
 
 
 def test_omental_cake_follows_the_pci(tiny_patients, small_patients):
-  """High-burden patients (PCI >= OMENTAL_CAKE_MIN_PCI) have one anterior cake; others and negatives none."""
+  """High-burden patients (drawn burden, the PCI the generator aims at, >= OMENTAL_CAKE_MIN_PCI) have one anterior
+  cake; others and negatives none."""
   cakes = 0
   for patient in tiny_patients + small_patients:
     cake = _cake(patient)
     assert patient.covariates["omental_cake"] == bool(cake.any())
-    assert bool(cake.any()) == (patient.covariates["pci"] >= OMENTAL_CAKE_MIN_PCI), patient.patient_id
+    assert bool(cake.any()) == (patient.covariates["burden"] >= OMENTAL_CAKE_MIN_PCI), patient.patient_id
     if not cake.any():
       continue
     cakes += 1
@@ -427,6 +428,9 @@ def test_cohort_layout_and_manifest(tiny_cohort):
     np.testing.assert_array_equal(masks["small_bowel_nodule_mask"], patient.small_bowel_nodule_mask)
     np.testing.assert_array_equal(masks["z_mm"], patient.z_mm)
     assert tuple(masks["abdomen_z_range_mm"]) == patient.abdomen_z_range_mm
+    np.testing.assert_array_equal(masks["pci_region_map"], patient.pci_region_map)
+    assert [int(row[column]) for column in phantom.PCI_COLUMNS] == list(patient.pci_scores)
+    assert int(row["pci"]) == sum(patient.pci_scores)
     paths = [os.path.join(folder, row["dicom_dir"], name) for name in files if name != "notes.txt"]
     _, volume = _read_series(paths)
     padding = entry["quirks"]["pixel_padding_value"]

@@ -279,7 +279,9 @@ def _failing_manifest(cohort, first_config):
     victim = handle.read()
   with open(manifest_path, encoding="utf-8") as handle:
     text = handle.read()
-  text += "broken,dicom/broken-study,1,0,none,3,A\nmissing,dicom/no-such-folder,0,0,none,0,B\n"
+  unrecorded = "," * 13  # the phantom's manifest has the 13 PCI region columns: not recorded here
+  text += (f"broken,dicom/broken-study,1,0,none,3,A{unrecorded}\n"
+           f"missing,dicom/no-such-folder,0,0,none,0,B{unrecorded}\n")
   path = os.path.join(folder, "manifest-with-failures.csv")
   with open(path, "w", encoding="utf-8") as handle:
     handle.write(text)

@@ -57,6 +57,9 @@ FILE_TOKEN_PATTERN = re.compile(r"file#\d{4,}-[0-9a-f]{6}")
 UNEVEN_SPACING_FACTOR = 1.5
 # Slices closer than this along the normal are the same position imaged twice.
 DUPLICATE_POSITION_TOLERANCE_MM = 0.01
+# Rows and columns count as aligned with the patient's axes when the row direction's in-plane angle is within this
+# of a multiple of 90 degrees; a larger in-plane rotation is refused (the reader only flips and transposes).
+IN_PLANE_ROTATION_TOLERANCE_DEGREES = 1.0
 # Relative tolerance for pixel spacing and absolute tolerance for orientation cosines within a series.
 GEOMETRY_TOLERANCE = 1e-4
 # Padding pixels (outside the reconstruction circle) become air.
@@ -111,11 +114,14 @@ class CtSeries:
   """One axial CT series in Hounsfield units, slices ordered along the slice normal.
 
   Attributes:
-    hu: float32 [Z, Y, X] Hounsfield units; rows and columns as stored; padding pixels are -1000 HU.
+    hu: float32 [Z, Y, X] Hounsfield units in the standard axial display orientation whatever the files store:
+      row index growing toward the patient's posterior (+y of the DICOM patient frame), column index toward the
+      patient's left (+x), as ImageOrientationPatient (1,0,0,0,1,0) stores them; other axis-aligned
+      orientations are flipped and/or transposed into it (`canonical_axes`). Padding pixels are -1000 HU.
     z_mm: float64 [Z], strictly increasing: each slice's ImagePositionPatient projected on the slice normal,
       with the normal's sign chosen so that z_mm grows toward the patient's head (for the usual orientation
       (1,0,0,0,1,0) this is the patient z coordinate).
-    pixel_spacing_mm: (row spacing, column spacing) in mm.
+    pixel_spacing_mm: (row spacing, column spacing) in mm of `hu` (swapped from the header when transposed).
     series_uid: SeriesInstanceUID. PHI-ish: use it only to re-read the series; never write it to outputs.
     slice_thickness_mm: the most common SliceThickness of the series, None if absent.
     num_files_skipped: files walked that are not in this series (non-DICOM, non-CT, other series, ...).
@@ -352,6 +358,34 @@ def _slice_normal(orientation: tuple[float, ...]) -> np.ndarray:
     return normal
   normal /= length
   return -normal if normal[2] < 0 else normal
+
+
+def canonical_axes(orientation: Sequence[float]) -> tuple[bool, bool, bool] | None:
+  """How to bring stored pixels into the standard axial orientation (rows toward +y, columns toward +x).
+
+  Args:
+    orientation: ImageOrientationPatient: the row direction (the way the column index grows) then the column
+      direction (the way the row index grows), as cosines in the patient frame.
+
+  Returns:
+    (transpose, flip_rows, flip_columns), applied in that order to a [Z, rows, columns] stack; None when the
+    rows are rotated in the axial plane by more than IN_PLANE_ROTATION_TOLERANCE_DEGREES from the patient axes
+    (an oblique in-plane orientation, refused by the reader).
+  """
+  row = np.asarray(orientation[:3], dtype=np.float64)
+  column = np.asarray(orientation[3:], dtype=np.float64)
+  angle = math.degrees(math.atan2(row[1], row[0]))
+  off_axis = abs(angle - 90.0 * round(angle / 90.0))
+  if off_axis > IN_PLANE_ROTATION_TOLERANCE_DEGREES:
+    return None
+  if abs(row[0]) >= abs(row[1]):  # the column index runs along x: no transpose
+    return False, bool(column[1] < 0), bool(row[0] < 0)
+  # The column index runs along y: after transposing, rows advance along `row` and columns along `column`.
+  return True, bool(row[1] < 0), bool(column[0] < 0)
+
+
+def _in_plane_rotation_degrees(orientation: Sequence[float]) -> float:
+  return math.degrees(math.atan2(orientation[1], orientation[0]))
 
 
 def _angle_to_z_degrees(normal: np.ndarray) -> float:
@@ -873,9 +907,11 @@ def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: in
   standard one is what a 2D slice method is built on, at a third of the records.
 
   Slices are ordered by ImagePositionPatient projected on the slice normal (see `CtSeries.z_mm`), never by
-  InstanceNumber or file name. HU = stored value * RescaleSlope + RescaleIntercept, except that pixels
-  matching PixelPaddingValue (or lying in the PixelPaddingRangeLimit range) on the stored values become
-  -1000 HU. Only the chosen series' pixels are read, each file once; every transfer syntax pydicom decodes is
+  InstanceNumber or file name. Pixels come back in the standard axial orientation (`CtSeries.hu`) whatever
+  axis-aligned ImageOrientationPatient the files use, so left and right are the patient's. HU = stored value *
+  RescaleSlope + RescaleIntercept, except that pixels matching PixelPaddingValue (or lying in the
+  PixelPaddingRangeLimit range) on the stored values become -1000 HU. Only the chosen series' pixels are read,
+  each file once; every transfer syntax pydicom decodes is
   read (deflated files through a full `dcmread`).
 
   Args:
@@ -893,8 +929,9 @@ def read_ct_series(folder: str, series_uid: str | None = None, *, min_slices: in
   Raises:
     DicomError: with a one-line, PHI-free reason naming the file token, when the folder is missing or holds no
       usable axial CT series, `series_uid` is not found, the series has too few slices, inconsistent
-      geometry, duplicated positions, gantry tilt or a malformed numeric header field (RescaleSlope,
-      RescaleIntercept, PixelSpacing, SliceThickness, ImagePositionPatient, ...), is multi-frame, or a file of
+      geometry, rows rotated in the axial plane (not along the patient's axes), duplicated positions, gantry
+      tilt or a malformed numeric header field (RescaleSlope, RescaleIntercept, PixelSpacing, SliceThickness,
+      ImagePositionPatient, ...), is multi-frame, or a file of
       it is truncated, corrupt or in a transfer syntax that cannot be decoded here.
     ValueError: min_slices < 2 or slice_thickness_mm <= 0.
   """
@@ -961,6 +998,12 @@ def _read_scanned(scan: _Scan, series_uid: str | None, min_slices: int, slice_th
 
   headers = sorted(scan.headers_by_series[chosen_uid], key=lambda h: h.path)
   _check_geometry(headers, min_slices)
+  axes = canonical_axes(headers[0].orientation)
+  if axes is None:
+    raise DicomError(
+        f"{headers[0].token}: image rows are rotated {_in_plane_rotation_degrees(headers[0].orientation):.1f} "
+        "degrees in the axial plane (ImageOrientationPatient); only orientations whose rows and columns follow "
+        "the patient's left-right and front-back axes are supported; reformat the series to standard axial")
   ordered, z_mm = _order_slices(headers)
   for header in ordered:
     _check_decodable(header)
@@ -969,6 +1012,13 @@ def _read_scanned(scan: _Scan, series_uid: str | None, min_slices: int, slice_th
   with _quiet_pydicom():
     for index, header in enumerate(ordered):
       _decode_slice(header, hu[index])
+  pixel_spacing_mm = ordered[0].pixel_spacing_mm
+  transpose, flip_rows, flip_columns = axes
+  if transpose or flip_rows or flip_columns:  # The standard orientation keeps its array (and bytes) untouched.
+    if transpose:
+      hu = hu.transpose(0, 2, 1)
+      pixel_spacing_mm = (pixel_spacing_mm[1], pixel_spacing_mm[0])
+    hu = np.ascontiguousarray(hu[:, ::-1 if flip_rows else 1, ::-1 if flip_columns else 1])
 
   warnings = _spacing_warnings(z_mm)
   skipped_of_chosen = scan.skip_counts_by_series.get(chosen_uid)
@@ -993,7 +1043,7 @@ def _read_scanned(scan: _Scan, series_uid: str | None, min_slices: int, slice_th
   return CtSeries(
       hu=hu,
       z_mm=z_mm,
-      pixel_spacing_mm=ordered[0].pixel_spacing_mm,
+      pixel_spacing_mm=pixel_spacing_mm,
       series_uid=chosen_uid,
       slice_thickness_mm=thickness,
       num_files_skipped=scan.num_files - len(ordered),

@@ -14,6 +14,15 @@ Columns (header names exact; order free):
                automatic (see `pdx_tf.data.region`).
   z_max_mm     optional: superior end, likewise.
   series_uid   optional: the SeriesInstanceUID to use instead of the automatic series choice.
+  pci_0 ... pci_12
+               optional, all 13 or none: each Peritoneal Cancer Index region's lesion-size score
+               (contracts.PCI_REGION_NAMES order): 0 no disease, 1 up to 0.5 cm, 2 up to 5 cm, 3 larger or
+               confluent; empty = not recorded (that region is left out of the region task's loss). A patient
+               with all 13 empty still trains the patient-level tasks. Checked against the labels: label_p=0
+               needs every recorded region 0; label_sb=1 needs one of 9-12 positive when all of 9-12 are
+               recorded, label_sb=0 needs every recorded one of 9-12 at 0.
+  pci          optional covariate (carried as a string, as before); when the pci_ columns are present it must
+               be an integer 0-39 or empty, and equal the sum of the 13 scores when all 13 are recorded.
 Every other column is a covariate (e.g. ascites, pci, site), carried through as a string into every record and
 dataset.json for subgroup analysis.
 
@@ -33,6 +42,7 @@ from typing import Mapping, Sequence
 
 import tensorflow as tf
 
+from pdx_tf import contracts
 from pdx_tf.data import records
 from pdx_tf.errors import ManifestError
 
@@ -44,7 +54,10 @@ Z_MIN_COLUMN = "z_min_mm"
 Z_MAX_COLUMN = "z_max_mm"
 SERIES_UID_COLUMN = "series_uid"
 REQUIRED_COLUMNS = (PATIENT_ID_COLUMN, DICOM_DIR_COLUMN, LABEL_P_COLUMN, LABEL_SB_COLUMN)
-OPTIONAL_COLUMNS = (Z_MIN_COLUMN, Z_MAX_COLUMN, SERIES_UID_COLUMN)
+PCI_SCORE_COLUMNS = tuple(f"pci_{region}" for region in range(contracts.NUM_PCI_REGIONS))
+PCI_TOTAL_COLUMN = "pci"  # a covariate (burden subgroups); checked against the region scores when both are given
+OPTIONAL_COLUMNS = (Z_MIN_COLUMN, Z_MAX_COLUMN, SERIES_UID_COLUMN) + PCI_SCORE_COLUMNS
+PCI_SCORE_PATTERN = re.compile(r"[0-3]")
 
 PATIENT_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]+")
 MAX_PATIENT_ID_LENGTH = 64
@@ -70,6 +83,8 @@ class ManifestRow:
     z_max_mm: abdominal range override (superior end), or None.
     series_uid: series override, or None for the automatic choice. PHI-ish: never write it to outputs.
     covariates: covariate name -> value string, in manifest column order.
+    pci_scores: the 13 PCI region scores (0-3, None = not recorded), or None when the manifest has no PCI
+      columns.
   """
 
   row_number: int
@@ -81,15 +96,18 @@ class ManifestRow:
   z_max_mm: float | None
   series_uid: str | None
   covariates: Mapping[str, str]
+  pci_scores: tuple[int | None, ...] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
 class Manifest:
-  """A validated manifest: rows in file order and the covariate column names in file order."""
+  """A validated manifest: rows in file order, the covariate column names in file order, and whether it has the
+  PCI region columns (pci_0 ... pci_12; then every row's `pci_scores` is set)."""
 
   path: str
   rows: tuple[ManifestRow, ...]
   covariate_names: tuple[str, ...]
+  has_pci_scores: bool = False
 
 
 def _is_absolute(path: str) -> bool:
@@ -127,6 +145,50 @@ def _parse_optional_float(value: str, column: str, problems: list[str], where: s
   return number
 
 
+def _parse_pci(values: Mapping[str, str], label_p: int | None, label_sb: int | None, problems: list[str],
+               where: str) -> tuple[int | None, ...]:
+  """A row's 13 PCI region scores (None where empty), appending one line per problem: a bad score, a `pci` total
+  that is not a whole number 0-39 or not their sum (checked when all 13 are recorded), label_p=0 with a
+  positive region, label_sb contradicting the small-bowel regions 9-12. Bad scores are returned as None."""
+  scores: list[int | None] = []
+  bad = []
+  for column in PCI_SCORE_COLUMNS:
+    value = values[column]
+    if not value:
+      scores.append(None)
+    elif PCI_SCORE_PATTERN.fullmatch(value):
+      scores.append(int(value))
+    else:
+      bad.append(f"{column}={value!r}")
+      scores.append(None)
+  if bad:
+    problems.append(f"{where}: PCI region scores must be 0, 1, 2 or 3 (0 none, 1 up to 0.5 cm, 2 up to 5 cm, 3 "
+                    f"larger or confluent) or empty (not recorded), got {', '.join(bad)}")
+    return tuple(scores)
+  total = values.get(PCI_TOTAL_COLUMN, "")
+  if total:
+    if not re.fullmatch(r"[0-9]+", total) or int(total) > contracts.NUM_PCI_REGIONS * contracts.PCI_MAX_SCORE:
+      problems.append(f"{where}: pci (the total) must be a whole number 0-"
+                      f"{contracts.NUM_PCI_REGIONS * contracts.PCI_MAX_SCORE} or empty, got {total!r}")
+    elif None not in scores and int(total) != sum(scores):
+      problems.append(f"{where}: pci is {total} but the 13 region scores pci_0 ... pci_12 sum to {sum(scores)}; "
+                      "correct the total or the regions")
+  positive = [f"pci_{region}" for region, score in enumerate(scores) if score]
+  if label_p == 0 and positive:
+    problems.append(f"{where}: label_p=0 but {', '.join(positive)} positive; a patient with disease in a region "
+                    "has peritoneal dissemination (label_p=1) or the region score must be 0")
+  small_bowel = [scores[region] for region in contracts.PCI_SMALL_BOWEL_REGIONS]
+  small_bowel_names = ", ".join(f"pci_{region}" for region in contracts.PCI_SMALL_BOWEL_REGIONS)
+  if label_sb == 1 and None not in small_bowel and not any(small_bowel):
+    problems.append(f"{where}: label_sb=1 but the small-bowel regions {small_bowel_names} are all 0; small-bowel "
+                    "disease lies in one of them")
+  if label_sb == 0 and any(small_bowel):
+    named = [f"pci_{region}" for region in contracts.PCI_SMALL_BOWEL_REGIONS if scores[region]]
+    problems.append(f"{where}: label_sb=0 but small-bowel region(s) {', '.join(named)} positive; set label_sb=1 or "
+                    "the region score(s) to 0")
+  return tuple(scores)
+
+
 def _check_patient_id(patient_id: str, problems: list[str], where: str) -> bool:
   if not patient_id:
     problems.append(f"{where}: patient_id is empty")
@@ -156,6 +218,12 @@ def _check_header(header: list[str], problems: list[str]) -> list[str]:
   if missing:
     problems.append(f"row 1: missing required column(s) {', '.join(missing)}; the header must include "
                     f"{', '.join(REQUIRED_COLUMNS)}")
+  present = [name for name in PCI_SCORE_COLUMNS if name in seen]
+  if present and len(present) != len(PCI_SCORE_COLUMNS):
+    absent = [name for name in PCI_SCORE_COLUMNS if name not in seen]
+    problems.append(f"row 1: the PCI region columns come as a set: {', '.join(present)} given but "
+                    f"{', '.join(absent)} missing; add all of pci_0 ... pci_{len(PCI_SCORE_COLUMNS) - 1} (leave a "
+                    "cell empty where a region was not recorded) or remove them")
   covariates = []
   for name in header:
     if name in REQUIRED_COLUMNS or name in OPTIONAL_COLUMNS or name in covariates:
@@ -211,6 +279,9 @@ def _parse_row(row_number: int, cells: list[str], header: list[str], covariate_n
   z_max_mm = _parse_optional_float(values.get(Z_MAX_COLUMN, ""), Z_MAX_COLUMN, problems, where)
   if z_min_mm is not None and z_max_mm is not None and z_min_mm >= z_max_mm:
     problems.append(f"{where}: z_min_mm ({z_min_mm:g}) must be below z_max_mm ({z_max_mm:g})")
+  pci_scores = None
+  if all(name in values for name in PCI_SCORE_COLUMNS):
+    pci_scores = _parse_pci(values, label_p, label_sb, problems, where)
   series_uid = values.get(SERIES_UID_COLUMN, "") or None
   if series_uid is not None and (len(series_uid) > MAX_SERIES_UID_LENGTH
                                  or not SERIES_UID_PATTERN.fullmatch(series_uid)):
@@ -223,7 +294,7 @@ def _parse_row(row_number: int, cells: list[str], header: list[str], covariate_n
       label_p=label_p if label_p is not None or allow_missing_labels else 0,
       label_sb=label_sb if label_sb is not None or allow_missing_labels else 0,
       z_min_mm=z_min_mm, z_max_mm=z_max_mm, series_uid=series_uid,
-      covariates={name: values[name] for name in covariate_names})
+      covariates={name: values[name] for name in covariate_names}, pci_scores=pci_scores)
 
 
 def parse_manifest_text(text: str, manifest_path: str, *, allow_missing_labels: bool = False) -> Manifest:
@@ -271,7 +342,8 @@ def parse_manifest_text(text: str, manifest_path: str, *, allow_missing_labels: 
                           + "\n".join(shown))
     error.problems = tuple(problems)  # type: ignore[attr-defined]
     raise error
-  return Manifest(path=manifest_path, rows=tuple(rows), covariate_names=tuple(covariate_names))
+  return Manifest(path=manifest_path, rows=tuple(rows), covariate_names=tuple(covariate_names),
+                  has_pci_scores=all(name in header for name in PCI_SCORE_COLUMNS))
 
 
 def failure_line(text: str, row: ManifestRow) -> str:

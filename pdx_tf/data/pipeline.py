@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import cli, configs, io_utils, presets, provenance
+from pdx_tf import cli, configs, contracts, io_utils, presets, provenance
 from pdx_tf.contracts import DATASET_FILE, DATASET_FORMAT, DEFAULT_MIN_SLICES
 from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, records, region, shards
 from pdx_tf.data import input_statistics
@@ -211,12 +211,15 @@ def patient_fingerprint(config: PipelineConfig, row: manifest_lib.ManifestRow) -
   """
   values = _content_config(config)
   values.pop("manifest_path")  # Which file listed the patient does not matter; its row does.
-  return io_utils.sha256_json({
+  fields = {
       "config": values, "code_schema": records.SCHEMA_VERSION, "patient_id": row.patient_id,
       "label_p": row.label_p, "label_sb": row.label_sb, "covariates": dict(row.covariates),
       "z_min_mm": row.z_min_mm, "z_max_mm": row.z_max_mm,
       "source": io_utils.sha256_bytes(f"{row.dicom_dir}\n{row.series_uid or ''}".encode("utf-8")),
-  })
+  }
+  if row.pci_scores is not None:  # Only then: finished patients of cohorts without PCI columns stay reusable.
+    fields["pci_scores"] = list(row.pci_scores)
+  return io_utils.sha256_json(fields)
 
 
 @functools.lru_cache(maxsize=8)
@@ -263,6 +266,25 @@ def _window(hu: tf.Tensor, windows: tuple[tuple[float, float], ...]) -> tf.Tenso
   return preprocess.window_hu(hu, windows)
 
 
+def image_pci_scores(row: manifest_lib.ManifestRow, config: PipelineConfig, slice_index: int,
+                     augmentation_index: int) -> list[int] | None:
+  """The PCI region scores one image shows: the row's (PCI_UNRECORDED where not recorded), swapped left for right
+  (`contracts.pci_mirror`) when this augmented copy was flipped left-right; None when the manifest has no PCI
+  columns (no feature written).
+
+  The flip is the one `augment.random_augment_hu` applies: `augment.random_parameters(...)[1]` of the copy's key.
+  """
+  if row.pci_scores is None:
+    return None
+  scores = [contracts.PCI_UNRECORDED if score is None else int(score) for score in row.pci_scores]
+  if augmentation_index > 0:
+    _, flipped, _ = augment.random_parameters(config.seed, row.patient_id, slice_index, augmentation_index,
+                                              config.augment)
+    if flipped:
+      scores = contracts.pci_mirror(scores)
+  return scores
+
+
 def _serialize(image: np.ndarray, row: manifest_lib.ManifestRow, config: PipelineConfig, slice_index: int,
                z_mm: float, augmentation_index: int) -> bytes:
   if len(config.preprocess.windows) == 1:
@@ -271,7 +293,8 @@ def _serialize(image: np.ndarray, row: manifest_lib.ManifestRow, config: Pipelin
   example = records.make_example(
       records.encode_image(image), image_size=config.preprocess.image_size, patient_id=row.patient_id,
       slice_index=slice_index, z_mm=z_mm, augmentation_index=augmentation_index, label_p=row.label_p,
-      label_sb=row.label_sb, covariates=row.covariates)
+      label_sb=row.label_sb, covariates=row.covariates,
+      pci_scores=image_pci_scores(row, config, slice_index, augmentation_index))
   # deterministic=True sorts the feature map: otherwise its order (and the bytes) can vary between processes.
   return example.SerializeToString(deterministic=True)
 
@@ -387,6 +410,7 @@ def process_patient(row: manifest_lib.ManifestRow, config: PipelineConfig, *, sh
       "label_p": row.label_p,
       "label_sb": row.label_sb,
       "covariates": dict(row.covariates),
+      **({} if row.pci_scores is None else {"pci_scores": list(row.pci_scores)}),
       "num_slices": int(abdomen.hu.shape[0]),
       "z_range_mm": [float(abdomen.z_range_mm[0]), float(abdomen.z_range_mm[1])],
       "z_range_rule": abdomen.rule,
@@ -471,6 +495,9 @@ def build_dataset_json(config: PipelineConfig, covariate_names: Sequence[str], m
       "original_shards", "augmented_shards", "num_original_examples", "num_augmented_examples",
       "num_augmented_blocks")}
               for marker in markers]
+  for entry, marker in zip(patients, markers):
+    if "pci_scores" in marker:  # 13 int-or-null, only for a manifest with PCI columns (CONTRACTS.md)
+      entry["pci_scores"] = marker["pci_scores"]
   all_shards = sorted((shard for marker in markers for shard in marker["shards"]), key=lambda s: s["path"])
   return {
       "format": DATASET_FORMAT,

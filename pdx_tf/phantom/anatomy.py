@@ -263,6 +263,7 @@ class Anatomy:
   small_bowel_wall_mm: np.ndarray      # [N] wall thickness of each small-bowel sphere
   mesenteric_vessels: SphereUnion
   peritoneal_wall_distance_mm: np.ndarray  # float32 [Z, Y, X] distance inside the cavity to its wall
+  small_bowel_loop_ids: np.ndarray | None = None  # [N] loop of each small-bowel sphere (PCI regions 9-12)
 
 
 def paint_anatomy(rng: np.random.Generator, grid: Grid, body: BodyShape, *, has_uterus: bool,
@@ -311,12 +312,12 @@ def paint_anatomy(rng: np.random.Generator, grid: Grid, body: BodyShape, *, has_
   _paint_vessels(labels, grid, body)
   _paint_organs(rng, labels, grid, body, has_uterus=has_uterus, has_gallbladder=has_gallbladder)
   _paint_colon(rng, labels, grid, body, into=fat_everywhere)
-  small_bowel, wall_mm = _paint_small_bowel(rng, labels, grid, body, into=intraperitoneal)
+  small_bowel, wall_mm, loop_ids = _paint_small_bowel(rng, labels, grid, body, into=intraperitoneal)
   mesenteric = _paint_mesenteric_vessels(rng, labels, grid, body, into=intraperitoneal)
   _paint_chest(rng, labels, grid, body)
   _paint_ribs(rng, labels, grid, body)
   _paint_thighs(labels, grid, body)
-  return Anatomy(labels, small_bowel, wall_mm, mesenteric, wall_distance)
+  return Anatomy(labels, small_bowel, wall_mm, mesenteric, wall_distance, loop_ids)
 
 
 def _paint_spine_and_pelvis(labels, grid, body) -> None:
@@ -479,7 +480,7 @@ def _paint_colon(rng, labels, grid, body, into) -> None:
   region[lumen & (y >= gas_line)] = TISSUE["stool"]
 
 
-def _paint_small_bowel(rng, labels, grid, body, into) -> tuple[SphereUnion, np.ndarray]:
+def _paint_small_bowel(rng, labels, grid, body, into) -> tuple[SphereUnion, np.ndarray, np.ndarray]:
   """Small-bowel loops (rings: enhancing wall, fluid lumen) in the mid and lower abdomen."""
   width, depth = body.cavity(0.35)
   abdomen_mm = body.dome_mm - body.pelvic_floor_mm
@@ -516,7 +517,7 @@ def _paint_small_bowel(rng, labels, grid, body, into) -> tuple[SphereUnion, np.n
   wall_voxels = inside & ((union.distance_mm >= -walls[owner]) | between_loops)
   region[wall_voxels] = TISSUE["small_bowel_wall"]
   region[inside & ~wall_voxels] = TISSUE["small_bowel_lumen"]
-  return union, walls
+  return union, walls, loop_ids
 
 
 def _paint_mesenteric_vessels(rng, labels, grid, body, into) -> SphereUnion:
@@ -685,8 +686,12 @@ _ALLOWED_OVERLAP = {
 
 
 def random_nodules(rng: np.random.Generator, anatomy: Anatomy, grid: Grid, body: BodyShape, count: int,
-                   small_bowel_count: int, max_slice_fraction: float = 0.4) -> list[Nodule]:
+                   small_bowel_count: int, max_slice_fraction: float = 0.4,
+                   diameter_range_mm: tuple[float, float] = NODULE_DIAMETER_RANGE_MM) -> list[Nodule]:
   """Places and paints nodules: `small_bowel_count` touching a small-bowel loop, the rest clear of all bowel.
+
+  Each nodule's largest diameter is drawn uniformly from `diameter_range_mm` (the other two axes are 70-100 % of
+  it).
 
   "Touching" means 26-connected voxel adjacency between the nodule and small-bowel wall or lumen. Nodules never
   touch each other, and together they cover at most `max_slice_fraction` of the slices. Raises RuntimeError if
@@ -703,7 +708,7 @@ def random_nodules(rng: np.random.Generator, anatomy: Anatomy, grid: Grid, body:
   liver_surface = _surface_points(labels, grid, "liver")
 
   def attempt(on_small_bowel: bool) -> Nodule | None:
-    diameter = rng.uniform(*NODULE_DIAMETER_RANGE_MM)
+    diameter = rng.uniform(*diameter_range_mm)
     semi_axes = (diameter / 2, diameter / 2 * rng.uniform(0.75, 1.0), diameter / 2 * rng.uniform(0.7, 1.0))
     angle = rng.uniform(0.0, np.pi)
     if on_small_bowel:
@@ -875,3 +880,100 @@ def random_hu(rng: np.random.Generator, labels: np.ndarray, nodules: Sequence[No
   hu = ndimage.gaussian_filter(hu, sigma=(0.0, 0.8 / pixel_mm, 0.8 / pixel_mm), truncate=2.5)
   hu += noise_hu * rng.standard_normal(labels.shape, dtype=np.float32)
   return np.clip(np.round(hu), -1024.0, 3071.0).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# PCI regions (contracts.PCI_REGION_NAMES), built from each patient's own anatomy.
+#
+# Regions 0-8, the abdominopelvic 3x3 grid: the abdomen (inside the body outline, between the pelvic floor and the
+# top of the diaphragm domes) split into upper / middle / lower thirds of that z range (t >= 2/3, 1/3 <= t < 2/3,
+# t < 1/3) and into patient-right / centre / patient-left thirds of the peritoneal cavity's width at each level
+# (x < -w/3, |x| <= w/3, x > w/3, with w the cavity's half-width at that z; x grows towards the patient's left).
+# Regions 9-12, the small bowel: its loops (the voxels painted small-bowel wall or lumen before any disease, plus
+# the one-voxel layer touching them, 26-connected, so that an implant on a loop's serosa lies in it) take the
+# segment of their loop. Loops are ordered from proximal to distal by their centreline's mean (x + z) in mm
+# (the jejunum lies in the left upper abdomen, the ileum in the right lower) and split into four consecutive
+# groups as equal as possible (np.array_split): upper jejunum (9), lower jejunum (10), upper ileum (11), lower
+# ileum (12). A voxel of that layer takes its nearest loop's segment and wins over the 3x3 grid.
+#
+# A patient's score for a region is the lesion-size score of the largest lesion with at least one voxel in it
+# (a lesion spanning regions counts in each): 1 up to 5 mm, 2 up to 50 mm, 3 larger or confluent (the omental
+# cake). A nodule's size is its largest diameter.
+PCI_OUTSIDE = -1  # pci_region_map outside the abdomen
+PCI_GRID = ((1, 2, 3), (8, 0, 4), (7, 6, 5))  # rows upper/middle/lower x columns patient right/centre/left
+PCI_SMALL_BOWEL_SEGMENTS = (9, 10, 11, 12)  # proximal to distal
+PCI_LESION_SIZE_LIMITS_MM = (5.0, 50.0)  # score 1 up to 5 mm, 2 up to 50 mm, 3 above (or confluent)
+NUM_PCI_REGIONS = 13
+
+
+def pci_lesion_score(diameter_mm: float, confluent: bool = False) -> int:
+  """The PCI lesion-size score (1-3) of one lesion of this largest diameter."""
+  if confluent or diameter_mm > PCI_LESION_SIZE_LIMITS_MM[1]:
+    return 3
+  return 2 if diameter_mm > PCI_LESION_SIZE_LIMITS_MM[0] else 1
+
+
+def small_bowel_loop_segments(small_bowel: SphereUnion, loop_ids: np.ndarray) -> dict[int, int]:
+  """Loop id -> PCI small-bowel region (9-12) by the documented proximal-to-distal rule (see above)."""
+  loops = np.unique(loop_ids)
+  points = small_bowel.points_mm
+  keys = np.array([np.mean(points[loop_ids == loop][:, 0] + points[loop_ids == loop][:, 2]) for loop in loops])
+  order = loops[np.argsort(-keys, kind="stable")]  # most proximal (left upper) first
+  return {int(loop): PCI_SMALL_BOWEL_SEGMENTS[group] for group, part in enumerate(np.array_split(order, 4))
+          for loop in part}
+
+
+def pci_region_map(grid: Grid, body: BodyShape, small_bowel_tissue: np.ndarray, small_bowel: SphereUnion,
+                   loop_ids: np.ndarray) -> np.ndarray:
+  """The PCI region of every voxel (see above): int8 [Z, Y, X], 0-12, PCI_OUTSIDE outside the abdomen.
+
+  Args:
+    grid, body: the patient's voxel grid and body shape.
+    small_bowel_tissue: bool [Z, Y, X], the small-bowel wall and lumen as painted before any disease.
+    small_bowel, loop_ids: the small-bowel sphere union and each sphere's loop.
+  """
+  z, y, x = (axis.astype(np.float32) for axis in grid.coords((slice(None), slice(None), slice(None))))
+  t = body.t(z)
+  width, depth = (value.astype(np.float32) for value in body.outer(t))
+  inside_body = _body_radius2(y, x, body.center_y_mm, width, depth) <= 1.0
+  abdomen = inside_body & (t >= 0.0) & (t < 1.0)
+  third = (body.cavity(t)[0] / 3.0).astype(np.float32)
+  row = np.where(t >= 2.0 / 3.0, 0, np.where(t >= 1.0 / 3.0, 1, 2))
+  column = np.where(x < -third, 0, np.where(x > third, 2, 1))
+  regions = np.asarray(PCI_GRID, np.int8)[np.broadcast_to(row, abdomen.shape), np.broadcast_to(column, abdomen.shape)]
+  region_map = np.where(abdomen, regions, PCI_OUTSIDE).astype(np.int8)
+  layer = ndimage.binary_dilation(small_bowel_tissue, np.ones((3, 3, 3), bool)) & abdomen
+  if not layer.any():
+    return region_map
+  segment_of_loop = small_bowel_loop_segments(small_bowel, loop_ids)
+  segments = np.array([segment_of_loop[int(loop)] for loop in loop_ids], np.int8)
+  # Bowel voxels take their nearest sphere's loop (inside the union the owner is always set); the layer around
+  # them takes the segment of its nearest bowel voxel (in mm).
+  segment_volume = np.zeros(small_bowel_tissue.shape, np.int8)
+  tissue_in_box = small_bowel_tissue[small_bowel.box]
+  segment_volume[small_bowel.box][tissue_in_box] = segments[small_bowel.owner[tissue_in_box]]
+  box = tuple(slice(int(np.nonzero(layer.any(axis=other))[0][0]), int(np.nonzero(layer.any(axis=other))[0][-1]) + 1)
+              for other in ((1, 2), (0, 2), (0, 1)))
+  spacing = [float(np.min(np.diff(axis))) if axis.size > 1 else 1.0 for axis in (grid.z_mm, grid.y_mm, grid.x_mm)]
+  _, nearest = ndimage.distance_transform_edt(~small_bowel_tissue[box], sampling=spacing, return_indices=True)
+  nearest_segment = segment_volume[box][tuple(nearest)]
+  region_map[box][layer[box]] = nearest_segment[layer[box]]
+  return region_map
+
+
+def pci_scores(region_map: np.ndarray, nodules: Sequence[Nodule], cake_mask: np.ndarray | None) -> list[int]:
+  """A patient's 13 PCI scores from the generator's own lesions (the tests recompute them from the masks).
+
+  Each nodule scores `pci_lesion_score(its largest diameter)` in every region holding one of its voxels; the
+  omental cake (confluent) scores 3 in every region it touches.
+  """
+  scores = [0] * NUM_PCI_REGIONS
+  lesions = [(np.unique(region_map[nodule.box][nodule.mask]), pci_lesion_score(2.0 * max(nodule.semi_axes_mm)))
+             for nodule in nodules]
+  if cake_mask is not None and cake_mask.any():
+    lesions.append((np.unique(region_map[cake_mask]), pci_lesion_score(0.0, confluent=True)))
+  for regions, score in lesions:
+    for region in regions:
+      if region != PCI_OUTSIDE:
+        scores[int(region)] = max(scores[int(region)], score)
+  return scores

@@ -36,8 +36,10 @@ from pydicom import uid as dicom_uid
 
 from pdx_tf.phantom import anatomy as anatomy_lib
 
-GENERATOR_VERSION = 1  # cached cohorts are also keyed by the generator's source code (see config_hash)
-MANIFEST_COLUMNS = ("patient_id", "dicom_dir", "label_p", "label_sb", "ascites", "pci", "site")
+GENERATOR_VERSION = 2  # 2: PCI regions; cached cohorts are also keyed by the generator's source code (see config_hash)
+# pci is the PCI (the sum of the 13 region scores pci_0 ... pci_12, see `anatomy.pci_region_map`).
+PCI_COLUMNS = tuple(f"pci_{region}" for region in range(anatomy_lib.NUM_PCI_REGIONS))
+MANIFEST_COLUMNS = ("patient_id", "dicom_dir", "label_p", "label_sb", "ascites", "pci", "site") + PCI_COLUMNS
 MINIMUM_FIELD_OF_VIEW_MM = 380.0
 
 # Every PHI-like value written into headers contains one of these strings (patient-specific values such as
@@ -72,6 +74,10 @@ class PhantomConfig:
     ascites_given_negative: the same for p-negative patients (large ascites without nodules is a confounder).
     scanner_quirks: vary DICOM encoding across patients (unsigned pixels, reversed instance numbers,
       localizers, padding, stray files); False writes every patient plainly.
+    nodule_diameter_range_mm: each nodule's largest diameter is drawn uniformly from this range (mm); above 5 mm
+      (PCI lesion-size score 2 up to 50 mm).
+    omental_cake: paint an omental cake for positives with a high drawn burden (`anatomy.OMENTAL_CAKE_MIN_PCI`);
+      False: positives carry nodules only.
   """
 
   num_patients: int = 40
@@ -84,6 +90,8 @@ class PhantomConfig:
   ascites_given_positive: tuple[float, float, float] = (0.3, 0.35, 0.35)
   ascites_given_negative: tuple[float, float, float] = (0.7, 0.2, 0.1)
   scanner_quirks: bool = True
+  nodule_diameter_range_mm: tuple[float, float] = anatomy_lib.NODULE_DIAMETER_RANGE_MM
+  omental_cake: bool = True
 
   def __post_init__(self):
     if not isinstance(self.num_patients, int) or self.num_patients < 1:
@@ -111,6 +119,32 @@ class PhantomConfig:
       if (len(probabilities) != 3 or min(probabilities) < 0 or abs(sum(probabilities) - 1.0) > 1e-6):
         raise ValueError(f"{name} must be 3 probabilities (none, small, large) summing to 1, got {probabilities!r}")
       object.__setattr__(self, name, tuple(float(p) for p in probabilities))
+    diameters = self.nodule_diameter_range_mm
+    low_mm, high_mm = anatomy_lib.PCI_LESION_SIZE_LIMITS_MM
+    if len(diameters) != 2 or not low_mm < diameters[0] <= diameters[1] <= high_mm:
+      raise ValueError(f"nodule_diameter_range_mm must be (low, high) with {low_mm:g} < low <= high <= {high_mm:g} "
+                       f"mm (PCI lesion-size score 2), got {diameters!r}")
+    object.__setattr__(self, "nodule_diameter_range_mm", tuple(float(d) for d in diameters))
+    if not isinstance(self.omental_cake, bool):
+      raise ValueError(f"omental_cake must be True or False, got {self.omental_cake!r}")
+
+
+# Named phantom cohorts besides the default (PhantomConfig()): PhantomConfig field overrides.
+# low_burden (issue 23): positives carry only nodules of 7-20 mm largest diameter (the default: 12-25 mm), never an
+# omental cake, and ascites is drawn for every patient from the negatives' distribution (none/small/large
+# 0.7/0.2/0.1), so neither burden nor fluid tells a positive from a negative. Labels, nodule counts and anatomy
+# follow the same keyed draws as the default cohort.
+PHANTOM_PRESETS: dict[str, dict[str, Any]] = {
+    "low_burden": {"nodule_diameter_range_mm": (7.0, 20.0), "omental_cake": False,
+                   "ascites_given_positive": (0.7, 0.2, 0.1), "ascites_given_negative": (0.7, 0.2, 0.1)},
+}
+
+
+def preset_config(preset: str, **overrides: Any) -> PhantomConfig:
+  """The PhantomConfig of a named preset (PHANTOM_PRESETS), with other fields overridden (e.g. num_patients)."""
+  if preset not in PHANTOM_PRESETS:
+    raise ValueError(f"unknown phantom preset {preset!r}; choose one of {', '.join(sorted(PHANTOM_PRESETS))}")
+  return PhantomConfig(**{**PHANTOM_PRESETS[preset], **overrides})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -129,6 +163,11 @@ class PhantomPatient:
   pixel_spacing_mm: float
   tissue_labels: np.ndarray           # uint8, values index phantom_anatomy.TISSUE_NAMES
   nodule_sites: tuple[str, ...]       # site of each nodule, small-bowel nodules first
+  # int8 [Z, Y, X] PCI region of every voxel (0-12, -1 outside the abdomen; `anatomy.pci_region_map`).
+  pci_region_map: np.ndarray | None = None
+  # The 13 PCI lesion-size scores (contracts.PCI_REGION_NAMES order) of the patient's own lesions; sum = pci.
+  pci_scores: tuple[int, ...] = (0,) * anatomy_lib.NUM_PCI_REGIONS
+  nodule_diameters_mm: tuple[float, ...] = ()  # largest diameter of each nodule (nodule_sites order)
 
 
 # Masks and series share one z grid, so a read slice's mask slice is at the same z up to float rounding.
@@ -213,10 +252,16 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
   grid = anatomy_lib.Grid(z_mm=z_mm, y_mm=pixel_axis, x_mm=pixel_axis)
   anatomy = anatomy_lib.paint_anatomy(rng, grid, body, has_uterus=rng.uniform() < 0.5,
                                       has_gallbladder=rng.uniform() < 0.75)
+  # The PCI regions come from the anatomy before any disease (implants on a loop replace some of its wall).
+  region_map = anatomy_lib.pci_region_map(grid, body, np.isin(anatomy.labels, anatomy_lib.SMALL_BOWEL_TISSUES),
+                                          anatomy.small_bowel, anatomy.small_bowel_loop_ids)
   anatomy_lib.random_ascites(np.random.default_rng([*key, _ASCITES]), anatomy, grid, body, ascites)
-  has_cake = anatomy_lib.omental_cake(np.random.default_rng([*key, _OMENTAL_CAKE]), anatomy, grid, body, pci)
+  has_cake = config.omental_cake and anatomy_lib.omental_cake(
+      np.random.default_rng([*key, _OMENTAL_CAKE]), anatomy, grid, body, pci)
   nodules = anatomy_lib.random_nodules(np.random.default_rng([*key, _NODULES]), anatomy, grid, body, count,
-                                       small_bowel_count)
+                                       small_bowel_count, diameter_range_mm=config.nodule_diameter_range_mm)
+  scores = anatomy_lib.pci_scores(region_map, nodules,
+                                  anatomy.labels == anatomy_lib.TISSUE["omental_cake"] if has_cake else None)
   noise_rng = np.random.default_rng([*key, _NOISE])
   noise_hu = config.noise_hu * (1.2 if site == "B" else 0.9) * noise_rng.uniform(0.9, 1.1)
   hu = anatomy_lib.random_hu(noise_rng, anatomy.labels, nodules, grid, noise_hu=noise_hu,
@@ -229,10 +274,14 @@ def generate_patient(config: PhantomConfig, patient_index: int) -> PhantomPatien
   return PhantomPatient(
       patient_id=patient_id_for(patient_index), hu=hu, z_mm=z_mm.astype(np.float64), nodule_mask=nodule_mask,
       small_bowel_nodule_mask=small_bowel_nodule_mask, label_p=label_p, label_sb=label_sb,
-      covariates={"ascites": ascites, "pci": pci, "site": site, "nodule_count": len(nodules),
-                  "omental_cake": has_cake},
+      # pci: the PCI of the painted disease (sum of the region scores); burden: the drawn PCI that set the nodule
+      # count and the cake.
+      covariates={"ascites": ascites, "pci": int(sum(scores)), "site": site, "nodule_count": len(nodules),
+                  "omental_cake": has_cake, "burden": pci},
       abdomen_z_range_mm=(pelvic_floor, dome_top), pixel_spacing_mm=config.pixel_spacing_mm,
-      tissue_labels=anatomy.labels, nodule_sites=tuple(nodule.site for nodule in nodules))
+      tissue_labels=anatomy.labels, nodule_sites=tuple(nodule.site for nodule in nodules),
+      pci_region_map=region_map, pci_scores=tuple(scores),
+      nodule_diameters_mm=tuple(round(2.0 * max(nodule.semi_axes_mm), 3) for nodule in nodules))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -389,6 +438,16 @@ def _series_template(key: int, series_number: int, patient_index: int, series_ui
   return dataset
 
 
+# How `write_ct_series` may store an axial series: (ImageOrientationPatient, transpose, flip rows, flip columns)
+# from the standard orientation (rows toward the patient's back, columns toward the patient's left).
+STORED_ORIENTATIONS = {
+    "standard": ((1, 0, 0, 0, 1, 0), False, False, False),
+    "mirrored": ((-1, 0, 0, 0, 1, 0), False, False, True),
+    "upside_down": ((1, 0, 0, 0, -1, 0), False, True, False),
+    "transposed": ((0, 1, 0, 1, 0, 0), True, False, False),
+}
+
+
 def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing_mm: float, *, key: int,
                     signed_pixels: bool = True, reverse_instance_numbers: bool = False,
                     shuffle_file_names: bool = True, include_localizer: bool = False,
@@ -396,7 +455,7 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
                     slice_thickness_mm: float | None = None, patient_index: int = 0,
                     rescale_intercept: float | None = None, pixel_padding_value: int | None = None,
                     kvp: float = 120.0, image_orientation_patient: tuple[float, ...] = (1, 0, 0, 0, 1, 0),
-                    series_description: str = "ABDOMEN PELVIS") -> list[str]:
+                    series_description: str = "ABDOMEN PELVIS", stored_orientation: str = "standard") -> list[str]:
   """Writes one axial CT series (and optionally a coronal localizer) as DICOM files.
 
   Pixel (row r, column c) of slice k sits at x = x0 + c * spacing, y = y0 + r * spacing, z = z_mm[k], with the
@@ -423,6 +482,12 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
     image_orientation_patient: written as given (e.g. (1, 0, 0, 0, cos a, sin a) for a gantry tilt a, to test
       that readers reject or handle it); positions are not recomputed.
     series_description: SeriesDescription (never PHI here).
+    stored_orientation: how the files store the same patient (`hu` is always given in the standard axial
+      orientation, rows toward +y, columns toward +x), one of STORED_ORIENTATIONS: "standard"; "mirrored"
+      (ImageOrientationPatient -1\0\0\0\1\0: columns run toward the patient's right, pixels mirrored
+      left-right); "upside_down" (1\0\0\0\-1\0: rows run toward the front); "transposed" (0\1\0\1\0\0).
+      ImagePositionPatient follows, so every pixel keeps its patient position. Not with a non-default
+      `image_orientation_patient`.
 
   Returns:
     The paths written: axial slices in z_mm order, then the localizer if any.
@@ -438,7 +503,20 @@ def write_ct_series(folder: str, hu: np.ndarray, z_mm: np.ndarray, pixel_spacing
   check_transfer_syntax(transfer_syntax_uid)
   if rescale_intercept is None:
     rescale_intercept = 0.0 if signed_pixels else -1024.0
+  if stored_orientation not in STORED_ORIENTATIONS:
+    raise ValueError(f"stored_orientation must be one of {', '.join(STORED_ORIENTATIONS)}, got {stored_orientation!r}")
+  if stored_orientation != "standard" and tuple(image_orientation_patient) != (1, 0, 0, 0, 1, 0):
+    raise ValueError("give either stored_orientation or image_orientation_patient, not both")
   stored, x0, y0 = _stored_pixels(hu, pixel_spacing_mm, signed_pixels, rescale_intercept, pixel_padding_value)
+  if stored_orientation != "standard":
+    image_orientation_patient, transpose, flip_rows, flip_columns = STORED_ORIENTATIONS[stored_orientation]
+    if flip_columns:  # The first stored column is the patient's leftmost.
+      stored, x0 = stored[:, :, ::-1], -x0
+    if flip_rows:  # The first stored row is the most posterior.
+      stored, y0 = stored[:, ::-1, :], -y0
+    if transpose:  # The first pixel stays where it was; rows now advance along x.
+      stored = stored.transpose(0, 2, 1)
+    stored = np.ascontiguousarray(stored)
   bits_stored = 12 if not signed_pixels and stored.max() < 4096 else 16
   if slice_thickness_mm is None:
     slice_thickness_mm = float(np.median(np.abs(np.diff(np.sort(z_mm))))) if z_mm.size > 1 else 5.0
@@ -613,13 +691,16 @@ def _write_patient(folder: str, config: PhantomConfig, patient_index: int) -> di
   with open(os.path.join(folder, mask_path), "wb") as handle:
     handle.write(_npz_bytes({
         "nodule_mask": patient.nodule_mask, "small_bowel_nodule_mask": patient.small_bowel_nodule_mask,
-        "z_mm": patient.z_mm, "abdomen_z_range_mm": np.array(patient.abdomen_z_range_mm, np.float64)}))
+        "z_mm": patient.z_mm, "abdomen_z_range_mm": np.array(patient.abdomen_z_range_mm, np.float64),
+        "pci_region_map": patient.pci_region_map}))
   files.append(mask_path)
   return {
       "patient_id": patient.patient_id, "dicom_dir": dicom_dir, "label_p": patient.label_p,
       "label_sb": patient.label_sb, **{key: patient.covariates[key] for key in ("ascites", "pci", "site")},
       "nodule_count": patient.covariates["nodule_count"], "nodule_sites": list(patient.nodule_sites),
-      "omental_cake": patient.covariates["omental_cake"],
+      "omental_cake": patient.covariates["omental_cake"], "burden": patient.covariates["burden"],
+      "nodule_diameters_mm": list(patient.nodule_diameters_mm), "pci_scores": list(patient.pci_scores),
+      **{column: score for column, score in zip(PCI_COLUMNS, patient.pci_scores)},
       "num_slices": int(patient.z_mm.size), "abdomen_z_range_mm": list(patient.abdomen_z_range_mm),
       "quirks": quirks, "files": sorted(files),
   }
@@ -629,8 +710,9 @@ def write_demo_cohort(output_dir: str, config: PhantomConfig = PhantomConfig(), 
   """Writes (or finds cached) a demo cohort: DICOM folders, masks, manifest.csv and cohort.json.
 
   Layout: output_dir/dicom/<patient_id>/*, output_dir/masks/<patient_id>.npz (nodule_mask,
-  small_bowel_nodule_mask, z_mm, abdomen_z_range_mm), output_dir/manifest.csv (MANIFEST_COLUMNS, dicom_dir
-  relative to the manifest's folder) and output_dir/cohort.json (config, config_hash, patients with covariates,
+  small_bowel_nodule_mask, z_mm, abdomen_z_range_mm, pci_region_map), output_dir/manifest.csv (MANIFEST_COLUMNS,
+  dicom_dir relative to the manifest's folder) and output_dir/cohort.json (config, config_hash, patients with
+  covariates,
   DICOM quirks and file lists). The cohort is built in a temporary sibling folder and renamed into place, so an
   interrupted run never leaves a folder that looks complete. Local filesystems only.
 
