@@ -25,7 +25,7 @@ def _probability(repeat, patient, region):
 
 
 def _threshold(repeat, fold, region):
-  return 0.3 + 0.1 * fold + 0.02 * repeat + 0.0 * region
+  return 0.2 + 0.4 * fold + 0.02 * repeat + 0.001 * region  # far from 0.5 both ways, so a fixed 0.5 differs
 
 
 def _scale(repeat, fold):
