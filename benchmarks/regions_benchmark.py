@@ -94,6 +94,13 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
                   ) -> dict[str, object]:
   """The pointing game over every held-out patient of the regions grid (module docstring)."""
   z_by_slice = slice_z(info)
+  # The p grid's folds differ from the regions grid's (its split is stratified on label_p alone): its slice scores
+  # by patient, from whichever of its cells held the patient out.
+  p_slices: dict[str, dict[int, float]] = {}
+  if p_root:
+    for p_cell in sorted(tf.io.gfile.glob(os.path.join(p_root, contracts.CELLS_FOLDER, "*"))):
+      for row in io_utils.read_csv(os.path.join(p_cell, contracts.SLICE_PREDICTIONS_FILE)):
+        p_slices.setdefault(row["patient_id"], {})[int(row["slice_index"])] = float(row["probability"])
   tallies = {name: {"hits": 0, "chance": 0.0, "n": 0} for name in
              ("region", "region_tp", "any_region", "p_model")}
   for cell_dir in sorted(tf.io.gfile.glob(os.path.join(regions_root, contracts.CELLS_FOLDER, "*"))):
@@ -104,11 +111,6 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
       slices.setdefault(row["patient_id"], {}).setdefault(int(row["slice_index"]), np.zeros(13))[
           int(row["region"])] = float(row["probability"])
     patient_rows = io_utils.read_csv(os.path.join(cell_dir, "region_predictions.csv"))
-    p_slices: dict[str, dict[int, float]] = {}
-    if p_root:
-      p_cell = os.path.join(p_root, contracts.CELLS_FOLDER, os.path.basename(cell_dir))
-      for row in io_utils.read_csv(os.path.join(p_cell, contracts.SLICE_PREDICTIONS_FILE)):
-        p_slices.setdefault(row["patient_id"], {})[int(row["slice_index"])] = float(row["probability"])
     for row in patient_rows:
       if row["label"] != "1":
         continue
