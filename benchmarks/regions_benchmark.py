@@ -2,14 +2,14 @@
 
 Example (each seed: the demo records, a regions grid and a p grid at the demo preset, then the figures):
   nice -n 10 python benchmarks/regions_benchmark.py --seeds=0,1,2
-  nice -n 10 python benchmarks/regions_benchmark.py --seeds=0 --no_p_baseline   # the regions grid only
+  nice -n 10 python benchmarks/regions_benchmark.py --seeds=0 --nop_baseline   # the regions grid only
 
 Per seed (the split, pool draw and initialisation seed of `train --seed`):
 1. the demo records (pdx_tf.data.pipeline.run_demo_pipeline: the cached 40-patient phantom at 48 px, which carries
    pci_0 ... pci_12 and per-voxel PCI region maps in masks/<patient_id>.npz);
 2. `train --task=regions` with the demo preset (pdx_tf.presets TRAIN_PRESETS["demo"]: 8 folds x 1 repeat, 5 epochs,
    48 px, alpha 0.35 from scratch, aggregation mean) plus --inner_fraction/--threshold (default 0.2, inner_youden),
-   and, unless --no_p_baseline, `train --task=p` with the same settings;
+   and, unless --nop_baseline, `train --task=p` with the same settings;
 3. the evaluation's regions figures (pdx_tf.evaluation.pci.evaluate_regions, 200 bootstrap replicates): macro
    region AUC, small-bowel macro AUC, PCI Spearman, p and sb read from the regions beside the p head;
 4. the pointing game, out of fold: for each held-out patient and each region truly positive (label 1), the model's
@@ -20,6 +20,9 @@ Per seed (the split, pool draw and initialisation seed of `train --seed`):
    slice (its slice score along z, the z part of what Grad-CAM of the p model explains; benchmarks/
    localisation_benchmark.py has its in-plane ratio). Reported over all positive regions and over true positives
    (positive and above the region's threshold).
+
+`--baselines_only`: no training; what a region-blind score reaches (`region_blind_baselines`: label_p, label_sb or
+the true PCI total used as every region's score), the yardstick for the targets on this cohort.
 
 Output: one JSON line a seed appended to --output (default benchmarks/results/regions_<date>.jsonl) with the code
 version, the machine, the command and the figures; a summary printed.
@@ -52,6 +55,36 @@ _P_BASELINE = flags.DEFINE_bool("p_baseline", True, "Also train the p grid (the 
 _INNER_FRACTION = flags.DEFINE_float("inner_fraction", 0.2, "Inner patients a cell (per-region Youden thresholds).")
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the demo preset's epochs.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Override the demo preset's image size (records rebuilt).")
+_BASELINES_ONLY = flags.DEFINE_bool("baselines_only", False, "Only the region-blind label baselines (no training).")
+
+
+def region_blind_baselines(info: contracts.DatasetInfo) -> dict[str, object]:
+  """What a model that knows NO region reaches, scored like the regions grid: each patient-level label (label_p,
+  label_sb, the true PCI total) used as the score of every region (per-region AUC, macro, small-bowel macro), and
+  the Spearman of label_p (and label_p + label_sb) with the true PCI. An upper bound for a region-blind p (or sb)
+  detector: if it is above a target, the target does not need localisation on this cohort."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from sklearn.metrics import roc_auc_score  # pylint: disable=import-outside-toplevel
+
+  ids = sorted(info.patients)
+  scores = np.asarray([info.pci_scores(patient_id) for patient_id in ids], np.float64)
+  label_p = np.asarray([info.patients[patient_id]["label_p"] for patient_id in ids])
+  label_sb = np.asarray([info.patients[patient_id]["label_sb"] for patient_id in ids])
+  total = scores.clip(min=0).sum(axis=1)
+  out: dict[str, object] = {}
+  for name, score in (("label_p", label_p), ("label_sb", label_sb), ("pci_total", total)):
+    aucs = []
+    for region in range(contracts.NUM_PCI_REGIONS):
+      recorded = scores[:, region] >= 0
+      labels = (scores[recorded, region] > 0).astype(int)
+      aucs.append(float(roc_auc_score(labels, score[recorded])) if 0 < labels.sum() < labels.size else None)
+    present = [value for value in aucs if value is not None]
+    small = [aucs[region] for region in contracts.PCI_SMALL_BOWEL_REGIONS if aucs[region] is not None]
+    out[name] = {"region_auc": aucs, "macro_auc": float(np.mean(present)),
+                 "small_bowel_macro_auc": float(np.mean(small)) if small else None}
+  out["pci_spearman_of_label_p"] = float(stats.spearmanr(label_p, total).statistic)
+  out["pci_spearman_of_label_p_plus_sb"] = float(stats.spearmanr(label_p + label_sb, total).statistic)
+  return out
 
 
 def _train(task: str, records_dir: str, output_dir: str, seed: int) -> float:
@@ -151,6 +184,16 @@ def main(argv):
   pipeline_s = time.time() - started
   info = contracts.load_dataset_info(records_dir)
   cohort_dir = os.path.dirname(info.document["config"]["manifest_path"])
+  if _BASELINES_ONLY.value:
+    baselines = region_blind_baselines(info)
+    line = {"benchmark": "regions_blind_baselines", "code_version": provenance.code_version(),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "command": "python " + " ".join(sys.argv), "figures": baselines}
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "a", encoding="utf-8") as handle:
+      handle.write(json.dumps(line) + "\n")
+    print(json.dumps(baselines))
+    return
   for seed in (int(value) for value in _SEEDS.value):
     regions_root = os.path.join(root, f"regions-seed{seed}")
     p_root = os.path.join(root, f"p-seed{seed}") if _P_BASELINE.value else None
