@@ -28,7 +28,7 @@ _RUNS_DIR = flags.DEFINE_string("runs_dir", "", "Training output: a task folder 
 _PREDICTIONS = flags.DEFINE_string("predictions", "", "External validation: a cohort's patient_predictions.csv "
                                    "from `python -m predict --manifest=...`.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Folder for the evaluation outputs.", required=True)
-_TASKS = flags.DEFINE_list("tasks", [], "Tasks to evaluate (p, sb); empty: every task found.")
+_TASKS = flags.DEFINE_list("tasks", [], "Tasks to evaluate (p, sb, regions); empty: every task found.")
 _THRESHOLD = flags.DEFINE_float("threshold", 0.5, "A probability >= threshold is a positive decision.")
 _ALLOW_PARTIAL = flags.DEFINE_bool("allow_partial", False,
                                    "Evaluate the cells that exist and mark the report partial.")
@@ -69,6 +69,11 @@ def main(argv):
     else:
       summary = evaluate_runs(config)  # also writes config.json before any work
       print(format_paper_table(summary))
+      if "regions" in summary:
+        regions = summary["regions"]
+        print(f"regions: {regions['n_patients']} patients; macro AUC {regions['macro_auc']}, small-bowel regions"
+              f" {regions['small_bowel_macro_auc']}, PCI Spearman {regions['pci']['spearman']}"
+              " (region_predictions.csv, figures/region_auc_map.png)")
   except PdxError as error:
     _fail(str(error))
   print(f"Report: {io_utils.join(config.output_dir, 'report.html')} (and report.md, summary.json, model_card.md)")

@@ -23,8 +23,9 @@ from pdx_tf.serving.export import export_tasks, ExportConfig
 
 _RUNS_DIR = flags.DEFINE_string("runs_dir", None, "Training output: a task folder or a parent of several.",
                                 required=True)
-_TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "Task whose cells to export; p,sb: both heads of a"
-                          " joint grid (X/pdx_p and X/pdx_sb).", required=True)
+_TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb", "regions"], "Task whose cells to export; p,sb: both heads"
+                          " of a joint grid (X/pdx_p and X/pdx_sb); regions: the PCI regions grid (X/pdx_regions,"
+                          " with the predict_regions signature).", required=True)
 _EXPORT_DIR = flags.DEFINE_string("export_dir", None, "Export root X; writes X/pdx_<task>/<version>/.",
                                   required=True)
 _CELLS = flags.DEFINE_list("cells", [], "Cells to export: rRR_fFF (one cell) or rRR (all folds of a repeat); "

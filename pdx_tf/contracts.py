@@ -93,14 +93,16 @@ def check_task(task: str) -> str:
 
 
 def check_training_task(task: str) -> str:
-  """Returns `task` if a grid can be trained on it: one of TASKS or JOINT_TASK; raises ValueError otherwise."""
-  if task not in TASKS and task != JOINT_TASK:
-    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)} or {JOINT_TASK} (one backbone, two heads)")
+  """Returns `task` if a grid can be trained on it: one of TASKS, JOINT_TASK or PCI_TASK; raises ValueError
+  otherwise."""
+  if task not in TASKS and task not in (JOINT_TASK, PCI_TASK):
+    raise ValueError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}, {JOINT_TASK} (one backbone, two heads)"
+                     f" or {PCI_TASK} (one probability a PCI region)")
   return task
 
 
 def task_list(task: str) -> tuple[str, ...]:
-  """The tasks a grid's task stands for: ("p",), ("sb",) or ("p", "sb") for JOINT_TASK."""
+  """The tasks a grid's task stands for: ("p",), ("sb",), ("p", "sb") for JOINT_TASK, ("regions",) for PCI_TASK."""
   return TASKS if check_training_task(task) == JOINT_TASK else (task,)
 
 
@@ -497,7 +499,8 @@ class ExportInfo:
     if missing:
       raise error(f"{path} lacks {', '.join(missing)}; re-export the model")
     try:
-      return cls(task=check_task(document["task"]), version=int(document["version"]),
+      task = document["task"] if document["task"] == PCI_TASK else check_task(document["task"])
+      return cls(task=task, version=int(document["version"]),
                  num_models=int(document["num_models"]), preprocess=dict(document["preprocess"]),
                  image_size=int(document["image_size"]), aggregation=str(document["aggregation"]),
                  aggregation_top_k=int(document["aggregation_top_k"]), region=dict(document.get("region") or {}),

@@ -32,6 +32,10 @@ Examples:
   # One backbone, a head per task: one grid for p and sb, exported as X/pdx_p and X/pdx_sb.
   python -m train --task=p,sb --records_dir=D --output_dir=runs/joint --export_dir=X
 
+  # Where the disease is: one probability a PCI region (records with pci_0 ... pci_12; docs/regions.md).
+  python -m train --task=regions --records_dir=D --output_dir=runs/regions --inner_fraction=0.2 \
+      --threshold=inner_youden
+
 Rerunning skips complete cells and resumes interrupted ones after their last committed epoch (with
 --deterministic on CPU, byte-identical to an uninterrupted run, even after a kill). Exit status 1 with a
 one-line message for bad input (records, splits, cells, output folder). Outputs: see pdx_tf/training/trainer.py and
@@ -53,10 +57,12 @@ from absl import logging
 from pdx_tf import cli, contracts
 from pdx_tf.errors import PdxError
 from pdx_tf.serving import export
-from pdx_tf.training import aggregation, calibration, grid, trainer
+from pdx_tf.training import aggregation, calibration, grid, heads, trainer
 
-_TASK = flags.DEFINE_enum("task", None, ["p", "sb", "p,sb"], "p: any peritoneal dissemination; sb: small-bowel;"
-                          " p,sb: one backbone with a head per task (one grid for both).")
+_TASK = flags.DEFINE_enum("task", None, [*contracts.TASKS, contracts.JOINT_TASK, contracts.PCI_TASK],
+                          "p: any peritoneal dissemination; sb: small-bowel; p,sb: one backbone with a head per task"
+                          f" (one grid for both); {contracts.PCI_TASK}: one probability a PCI region (needs records"
+                          " with pci_0 ... pci_12; docs/regions.md).")
 _RECORDS_DIR = flags.DEFINE_string("records_dir", None, "The data pipeline's output D (with dataset.json). "
                                    "Unset, together with --output_dir: run the demo.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", None, "Run folder R for this task (local or gs://). Unset, "
@@ -96,8 +102,7 @@ _AGGREGATION = flags.DEFINE_enum("aggregation", aggregation.DEFAULT_AGGREGATION,
                                  " default with that head).")
 _CONTEXT_SLICES = flags.DEFINE_integer("context_slices", 0, "2.5D: N > 0 feeds 2N+1 adjacent slices of one window as"
                                        " the channels (0: the paper's input).")
-_HEAD = flags.DEFINE_enum("head", "slice", ["slice", "attention_mil"], "slice: the paper's slice classifier;"
-                          " attention_mil: gated attention over a patient's slices, trained on the patient label.")
+_HEAD = flags.DEFINE_enum("head", heads.DEFAULT_HEAD, list(heads.names()), heads.flag_help())
 _MIL_INIT_FROM = flags.DEFINE_string("mil_init_from", "", "--head=attention_mil starts each cell from this finished"
                                      " slice grid R's same cell (required with --weights=none).")
 _MIL_MAX_SLICES = flags.DEFINE_integer("mil_max_slices", 0, "Slices in a training bag, evenly spaced (0: all).")
@@ -158,8 +163,9 @@ def _flag_values() -> tuple[dict, dict]:
   values["threshold"] = _threshold()  # a probability or a rule's name
   if "threshold" in given:
     given["threshold"] = values["threshold"]
-  if values["head"] == "attention_mil" and "aggregation" not in given:
-    values["aggregation"] = trainer.MIL_AGGREGATION  # the head's own; an explicit other rule is refused
+  own_rule = heads.get(values["head"]).aggregation_name
+  if own_rule and "aggregation" not in given:
+    values["aggregation"] = own_rule  # the head's own; an explicit other rule is refused
   return values, given
 
 
@@ -210,7 +216,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if _TASK.value is None:
-    _fail("--task is required (p, sb, or p,sb for one model with both heads)")
+    _fail(f"--task is required (p, sb, p,sb for one model with both heads, or {contracts.PCI_TASK})")
   try:
     if _RECORDS_DIR.value is None and _OUTPUT_DIR.value is None:
       _run_demo()

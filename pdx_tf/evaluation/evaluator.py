@@ -13,12 +13,13 @@ import math
 from typing import Any
 
 import numpy as np
+import tensorflow as tf
 
 from pdx_tf import configs, io_utils
-from pdx_tf.contracts import CONFIG_FILE, SUMMARY_FILE
+from pdx_tf.contracts import CONFIG_FILE, PCI_TASK, SPLITS_FILE, SUMMARY_FILE
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import clinical, external, grid_statistics, metrics as metrics_lib, model_card, report
-from pdx_tf.evaluation import runs as runs_lib
+from pdx_tf.evaluation import pci, runs as runs_lib
 from pdx_tf.evaluation import tensorboard
 
 PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
@@ -41,7 +42,8 @@ class EvaluateConfig:
   Attributes:
     runs_dir: a task's training output (e.g. runs/p) or a parent holding several (runs/).
     output_dir: where summary.json, the CSVs and the reports go.
-    tasks: tasks to evaluate ("p", "sb"); empty means every task found below runs_dir.
+    tasks: tasks to evaluate ("p", "sb", "regions": pdx_tf/evaluation/pci.py); empty means every task found below
+      runs_dir.
     threshold: a probability >= threshold is a positive decision (cells that carry their own threshold in
       run.json, "threshold_rule" other than "fixed", e.g. inner_youden, use theirs instead).
     allow_partial: evaluate the complete cells that exist (the report is marked partial) instead of failing.
@@ -63,9 +65,10 @@ class EvaluateConfig:
       raise ValueError("output_dir must be a non-empty path for the evaluation outputs")
     tasks = (self.tasks,) if isinstance(self.tasks, str) else tuple(self.tasks)
     object.__setattr__(self, "tasks", tasks)
-    unknown = [task for task in tasks if task not in runs_lib.TASKS]
+    unknown = [task for task in tasks if task not in (*runs_lib.TASKS, PCI_TASK)]
     if unknown:
-      raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; choose from {', '.join(runs_lib.TASKS)}")
+      raise ValueError(f"unknown task(s) {', '.join(map(repr, unknown))}; choose from"
+                       f" {', '.join((*runs_lib.TASKS, PCI_TASK))}")
     if len(set(tasks)) != len(tasks):
       raise ValueError(f"tasks {tasks} lists a task twice")
     if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not (
@@ -116,7 +119,21 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
     PdxError: the output folder cannot be written.
   """
   # Validate the inputs first (reading only), so a bad --runs_dir leaves no half-made output folder.
-  task_runs = runs_lib.load_runs(config.runs_dir, config.tasks, config.allow_partial)
+  region_roots = pci.find_region_grids(config.runs_dir) if not config.tasks or PCI_TASK in config.tasks else []
+  if PCI_TASK in config.tasks and not region_roots:
+    raise RunsError(f"no {PCI_TASK} grid (splits.json of task {PCI_TASK}) below {config.runs_dir}; train"
+                    f" --task={PCI_TASK} or drop it from --tasks")
+  if len(region_roots) > 1:
+    raise RunsError(f"two {PCI_TASK} grids below {config.runs_dir}: {region_roots[0]} and {region_roots[1]}; point"
+                    " --runs_dir at one")
+  patient_tasks = tuple(task for task in config.tasks if task != PCI_TASK)
+  task_runs = ({} if region_roots and (config.tasks == (PCI_TASK,) or not _has_patient_tasks(config.runs_dir))
+               else runs_lib.load_runs(config.runs_dir, patient_tasks, config.allow_partial))
+  regions = None
+  if region_roots:
+    regions = pci.evaluate_regions(region_roots[0], num_bootstrap=config.num_bootstrap, seed=config.seed,
+                                   allow_partial=config.allow_partial,
+                                   head_scores=pci.head_scores_from_runs(task_runs))
   io_utils.check_writable(config.output_dir)
   io_utils.atomic_write_json(io_utils.join(config.output_dir, CONFIG_FILE), configs.to_dict(config))
   evaluations = []
@@ -125,9 +142,16 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
     evaluation = grid_statistics.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed)
     evaluations.append(clinical.extend_grid_evaluation(evaluation, config.num_bootstrap, config.seed))
   summary = {evaluation.task_runs.task: evaluation.summary for evaluation in evaluations}
-
   output = config.output_dir
-  io_utils.atomic_write_json(io_utils.join(output, SUMMARY_FILE), summary)
+  if regions is not None:
+    figure = pci.write_outputs(output, regions[0], regions[1], FIGURES_FOLDER)
+    io_utils.atomic_write_json(io_utils.join(output, SUMMARY_FILE), {**summary, PCI_TASK: regions[0]})
+    if not evaluations:  # a regions grid alone: its section is the report
+      io_utils.atomic_write_text(io_utils.join(output, REPORT_MARKDOWN_FILE),
+                                 "# pdx-tf evaluation report\n\n" + pci.markdown_section(regions[0], figure))
+      return {PCI_TASK: regions[0]}
+  else:
+    io_utils.atomic_write_json(io_utils.join(output, SUMMARY_FILE), summary)
   io_utils.atomic_write_csv(io_utils.join(output, PATIENT_PREDICTIONS_FILE), PATIENT_PREDICTIONS_HEADER,
                             _patient_prediction_rows(evaluations, config.threshold))
   io_utils.atomic_write_csv(
@@ -140,8 +164,10 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
     relative = f"{FIGURES_FOLDER}/{name}.png"
     io_utils.atomic_write_bytes(io_utils.join(output, FIGURES_FOLDER, f"{name}.png"), png)
     figure_paths[name] = relative
-  io_utils.atomic_write_text(io_utils.join(output, REPORT_MARKDOWN_FILE),
-                             report.render_markdown(summary, figure_paths, config.runs_dir))
+  markdown = report.render_markdown(summary, figure_paths, config.runs_dir)
+  if regions is not None:
+    markdown += "\n" + pci.markdown_section(regions[0], figure)
+  io_utils.atomic_write_text(io_utils.join(output, REPORT_MARKDOWN_FILE), markdown)
   io_utils.atomic_write_text(io_utils.join(output, REPORT_HTML_FILE),
                              report.render_html(summary, figures, config.runs_dir))
   io_utils.atomic_write_text(
@@ -149,7 +175,15 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
       model_card.render_model_card({evaluation.task_runs.task: evaluation for evaluation in evaluations},
                                    runs_dir=config.runs_dir))
   tensorboard.write_tensorboard(tensorboard_dir(config), evaluations)
-  return summary
+  return summary if regions is None else {**summary, PCI_TASK: regions[0]}
+
+
+def _has_patient_tasks(runs_dir: str) -> bool:
+  """Whether runs_dir holds a grid of a patient-level task (p, sb or p,sb) beside its regions grid."""
+  for folder, _, files in tf.io.gfile.walk(runs_dir):
+    if SPLITS_FILE in files and io_utils.read_json(io_utils.join(folder, SPLITS_FILE)).get("task") != PCI_TASK:
+      return True
+  return False
 
 
 def evaluate_predictions(config: external.ExternalConfig) -> dict:

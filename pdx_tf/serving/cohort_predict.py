@@ -11,6 +11,8 @@ killed run resumes. Outputs in O:
                               export's threshold, 0.5 unless pdx_export.json says "threshold"), drift_flags
                               (';'-joined reasons the inputs are unlike the training inputs, see
                               `pdx_tf.data.input_statistics`), then the manifest's covariates
+  region_predictions.csv      with a regions export only: patient_id, region (0-12), name, probability,
+                              uncertainty, predicted (at the region's threshold, pdx_export.json "regions")
   failures.csv                patient_id, reason: one line per study that could not be read (file tokens,
                               never a path from inside a study)
   <patient_id>/prediction.json, gradcam/*.png, summary.png   as `predict --dicom_dir` writes them (no
@@ -37,6 +39,9 @@ from pdx_tf.errors import PdxError
 from pdx_tf.serving import predict
 
 MARKERS_FOLDER = "patients"
+# With a regions export (`--model=X/pdx_regions`): one row a patient and PCI region, beside patient_predictions.csv.
+REGION_PREDICTIONS_FILE = "region_predictions.csv"
+REGION_PREDICTION_COLUMNS = ("patient_id", "region", "name", "probability", "uncertainty", "predicted")
 MARKER_FORMAT = "pdx-tf-cohort-prediction-marker"
 PREDICTION_COLUMNS = ("task", "patient_id", "label", "probability", "uncertainty", "predicted", "drift_flags")
 
@@ -154,6 +159,12 @@ def predict_patient(row: manifest_lib.ManifestRow, config: CohortConfig,
   marker = {"format": MARKER_FORMAT, "patient_id": row.patient_id,
             "fingerprint": patient_fingerprint(config, exports, row), "rows": rows,
             "code_version": provenance.code_version()}
+  if prediction.get("regions"):  # a regions export: one row a region, for region_predictions.csv
+    regions = prediction["regions"]
+    marker["region_rows"] = [[row.patient_id, region, name, f"{value:.6f}", f"{spread:.6f}", str(decision)]
+                             for region, (name, value, spread, decision) in enumerate(zip(
+                                 regions["names"], regions["probabilities"], regions["uncertainty"],
+                                 regions["predicted"]))]
   io_utils.atomic_write_json(_marker_path(config.output_dir, row.patient_id), marker)
   return marker
 
@@ -263,6 +274,11 @@ def run_cohort(config: CohortConfig, *, progress: bool = True) -> CohortResult:
   failure_rows = sorted(failures.items())
   io_utils.atomic_write_csv(io_utils.join(config.output_dir, contracts.FAILURES_FILE), ["patient_id", "reason"],
                             failure_rows)
+  region_rows = sorted((row for marker in markers.values() for row in marker.get("region_rows", ())),
+                       key=lambda values: (values[0], values[1]))
+  if region_rows:
+    io_utils.atomic_write_csv(io_utils.join(config.output_dir, REGION_PREDICTIONS_FILE), REGION_PREDICTION_COLUMNS,
+                              region_rows)
   flagged = {values[1] for values in rows if values[6]}
   return CohortResult(predictions_csv=predictions_csv, num_patients=len(markers), computed=tuple(sorted(computed)),
                       failures=tuple(failure_rows), num_flagged=len(flagged),

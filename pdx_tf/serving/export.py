@@ -37,7 +37,7 @@ from pdx_tf.contracts import RUN_FILE, TASKS
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
 from pdx_tf.serving import signatures
-from pdx_tf.training import aggregation, grid as training_grid, model as model_lib
+from pdx_tf.training import aggregation, grid as training_grid, heads, model as model_lib
 
 METADATA_FOLDER = "assets.extra"
 KERAS_MODELS_FOLDER = "models"
@@ -64,8 +64,9 @@ class ExportConfig:
   version: int | None = None
 
   def __post_init__(self):
-    if self.task not in TASKS and self.task != contracts.JOINT_TASK:
-      raise ValueError(f"task must be one of {', '.join(TASKS)} or {contracts.JOINT_TASK}, got {self.task!r}")
+    if self.task not in TASKS and self.task not in (contracts.JOINT_TASK, contracts.PCI_TASK):
+      raise ValueError(f"task must be one of {', '.join(TASKS)}, {contracts.JOINT_TASK} or {contracts.PCI_TASK}, got"
+                       f" {self.task!r}")
     if not self.runs_dir or not self.export_dir:
       raise ValueError("runs_dir and export_dir must be given")
     for selector in self.cells:
@@ -186,10 +187,10 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
     raise ExportError(f"{first.folder}/run.json has an invalid preprocess config: {error}") from None
   rule = str(first.run_info["aggregation"])
   top_k = int(first.run_info["aggregation_top_k"])
-  head = str(first.run_info.get("head", "slice"))
+  head = str(first.run_info.get("head", heads.DEFAULT_HEAD))
   context_slices = int(first.run_info.get("context_slices", 0))
   try:
-    if head != "attention_mil":  # the MIL head's patient score is its own attention pooling
+    if not heads.get(head).own_patient_score:  # e.g. the MIL head's patient score is its own attention pooling
       aggregation.check_aggregation(rule, top_k)
     preprocess.check_context_windows(preprocess_config, context_slices)
   except ValueError as error:
@@ -343,7 +344,8 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "ensemble_rule": ("slice probability = mean over models; uncertainty = population standard deviation "
                         "over models (0 for one model); patient probability = each model's aggregation of "
                         "its slice probabilities, then the mean over models"),
-      "signatures": list(signatures.SIGNATURE_NAMES),
+      "signatures": list(signatures.SIGNATURE_NAMES) + (
+          [signatures.PREDICT_REGIONS] if task == contracts.PCI_TASK else []),
       "keras_models_source": (f"{METADATA_FOLDER}/{KERAS_MODELS_FOLDER}/: the cells' model.keras re-saved at "
                               "export time without optimizer state (used by predict for Grad-CAM)"),
       "gradcam": {"backbone_layer": model_lib.BACKBONE_NAME,
@@ -352,8 +354,24 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "input_statistics": input_statistics(cells),
       "code_version": provenance.code_version(),
   }
-  metadata.update(operating_point(cells, task))
+  metadata.update(region_point(cells) if task == contracts.PCI_TASK else operating_point(cells, task))
   return metadata
+
+
+def region_point(cells: Sequence[CellRun]) -> dict[str, Any]:
+  """pdx_export.json's "regions" of a regions export: the region names (index = output column), each region's
+  threshold (the mean of the cells' run.json "thresholds", applied to the ensemble's region probability) and the
+  PCI scale (the mean of the cells' "pci_scale": predicted PCI = sum of probability x scale)."""
+  thresholds = np.mean([cell.run_info["thresholds"] for cell in cells], axis=0)
+  scale = np.mean([cell.run_info["pci_scale"] for cell in cells], axis=0)
+  return {"regions": {
+      "names": list(contracts.PCI_REGION_NAMES), "small_bowel": list(contracts.PCI_SMALL_BOWEL_REGIONS),
+      "thresholds": [float(value) for value in thresholds], "pci_scale": [float(value) for value in scale],
+      "threshold_rule": sorted({str(cell.run_info.get("threshold_rule", "fixed")) for cell in cells}),
+      "signature": signatures.PREDICT_REGIONS,
+      "outputs": {"region_probabilities": "[13] mean over models of each model's aggregation of that region's"
+                                          " slice scores", "region_uncertainty": "[13] their standard deviation",
+                  "slice_region_probabilities": "[N, 13] mean over models"}}}
 
 
 def operating_point(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
@@ -410,8 +428,8 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
     ExportError: for incomplete or inconsistent cells (different preprocessing, image size or aggregation),
       an existing version, or an unwritable export folder.
   """
-  if task not in TASKS:
-    raise ExportError(f"unknown task {task!r}; tasks are {', '.join(TASKS)}")
+  if task not in TASKS and task != contracts.PCI_TASK:
+    raise ExportError(f"unknown task {task!r}; tasks are {', '.join(TASKS)} or {contracts.PCI_TASK}")
   if not cell_dirs:
     raise ExportError("no cells to export")
   cells = sorted((read_cell(folder) for folder in cell_dirs), key=lambda cell: (cell.repeat, cell.fold))

@@ -31,6 +31,7 @@ from pdx_tf import configs, contracts, io_utils, provenance
 from pdx_tf.data import input_statistics, preprocess
 from pdx_tf.errors import ExportError, PdxError
 from pdx_tf.serving import export, gradcam
+from pdx_tf.training import heads
 
 PREDICTION_FORMAT = "pdx-tf-prediction"
 PREDICTION_SCHEMA_VERSION = 1
@@ -98,7 +99,8 @@ def load_exports(model_dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
   tasks = [metadata["task"] for _, metadata in exports]
   if len(set(tasks)) != len(tasks):
     raise ExportError(f"two --model exports for the same task ({', '.join(tasks)}); give one per task")
-  return sorted(exports, key=lambda item: export.TASKS.index(item[1]["task"]))
+  order = (*export.TASKS, contracts.PCI_TASK)
+  return sorted(exports, key=lambda item: order.index(item[1]["task"]))
 
 
 def _region_arguments(metadata: dict[str, Any]) -> dict[str, Any]:
@@ -320,11 +322,15 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
     prediction.json's content: per task the patient probability, uncertainty, decision at the export's
     threshold and the drift flags (reasons the inputs are unlike the training inputs).
   """
+  everything = list(zip(exports, study.regions, study.statistics))
+  # A regions export answers "where" (`_predict_regions`); the others each answer one task.
+  region_exports = [item for item in everything if item[0][1]["task"] == contracts.PCI_TASK]
+  task_exports = [item for item in everything if item[0][1]["task"] != contracts.PCI_TASK]
   results = [_predict_task(version_dir, metadata, abdomen.hu, num_gradcam_slices, gradcam_max_models)
-             for (version_dir, metadata), abdomen in zip(exports, study.regions)]
+             for (version_dir, metadata), abdomen, _ in task_exports]
   tasks: dict[str, Any] = {}
   all_flags: list[str] = []
-  for result, abdomen, statistics in zip(results, study.regions, study.statistics):
+  for result, (_, abdomen, statistics) in zip(results, task_exports):
     z_mm = np.asarray(abdomen.z_mm, np.float64)
     overlays = []
     for position, index in enumerate(result.gradcam_slices):
@@ -350,7 +356,7 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
             "aggregation": metadata["aggregation"], "aggregation_top_k": metadata["aggregation_top_k"],
             "image_size": metadata["image_size"], "code_version": metadata["code_version"],
             # Only beyond the paper's model, so a default export's prediction.json keeps its bytes.
-            **({"head": metadata["head"]} if metadata.get("head", "slice") != "slice" else {}),
+            **({"head": metadata["head"]} if metadata.get("head", heads.DEFAULT_HEAD) != heads.DEFAULT_HEAD else {}),
             **({"context_slices": metadata["context_slices"]} if metadata.get("context_slices") else {}),
             "gradcam_models": min(gradcam_max_models, metadata["num_models"]),
         },
@@ -362,9 +368,15 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
         "gradcam": overlays,
         "region": _region_summary(abdomen),
     }
-  summary = "summary.png" if write_summary else None
+  summary = "summary.png" if write_summary and results else None
   if summary:
-    _write_summary(io_utils.join(output_dir, summary), results, study.regions, patient_id)
+    _write_summary(io_utils.join(output_dir, summary), results, [item[1] for item in task_exports], patient_id)
+  regions = None
+  for (version_dir, metadata), abdomen, statistics in region_exports:
+    regions = _predict_regions(version_dir, metadata, abdomen, output_dir, patient_id)
+    flags = input_statistics.drift_flags(statistics, metadata.get("input_statistics"))
+    regions["drift_flags"] = flags
+    all_flags.extend(flag for flag in flags if flag not in all_flags)
   prediction = {
       "format": PREDICTION_FORMAT,
       "schema_version": PREDICTION_SCHEMA_VERSION,
@@ -374,10 +386,50 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
       "drift_flags": all_flags,
       "tasks": tasks,
       "summary_png": summary,
+      **({} if regions is None else {"regions": regions}),
       "note": "research software; not a medical device; not for clinical decisions",
   }
   io_utils.atomic_write_json(io_utils.join(output_dir, "prediction.json"), prediction)
   return prediction
+
+
+REGION_PROBABILITIES_FILE = "region_probabilities.csv"
+REGION_PROBABILITIES_HEADER = ("patient_id", "region", "name", "probability", "uncertainty", "threshold", "predicted",
+                               "evidence_slice", "evidence_z_mm")
+PCI_MAP_FILE = "pci_map.png"
+
+
+def _predict_regions(version_dir: str, metadata: dict[str, Any], abdomen: Any, output_dir: str,
+                     patient_id: str) -> dict[str, Any]:
+  """A regions export on one study: its `predict_regions` signature; writes region_probabilities.csv (one row a
+  region: probability, uncertainty over models, threshold, predicted, and the evidence: the slice whose score for
+  that region is highest, with its z) and pci_map.png; returns prediction.json's "regions"."""
+  from pdx_tf import pci_map  # pylint: disable=import-outside-toplevel  (matplotlib only when drawing)
+
+  outputs = _saved_model(version_dir).signatures["predict_regions"](hu=tf.constant(abdomen.hu, tf.float32))
+  probabilities = outputs["region_probabilities"].numpy().astype(np.float64)
+  uncertainty = outputs["region_uncertainty"].numpy().astype(np.float64)
+  slices = outputs["slice_region_probabilities"].numpy()
+  info = metadata["regions"]
+  thresholds = np.asarray(info["thresholds"], np.float64)
+  predicted = [int(round(float(value), 6) >= threshold) for value, threshold in zip(probabilities, thresholds)]
+  evidence = [int(np.argmax(slices[:, region])) for region in range(len(info["names"]))]
+  z_mm = np.asarray(abdomen.z_mm, np.float64)
+  rows = [[patient_id, region, name, f"{probabilities[region]:.6f}", f"{uncertainty[region]:.6f}",
+           f"{thresholds[region]:.6f}", predicted[region], evidence[region], f"{z_mm[evidence[region]]:.3f}"]
+          for region, name in enumerate(info["names"])]
+  io_utils.atomic_write_csv(io_utils.join(output_dir, REGION_PROBABILITIES_FILE), REGION_PROBABILITIES_HEADER, rows)
+  png = pci_map.region_map_png([float(value) for value in probabilities],
+                               f"PCI regions, {_study_label(patient_id)}: probability (research software)",
+                               label="probability", vmin=0.0, vmax=1.0)
+  io_utils.atomic_write_bytes(io_utils.join(output_dir, PCI_MAP_FILE), png)
+  return {"names": list(info["names"]), "probabilities": [round(float(value), 6) for value in probabilities],
+          "uncertainty": [round(float(value), 6) for value in uncertainty],
+          "thresholds": [float(value) for value in thresholds], "predicted": predicted,
+          "predicted_pci": round(float(probabilities @ np.asarray(info["pci_scale"], np.float64)), 6),
+          "evidence_slices": evidence, "csv": REGION_PROBABILITIES_FILE, "pci_map_png": PCI_MAP_FILE,
+          "model": {"version": metadata["version"], "num_models": metadata["num_models"],
+                    "aggregation": metadata["aggregation"], "aggregation_top_k": metadata["aggregation_top_k"]}}
 
 
 def format_prediction(prediction: dict[str, Any]) -> str:
@@ -388,6 +440,11 @@ def format_prediction(prediction: dict[str, Any]) -> str:
     lines.append(f"{task}: probability {values['patient_probability']:.3f} +- {values['patient_uncertainty']:.3f} "
                  f"({model['kind']} of {model['num_models']} model(s), {model['aggregation']} over "
                  f"{prediction['region']['num_slices']} abdominal slices)")
+  if prediction.get("regions"):
+    regions = prediction["regions"]
+    found = [name for name, value in zip(regions["names"], regions["predicted"]) if value]
+    lines.append(f"regions: predicted PCI {regions['predicted_pci']:.1f}; above threshold: {', '.join(found) or 'none'}"
+                 f" ({regions['csv']}, {regions['pci_map_png']})")
   if prediction.get("drift_flags"):
     lines.append(f"inputs unlike the training data: {'; '.join(prediction['drift_flags'])}")
   return "\n".join(lines)

@@ -21,6 +21,12 @@ patient probability is each model's attention-pooled probability (then the mean 
 outputs `attention` [N] (each slice's attention weight, mean over models; sums to 1); the slice probabilities of
 every signature are the MIL model's instance scores (its output layer on each slice's own feature).
 
+Regions models (`head="regions"`, 13 outputs a slice): every slice output has a last axis of 13 (column r = PCI
+region r), `predict_patient`'s patient outputs are [13] (each region's column aggregated by the training's rule per
+model, then the mean over models), and one more signature, `predict_regions(hu)`, returns the same under the names
+`region_probabilities` [13], `region_uncertainty` [13] and `slice_region_probabilities` [N, 13] (the region names
+are in pdx_export.json "regions").
+
 Uncertainty is the population standard deviation over models (numpy's default, ddof=0), so a single model
 reports 0. The models are called in inference mode through one shared traced function, so the SavedModel holds
 each model's graph once, whatever the number of signatures.
@@ -41,7 +47,13 @@ from pdx_tf.training import aggregation, model as model_lib
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
 PREDICT_PATIENT = "predict_patient"
+PREDICT_REGIONS = "predict_regions"  # regions exports only
 SIGNATURE_NAMES = (SERVING_DEFAULT, PREDICT_IMAGES, PREDICT_PATIENT)
+
+
+def model_outputs(model: keras.Model) -> int:
+  """Output columns a slice (or bag): 1, or the number of PCI regions of a regions model."""
+  return int(model.outputs[0].shape[-1])
 
 
 def model_input_shape(model: keras.Model) -> tuple[int, int]:
@@ -89,6 +101,10 @@ class PdxServingModule(tf.Module):
     mil = model_lib.is_mil_model(models[0])
     if any(model_lib.is_mil_model(model) != mil for model in models):
       raise ValueError("the models mix slice and attention-MIL heads; export them separately")
+    width = model_outputs(models[0])
+    if any(model_outputs(model) != width for model in models):
+      raise ValueError("the models differ in their number of outputs (regions and one-task models); export them"
+                       " separately")
     if not mil:
       aggregation.check_aggregation(aggregation_rule, aggregation_top_k)
     preprocess.check_context_windows(preprocess_config, context_slices)
@@ -99,6 +115,7 @@ class PdxServingModule(tf.Module):
         raise ValueError(f"model {model.name} takes {model_input_shape(model)} (px, channels) but the preprocessing "
                          f"makes ({image_size}, {channels})")
     self.mil = mil
+    self.num_outputs = width
     self.context_slices = context_slices
     self.model_variables = [variable for model in models for variable in model.variables]
     self.num_models = len(models)
@@ -113,7 +130,8 @@ class PdxServingModule(tf.Module):
       """{"slice": [num_models, N] slice probabilities} and, for MIL models, "patient" [num_models] and
       "attention" [num_models, N], with the N images as one bag."""
       if not mil:
-        return {"slice": tf.stack([tf.reshape(tf.cast(model(images, training=False), tf.float32), [-1])
+        shape = [-1] if width == 1 else [-1, width]  # [N], or [N, 13] for a regions model
+        return {"slice": tf.stack([tf.reshape(tf.cast(model(images, training=False), tf.float32), shape)
                                    for model in frozen_models])}
       mask = tf.ones([1, tf.shape(images)[0]], tf.float32)
       outputs = [model_lib.mil_outputs(model, images[tf.newaxis], mask) for model in frozen_models]
@@ -158,31 +176,51 @@ class PdxServingModule(tf.Module):
       per_model = outputs["slice"]
       if mil:
         patient = outputs["patient"]
+      elif width > 1:  # [models, regions]: each region's column aggregated per model
+        patient = tf.stack([tf.stack([aggregation.aggregate_tf(per_model[index][:, column], aggregation_rule,
+                                                               aggregation_top_k) for column in range(width)])
+                            for index in range(len(frozen_models))])
       else:
         patient = tf.stack([aggregation.aggregate_tf(per_model[index], aggregation_rule, aggregation_top_k)
                             for index in range(len(frozen_models))])
       result = {
           "slice_probability": tf.reduce_mean(per_model, axis=0),
           "slice_uncertainty": tf.math.reduce_std(per_model, axis=0),
-          "patient_probability": tf.reduce_mean(patient),
-          "patient_uncertainty": tf.math.reduce_std(patient),
+          "patient_probability": tf.reduce_mean(patient, axis=0) if width > 1 else tf.reduce_mean(patient),
+          "patient_uncertainty": tf.math.reduce_std(patient, axis=0) if width > 1 else tf.math.reduce_std(patient),
       }
       if mil:
         result["attention"] = tf.reduce_mean(outputs["attention"], axis=0)
       return result
 
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
+    def predict_regions(hu):
+      outputs = predict_patient(hu)
+      return {"region_probabilities": outputs["patient_probability"],
+              "region_uncertainty": outputs["patient_uncertainty"],
+              "slice_region_probabilities": outputs["slice_probability"]}
+
     self.per_model_outputs = per_model_outputs
     self.serving_default = serving_default
     self.predict_images = predict_images
     self.predict_patient = predict_patient
+    if width > 1:
+      self.predict_regions = predict_regions
 
   def signatures(self) -> dict[str, tf.types.experimental.ConcreteFunction]:
     """The signature map for `tf.saved_model.save`."""
-    return {
+    functions = {
         SERVING_DEFAULT: self.serving_default.get_concrete_function(),
         PREDICT_IMAGES: self.predict_images.get_concrete_function(),
         PREDICT_PATIENT: self.predict_patient.get_concrete_function(),
     }
+    if self.num_outputs > 1:
+      functions[PREDICT_REGIONS] = self.predict_regions.get_concrete_function()
+    return functions
+
+  def signature_names(self) -> tuple[str, ...]:
+    """The names `signatures` returns, in order."""
+    return SIGNATURE_NAMES + ((PREDICT_REGIONS,) if self.num_outputs > 1 else ())
 
 
 def rest_predict_body(inputs: Mapping[str, np.ndarray], signature_name: str = SERVING_DEFAULT) -> str:

@@ -15,9 +15,9 @@ from typing import Sequence
 import keras
 import numpy as np
 
-from pdx_tf import configs, io_utils
+from pdx_tf import configs, contracts, io_utils
 from pdx_tf.data import preprocess
-from pdx_tf.training import model as model_lib
+from pdx_tf.training import heads, model as model_lib
 
 TASK_INDEX = {"p": 0, "sb": 1}
 
@@ -41,10 +41,12 @@ def fake_hu_slices(seed: int, count: int, height: int = 80, width: int = 72) -> 
 
 
 def make_fake_model(seed: int, image_size: int = 32, alpha: float = 0.35,
-                    preprocess_config: preprocess.PreprocessConfig | None = None) -> keras.Model:
-  """A build_model classifier with keyed weights and BatchNorm statistics calibrated on CT-like images."""
+                    preprocess_config: preprocess.PreprocessConfig | None = None,
+                    head: str = heads.DEFAULT_HEAD) -> keras.Model:
+  """A build_model classifier of `head` with keyed weights and BatchNorm statistics calibrated on CT-like images."""
   preprocess_config = preprocess_config or preprocess.PreprocessConfig(image_size=image_size)
-  model = model_lib.build_model(model_lib.ModelConfig(image_size=image_size, alpha=alpha, weights="none"))
+  model = model_lib.build_model(model_lib.ModelConfig(image_size=image_size, alpha=alpha, weights="none",
+                                                      head=head))
   rng = np.random.default_rng([seed, 11])
   for layer in model.get_layer(model_lib.BACKBONE_NAME).layers:
     for variable in getattr(layer, "trainable_weights", ()):
@@ -61,11 +63,40 @@ def make_fake_model(seed: int, image_size: int = 32, alpha: float = 0.35,
   model(images, training=True)
   for layer, momentum in zip(batch_norms, momenta):
     layer.momentum = momentum
-  dense = model.get_layer("probability")
-  channels = dense.kernel.shape[0]
-  dense.kernel.assign(rng.normal(0.0, 3.0 / np.sqrt(channels), size=(channels, 1)).astype(np.float32))
-  dense.bias.assign(rng.normal(0.0, 0.5, size=(1,)).astype(np.float32))
+  dense = model.layers[-1]  # the output Dense ("probability", or the regions head's 13 outputs)
+  channels, outputs = dense.kernel.shape
+  dense.kernel.assign(rng.normal(0.0, 3.0 / np.sqrt(channels), size=(channels, outputs)).astype(np.float32))
+  dense.bias.assign(rng.normal(0.0, 0.5, size=(outputs,)).astype(np.float32))
   return model
+
+
+def write_fake_region_cells(runs_dir: str, cells: Sequence[tuple[int, int]] = ((0, 0), (0, 1)), *,
+                            image_size: int = 32, aggregation: str = "topk_mean", top_k: int = 3,
+                            seed: int = 0) -> list[str]:
+  """Complete cells of a regions grid, runs_dir/regions/cells/rRR_fFF/{model.keras, run.json} with keyed
+  "thresholds" and "pci_scale" (pdx_tf/training/regions.py); returns their folders."""
+  preprocess_config = preprocess.PreprocessConfig(image_size=image_size)
+  model_config = model_lib.ModelConfig(image_size=image_size, alpha=0.35, weights="none", head=heads.REGIONS.name)
+  folders = []
+  for repeat, fold in cells:
+    folder = cell_folder(runs_dir, contracts.PCI_TASK, repeat, fold)
+    os.makedirs(folder, exist_ok=True)
+    key = seed * 1000 + 500 + repeat * 10 + fold
+    make_fake_model(key, image_size, 0.35, preprocess_config, head=heads.REGIONS.name).save(
+        os.path.join(folder, "model.keras"))
+    rng = np.random.default_rng([key, 13])
+    io_utils.atomic_write_json(os.path.join(folder, "run.json"), {
+        "schema_version": 1, "task": contracts.PCI_TASK, "repeat": repeat, "fold": fold, "status": "complete",
+        "split_hash": "0" * 64, "dataset_hash": "1" * 64, "seeds": {"split": 0, "sample": 0, "init": 0},
+        "config": {"model": configs.to_dict(model_config)}, "preprocess": configs.to_dict(preprocess_config),
+        "aggregation": aggregation, "aggregation_top_k": top_k, "head": heads.REGIONS.name, "code_version": "test",
+        "wall_time_s": 0.0, "images_seen": 0, "model_path": "model.keras",
+        "thresholds": [float(value) for value in rng.uniform(0.3, 0.7, contracts.NUM_PCI_REGIONS)],
+        "threshold_rule": "inner_youden",
+        "pci_scale": [float(value) for value in rng.uniform(1.0, 3.0, contracts.NUM_PCI_REGIONS)],
+    })
+    folders.append(folder)
+  return folders
 
 
 def cell_folder(runs_dir: str, task: str, repeat: int, fold: int) -> str:

@@ -59,7 +59,7 @@ from pdx_tf import contracts, io_utils, metrics as metrics_lib, provenance
 from pdx_tf.contracts import TENSORBOARD_FOLDER
 from pdx_tf.errors import RunsError
 from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib, input_pipeline
-from pdx_tf.training import model as model_lib, splits, tensorboard
+from pdx_tf.training import heads, model as model_lib, regions, splits, tensorboard
 from pdx_tf.training.model import build_model
 
 if TYPE_CHECKING:  # annotations only, never executed: trainer imports this module, not the other way round
@@ -118,7 +118,7 @@ def checkpoint_name(epoch: int) -> str:
 
 def uses_stacks(config: TrainConfig) -> bool:
   """Whether training reads stacks built from the originals (2.5D or MIL) instead of the stored copies."""
-  return config.context_slices > 0 or config.model.head == "attention_mil"
+  return config.context_slices > 0 or heads.get(config.model.head).bags
 
 
 def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: Sequence[str],
@@ -127,7 +127,7 @@ def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: S
   """The (finite) batches of epoch `epoch` of a cell: a pure function of (config, cell, epoch), so a resumed
   epoch sees exactly the batches an uninterrupted run would. `stacks`: the training patients'
   `input_pipeline.load_patient_stacks` when `uses_stacks(config)`."""
-  if config.model.head == "attention_mil":
+  if heads.get(config.model.head).bags:
     bags_per_epoch = None
     if config.images_per_epoch:  # the same number of slice images an epoch as the slice head would see
       mean_slices = np.mean([len(input_pipeline.bag_slices(stacks.counts[patient_id], config.mil_max_slices))
@@ -161,6 +161,10 @@ def hparams(config: TrainConfig, cell: contracts.Cell, policy: str) -> dict[str,
 
 def compile_model(model: keras.Model, config: TrainConfig) -> None:
   """Adam on binary cross-entropy; a joint model (two heads) on model.JointLoss, its AUC the mean of the two."""
+  if config.regions:  # recorded region labels only; Keras' AUC cannot mask, so the loss is the epoch's figure
+    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=regions.RegionLoss(),
+                  jit_compile=config.jit_compile)
+    return
   if config.model.joint_heads:
     loss = model_lib.JointLoss(config.consistency_weight)
     auc_metric = keras.metrics.AUC(name="auc", multi_label=True, num_labels=len(config.tasks))
@@ -376,7 +380,7 @@ def train_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[
     logging.info("cell %s: resuming after epoch %d", name, progress["epochs_completed"])
     # Restores the weights and the optimizer state (Adam moments, iteration count, loss scale).
     restore_training_state(model, resumed[1])
-  elif config.model.head == "attention_mil" and config.mil_init_from:
+  elif heads.get(config.model.head).needs_learned_features and config.mil_init_from:
     _start_from_slice_model(config, cell, model)
   # Uncommitted epochs' files go; the committed one and the best epoch's (early stopping) stay.
   _remove_other_checkpoints(folder, progress.get("checkpoint", ""), progress.get("best_checkpoint", ""))
@@ -459,7 +463,7 @@ def _viewable(images: tf.Tensor, context_slices: int) -> np.ndarray:
 def _validation_data(config: TrainConfig, info: contracts.DatasetInfo, validation: input_pipeline.ValidationSet,
                      test_ids: Sequence[str]) -> tf.data.Dataset:
   """The held-out fold as the model takes it: slices (the paper), 2.5D stacks, or one bag a patient."""
-  if config.model.head == "attention_mil":
+  if heads.get(config.model.head).bags:
     stacks = input_pipeline.load_patient_stacks(info, test_ids, config.task, config.context_slices)
     return input_pipeline.mil_validation_dataset(stacks, test_ids)
   if config.context_slices:
@@ -478,9 +482,13 @@ def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: 
   Attention-MIL: one bag a patient; the patient probability is the model's, the slice probability its instance
   score (`model.mil_outputs`) and the attention its weight of each slice.
   """
-  if config.model.head != "attention_mil":
+  if not heads.get(config.model.head).own_patient_score:
     data = validation_data if validation_data is not None else validation.dataset(config.batch_size)
     probabilities = model.predict(data.map(_image_only), verbose=0)
+    if config.regions:  # [N, 13] and [P, 13]: each region's column aggregated like a task's
+      probabilities = np.asarray(probabilities, np.float64)
+      return probabilities, regions.patient_probabilities(probabilities, validation.patient_ids, test_ids,
+                                                          config.aggregation, config.top_k), None
     probabilities = (probabilities if column is None else probabilities[:, column]).reshape(-1).astype(np.float64)
     patient = np.asarray([aggregation_lib.aggregate(probabilities[validation.patient_ids == patient_id],
                                                     config.aggregation, config.top_k) for patient_id in test_ids])
@@ -518,7 +526,9 @@ def inner_loss(config: TrainConfig, model: keras.Model, inner: input_pipeline.Va
                  + config.consistency_weight * violation**2)
     return float(np.mean(per_slice))
   slice_probabilities, patient_probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data)
-  if config.model.head == "attention_mil":
+  if config.regions:
+    return regions.masked_cross_entropy(inner.labels, slice_probabilities)
+  if heads.get(config.model.head).bags:  # trained a bag (patient) at a time
     labels_by_patient = {patient_id: int(label) for patient_id, label in zip(inner.patient_ids, inner.labels)}
     probabilities, labels = patient_probabilities, np.asarray([labels_by_patient[p] for p in inner_ids])
   else:
@@ -574,13 +584,41 @@ def _inner_decisions(config: TrainConfig, model: keras.Model, inner: input_pipel
           "patient_probabilities": [float(value) for value in probabilities],
           "n_positive": int(inner_labels.sum()), "n_slices": int(slice_probabilities.size),
           "patient_auc": auc(inner_labels, probabilities),
-          "early_stopping": None if config.early_stopping_patience == 0 else {
-              "patience": config.early_stopping_patience, "best_epoch": progress.get("best_epoch"),
-              "best_inner_loss": progress.get("best_inner_loss"),
-              "stopped_early": bool(progress.get("stopped_early", False)),
-              "epochs_trained": int(progress["epochs_completed"])},
+          "early_stopping": _early_stopping_record(config, progress),
       },
   }
+
+
+def _early_stopping_record(config: TrainConfig, progress: Mapping[str, Any]) -> dict[str, Any] | None:
+  return None if config.early_stopping_patience == 0 else {
+      "patience": config.early_stopping_patience, "best_epoch": progress.get("best_epoch"),
+      "best_inner_loss": progress.get("best_inner_loss"), "stopped_early": bool(progress.get("stopped_early", False)),
+      "epochs_trained": int(progress["epochs_completed"])}
+
+
+def _finish_region_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
+                        cell: contracts.Cell, model: keras.Model, validation: input_pipeline.ValidationSet,
+                        progress: Mapping[str, Any], policy: str, tensorboard_dir: str, init_seed: int,
+                        inner: input_pipeline.ValidationSet | None, inner_ids: Sequence[str],
+                        inner_data: tf.data.Dataset | None) -> None:
+  """`_finish_cell` of a regions cell: thresholds (one a region), PCI scale and inner record
+  (regions.inner_decision), the held-out region predictions (regions.write_cell_predictions), then run.json."""
+  folder = contracts.cell_folder(config.output_dir, cell)
+  train_ids, test_ids = splits.cell_patients(split, *cell)
+  rule, fixed = calibration_lib.parse_threshold(config.threshold)
+  labels = probabilities = None
+  n_slices = 0
+  if inner is not None:
+    slice_probabilities, probabilities, _ = held_out_probabilities(config, model, inner, inner_ids, inner_data)
+    labels, n_slices = regions.patient_region_labels(info, inner_ids), slice_probabilities.shape[0]
+  decision = regions.inner_decision(rule, fixed, config.inner_fraction, inner_ids, labels, probabilities, n_slices,
+                                    regions.pci_scale(info, train_ids), _early_stopping_record(config, progress))
+  slice_probabilities, probabilities, _ = held_out_probabilities(
+      config, model, validation, test_ids, _validation_data(config, info, validation, test_ids))
+  metrics = regions.write_cell_predictions(folder, info, test_ids, validation.patient_ids, validation.slice_indices,
+                                           slice_probabilities, probabilities, decision, cell, progress)
+  tensorboard.write_cell_hparams(tensorboard_dir, contracts.cell_name(cell), hparams(config, cell, policy), metrics)
+  _write_run(config, info, split, cell, progress, policy, init_seed, {config.task: decision})
 
 
 def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mapping[str, Any],
@@ -601,6 +639,10 @@ def _finish_cell(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   temp = io_utils.temp_path_for(model_path)
   model.save(temp)
   tf.io.gfile.rename(temp, model_path, overwrite=True)
+  if config.regions:
+    _finish_region_cell(config, info, split, cell, model, validation, progress, policy, tensorboard_dir, init_seed,
+                        inner, inner_ids, inner_data)
+    return
 
   _, test_ids = splits.cell_patients(split, *cell)
   # Each task's threshold, calibration and inner record, from its own head's inner patient probabilities.

@@ -279,9 +279,20 @@ def train_examples(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: 
 
 
 def label_vector(example: Mapping[str, tf.Tensor], task: str) -> tf.Tensor:
-  """A parsed record's training target, float32 [T]: [label] for "p" or "sb", [label_p, label_sb] for "p,sb"."""
+  """A parsed record's training target, float32 [T]: [label] for "p" or "sb", [label_p, label_sb] for "p,sb",
+  and for "regions" the record's 13 region labels (its PCI score > 0: 1, = 0: 0, not recorded: -1, masked out of
+  the loss). The record's scores are as its image shows them (mirrored in a flipped copy), so nothing is
+  mirrored here."""
+  if task == contracts.PCI_TASK:
+    return region_labels(example[records.PCI_SCORES_KEY])
   keys = [records.label_key(name) for name in contracts.task_list(task)]
   return tf.cast(tf.stack([tf.reshape(example[key], []) for key in keys]), tf.float32)
+
+
+def region_labels(scores) -> tf.Tensor:
+  """PCI scores [..., 13] (0-3, -1 unrecorded) -> float32 region labels: 1 (score > 0), 0 (score 0), -1."""
+  scores = tf.cast(scores, tf.float32)
+  return tf.where(scores < 0, tf.constant(-1.0), tf.cast(scores > 0, tf.float32))
 
 
 def _to_model_inputs(task: str, image_size: int):
@@ -325,7 +336,7 @@ class ValidationSet:
   """The held-out fold's original slices, in memory, in file order."""
 
   images: np.ndarray  # uint8 [N, S, S, 3]
-  labels: np.ndarray  # int [N]; [N, 2] (p, sb) when loaded for the joint task
+  labels: np.ndarray  # int [N]; [N, 2] (p, sb) for the joint task; [N, 13] (1, 0, -1 unrecorded) for regions
   patient_ids: np.ndarray  # str [N]
   slice_indices: np.ndarray  # int [N]
   augmentation_indices: np.ndarray  # int [N], all 0
@@ -344,7 +355,7 @@ def load_validation(info: DatasetInfo, test_ids: Sequence[str], task: str) -> Va
   Raises:
     RecordsError: if an original shard holds an augmented example or another patient's slice.
   """
-  label_keys = [records.label_key(name) for name in contracts.task_list(task)]
+  label_keys = [] if task == contracts.PCI_TASK else [records.label_key(name) for name in contracts.task_list(task)]
   images, labels, patient_ids, slice_indices, augmentation_indices = [], [], [], [], []
   for patient_id in test_ids:
     for path in info.shard_paths([patient_id], "original"):
@@ -362,8 +373,11 @@ def load_validation(info: DatasetInfo, test_ids: Sequence[str], task: str) -> Va
           raise RecordsError(f"{path} holds {batch[records.IMAGE_KEY].shape[1]} px images, dataset.json says"
                              f" {info.image_size}; rebuild the records")
         images.append(batch[records.IMAGE_KEY])
-        labels.append(batch[label_keys[0]] if task != contracts.JOINT_TASK
-                      else np.stack([batch[key] for key in label_keys], axis=-1))
+        if task == contracts.PCI_TASK:
+          labels.append(region_labels(batch[records.PCI_SCORES_KEY]).numpy())
+        else:
+          labels.append(batch[label_keys[0]] if task != contracts.JOINT_TASK
+                        else np.stack([batch[key] for key in label_keys], axis=-1))
         patient_ids.extend(found_ids)
         slice_indices.append(batch[records.SLICE_INDEX_KEY])
         augmentation_indices.append(batch[records.AUGMENTATION_INDEX_KEY])

@@ -31,6 +31,7 @@ import keras
 from keras import ops
 
 from pdx_tf.errors import PdxError
+from pdx_tf.training import heads
 
 BACKBONE_NAME = "mobilenetv2"
 # The nested backbone's last activation: Grad-CAM's usual target layer (a 7x7 map at 224 px).
@@ -41,9 +42,9 @@ LAST_CONV_LAYER = "out_relu"
 GRADCAM_LAYERS: tuple[tuple[str, int], ...] = (
     ("out_relu", 32), ("block_13_expand_relu", 16), ("block_6_expand_relu", 8), ("block_3_expand_relu", 4))
 MIN_GRADCAM_MAP = 7
-HEADS = ("slice", "attention_mil")
 JOINT_OUTPUTS = ("p", "sb")  # the columns of a joint model's `probabilities` output
 JOINT_OUTPUT_NAME = "probabilities"
+REGION_OUTPUT_NAME = "region_probabilities"  # the regions head's output [B, NUM_PCI_REGIONS]
 SLICE_FEATURES_NAME = "slice_features"
 ATTENTION_LAYER = "attention"
 IMAGENET_ALPHAS = (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
@@ -66,7 +67,7 @@ class ModelConfig:
       pretrained (a from-scratch net with 0.999 keeps near-initial inference statistics on a small cohort and
       predicts one constant for every slice).
     input_channels: 3, or 2N+1 for 2.5D input (`preprocess.model_channels`); ImageNet weights need 3.
-    head: "slice" or "attention_mil" (module docstring).
+    head: a name in `heads.HEADS` (module docstring; pdx_tf/training/heads.py says what each provides).
     attention_units: hidden units of the gated attention (Ilse et al. use 128).
     joint_heads: one output per task, p and sb, on one backbone (module docstring); the slice head only.
   """
@@ -77,7 +78,7 @@ class ModelConfig:
   dropout_rate: float = 0.2
   bn_momentum: float | None = None
   input_channels: int = 3
-  head: str = "slice"
+  head: str = heads.DEFAULT_HEAD
   attention_units: int = 128
   joint_heads: bool = False
 
@@ -95,11 +96,10 @@ class ModelConfig:
     if self.input_channels != 3 and self.weights != "none":
       raise ValueError(f"pretrained weights ({self.weights}) take 3 channels, the 2.5D input has"
                        f" {self.input_channels}; use --context_slices=1 (3 channels) or --weights=none")
-    if self.head not in HEADS:
-      raise ValueError(f"head must be one of {', '.join(HEADS)}, got {self.head!r}")
+    head = heads.get(self.head)  # ValueError naming the heads
     if self.attention_units < 1:
       raise ValueError(f"attention_units must be at least 1, got {self.attention_units}")
-    if self.joint_heads and self.head != "slice":
+    if self.joint_heads and not head.joint_capable:
       raise ValueError(f"joint heads (--task={JOINT_OUTPUTS[0]},{JOINT_OUTPUTS[1]}) work with the slice head only,"
                        f" not --head={self.head}; train the two tasks as separate grids")
 
@@ -166,15 +166,18 @@ def _backbone(config: ModelConfig) -> keras.Model:
 
 
 def build_model(config: ModelConfig) -> keras.Model:
-  """Builds the classifier of `config.head` (module docstring).
+  """Builds the classifier of `config.head`: the function its `heads.Head.builder` names (module docstring). The
+  global mixed-precision policy in force when this is called applies to every layer but the output."""
+  return globals()[heads.get(config.head).builder](config)
 
-  "slice": Rescaling -> MobileNetV2 (no top) -> GlobalAveragePooling -> Dropout -> Dense(1, sigmoid); input
+
+def build_slice_model(config: ModelConfig) -> keras.Model:
+  """The slice classifier ("slice" head, module docstring).
+
+  Rescaling -> MobileNetV2 (no top) -> GlobalAveragePooling -> Dropout -> Dense(1, sigmoid); input
   `image` [B, S, S, C], output [B, 1]. The backbone is a nested model named `mobilenetv2`; Grad-CAM explains its
-  layer `gradcam_layer(size)`. "attention_mil": `build_mil_model`. The global mixed-precision policy in force
-  when this is called applies to every layer but the output.
+  layer `gradcam_layer(size)`.
   """
-  if config.head == "attention_mil":
-    return build_mil_model(config)
   size, channels = config.image_size, config.input_channels
   inputs = keras.Input((size, size, channels), dtype="float32", name="image")
   scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_unit_range")(inputs)
@@ -188,6 +191,25 @@ def build_model(config: ModelConfig) -> keras.Model:
     return keras.Model(inputs, outputs, name="pdx_mobilenetv2_joint")
   outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="probability")(dropped)
   return keras.Model(inputs, outputs, name="pdx_mobilenetv2")
+
+
+def build_region_model(config: ModelConfig) -> keras.Model:
+  """The regions head: the slice model with one sigmoid a PCI region, Dense(NUM_PCI_REGIONS) named
+  `region_probabilities` on the same pooled feature; input `image` [B, S, S, C], output [B, 13] (column r =
+  region r). Each column is a slice's score for "this patient has disease in region r"; a patient's region
+  probability is the grid's aggregation over that column (pdx_tf/training/regions.py says why)."""
+  size, channels = config.image_size, config.input_channels
+  inputs = keras.Input((size, size, channels), dtype="float32", name="image")
+  scaled = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_unit_range")(inputs)
+  pooled = keras.layers.GlobalAveragePooling2D(name="pool")(_backbone(config)(scaled))
+  dropped = keras.layers.Dropout(config.dropout_rate, name="dropout")(pooled)
+  outputs = keras.layers.Dense(heads.REGIONS.num_outputs, activation="sigmoid", dtype="float32",
+                               name=REGION_OUTPUT_NAME)(dropped)
+  return keras.Model(inputs, outputs, name="pdx_mobilenetv2_regions")
+
+
+def is_region_model(model: keras.Model) -> bool:
+  return any(layer.name == REGION_OUTPUT_NAME for layer in model.layers)
 
 
 def is_joint_model(model: keras.Model) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf import io_utils
-from pdx_tf.contracts import JOINT_TASK, SPLITS_FILE, DatasetInfo, cell_name, task_list
+from pdx_tf.contracts import JOINT_TASK, PCI_TASK, SPLITS_FILE, DatasetInfo, cell_name, task_list
 from pdx_tf.errors import RunsError
 
 SPLITS_SCHEMA_VERSION = 1
@@ -58,8 +58,9 @@ def _partition(labels: Mapping[str, int], num_folds: int, seed: int, partition_k
 
 def split_labels(info: DatasetInfo, task: str) -> dict[str, int]:
   """The classes a task's split is stratified on, by patient_id: the 0/1 label of "p" or "sb", or for the joint
-  task the stratum label_p + 2 x label_sb (0, 1 or 3)."""
-  if task != JOINT_TASK:
+  task and the regions task (PCI_TASK: the small-bowel regions are the rarest, so folds keep sb patients apart
+  as well as p patients) the stratum label_p + 2 x label_sb (0, 1 or 3)."""
+  if task not in (JOINT_TASK, PCI_TASK):
     return info.labels(task)
   labels_p, labels_sb = info.labels("p"), info.labels("sb")
   return {patient_id: labels_p[patient_id] + 2 * labels_sb[patient_id] for patient_id in labels_p}
@@ -85,7 +86,7 @@ def make_splits(labels: Mapping[str, int], *, task: str, num_folds: int, num_rep
     raise ValueError(f"num_folds must be at least 2, got {num_folds}")
   if num_repeats < 1:
     raise ValueError(f"num_repeats must be at least 1, got {num_repeats}")
-  allowed = (0, 1, 2, 3) if task == JOINT_TASK else (0, 1)
+  allowed = (0, 1, 2, 3) if task in (JOINT_TASK, PCI_TASK) else (0, 1)
   bad = sorted(patient_id for patient_id, value in labels.items() if value not in allowed)
   if bad:
     raise RunsError(f"patient {bad[0]} has task {task} label {labels[bad[0]]!r}, not 0 or 1; fix the manifest")
@@ -152,7 +153,10 @@ def write_or_verify_splits(output_dir: str, splits: Mapping[str, Any]) -> str:
 
 def task_labels(info: DatasetInfo, task: str) -> dict[str, dict[str, int]]:
   """Each task's 0/1 labels by patient_id for a grid of `task`: {"p": ...}, {"sb": ...} or both for the joint
-  task (what `inner_split` checks both sides of)."""
+  task (what `inner_split` checks both sides of); {"p": ...} for the regions task (its inner patients fit a
+  threshold a region, each needing both classes only where it can: pdx_tf/training/regions.py)."""
+  if task == PCI_TASK:
+    return {"p": info.labels("p")}
   return {one_task: info.labels(one_task) for one_task in task_list(task)}
 
 

@@ -27,11 +27,12 @@ from pdx_tf.contracts import CONFIG_FILE, PATIENTS_FILE, RECORDS_FILE, TENSORBOA
 from pdx_tf.data import preprocess
 from pdx_tf.errors import RunsError
 from pdx_tf.training import calibration as calibration_lib
-from pdx_tf.training import aggregation as aggregation_lib, cell_trainer, grid, input_pipeline, splits, tensorboard
+from pdx_tf.training import aggregation as aggregation_lib, cell_trainer, grid, heads, input_pipeline, splits
+from pdx_tf.training import regions, tensorboard
 from pdx_tf.training.model import build_model, ModelConfig, resolve_weights
 
-# The patient score of --head=attention_mil: its own attention pooling, not a fixed rule.
-MIL_AGGREGATION = "attention"
+# The patient score of --head=attention_mil: its own attention pooling, not a fixed rule (heads.py).
+MIL_AGGREGATION = heads.ATTENTION_MIL.aggregation_name
 PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 # {"records_hash": contracts.DatasetInfo.content_hash, "dataset_hash": of the first run}: one grid, one
 # dataset.
@@ -50,8 +51,10 @@ class TrainConfig:
   """Everything that defines a training grid (written to R/config.json and every run.json).
 
   Attributes:
-    task: "p" (peritoneal dissemination), "sb" (small-bowel dissemination) or "p,sb" (contracts.JOINT_TASK: one
-      backbone with a head per task, `model.joint_heads`; the split is stratified on both labels).
+    task: "p" (peritoneal dissemination), "sb" (small-bowel dissemination), "p,sb" (contracts.JOINT_TASK: one
+      backbone with a head per task, `model.joint_heads`; the split is stratified on both labels) or "regions"
+      (contracts.PCI_TASK: one probability a PCI region, `model.head` "regions", pdx_tf/training/regions.py; the
+      split is stratified on both labels; thresholds are per region, no calibration, no 2.5D yet).
     records_dir: the data pipeline's output (holds dataset.json).
     output_dir: R, this task's run folder (any tf.io.gfile path).
     model: the MobileNetV2 settings; `model.image_size` must equal the records' image size.
@@ -77,8 +80,8 @@ class TrainConfig:
     cells: names like "r0f3" to train only those cells (empty: all cells of the partition).
     context_slices: N > 0 feeds 2N+1 adjacent slices of one window as the channels (2.5D; input_pipeline's
       docstring); `model.input_channels` must be `preprocess.model_channels(N)`. 0: the paper's input.
-    mil_init_from: with `model.head == "attention_mil"`, a finished slice grid R whose same cell's model.keras
-      starts the MIL model (backbone and output layer; model.copy_slice_weights).
+    mil_init_from: with a head that needs learned features (attention_mil, heads.py), a finished slice grid R
+      whose same cell's model.keras starts the MIL model (backbone and output layer; model.copy_slice_weights).
     mil_max_slices: a training bag holds at most this many of a patient's slices, evenly spaced (0: all).
       Held-out and served patients always use every slice.
     mil_bags_per_batch: bags (patients) a batch in MIL training; `batch_size` stays the slice head's.
@@ -152,13 +155,12 @@ class TrainConfig:
                        f" {self.images_per_epoch}; unset it to use the drawn pool's size")
     if self.pool_fraction == 0.0 and not self.include_originals:
       raise ValueError("pool_fraction 0 without originals leaves nothing to train on")
-    if self.model.head == "attention_mil":
-      if self.aggregation != MIL_AGGREGATION:
-        raise ValueError(f"--head=attention_mil makes the patient score by its learned attention; --aggregation="
-                         f"{self.aggregation} does not apply: use --aggregation={MIL_AGGREGATION} (or leave it unset)")
-      if not self.mil_init_from and self.model.weights == "none":
-        raise ValueError("--head=attention_mil needs learned features to start from: give --mil_init_from=<R of a"
-                         " finished slice grid of the same settings> (or pretrained --weights)")
+    head = heads.check_task(self.model.head, self.task)
+    if head.own_patient_score:
+      if self.aggregation != head.aggregation_name:
+        raise ValueError(f"--head={head.name} makes the patient score itself ({head.aggregation_name}); --aggregation="
+                         f"{self.aggregation} does not apply: use --aggregation={head.aggregation_name} (or leave it"
+                         " unset)")
     else:
       aggregation_lib.check_aggregation(self.aggregation, self.top_k)
     if self.context_slices < 0:
@@ -170,15 +172,31 @@ class TrainConfig:
     if self.mil_max_slices < 0 or self.mil_bags_per_batch < 1:
       raise ValueError(f"mil_max_slices must be >= 0 and mil_bags_per_batch >= 1, got {self.mil_max_slices} and"
                        f" {self.mil_bags_per_batch}")
+    if head.needs_learned_features and not self.mil_init_from and self.model.weights == "none":
+      raise ValueError(f"--head={head.name} needs learned features to start from: give --mil_init_from=<R of a"
+                       " finished slice grid of the same settings> (or pretrained --weights)")
     grid.partition_cells([], self.num_partitions, self.partition_index)  # validates the pair
     grid.parse_cells(self.cells, self.num_repeats, self.num_folds)  # out-of-range cells fail here
     self._check_inner_validation()
     self._check_joint()
+    if self.regions:
+      if self.context_slices:
+        raise ValueError(f"--task={contracts.PCI_TASK} reads each record's own region labels (mirrored in flipped"
+                         " copies); 2.5D stacks are warped at read time and would need them mirrored too: use"
+                         " --context_slices=0")
+      if self.calibration != "none":
+        raise ValueError(f"--task={contracts.PCI_TASK} fits a threshold a region, not a calibration; drop"
+                         f" --calibration={self.calibration}")
 
   @property
   def tasks(self) -> tuple[str, ...]:
     """The tasks this grid learns: (task,), or ("p", "sb") for the joint task."""
     return contracts.task_list(self.task)
+
+  @property
+  def regions(self) -> bool:
+    """Whether this grid learns the PCI regions (contracts.PCI_TASK)."""
+    return self.task == contracts.PCI_TASK
 
   @property
   def joint(self) -> bool:
@@ -194,7 +212,7 @@ class TrainConfig:
       return
     # The joint grid trains the slice head (single slices or 2.5D stacks); MIL's patient bags keep one task a
     # grid for now. Inner validation works per task (threshold and calibration in run.json's "by_task").
-    if self.model.head != "slice":
+    if not heads.get(self.model.head).joint_capable:
       raise ValueError(f"--task={contracts.JOINT_TASK} trains the slice head for now; drop --head=attention_mil,"
                        " or train --task=p and --task=sb as two grids")
 
@@ -283,6 +301,8 @@ def config_from_values(values: Mapping[str, Any]) -> TrainConfig:
   # The model's input channels follow from the 2.5D context (2N+1 slices, or 3 window channels for N = 0).
   values.setdefault("input_channels", preprocess.model_channels(values.get("context_slices", 0)))
   values.setdefault("joint_heads", values.get("task") == contracts.JOINT_TASK)
+  if values.get("task") in (contracts.PCI_TASK,) and values.get("head", heads.DEFAULT_HEAD) == heads.DEFAULT_HEAD:
+    values["head"] = heads.default_head(values["task"])  # the task's own head unless another is asked for
   model = ModelConfig(**{name: value for name, value in values.items() if name in model_fields})
   return TrainConfig(model=model, **{name: tuple(value) if name == "cells" else value
                                      for name, value in values.items() if name in fields})
@@ -348,7 +368,7 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
   """Fails before any training if a selected cell cannot be trained (one class, no test patients)."""
   for cell in cells:
     train_ids, test_ids = splits.cell_patients(split, *cell)
-    for task in config.tasks:
+    for task in ("p",) if config.regions else config.tasks:
       classes = {info.labels(task)[patient_id] for patient_id in train_ids}
       if len(classes) < 2:
         raise RunsError(f"cell {contracts.cell_name(cell)}: every training patient has task {task} label"
@@ -360,6 +380,20 @@ def _check_cells(config: TrainConfig, info: contracts.DatasetInfo, split: Mappin
       # Raises a one-line RunsError when the inner or the fit patients would miss a class of a task.
       splits.cell_inner_split(info, config.task, train_ids, seed=config.seed, repeat=cell[0], fold=cell[1],
                               fraction=config.inner_fraction)
+
+
+def _check_region_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
+  """Fails before any training when a regions grid's records carry no region labels, or none of one class."""
+  if not config.regions:
+    return
+  if not info.has_pci_scores:
+    raise RunsError(f"--task={contracts.PCI_TASK}: {info.records_dir}/dataset.json has no PCI region scores; add the"
+                    " columns pci_0 ... pci_12 to the manifest and rebuild the records, or train --task=p / sb")
+  labels = regions.patient_region_labels(info, sorted(info.patients))
+  if not (labels == 1).any() or not (labels == 0).any():
+    raise RunsError(f"--task={contracts.PCI_TASK}: every recorded region label in {info.records_dir} is"
+                    f" {int(labels[labels >= 0][0]) if (labels >= 0).any() else 'missing'}; the model needs regions"
+                    " with and without disease")
 
 
 def _check_joint_labels(config: TrainConfig, info: contracts.DatasetInfo) -> None:
@@ -387,7 +421,7 @@ def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
       if config.context_slices >= count:
         raise RunsError(f"--context_slices={config.context_slices} needs patients of more than"
                         f" {config.context_slices} slices; patient {patient_id} has {count}: lower --context_slices")
-  if config.model.head == "attention_mil" and config.mil_init_from:
+  if heads.get(config.model.head).needs_learned_features and config.mil_init_from:
     for cell in cells:
       folder = contracts.cell_folder(config.mil_init_from, cell)
       if not grid.is_complete(folder):
@@ -401,7 +435,7 @@ def _check_model_inputs(config: TrainConfig, info: contracts.DatasetInfo,
                     if slice_config.get(name, 0 if name == "context_slices" else None) != mine]
       mismatched += [f"model.{name}" for name in ("image_size", "alpha")
                      if model.get(name) != getattr(config.model, name)]
-      if model.get("head", "slice") != "slice":
+      if model.get("head", heads.DEFAULT_HEAD) != heads.DEFAULT_HEAD:  # MIL starts from the slice head
         mismatched.append("model.head")
       if mismatched:
         raise RunsError(f"--mil_init_from={config.mil_init_from} was trained with other {', '.join(mismatched)};"
@@ -429,6 +463,7 @@ def run_grid(config: TrainConfig, *,
                                           verify_hashes=config.verify_hashes)
   cells = config.selected_cells()
   _check_joint_labels(config, info)
+  _check_region_labels(config, info)
   split = splits.make_splits(splits.split_labels(info, config.task), task=config.task, num_folds=config.num_folds,
                              num_repeats=config.num_repeats, seed=config.seed, repartition=config.repartition)
   _check_cells(config, info, split, cells)
@@ -485,7 +520,8 @@ def measure_images_per_s(config: TrainConfig, *, seconds: float = 20.0, max_step
     size = config.model.image_size
     rng = np.random.default_rng(0)
     images = rng.uniform(0, 255, (config.batch_size, size, size, config.model.input_channels)).astype(np.float32)
-    labels = rng.integers(0, 2, (config.batch_size, len(config.tasks))).astype(np.float32)
+    labels = rng.integers(0, 2, (config.batch_size, heads.get(config.model.head).num_outputs
+                                 if config.regions else len(config.tasks))).astype(np.float32)
     model.train_on_batch(images, labels)  # tracing and compilation: not timed
     steps, started = 0, time.perf_counter()
     while steps < max_steps and (steps == 0 or time.perf_counter() - started < seconds):

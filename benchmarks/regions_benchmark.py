@@ -1,0 +1,234 @@
+"""Where the disease is, on the demo phantom: the regions grid's AUCs and PCI, and its pointing game.
+
+Example (each seed: the demo records, a regions grid and a p grid at the demo preset, then the figures):
+  nice -n 10 python benchmarks/regions_benchmark.py --seeds=0,1,2
+  nice -n 10 python benchmarks/regions_benchmark.py --seeds=0 --nop_baseline   # the regions grid only
+
+Per seed (the split, pool draw and initialisation seed of `train --seed`):
+1. the demo records (pdx_tf.data.pipeline.run_demo_pipeline: the cached 40-patient phantom at 48 px, which carries
+   pci_0 ... pci_12 and per-voxel PCI region maps in masks/<patient_id>.npz);
+2. `train --task=regions` with the demo preset (pdx_tf.presets TRAIN_PRESETS["demo"]: 8 folds x 1 repeat, 5 epochs,
+   48 px, alpha 0.35 from scratch, aggregation mean) plus --inner_fraction/--threshold (default 0.2, inner_youden),
+   and, unless --nop_baseline, `train --task=p` with the same settings;
+3. the evaluation's regions figures (pdx_tf.evaluation.pci.evaluate_regions, 200 bootstrap replicates): macro
+   region AUC, small-bowel macro AUC, PCI Spearman, p and sb read from the regions beside the p head;
+4. the pointing game, out of fold: for each held-out patient and each region truly positive (label 1), the model's
+   evidence is the slice whose score for that region is highest (region_slice_predictions.csv); a hit when that
+   slice holds voxels of the region (the phantom's pci_region_map at the slice's z). Chance: the share of the
+   patient's abdominal slices holding the region (a pointer that picks a slice at random). Beside it, two pointers
+   that know no region: the slice the regions model scores highest for any region, and the p model's highest
+   slice (its slice score along z, the z part of what Grad-CAM of the p model explains; benchmarks/
+   localisation_benchmark.py has its in-plane ratio). Reported over all positive regions and over true positives
+   (positive and above the region's threshold).
+
+`--baselines_only`: no training; what a region-blind score reaches (`region_blind_baselines`: label_p, label_sb or
+the true PCI total used as every region's score), the yardstick for the targets on this cohort.
+
+Output: one JSON line a seed appended to --output (default benchmarks/results/regions_<date>.jsonl) with the code
+version, the machine, the command and the figures; a summary printed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from pdx_tf import contracts, io_utils, presets, provenance
+from pdx_tf.data import pipeline, records
+from pdx_tf.evaluation import pci
+from pdx_tf.training import trainer
+
+import tensorflow as tf
+
+_SEEDS = flags.DEFINE_list("seeds", ["0"], "Seeds (one grid each).")
+_ROOT = flags.DEFINE_string("root", "runs/regions-benchmark", "Folder for the records and the runs.")
+_OUTPUT = flags.DEFINE_string("output", None, "JSON-lines file (default benchmarks/results/regions_<date>.jsonl).")
+_P_BASELINE = flags.DEFINE_bool("p_baseline", True, "Also train the p grid (the region-blind pointer).")
+_INNER_FRACTION = flags.DEFINE_float("inner_fraction", 0.2, "Inner patients a cell (per-region Youden thresholds).")
+_EPOCHS = flags.DEFINE_integer("epochs", None, "Override the demo preset's epochs.")
+_IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Override the demo preset's image size (records rebuilt).")
+_BASELINES_ONLY = flags.DEFINE_bool("baselines_only", False, "Only the region-blind label baselines (no training).")
+
+
+def region_blind_baselines(info: contracts.DatasetInfo) -> dict[str, object]:
+  """What a model that knows NO region reaches, scored like the regions grid: each patient-level label (label_p,
+  label_sb, the true PCI total) used as the score of every region (per-region AUC, macro, small-bowel macro), and
+  the Spearman of label_p (and label_p + label_sb) with the true PCI. An upper bound for a region-blind p (or sb)
+  detector: if it is above a target, the target does not need localisation on this cohort."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from sklearn.metrics import roc_auc_score  # pylint: disable=import-outside-toplevel
+
+  ids = sorted(info.patients)
+  scores = np.asarray([info.pci_scores(patient_id) for patient_id in ids], np.float64)
+  label_p = np.asarray([info.patients[patient_id]["label_p"] for patient_id in ids])
+  label_sb = np.asarray([info.patients[patient_id]["label_sb"] for patient_id in ids])
+  total = scores.clip(min=0).sum(axis=1)
+  out: dict[str, object] = {}
+  for name, score in (("label_p", label_p), ("label_sb", label_sb), ("pci_total", total)):
+    aucs = []
+    for region in range(contracts.NUM_PCI_REGIONS):
+      recorded = scores[:, region] >= 0
+      labels = (scores[recorded, region] > 0).astype(int)
+      aucs.append(float(roc_auc_score(labels, score[recorded])) if 0 < labels.sum() < labels.size else None)
+    present = [value for value in aucs if value is not None]
+    small = [aucs[region] for region in contracts.PCI_SMALL_BOWEL_REGIONS if aucs[region] is not None]
+    out[name] = {"region_auc": aucs, "macro_auc": float(np.mean(present)),
+                 "small_bowel_macro_auc": float(np.mean(small)) if small else None}
+  out["pci_spearman_of_label_p"] = float(stats.spearmanr(label_p, total).statistic)
+  out["pci_spearman_of_label_p_plus_sb"] = float(stats.spearmanr(label_p + label_sb, total).statistic)
+  return out
+
+
+def _train(task: str, records_dir: str, output_dir: str, seed: int) -> float:
+  values = {**presets.TRAIN_PRESETS["demo"], "task": task, "records_dir": records_dir, "output_dir": output_dir,
+            "seed": seed, "deterministic": True}
+  if _EPOCHS.value:
+    values["epochs"] = _EPOCHS.value
+  if _IMAGE_SIZE.value:
+    values["image_size"] = _IMAGE_SIZE.value
+  if task == contracts.PCI_TASK:
+    values.update(inner_fraction=_INNER_FRACTION.value, threshold="inner_youden")
+  started = time.time()
+  trainer.run_grid(trainer.config_from_values(values))
+  return time.time() - started
+
+
+def slice_z(info: contracts.DatasetInfo) -> dict[tuple[str, int], float]:
+  """(patient, slice index) -> z_mm of every original record."""
+  out = {}
+  for patient_id in info.patients:
+    for path in info.shard_paths([patient_id], "original"):
+      for example in tf.data.TFRecordDataset(path).map(records.parse_example):
+        out[(patient_id, int(example[records.SLICE_INDEX_KEY]))] = float(example[records.Z_MM_KEY])
+  return out
+
+
+def regions_at_slices(cohort_dir: str, patient_id: str, z_values: dict[int, float]) -> dict[int, set[int]]:
+  """slice index -> the PCI regions present on the mask slice nearest its z (pci_region_map, -1 outside)."""
+  masks = np.load(os.path.join(cohort_dir, "masks", f"{patient_id}.npz"))
+  region_map, mask_z = masks["pci_region_map"], np.asarray(masks["z_mm"])
+  out = {}
+  for index, z in z_values.items():
+    nearest = int(np.argmin(np.abs(mask_z - z)))
+    present = np.unique(region_map[nearest])
+    out[index] = {int(value) for value in present if value >= 0}
+  return out
+
+
+def pointing_game(regions_root: str, p_root: str | None, info: contracts.DatasetInfo, cohort_dir: str
+                  ) -> dict[str, object]:
+  """The pointing game over every held-out patient of the regions grid (module docstring)."""
+  z_by_slice = slice_z(info)
+  # The p grid's folds differ from the regions grid's (its split is stratified on label_p alone): its slice scores
+  # by patient, from whichever of its cells held the patient out.
+  p_slices: dict[str, dict[int, float]] = {}
+  if p_root:
+    for p_cell in sorted(tf.io.gfile.glob(os.path.join(p_root, contracts.CELLS_FOLDER, "*"))):
+      for row in io_utils.read_csv(os.path.join(p_cell, contracts.SLICE_PREDICTIONS_FILE)):
+        p_slices.setdefault(row["patient_id"], {})[int(row["slice_index"])] = float(row["probability"])
+  tallies = {name: {"hits": 0, "chance": 0.0, "n": 0} for name in
+             ("region", "region_tp", "any_region", "p_model")}
+  for cell_dir in sorted(tf.io.gfile.glob(os.path.join(regions_root, contracts.CELLS_FOLDER, "*"))):
+    run = io_utils.read_json(os.path.join(cell_dir, contracts.RUN_FILE))
+    thresholds = run["thresholds"]
+    slices: dict[str, dict[int, np.ndarray]] = {}
+    for row in io_utils.read_csv(os.path.join(cell_dir, "region_slice_predictions.csv")):
+      slices.setdefault(row["patient_id"], {}).setdefault(int(row["slice_index"]), np.zeros(13))[
+          int(row["region"])] = float(row["probability"])
+    patient_rows = io_utils.read_csv(os.path.join(cell_dir, "region_predictions.csv"))
+    for row in patient_rows:
+      if row["label"] != "1":
+        continue
+      patient_id, region = row["patient_id"], int(row["region"])
+      indices = sorted(slices[patient_id])
+      scores = np.asarray([slices[patient_id][index] for index in indices])  # [N, 13]
+      present = regions_at_slices(cohort_dir, patient_id, {index: z_by_slice[(patient_id, index)]
+                                                           for index in indices})
+      chance = float(np.mean([region in present[index] for index in indices]))
+      pointers = {"region": indices[int(np.argmax(scores[:, region]))],
+                  "any_region": indices[int(np.argmax(scores.max(axis=1)))]}
+      if float(row["probability"]) >= thresholds[region]:
+        pointers["region_tp"] = pointers["region"]
+      if p_root:
+        p_scores = [p_slices[patient_id][index] for index in indices]
+        pointers["p_model"] = indices[int(np.argmax(p_scores))]
+      for name, index in pointers.items():
+        tallies[name]["hits"] += int(region in present[index])
+        tallies[name]["chance"] += chance
+        tallies[name]["n"] += 1
+  out = {}
+  for name, tally in tallies.items():
+    if tally["n"]:
+      hit_rate, chance = tally["hits"] / tally["n"], tally["chance"] / tally["n"]
+      out[name] = {"n": tally["n"], "hit_rate": hit_rate, "chance": chance, "ratio": hit_rate / chance}
+  return out
+
+
+def main(argv):
+  del argv
+  root = _ROOT.value
+  output = _OUTPUT.value or os.path.join("benchmarks", "results",
+                                         f"regions_{datetime.date.today().isoformat()}.jsonl")
+  overrides = {"image_size": _IMAGE_SIZE.value} if _IMAGE_SIZE.value else {}
+  records_dir = os.path.join(root, "records" if not _IMAGE_SIZE.value else f"records-{_IMAGE_SIZE.value}px")
+  started = time.time()
+  pipeline.run_demo_pipeline(records_dir, progress=False, **overrides)
+  pipeline_s = time.time() - started
+  info = contracts.load_dataset_info(records_dir)
+  cohort_dir = os.path.dirname(info.document["config"]["manifest_path"])
+  if _BASELINES_ONLY.value:
+    baselines = region_blind_baselines(info)
+    line = {"benchmark": "regions_blind_baselines", "code_version": provenance.code_version(),
+            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+            "command": "python " + " ".join(sys.argv), "figures": baselines}
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "a", encoding="utf-8") as handle:
+      handle.write(json.dumps(line) + "\n")
+    print(json.dumps(baselines))
+    return
+  for seed in (int(value) for value in _SEEDS.value):
+    regions_root = os.path.join(root, f"regions-seed{seed}")
+    p_root = os.path.join(root, f"p-seed{seed}") if _P_BASELINE.value else None
+    regions_s = _train(contracts.PCI_TASK, records_dir, regions_root, seed)
+    p_s = _train("p", records_dir, p_root, seed) if p_root else None
+    head_scores = {}
+    if p_root:
+      from pdx_tf.evaluation import runs as runs_lib  # pylint: disable=import-outside-toplevel
+      head_scores = pci.head_scores_from_runs(runs_lib.load_runs(p_root, ("p",)))
+    summary, _ = pci.evaluate_regions(regions_root, num_bootstrap=200, seed=seed, head_scores=head_scores)
+    pointing = pointing_game(regions_root, p_root, info, cohort_dir)
+    line = {
+        "benchmark": "regions", "code_version": provenance.code_version(),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
+                    "note": "shared 2-core machine under load: wall times are not speeds"},
+        "command": "python " + " ".join(sys.argv), "seed": seed,
+        "settings": {"preset": "demo", "inner_fraction": _INNER_FRACTION.value, "threshold": "inner_youden",
+                     "epochs": _EPOCHS.value or presets.TRAIN_PRESETS["demo"]["epochs"],
+                     "image_size": _IMAGE_SIZE.value or presets.TRAIN_PRESETS["demo"]["image_size"]},
+        "figures": {
+            "macro_auc": summary["macro_auc"], "macro_auc_ci": summary["macro_auc_ci"],
+            "small_bowel_macro_auc": summary["small_bowel_macro_auc"],
+            "region_auc": [entry["auc"] for entry in summary["regions"]],
+            "region_n_positive": [entry["n_positive"] for entry in summary["regions"]],
+            "pci_spearman": summary["pci"]["spearman"], "pci_spearman_ci": summary["pci"]["spearman_ci"],
+            "pci_mae": summary["pci"]["mae"], "derived": summary["derived"], "pointing": pointing},
+        "wall_time_s": {"pipeline": pipeline_s, "regions_grid": regions_s, "p_grid": p_s},
+    }
+    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+    with open(output, "a", encoding="utf-8") as handle:
+      handle.write(json.dumps(line) + "\n")
+    figures = line["figures"]
+    print(f"seed {seed}: macro AUC {figures['macro_auc']}, small bowel {figures['small_bowel_macro_auc']}, PCI"
+          f" Spearman {figures['pci_spearman']}, pointing {json.dumps(pointing)}", flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)
