@@ -135,3 +135,11 @@ def test_per_class_coverage_on_a_known_distribution(alpha):
       covered[label].append(np.mean(contains[test_labels == label]))
   for label in (0, 1):
     assert abs(np.mean(covered[label]) - (1 - alpha)) < 0.02, (label, np.mean(covered[label]))
+
+
+def test_a_patient_listed_in_two_folds_never_calibrates_itself():
+  # Patient A is in folds 0 and 1 of repeat 0 (a malformed grid): fold 0 must not calibrate on A's fold-1 row.
+  calibration = conformal.calibration_rows([0, 0, 0, 0, 0], [0, 0, 1, 1, 2], ["A", "B", "A", "C", "D"])
+  assert calibration[(0, 0)].tolist() == [3, 4]
+  assert calibration[(0, 1)].tolist() == [1, 4]
+  assert calibration[(0, 2)].tolist() == [0, 1, 2, 3]
