@@ -75,6 +75,13 @@ def main(argv):
     else:
       summary = evaluate_runs(config)  # also writes config.json before any work
       print(format_paper_table(summary))
+      for task, entry in summary.items():
+        sets = entry.get("conformal") if isinstance(entry, dict) else None
+        if sets:
+          print(f"{task}: conformal sets at alpha {sets['alpha']:g}: coverage {sets['coverage']['estimate']:.2f}"
+                f" (negatives {sets['coverage_negative']['estimate']:.2f}, positives"
+                f" {sets['coverage_positive']['estimate']:.2f}), {100 * sets['uncertain_share']['estimate']:.0f} %"
+                f" uncertain ({sets['n_empty']} empty sets)")
   except PdxError as error:
     _fail(str(error))
   print(f"Report: {io_utils.join(config.output_dir, 'report.html')} (and report.md, summary.json, model_card.md)")
