@@ -14,7 +14,10 @@ patient-bootstrap replicates). With --preset=demo_sb the grid is configs/demo_sb
 Figures a (task, seed, alpha): coverage overall and per class, uncertain (and empty) share, the answered
 patients' accuracy against all patients' accuracy at the threshold, ECE, the pooled patient AUC. Targets (issue
 22): per-class coverage within 0.05 of 1 - alpha; the answered accuracy at least 10 points above all patients' at
-no more than 30 % uncertain (at the alpha's own sets, and on the risk-coverage curve at 70 % answered). Prints one line per run and the means over seeds; appends one JSON line (code
+no more than 30 % uncertain (at the alpha's own sets, and on the risk-coverage curve at 70 % answered). The demo
+grid has one repeat, so no SD over models there; instead each patient's out-of-fold probabilities from the seeds'
+grids (one held-out model a seed) give an SD over models, and its AUC for "the seeds' mean is wrong at 0.5"
+(`sd_over_seeds`). Prints one line per run and the means over seeds; appends one JSON line (code
 version, machine, command, every figure) to --results.
 """
 
@@ -78,6 +81,24 @@ def run_figures(entry: dict, auc: float | None) -> dict:
   return figures
 
 
+def seeds_sd_figures(probabilities_by_seed: list[dict[str, float]], labels: dict[str, int],
+                     threshold: float = 0.5) -> dict | None:
+  """Does the SD over held-out models rank errors? Each seed's grid holds every patient out once, so a patient
+  has one out-of-fold probability a seed: the SD over seeds (ddof 1) against "the mean over seeds is wrong at
+  `threshold`": its AUC and the risk-coverage curve (low SD answered first). None with fewer than 2 seeds."""
+  from pdx_tf.evaluation import conformal_evaluation  # pylint: disable=import-outside-toplevel
+
+  if len(probabilities_by_seed) < 2:
+    return None
+  patients = sorted(set.intersection(*(set(one) for one in probabilities_by_seed)))
+  stacked = np.asarray([[one[patient] for one in probabilities_by_seed] for patient in patients])
+  sds = stacked.std(axis=1, ddof=1)
+  wrong = (stacked.mean(axis=1) >= threshold) != np.asarray([labels[patient] == 1 for patient in patients])
+  curve = conformal_evaluation.risk_coverage(~wrong, -sds)
+  return {"n_patients": len(patients), "n_seeds": len(probabilities_by_seed), "error_rate": float(wrong.mean()),
+          "sd_error_auc": conformal_evaluation.weighted_auc(wrong, sds), "risk_coverage": curve}
+
+
 def _mean(values):
   values = [value for value in values if value is not None]
   return float(np.mean(values)) if values else None
@@ -100,6 +121,8 @@ def main(argv):
   records = demo.records_folder(demo.demo_root(num_patients), image_size)
   pipeline.run_demo_pipeline(records, progress=False, image_size=image_size, num_patients=num_patients)
   runs = []
+  probabilities_by_seed: dict[str, list[dict[str, float]]] = {}
+  labels: dict[str, dict[str, int]] = {}
   for seed in seeds:
     folder = os.path.join(_ROOT.value, f"demo_sb-seed{seed}" if sb else f"{task}-seed{seed}")
     config = trainer.config_from_values({"task": task, "records_dir": records, "output_dir": folder, **preset,
@@ -113,6 +136,15 @@ def main(argv):
         figures = {"task": one_task, "seed": seed, "runs_dir": folder, "evaluation_dir": evaluation_dir,
                    **run_figures(entry, entry["pooled_ci95"]["auc"]["estimate"])}
         runs.append(figures)
+        if alpha == alphas[0]:
+          from pdx_tf.evaluation import runs as runs_lib  # pylint: disable=import-outside-toplevel
+          task_runs = runs_lib.load_runs(folder, (one_task,))[one_task]
+          seed_probabilities = {}
+          for cell in task_runs.cells.values():
+            for patient, label, probability in zip(cell.patient_ids, cell.patient_labels, cell.patient_probabilities):
+              seed_probabilities[patient] = float(probability)
+              labels.setdefault(one_task, {})[patient] = int(label)
+          probabilities_by_seed.setdefault(one_task, []).append(seed_probabilities)
         print(json.dumps({key: (round(value, 4) if isinstance(value, float) else value)
                           for key, value in figures.items() if not key.endswith("_dir")}))
   means = {}
@@ -131,6 +163,12 @@ def main(argv):
                                                                             for run in chosen)
       means[f"{one_task}@{alpha:g}"]["runs_meeting_abstention_target_curve"] = sum(
           run["target_abstention_met_curve"] for run in chosen)
+  sd_over_seeds = {one_task: seeds_sd_figures(values, labels[one_task])
+                   for one_task, values in probabilities_by_seed.items()}
+  for one_task, value in sd_over_seeds.items():
+    if value:
+      print(f"{one_task}: SD over {value['n_seeds']} seeds' held-out models ranks errors with AUC"
+            f" {value['sd_error_auc']:.3f} ({value['n_patients']} patients, error rate {value['error_rate']:.3f})")
   for key, value in means.items():
     print(key, json.dumps({name: (round(number, 4) if isinstance(number, float) else number)
                            for name, number in value.items()}))
@@ -140,6 +178,7 @@ def main(argv):
       "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
       "command": "python " + " ".join(sys.argv), "preset": _PRESET.value, "task": task, "seeds": seeds,
       "alphas": alphas, "num_bootstrap": _NUM_BOOTSTRAP.value, "runs": runs, "means": means,
+      "sd_over_seeds": sd_over_seeds,
   }
   os.makedirs(os.path.dirname(_RESULTS.value), exist_ok=True)
   with open(_RESULTS.value, "a", encoding="utf-8") as handle:

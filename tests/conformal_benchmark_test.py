@@ -31,3 +31,16 @@ def test_targets_are_checked_as_the_issue_states_them():
   assert not missed["target_coverage_met"]  # 0.96 is 0.06 above 0.9
   assert not missed["target_abstention_met"]  # 31 % uncertain
   assert not missed["target_abstention_met_curve"]  # 0.7 - 0.625 < 0.10
+
+
+def test_sd_over_seeds_ranks_errors_as_computed_by_hand():
+  labels = {"a": 1, "b": 0, "c": 1, "d": 0}
+  seeds = [{"a": 0.9, "b": 0.0, "c": 0.2, "d": 0.6}, {"a": 0.9, "b": 0.45, "c": 0.6, "d": 0.9}]
+  figures = conformal_benchmark.seeds_sd_figures(seeds, labels)
+  # Means 0.9, 0.225, 0.4, 0.75: c (positive, 0.4) and d (negative, 0.75) are wrong at 0.5. SDs (ddof 1): a 0,
+  # b 0.318, c 0.283, d 0.212: the wrong {c, d} against the right {a, b}: each beats a and loses to b: 2 / 4.
+  assert figures["n_patients"] == 4 and figures["error_rate"] == 0.5
+  assert figures["sd_error_auc"] == pytest.approx(0.5)
+  # Ranking by SD, the curve keeps a (SD 0) first: all right at 25 % answered.
+  assert figures["risk_coverage"]["selective_accuracy"][15] == 1.0
+  assert conformal_benchmark.seeds_sd_figures(seeds[:1], labels) is None
