@@ -34,6 +34,10 @@ _ALLOW_PARTIAL = flags.DEFINE_bool("allow_partial", False,
                                    "Evaluate the cells that exist and mark the report partial.")
 _NUM_BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", 1000, "Patient-bootstrap replicates for the 95 % CIs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Key of the bootstrap resampling.")
+_CONFORMAL_ALPHA = flags.DEFINE_float("conformal_alpha", None, "Error rate of the conformal sets, re-derived from"
+                                      " the stored out-of-fold predictions (default: the runs' own, if trained"
+                                      " with --conformal_alpha). With --predictions: the coverage check's alpha"
+                                      " (default: the CSV's alpha column).")
 
 
 def _fail(message) -> None:
@@ -50,12 +54,12 @@ def main(argv):
       config = ExternalConfig(
           predictions_path=_PREDICTIONS.value, output_dir=_OUTPUT_DIR.value, runs_dir=_RUNS_DIR.value,
           tasks=tuple(_TASKS.value), threshold=_THRESHOLD.value, num_bootstrap=_NUM_BOOTSTRAP.value,
-          seed=_SEED.value, allow_partial=_ALLOW_PARTIAL.value)
+          seed=_SEED.value, allow_partial=_ALLOW_PARTIAL.value, conformal_alpha=_CONFORMAL_ALPHA.value)
     else:
       config = EvaluateConfig(
           runs_dir=_RUNS_DIR.value, output_dir=_OUTPUT_DIR.value, tasks=tuple(_TASKS.value),
           threshold=_THRESHOLD.value, allow_partial=_ALLOW_PARTIAL.value, num_bootstrap=_NUM_BOOTSTRAP.value,
-          seed=_SEED.value)
+          seed=_SEED.value, conformal_alpha=_CONFORMAL_ALPHA.value)
   except ValueError as error:  # invalid flag values
     _fail(str(error))
   try:
@@ -66,6 +70,8 @@ def main(argv):
         print(f"{task}: {entry['n_patients']} labelled patients, {entry['n_unlabelled']} unlabelled, "
               f"{entry['drift']['n_flagged']} flagged; AUC {metrics['auc']}, sensitivity {metrics['sensitivity']}, "
               f"specificity {metrics['specificity']}")
+        if entry.get("conformal"):
+          print(entry["conformal"]["message"])
     else:
       summary = evaluate_runs(config)  # also writes config.json before any work
       print(format_paper_table(summary))
@@ -74,6 +80,13 @@ def main(argv):
         print(f"regions: {regions['n_patients']} patients; macro AUC {regions['macro_auc']}, small-bowel regions"
               f" {regions['small_bowel_macro_auc']}, PCI Spearman {regions['pci']['spearman']}"
               " (region_predictions.csv, figures/region_auc_map.png)")
+      for task, entry in summary.items():
+        sets = entry.get("conformal") if isinstance(entry, dict) else None
+        if sets:
+          print(f"{task}: conformal sets at alpha {sets['alpha']:g}: coverage {sets['coverage']['estimate']:.2f}"
+                f" (negatives {sets['coverage_negative']['estimate']:.2f}, positives"
+                f" {sets['coverage_positive']['estimate']:.2f}), {100 * sets['uncertain_share']['estimate']:.0f} %"
+                f" uncertain ({sets['n_empty']} empty sets)")
   except PdxError as error:
     _fail(str(error))
   print(f"Report: {io_utils.join(config.output_dir, 'report.html')} (and report.md, summary.json, model_card.md)")

@@ -507,3 +507,9 @@ class ExportInfo:
                  threshold=float(document.get("threshold", 0.5)), document=dict(document))
     except (TypeError, ValueError) as problem:
       raise error(f"{path} has a malformed field ({problem}); re-export the model") from None
+
+  @property
+  def conformal(self) -> Mapping[str, Any] | None:
+    """The conformal thresholds and their calibration scores (pdx_tf.conformal; docs/conformal.md); None for an
+    export without them."""
+    return self.document.get("conformal") or None

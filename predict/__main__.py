@@ -48,6 +48,9 @@ _GRADCAM_MODELS = flags.DEFINE_integer("gradcam_max_models", 8, "Average Grad-CA
 _NUM_WORKERS = flags.DEFINE_integer("num_workers", None, "With --manifest: patient worker processes "
                                     "(default min(CPU count, 4)).")
 _PROGRESS = flags.DEFINE_boolean("progress", True, "With --manifest: show a progress bar on stderr.")
+_CONFORMAL_ALPHA = flags.DEFINE_float("conformal_alpha", None, "Error rate of the conformal set given next to the"
+                                      " probability (default: the export's own; 'uncertain: refer' when both"
+                                      " answers are plausible).")
 
 
 def _fail(message) -> None:
@@ -61,7 +64,8 @@ def _run_cohort() -> None:
   try:
     config = cohort_predict.CohortConfig(
         model_dirs=tuple(_MODEL.value), manifest_path=_MANIFEST.value, output_dir=_OUTPUT_DIR.value,
-        num_gradcam_slices=_GRADCAM_SLICES.value, gradcam_max_models=_GRADCAM_MODELS.value, num_workers=workers)
+        num_gradcam_slices=_GRADCAM_SLICES.value, gradcam_max_models=_GRADCAM_MODELS.value, num_workers=workers,
+        conformal_alpha=_CONFORMAL_ALPHA.value)
   except ValueError as error:
     _fail(str(error))
   try:
@@ -84,7 +88,8 @@ def main(argv):
   try:
     config = PredictConfig(model_dirs=tuple(_MODEL.value), dicom_dir=_DICOM_DIR.value,
                            output_dir=_OUTPUT_DIR.value, patient_id=_PATIENT_ID.value,
-                           num_gradcam_slices=_GRADCAM_SLICES.value, gradcam_max_models=_GRADCAM_MODELS.value)
+                           num_gradcam_slices=_GRADCAM_SLICES.value, gradcam_max_models=_GRADCAM_MODELS.value,
+                           conformal_alpha=_CONFORMAL_ALPHA.value)
   except ValueError as error:  # invalid flag values
     _fail(str(error))
   try:

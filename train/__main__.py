@@ -133,6 +133,9 @@ _EARLY_STOPPING_PATIENCE = flags.DEFINE_integer("early_stopping_patience", 0, "S
                                                 " without a lower inner loss, keeping the best epoch (0: off).")
 _CONSISTENCY_WEIGHT = flags.DEFINE_float("consistency_weight", 1.0, "With --task=p,sb: weight of the loss term"
                                          " max(0, P(sb) - P(p))^2 (small-bowel dissemination implies peritoneal).")
+_CONFORMAL_ALPHA = flags.DEFINE_float("conformal_alpha", 0.0, "Error rate of the conformal prediction sets (e.g. 0.1:"
+                                      " each class covered 90 % of the time; 'uncertain: refer' otherwise), derived"
+                                      " by evaluate and the export; 0: none. --alpha is MobileNetV2's width.")
 # The flags a --cells_per_gpu parent sets itself on its children.
 _CHILD_OWNED = ("num_partitions", "partition_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
 
@@ -151,7 +154,7 @@ _CONFIG_FLAGS = ("task", "records_dir", "output_dir", "num_folds", "num_repeats"
                  "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells",
                  "context_slices", "head", "attention_units", "mil_init_from", "mil_max_slices",
                  "mil_bags_per_batch", "inner_fraction", "threshold", "calibration", "early_stopping_patience",
-                 "consistency_weight")
+                 "consistency_weight", "conformal_alpha")
 # Flags of a run on records that the demo (one machine, its own folders) cannot honour.
 _NOT_FOR_DEMO = ("num_partitions", "partition_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
 

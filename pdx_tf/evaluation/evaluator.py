@@ -15,11 +15,11 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import configs, io_utils
+from pdx_tf import configs, conformal, io_utils
 from pdx_tf.contracts import CONFIG_FILE, PCI_TASK, SPLITS_FILE, SUMMARY_FILE
 from pdx_tf.errors import RunsError
 from pdx_tf.evaluation import clinical, external, grid_statistics, metrics as metrics_lib, model_card, report
-from pdx_tf.evaluation import pci, runs as runs_lib
+from pdx_tf.evaluation import conformal_evaluation, pci, runs as runs_lib
 from pdx_tf.evaluation import tensorboard
 
 PATIENT_PREDICTIONS_FILE = "patient_predictions.csv"
@@ -29,6 +29,9 @@ REPORT_HTML_FILE = "report.html"
 FIGURES_FOLDER = "figures"
 TENSORBOARD_SUBDIR = ("tensorboard", "evaluate")
 PATIENT_PREDICTIONS_HEADER = ("task", "repeat", "fold", "patient_id", "label", "probability", "predicted")
+# With conformal sets (--conformal_alpha, or the runs' own): each row's answer (negative, positive or uncertain)
+# and the alpha it was made at.
+CONFORMAL_COLUMNS = ("conformal_set", "alpha")
 CELL_METRICS_HEADER = ("task", "repeat", "fold", "level", "n", "n_positive", "true_positive", "false_positive",
                        "true_negative", "false_negative") + metrics_lib.METRIC_NAMES
 
@@ -49,6 +52,9 @@ class EvaluateConfig:
     allow_partial: evaluate the complete cells that exist (the report is marked partial) instead of failing.
     num_bootstrap: patient-bootstrap replicates for the 95 % CIs (0 skips the CIs).
     seed: key of the bootstrap resampling.
+    conformal_alpha: error rate of the conformal sets (pdx_tf.conformal; summary "conformal", the report's
+      conformal section, patient_predictions.csv's conformal_set and alpha); None: the alpha the runs were trained
+      with (run.json's config "conformal_alpha"), and no sets if they have none.
   """
   runs_dir: str
   output_dir: str
@@ -57,8 +63,11 @@ class EvaluateConfig:
   allow_partial: bool = False
   num_bootstrap: int = 1000
   seed: int = 0
+  conformal_alpha: float | None = None
 
   def __post_init__(self):
+    if self.conformal_alpha is not None:
+      object.__setattr__(self, "conformal_alpha", conformal.check_alpha(self.conformal_alpha))
     if not isinstance(self.runs_dir, str) or not self.runs_dir:
       raise ValueError("runs_dir must be a non-empty path: the training output folder")
     if not isinstance(self.output_dir, str) or not self.output_dir:
@@ -94,15 +103,40 @@ def _csv_number(value: Any) -> Any:
   return value
 
 
-def _patient_prediction_rows(evaluations, threshold: float):
+def _patient_prediction_rows(evaluations, threshold: float, conformal_evaluations=None):
+  """patient_predictions.csv's rows; with `conformal_evaluations` (task -> ConformalEvaluation) each row also has
+  its conformal answer and alpha (a task without sets gets empty fields)."""
   for evaluation in evaluations:
+    task = evaluation.task_runs.task
     own = grid_statistics.own_thresholds(evaluation.task_runs)  # the cells' own thresholds, if they carry them
+    sets = (conformal_evaluations or {}).get(task)
     for (repeat, fold), cell in sorted(evaluation.task_runs.cells.items()):
       here = own[(repeat, fold)] if own else threshold
       for patient_id, label, probability in sorted(
           zip(cell.patient_ids, cell.patient_labels.tolist(), cell.patient_probabilities.tolist())):
-        yield (evaluation.task_runs.task, repeat, fold, patient_id, label, repr(probability),
-               int(probability >= here))
+        row = (task, repeat, fold, patient_id, label, repr(probability), int(probability >= here))
+        if conformal_evaluations:
+          row += ((sets.answers[(repeat, fold, patient_id)], repr(sets.alpha)) if sets else ("", ""))
+        yield row
+
+
+def _conformal_evaluations(config: EvaluateConfig, evaluations) -> dict:
+  """task -> its ConformalEvaluation, for the tasks with an alpha (config's, else the runs'); also puts each
+  summary in the task's summary entry under "conformal"."""
+  result = {}
+  for evaluation in evaluations:
+    try:
+      alpha = config.conformal_alpha or conformal_evaluation.runs_alpha(evaluation.task_runs)
+    except ValueError as error:
+      raise RunsError(str(error)) from None
+    if alpha is None:
+      continue
+    logger.info("task %s: conformal sets at alpha %g", evaluation.task_runs.task, alpha)
+    checked = conformal_evaluation.evaluate_conformal(evaluation.task_runs, alpha, config.threshold,
+                                                      config.num_bootstrap, config.seed)
+    evaluation.summary["conformal"] = checked.summary
+    result[evaluation.task_runs.task] = checked
+  return result
 
 
 def evaluate_runs(config: EvaluateConfig) -> dict:
@@ -141,6 +175,7 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
     logger.info("evaluating task %s: %d of %d cells", task, len(runs.cells), len(runs.expected_cells))
     evaluation = grid_statistics.evaluate_task(runs, config.threshold, config.num_bootstrap, config.seed)
     evaluations.append(clinical.extend_grid_evaluation(evaluation, config.num_bootstrap, config.seed))
+  conformal_evaluations = _conformal_evaluations(config, evaluations)
   summary = {evaluation.task_runs.task: evaluation.summary for evaluation in evaluations}
   output = config.output_dir
   if regions is not None:
@@ -152,13 +187,17 @@ def evaluate_runs(config: EvaluateConfig) -> dict:
       return {PCI_TASK: regions[0]}
   else:
     io_utils.atomic_write_json(io_utils.join(output, SUMMARY_FILE), summary)
-  io_utils.atomic_write_csv(io_utils.join(output, PATIENT_PREDICTIONS_FILE), PATIENT_PREDICTIONS_HEADER,
-                            _patient_prediction_rows(evaluations, config.threshold))
+  io_utils.atomic_write_csv(io_utils.join(output, PATIENT_PREDICTIONS_FILE),
+                            PATIENT_PREDICTIONS_HEADER + (CONFORMAL_COLUMNS if conformal_evaluations else ()),
+                            _patient_prediction_rows(evaluations, config.threshold, conformal_evaluations))
   io_utils.atomic_write_csv(
       io_utils.join(output, CELL_METRICS_FILE), CELL_METRICS_HEADER,
       ([_csv_number(row[column]) for column in CELL_METRICS_HEADER]
        for evaluation in evaluations for row in evaluation.rows))
   figures = report.make_figures(evaluations)
+  if conformal_evaluations:
+    figures[conformal_evaluation.FIGURE_NAME] = conformal_evaluation.conformal_figure(
+        list(conformal_evaluations.values()))
   figure_paths = {}
   for name, png in figures.items():
     relative = f"{FIGURES_FOLDER}/{name}.png"
@@ -222,6 +261,14 @@ def evaluate_predictions(config: external.ExternalConfig) -> dict:
     labelled = sorted((row for row in task_rows if row.label is not None), key=lambda row: row.patient_id)
     data[task] = (np.asarray([row.label for row in labelled], dtype=np.int64),
                   np.asarray([row.probability for row in labelled], dtype=np.float64))
+    try:
+      coverage = conformal_evaluation.external_coverage(task, task_rows, config.conformal_alpha,
+                                                        config.num_bootstrap, config.seed)
+    except ValueError as error:
+      raise RunsError(f"{config.predictions_path}: {error}") from None
+    if coverage is not None:
+      summary[task]["conformal"] = coverage
+      (logger.warning if coverage["shortfall"] else logger.info)("%s", coverage["message"])
     if task in internal:
       summary[task]["internal_cross_validation"] = internal[task].summary
   output = config.output_dir

@@ -33,6 +33,9 @@ DRIFT_SEPARATOR = ";"
 FLAGGED_PATIENTS_FILE = "flagged_patients.csv"
 FLAGGED_PATIENTS_HEADER = ("task", "patient_id", "label", "probability", "predicted", "drift_flags")
 CALIBRATION_BINS = 10
+# predict's conformal columns (answer, members, alpha): checked by conformal_evaluation.external_coverage, not
+# covariates.
+CONFORMAL_COLUMNS = ("conformal_set", "conformal_members", "alpha")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +51,7 @@ class ExternalConfig:
     num_bootstrap: patient-bootstrap replicates for the 95 % CIs (0 skips them).
     seed: key of the bootstrap resampling.
     allow_partial: with runs_dir, evaluate an unfinished grid's complete cells.
+    conformal_alpha: the alpha of the coverage check of the CSV's conformal sets (None: its alpha column).
   """
   predictions_path: str
   output_dir: str
@@ -57,8 +61,12 @@ class ExternalConfig:
   num_bootstrap: int = 1000
   seed: int = 0
   allow_partial: bool = False
+  conformal_alpha: float | None = None
 
   def __post_init__(self):
+    if self.conformal_alpha is not None:
+      from pdx_tf import conformal  # pylint: disable=import-outside-toplevel
+      object.__setattr__(self, "conformal_alpha", conformal.check_alpha(self.conformal_alpha))
     if not isinstance(self.predictions_path, str) or not self.predictions_path:
       raise ValueError("predictions_path must be a non-empty path to patient_predictions.csv")
     if not isinstance(self.output_dir, str) or not self.output_dir:
@@ -91,6 +99,7 @@ class PredictionRow:
   predicted: int
   drift_flags: tuple[str, ...]
   covariates: Mapping[str, str]
+  conformal: Mapping[str, str] = dataclasses.field(default_factory=dict)  # CONFORMAL_COLUMNS given in the CSV
 
 
 def _fail(message: str) -> RunsError:
@@ -119,7 +128,8 @@ def read_predictions(path: str) -> tuple[list[PredictionRow], tuple[str, ...]]:
     if column not in header:
       raise _fail(f"{path} lacks the column {column}; a predictions CSV needs {','.join(REQUIRED_COLUMNS)} "
                   "(written by `python -m predict --manifest=...`)")
-  covariates = tuple(column for column in header if column not in REQUIRED_COLUMNS + (DRIFT_COLUMN,))
+  covariates = tuple(column for column in header
+                     if column not in REQUIRED_COLUMNS + (DRIFT_COLUMN,) + CONFORMAL_COLUMNS)
   rows, seen = [], {}
   for line, record in enumerate(records, start=2):
     if not any(cell.strip() for cell in record):
@@ -156,7 +166,8 @@ def read_predictions(path: str) -> tuple[list[PredictionRow], tuple[str, ...]]:
     flags = tuple(flag.strip() for flag in values.get(DRIFT_COLUMN, "").split(DRIFT_SEPARATOR) if flag.strip())
     rows.append(PredictionRow(line=line, task=task, patient_id=patient_id, label=label, probability=probability,
                               uncertainty=uncertainty, predicted=int(predicted), drift_flags=flags,
-                              covariates={column: values[column] for column in covariates}))
+                              covariates={column: values[column] for column in covariates},
+                              conformal={column: values[column] for column in CONFORMAL_COLUMNS if column in values}))
   if not rows:
     raise _fail(f"{path} has a header but no rows; predict wrote no patient (see its failures.csv)")
   return rows, covariates

@@ -19,6 +19,7 @@ matplotlib.use("Agg")  # pylint: disable=wrong-import-position
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pdx_tf.evaluation import conformal_evaluation  # noqa: E402
 from pdx_tf.evaluation import metrics as metrics_lib  # noqa: E402
 from pdx_tf.evaluation.grid_statistics import TaskEvaluation  # noqa: E402
 
@@ -330,6 +331,7 @@ FIGURE_CAPTIONS = {
     "calibration": "Calibration of the patient-level probabilities, all repeats pooled; counts beside points.",
     "subgroups": ("Accuracy by covariate subgroup (mean +- SD over repeats of the pooled out-of-fold "
                   "predictions). Numeric covariates are binned as described in Methods."),
+    conformal_evaluation.FIGURE_NAME: conformal_evaluation.FIGURE_CAPTION,
     "decision_curve": ("Decision curve: net benefit = TP/n - FP/n * pt/(1-pt) when every patient with probability "
                        ">= pt is treated, against treating all and treating none."),
 }
@@ -529,6 +531,7 @@ def _task_sections(summary: Mapping[str, Any]) -> list[tuple[str, list[tuple[str
                                ["Group", "Patients", "Positive", "Negative", "Accuracy %", "Sensitivity %",
                                 "Specificity %", "AUC"], rows)))
     blocks.extend(clinical_blocks(task_summary, over_repeats=True))
+    blocks.extend(conformal_evaluation.report_blocks(task_summary))
     sections.append((f"{MODEL_NAMES[task]} ({TASK_DESCRIPTIONS[task]})", blocks))
   return sections
 

@@ -10,7 +10,10 @@ killed run resumes. Outputs in O:
                               probability (ensemble mean), uncertainty (SD over models), predicted (at the
                               export's threshold, 0.5 unless pdx_export.json says "threshold"), drift_flags
                               (';'-joined reasons the inputs are unlike the training inputs, see
-                              `pdx_tf.data.input_statistics`), then the manifest's covariates
+                              `pdx_tf.data.input_statistics`), then, when an export carries conformal
+                              thresholds, conformal_set (negative, positive or uncertain), conformal_members
+                              (negative, positive, both or empty) and alpha (pdx_tf.conformal; empty for a
+                              task whose export has none), then the manifest's covariates
   region_predictions.csv      with a regions export only: patient_id, region (0-12), name, probability,
                               uncertainty, predicted (at the region's threshold, pdx_export.json "regions")
   failures.csv                patient_id, reason: one line per study that could not be read (file tokens,
@@ -44,6 +47,8 @@ REGION_PREDICTIONS_FILE = "region_predictions.csv"
 REGION_PREDICTION_COLUMNS = ("patient_id", "region", "name", "probability", "uncertainty", "predicted")
 MARKER_FORMAT = "pdx-tf-cohort-prediction-marker"
 PREDICTION_COLUMNS = ("task", "patient_id", "label", "probability", "uncertainty", "predicted", "drift_flags")
+# After drift_flags when an export carries conformal thresholds (pdx_export.json "conformal").
+CONFORMAL_COLUMNS = ("conformal_set", "conformal_members", "alpha")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,7 @@ class CohortConfig:
     num_gradcam_slices: Grad-CAM overlays per task and patient (0: none, and no summary.png; fastest).
     gradcam_max_models: average Grad-CAM over at most this many of an ensemble's models.
     num_workers: patient-level worker processes; 1 runs in this process.
+    conformal_alpha: the conformal sets' alpha (None: each export's own; predict.conformal_answer).
   """
 
   model_dirs: tuple[str, ...]
@@ -65,8 +71,12 @@ class CohortConfig:
   num_gradcam_slices: int = 3
   gradcam_max_models: int = 8
   num_workers: int = 1
+  conformal_alpha: float | None = None
 
   def __post_init__(self):
+    if self.conformal_alpha is not None:
+      from pdx_tf import conformal  # pylint: disable=import-outside-toplevel
+      object.__setattr__(self, "conformal_alpha", conformal.check_alpha(self.conformal_alpha))
     if not self.model_dirs:
       raise ValueError("give at least one --model (an export folder X/pdx_p or X/pdx_sb)")
     if not self.manifest_path or not self.output_dir:
@@ -124,6 +134,8 @@ def patient_fingerprint(config: CohortConfig, exports: Sequence[tuple[str, dict[
       "label_sb": row.label_sb, "covariates": dict(row.covariates), "z_min_mm": row.z_min_mm,
       "z_max_mm": row.z_max_mm,
       "source": io_utils.sha256_bytes(f"{row.dicom_dir}\n{row.series_uid or ''}".encode("utf-8")),
+      # Only when given, so markers of runs at the exports' own alpha keep their fingerprint.
+      **({"conformal_alpha": config.conformal_alpha} if config.conformal_alpha is not None else {}),
   })
 
 
@@ -149,12 +161,14 @@ def predict_patient(row: manifest_lib.ManifestRow, config: CohortConfig,
                              z_min_mm=row.z_min_mm, z_max_mm=row.z_max_mm)
   prediction = predict.predict_and_write(
       exports, study, patient_dir, patient_id=row.patient_id, num_gradcam_slices=config.num_gradcam_slices,
-      gradcam_max_models=config.gradcam_max_models, write_summary=config.num_gradcam_slices > 0)
+      gradcam_max_models=config.gradcam_max_models, write_summary=config.num_gradcam_slices > 0,
+      conformal_alpha=config.conformal_alpha)
   labels = {"p": row.label_p, "sb": row.label_sb}
   rows = []
   for task, values in prediction["tasks"].items():
     rows.append([task, row.patient_id, _label_text(labels[task]), f"{values['patient_probability']:.6f}",
                  f"{values['patient_uncertainty']:.6f}", str(values["predicted"]), ";".join(values["drift_flags"])]
+                + (_conformal_fields(values.get("conformal")) if has_conformal(exports) else [])
                 + [row.covariates[name] for name in row.covariates])
   marker = {"format": MARKER_FORMAT, "patient_id": row.patient_id,
             "fingerprint": patient_fingerprint(config, exports, row), "rows": rows,
@@ -167,6 +181,16 @@ def predict_patient(row: manifest_lib.ManifestRow, config: CohortConfig,
                                  regions["predicted"]))]
   io_utils.atomic_write_json(_marker_path(config.output_dir, row.patient_id), marker)
   return marker
+
+
+def has_conformal(exports: Sequence[tuple[str, dict[str, Any]]]) -> bool:
+  """Whether the CSV has the CONFORMAL_COLUMNS: an export carries conformal thresholds."""
+  return any(metadata.get("conformal") for _, metadata in exports)
+
+
+def _conformal_fields(answer: dict[str, Any] | None) -> list[str]:
+  """conformal_set, conformal_members, alpha of a task's prediction (empty without conformal thresholds)."""
+  return [answer["set"], answer["members"], repr(float(answer["alpha"]))] if answer else ["", "", ""]
 
 
 _WORKER_EXPORTS: list = []
@@ -246,9 +270,12 @@ def run_cohort(config: CohortConfig, *, progress: bool = True) -> CohortResult:
 
   markers: dict[str, dict] = {}
   todo = []
+  columns = list(PREDICTION_COLUMNS) + (list(CONFORMAL_COLUMNS) if has_conformal(exports) else [])
   for row in manifest.rows:
     marker = _read_marker(config.output_dir, row.patient_id)
-    if marker is not None and marker.get("fingerprint") == patient_fingerprint(config, exports, row):
+    # A marker of older code (rows without the conformal columns) is redone.
+    if (marker is not None and marker.get("fingerprint") == patient_fingerprint(config, exports, row)
+        and all(len(values) == len(columns) + len(row.covariates) for values in marker["rows"])):
       markers[row.patient_id] = marker
     else:
       todo.append(row)
@@ -268,7 +295,7 @@ def run_cohort(config: CohortConfig, *, progress: bool = True) -> CohortResult:
 
   rows = sorted((row for marker in markers.values() for row in marker["rows"]),
                 key=lambda values: (values[0], values[1]))
-  header = list(PREDICTION_COLUMNS) + list(manifest.covariate_names)
+  header = columns + list(manifest.covariate_names)
   predictions_csv = io_utils.join(config.output_dir, contracts.PATIENT_PREDICTIONS_FILE)
   io_utils.atomic_write_csv(predictions_csv, header, rows)
   failure_rows = sorted(failures.items())

@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import configs, contracts, io_utils, provenance
+from pdx_tf import configs, conformal, contracts, io_utils, provenance
 from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_FORMAT, EXPORT_METADATA_FILE as METADATA_FILE, EXPORT_SCHEMA_VERSION
 from pdx_tf.contracts import RUN_FILE, TASKS
 from pdx_tf.data import preprocess
@@ -41,6 +41,9 @@ from pdx_tf.training import aggregation, grid as training_grid, heads, model as 
 
 METADATA_FOLDER = "assets.extra"
 KERAS_MODELS_FOLDER = "models"
+# The conformal alpha of an export whose cells were trained without --conformal_alpha (predict --conformal_alpha
+# re-derives the sets at another alpha from the stored calibration scores).
+DEFAULT_CONFORMAL_ALPHA = 0.1
 _CELL_SELECTOR = re.compile(r"^r(\d+)(?:_?f(\d+))?$")  # r00_f03 or r0f3 (one cell), r00 (a repeat)
 
 
@@ -355,6 +358,9 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "code_version": provenance.code_version(),
   }
   metadata.update(region_point(cells) if task == contracts.PCI_TASK else operating_point(cells, task))
+  metadata["conformal"] = settings.get("conformal")
+  if settings.get("conformal"):
+    metadata["signatures"].append(signatures.PREDICT_PATIENT_SET)
   return metadata
 
 
@@ -372,6 +378,43 @@ def region_point(cells: Sequence[CellRun]) -> dict[str, Any]:
       "outputs": {"region_probabilities": "[13] mean over models of each model's aggregation of that region's"
                                           " slice scores", "region_uncertainty": "[13] their standard deviation",
                   "slice_region_probabilities": "[N, 13] mean over models"}}}
+
+
+def conformal_calibration(cells: Sequence[CellRun], task: str) -> dict[str, Any] | None:
+  """pdx_export.json's "conformal": the Mondrian thresholds (pdx_tf.conformal) fitted on the exported cells'
+  out-of-fold patient probabilities: each a training patient of the ensemble, scored by the cell that held it out
+  (never by a model that trained on it). Stored with those scores (probability and label only) so that predict
+  can re-derive the sets at another alpha; None when a cell has no patient_predictions.csv.
+
+  The alpha is the cells' run.json config "conformal_alpha" (`train --conformal_alpha`), else
+  DEFAULT_CONFORMAL_ALPHA. The thresholds are calibrated on single models' probabilities and applied to the
+  ensemble's mean (the served probability); `evaluate --predictions` checks the coverage on a new cohort.
+  """
+  probabilities, labels = [], []
+  alphas = set()
+  for cell in cells:
+    value = cell.run_info.get("config", {}).get("conformal_alpha")
+    if value:
+      alphas.add(float(value))
+    path = io_utils.join(contracts.task_folder(cell.folder, str(cell.run_info.get("task")), task),
+                         contracts.PATIENT_PREDICTIONS_FILE)
+    if not io_utils.exists(path):
+      return None
+    for row in io_utils.read_csv(path):
+      probabilities.append(float(row["probability"]))
+      labels.append(int(row["label"]))
+  if len(alphas) > 1:
+    raise ExportError(f"the cells were trained with different --conformal_alpha ({sorted(alphas)}); export cells of"
+                      " one alpha")
+  source = "cells" if alphas else "default"
+  alpha = alphas.pop() if alphas else DEFAULT_CONFORMAL_ALPHA
+  thresholds = conformal.fit_thresholds(probabilities, labels, alpha)
+  return {**thresholds.to_dict(), "alpha_source": source,
+          "scheme": ("Mondrian split-conformal thresholds from the exported cells' out-of-fold patient probabilities"
+                     " (pdx_tf/conformal.py): negative is in the set iff probability <= negative_max_score, positive"
+                     " iff 1 - probability <= positive_max_score; applied to the ensemble's patient probability"),
+          "calibration_probabilities": [round(value, 8) for value in probabilities],
+          "calibration_labels": labels}
 
 
 def operating_point(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
@@ -445,8 +488,12 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   final_dir = io_utils.join(model_dir, str(version))
 
   models = [_load_model(cell, preprocess_config.image_size, task) for cell in cells]
+  # Conformal sets are for the patient-level tasks; a regions export has none (docs/conformal.md).
+  settings["conformal"] = conformal_calibration(cells, task) if task != contracts.PCI_TASK else None
+  bounds = (conformal.ConformalThresholds.from_dict(settings["conformal"]) if settings["conformal"] else None)
   module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
-                                    settings["aggregation_top_k"], context_slices=settings["context_slices"])
+                                    settings["aggregation_top_k"], context_slices=settings["context_slices"],
+                                    conformal_thresholds=bounds)
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")
   try:
     tf.saved_model.save(module, temp_dir, signatures=module.signatures())

@@ -22,12 +22,12 @@ import dataclasses
 import functools
 import io
 import re
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import configs, contracts, io_utils, provenance
+from pdx_tf import configs, conformal, contracts, io_utils, provenance
 from pdx_tf.data import input_statistics, preprocess
 from pdx_tf.errors import ExportError, PdxError
 from pdx_tf.serving import export, gradcam
@@ -51,6 +51,8 @@ class PredictConfig:
       from the DICOM headers.
     num_gradcam_slices: Grad-CAM overlays for this many highest-scoring slices per task.
     gradcam_max_models: average Grad-CAM over at most this many of an ensemble's models.
+    conformal_alpha: the conformal sets' error rate; None: the export's own (pdx_export.json "conformal"), another
+      value re-fits the thresholds on the export's stored calibration scores (`conformal_answer`).
   """
 
   model_dirs: tuple[str, ...]
@@ -59,6 +61,7 @@ class PredictConfig:
   patient_id: str = ""
   num_gradcam_slices: int = 3
   gradcam_max_models: int = 8
+  conformal_alpha: float | None = None
 
   def __post_init__(self):
     if not self.model_dirs:
@@ -72,6 +75,8 @@ class PredictConfig:
       raise ValueError(f"num_gradcam_slices must be in [0, 32], got {self.num_gradcam_slices}")
     if self.gradcam_max_models < 1:
       raise ValueError(f"gradcam_max_models must be at least 1, got {self.gradcam_max_models}")
+    if self.conformal_alpha is not None:
+      object.__setattr__(self, "conformal_alpha", conformal.check_alpha(self.conformal_alpha))
 
 
 @dataclasses.dataclass
@@ -296,7 +301,41 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
   study = read_study(config.dicom_dir, exports, patient_id=config.patient_id)
   return predict_and_write(exports, study, config.output_dir, patient_id=config.patient_id,
                            num_gradcam_slices=config.num_gradcam_slices,
-                           gradcam_max_models=config.gradcam_max_models)
+                           gradcam_max_models=config.gradcam_max_models, conformal_alpha=config.conformal_alpha)
+
+
+def conformal_answer(metadata: Mapping[str, Any], probability: float,
+                     alpha: float | None = None) -> dict[str, Any] | None:
+  """prediction.json's "conformal" of a task: the patient's set at the export's thresholds (pdx_export.json
+  "conformal"), or at `alpha` re-fitted on the export's stored calibration scores; None for an export without.
+
+  Returns:
+    {"set": "negative" | "positive" | "uncertain", "members": "negative" | "positive" | "both" | "empty",
+     "alpha", "negative_max_score", "positive_max_score"}.
+  """
+  stored = metadata.get("conformal")
+  if not stored:
+    return None
+  try:
+    thresholds = conformal.ConformalThresholds.from_dict(stored)
+    if alpha is not None and alpha != thresholds.alpha:
+      thresholds = conformal.fit_thresholds(stored["calibration_probabilities"], stored["calibration_labels"], alpha)
+  except (KeyError, ValueError) as error:
+    raise ExportError(f"export {metadata.get('task')} v{metadata.get('version')} has a malformed \"conformal\""
+                      f" entry ({error}); re-export the model") from None
+  negative, positive = conformal.prediction_sets([probability], thresholds)
+  return {"set": str(conformal.answers(negative, positive)[0]), "members": conformal.set_names(negative, positive)[0],
+          "alpha": thresholds.alpha, "negative_max_score": thresholds.negative_max_score,
+          "positive_max_score": thresholds.positive_max_score}
+
+
+def conformal_text(answer: Mapping[str, Any] | None) -> str:
+  """The console's words for a conformal answer: the set, or "uncertain: refer" (and why, for an empty set)."""
+  if not answer:
+    return ""
+  words = {"both": "uncertain: refer (both answers plausible)",
+           "empty": "uncertain: refer (neither answer fits: unlike the training patients)"}
+  return f"; at alpha {answer['alpha']:g}: {words.get(answer['members'], answer['set'])}"
 
 
 def operating_threshold(metadata: dict[str, Any]) -> float:
@@ -306,7 +345,7 @@ def operating_threshold(metadata: dict[str, Any]) -> float:
 
 def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Study, output_dir: str, *,
                       patient_id: str = "", num_gradcam_slices: int = 3, gradcam_max_models: int = 8,
-                      write_summary: bool = True) -> dict[str, Any]:
+                      write_summary: bool = True, conformal_alpha: float | None = None) -> dict[str, Any]:
   """Runs every export on a read study and writes prediction.json, the Grad-CAM PNGs and summary.png.
 
   Args:
@@ -317,6 +356,7 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
     num_gradcam_slices: overlays per task (0: none).
     gradcam_max_models: Grad-CAM averaged over at most this many models.
     write_summary: also draw summary.png.
+    conformal_alpha: the conformal sets' alpha (None: each export's own; `conformal_answer`).
 
   Returns:
     prediction.json's content: per task the patient probability, uncertainty, decision at the export's
@@ -368,6 +408,9 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
         "gradcam": overlays,
         "region": _region_summary(abdomen),
     }
+    answer = conformal_answer(metadata, round(result.patient_probability, 6), conformal_alpha)
+    if answer:
+      tasks[result.task]["conformal"] = answer
   summary = "summary.png" if write_summary and results else None
   if summary:
     _write_summary(io_utils.join(output_dir, summary), results, [item[1] for item in task_exports], patient_id)
@@ -439,7 +482,7 @@ def format_prediction(prediction: dict[str, Any]) -> str:
     model = values["model"]
     lines.append(f"{task}: probability {values['patient_probability']:.3f} +- {values['patient_uncertainty']:.3f} "
                  f"({model['kind']} of {model['num_models']} model(s), {model['aggregation']} over "
-                 f"{prediction['region']['num_slices']} abdominal slices)")
+                 f"{prediction['region']['num_slices']} abdominal slices){conformal_text(values.get('conformal'))}")
   if prediction.get("regions"):
     regions = prediction["regions"]
     found = [name for name, value in zip(regions["names"], regions["predicted"]) if value]

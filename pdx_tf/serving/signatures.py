@@ -13,6 +13,13 @@ Signatures (all outputs float32, so TF Serving's REST JSON carries plain numbers
   per-model patient probabilities. (Aggregating the mean slice curve instead would differ for top-k and
   max rules; per-model first is what each cross-validated model was evaluated with.)
 
+With conformal thresholds (the export's, pdx_tf.conformal), a fourth signature
+- `predict_patient_set(hu: float32 [N, H, W])` returns `patient_probability`, `patient_uncertainty`, and the
+  patient's conformal set: `conformal_negative` and `conformal_positive` (1.0 if that label is in the set, else
+  0.0; both = uncertain, refer), `conformal_uncertain` (1.0 for both labels or none) and `conformal_alpha`.
+  Negative is in the set iff patient_probability <= negative_max_score, positive iff 1 - patient_probability <=
+  positive_max_score (the export's thresholds, baked into the graph).
+
 2.5D models (`context_slices` C > 0) take 2C+1 adjacent slices of one window as the channels: `serving_default`
 and `predict_patient` treat their N slices as ONE patient's stack in slice order and build each slice's stack
 with `preprocess.preprocess_patient` (the training's `preprocess.context_stack`); `predict_images` takes the
@@ -49,6 +56,7 @@ PREDICT_IMAGES = "predict_images"
 PREDICT_PATIENT = "predict_patient"
 PREDICT_REGIONS = "predict_regions"  # regions exports only
 SIGNATURE_NAMES = (SERVING_DEFAULT, PREDICT_IMAGES, PREDICT_PATIENT)
+PREDICT_PATIENT_SET = "predict_patient_set"  # only with conformal thresholds
 
 
 def model_outputs(model: keras.Model) -> int:
@@ -81,7 +89,8 @@ class PdxServingModule(tf.Module):
   """
 
   def __init__(self, models: Sequence[keras.Model], preprocess_config: preprocess.PreprocessConfig,
-               aggregation_rule: str, aggregation_top_k: int, context_slices: int = 0):
+               aggregation_rule: str, aggregation_top_k: int, context_slices: int = 0,
+               conformal_thresholds: Any = None):
     """Builds the signatures.
 
     Args:
@@ -90,6 +99,7 @@ class PdxServingModule(tf.Module):
       aggregation_rule: one of `aggregation.AGGREGATIONS` (run.json "aggregation").
       aggregation_top_k: k for `topk_mean` (run.json "aggregation_top_k"); MIL models ignore both.
       context_slices: C of 2.5D models (run.json "context_slices"), 0 otherwise.
+      conformal_thresholds: a pdx_tf.conformal.ConformalThresholds: adds `predict_patient_set`.
 
     Raises:
       ValueError: for no models, a model of another input size or channel count, mixed heads, or an unknown
@@ -200,6 +210,28 @@ class PdxServingModule(tf.Module):
               "region_uncertainty": outputs["patient_uncertainty"],
               "slice_region_probabilities": outputs["slice_probability"]}
 
+    self.conformal_thresholds = conformal_thresholds
+    if conformal_thresholds is not None:
+      negative_max = tf.constant(conformal_thresholds.negative_max_score, tf.float64)
+      positive_max = tf.constant(conformal_thresholds.positive_max_score, tf.float64)
+      alpha = float(conformal_thresholds.alpha)
+
+      @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
+      def predict_patient_set(hu):
+        outputs = predict_patient(hu)
+        # float64 as pdx_tf.conformal compares, so the graph and numpy agree at the bounds.
+        probability = tf.cast(outputs["patient_probability"], tf.float64)
+        negative = tf.cast(probability <= negative_max, tf.float32)
+        positive = tf.cast(1.0 - probability <= positive_max, tf.float32)
+        return {
+            "patient_probability": outputs["patient_probability"],
+            "patient_uncertainty": outputs["patient_uncertainty"],
+            "conformal_negative": negative, "conformal_positive": positive,
+            "conformal_uncertain": tf.cast(tf.equal(negative, positive), tf.float32),
+            "conformal_alpha": tf.constant(alpha, tf.float32),
+        }
+
+      self.predict_patient_set = predict_patient_set
     self.per_model_outputs = per_model_outputs
     self.serving_default = serving_default
     self.predict_images = predict_images
@@ -216,11 +248,14 @@ class PdxServingModule(tf.Module):
     }
     if self.num_outputs > 1:
       functions[PREDICT_REGIONS] = self.predict_regions.get_concrete_function()
+    if self.conformal_thresholds is not None:
+      functions[PREDICT_PATIENT_SET] = self.predict_patient_set.get_concrete_function()
     return functions
 
   def signature_names(self) -> tuple[str, ...]:
     """The names `signatures` returns, in order."""
-    return SIGNATURE_NAMES + ((PREDICT_REGIONS,) if self.num_outputs > 1 else ())
+    return (SIGNATURE_NAMES + ((PREDICT_REGIONS,) if self.num_outputs > 1 else ())
+            + ((PREDICT_PATIENT_SET,) if self.conformal_thresholds is not None else ()))
 
 
 def rest_predict_body(inputs: Mapping[str, np.ndarray], signature_name: str = SERVING_DEFAULT) -> str:

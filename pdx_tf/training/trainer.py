@@ -22,7 +22,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import configs, contracts, io_utils
+from pdx_tf import configs, conformal, contracts, io_utils
 from pdx_tf.contracts import CONFIG_FILE, PATIENTS_FILE, RECORDS_FILE, TENSORBOARD_FOLDER
 from pdx_tf.data import preprocess
 from pdx_tf.errors import RunsError
@@ -41,7 +41,10 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 PER_MACHINE_FIELDS = ("records_dir", "num_partitions", "partition_index", "cells", "export_dir", "verify_hashes")
 # Opt-in fields left out of config.json / run.json at these defaults (TrainConfig's docstring).
 OPT_IN_DEFAULTS = {"inner_fraction": 0.0, "threshold": 0.5, "calibration": "none", "early_stopping_patience": 0,
-                   "consistency_weight": 1.0}
+                   "consistency_weight": 1.0, "conformal_alpha": 0.0}
+# Fields that change what evaluation and export derive from a grid, not the grid: an existing grid accepts a new
+# value (its config.json keeps the first; each run.json records its own).
+DERIVED_ONLY_FIELDS = ("conformal_alpha",)
 # The same for the model's fields (config.json's "model").
 MODEL_OPT_IN_DEFAULTS = {"joint_heads": False}
 
@@ -95,6 +98,9 @@ class TrainConfig:
       weights (0: off; needs inner_fraction). A joint grid's inner loss is model.JointLoss on the inner slices.
     consistency_weight: with task "p,sb", the weight of the loss term that penalises P(sb) > P(p)
       (model.JointLoss).
+    conformal_alpha: error rate of the conformal prediction sets (pdx_tf.conformal) that `evaluate` and the export
+      derive from this grid (0: none). Training itself needs nothing for them: each cell's test patients are
+      calibrated on the other folds' out-of-fold patients, so no inner split is set; recorded in run.json's config.
 
   The four inner-validation fields, consistency_weight and model.joint_heads are written to config.json and
   run.json only when they differ from their defaults (`config_dict`), so a default grid's files are
@@ -134,6 +140,7 @@ class TrainConfig:
   calibration: str = "none"
   early_stopping_patience: int = 0
   consistency_weight: float = 1.0
+  conformal_alpha: float = 0.0
 
   def __post_init__(self):
     contracts.check_training_task(self.task)
@@ -187,6 +194,8 @@ class TrainConfig:
       if self.calibration != "none":
         raise ValueError(f"--task={contracts.PCI_TASK} fits a threshold a region, not a calibration; drop"
                          f" --calibration={self.calibration}")
+    if self.conformal_alpha != 0.0:
+      conformal.check_alpha(self.conformal_alpha)  # 0 (off) or an error rate in (0, 1)
 
   @property
   def tasks(self) -> tuple[str, ...]:
@@ -315,7 +324,7 @@ def changed_settings(config: TrainConfig) -> list[str] | None:
     return None
   existing, wanted = io_utils.read_json(path), config_dict(config.grid_config())
   # Per-machine fields are stored at their defaults; one no longer in TrainConfig is not a setting.
-  keys = (set(existing) | set(wanted)) - (set(PER_MACHINE_FIELDS) - set(wanted))
+  keys = (set(existing) | set(wanted)) - (set(PER_MACHINE_FIELDS) - set(wanted)) - set(DERIVED_ONLY_FIELDS)
   # An opt-in field absent from either side is at its default (config_dict leaves defaults out).
   return sorted(key for key in keys
                 if existing.get(key, OPT_IN_DEFAULTS.get(key)) != wanted.get(key, OPT_IN_DEFAULTS.get(key)))
@@ -462,6 +471,11 @@ def run_grid(config: TrainConfig, *,
   info = contracts.load_dataset_info(config.records_dir, expected_image_size=config.model.image_size,
                                           verify_hashes=config.verify_hashes)
   cells = config.selected_cells()
+  if config.conformal_alpha:
+    logging.info("conformal_alpha %g: each cell's test patients get a conformal set calibrated on the other %d folds'"
+                 " out-of-fold patients (cross-conformal; no inner split needed, inner_fraction stays %g); evaluate"
+                 " and export derive the sets, run.json records the alpha", config.conformal_alpha,
+                 config.num_folds - 1, config.inner_fraction)
   _check_joint_labels(config, info)
   _check_region_labels(config, info)
   split = splits.make_splits(splits.split_labels(info, config.task), task=config.task, num_folds=config.num_folds,
