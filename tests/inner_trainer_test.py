@@ -186,6 +186,13 @@ def test_threshold_and_calibration_are_fitted_on_the_inner_patients_not_the_test
   assert run["threshold"] in inner_thresholds
   assert run["inner_validation"]["patient_probabilities"] == pytest.approx(
       [_distinct_probability(patient) for patient in inner_ids])
+  # The held-out CSV's calibrated column applies the inner fit to each test patient's probability.
+  rows = _read_csv(root / "cells" / "r00_f00" / "patient_predictions.csv")
+  assert [row["patient_id"] for row in rows] == fold["test"]
+  for row in rows:
+    p = _distinct_probability(row["patient_id"])
+    want = 1 / (1 + np.exp(-(inner_slope * np.log(p / (1 - p)) + inner_intercept)))
+    assert float(row["calibrated_probability"]) == pytest.approx(want, abs=1e-5), row
 
 
 def test_default_flags_add_no_key(records_dir, tmp_path, tiny_config):
