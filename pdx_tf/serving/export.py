@@ -88,6 +88,8 @@ class CellRun:
   repeat: int
   fold: int
   run_info: dict
+  # run.json's preprocess, typed and checked once when read (contracts.RunInfo); None for a hand-made CellRun.
+  preprocess_config: Any = None
 
   @property
   def name(self) -> str:
@@ -124,8 +126,10 @@ def read_cell(folder: str) -> CellRun:
   path = io_utils.join(folder, RUN_FILE)
   if not tf.io.gfile.exists(path):
     raise ExportError(f"{path} is missing: the cell is not finished; train it or leave it out of --cells")
-  run_info = contracts.read_run_info(path, ExportError).document
-  return CellRun(folder=folder, repeat=int(run_info["repeat"]), fold=int(run_info["fold"]), run_info=run_info)
+  info = contracts.read_run_info(path, ExportError)
+  run_info = info.document
+  return CellRun(folder=folder, repeat=int(run_info["repeat"]), fold=int(run_info["fold"]), run_info=run_info,
+                 preprocess_config=info.preprocess_config)
 
 
 def find_cells(runs_dir: str, task: str, selectors: Sequence[str] = ()) -> list[CellRun]:
@@ -184,10 +188,7 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
       if cell.run_info.get(key) != first.run_info.get(key):
         raise ExportError(f"cells {first.name} and {cell.name} differ in {key!r} ({first.run_info.get(key)} vs "
                           f"{cell.run_info.get(key)}); export cells trained on the same settings separately")
-  try:
-    preprocess_config = preprocess.preprocess_config_from_dict(first.run_info["preprocess"])
-  except (ValueError, TypeError) as error:
-    raise ExportError(f"{first.folder}/run.json has an invalid preprocess config: {error}") from None
+  preprocess_config = first.preprocess_config or read_cell(first.folder).preprocess_config
   rule = str(first.run_info["aggregation"])
   top_k = int(first.run_info["aggregation_top_k"])
   head = str(first.run_info.get("head", heads.DEFAULT_HEAD))
