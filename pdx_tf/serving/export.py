@@ -572,7 +572,21 @@ def read_export(path: str) -> tuple[str, dict[str, Any]]:
     metadata = io_utils.read_json(metadata_path)
   except ValueError:
     raise ExportError(f"{metadata_path} is not valid JSON; re-export the model") from None
-  return version_dir, dict(contracts.ExportInfo.from_document(metadata, metadata_path).document)
+  info = contracts.ExportInfo.from_document(metadata, metadata_path)
+  _EXPORT_INFOS[version_dir] = info
+  return version_dir, dict(info.document)
+
+
+# The typed pdx_export.json of every export `read_export` checked in this process, by version folder: callers
+# that carry the document as a dict ask `export_info` for the typed settings instead of parsing them again.
+_EXPORT_INFOS: dict[str, contracts.ExportInfo] = {}
+
+
+def export_info(version_dir: str) -> contracts.ExportInfo:
+  """The typed pdx_export.json of a version folder (`read_export`'s check, done once a process)."""
+  if version_dir not in _EXPORT_INFOS:
+    read_export(version_dir)
+  return _EXPORT_INFOS[version_dir]
 
 
 def load_export_keras_models(version_dir: str, metadata: dict[str, Any], max_models: int | None = None

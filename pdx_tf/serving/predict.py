@@ -164,7 +164,7 @@ def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, nu
   images = np.zeros((0, image_size, image_size, preprocess.model_channels(context_slices)), np.uint8)
   heatmaps = np.zeros((0, image_size, image_size), np.float32)
   if chosen:
-    preprocess_config = preprocess.preprocess_config_from_dict(metadata["preprocess"])
+    preprocess_config = export.export_info(version_dir).preprocess_config
     if context_slices:  # a stack needs the slice's neighbours: build every stack, as serving does, then pick
       images = preprocess.preprocess_patient(hu, preprocess_config, context_slices).numpy()[chosen]
     else:
