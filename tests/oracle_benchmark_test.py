@@ -104,3 +104,39 @@ def test_dihedral_augment_keeps_each_image_a_rotation_or_flip_of_itself():
     variants = [np.rot90(original, turn, axes=(0, 1)) for turn in range(4)]
     variants += [variant[:, ::-1] for variant in variants]
     assert any(np.array_equal(augmented, variant) for variant in variants)
+
+
+def test_task_p_folds_stratify_on_the_p_label():
+  """--task=p: the folds are dealt on label_p (here every third patient p-positive), not on label_sb."""
+  patient_ids = [f"p{index:02d}" for index in range(12)]
+  labels_p = {pid: int(index % 3 == 0) for index, pid in enumerate(patient_ids)}
+  for train_ids, test_ids in oracle.patient_folds(labels_p, 4, 0, task="p"):
+    assert not set(train_ids) & set(test_ids)
+    assert sum(labels_p[pid] for pid in test_ids) == 1
+
+
+def test_nodule_summary_counts_the_chosen_tasks_positives():
+  arrays = {"peak_coverage": np.array([0.9, 0.1, 0.6, 0.0], np.float32),
+            "area_px": np.array([2.0, 0.1, 4.0, 0.0], np.float32), "num_nodules": np.array([1, 1, 2, 0], np.int32),
+            "slice_patient": np.array([0, 0, 1, 2], np.int32),
+            "label_sb": np.array([1, 0, 0], np.int32), "label_p": np.array([1, 1, 0], np.int32)}
+  summary_p = oracle.nodule_summary(arrays, 0.5, task="p")
+  assert summary_p["positive_patients_label_p"] == 2 and summary_p["positive_slices"] == 2
+  assert summary_p["positive_patients_oracle"] == 2  # patients 0 and 1 have a slice covered >= 0.5
+  # per positive slice, area / nodules: 2.0 and 2.0 -> median 2.0 px
+  assert np.isclose(summary_p["nodule_area_px_median"], 2.0)
+  assert oracle.nodule_summary(arrays, 0.5)["positive_patients_label_sb"] == 1
+
+
+def test_mask_option_names_the_phantom_mask_arrays_and_its_own_cache():
+  # The phantom writes these arrays into masks/<patient_id>.npz (pdx_tf/phantom/cohort.py).
+  assert oracle.MASK_ARRAYS == {"small_bowel_nodule": "small_bowel_nodule_mask", "nodule": "nodule_mask"}
+  assert oracle.cache_name(48, "small_bowel_nodule") == "slices-48px.npz"  # earlier caches keep their name
+  assert oracle.cache_name(48, "nodule") != oracle.cache_name(48, "small_bowel_nodule")
+  assert oracle.TASK_LABELS == {"sb": "label_sb", "p": "label_p"}
+  try:
+    oracle.cohort_arrays("/nonexistent", "/nonexistent", [48], mask="cake")
+  except ValueError as error:
+    assert "cake" in str(error)
+  else:
+    raise AssertionError("an unknown mask must be refused")
