@@ -140,3 +140,25 @@ def test_mask_option_names_the_phantom_mask_arrays_and_its_own_cache():
     assert "cake" in str(error)
   else:
     raise AssertionError("an unknown mask must be refused")
+
+
+def test_run_seed_scores_patients_against_the_chosen_tasks_label(monkeypatch):
+  """With a stand-in network whose slice score is the image's mean, a cohort where the bright patients are the
+  p-positive ones (and sb marks others) gives patient AUC 1 for --task=p and exactly 0.5 for sb (hand-counted)."""
+  num_patients = 8
+  label_p = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.int32)
+  label_sb = np.array([1, 0, 0, 0, 1, 0, 0, 0], np.int32)  # one bright, one dark sb-positive
+  slice_patient = np.repeat(np.arange(num_patients), 2).astype(np.int32)
+  brightness = np.where(label_p[slice_patient] == 1, 200, 20) + np.arange(len(slice_patient))
+  arrays = {"images": np.broadcast_to(brightness[:, None, None, None], (16, 4, 4, 3)).astype(np.uint8),
+            "peak_coverage": np.where(label_p[slice_patient] == 1, 1.0, 0.0).astype(np.float32),
+            "slice_patient": slice_patient, "patient_ids": np.array([f"q{i}" for i in range(num_patients)]),
+            "label_p": label_p, "label_sb": label_sb}
+  monkeypatch.setattr(oracle, "train_and_predict",
+                      lambda train_images, train_labels, test_images, *args: test_images.mean(axis=(1, 2, 3)))
+  result_p = oracle.run_seed(arrays, 4, 0, 2, 1, 0.5, task="p")
+  assert result_p["patient_auc_pooled"] == 1.0 and result_p["slice_auc_pooled"] == 1.0
+  # sb: positives q0 (bright) and q4 (dark) against 6 negatives (3 bright, 3 dark; brightness rises with index):
+  # q0 beats the dark q5-q7 (3) and none of q1-q3; q4 beats none of q1-q3 and none of q5-q7 -> 3 of 12 pairs.
+  result_sb = oracle.run_seed(arrays, 4, 0, 2, 1, 0.5, task="sb")
+  assert np.isclose(result_sb["patient_auc_pooled"], 3 / 12)
