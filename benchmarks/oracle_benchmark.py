@@ -2,10 +2,20 @@
 
   python benchmarks/oracle_benchmark.py                                   # 48 and 96 px, 3 seeds x 4 folds
   python benchmarks/oracle_benchmark.py --image_sizes=48 --seeds=0 --num_folds=2 --epochs=1   # a smoke run
+  # issue 23: any nodule makes a slice positive, task p, on the low-burden phantom (docs/small_implants.md)
+  python benchmarks/oracle_benchmark.py --phantom_preset=low_burden --task=p --mask=nodule \
+      --root=runs/oracle-low_burden-p --image_sizes=48,96 --seeds=0 --num_folds=4 --epochs=5
+
+Options (issue 23): --phantom_preset and --num_patients pick the cached phantom cohort
+(`pipeline.demo_manifest_path(num_patients, phantom_preset)`; default the demo's 40-patient cohort); --mask the
+mask that makes a slice oracle-positive (small_bowel_nodule: the small-bowel nodules, the default; nodule: all
+peritoneal disease, nodules and the omental cake where the cohort has one); --task the patient label that is
+split on and scored (sb, the default, or p). --output_jsonl appends one JSON line (code version, machine, command,
+date, figures) per run.
 
 An "oracle" run: the demo preset's model (pdx_tf/presets.py, the demo row: MobileNetV2 alpha 0.35, weights none)
 is trained on EXACT slice labels instead of the pipeline's weak patient labels. The label of a slice is 1 when
-some model pixel is covered by a small-bowel nodule for at least --min_coverage of its area, 0 otherwise. If the
+some model pixel is covered by a (--mask) nodule for at least --min_coverage of its area, 0 otherwise. If the
 model cannot separate those slices at a size, no patient-label training at that size can learn the nodules.
 
 Data: the demo phantom cohort (`phantom.write_demo_cohort(phantom.demo_cohort_dir())`, written if absent). Each
@@ -65,13 +75,25 @@ _NUM_FOLDS = flags.DEFINE_integer("num_folds", 4, "Patient-level folds (one repe
 _EPOCHS = flags.DEFINE_integer("epochs", 10, "Epochs over all training slices.")
 _MIN_COVERAGE = flags.DEFINE_float("min_coverage", 0.5,
                                    "A slice is oracle-positive when some model pixel is covered this much.")
-_COHORT_DIR = flags.DEFINE_string("cohort_dir", None, "Demo cohort folder; default the cached demo cohort.")
+_COHORT_DIR = flags.DEFINE_string("cohort_dir", None, "Demo cohort folder; default the cached phantom cohort of "
+                                   "--phantom_preset and --num_patients.")
+_PHANTOM_PRESET = flags.DEFINE_string("phantom_preset", None, "A named phantom cohort (pdx_tf.phantom.PHANTOM_PRESETS, "
+                                      "e.g. low_burden); default the demo cohort.")
+_NUM_PATIENTS = flags.DEFINE_integer("num_patients", 40, "The phantom cohort's size (a multiple of 4).")
+_MASK = flags.DEFINE_enum("mask", "small_bowel_nodule", ["small_bowel_nodule", "nodule"],
+                          "Which mask makes a slice positive: small-bowel nodules, or all peritoneal disease.")
+_TASK = flags.DEFINE_enum("task", "sb", ["sb", "p"], "The patient label to split on and score.")
+_OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Also append one JSON line (code version, machine, "
+                                    "command, date, figures) to this file, e.g. benchmarks/results/oracle.jsonl.")
 
 BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 ALPHA = 0.35  # the demo preset's width (pdx_tf.presets.TRAIN_PRESETS["demo"]).
 _FOLD_KEY = 0x0AC1E
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: the arrays carry label_p too, and the key names the mask
+# --mask -> the array of the cohort's masks/<patient_id>.npz that makes a slice positive.
+MASK_ARRAYS = {"small_bowel_nodule": "small_bowel_nodule_mask", "nodule": "nodule_mask"}
+TASK_LABELS = {"sb": "label_sb", "p": "label_p"}
 
 
 def oracle_labels(peak_coverage: np.ndarray, min_coverage: float) -> np.ndarray:
@@ -103,23 +125,32 @@ def slice_arrays(hu: np.ndarray, masks: np.ndarray, config) -> dict[str, np.ndar
           "num_nodules": np.array([scipy.ndimage.label(mask)[1] for mask in masks], np.int32)}
 
 
-def _cache_key(cohort_dir: str, config) -> str:
+def _cache_key(cohort_dir: str, config, mask: str) -> str:
   cohort = io_utils.read_json(os.path.join(cohort_dir, "cohort.json"))
-  return json.dumps({"version": _CACHE_VERSION, "cohort": cohort["config_hash"],
+  return json.dumps({"version": _CACHE_VERSION, "cohort": cohort["config_hash"], "mask": mask,
                      "preprocess": dataclasses.asdict(config)}, sort_keys=True)
 
 
-def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int]) -> dict[int, dict[str, np.ndarray]]:
-  """The cohort's slice arrays per size (`slice_arrays` concatenated over patients, plus "slice_patient" (index
-  into "patient_ids"), "patient_ids" and "label_sb"), from <root>/slices-<S>px.npz or read from DICOM once for
-  every size not cached. A patient that cannot be read gets one line and is left out."""
+def cache_name(size: int, mask: str) -> str:
+  """The cached arrays' file name: slices-<S>px.npz for the default mask, slices-<S>px-<mask>.npz otherwise."""
+  return f"slices-{size}px.npz" if mask == "small_bowel_nodule" else f"slices-{size}px-{mask}.npz"
+
+
+def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int],
+                  mask: str = "small_bowel_nodule") -> dict[int, dict[str, np.ndarray]]:
+  """The cohort's slice arrays per size (`slice_arrays` of the `mask` (a MASK_ARRAYS key) concatenated over
+  patients, plus "slice_patient" (index into "patient_ids"), "patient_ids", "label_sb" and "label_p"), from
+  <root>/`cache_name` or read from DICOM once for every size not cached. A patient that cannot be read gets one
+  line and is left out."""
+  if mask not in MASK_ARRAYS:
+    raise ValueError(f"unknown mask {mask!r}; choose one of {', '.join(MASK_ARRAYS)}")
   from pdx_tf.data import pipeline, region  # pylint: disable=import-outside-toplevel
 
   pipeline_config = pipeline.demo_config(os.path.join(root, "unused-records"))
   configs = {size: dataclasses.replace(pipeline_config.preprocess, image_size=size) for size in image_sizes}
   result, missing = {}, []
   for size in image_sizes:
-    path, key = os.path.join(root, f"slices-{size}px.npz"), _cache_key(cohort_dir, configs[size])
+    path, key = os.path.join(root, cache_name(size, mask)), _cache_key(cohort_dir, configs[size], mask)
     if os.path.exists(path):
       with np.load(path) as cached:
         if str(cached["cache_key"]) == key:
@@ -130,7 +161,7 @@ def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int]) -> dict[in
     return result
   rows = io_utils.read_csv(os.path.join(cohort_dir, "manifest.csv"))
   parts = {size: [] for size in missing}
-  patient_ids, labels = [], []
+  patient_ids, labels, labels_p = [], [], []
   for row in rows:
     try:
       abdomen = region.load_abdomen(os.path.join(cohort_dir, row["dicom_dir"]), config=pipeline_config.region,
@@ -142,10 +173,11 @@ def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int]) -> dict[in
             file=sys.stderr)
       continue
     with np.load(os.path.join(cohort_dir, "masks", f"{row['patient_id']}.npz")) as stored:
-      masks = phantom.masks_at_slices(abdomen.z_mm, stored["small_bowel_nodule_mask"], np.asarray(stored["z_mm"]))
+      masks = phantom.masks_at_slices(abdomen.z_mm, stored[MASK_ARRAYS[mask]], np.asarray(stored["z_mm"]))
     index = len(patient_ids)
     patient_ids.append(row["patient_id"])
     labels.append(int(float(row["label_sb"])))
+    labels_p.append(int(float(row["label_p"])))
     for size in missing:
       arrays = slice_arrays(abdomen.hu, masks, configs[size])
       arrays["slice_patient"] = np.full(len(abdomen.z_mm), index, np.int32)
@@ -155,18 +187,20 @@ def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int]) -> dict[in
   os.makedirs(root, exist_ok=True)
   for size in missing:
     arrays = {name: np.concatenate([part[name] for part in parts[size]]) for name in parts[size][0]}
-    arrays.update(patient_ids=np.array(patient_ids), label_sb=np.array(labels, np.int32))
-    np.savez(os.path.join(root, f"slices-{size}px.npz"), cache_key=_cache_key(cohort_dir, configs[size]),
+    arrays.update(patient_ids=np.array(patient_ids), label_sb=np.array(labels, np.int32),
+                  label_p=np.array(labels_p, np.int32))
+    np.savez(os.path.join(root, cache_name(size, mask)), cache_key=_cache_key(cohort_dir, configs[size], mask),
              **arrays)
     result[size] = arrays
   return result
 
 
-def patient_folds(labels_sb: dict[str, int], num_folds: int, seed: int) -> list[tuple[list[str], list[str]]]:
-  """(train patient_ids, test patient_ids) per fold: one repeat of `splits.make_splits` on label_sb."""
+def patient_folds(labels: dict[str, int], num_folds: int, seed: int,
+                  task: str = "sb") -> list[tuple[list[str], list[str]]]:
+  """(train patient_ids, test patient_ids) per fold: one repeat of `splits.make_splits` on the task's labels."""
   from pdx_tf.training import splits  # pylint: disable=import-outside-toplevel
 
-  split = splits.make_splits(labels_sb, task="sb", num_folds=num_folds, num_repeats=1, seed=seed)
+  split = splits.make_splits(labels, task=task, num_folds=num_folds, num_repeats=1, seed=seed)
   return [splits.cell_patients(split, 0, fold) for fold in range(num_folds)]
 
 
@@ -233,15 +267,17 @@ def _nanmean(values) -> float:
 
 
 def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_folds: int, epochs: int,
-             min_coverage: float) -> dict:
-  """One seed's folds at one size: fold and pooled out-of-fold AUCs, and each patient's out-of-fold score."""
+             min_coverage: float, task: str = "sb") -> dict:
+  """One seed's folds at one size: fold and pooled out-of-fold AUCs (patients: the `task`'s label), and each
+  patient's out-of-fold score."""
   started = time.time()
   labels = oracle_labels(arrays["peak_coverage"], min_coverage)
   patient_ids = arrays["patient_ids"]
-  labels_sb = {str(pid): int(label) for pid, label in zip(patient_ids, arrays["label_sb"])}
+  patient_labels = arrays[TASK_LABELS[task]]
+  labels_sb = {str(pid): int(label) for pid, label in zip(patient_ids, patient_labels)}
   slice_scores = np.full(len(labels), np.nan)
   fold_slice_auc, fold_patient_auc, skipped = [], [], []
-  for fold, (train_ids, test_ids) in enumerate(patient_folds(labels_sb, num_folds, seed)):
+  for fold, (train_ids, test_ids) in enumerate(patient_folds(labels_sb, num_folds, seed, task)):
     train = slice_selection(arrays["slice_patient"], patient_ids, train_ids)
     test = slice_selection(arrays["slice_patient"], patient_ids, test_ids)
     if not labels[train].any():
@@ -260,7 +296,7 @@ def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_fold
           "patient_auc_fold_mean": _nanmean(fold_patient_auc),
           "slice_auc_pooled": _auc(labels[scored_slices], slice_scores[scored_slices]) if scored_slices.any()
           else float("nan"),
-          "patient_auc_pooled": _auc(arrays["label_sb"][scored], scores[scored]) if scored.any() else float("nan"),
+          "patient_auc_pooled": _auc(patient_labels[scored], scores[scored]) if scored.any() else float("nan"),
           "folds_skipped": skipped, "patient_scores": [float(value) for value in scores],
           "wall_s": time.time() - started}
 
@@ -295,7 +331,7 @@ def patient_scores(slice_scores: np.ndarray, slice_patient: np.ndarray, num_pati
   return scores
 
 
-def nodule_summary(arrays: dict[str, np.ndarray], min_coverage: float) -> dict:
+def nodule_summary(arrays: dict[str, np.ndarray], min_coverage: float, task: str = "sb") -> dict:
   """Counts of oracle-positive slices and patients, and the nodules' size in model pixels on those slices."""
   labels = oracle_labels(arrays["peak_coverage"], min_coverage)
   positive = labels == 1
@@ -305,33 +341,41 @@ def nodule_summary(arrays: dict[str, np.ndarray], min_coverage: float) -> dict:
   return {"num_slices": int(len(labels)), "positive_slices": int(positive.sum()),
           "slices_with_nodule_pixels": int(with_pixels.sum()),
           "positive_patients_oracle": int(len(np.unique(arrays["slice_patient"][positive]))),
-          "positive_patients_label_sb": int(arrays["label_sb"].sum()), "num_patients": int(len(arrays["label_sb"])),
+          f"positive_patients_{TASK_LABELS[task]}": int(arrays[TASK_LABELS[task]].sum()),
+          "num_patients": int(len(arrays["label_sb"])),
           "nodule_area_px_median": area, "nodule_diameter_px_median": float(2.0 * np.sqrt(area / np.pi)),
           "peak_coverage_median_on_nodule_slices": float(np.median(arrays["peak_coverage"][with_pixels]))
           if with_pixels.any() else float("nan")}
 
 
 def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epochs: int, min_coverage: float,
-        cohort_dir: str | None) -> dict:
+        cohort_dir: str | None, *, phantom_preset: str | None = None, num_patients: int = 40,
+        mask: str = "small_bowel_nodule", task: str = "sb") -> dict:
   """Runs every size and seed; prints the lines and writes <root>/oracle.json; returns its dict."""
-  cohort_dir = cohort_dir or os.path.dirname(phantom.write_demo_cohort(phantom.demo_cohort_dir()))
+  if task not in TASK_LABELS:
+    raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_LABELS)}")
+  if cohort_dir is None:
+    from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
+    cohort_dir = os.path.dirname(pipeline.demo_manifest_path(num_patients, phantom_preset))
   started = time.time()
-  all_arrays = cohort_arrays(cohort_dir, root, image_sizes)
+  all_arrays = cohort_arrays(cohort_dir, root, image_sizes, mask)
   print(f"cohort slices ready for {', '.join(map(str, image_sizes))} px in {time.time() - started:.0f} s")
   output_path = os.path.join(root, "oracle.json")
   result = io_utils.read_json(output_path) if os.path.exists(output_path) else {"sizes": {}}
   settings = {"num_folds": num_folds, "epochs": epochs, "min_coverage": min_coverage, "batch_size": BATCH_SIZE,
-              "learning_rate": LEARNING_RATE, "alpha": ALPHA, "seeds": seeds}
+              "learning_rate": LEARNING_RATE, "alpha": ALPHA, "seeds": seeds, "mask": mask, "task": task,
+              "phantom_preset": phantom_preset, "cohort_config_hash": io_utils.read_json(
+                  os.path.join(cohort_dir, "cohort.json"))["config_hash"]}
   for size in image_sizes:
     arrays = all_arrays[size]
     size_started = time.time()
-    nodules = nodule_summary(arrays, min_coverage)
+    nodules = nodule_summary(arrays, min_coverage, task)
     per_seed = []
     for seed in seeds:
-      entry = run_seed(arrays, size, seed, num_folds, epochs, min_coverage)
+      entry = run_seed(arrays, size, seed, num_folds, epochs, min_coverage, task)
       per_seed.append(entry)
       print(f"{size} px seed {seed}: slice AUC {entry['slice_auc_pooled']:.3f} pooled "
-            f"({entry['slice_auc_fold_mean']:.3f} fold mean), patient sb AUC {entry['patient_auc_pooled']:.3f} "
+            f"({entry['slice_auc_fold_mean']:.3f} fold mean), patient {task} AUC {entry['patient_auc_pooled']:.3f} "
             f"pooled ({entry['patient_auc_fold_mean']:.3f} fold mean), {entry['wall_s']:.0f} s"
             + (f", folds without positive training slices: {entry['folds_skipped']}" if entry["folds_skipped"]
                else ""))
@@ -339,14 +383,15 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
     scored = np.isfinite(mean_scores)
     summary = {"slice_auc_mean_over_seeds": _nanmean([entry["slice_auc_pooled"] for entry in per_seed]),
                "patient_auc_mean_over_seeds": _nanmean([entry["patient_auc_pooled"] for entry in per_seed]),
-               "patient_auc_pooled_seed_mean_score": _auc(arrays["label_sb"][scored], mean_scores[scored])
+               "patient_auc_pooled_seed_mean_score": _auc(arrays[TASK_LABELS[task]][scored], mean_scores[scored])
                if scored.any() else float("nan"),
                "wall_s": time.time() - size_started}
     print(f"{size} px summary over {len(seeds)} seed(s): slice AUC {summary['slice_auc_mean_over_seeds']:.3f}, "
-          f"patient sb AUC {summary['patient_auc_mean_over_seeds']:.3f} (pooled, seeds' mean score "
+          f"patient {task} AUC {summary['patient_auc_mean_over_seeds']:.3f} (pooled, seeds' mean score "
           f"{summary['patient_auc_pooled_seed_mean_score']:.3f}); {nodules['positive_slices']} oracle-positive of "
           f"{nodules['num_slices']} slices ({nodules['slices_with_nodule_pixels']} with nodule pixels), "
-          f"{nodules['positive_patients_oracle']} patients (label_sb: {nodules['positive_patients_label_sb']} of "
+          f"{nodules['positive_patients_oracle']} patients ({TASK_LABELS[task]}: "
+          f"{nodules['positive_patients_' + TASK_LABELS[task]]} of "
           f"{nodules['num_patients']}); nodule {nodules['nodule_area_px_median']:.2f} px median "
           f"(diameter {nodules['nodule_diameter_px_median']:.2f} px, peak coverage "
           f"{nodules['peak_coverage_median_on_nodule_slices']:.2f}); wall {summary['wall_s']:.0f} s")
@@ -362,8 +407,19 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   try:
     result = run(_ROOT.value, [int(size) for size in _IMAGE_SIZES.value], [int(seed) for seed in _SEEDS.value],
-                 _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value)
+                 _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value,
+                 phantom_preset=_PHANTOM_PRESET.value, num_patients=_NUM_PATIENTS.value, mask=_MASK.value,
+                 task=_TASK.value)
     print(f"raw output: {results_io.record_figures('oracle_benchmark', _json_safe(result))}")
+    if _OUTPUT_JSONL.value:
+      import result_line  # pylint: disable=import-outside-toplevel
+      sizes = {size: {key: value for key, value in entry.items() if key != "patient_ids"}
+               for size, entry in result["sizes"].items() if size in _IMAGE_SIZES.value}
+      for entry in sizes.values():  # per-patient scores stay in <root>/oracle.json
+        entry["per_seed"] = [{key: value for key, value in seed.items() if key != "patient_scores"}
+                             for seed in entry["per_seed"]]
+      result_line.append_result_line(_OUTPUT_JSONL.value, {"benchmark": "oracle", "num_patients": _NUM_PATIENTS.value,
+                                                           "sizes": sizes})
   except (PdxError, ValueError) as error:
     print(f"oracle_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)

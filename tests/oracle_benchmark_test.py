@@ -104,3 +104,61 @@ def test_dihedral_augment_keeps_each_image_a_rotation_or_flip_of_itself():
     variants = [np.rot90(original, turn, axes=(0, 1)) for turn in range(4)]
     variants += [variant[:, ::-1] for variant in variants]
     assert any(np.array_equal(augmented, variant) for variant in variants)
+
+
+def test_task_p_folds_stratify_on_the_p_label():
+  """--task=p: the folds are dealt on label_p (here every third patient p-positive), not on label_sb."""
+  patient_ids = [f"p{index:02d}" for index in range(12)]
+  labels_p = {pid: int(index % 3 == 0) for index, pid in enumerate(patient_ids)}
+  for train_ids, test_ids in oracle.patient_folds(labels_p, 4, 0, task="p"):
+    assert not set(train_ids) & set(test_ids)
+    assert sum(labels_p[pid] for pid in test_ids) == 1
+
+
+def test_nodule_summary_counts_the_chosen_tasks_positives():
+  arrays = {"peak_coverage": np.array([0.9, 0.1, 0.6, 0.0], np.float32),
+            "area_px": np.array([2.0, 0.1, 4.0, 0.0], np.float32), "num_nodules": np.array([1, 1, 2, 0], np.int32),
+            "slice_patient": np.array([0, 0, 1, 2], np.int32),
+            "label_sb": np.array([1, 0, 0], np.int32), "label_p": np.array([1, 1, 0], np.int32)}
+  summary_p = oracle.nodule_summary(arrays, 0.5, task="p")
+  assert summary_p["positive_patients_label_p"] == 2 and summary_p["positive_slices"] == 2
+  assert summary_p["positive_patients_oracle"] == 2  # patients 0 and 1 have a slice covered >= 0.5
+  # per positive slice, area / nodules: 2.0 and 2.0 -> median 2.0 px
+  assert np.isclose(summary_p["nodule_area_px_median"], 2.0)
+  assert oracle.nodule_summary(arrays, 0.5)["positive_patients_label_sb"] == 1
+
+
+def test_mask_option_names_the_phantom_mask_arrays_and_its_own_cache():
+  # The phantom writes these arrays into masks/<patient_id>.npz (pdx_tf/phantom/cohort.py).
+  assert oracle.MASK_ARRAYS == {"small_bowel_nodule": "small_bowel_nodule_mask", "nodule": "nodule_mask"}
+  assert oracle.cache_name(48, "small_bowel_nodule") == "slices-48px.npz"  # earlier caches keep their name
+  assert oracle.cache_name(48, "nodule") != oracle.cache_name(48, "small_bowel_nodule")
+  assert oracle.TASK_LABELS == {"sb": "label_sb", "p": "label_p"}
+  try:
+    oracle.cohort_arrays("/nonexistent", "/nonexistent", [48], mask="cake")
+  except ValueError as error:
+    assert "cake" in str(error)
+  else:
+    raise AssertionError("an unknown mask must be refused")
+
+
+def test_run_seed_scores_patients_against_the_chosen_tasks_label(monkeypatch):
+  """With a stand-in network whose slice score is the image's mean, a cohort where the bright patients are the
+  p-positive ones (and sb marks others) gives patient AUC 1 for --task=p and exactly 0.5 for sb (hand-counted)."""
+  num_patients = 8
+  label_p = np.array([1, 1, 1, 1, 0, 0, 0, 0], np.int32)
+  label_sb = np.array([1, 0, 0, 0, 1, 0, 0, 0], np.int32)  # one bright, one dark sb-positive
+  slice_patient = np.repeat(np.arange(num_patients), 2).astype(np.int32)
+  brightness = np.where(label_p[slice_patient] == 1, 200, 20) + np.arange(len(slice_patient))
+  arrays = {"images": np.broadcast_to(brightness[:, None, None, None], (16, 4, 4, 3)).astype(np.uint8),
+            "peak_coverage": np.where(label_p[slice_patient] == 1, 1.0, 0.0).astype(np.float32),
+            "slice_patient": slice_patient, "patient_ids": np.array([f"q{i}" for i in range(num_patients)]),
+            "label_p": label_p, "label_sb": label_sb}
+  monkeypatch.setattr(oracle, "train_and_predict",
+                      lambda train_images, train_labels, test_images, *args: test_images.mean(axis=(1, 2, 3)))
+  result_p = oracle.run_seed(arrays, 4, 0, 2, 1, 0.5, task="p")
+  assert result_p["patient_auc_pooled"] == 1.0 and result_p["slice_auc_pooled"] == 1.0
+  # sb: positives q0 (bright) and q4 (dark) against 6 negatives (3 bright, 3 dark; brightness rises with index):
+  # q0 beats the dark q5-q7 (3) and none of q1-q3; q4 beats none of q1-q3 and none of q5-q7 -> 3 of 12 pairs.
+  result_sb = oracle.run_seed(arrays, 4, 0, 2, 1, 0.5, task="sb")
+  assert np.isclose(result_sb["patient_auc_pooled"], 3 / 12)
