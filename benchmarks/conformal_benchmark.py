@@ -177,8 +177,8 @@ def main(argv):
       "code_version": provenance.code_version(),
       "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
       "command": "python " + " ".join(sys.argv), "preset": _PRESET.value, "task": task, "seeds": seeds,
-      "alphas": alphas, "num_bootstrap": _NUM_BOOTSTRAP.value, "runs": runs, "means": means,
-      "sd_over_seeds": sd_over_seeds,
+      "alphas": alphas, "num_bootstrap": _NUM_BOOTSTRAP.value,
+      "figures": {"runs": runs, "means": means, "sd_over_seeds": sd_over_seeds},
   }
   os.makedirs(os.path.dirname(_RESULTS.value), exist_ok=True)
   with open(_RESULTS.value, "a", encoding="utf-8") as handle:

@@ -187,6 +187,7 @@ def main(argv):
   if _BASELINES_ONLY.value:
     baselines = region_blind_baselines(info)
     line = {"benchmark": "regions_blind_baselines", "code_version": provenance.code_version(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
             "command": "python " + " ".join(sys.argv), "figures": baselines}
     os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
@@ -207,6 +208,7 @@ def main(argv):
     pointing = pointing_game(regions_root, p_root, info, cohort_dir)
     line = {
         "benchmark": "regions", "code_version": provenance.code_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
                     "note": "shared 2-core machine under load: wall times are not speeds"},
         "command": "python " + " ".join(sys.argv), "seed": seed,

@@ -390,7 +390,7 @@ def test_invalid_manifest_lists_every_problem(tmp_path, capsys):
 def test_demo_preset(monkeypatch, cohort, tmp_path):
   sizes = []
   monkeypatch.setattr(pipeline, "demo_manifest_path",
-                      lambda num_patients=40: sizes.append(num_patients) or cohort[0])
+                      lambda num_patients=40, phantom_preset=None: sizes.append(num_patients) or cohort[0])
   config = pipeline.demo_config(str(tmp_path / "demo"))
   assert config.preprocess.image_size == 48 and config.augment_factor == 8
   assert config.manifest_path == cohort[0] and sizes == [40]
