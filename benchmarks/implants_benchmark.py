@@ -52,8 +52,8 @@ _AGGREGATIONS = flags.DEFINE_list("aggregations", ["mean", "topk_mean", "max"],
 _TOP_K = flags.DEFINE_integer("top_k", 3, "k of topk_mean.")
 _NUM_BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", 1000, "Patient resamples for the CIs.")
 _SEED = flags.DEFINE_integer("seed", 0, "Key of the bootstrap.")
-_OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Append one JSON line (code version, machine, command, "
-                                    "date, figures) here.")
+_OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Append the JSON line (code version, machine, command, "
+                                    "date, figures) here instead of benchmarks/results/implants_benchmark.jsonl.")
 
 TASK = "p"
 ASCITES_GRADES = {"none": 0, "small": 1, "large": 2}
@@ -176,9 +176,10 @@ def main(argv):
   except (PdxError, ValueError) as error:
     print(f"implants_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)
-  if _OUTPUT_JSONL.value:
-    import result_line  # pylint: disable=import-outside-toplevel
-    result_line.append_result_line(_OUTPUT_JSONL.value, {"benchmark": "implants", **figures})
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
+  path = results_io.record_figures("implants_benchmark", results_io.json_safe({"benchmark": "implants", **figures}),
+                                   path=_OUTPUT_JSONL.value)
+  print(f"raw output: {path}")
 
 
 if __name__ == "__main__":

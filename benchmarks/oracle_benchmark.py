@@ -412,14 +412,13 @@ def main(argv):
                  task=_TASK.value)
     print(f"raw output: {results_io.record_figures('oracle_benchmark', _json_safe(result))}")
     if _OUTPUT_JSONL.value:
-      import result_line  # pylint: disable=import-outside-toplevel
       sizes = {size: {key: value for key, value in entry.items() if key != "patient_ids"}
                for size, entry in result["sizes"].items() if size in _IMAGE_SIZES.value}
       for entry in sizes.values():  # per-patient scores stay in <root>/oracle.json
         entry["per_seed"] = [{key: value for key, value in seed.items() if key != "patient_scores"}
                              for seed in entry["per_seed"]]
-      result_line.append_result_line(_OUTPUT_JSONL.value, {"benchmark": "oracle", "num_patients": _NUM_PATIENTS.value,
-                                                           "sizes": sizes})
+      results_io.record_figures("oracle_benchmark", results_io.json_safe(
+          {"benchmark": "oracle", "num_patients": _NUM_PATIENTS.value, "sizes": sizes}), path=_OUTPUT_JSONL.value)
   except (PdxError, ValueError) as error:
     print(f"oracle_benchmark: error: {' '.join(str(error).split())}", file=sys.stderr)
     sys.exit(1)

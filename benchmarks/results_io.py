@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import os
 import platform
 import shlex
@@ -55,20 +56,34 @@ def results_path(name: str) -> str:
   return os.path.join(os.environ.get(RESULTS_DIR_VARIABLE, RESULTS_DIR), f"{name}.jsonl")
 
 
-def record_figures(name: str, figures: Mapping[str, Any], argv: Sequence[str] | None = None) -> str:
-  """Appends one JSON line for this run's `figures` to results_path(name); returns the path.
+def json_safe(value: Any) -> Any:
+  """`value` with every non-finite float replaced by None (written as null), in nested dicts and lists."""
+  if isinstance(value, Mapping):
+    return {str(key): json_safe(item) for key, item in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [json_safe(item) for item in value]
+  if isinstance(value, float) and not math.isfinite(value):
+    return None
+  return value
+
+
+def record_figures(name: str, figures: Mapping[str, Any], argv: Sequence[str] | None = None,
+                   path: str | None = None) -> str:
+  """Appends one JSON line for this run's `figures` to results_path(name), or to `path`; returns the path.
 
   Args:
     name: the benchmark's name (its file name without .py, or with a suffix such as "demo_runs_sb").
-    figures: what the script printed, JSON-serialisable (NaN is written as NaN, which json.loads reads).
+    figures: what the script printed, JSON-serialisable (NaN is written as NaN, which json.loads reads; pass
+      `json_safe(figures)` for null).
     argv: the command (default sys.argv: the script path and its flags).
+    path: another .jsonl to append to (a script's --output_jsonl); default results_path(name).
   """
   argv = list(sys.argv if argv is None else argv)
   line = {"code_version": code_version(), "machine": machine(), "command": shlex.join(["python", *argv]),
           "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
           "figures": figures}
-  path = results_path(name)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
+  path = path or results_path(name)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   with open(path, "a", encoding="utf-8") as handle:  # one write of one line: concurrent appends stay whole lines
     handle.write(json.dumps(line, sort_keys=True, default=str) + "\n")
   return path

@@ -1,4 +1,4 @@
-"""Tests for the pure pieces of benchmarks/implants_benchmark.py and benchmarks/result_line.py.
+"""Tests for the pure pieces of benchmarks/implants_benchmark.py and its raw-output line.
 
 Expectations are written by hand (the AUC as the share of correctly ordered positive/negative pairs).
 """
@@ -16,7 +16,7 @@ from benchmark_loader import BENCHMARKS, load_benchmark
 
 implants = load_benchmark("implants_benchmark")
 sys.path.insert(0, BENCHMARKS)
-import result_line  # pylint: disable=wrong-import-position
+import results_io  # pylint: disable=wrong-import-position
 
 
 def _write_cell(folder, rows):
@@ -65,12 +65,13 @@ def test_settings_parse_as_json_else_text():
     implants.parse_settings(["image_size"])
 
 
-def test_result_line_holds_version_machine_command_and_figures(tmp_path):
+def test_output_jsonl_line_holds_version_machine_command_and_figures(tmp_path):
+  """--output_jsonl: results_io appends to the given path, NaN written as null through json_safe."""
   path = tmp_path / "results" / "x.jsonl"
-  result_line.append_result_line(str(path), {"auc": 0.5, "missing": float("nan")})
-  result_line.append_result_line(str(path), {"auc": 0.6})
+  results_io.record_figures("x", results_io.json_safe({"auc": 0.5, "missing": float("nan")}), path=str(path))
+  results_io.record_figures("x", results_io.json_safe({"auc": 0.6}), path=str(path))
   lines = [json.loads(line) for line in path.read_text().splitlines()]
   assert len(lines) == 2
   assert lines[0]["figures"] == {"auc": 0.5, "missing": None} and lines[1]["figures"] == {"auc": 0.6}
-  assert lines[0]["machine"]["cpu_count"] == os.cpu_count() and lines[0]["command"].startswith("python")
+  assert lines[0]["machine"]["cpus"] == os.cpu_count() and lines[0]["command"].startswith("python")
   assert lines[0]["code_version"] and "T" in lines[0]["date"]
