@@ -23,10 +23,8 @@ version, machine, command, every figure) to --results.
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
-import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -106,7 +104,7 @@ def _mean(values):
 
 def main(argv):
   del argv
-  from pdx_tf import demo, evaluation, presets, provenance  # pylint: disable=import-outside-toplevel
+  from pdx_tf import demo, evaluation, presets  # pylint: disable=import-outside-toplevel
   from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
   from pdx_tf.training import trainer  # pylint: disable=import-outside-toplevel
 
@@ -172,18 +170,12 @@ def main(argv):
   for key, value in means.items():
     print(key, json.dumps({name: (round(number, 4) if isinstance(number, float) else number)
                            for name, number in value.items()}))
-  record = {
-      "benchmark": "conformal", "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-      "code_version": provenance.code_version(),
-      "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version()},
-      "command": "python " + " ".join(sys.argv), "preset": _PRESET.value, "task": task, "seeds": seeds,
-      "alphas": alphas, "num_bootstrap": _NUM_BOOTSTRAP.value,
-      "figures": {"runs": runs, "means": means, "sd_over_seeds": sd_over_seeds},
-  }
-  os.makedirs(os.path.dirname(_RESULTS.value), exist_ok=True)
-  with open(_RESULTS.value, "a", encoding="utf-8") as handle:
-    handle.write(json.dumps(record, sort_keys=True) + "\n")
-  print(f"appended to {_RESULTS.value}")
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
+  path = results_io.record_figures("conformal_benchmark", {
+      "benchmark": "conformal", "preset": _PRESET.value, "task": task, "seeds": seeds, "alphas": alphas,
+      "num_bootstrap": _NUM_BOOTSTRAP.value, "runs": runs, "means": means, "sd_over_seeds": sd_over_seeds,
+  }, path=_RESULTS.value)
+  print(f"appended to {path}")
 
 
 if __name__ == "__main__":

@@ -33,15 +33,13 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import platform
-import sys
 import time
 
 import numpy as np
 from absl import app
 from absl import flags
 
-from pdx_tf import contracts, io_utils, presets, provenance
+from pdx_tf import contracts, io_utils, presets
 from pdx_tf.data import pipeline, records
 from pdx_tf.evaluation import pci
 from pdx_tf.training import trainer
@@ -174,6 +172,7 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
 
 def main(argv):
   del argv
+  import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   root = _ROOT.value
   output = _OUTPUT.value or os.path.join("benchmarks", "results",
                                          f"regions_{datetime.date.today().isoformat()}.jsonl")
@@ -186,13 +185,7 @@ def main(argv):
   cohort_dir = os.path.dirname(info.document["config"]["manifest_path"])
   if _BASELINES_ONLY.value:
     baselines = region_blind_baselines(info)
-    line = {"benchmark": "regions_blind_baselines", "code_version": provenance.code_version(),
-            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
-            "command": "python " + " ".join(sys.argv), "figures": baselines}
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    with open(output, "a", encoding="utf-8") as handle:
-      handle.write(json.dumps(line) + "\n")
+    results_io.record_figures("regions", {"benchmark": "regions_blind_baselines", **baselines}, path=output)
     print(json.dumps(baselines))
     return
   for seed in (int(value) for value in _SEEDS.value):
@@ -206,28 +199,22 @@ def main(argv):
       head_scores = pci.head_scores_from_runs(runs_lib.load_runs(p_root, ("p",)))
     summary, _ = pci.evaluate_regions(regions_root, num_bootstrap=200, seed=seed, head_scores=head_scores)
     pointing = pointing_game(regions_root, p_root, info, cohort_dir)
-    line = {
-        "benchmark": "regions", "code_version": provenance.code_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": sys.version.split()[0],
-                    "note": "shared 2-core machine under load: wall times are not speeds"},
-        "command": "python " + " ".join(sys.argv), "seed": seed,
+    figures = {
+        "macro_auc": summary["macro_auc"], "macro_auc_ci": summary["macro_auc_ci"],
+        "small_bowel_macro_auc": summary["small_bowel_macro_auc"],
+        "region_auc": [entry["auc"] for entry in summary["regions"]],
+        "region_n_positive": [entry["n_positive"] for entry in summary["regions"]],
+        "pci_spearman": summary["pci"]["spearman"], "pci_spearman_ci": summary["pci"]["spearman_ci"],
+        "pci_mae": summary["pci"]["mae"], "derived": summary["derived"], "pointing": pointing}
+    results_io.record_figures("regions", {
+        "benchmark": "regions", "seed": seed,
         "settings": {"preset": "demo", "inner_fraction": _INNER_FRACTION.value, "threshold": "inner_youden",
                      "epochs": _EPOCHS.value or presets.TRAIN_PRESETS["demo"]["epochs"],
                      "image_size": _IMAGE_SIZE.value or presets.TRAIN_PRESETS["demo"]["image_size"]},
-        "figures": {
-            "macro_auc": summary["macro_auc"], "macro_auc_ci": summary["macro_auc_ci"],
-            "small_bowel_macro_auc": summary["small_bowel_macro_auc"],
-            "region_auc": [entry["auc"] for entry in summary["regions"]],
-            "region_n_positive": [entry["n_positive"] for entry in summary["regions"]],
-            "pci_spearman": summary["pci"]["spearman"], "pci_spearman_ci": summary["pci"]["spearman_ci"],
-            "pci_mae": summary["pci"]["mae"], "derived": summary["derived"], "pointing": pointing},
+        **figures,
+        # the machine's load is in results_io's machine record: a loaded box's wall times are not speeds
         "wall_time_s": {"pipeline": pipeline_s, "regions_grid": regions_s, "p_grid": p_s},
-    }
-    os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-    with open(output, "a", encoding="utf-8") as handle:
-      handle.write(json.dumps(line) + "\n")
-    figures = line["figures"]
+    }, path=output)
     print(f"seed {seed}: macro AUC {figures['macro_auc']}, small bowel {figures['small_bowel_macro_auc']}, PCI"
           f" Spearman {figures['pci_spearman']}, pointing {json.dumps(pointing)}", flush=True)
 
