@@ -17,14 +17,14 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from pdx_tf import io_utils, settings
+from pdx_tf import conformal, io_utils, settings
 from pdx_tf.errors import ExportError, PdxError, RecordsError, RunsError
 
 TASKS = ("p", "sb")  # p: any peritoneal dissemination; sb: small-bowel dissemination.
 # One grid, one backbone, both tasks (`--task=p,sb`): each cell's model has a head per task, and the cell writes
 # each task's predictions in its own sub-folder (<cell>/p/, <cell>/sb/) so evaluation reads them as two tasks.
 JOINT_TASK = "p,sb"
-DEFAULT_MIN_SLICES = 8
+DEFAULT_MIN_SLICES = settings.DEFAULT_MIN_SLICES
 
 # The Peritoneal Cancer Index (PCI) regions, index = region number (Jacquet & Sugarbaker): 0-8 the abdominopelvic
 # regions, 9-12 the small-bowel segments. Each region's lesion-size score is 0 (none), 1 (up to 0.5 cm), 2 (up to
@@ -161,6 +161,10 @@ class DatasetInfo:
     patients: each patient's entry of dataset.json, by patient_id.
     preprocess_config: the records' typed preprocessing, parsed and checked once from document["preprocess"]
       (built here when not given); `image_size` is its image size, the one holder of the records' size.
+    augment_settings: the records' typed offline augmentation (ranges, copies, block, seed), parsed and checked
+      once from the document (built here when not given).
+    region_settings: how the records' studies were read (z-range rule, slabs, series choice), typed from the
+      pipeline config once (built here when not given).
   """
 
   records_dir: str
@@ -169,11 +173,17 @@ class DatasetInfo:
   covariate_names: tuple[str, ...]
   patients: Mapping[str, Mapping[str, Any]]
   preprocess_config: settings.PreprocessConfig | None = None
+  augment_settings: settings.AugmentSettings | None = None
+  region_settings: settings.RegionSettings | None = None
 
   def __post_init__(self):
     if self.preprocess_config is None:
       object.__setattr__(self, "preprocess_config",
                          settings.preprocess_config_from_dict(self.document.get("preprocess", {})))
+    if self.augment_settings is None:
+      object.__setattr__(self, "augment_settings", settings.augment_settings_from_document(self.document))
+    if self.region_settings is None:
+      object.__setattr__(self, "region_settings", dataset_region_settings(self.document))
 
   @property
   def image_size(self) -> int:
@@ -195,16 +205,17 @@ class DatasetInfo:
 
   @property
   def augment(self) -> dict[str, Any]:
-    """The records' offline augmentation (rotation, flip, scale ranges, copies a slice, block size, seed)."""
+    """The records' offline augmentation as dataset.json holds it (what run.json copies); code that uses it reads
+    the typed `augment_settings`."""
     keys = ("augment_factor", "augment_block", "seed")
     return {**dict(self.document.get("augment") or {}),
             **{key: self.document[key] for key in keys if key in self.document}}
 
   @property
   def region(self) -> dict[str, Any]:
-    """The records' study-reading settings (z-range rule, slabs, series choice): what predict must repeat."""
-    config = self.document.get("config", {})
-    return {key: config[key] for key in REGION_SETTINGS if key in config}
+    """The records' study-reading settings as the pipeline config holds them (what run.json copies); code that
+    uses them reads the typed `region_settings`."""
+    return _region_fields(self.document)
 
   @property
   def input_statistics(self) -> dict[str, Any] | None:
@@ -245,6 +256,20 @@ class DatasetInfo:
 # The pipeline config fields that decide which slices of a study are read; run.json and the export carry them
 # so `predict` reads a study as the records were made, without reaching back to the records folder.
 REGION_SETTINGS = ("region", "slice_spacing_mm", "slice_thickness_mm", "min_slices")
+
+
+def _region_fields(dataset: Mapping[str, Any]) -> dict[str, Any]:
+  config = dataset.get("config") or {}
+  return {key: config[key] for key in REGION_SETTINGS if key in config}
+
+
+def dataset_region_settings(dataset: Mapping[str, Any]) -> settings.RegionSettings:
+  """The typed study-reading settings of a dataset.json dict (its pipeline config's REGION_SETTINGS).
+
+  Raises:
+    ValueError: a value the checks refuse.
+  """
+  return settings.region_settings_from_dict(_region_fields(dataset))
 
 
 def check_records_schema_version(version: int, source: str) -> None:
@@ -319,6 +344,16 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
   except (ValueError, TypeError) as error:
     raise RecordsError(f"{path} has preprocess settings this code cannot use ({' '.join(str(error).split())});"
                        " rebuild the records with this version of the data pipeline") from None
+  try:
+    augment_settings = settings.augment_settings_from_document(document)
+  except (ValueError, TypeError) as error:
+    raise RecordsError(f"{path} has augmentation settings this code cannot use ({' '.join(str(error).split())});"
+                       " rebuild the records with this version of the data pipeline") from None
+  try:
+    region_settings = dataset_region_settings(document)
+  except (ValueError, TypeError) as error:
+    raise RecordsError(f"{path} has region settings this code cannot use ({' '.join(str(error).split())});"
+                       " rebuild the records with this version of the data pipeline") from None
   for shard in shards:
     shard_path = io_utils.join(records_dir, shard["path"])
     if not io_utils.exists(shard_path):
@@ -331,7 +366,8 @@ def load_dataset_info(records_dir: str, *, expected_image_size: int | None = Non
       raise RecordsError(f"shard {shard_path} does not match its sha256 in dataset.json; re-copy or rebuild it")
   return DatasetInfo(records_dir=records_dir, document=document, dataset_hash=io_utils.sha256_file(path),
                      covariate_names=tuple(document.get("covariate_names", ())),
-                     patients=dict(sorted(patients.items())), preprocess_config=preprocess_config)
+                     patients=dict(sorted(patients.items())), preprocess_config=preprocess_config,
+                     augment_settings=augment_settings, region_settings=region_settings)
 
 
 # ---------------------------------------------------------------------------------------- run.json
@@ -376,6 +412,8 @@ class RunInfo:
     aggregation, aggregation_top_k: the slice-to-patient rule.
     document: run.json as written (every field, including provenance and opt-in ones).
     preprocess_config: `preprocess` typed and checked once (built here when not given).
+    region_settings: `region` typed and checked once; None where run.json does not record the rule (runs
+      written before it did).
   """
 
   task: str
@@ -388,10 +426,13 @@ class RunInfo:
   aggregation_top_k: int
   document: Mapping[str, Any]
   preprocess_config: settings.PreprocessConfig | None = None
+  region_settings: settings.RegionSettings | None = None
 
   def __post_init__(self):
     if self.preprocess_config is None:
       object.__setattr__(self, "preprocess_config", settings.preprocess_config_from_dict(self.preprocess))
+    if self.region_settings is None:
+      object.__setattr__(self, "region_settings", run_region_settings(self.region))
 
   @property
   def cell(self) -> Cell:
@@ -417,14 +458,28 @@ class RunInfo:
       raise error(f"{path} has an invalid preprocess config ({' '.join(str(problem).split())}); re-create it with"
                   " the training stage") from None
     try:
+      region_settings = run_region_settings(document.get("region") or {})
+    except (TypeError, ValueError) as problem:
+      raise error(f"{path} has invalid region settings ({' '.join(str(problem).split())}); re-create it with"
+                  " the training stage") from None
+    try:
       check_training_task(document["task"])
       return cls(task=document["task"], repeat=int(document["repeat"]), fold=int(document["fold"]),
                  split_hash=str(document["split_hash"]), preprocess=dict(document["preprocess"]),
                  region=dict(document.get("region") or {}),
                  aggregation=str(document["aggregation"]), aggregation_top_k=int(document["aggregation_top_k"]),
-                 document=dict(document), preprocess_config=preprocess_config)
+                 document=dict(document), preprocess_config=preprocess_config, region_settings=region_settings)
     except (TypeError, ValueError) as problem:
       raise error(f"{path} has a malformed field ({problem}); re-create it with the training stage") from None
+
+
+def run_region_settings(region: Mapping[str, Any]) -> settings.RegionSettings | None:
+  """run.json's "region" typed: None unless it records the rule (its "region" key; older runs do not).
+
+  Raises:
+    ValueError: a value the checks refuse.
+  """
+  return settings.region_settings_from_dict(region) if region and "region" in region else None
 
 
 def run_document(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -448,7 +503,9 @@ def read_run_info(path: str, error: type[PdxError] = RunsError) -> RunInfo:
 
 # ---------------------------------------------------------------------------------------- pdx_export.json
 
-EXPORT_REQUIRED_FIELDS = ("task", "version", "num_models", "cells", "preprocess", "image_size", "aggregation",
+# The image size lives in "preprocess" only; exports written before this also stored it at the top level
+# ("image_size"), which the reader still accepts when it agrees (ExportInfo.from_document).
+EXPORT_REQUIRED_FIELDS = ("task", "version", "num_models", "cells", "preprocess", "aggregation",
                           "aggregation_top_k", "signatures")
 
 
@@ -459,29 +516,42 @@ class ExportInfo:
   Attributes:
     task, version: the model's task and version number.
     num_models: the cells in the ensemble.
-    preprocess, image_size: the training records' preprocessing (the serving graph applies it).
+    preprocess: the training records' preprocessing (the serving graph applies it); `image_size` is its size.
     aggregation, aggregation_top_k: the slice-to-patient rule.
     region: how `predict` reads a study ({} for exports that do not record it).
     threshold: the operating threshold (0.5 unless the cells carried their own).
     document: pdx_export.json as written.
     preprocess_config: `preprocess` typed and checked once (built here when not given).
+    region_settings: `region` typed and checked once (the pipeline defaults for an export without it).
+    conformal_thresholds: the "conformal" entry's thresholds, typed and checked once; None for an export without.
   """
 
   task: str
   version: int
   num_models: int
   preprocess: Mapping[str, Any]
-  image_size: int
   aggregation: str
   aggregation_top_k: int
   region: Mapping[str, Any]
   threshold: float
   document: Mapping[str, Any]
   preprocess_config: settings.PreprocessConfig | None = None
+  region_settings: settings.RegionSettings | None = None
+  conformal_thresholds: conformal.ConformalThresholds | None = None
 
   def __post_init__(self):
     if self.preprocess_config is None:
       object.__setattr__(self, "preprocess_config", settings.preprocess_config_from_dict(self.preprocess))
+    if self.region_settings is None:
+      object.__setattr__(self, "region_settings", settings.region_settings_from_dict(self.region))
+    if self.conformal_thresholds is None and self.document.get("conformal"):
+      object.__setattr__(self, "conformal_thresholds",
+                         conformal.ConformalThresholds.from_dict(self.document["conformal"]))
+
+  @property
+  def image_size(self) -> int:
+    """The models' image side in pixels (preprocess_config.image_size, its one holder)."""
+    return self.preprocess_config.image_size
 
   @classmethod
   def from_document(cls, document: Any, path: str, error: type[PdxError] = ExportError) -> "ExportInfo":
@@ -500,13 +570,18 @@ class ExportInfo:
       raise error(f"{path} lacks {', '.join(missing)}; re-export the model")
     try:
       task = document["task"] if document["task"] == PCI_TASK else check_task(document["task"])
-      return cls(task=task, version=int(document["version"]),
+      info = cls(task=task, version=int(document["version"]),
                  num_models=int(document["num_models"]), preprocess=dict(document["preprocess"]),
-                 image_size=int(document["image_size"]), aggregation=str(document["aggregation"]),
+                 aggregation=str(document["aggregation"]),
                  aggregation_top_k=int(document["aggregation_top_k"]), region=dict(document.get("region") or {}),
                  threshold=float(document.get("threshold", 0.5)), document=dict(document))
     except (TypeError, ValueError) as problem:
-      raise error(f"{path} has a malformed field ({problem}); re-export the model") from None
+      raise error(f"{path} has a malformed field ({' '.join(str(problem).split())}); re-export the model") from None
+    legacy_size = document.get("image_size")  # exports written before the size had one holder
+    if legacy_size is not None and legacy_size != info.image_size:
+      raise error(f"{path} says image_size {legacy_size} but its preprocess says {info.image_size}; re-export the"
+                  " model")
+    return info
 
   @property
   def conformal(self) -> Mapping[str, Any] | None:

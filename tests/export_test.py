@@ -64,7 +64,8 @@ def test_layout_versions_and_metadata(exported):
   assert metadata["format"] == "pdx-tf-export" and metadata["task"] == "p" and metadata["version"] == 1
   assert metadata["kind"] == "ensemble" and metadata["num_models"] == 2
   assert [(cell["repeat"], cell["fold"]) for cell in metadata["cells"]] == [(0, 0), (0, 1)]
-  assert metadata["image_size"] == IMAGE_SIZE and metadata["preprocess"]["image_size"] == IMAGE_SIZE
+  # The image size has one holder, preprocess (the top-level copy of older exports is gone).
+  assert "image_size" not in metadata and metadata["preprocess"]["image_size"] == IMAGE_SIZE
   assert metadata["aggregation"] == "topk_mean" and metadata["aggregation_top_k"] == TOP_K
   # At 32 px out_relu is 1x1: the export names the layer predict explains, the first with a map >= 7x7.
   assert metadata["gradcam"] == {"backbone_layer": "mobilenetv2", "target_layer": "block_3_expand_relu"}

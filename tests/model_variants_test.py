@@ -86,6 +86,24 @@ def test_serving_and_predict_build_the_same_stack_as_numpy():
   np.testing.assert_array_equal(predict.viewable_images(expected_stack, 1)[..., 0], one_window)
 
 
+def test_the_context_window_check_runs_once_where_preprocessing_meets_the_models(monkeypatch):
+  """check_context_windows runs where the two typed settings meet (the serving module: once an export), not again
+  at every patient's preprocessing; three windows with context still fail there with the one message."""
+  calls = []
+  original = preprocess.check_context_windows
+  monkeypatch.setattr(preprocess, "check_context_windows", lambda *args: calls.append(args) or original(*args))
+  config = preprocess.PreprocessConfig(image_size=SIZE)
+  model, _ = _channel_probe(3)
+  module = signatures.PdxServingModule([model], config, "mean", 3, context_slices=1)
+  for seed in range(2):
+    module.serving_default(hu=tf.constant(_hu(seed=seed)))
+  preprocess.preprocess_patient(_hu(), config, 1)  # predict's Grad-CAM inputs: the same stacks, no second check
+  assert calls == [(config, 1)]
+  triple = preprocess.PreprocessConfig(image_size=SIZE, windows=preprocess.WINDOW_PRESETS["triple"])
+  with pytest.raises(ValueError, match="stacks adjacent slices of one window; these records have 3 windows"):
+    signatures.PdxServingModule([model], triple, "mean", 3, context_slices=1)
+
+
 @pytest.fixture(scope="module")
 def flip_records(tmp_path_factory):
   """Fake records whose augmentation is a certain left-right flip (no rotation, no zoom): copy a of a stack must
@@ -192,6 +210,14 @@ def _config(records_dir, output_dir, **overrides):
                 batch_size=4, pool_fraction=0.5, deterministic=True)
   values.update(overrides)
   return trainer.TrainConfig(**values)
+
+
+def test_three_window_records_with_context_fail_at_the_grids_hand_off(fake_records_dir, tmp_path):
+  triple = fake_records_dir("triple", num_patients=4, slices_per_patient=3, augment_factor=1, channels=3)
+  with pytest.raises(ValueError, match="stacks adjacent slices of one window; these records have 3 windows"):
+    trainer.run_grid(_config(triple, tmp_path / "t", context_slices=1,
+                             model=model_lib.ModelConfig(image_size=SIZE, alpha=0.35, input_channels=3)))
+  assert not (tmp_path / "t" / "cells").exists()
 
 
 def test_bad_input_fails_before_training(flip_records, tmp_path):

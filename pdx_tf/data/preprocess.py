@@ -220,7 +220,8 @@ def preprocess_patient(hu: tf.Tensor, config: PreprocessConfig, context_slices: 
   """One patient's raw HU slices [N, H, W], in slice order, to model input uint8 [N, S, S, model_channels(C)].
 
   context_slices 0 is `preprocess_slices`; otherwise each slice's one-window image is stacked with its
-  neighbours by `context_stack`.
+  neighbours by `context_stack`. A pure transform: `config` and `context_slices` were checked together
+  (`check_context_windows`) where they met, the serving module (signatures.PdxServingModule), whose export
+  predict reads.
   """
-  check_context_windows(config, context_slices)
   return context_stack(preprocess_slices(hu, config), context_slices)

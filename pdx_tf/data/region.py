@@ -53,6 +53,7 @@ import numpy as np
 import tensorflow as tf
 from scipy import ndimage
 
+from pdx_tf import settings
 from pdx_tf.contracts import DEFAULT_MIN_SLICES
 from pdx_tf.data import preprocess
 from pdx_tf.errors import RegionError
@@ -65,48 +66,9 @@ Z_TOLERANCE_MM = 1e-3
 SLAB_KEEP_TOLERANCE = 0.2
 
 
-@dataclasses.dataclass(frozen=True)
-class RegionConfig:
-  """Parameters of the automatic abdominal z-range rule (see the module docstring).
-
-  Attributes:
-    body_threshold_hu: voxels above this are body (the same threshold as the crop's).
-    lung_air_hu: body-enclosed voxels below this are air (lung or gas).
-    lung_air_fraction: a slice holds lung when enclosed air exceeds this fraction of its body area (used for the
-      chest-only refusal: lungs down to the study's bottom slice).
-    thorax_air_fraction: a slice is thorax proper (above the diaphragm domes) when enclosed air exceeds this
-      fraction of its body area. The lung bases around the liver dome take roughly 5-25 % of an adult's body
-      cross-section, the lower chest above the domes 35-55 % (less in obese patients, whose fat adds body area;
-      estimates from typical anatomy, not yet measured on real series), so 30 % ends the abdomen at the domes
-      without cutting the subphrenic spaces; a patient whose chest stays under it keeps extra chest slices
-      rather than losing the dome.
-    min_body_area_cm2: a study whose largest body cross-section is smaller has no abdomen (head, limb).
-    leg_area_fraction: each of the two largest components must hold this share of their joint area to count
-      as two thighs.
-    min_leg_area_cm2: and at least this many cm^2 each.
-  """
-
-  body_threshold_hu: float = -500.0
-  lung_air_hu: float = -400.0
-  lung_air_fraction: float = 0.05
-  thorax_air_fraction: float = 0.30
-  min_body_area_cm2: float = 250.0
-  leg_area_fraction: float = 0.25
-  min_leg_area_cm2: float = 20.0
-
-  def __post_init__(self):
-    if not -1000.0 < self.lung_air_hu < 0.0:
-      raise ValueError(f"lung_air_hu must be between -1000 and 0 HU, got {self.lung_air_hu}")
-    if not 0.0 < self.lung_air_fraction < 1.0:
-      raise ValueError(f"lung_air_fraction must be in (0, 1), got {self.lung_air_fraction}")
-    if not self.lung_air_fraction <= self.thorax_air_fraction < 1.0:
-      raise ValueError(f"thorax_air_fraction must be in [lung_air_fraction, 1), got {self.thorax_air_fraction}")
-    if self.min_body_area_cm2 < 0.0:
-      raise ValueError(f"min_body_area_cm2 must be >= 0, got {self.min_body_area_cm2}")
-    if not 0.0 < self.leg_area_fraction <= 0.5:
-      raise ValueError(f"leg_area_fraction must be in (0, 0.5], got {self.leg_area_fraction}")
-    if self.min_leg_area_cm2 < 0.0:
-      raise ValueError(f"min_leg_area_cm2 must be >= 0, got {self.min_leg_area_cm2}")
+# The rule's parameters are a hand-off setting (dataset.json, run.json and the export carry them), typed in the
+# core so that reading a hand-off never imports this stage.
+RegionConfig = settings.RegionConfig
 
 
 @dataclasses.dataclass(frozen=True)

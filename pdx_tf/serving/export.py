@@ -31,7 +31,7 @@ import numpy as np
 import tensorflow as tf
 from absl import logging
 
-from pdx_tf import configs, conformal, contracts, io_utils, provenance
+from pdx_tf import configs, conformal, contracts, io_utils, provenance, settings as settings_lib
 from pdx_tf.contracts import COMPLETE_STATUS, EXPORT_FORMAT, EXPORT_METADATA_FILE as METADATA_FILE, EXPORT_SCHEMA_VERSION
 from pdx_tf.contracts import RUN_FILE, TASKS
 from pdx_tf.data import preprocess
@@ -90,6 +90,8 @@ class CellRun:
   run_info: dict
   # run.json's preprocess, typed and checked once when read (contracts.RunInfo); None for a hand-made CellRun.
   preprocess_config: Any = None
+  # run.json's region, typed once when read (contracts.RunInfo.region_settings); None when it lacks the rule.
+  region_settings: Any = None
 
   @property
   def name(self) -> str:
@@ -129,7 +131,7 @@ def read_cell(folder: str) -> CellRun:
   info = contracts.read_run_info(path, ExportError)
   run_info = info.document
   return CellRun(folder=folder, repeat=int(run_info["repeat"]), fold=int(run_info["fold"]), run_info=run_info,
-                 preprocess_config=info.preprocess_config)
+                 preprocess_config=info.preprocess_config, region_settings=info.region_settings)
 
 
 def find_cells(runs_dir: str, task: str, selectors: Sequence[str] = ()) -> list[CellRun]:
@@ -196,7 +198,6 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
   try:
     if not heads.get(head).own_patient_score:  # e.g. the MIL head's patient score is its own attention pooling
       aggregation.check_aggregation(rule, top_k)
-    preprocess.check_context_windows(preprocess_config, context_slices)
   except ValueError as error:
     raise ExportError(f"{first.folder}/run.json: {error}") from None
   return {"preprocess": preprocess_config, "aggregation": rule, "aggregation_top_k": top_k,
@@ -226,21 +227,20 @@ def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Mod
 
 
 def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
-  """How the training records chose and spaced the abdominal slices, so `predict` reads a study the same way.
+  """How the training records chose and spaced the abdominal slices, so `predict` reads a study the same way: the
+  export's JSON form of `settings.RegionSettings`, plus "source".
 
-  run.json carries them (`region`, from the records' dataset.json at training time). Cells trained before it did
-  fall back to the training records' dataset.json (via run.json's records_dir), checked against the cell's dataset
-  or records content hash; when that is not reachable either (records deleted or on another machine) the pipeline
-  defaults are recorded, and said so.
+  run.json carries them (`region`, from the records' dataset.json at training time; typed when read). Cells
+  trained before it did fall back to the training records' dataset.json (via run.json's records_dir), checked
+  against the cell's dataset or records content hash; when that is not reachable either (records deleted or on
+  another machine) the pipeline defaults are recorded, and said so.
   """
-  from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
-
   for cell in cells:
-    recorded = cell.run_info.get("region")
-    if recorded and "region" in recorded:
-      return {"config": dict(recorded["region"]), "slice_spacing_mm": recorded.get("slice_spacing_mm"),
-              "slice_thickness_mm": recorded.get("slice_thickness_mm"),
-              "min_slices": int(recorded.get("min_slices", contracts.DEFAULT_MIN_SLICES)), "source": "run.json"}
+    typed = cell.region_settings
+    if typed is None:  # a hand-made CellRun: its run.json dict, typed by the contract's reader
+      typed = contracts.run_region_settings(cell.run_info.get("region") or {})
+    if typed is not None:
+      return {**typed.export_dict(), "source": "run.json"}
   for cell in cells:
     records_dir = cell.run_info.get("config", {}).get("records_dir")
     if not records_dir:
@@ -254,14 +254,12 @@ def region_settings(cells: Sequence[CellRun]) -> dict[str, Any]:
       if (io_utils.sha256_file(path) != cell.run_info.get("dataset_hash")
           and contracts.records_content_hash(dataset) != cell.run_info.get("records_hash")):
         continue
-      pipeline_config = dataset["config"]
-      return {"config": dict(pipeline_config["region"]), "slice_spacing_mm": pipeline_config["slice_spacing_mm"],
-              "slice_thickness_mm": pipeline_config.get("slice_thickness_mm"),
-              "min_slices": int(pipeline_config["min_slices"]), "source": "training dataset.json"}
+      if "region" not in (dataset.get("config") or {}):
+        continue
+      return {**contracts.dataset_region_settings(dataset).export_dict(), "source": "training dataset.json"}
     except (KeyError, TypeError, ValueError, tf.errors.OpError):
       continue
-  return {"config": configs.to_dict(region.RegionConfig()), "slice_spacing_mm": None,
-          "min_slices": contracts.DEFAULT_MIN_SLICES,
+  return {**settings_lib.RegionSettings().export_dict(),
           "source": "pipeline defaults (the training dataset.json was not reachable at export time)"}
 
 
@@ -336,8 +334,7 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "kind": "ensemble" if len(cells) > 1 else "single",
       "num_models": len(cells),
       "cells": cell_entries,
-      "preprocess": configs.to_dict(preprocess_config),
-      "image_size": preprocess_config.image_size,
+      "preprocess": configs.to_dict(preprocess_config),  # the image size's one holder (ExportInfo.image_size)
       "model": settings["model"],
       "aggregation": settings["aggregation"],
       "aggregation_top_k": settings["aggregation_top_k"],
@@ -492,9 +489,12 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   # Conformal sets are for the patient-level tasks; a regions export has none (docs/conformal.md).
   settings["conformal"] = conformal_calibration(cells, task) if task != contracts.PCI_TASK else None
   bounds = (conformal.ConformalThresholds.from_dict(settings["conformal"]) if settings["conformal"] else None)
-  module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
-                                    settings["aggregation_top_k"], context_slices=settings["context_slices"],
-                                    conformal_thresholds=bounds)
+  try:  # where the preprocessing meets the models: the context/window check happens here, once an export
+    module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
+                                      settings["aggregation_top_k"], context_slices=settings["context_slices"],
+                                      conformal_thresholds=bounds)
+  except ValueError as error:
+    raise ExportError(f"{cells[0].folder}/run.json: {error}") from None
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")
   try:
     tf.saved_model.save(module, temp_dir, signatures=module.signatures())

@@ -108,25 +108,6 @@ def load_exports(model_dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
   return sorted(exports, key=lambda item: order.index(item[1]["task"]))
 
 
-def _region_arguments(metadata: dict[str, Any]) -> dict[str, Any]:
-  """load_abdomen keyword arguments matching the export's training records (see export.region_settings)."""
-  from pdx_tf.data import region  # pylint: disable=import-outside-toplevel
-
-  settings = metadata.get("region")
-  if not settings:
-    return {"config": region.RegionConfig(), "slice_spacing_mm": None, "min_slices": contracts.DEFAULT_MIN_SLICES}
-  try:
-    region_config = configs.from_dict(region.RegionConfig, settings["config"])
-  except (KeyError, TypeError, ValueError) as error:
-    raise ExportError(f"export {metadata.get('task')} v{metadata.get('version')} has region settings this code "
-                      f"cannot read ({error}); use the matching pdx_tf version") from None
-  arguments = {"config": region_config, "slice_spacing_mm": settings.get("slice_spacing_mm"),
-               "min_slices": int(settings.get("min_slices", contracts.DEFAULT_MIN_SLICES))}
-  if settings.get("slice_thickness_mm"):  # exports before the series choice recorded it use the default
-    arguments["slice_thickness_mm"] = float(settings["slice_thickness_mm"])
-  return arguments
-
-
 @functools.lru_cache(maxsize=4)
 def _saved_model(version_dir: str):
   """The loaded export, once per process: a cohort's patients share it (loading takes seconds)."""
@@ -159,7 +140,7 @@ def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, nu
   # Highest first; ties by slice index so the choice is deterministic.
   order = sorted(range(slice_probability.size), key=lambda index: (-float(slice_probability[index]), index))
   chosen = sorted(order[:count], key=lambda index: -float(slice_probability[index]))
-  image_size = int(metadata["image_size"])
+  image_size = export.export_info(version_dir).image_size
   context_slices = int(metadata.get("context_slices", 0))
   images = np.zeros((0, image_size, image_size, preprocess.model_channels(context_slices)), np.uint8)
   heatmaps = np.zeros((0, image_size, image_size), np.float32)
@@ -216,8 +197,9 @@ def read_study(dicom_dir: str, exports: Sequence[tuple[str, dict[str, Any]]], *,
   series_cache: dict[Any, Any] = {}
   studies: dict[str, tuple[Any, dict[str, Any]]] = {}
   regions, statistics = [], []
-  for _, metadata in exports:
-    arguments = _region_arguments(metadata)
+  for version_dir, _ in exports:
+    # The export's region settings, typed and checked once when its pdx_export.json was read (contracts).
+    arguments = export.export_info(version_dir).region_settings.load_abdomen_arguments()
     key = repr(sorted((name, repr(value)) for name, value in arguments.items()))
     if key not in studies:
       series_key = (arguments.get("slice_thickness_mm", 5.0), arguments["min_slices"])
@@ -304,25 +286,26 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
                            gradcam_max_models=config.gradcam_max_models, conformal_alpha=config.conformal_alpha)
 
 
-def conformal_answer(metadata: Mapping[str, Any], probability: float,
+def conformal_answer(info: contracts.ExportInfo, probability: float,
                      alpha: float | None = None) -> dict[str, Any] | None:
   """prediction.json's "conformal" of a task: the patient's set at the export's thresholds (pdx_export.json
-  "conformal"), or at `alpha` re-fitted on the export's stored calibration scores; None for an export without.
+  "conformal", typed when the export was read: `info.conformal_thresholds`), or at `alpha` re-fitted on the
+  export's stored calibration scores; None for an export without.
 
   Returns:
     {"set": "negative" | "positive" | "uncertain", "members": "negative" | "positive" | "both" | "empty",
      "alpha", "negative_max_score", "positive_max_score"}.
   """
-  stored = metadata.get("conformal")
-  if not stored:
+  thresholds = info.conformal_thresholds
+  if thresholds is None:
     return None
-  try:
-    thresholds = conformal.ConformalThresholds.from_dict(stored)
-    if alpha is not None and alpha != thresholds.alpha:
+  if alpha is not None and alpha != thresholds.alpha:
+    stored = info.conformal
+    try:
       thresholds = conformal.fit_thresholds(stored["calibration_probabilities"], stored["calibration_labels"], alpha)
-  except (KeyError, ValueError) as error:
-    raise ExportError(f"export {metadata.get('task')} v{metadata.get('version')} has a malformed \"conformal\""
-                      f" entry ({error}); re-export the model") from None
+    except (KeyError, ValueError) as error:
+      raise ExportError(f"export {info.task} v{info.version} has a malformed \"conformal\" entry ({error});"
+                        " re-export the model") from None
   negative, positive = conformal.prediction_sets([probability], thresholds)
   return {"set": str(conformal.answers(negative, positive)[0]), "members": conformal.set_names(negative, positive)[0],
           "alpha": thresholds.alpha, "negative_max_score": thresholds.negative_max_score,
@@ -394,7 +377,7 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
         "model": {
             "version": metadata["version"], "kind": metadata["kind"], "num_models": metadata["num_models"],
             "aggregation": metadata["aggregation"], "aggregation_top_k": metadata["aggregation_top_k"],
-            "image_size": metadata["image_size"], "code_version": metadata["code_version"],
+            "image_size": export.export_info(result.version_dir).image_size, "code_version": metadata["code_version"],
             # Only beyond the paper's model, so a default export's prediction.json keeps its bytes.
             **({"head": metadata["head"]} if metadata.get("head", heads.DEFAULT_HEAD) != heads.DEFAULT_HEAD else {}),
             **({"context_slices": metadata["context_slices"]} if metadata.get("context_slices") else {}),
@@ -408,7 +391,8 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
         "gradcam": overlays,
         "region": _region_summary(abdomen),
     }
-    answer = conformal_answer(metadata, round(result.patient_probability, 6), conformal_alpha)
+    answer = conformal_answer(export.export_info(result.version_dir), round(result.patient_probability, 6),
+                              conformal_alpha)
     if answer:
       tasks[result.task]["conformal"] = answer
   summary = "summary.png" if write_summary and results else None

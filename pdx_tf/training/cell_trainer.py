@@ -48,7 +48,7 @@ import random
 import re
 import time
 import warnings
-from typing import Any, Mapping, Sequence, TYPE_CHECKING
+from typing import Any, Mapping, Sequence
 
 import keras
 import numpy as np
@@ -61,9 +61,7 @@ from pdx_tf.errors import RunsError
 from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib, input_pipeline
 from pdx_tf.training import heads, model as model_lib, regions, splits, tensorboard
 from pdx_tf.training.model import build_model
-
-if TYPE_CHECKING:  # annotations only, never executed: trainer imports this module, not the other way round
-  from pdx_tf.training.trainer import TrainConfig
+from pdx_tf.training.train_config import TrainConfig
 
 # Held-out slice probabilities with a smaller spread mean the model predicts one constant (see model.py).
 COLLAPSE_STD = 1e-3

@@ -422,25 +422,22 @@ def stacks_from_validation(validation: "ValidationSet", context_slices: int) -> 
   return out
 
 
-def _augment_settings(info: DatasetInfo) -> tuple[int, augment.AugmentConfig, float]:
-  values = info.augment
-  fields = {field.name for field in dataclasses.fields(augment.AugmentConfig)}
-  config = augment.AugmentConfig(**{key: value for key, value in values.items() if key in fields})
+def _fill_value(info: DatasetInfo) -> float:
+  """Air (-1000 HU) after the records' first window, on the uint8 grid: what a warp's uncovered corners hold."""
   center, width = info.preprocess_config.windows[0]
-  fill = float(np.round(np.clip((preprocess.AIR_HU - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0))
-  return int(values.get("seed", 0)), config, fill
+  return float(np.round(np.clip((preprocess.AIR_HU - (center - width / 2.0)) / width, 0.0, 1.0) * 255.0))
 
 
 def load_patient_stacks(info: DatasetInfo, patient_ids: Sequence[str], task: str,
                         context_slices: int) -> PatientStacks:
   """The patients' original slices, stacked with `preprocess.context_stack` (C > 0) or as stored (C = 0).
 
+  The records' windows and `context_slices` were checked together where the grid config met the records
+  (trainer's hand-off check, `preprocess.check_context_windows`, once a run_grid).
+
   Raises:
     RecordsError: as `load_validation`, or a patient whose slice indices are not 0..n-1.
-    ValueError: context_slices > 0 on records of three windows.
   """
-  if context_slices:
-    preprocess.check_context_windows(info.preprocess_config, context_slices)
   validation = load_validation(info, patient_ids, task)
   images, starts, counts, labels, start = [], {}, {}, {}, 0
   for patient_id in patient_ids:
@@ -454,9 +451,9 @@ def load_patient_stacks(info: DatasetInfo, patient_ids: Sequence[str], task: str
     starts[patient_id], counts[patient_id] = start, rows.size
     labels[patient_id] = int(label) if np.ndim(label) == 0 else tuple(int(value) for value in label)
     start += rows.size
-  seed, config, fill = _augment_settings(info)
   return PatientStacks(images=np.concatenate(images), labels=labels, starts=starts, counts=counts,
-                       context_slices=context_slices, seed=seed, augment_config=config, fill_value=fill)
+                       context_slices=context_slices, seed=info.augment_settings.seed,
+                       augment_config=info.augment_settings.config, fill_value=_fill_value(info))
 
 
 def augment_transforms(stacks: PatientStacks, patient_id: str, slice_indices: Sequence[int],
@@ -551,7 +548,7 @@ def mil_pairs(info: DatasetInfo, train_ids: Sequence[str], *, sample_seed: int, 
               include_originals: bool = True) -> list[tuple[str, int]]:
   """(patient, augmentation index) of every bag of a cell's pool: the originals (index 0) unless excluded, and
   every copy in the patient's drawn blocks (`pool_shards`' draw)."""
-  factor, block = int(info.augment.get("augment_factor", 0)), int(info.augment.get("augment_block", 1) or 1)
+  factor, block = info.augment_settings.augment_factor, info.augment_settings.augment_block
   pairs = []
   for shard in pool_shards(info, train_ids, sample_seed=sample_seed, repeat=repeat, pool_fraction=pool_fraction,
                            include_originals=include_originals):
