@@ -316,13 +316,13 @@ def test_mixed_precision_models_are_served_in_float32():
   finally:
     keras.mixed_precision.set_global_policy(previous)
   assert mixed.get_layer("mobilenetv2").get_layer("Conv1").compute_dtype == "float16"
-  converted = export.float32_model(mixed, configs.to_dict(config))
+  converted = export.float32_model(mixed, {"model": configs.to_dict(config)})
   layers = converted._flatten_layers()  # pylint: disable=protected-access
   assert {layer.compute_dtype for layer in layers} == {"float32"}
   for original, copied in zip(mixed.weights, converted.weights):
     np.testing.assert_array_equal(np.asarray(original), np.asarray(copied))
   plain = model_lib.build_model(config)
-  assert export.float32_model(plain, configs.to_dict(config)) is plain
+  assert export.float32_model(plain, {"model": configs.to_dict(config)}) is plain
 
 
 def test_binary_reports_a_bad_runs_folder_on_one_line(tmp_path):

@@ -351,3 +351,17 @@ def test_resume_restores_weights_and_optimizer_state(records_dir, tmp_path, tiny
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   assert ((tmp_path / "resumed" / cell / "slice_predictions.csv").read_text()
           == (tmp_path / "straight" / cell / "slice_predictions.csv").read_text())
+
+
+def test_a_runs_model_config_is_parsed_back_in_one_place():
+  """ModelConfig.from_run reads what train_config.config_dict wrote, with overrides, and refuses unknown names."""
+  from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
+
+  written = trainer.config_dict(trainer.config_from_values(
+      {"task": "p", "records_dir": "d", "output_dir": "o", "image_size": 40, "alpha": 0.5, "weights": "imagenet",
+       "dropout_rate": 0.1}))
+  parsed = model_lib.ModelConfig.from_run(written, weights="none")
+  assert (parsed.image_size, parsed.alpha, parsed.weights, parsed.dropout_rate) == (40, 0.5, "none", 0.1)
+  assert model_lib.ModelConfig.from_run(written).weights == "imagenet"
+  with pytest.raises(ValueError, match="colour"):
+    model_lib.ModelConfig.from_run({"model": {**written["model"], "colour": 1}})

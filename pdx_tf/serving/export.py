@@ -205,7 +205,7 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
           "grid_task": first.run_info.get("task")}
 
 
-def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Model:
+def float32_model(model: keras.Model, run_config: dict[str, Any]) -> keras.Model:
   """The model with float32 compute everywhere (rebuilt from its ModelConfig if it was mixed precision).
 
   Cells trained on a GPU use mixed_float16; served on a CPU, float16 convolutions are slow or unsupported and
@@ -215,11 +215,11 @@ def float32_model(model: keras.Model, model_config: dict[str, Any]) -> keras.Mod
   policies = {layer.dtype_policy.compute_dtype for layer in model._flatten_layers()}  # pylint: disable=protected-access
   if policies <= {"float32"}:
     return model
-  values = {**model_config, "weights": "none"}  # the weights come from the trained model, not a file
   previous = keras.mixed_precision.global_policy()
   keras.mixed_precision.set_global_policy("float32")
   try:
-    rebuilt = model_lib.build_model(configs.from_dict(model_lib.ModelConfig, values))
+    # weights none: the weights come from the trained model, not a file
+    rebuilt = model_lib.build_model(model_lib.ModelConfig.from_run(run_config, weights="none"))
   finally:
     keras.mixed_precision.set_global_policy(previous)
   rebuilt.set_weights(model.get_weights())
@@ -284,7 +284,7 @@ def _load_model(cell: CellRun, image_size: int, task: str) -> keras.Model:
     raise ExportError(f"cannot load {cell.model_path} ({type(error).__name__}); re-run cell {cell.name}") \
         from None
   try:
-    model = float32_model(model, cell.run_info["config"].get("model", {}))
+    model = float32_model(model, cell.run_info["config"])
   except ValueError as error:
     raise ExportError(f"cannot rebuild {cell.model_path} in float32 from run.json's model config ({error}); "
                       "re-run the cell") from None

@@ -103,6 +103,14 @@ class ModelConfig:
       raise ValueError(f"joint heads (--task={JOINT_OUTPUTS[0]},{JOINT_OUTPUTS[1]}) work with the slice head only,"
                        f" not --head={self.head}; train the two tasks as separate grids")
 
+  @classmethod
+  def from_run(cls, run_config: dict, **overrides) -> "ModelConfig":
+    """The ModelConfig a run trained with, from run.json's "config" dict (its "model" entry, written by
+    `train_config.config_dict`), with `overrides` applied: the one place a stored model config is parsed back.
+    Unknown or missing names raise ValueError (configs.from_dict)."""
+    from pdx_tf import configs  # pylint: disable=import-outside-toplevel
+    return configs.from_dict(cls, {**run_config.get("model", {}), **overrides})
+
   @property
   def resolved_bn_momentum(self) -> float:
     if self.bn_momentum is not None:
