@@ -3,12 +3,12 @@
     python benchmarks/import_graph.py .          # from the repository root (or pass another checkout's root)
     python benchmarks/import_graph.py . --no_record   # print only (default: also append the raw output line)
 
-The core is pdx_tf/*.py, a stage is a sub-package (pdx_tf/data, training, evaluation, serving, phantom, testing).
+The core is pdx_tf/*.py, a stage is a sub-package (pdx_tf/data, training, evaluation, serving, phantom, testing, and
+demo: the README's main job, which runs every stage in turn, on the top floor).
 An arrow is an import anywhere in a module (function-level ones too); `if TYPE_CHECKING:` imports are annotations
 only, never executed, and are listed apart. A loop is a strongly connected component of more than one module.
-pdx_tf/demo.py runs every stage in turn (like a binary), so its arrows into the stages are expected.
 A room is the core or one stage; room arrows are the module arrows between different rooms, counted once a pair
-(pdx_tf.demo's left out, as a binary's); a room loop is two rooms that reach each other along room arrows.
+; a room loop is two rooms that reach each other along room arrows.
 The figures also go, as one JSON line, to benchmarks/results/import_graph.jsonl (results_io), unless --no_record.
 """
 import ast, os, sys
@@ -87,18 +87,16 @@ print("core->stage arrows:", core_up or "none")
 print("stage->stage arrows:")
 for s, t in cross: print("  ", s, "->", t)
 
-demo_only = [arrow for arrow in core_up if arrow[0] == "pdx_tf.demo"]
 rooms = sorted({stage(m) or "core" for m in mods})
-# pdx_tf.demo is a binary in the library (it runs every stage in turn): its arrows are left out of the room graph.
 room_arrows = sorted({(stage(s) or "core", stage(t) or "core") for s, t in edges
-                      if (stage(s) or "core") != (stage(t) or "core") and s != "pdx_tf.demo"})
+                      if (stage(s) or "core") != (stage(t) or "core")})
 room_graph = {room: [t for s, t in room_arrows if s == room] for room in rooms}
 def reaches(start, goal, seen=()):
   return any(nxt == goal or (nxt not in seen and reaches(nxt, goal, seen + (nxt,))) for nxt in room_graph[start])
 room_loops = sorted({tuple(sorted((a, b))) for a, b in room_arrows if reaches(b, a)})
 print(f"rooms={len(rooms)} ({', '.join(rooms)}) room_arrows={len(room_arrows)} room_loops={room_loops or 'none'}")
 figures = {"modules": len(mods), "arrows": len(edges), "loops": sccs, "type_checking_imports": type_only,
-           "core_to_stage_arrows": core_up, "core_to_stage_arrows_besides_demo": [a for a in core_up if a not in demo_only],
+           "core_to_stage_arrows": core_up,
            "stage_to_stage_arrows": len(cross), "rooms": rooms, "room_arrows": room_arrows, "room_loops": room_loops}
 if "--no_record" not in sys.argv:
   sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

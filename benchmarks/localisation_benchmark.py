@@ -15,7 +15,7 @@ ratio of the two (`gradcam.localisation_ratio`; 1 = chance, higher = better loca
 Also printed: the models' mean probability of those slices as read, and with the lesion pixels filled with fat
 (`occlusion_probabilities`), a causal check beside Grad-CAM.
 
-Measured (2026-11-29, demo preset of pdx_tf/demo.py: 48 px, 8 folds, 5 epochs; patient AUC 0.81 per cell,
+Measured (2026-11-29, demo preset of pdx_tf/demo: 48 px, 8 folds, 5 epochs; patient AUC 0.81 per cell,
 0.82 pooled), out-of-fold: ratio 1.29 at block_3_expand_relu (12x12, the default at 48 px); probability 0.68 as
 read, 0.37 with the disease erased. The earlier demo without the omental cake (64 px, AUC 0.56-0.69) gave 0.90
 at out_relu (2x2) and 1.15 at block_13_expand_relu. See benchmarks/README.md. The Grad-CAM code itself is
