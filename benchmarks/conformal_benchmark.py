@@ -38,6 +38,9 @@ _TASK = flags.DEFINE_string("task", "p", "The demo task (p or sb); ignored with 
 _PRESET = flags.DEFINE_enum("preset", "demo", ["demo", "demo_sb"], "The preset table's row to train.")
 _ROOT = flags.DEFINE_string("root", "runs/conformal", "Where the grids and evaluations go.")
 _RESULTS = flags.DEFINE_string("results", "benchmarks/results/conformal_benchmark.jsonl", "JSON-lines output.")
+_RUNS_DIRS = flags.DEFINE_list("runs_dirs", [], "Already trained grids of --task (one a seed, e.g. the p grids of "
+                                "benchmarks/regions_benchmark.py --train_preset=general): evaluated, not trained; "
+                                "--seeds then only labels them.")
 _NUM_BOOTSTRAP = flags.DEFINE_integer("num_bootstrap", 1000, "Patient-bootstrap replicates.")
 
 COVERAGE_TOLERANCE = 0.05
@@ -117,15 +120,21 @@ def main(argv):
   preset.pop("task", None)
   image_size = preset["image_size"]
   records = demo.records_folder(demo.demo_root(num_patients), image_size)
-  pipeline.run_demo_pipeline(records, progress=False, image_size=image_size, num_patients=num_patients)
+  if not _RUNS_DIRS.value:
+    pipeline.run_demo_pipeline(records, progress=False, image_size=image_size, num_patients=num_patients)
   runs = []
   probabilities_by_seed: dict[str, list[dict[str, float]]] = {}
   labels: dict[str, dict[str, int]] = {}
-  for seed in seeds:
-    folder = os.path.join(_ROOT.value, f"demo_sb-seed{seed}" if sb else f"{task}-seed{seed}")
-    config = trainer.config_from_values({"task": task, "records_dir": records, "output_dir": folder, **preset,
-                                         "seed": seed, "conformal_alpha": alphas[0]})
-    trainer.run_grid(config)
+  if _RUNS_DIRS.value and len(_RUNS_DIRS.value) != len(seeds):
+    raise app.UsageError("--runs_dirs needs one --seeds value a folder")
+  for index, seed in enumerate(seeds):
+    if _RUNS_DIRS.value:
+      folder = _RUNS_DIRS.value[index]
+    else:
+      folder = os.path.join(_ROOT.value, f"demo_sb-seed{seed}" if sb else f"{task}-seed{seed}")
+      config = trainer.config_from_values({"task": task, "records_dir": records, "output_dir": folder, **preset,
+                                           "seed": seed, "conformal_alpha": alphas[0]})
+      trainer.run_grid(config)
     for alpha in alphas:
       evaluation_dir = os.path.join(_ROOT.value, "evaluation", f"{os.path.basename(folder)}-alpha{alpha:g}")
       summary = evaluation.evaluate_runs(evaluation.EvaluateConfig(
@@ -172,7 +181,8 @@ def main(argv):
                            for name, number in value.items()}))
   import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: the raw output, one JSON line a run)
   path = results_io.record_figures("conformal_benchmark", {
-      "benchmark": "conformal", "preset": _PRESET.value, "task": task, "seeds": seeds, "alphas": alphas,
+      "benchmark": "conformal", "preset": _PRESET.value if not _RUNS_DIRS.value else "given runs_dirs",
+      "runs_dirs": _RUNS_DIRS.value, "task": task, "seeds": seeds, "alphas": alphas,
       "num_bootstrap": _NUM_BOOTSTRAP.value, "runs": runs, "means": means, "sd_over_seeds": sd_over_seeds,
   }, path=_RESULTS.value)
   print(f"appended to {path}")

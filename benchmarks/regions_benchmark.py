@@ -54,6 +54,33 @@ _INNER_FRACTION = flags.DEFINE_float("inner_fraction", 0.2, "Inner patients a ce
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the demo preset's epochs.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Override the demo preset's image size (records rebuilt).")
 _BASELINES_ONLY = flags.DEFINE_bool("baselines_only", False, "Only the region-blind label baselines (no training).")
+_TRAIN_PRESET = flags.DEFINE_enum("train_preset", "demo", ["demo", "general"], "demo: pdx_tf.presets' demo row (8 folds,"
+                                  " 48 px, 5 epochs, alpha 0.35, aggregation mean); general: `python -m train`'s own"
+                                  " defaults at the hidden cohorts' check settings (2 folds x 1 repeat, 128 px,"
+                                  " 8 epochs; alpha, batch, learning rate, pool draw and aggregation as train's flags).")
+_NUM_FOLDS = flags.DEFINE_integer("num_folds", None, "Override the preset's folds.")
+_AGGREGATION = flags.DEFINE_string("aggregation", None, "Override the preset's aggregation (e.g. topk_mean).")
+_ALPHA = flags.DEFINE_float("alpha", None, "Override the preset's MobileNetV2 width.")
+_IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", None, "Override the preset's epoch length (e.g. 4096,"
+                                         " the demo_sb preset's, on a 120-patient cohort).")
+_PHANTOM_PRESET = flags.DEFINE_string("phantom_preset", None, "A named phantom cohort (pdx_tf.phantom.PHANTOM_PRESETS,"
+                                      " e.g. low_burden) instead of the default demo cohort.")
+_DEMO_PATIENTS = flags.DEFINE_integer("demo_patients", None, "The phantom cohort's size (default the demo's 40).")
+
+# `python -m train`'s flag defaults that differ from TrainConfig/ModelConfig's own, plus the settings the hidden
+# cohorts are checked with (issues 20 and 23: "the general defaults (2 folds, 128 px)", 8 epochs).
+GENERAL_SETTINGS = {"image_size": 128, "alpha": 1.0, "weights": "none", "num_folds": 2, "num_repeats": 1,
+                    "epochs": 8, "batch_size": 32, "learning_rate": 1e-3, "pool_fraction": 0.1}
+
+
+def train_settings() -> dict[str, object]:
+  """The preset's training values with this run's overrides (the flags above), as `config_from_values` takes them."""
+  values = dict(presets.TRAIN_PRESETS["demo"] if _TRAIN_PRESET.value == "demo" else GENERAL_SETTINGS)
+  for name, flag in (("epochs", _EPOCHS), ("image_size", _IMAGE_SIZE), ("num_folds", _NUM_FOLDS),
+                     ("aggregation", _AGGREGATION), ("alpha", _ALPHA), ("images_per_epoch", _IMAGES_PER_EPOCH)):
+    if flag.value:
+      values[name] = flag.value
+  return values
 
 
 def region_blind_baselines(info: contracts.DatasetInfo) -> dict[str, object]:
@@ -86,12 +113,8 @@ def region_blind_baselines(info: contracts.DatasetInfo) -> dict[str, object]:
 
 
 def _train(task: str, records_dir: str, output_dir: str, seed: int) -> float:
-  values = {**presets.TRAIN_PRESETS["demo"], "task": task, "records_dir": records_dir, "output_dir": output_dir,
+  values = {**train_settings(), "task": task, "records_dir": records_dir, "output_dir": output_dir,
             "seed": seed, "deterministic": True}
-  if _EPOCHS.value:
-    values["epochs"] = _EPOCHS.value
-  if _IMAGE_SIZE.value:
-    values["image_size"] = _IMAGE_SIZE.value
   if task == contracts.PCI_TASK:
     values.update(inner_fraction=_INNER_FRACTION.value, threshold="inner_youden")
   started = time.time()
@@ -109,16 +132,20 @@ def slice_z(info: contracts.DatasetInfo) -> dict[tuple[str, int], float]:
   return out
 
 
-def regions_at_slices(cohort_dir: str, patient_id: str, z_values: dict[int, float]) -> dict[int, set[int]]:
-  """slice index -> the PCI regions present on the mask slice nearest its z (pci_region_map, -1 outside)."""
+def regions_at_slices(cohort_dir: str, patient_id: str, z_values: dict[int, float], min_voxels: int = 20
+                      ) -> tuple[dict[int, set[int]], dict[int, set[int]]]:
+  """slice index -> the PCI regions present on the mask slice nearest its z (pci_region_map, -1 outside), and
+  slice index -> the regions holding at least `min_voxels` voxels of disease there (nodule_mask: the nodules and
+  the omental cake)."""
   masks = np.load(os.path.join(cohort_dir, "masks", f"{patient_id}.npz"))
-  region_map, mask_z = masks["pci_region_map"], np.asarray(masks["z_mm"])
-  out = {}
+  region_map, mask_z, disease = masks["pci_region_map"], np.asarray(masks["z_mm"]), masks["nodule_mask"]
+  present, diseased = {}, {}
   for index, z in z_values.items():
     nearest = int(np.argmin(np.abs(mask_z - z)))
-    present = np.unique(region_map[nearest])
-    out[index] = {int(value) for value in present if value >= 0}
-  return out
+    values, counts = np.unique(region_map[nearest][disease[nearest]], return_counts=True)
+    present[index] = {int(value) for value in np.unique(region_map[nearest]) if value >= 0}
+    diseased[index] = {int(value) for value, count in zip(values, counts) if value >= 0 and count >= min_voxels}
+  return present, diseased
 
 
 def pointing_game(regions_root: str, p_root: str | None, info: contracts.DatasetInfo, cohort_dir: str
@@ -132,8 +159,11 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
     for p_cell in sorted(tf.io.gfile.glob(os.path.join(p_root, contracts.CELLS_FOLDER, "*"))):
       for row in io_utils.read_csv(os.path.join(p_cell, contracts.SLICE_PREDICTIONS_FILE)):
         p_slices.setdefault(row["patient_id"], {})[int(row["slice_index"])] = float(row["probability"])
-  tallies = {name: {"hits": 0, "chance": 0.0, "n": 0} for name in
-             ("region", "region_tp", "any_region", "p_model")}
+  names = ("region", "region_tp", "any_region", "p_model")
+  # Two hit rules: "anatomy" (the issue's: the slice holds voxels of region r) and "disease" (stricter: the slice
+  # holds disease IN region r). A pointer that knew only where region r lies along z would score on the first
+  # rule without seeing any disease; the second needs the disease itself.
+  tallies = {(name, rule): {"hits": 0, "chance": 0.0, "n": 0} for name in names for rule in ("anatomy", "disease")}
   for cell_dir in sorted(tf.io.gfile.glob(os.path.join(regions_root, contracts.CELLS_FOLDER, "*"))):
     run = io_utils.read_json(os.path.join(cell_dir, contracts.RUN_FILE))
     thresholds = run["thresholds"]
@@ -148,9 +178,10 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
       patient_id, region = row["patient_id"], int(row["region"])
       indices = sorted(slices[patient_id])
       scores = np.asarray([slices[patient_id][index] for index in indices])  # [N, 13]
-      present = regions_at_slices(cohort_dir, patient_id, {index: z_by_slice[(patient_id, index)]
-                                                           for index in indices})
-      chance = float(np.mean([region in present[index] for index in indices]))
+      present, diseased = regions_at_slices(cohort_dir, patient_id, {index: z_by_slice[(patient_id, index)]
+                                                                     for index in indices})
+      chance = {"anatomy": float(np.mean([region in present[index] for index in indices])),
+                "disease": float(np.mean([region in diseased[index] for index in indices]))}
       pointers = {"region": indices[int(np.argmax(scores[:, region]))],
                   "any_region": indices[int(np.argmax(scores.max(axis=1)))]}
       if float(row["probability"]) >= thresholds[region]:
@@ -159,14 +190,18 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
         p_scores = [p_slices[patient_id][index] for index in indices]
         pointers["p_model"] = indices[int(np.argmax(p_scores))]
       for name, index in pointers.items():
-        tallies[name]["hits"] += int(region in present[index])
-        tallies[name]["chance"] += chance
-        tallies[name]["n"] += 1
+        for rule, truth in (("anatomy", present), ("disease", diseased)):
+          if not chance[rule]:
+            continue  # disease too small to reach min_voxels on any slice: nothing to point at by this rule
+          tallies[(name, rule)]["hits"] += int(region in truth[index])
+          tallies[(name, rule)]["chance"] += chance[rule]
+          tallies[(name, rule)]["n"] += 1
   out = {}
-  for name, tally in tallies.items():
+  for (name, rule), tally in tallies.items():
     if tally["n"]:
-      hit_rate, chance = tally["hits"] / tally["n"], tally["chance"] / tally["n"]
-      out[name] = {"n": tally["n"], "hit_rate": hit_rate, "chance": chance, "ratio": hit_rate / chance}
+      hit_rate, chance_rate = tally["hits"] / tally["n"], tally["chance"] / tally["n"]
+      entry = {"n": tally["n"], "hit_rate": hit_rate, "chance": chance_rate, "ratio": hit_rate / chance_rate}
+      out[name if rule == "anatomy" else f"{name}_disease"] = entry
   return out
 
 
@@ -176,10 +211,17 @@ def main(argv):
   root = _ROOT.value
   output = _OUTPUT.value or os.path.join("benchmarks", "results",
                                          f"regions_{datetime.date.today().isoformat()}.jsonl")
-  overrides = {"image_size": _IMAGE_SIZE.value} if _IMAGE_SIZE.value else {}
-  records_dir = os.path.join(root, "records" if not _IMAGE_SIZE.value else f"records-{_IMAGE_SIZE.value}px")
+  image_size = int(train_settings()["image_size"])
+  cohort = (f"{_PHANTOM_PRESET.value or 'demo'}-{_DEMO_PATIENTS.value or presets.DEMO_PATIENTS}patients-"
+            f"{image_size}px")
+  records_dir = os.path.join(root, "records" if cohort == f"demo-{presets.DEMO_PATIENTS}patients-48px"
+                             else f"records-{cohort}")
+  root = os.path.join(root, "" if _TRAIN_PRESET.value == "demo" and records_dir.endswith("records")
+                      else f"{cohort}-{_TRAIN_PRESET.value}")
   started = time.time()
-  pipeline.run_demo_pipeline(records_dir, progress=False, **overrides)
+  pipeline.run_demo_pipeline(records_dir, progress=False, image_size=image_size,
+                             num_patients=_DEMO_PATIENTS.value or presets.DEMO_PATIENTS,
+                             phantom_preset=_PHANTOM_PRESET.value)
   pipeline_s = time.time() - started
   info = contracts.load_dataset_info(records_dir)
   cohort_dir = os.path.dirname(info.document["config"]["manifest_path"])
@@ -208,9 +250,9 @@ def main(argv):
         "pci_mae": summary["pci"]["mae"], "derived": summary["derived"], "pointing": pointing}
     results_io.record_figures("regions", {
         "benchmark": "regions", "seed": seed,
-        "settings": {"preset": "demo", "inner_fraction": _INNER_FRACTION.value, "threshold": "inner_youden",
-                     "epochs": _EPOCHS.value or presets.TRAIN_PRESETS["demo"]["epochs"],
-                     "image_size": _IMAGE_SIZE.value or presets.TRAIN_PRESETS["demo"]["image_size"]},
+        "settings": {"preset": _TRAIN_PRESET.value, "inner_fraction": _INNER_FRACTION.value,
+                     "threshold": "inner_youden", "phantom_preset": _PHANTOM_PRESET.value or "default",
+                     "patients": _DEMO_PATIENTS.value or presets.DEMO_PATIENTS, **train_settings()},
         **figures,
         # the machine's load is in results_io's machine record: a loaded box's wall times are not speeds
         "wall_time_s": {"pipeline": pipeline_s, "regions_grid": regions_s, "p_grid": p_s},

@@ -13,7 +13,7 @@ results_io = load_benchmark("results_io")
 # The scripts that print figures quoted in benchmarks/README.md.
 SCRIPTS = ("demo_runs", "export_benchmark", "mutation_benchmark", "oracle_benchmark", "localisation_benchmark",
            "model_variants", "budget_benchmark", "metrics_benchmark", "implants_benchmark",
-           "conformal_benchmark", "regions_benchmark")
+           "conformal_benchmark", "regions_benchmark", "regions_oracle_benchmark")
 
 
 def test_record_figures_appends_one_line_a_run(tmp_path, monkeypatch):
