@@ -1,5 +1,6 @@
 """`train --conformal_alpha` alone is enough: the config, run.json, the log line, and evaluate re-deriving the sets."""
 
+import dataclasses
 import json
 import logging
 import os
@@ -43,7 +44,7 @@ def test_a_grid_trained_with_the_alpha_is_evaluated_at_it_and_at_another(tmp_pat
     run = json.load(open(os.path.join(config.output_dir, "cells", cell, "run.json")))
     assert run["config"]["conformal_alpha"] == 0.3
   # A rerun with another alpha reuses the grid (the alpha changes what is derived, not the models).
-  trainer.run_grid(trainer.dataclasses.replace(config, conformal_alpha=0.2))
+  trainer.run_grid(dataclasses.replace(config, conformal_alpha=0.2))
   summary = evaluation.evaluate_runs(evaluation.EvaluateConfig(runs_dir=config.output_dir,
                                                                output_dir=str(tmp_path / "e"), num_bootstrap=0))
   assert summary["p"]["conformal"]["alpha"] == 0.3 and summary["p"]["conformal"]["n_rows"] == 8
