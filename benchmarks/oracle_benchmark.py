@@ -83,6 +83,9 @@ _NUM_PATIENTS = flags.DEFINE_integer("num_patients", 40, "The phantom cohort's s
 _MASK = flags.DEFINE_enum("mask", "small_bowel_nodule", ["small_bowel_nodule", "nodule"],
                           "Which mask makes a slice positive: small-bowel nodules, or all peritoneal disease.")
 _TASK = flags.DEFINE_enum("task", "sb", ["sb", "p"], "The patient label to split on and score.")
+_CONTEXT = flags.DEFINE_bool("context", False, "2.5D: each image's three channels are the slice below, the slice and "
+                             "the slice above (one window; edges repeated), as `--context_slices=1` feeds the model. "
+                             "A nodule is a ball and ends within a few slabs; a bowel loop is a tube and runs on.")
 _OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Also append one JSON line (code version, machine, "
                                     "command, date, figures) to this file, e.g. benchmarks/results/oracle.jsonl.")
 
@@ -193,6 +196,16 @@ def cohort_arrays(cohort_dir: str, root: str, image_sizes: list[int],
              **arrays)
     result[size] = arrays
   return result
+
+
+def context_images(images: np.ndarray, slice_patient: np.ndarray) -> np.ndarray:
+  """uint8 [N, S, S, 3]: channel 0 of slices (i - 1, i, i + 1) of the same patient (the first and last slice of a
+  patient repeat themselves); slices of a patient are consecutive and in z order, as `cohort_arrays` stores them."""
+  gray = np.asarray(images)[..., 0]
+  index = np.arange(len(gray))
+  below = np.where((index > 0) & (slice_patient == np.roll(slice_patient, 1)), index - 1, index)
+  above = np.where((index < len(gray) - 1) & (slice_patient == np.roll(slice_patient, -1)), index + 1, index)
+  return np.stack([gray[below], gray, gray[above]], axis=-1)
 
 
 def patient_folds(labels: dict[str, int], num_folds: int, seed: int,
@@ -350,7 +363,7 @@ def nodule_summary(arrays: dict[str, np.ndarray], min_coverage: float, task: str
 
 def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epochs: int, min_coverage: float,
         cohort_dir: str | None, *, phantom_preset: str | None = None, num_patients: int = 40,
-        mask: str = "small_bowel_nodule", task: str = "sb") -> dict:
+        mask: str = "small_bowel_nodule", task: str = "sb", context: bool = False) -> dict:
   """Runs every size and seed; prints the lines and writes <root>/oracle.json; returns its dict."""
   if task not in TASK_LABELS:
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_LABELS)}")
@@ -364,10 +377,12 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
   result = io_utils.read_json(output_path) if os.path.exists(output_path) else {"sizes": {}}
   settings = {"num_folds": num_folds, "epochs": epochs, "min_coverage": min_coverage, "batch_size": BATCH_SIZE,
               "learning_rate": LEARNING_RATE, "alpha": ALPHA, "seeds": seeds, "mask": mask, "task": task,
-              "phantom_preset": phantom_preset, "cohort_config_hash": io_utils.read_json(
+              "phantom_preset": phantom_preset, "context": context, "cohort_config_hash": io_utils.read_json(
                   os.path.join(cohort_dir, "cohort.json"))["config_hash"]}
   for size in image_sizes:
     arrays = all_arrays[size]
+    if context:
+      arrays = {**arrays, "images": context_images(arrays["images"], arrays["slice_patient"])}
     size_started = time.time()
     nodules = nodule_summary(arrays, min_coverage, task)
     per_seed = []
@@ -409,7 +424,7 @@ def main(argv):
     result = run(_ROOT.value, [int(size) for size in _IMAGE_SIZES.value], [int(seed) for seed in _SEEDS.value],
                  _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value,
                  phantom_preset=_PHANTOM_PRESET.value, num_patients=_NUM_PATIENTS.value, mask=_MASK.value,
-                 task=_TASK.value)
+                 task=_TASK.value, context=_CONTEXT.value)
     print(f"raw output: {results_io.record_figures('oracle_benchmark', _json_safe(result))}")
     if _OUTPUT_JSONL.value:
       sizes = {size: {key: value for key, value in entry.items() if key != "patient_ids"}

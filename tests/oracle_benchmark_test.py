@@ -162,3 +162,11 @@ def test_run_seed_scores_patients_against_the_chosen_tasks_label(monkeypatch):
   # q0 beats the dark q5-q7 (3) and none of q1-q3; q4 beats none of q1-q3 and none of q5-q7 -> 3 of 12 pairs.
   result_sb = oracle.run_seed(arrays, 4, 0, 2, 1, 0.5, task="sb")
   assert np.isclose(result_sb["patient_auc_pooled"], 3 / 12)
+
+
+def test_context_images_stack_a_patients_neighbours_and_never_cross_patients():
+  # Patient 0 has slices 0-2, patient 1 slices 3-4; slice i is filled with the value 10 * i.
+  images = np.stack([np.full((2, 2, 3), 10 * i, np.uint8) for i in range(5)])
+  stacked = oracle.context_images(images, np.array([0, 0, 0, 1, 1]))
+  below_slice_above = [tuple(int(stacked[i, 0, 0, c]) for c in range(3)) for i in range(5)]
+  assert below_slice_above == [(0, 0, 10), (0, 10, 20), (10, 20, 20), (30, 30, 40), (30, 40, 40)]
