@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import tensorflow as tf
 
-from pdx_tf import cli, configs, contracts, io_utils, presets, provenance
+from pdx_tf import cli, configs, contracts, io_utils, presets, provenance, settings as settings_lib
 from pdx_tf.contracts import DATASET_FILE, DATASET_FORMAT, DEFAULT_MIN_SLICES
 from pdx_tf.data import augment, manifest as manifest_lib, preprocess, qc, records, region, shards
 from pdx_tf.data import input_statistics
@@ -116,12 +116,9 @@ class PipelineConfig:
       raise ValueError("manifest_path is empty; pass the cohort CSV")
     if not self.output_dir:
       raise ValueError("output_dir is empty; pass the folder for the records")
-    if self.augment_factor < 0:
-      raise ValueError(f"augment_factor must be >= 0, got {self.augment_factor}")
-    if self.augment_block < 1:
-      raise ValueError(f"augment_block must be >= 1, got {self.augment_block}")
-    if self.seed < 0:
-      raise ValueError(f"seed must be >= 0, got {self.seed}")
+    # The augmentation's checks are the typed hand-off's (what dataset.json's reader will check again).
+    settings_lib.AugmentSettings(config=self.augment, augment_factor=self.augment_factor,
+                                 augment_block=self.augment_block, seed=self.seed)
     if self.num_workers < 1:
       raise ValueError(f"num_workers must be >= 1, got {self.num_workers}")
     if self.slice_spacing_mm is not None and not self.slice_spacing_mm >= 0:
