@@ -54,6 +54,10 @@ _INNER_FRACTION = flags.DEFINE_float("inner_fraction", 0.2, "Inner patients a ce
 _EPOCHS = flags.DEFINE_integer("epochs", None, "Override the demo preset's epochs.")
 _IMAGE_SIZE = flags.DEFINE_integer("image_size", None, "Override the demo preset's image size (records rebuilt).")
 _BASELINES_ONLY = flags.DEFINE_bool("baselines_only", False, "Only the region-blind label baselines (no training).")
+_RESCORE = flags.DEFINE_list("rescore", [], "No training: re-aggregate finished grids' held-out slice scores "
+                             "(region_slice_predictions.csv) of --seeds by each of these rules (e.g. mean,topk_mean,max)"
+                             " and record macro, small-bowel and PCI figures per rule (same models, other patient"
+                             " scores).")
 _TRAIN_PRESET = flags.DEFINE_enum("train_preset", "demo", ["demo", "general"], "demo: pdx_tf.presets' demo row (8 folds,"
                                   " 48 px, 5 epochs, alpha 0.35, aggregation mean); general: `python -m train`'s own"
                                   " defaults at the hidden cohorts' check settings (2 folds x 1 repeat, 128 px,"
@@ -120,6 +124,47 @@ def _train(task: str, records_dir: str, output_dir: str, seed: int) -> float:
   started = time.time()
   trainer.run_grid(trainer.config_from_values(values))
   return time.time() - started
+
+
+def rescore(regions_root: str, rules: list[str], top_k: int = 3) -> dict[str, dict[str, float]]:
+  """Re-aggregates a finished regions grid's held-out slice scores by each rule (pdx_tf.training.aggregation, the
+  grid's own code) and scores the patients against their recorded region labels with scikit-learn: macro AUC,
+  small-bowel (9-12) macro AUC, and the Spearman correlation of the summed region probabilities with the true
+  PCI. The models are the grid's; only the slice-to-patient rule changes."""
+  from scipy import stats  # pylint: disable=import-outside-toplevel
+  from sklearn import metrics as sk_metrics  # pylint: disable=import-outside-toplevel
+  from pdx_tf.training import aggregation  # pylint: disable=import-outside-toplevel
+
+  slices: dict[str, dict[int, np.ndarray]] = {}
+  labels: dict[str, np.ndarray] = {}
+  pci_scores: dict[str, float] = {}
+  for cell_dir in sorted(tf.io.gfile.glob(os.path.join(regions_root, contracts.CELLS_FOLDER, "*"))):
+    for row in io_utils.read_csv(os.path.join(cell_dir, "region_slice_predictions.csv")):
+      slices.setdefault(row["patient_id"], {}).setdefault(int(row["slice_index"]), np.zeros(13))[
+          int(row["region"])] = float(row["probability"])
+    for row in io_utils.read_csv(os.path.join(cell_dir, "region_predictions.csv")):
+      labels.setdefault(row["patient_id"], np.full(13, -1))[int(row["region"])] = (
+          int(row["label"]) if row["label"] != "" else -1)
+      pci_scores[row["patient_id"]] = pci_scores.get(row["patient_id"], 0.0) + float(row["score"] or 0)
+  patients = sorted(labels)
+  truth = np.asarray([labels[patient] for patient in patients])
+  out = {}
+  for rule in rules:
+    probability = np.asarray([[aggregation.aggregate(
+        [slices[patient][index][region] for index in sorted(slices[patient])], rule, top_k)
+        for region in range(13)] for patient in patients])
+    aucs = []
+    for region in range(13):
+      recorded = truth[:, region] >= 0
+      column = truth[recorded, region]
+      aucs.append(float(sk_metrics.roc_auc_score(column, probability[recorded, region]))
+                  if 0 < column.sum() < len(column) else float("nan"))
+    out[rule] = {"macro_auc": float(np.nanmean(aucs)),
+                 "small_bowel_macro_auc": float(np.nanmean([aucs[r] for r in contracts.PCI_SMALL_BOWEL_REGIONS])),
+                 "pci_spearman_of_summed_probabilities": float(stats.spearmanr(
+                     probability.sum(axis=1), [pci_scores[patient] for patient in patients]).statistic),
+                 "region_auc": aucs}
+  return out
 
 
 def slice_z(info: contracts.DatasetInfo) -> dict[tuple[str, int], float]:
@@ -229,6 +274,18 @@ def main(argv):
     baselines = region_blind_baselines(info)
     results_io.record_figures("regions", {"benchmark": "regions_blind_baselines", **baselines}, path=output)
     print(json.dumps(baselines))
+    return
+  if _RESCORE.value:
+    for seed in (int(value) for value in _SEEDS.value):
+      regions_root = os.path.join(root, f"regions-seed{seed}")
+      figures = rescore(regions_root, list(_RESCORE.value))
+      results_io.record_figures("regions", results_io.json_safe({
+          "benchmark": "regions_rescore", "seed": seed, "regions_root": regions_root, "rules": figures,
+          "settings": {"preset": _TRAIN_PRESET.value, "phantom_preset": _PHANTOM_PRESET.value or "default",
+                       "patients": _DEMO_PATIENTS.value or presets.DEMO_PATIENTS, **train_settings()}}), path=output)
+      print(f"seed {seed}: " + "; ".join(
+          f"{rule}: macro {value['macro_auc']:.3f}, small bowel {value['small_bowel_macro_auc']:.3f}, PCI Spearman "
+          f"{value['pci_spearman_of_summed_probabilities']:.3f}" for rule, value in figures.items()), flush=True)
     return
   for seed in (int(value) for value in _SEEDS.value):
     regions_root = os.path.join(root, f"regions-seed{seed}")
