@@ -19,7 +19,9 @@ Per seed (the split, pool draw and initialisation seed of `train --seed`):
    that know no region: the slice the regions model scores highest for any region, and the p model's highest
    slice (its slice score along z, the z part of what Grad-CAM of the p model explains; benchmarks/
    localisation_benchmark.py has its in-plane ratio). Reported over all positive regions and over true positives
-   (positive and above the region's threshold).
+   (positive and above the region's threshold). For a grid trained with --region_bands (the default), the evidence
+   is the highest slice of the region's band, and "chance_in_band" is a pointer that knows the band and picks one of
+   its slices at random (what the anatomy alone gives): hit rate / chance_in_band is what seeing the disease adds.
 
 `--baselines_only`: no training; what a region-blind score reaches (`region_blind_baselines`: label_p, label_sb or
 the true PCI total used as every region's score), the yardstick for the targets on this cohort.
@@ -70,11 +72,35 @@ _IMAGES_PER_EPOCH = flags.DEFINE_integer("images_per_epoch", None, "Override the
 _PHANTOM_PRESET = flags.DEFINE_string("phantom_preset", None, "A named phantom cohort (pdx_tf.phantom.PHANTOM_PRESETS,"
                                       " e.g. low_burden) instead of the default demo cohort.")
 _DEMO_PATIENTS = flags.DEFINE_integer("demo_patients", None, "The phantom cohort's size (default the demo's 40).")
+_REGION_BANDS = flags.DEFINE_bool("region_bands", True, "Train the regions grid with `train --region_bands` (train's"
+                                  " default; its runs go to regions-bands-seed<S>); --noregion_bands: every slice"
+                                  " carries the patient's 13 labels (runs in regions-seed<S>).")
 
 # `python -m train`'s flag defaults that differ from TrainConfig/ModelConfig's own, plus the settings the hidden
 # cohorts are checked with (issues 20 and 23: "the general defaults (2 folds, 128 px)", 8 epochs).
 GENERAL_SETTINGS = {"image_size": 128, "alpha": 1.0, "weights": "none", "num_folds": 2, "num_repeats": 1,
                     "epochs": 8, "batch_size": 32, "learning_rate": 1e-3, "pool_fraction": 0.1}
+
+
+def _regions_folder(seed: int) -> str:
+  return f"regions{'-bands' if _REGION_BANDS.value else ''}-seed{seed}"
+
+
+def _grid_bands(regions_root: str) -> bool:
+  """Whether a finished regions grid was trained with region_bands (its first cell's run.json config)."""
+  cell_dir = sorted(tf.io.gfile.glob(os.path.join(regions_root, contracts.CELLS_FOLDER, "*")))[0]
+  run_file = os.path.join(cell_dir, contracts.RUN_FILE)
+  if not tf.io.gfile.exists(run_file):  # only the predictions (a grid rebuilt from its CSVs): no bands recorded
+    return False
+  return bool(io_utils.read_json(run_file)["config"].get("region_bands", False))
+
+
+def _keep(indices: list[int], bands: bool) -> np.ndarray:
+  """bool [N, 13]: the slices (a patient's, all of them, sorted) each region's score comes from."""
+  if not bands:
+    return np.ones((len(indices), contracts.NUM_PCI_REGIONS), bool)
+  from pdx_tf.training import region_bands  # pylint: disable=import-outside-toplevel
+  return region_bands.band_mask(indices, len(indices))
 
 
 def train_settings() -> dict[str, object]:
@@ -120,7 +146,7 @@ def _train(task: str, records_dir: str, output_dir: str, seed: int) -> float:
   values = {**train_settings(), "task": task, "records_dir": records_dir, "output_dir": output_dir,
             "seed": seed, "deterministic": True}
   if task == contracts.PCI_TASK:
-    values.update(inner_fraction=_INNER_FRACTION.value, threshold="inner_youden")
+    values.update(inner_fraction=_INNER_FRACTION.value, threshold="inner_youden", region_bands=_REGION_BANDS.value)
   started = time.time()
   trainer.run_grid(trainer.config_from_values(values))
   return time.time() - started
@@ -130,7 +156,8 @@ def rescore(regions_root: str, rules: list[str], top_k: int = 3) -> dict[str, di
   """Re-aggregates a finished regions grid's held-out slice scores by each rule (pdx_tf.training.aggregation, the
   grid's own code) and scores the patients against their recorded region labels with scikit-learn: macro AUC,
   small-bowel (9-12) macro AUC, and the Spearman correlation of the summed region probabilities with the true
-  PCI. The models are the grid's; only the slice-to-patient rule changes."""
+  PCI. The models are the grid's; only the slice-to-patient rule changes (over each region's band for a grid
+  trained with region_bands)."""
   from scipy import stats  # pylint: disable=import-outside-toplevel
   from sklearn import metrics as sk_metrics  # pylint: disable=import-outside-toplevel
   from pdx_tf.training import aggregation  # pylint: disable=import-outside-toplevel
@@ -148,10 +175,12 @@ def rescore(regions_root: str, rules: list[str], top_k: int = 3) -> dict[str, di
       pci_scores[row["patient_id"]] = pci_scores.get(row["patient_id"], 0.0) + float(row["score"] or 0)
   patients = sorted(labels)
   truth = np.asarray([labels[patient] for patient in patients])
+  keep = {patient: _keep(sorted(slices[patient]), _grid_bands(regions_root)) for patient in patients}
   out = {}
   for rule in rules:
     probability = np.asarray([[aggregation.aggregate(
-        [slices[patient][index][region] for index in sorted(slices[patient])], rule, top_k)
+        [slices[patient][index][region] for row, index in enumerate(sorted(slices[patient]))
+         if keep[patient][row, region]], rule, top_k)
         for region in range(13)] for patient in patients])
     aucs = []
     for region in range(13):
@@ -208,7 +237,9 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
   # Two hit rules: "anatomy" (the issue's: the slice holds voxels of region r) and "disease" (stricter: the slice
   # holds disease IN region r). A pointer that knew only where region r lies along z would score on the first
   # rule without seeing any disease; the second needs the disease itself.
-  tallies = {(name, rule): {"hits": 0, "chance": 0.0, "n": 0} for name in names for rule in ("anatomy", "disease")}
+  tallies = {(name, rule): {"hits": 0, "chance": 0.0, "chance_in_band": 0.0, "n": 0} for name in names
+             for rule in ("anatomy", "disease")}
+  bands = _grid_bands(regions_root)
   for cell_dir in sorted(tf.io.gfile.glob(os.path.join(regions_root, contracts.CELLS_FOLDER, "*"))):
     run = io_utils.read_json(os.path.join(cell_dir, contracts.RUN_FILE))
     thresholds = run["thresholds"]
@@ -223,11 +254,16 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
       patient_id, region = row["patient_id"], int(row["region"])
       indices = sorted(slices[patient_id])
       scores = np.asarray([slices[patient_id][index] for index in indices])  # [N, 13]
+      keep = _keep(indices, bands)[:, region]  # a banded grid's evidence for region r: its band's slices
       present, diseased = regions_at_slices(cohort_dir, patient_id, {index: z_by_slice[(patient_id, index)]
                                                                      for index in indices})
       chance = {"anatomy": float(np.mean([region in present[index] for index in indices])),
                 "disease": float(np.mean([region in diseased[index] for index in indices]))}
-      pointers = {"region": indices[int(np.argmax(scores[:, region]))],
+      # With bands, "chance_in_band" is a pointer that knows the band and picks one of its slices at random: what
+      # the anatomy alone gives; the ratio against it is what the model adds by seeing the disease.
+      in_band = {"anatomy": float(np.mean([region in present[index] for index, kept in zip(indices, keep) if kept])),
+                 "disease": float(np.mean([region in diseased[index] for index, kept in zip(indices, keep) if kept]))}
+      pointers = {"region": indices[int(np.flatnonzero(keep)[np.argmax(scores[keep, region])])],
                   "any_region": indices[int(np.argmax(scores.max(axis=1)))]}
       if float(row["probability"]) >= thresholds[region]:
         pointers["region_tp"] = pointers["region"]
@@ -240,12 +276,16 @@ def pointing_game(regions_root: str, p_root: str | None, info: contracts.Dataset
             continue  # disease too small to reach min_voxels on any slice: nothing to point at by this rule
           tallies[(name, rule)]["hits"] += int(region in truth[index])
           tallies[(name, rule)]["chance"] += chance[rule]
+          tallies[(name, rule)]["chance_in_band"] += in_band[rule] if name in ("region", "region_tp") else chance[rule]
           tallies[(name, rule)]["n"] += 1
   out = {}
   for (name, rule), tally in tallies.items():
     if tally["n"]:
       hit_rate, chance_rate = tally["hits"] / tally["n"], tally["chance"] / tally["n"]
       entry = {"n": tally["n"], "hit_rate": hit_rate, "chance": chance_rate, "ratio": hit_rate / chance_rate}
+      if bands and name in ("region", "region_tp"):
+        band_rate = tally["chance_in_band"] / tally["n"]
+        entry.update(chance_in_band=band_rate, ratio_in_band=hit_rate / band_rate if band_rate else None)
       out[name if rule == "anatomy" else f"{name}_disease"] = entry
   return out
 
@@ -277,7 +317,7 @@ def main(argv):
     return
   if _RESCORE.value:
     for seed in (int(value) for value in _SEEDS.value):
-      regions_root = os.path.join(root, f"regions-seed{seed}")
+      regions_root = os.path.join(root, _regions_folder(seed))
       figures = rescore(regions_root, list(_RESCORE.value))
       results_io.record_figures("regions", results_io.json_safe({
           "benchmark": "regions_rescore", "seed": seed, "regions_root": regions_root, "rules": figures,
@@ -288,7 +328,7 @@ def main(argv):
           f"{value['pci_spearman_of_summed_probabilities']:.3f}" for rule, value in figures.items()), flush=True)
     return
   for seed in (int(value) for value in _SEEDS.value):
-    regions_root = os.path.join(root, f"regions-seed{seed}")
+    regions_root = os.path.join(root, _regions_folder(seed))
     p_root = os.path.join(root, f"p-seed{seed}") if _P_BASELINE.value else None
     regions_s = _train(contracts.PCI_TASK, records_dir, regions_root, seed)
     p_s = _train("p", records_dir, p_root, seed) if p_root else None

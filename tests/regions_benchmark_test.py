@@ -54,3 +54,30 @@ def test_rescore_reaggregates_slice_scores_and_scores_them_by_hand(tmp_path):
   # max:  A 6.5, B 6.0, C 6.35, D 6.1 -> ranks A4 C3 D2 B1: squared rank differences 4: 1 - 6 * 4 / 60 = 0.6.
   assert result["mean"]["pci_spearman_of_summed_probabilities"] == pytest.approx(0.8)
   assert result["max"]["pci_spearman_of_summed_probabilities"] == pytest.approx(0.6)
+
+
+def test_rescore_of_a_banded_grid_reads_each_region_from_its_band(tmp_path):
+  # Ten slices a patient; region 2 (epigastrium, upper row) may show on slices 6-9 only (t = i/9 >= 2/3 - 0.1).
+  cell = tmp_path / "cells" / "r00_f00"
+  os.makedirs(cell)
+  (cell / "run.json").write_text('{"config": {"region_bands": true}}')
+  # A is positive for region 2 but its column peaks on slice 0 (the pelvis: not evidence for region 2);
+  # B is negative with 0.4 on its upper slices; A's upper slices are 0.6.
+  column = {"A": [0.95] + [0.1] * 5 + [0.6] * 4, "B": [0.2] * 6 + [0.4] * 4}
+  rows = [[patient, index, region, column[patient][index] if region == 2 else 0.5]
+          for patient in "AB" for index in range(10) for region in range(13)]
+  _write(cell / "region_slice_predictions.csv", ["patient_id", "slice_index", "region", "probability"], rows)
+  _write(cell / "region_predictions.csv", ["patient_id", "region", "label", "score", "probability"],
+         [[patient, region, int(patient == "A" and region == 2), 2 if patient == "A" and region == 2 else 0, 0.5]
+          for patient in "AB" for region in range(13)])
+  banded = bench.rescore(str(tmp_path), ["mean"])
+  # In band, the mean of slices 6-9: A 0.6 > B 0.4, AUC 1.
+  assert banded["mean"]["region_auc"][2] == pytest.approx(1.0)
+  (cell / "run.json").write_text('{"config": {}}')
+  column["B"] = [0.99] * 6 + [0.4] * 4  # B's lower slices now outscore A's upper ones over all slices
+  rows = [[patient, index, region, column[patient][index] if region == 2 else 0.5]
+          for patient in "AB" for index in range(10) for region in range(13)]
+  _write(cell / "region_slice_predictions.csv", ["patient_id", "slice_index", "region", "probability"], rows)
+  assert bench.rescore(str(tmp_path), ["max"])["max"]["region_auc"][2] == pytest.approx(0.0)  # 0.95 < 0.99
+  (cell / "run.json").write_text('{"config": {"region_bands": true}}')
+  assert bench.rescore(str(tmp_path), ["max"])["max"]["region_auc"][2] == pytest.approx(1.0)  # 0.6 > 0.4

@@ -136,6 +136,10 @@ _CONSISTENCY_WEIGHT = flags.DEFINE_float("consistency_weight", 1.0, "With --task
 _CONFORMAL_ALPHA = flags.DEFINE_float("conformal_alpha", 0.0, "Error rate of the conformal prediction sets (e.g. 0.1:"
                                       " each class covered 90 % of the time; 'uncertain: refer' otherwise), derived"
                                       " by evaluate and the export; 0: none. --alpha is MobileNetV2's width.")
+_REGION_BANDS = flags.DEFINE_bool("region_bands", True, "With --task=regions: learn and score each PCI region only"
+                                  " on the slices of its band along z (upper, middle or lower third of the abdomen,"
+                                  " +-0.1; small-bowel regions 9-12 on every slice). --noregion_bands: every slice"
+                                  " carries the patient's 13 labels. Other tasks ignore it.")
 # The flags a --cells_per_gpu parent sets itself on its children.
 _CHILD_OWNED = ("num_partitions", "partition_index", "cells_per_gpu", "export_dir", "plan", "plan_images_per_s")
 
@@ -154,7 +158,7 @@ _CONFIG_FLAGS = ("task", "records_dir", "output_dir", "num_folds", "num_repeats"
                  "shuffle_buffer", "aggregation", "top_k", "deterministic", "verify_hashes", "cells",
                  "context_slices", "head", "attention_units", "mil_init_from", "mil_max_slices",
                  "mil_bags_per_batch", "inner_fraction", "threshold", "calibration", "early_stopping_patience",
-                 "consistency_weight", "conformal_alpha")
+                 "consistency_weight", "conformal_alpha", "region_bands")
 # Flags of a run on records that the demo (one machine, its own folders) cannot honour.
 _NOT_FOR_DEMO = ("num_partitions", "partition_index", "cells_per_gpu", "plan", "plan_images_per_s", "verify_hashes")
 
@@ -166,6 +170,8 @@ def _flag_values() -> tuple[dict, dict]:
   values["threshold"] = _threshold()  # a probability or a rule's name
   if "threshold" in given:
     given["threshold"] = values["threshold"]
+  if values["task"] != contracts.PCI_TASK:
+    values["region_bands"] = False  # the regions task's setting; the default True means nothing elsewhere
   own_rule = heads.get(values["head"]).aggregation_name
   if own_rule and "aggregation" not in given:
     values["aggregation"] = own_rule  # the head's own; an explicit other rule is refused

@@ -37,7 +37,7 @@ from pdx_tf.contracts import RUN_FILE, TASKS
 from pdx_tf.data import preprocess
 from pdx_tf.errors import ExportError
 from pdx_tf.serving import signatures
-from pdx_tf.training import aggregation, grid as training_grid, heads, model as model_lib
+from pdx_tf.training import aggregation, grid as training_grid, heads, model as model_lib, region_bands
 
 METADATA_FOLDER = "assets.extra"
 KERAS_MODELS_FOLDER = "models"
@@ -190,6 +190,9 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
       if cell.run_info.get(key) != first.run_info.get(key):
         raise ExportError(f"cells {first.name} and {cell.name} differ in {key!r} ({first.run_info.get(key)} vs "
                           f"{cell.run_info.get(key)}); export cells trained on the same settings separately")
+  bands = {bool(cell.run_info["config"].get("region_bands", False)) for cell in cells}
+  if len(bands) > 1:
+    raise ExportError("the cells differ in 'region_bands'; export cells trained on the same settings separately")
   preprocess_config = first.preprocess_config or read_cell(first.folder).preprocess_config
   rule = str(first.run_info["aggregation"])
   top_k = int(first.run_info["aggregation_top_k"])
@@ -202,7 +205,7 @@ def _shared_settings(cells: Sequence[CellRun], task: str) -> dict[str, Any]:
     raise ExportError(f"{first.folder}/run.json: {error}") from None
   return {"preprocess": preprocess_config, "aggregation": rule, "aggregation_top_k": top_k,
           "model": first.run_info["config"].get("model", {}), "head": head, "context_slices": context_slices,
-          "grid_task": first.run_info.get("task")}
+          "grid_task": first.run_info.get("task"), "region_bands": bands.pop()}
 
 
 def float32_model(model: keras.Model, run_config: dict[str, Any]) -> keras.Model:
@@ -355,17 +358,21 @@ def _write_metadata_models(temp_dir: str, task: str, version: int, cells: Sequen
       "input_statistics": input_statistics(cells),
       "code_version": provenance.code_version(),
   }
-  metadata.update(region_point(cells) if task == contracts.PCI_TASK else operating_point(cells, task))
+  metadata.update(region_point(cells, settings["region_bands"]) if task == contracts.PCI_TASK
+                  else operating_point(cells, task))
   metadata["conformal"] = settings.get("conformal")
   if settings.get("conformal"):
     metadata["signatures"].append(signatures.PREDICT_PATIENT_SET)
   return metadata
 
 
-def region_point(cells: Sequence[CellRun]) -> dict[str, Any]:
+def region_point(cells: Sequence[CellRun], bands: bool = False) -> dict[str, Any]:
   """pdx_export.json's "regions" of a regions export: the region names (index = output column), each region's
-  threshold (the mean of the cells' run.json "thresholds", applied to the ensemble's region probability) and the
-  PCI scale (the mean of the cells' "pci_scale": predicted PCI = sum of probability x scale)."""
+  threshold (the mean of the cells' run.json "thresholds", applied to the ensemble's region probability), the
+  PCI scale (the mean of the cells' "pci_scale": predicted PCI = sum of probability x scale) and "bands": each
+  region's (lowest, highest) relative slice position when the grid used `region_bands` (null for 9-12 and for a
+  grid without), the slices its probability and evidence come from."""
+  limits = region_bands.bands() if bands else None
   thresholds = np.mean([cell.run_info["thresholds"] for cell in cells], axis=0)
   scale = np.mean([cell.run_info["pci_scale"] for cell in cells], axis=0)
   return {"regions": {
@@ -373,8 +380,10 @@ def region_point(cells: Sequence[CellRun]) -> dict[str, Any]:
       "thresholds": [float(value) for value in thresholds], "pci_scale": [float(value) for value in scale],
       "threshold_rule": sorted({str(cell.run_info.get("threshold_rule", "fixed")) for cell in cells}),
       "signature": signatures.PREDICT_REGIONS,
+      "bands": None if limits is None else [None if not np.isfinite(low) else [float(low), float(high)]
+                                            for low, high in limits],
       "outputs": {"region_probabilities": "[13] mean over models of each model's aggregation of that region's"
-                                          " slice scores", "region_uncertainty": "[13] their standard deviation",
+                                          " slice scores" + (" in its band" if bands else ""), "region_uncertainty": "[13] their standard deviation",
                   "slice_region_probabilities": "[N, 13] mean over models"}}}
 
 
@@ -492,7 +501,7 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   try:  # where the preprocessing meets the models: the context/window check happens here, once an export
     module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
                                       settings["aggregation_top_k"], context_slices=settings["context_slices"],
-                                      conformal_thresholds=bounds)
+                                      conformal_thresholds=bounds, region_bands=settings["region_bands"])
   except ValueError as error:
     raise ExportError(f"{cells[0].folder}/run.json: {error}") from None
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")

@@ -31,7 +31,7 @@ from pdx_tf import configs, conformal, contracts, io_utils, provenance
 from pdx_tf.data import input_statistics, preprocess
 from pdx_tf.errors import ExportError, PdxError
 from pdx_tf.serving import export, gradcam
-from pdx_tf.training import heads
+from pdx_tf.training import heads, region_bands
 
 PREDICTION_FORMAT = "pdx-tf-prediction"
 PREDICTION_SCHEMA_VERSION = 1
@@ -440,7 +440,11 @@ def _predict_regions(version_dir: str, metadata: dict[str, Any], abdomen: Any, o
   info = metadata["regions"]
   thresholds = np.asarray(info["thresholds"], np.float64)
   predicted = [int(round(float(value), 6) >= threshold) for value, threshold in zip(probabilities, thresholds)]
-  evidence = [int(np.argmax(slices[:, region])) for region in range(len(info["names"]))]
+  # The evidence slice of a banded export lies in the region's band (its probability comes from those slices).
+  keep = (region_bands.band_mask(np.arange(slices.shape[0]), slices.shape[0]) if info.get("bands")
+          else np.ones(slices.shape, bool))
+  evidence = [int(np.flatnonzero(keep[:, region])[np.argmax(slices[keep[:, region], region])])
+              for region in range(len(info["names"]))]
   z_mm = np.asarray(abdomen.z_mm, np.float64)
   rows = [[patient_id, region, name, f"{probabilities[region]:.6f}", f"{uncertainty[region]:.6f}",
            f"{thresholds[region]:.6f}", predicted[region], evidence[region], f"{z_mm[evidence[region]]:.3f}"]

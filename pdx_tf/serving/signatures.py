@@ -49,7 +49,7 @@ import numpy as np
 import tensorflow as tf
 
 from pdx_tf.data import preprocess
-from pdx_tf.training import aggregation, model as model_lib
+from pdx_tf.training import aggregation, model as model_lib, region_bands as region_bands_lib
 
 SERVING_DEFAULT = "serving_default"
 PREDICT_IMAGES = "predict_images"
@@ -90,7 +90,7 @@ class PdxServingModule(tf.Module):
 
   def __init__(self, models: Sequence[keras.Model], preprocess_config: preprocess.PreprocessConfig,
                aggregation_rule: str, aggregation_top_k: int, context_slices: int = 0,
-               conformal_thresholds: Any = None):
+               conformal_thresholds: Any = None, region_bands: bool = False):
     """Builds the signatures.
 
     Args:
@@ -100,6 +100,9 @@ class PdxServingModule(tf.Module):
       aggregation_top_k: k for `topk_mean` (run.json "aggregation_top_k"); MIL models ignore both.
       context_slices: C of 2.5D models (run.json "context_slices"), 0 otherwise.
       conformal_thresholds: a pdx_tf.conformal.ConformalThresholds: adds `predict_patient_set`.
+      region_bands: a regions model trained with `train --region_bands`: each region's column is aggregated over
+        the slices of its band (pdx_tf.training.region_bands; `hu`'s slices are the patient's abdominal slices in
+        the data pipeline's order, lowest first).
 
     Raises:
       ValueError: for no models, a model of another input size or channel count, mixed heads, or an unknown
@@ -117,6 +120,9 @@ class PdxServingModule(tf.Module):
                        " separately")
     if not mil:
       aggregation.check_aggregation(aggregation_rule, aggregation_top_k)
+    if region_bands and (mil or width != region_bands_lib.NUM_PCI_REGIONS):
+      raise ValueError(f"region_bands needs a regions model ({region_bands_lib.NUM_PCI_REGIONS} outputs a slice),"
+                       f" got {width} output(s)")
     preprocess.check_context_windows(preprocess_config, context_slices)
     image_size = preprocess_config.image_size
     channels = preprocess.model_channels(context_slices)
@@ -186,6 +192,12 @@ class PdxServingModule(tf.Module):
       per_model = outputs["slice"]
       if mil:
         patient = outputs["patient"]
+      elif width > 1 and region_bands:  # [models, regions]: each column over the slices of its band, per model
+        count = tf.shape(per_model[0])[0]
+        keep = region_bands_lib.band_mask_tf(tf.range(count), count)
+        patient = tf.stack([region_bands_lib.aggregate_columns_tf(per_model[index], keep, aggregation_rule,
+                                                                  aggregation_top_k)
+                            for index in range(len(frozen_models))])
       elif width > 1:  # [models, regions]: each region's column aggregated per model
         patient = tf.stack([tf.stack([aggregation.aggregate_tf(per_model[index][:, column], aggregation_rule,
                                                                aggregation_top_k) for column in range(width)])

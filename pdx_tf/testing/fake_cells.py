@@ -72,9 +72,10 @@ def make_fake_model(seed: int, image_size: int = 32, alpha: float = 0.35,
 
 def write_fake_region_cells(runs_dir: str, cells: Sequence[tuple[int, int]] = ((0, 0), (0, 1)), *,
                             image_size: int = 32, aggregation: str = "topk_mean", top_k: int = 3,
-                            seed: int = 0) -> list[str]:
+                            seed: int = 0, region_bands: bool = False) -> list[str]:
   """Complete cells of a regions grid, runs_dir/regions/cells/rRR_fFF/{model.keras, run.json} with keyed
-  "thresholds" and "pci_scale" (pdx_tf/training/regions.py); returns their folders."""
+  "thresholds" and "pci_scale" (pdx_tf/training/regions.py), trained with `region_bands` or not (run.json's
+  config); returns their folders."""
   preprocess_config = preprocess.PreprocessConfig(image_size=image_size)
   model_config = model_lib.ModelConfig(image_size=image_size, alpha=0.35, weights="none", head=heads.REGIONS.name)
   folders = []
@@ -88,7 +89,8 @@ def write_fake_region_cells(runs_dir: str, cells: Sequence[tuple[int, int]] = ((
     io_utils.atomic_write_json(os.path.join(folder, "run.json"), {
         "schema_version": 1, "task": contracts.PCI_TASK, "repeat": repeat, "fold": fold, "status": "complete",
         "split_hash": "0" * 64, "dataset_hash": "1" * 64, "seeds": {"split": 0, "sample": 0, "init": 0},
-        "config": {"model": configs.to_dict(model_config)}, "preprocess": configs.to_dict(preprocess_config),
+        "config": {"model": configs.to_dict(model_config), **({"region_bands": True} if region_bands else {})},
+        "preprocess": configs.to_dict(preprocess_config),
         "aggregation": aggregation, "aggregation_top_k": top_k, "head": heads.REGIONS.name, "code_version": "test",
         "wall_time_s": 0.0, "images_seen": 0, "model_path": "model.keras",
         "thresholds": [float(value) for value in rng.uniform(0.3, 0.7, contracts.NUM_PCI_REGIONS)],

@@ -142,7 +142,7 @@ def epoch_dataset(config: TrainConfig, info: contracts.DatasetInfo, train_ids: S
   return input_pipeline.train_dataset(
       info, train_ids, task=config.task, **pool_key(config, cell).epoch_arguments(epoch),
       batch_size=config.batch_size, images_per_epoch=config.images_per_epoch, shuffle_buffer=config.shuffle_buffer,
-      deterministic=config.deterministic, drop_remainder=True)
+      deterministic=config.deterministic, drop_remainder=True, region_bands=config.region_bands)
 
 
 # ------------------------------------------------------------------------------------------------ the model
@@ -485,8 +485,9 @@ def held_out_probabilities(config: TrainConfig, model: keras.Model, validation: 
     probabilities = model.predict(data.map(_image_only), verbose=0)
     if config.regions:  # [N, 13] and [P, 13]: each region's column aggregated like a task's
       probabilities = np.asarray(probabilities, np.float64)
-      return probabilities, regions.patient_probabilities(probabilities, validation.patient_ids, test_ids,
-                                                          config.aggregation, config.top_k), None
+      return probabilities, regions.patient_probabilities(
+          probabilities, validation.patient_ids, test_ids, config.aggregation, config.top_k,
+          slice_indices=validation.slice_indices if config.region_bands else None), None
     probabilities = (probabilities if column is None else probabilities[:, column]).reshape(-1).astype(np.float64)
     patient = np.asarray([aggregation_lib.aggregate(probabilities[validation.patient_ids == patient_id],
                                                     config.aggregation, config.top_k) for patient_id in test_ids])

@@ -54,6 +54,7 @@ from pdx_tf import contracts, io_utils
 from pdx_tf.contracts import DatasetInfo
 from pdx_tf.data import augment, preprocess, records
 from pdx_tf.errors import RecordsError
+from pdx_tf.training import region_bands
 
 def _round_half_up(value: float) -> int:
   return int(math.floor(value + 0.5))
@@ -295,11 +296,29 @@ def region_labels(scores) -> tf.Tensor:
   return tf.where(scores < 0, tf.constant(-1.0), tf.cast(scores > 0, tf.float32))
 
 
-def _to_model_inputs(task: str, image_size: int):
+def slice_counts_table(info: DatasetInfo) -> tf.lookup.StaticHashTable:
+  """patient_id -> the patient's number of abdominal slices (dataset.json's num_slices; -1 for an unknown id)."""
+  ids = sorted(info.patients)
+  return tf.lookup.StaticHashTable(tf.lookup.KeyValueTensorInitializer(
+      tf.constant(ids, tf.string), tf.constant([int(info.patients[i]["num_slices"]) for i in ids], tf.int64)), -1)
+
+
+def banded_region_labels(example: Mapping[str, tf.Tensor], slice_counts: tf.lookup.StaticHashTable) -> tf.Tensor:
+  """`label_vector` for "regions" with `train --region_bands`: a region whose band (pdx_tf.training.region_bands)
+  does not hold this slice is -1 (masked out of the loss), whatever the patient's label."""
+  labels = region_labels(example[records.PCI_SCORES_KEY])
+  count = slice_counts.lookup(tf.reshape(example[records.PATIENT_ID_KEY], []))
+  keep = region_bands.band_mask_tf(tf.reshape(example[records.SLICE_INDEX_KEY], []), count)
+  return tf.where(keep, labels, tf.constant(-1.0))
+
+
+def _to_model_inputs(task: str, image_size: int, slice_counts: tf.lookup.StaticHashTable | None = None):
   def convert(example):
     # channels=3 tiles a one-channel (one-window) PNG to RGB: the model input is always [S, S, 3].
     image = tf.io.decode_png(example[records.IMAGE_KEY], channels=3)
     image = tf.cast(tf.reshape(image, [image_size, image_size, 3]), tf.float32)
+    if slice_counts is not None:
+      return image, banded_region_labels(example, slice_counts)
     return image, label_vector(example, task)
 
   return convert
@@ -308,9 +327,10 @@ def _to_model_inputs(task: str, image_size: int):
 def train_dataset(info: DatasetInfo, train_ids: Sequence[str], *, task: str, sample_seed: int, repeat: int,
                   shuffle_seed: int, pool_fraction: float, batch_size: int, epoch: int = 0,
                   include_originals: bool = True, images_per_epoch: int | None = None, shuffle_buffer: int = 4096,
-                  deterministic: bool = True, drop_remainder: bool = True) -> tf.data.Dataset:
+                  deterministic: bool = True, drop_remainder: bool = True,
+                  region_bands: bool = False) -> tf.data.Dataset:
   """(image float32 [B,S,S,3] in 0..255, label float32 [B,T]) batches of ONE epoch of one cell (finite); T is 1,
-  or 2 for the joint task (`label_vector`).
+  or 2 for the joint task (`label_vector`), 13 for "regions" (`banded_region_labels` when `region_bands`).
 
   A pure function of (sample_seed, repeat, epoch, shuffle_seed) and the records (`train_examples`): calling it
   again with the same arguments yields the same batches in the same order (with `deterministic=True`); call it
@@ -326,7 +346,10 @@ def train_dataset(info: DatasetInfo, train_ids: Sequence[str], *, task: str, sam
                            include_originals=include_originals, epoch=epoch, shuffle_seed=shuffle_seed,
                            images_per_epoch=images_per_epoch, shuffle_buffer=shuffle_buffer,
                            deterministic=deterministic)
-  dataset = dataset.map(_to_model_inputs(task, info.image_size), num_parallel_calls=tf.data.AUTOTUNE,
+  if region_bands and task != contracts.PCI_TASK:
+    raise ValueError(f"region_bands applies to --task={contracts.PCI_TASK}, not {task}")
+  slice_counts = slice_counts_table(info) if region_bands else None
+  dataset = dataset.map(_to_model_inputs(task, info.image_size, slice_counts), num_parallel_calls=tf.data.AUTOTUNE,
                         deterministic=deterministic)
   return dataset.batch(batch_size, drop_remainder=drop_remainder).prefetch(tf.data.AUTOTUNE)
 

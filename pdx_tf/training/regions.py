@@ -49,7 +49,7 @@ from keras import ops
 from pdx_tf import contracts, io_utils
 from pdx_tf.contracts import NUM_PCI_REGIONS, PCI_SMALL_BOWEL_REGIONS, PCI_UNRECORDED
 from pdx_tf import metrics as metrics_lib
-from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib
+from pdx_tf.training import aggregation as aggregation_lib, calibration as calibration_lib, region_bands
 
 REGION_PREDICTIONS_FILE = "region_predictions.csv"
 REGION_SLICE_PREDICTIONS_FILE = "region_slice_predictions.csv"
@@ -99,14 +99,21 @@ def patient_region_labels(info: contracts.DatasetInfo, patient_ids: Sequence[str
 
 
 def patient_probabilities(slice_probabilities: np.ndarray, slice_patient_ids: np.ndarray,
-                          patient_ids: Sequence[str], rule: str, top_k: int) -> np.ndarray:
+                          patient_ids: Sequence[str], rule: str, top_k: int,
+                          slice_indices: np.ndarray | None = None) -> np.ndarray:
   """float64 [P, 13]: each patient's region probability, the aggregation `rule` over that region's column of the
-  patient's slice probabilities [N, 13]."""
+  patient's slice probabilities [N, 13]. With `slice_indices` [N] (each slice's index among its patient's
+  abdominal slices, all of which are given), only the slices in the region's band count
+  (region_bands.band_mask; `train --region_bands`)."""
   out = np.zeros((len(patient_ids), NUM_PCI_REGIONS), np.float64)
   for row, patient_id in enumerate(patient_ids):
-    mine = slice_probabilities[slice_patient_ids == patient_id]
+    mine = slice_patient_ids == patient_id
+    scores = slice_probabilities[mine]
+    keep = np.ones(scores.shape, bool)
+    if slice_indices is not None:
+      keep = region_bands.band_mask(slice_indices[mine], int(mine.sum()))
     for region in range(NUM_PCI_REGIONS):
-      out[row, region] = aggregation_lib.aggregate(mine[:, region], rule, top_k)
+      out[row, region] = aggregation_lib.aggregate(scores[keep[:, region], region], rule, top_k)
   return out
 
 

@@ -25,7 +25,7 @@ PRECISIONS = ("auto", "float32", "mixed_float16", "mixed_bfloat16")
 PER_MACHINE_FIELDS = ("records_dir", "num_partitions", "partition_index", "cells", "export_dir", "verify_hashes")
 # Opt-in fields left out of config.json / run.json at these defaults (TrainConfig's docstring).
 OPT_IN_DEFAULTS = {"inner_fraction": 0.0, "threshold": 0.5, "calibration": "none", "early_stopping_patience": 0,
-                   "consistency_weight": 1.0, "conformal_alpha": 0.0}
+                   "consistency_weight": 1.0, "conformal_alpha": 0.0, "region_bands": False}
 # Fields that change what evaluation and export derive from a grid, not the grid: an existing grid accepts a new
 # value (its config.json keeps the first; each run.json records its own).
 DERIVED_ONLY_FIELDS = ("conformal_alpha",)
@@ -85,8 +85,11 @@ class TrainConfig:
     conformal_alpha: error rate of the conformal prediction sets (pdx_tf.conformal) that `evaluate` and the export
       derive from this grid (0: none). Training itself needs nothing for them: each cell's test patients are
       calibrated on the other folds' out-of-fold patients, so no inner split is set; recorded in run.json's config.
+    region_bands: with task "regions", learn and aggregate each region's column only on the slices of its band
+      along z (pdx_tf/training/region_bands.py: a slice far from a region cannot show it); False: every slice
+      carries the patient's 13 labels (the paper's weak supervision, applied per region).
 
-  The four inner-validation fields, consistency_weight and model.joint_heads are written to config.json and
+  The four inner-validation fields, consistency_weight, region_bands and model.joint_heads are written to config.json and
   run.json only when they differ from their defaults (`config_dict`), so a default grid's files are
   byte-identical to those of code without them.
   """
@@ -125,6 +128,7 @@ class TrainConfig:
   early_stopping_patience: int = 0
   consistency_weight: float = 1.0
   conformal_alpha: float = 0.0
+  region_bands: bool = False
 
   def __post_init__(self):
     contracts.check_training_task(self.task)
@@ -175,9 +179,13 @@ class TrainConfig:
         raise ValueError(f"--task={contracts.PCI_TASK} reads each record's own region labels (mirrored in flipped"
                          " copies); 2.5D stacks are warped at read time and would need them mirrored too: use"
                          " --context_slices=0")
+      if self.region_bands and self.model.head != heads.REGIONS.name:
+        raise ValueError("region_bands needs the slice-level regions head")
       if self.calibration != "none":
         raise ValueError(f"--task={contracts.PCI_TASK} fits a threshold a region, not a calibration; drop"
                          f" --calibration={self.calibration}")
+    if self.region_bands and not self.regions:
+      raise ValueError(f"region_bands applies to --task={contracts.PCI_TASK} only")
     if self.conformal_alpha != 0.0:
       conformal.check_alpha(self.conformal_alpha)  # 0 (off) or an error rate in (0, 1)
 
