@@ -524,6 +524,8 @@ class ExportInfo:
     preprocess_config: `preprocess` typed and checked once (built here when not given).
     region_settings: `region` typed and checked once (the pipeline defaults for an export without it).
     conformal_thresholds: the "conformal" entry's thresholds, typed and checked once; None for an export without.
+    conformal_scales: the "conformal" entry's score scales (one pdx_tf.conformal.ScoreScale a model), typed once;
+      None for an export without (its sets are decided on the patient probability).
   """
 
   task: str
@@ -538,6 +540,7 @@ class ExportInfo:
   preprocess_config: settings.PreprocessConfig | None = None
   region_settings: settings.RegionSettings | None = None
   conformal_thresholds: conformal.ConformalThresholds | None = None
+  conformal_scales: tuple[conformal.ScoreScale, ...] | None = None
 
   def __post_init__(self):
     if self.preprocess_config is None:
@@ -547,6 +550,9 @@ class ExportInfo:
     if self.conformal_thresholds is None and self.document.get("conformal"):
       object.__setattr__(self, "conformal_thresholds",
                          conformal.ConformalThresholds.from_dict(self.document["conformal"]))
+    if self.conformal_scales is None and (self.document.get("conformal") or {}).get("scales"):
+      object.__setattr__(self, "conformal_scales", tuple(
+          conformal.ScoreScale.from_dict(value) for value in self.document["conformal"]["scales"]))
 
   @property
   def image_size(self) -> int:

@@ -22,7 +22,10 @@ def test_config_takes_validates_and_records_the_alpha():
   assert trainer.config_dict(config)["conformal_alpha"] == 0.1
   assert "conformal_alpha" not in trainer.config_dict(trainer.config_from_values(
       dict(task="p", records_dir="d", output_dir="o", image_size=SIZE)))  # a default grid's files are unchanged
-  assert config.inner_fraction == 0.0  # cross-conformal: no inner split is needed
+  # The sets put each cell's scores on its model's scale, fitted on inner patients: the alpha alone sets them aside.
+  assert config.inner_fraction == trainer.CONFORMAL_INNER_FRACTION == 0.2
+  assert trainer.config_from_values(dict(task="p", records_dir="d", output_dir="o", image_size=SIZE,
+                                         conformal_alpha=0.1, inner_fraction=0.3)).inner_fraction == 0.3
   for bad in (1.0, -0.1, 2):
     with pytest.raises(ValueError, match="conformal_alpha"):
       trainer.config_from_values(dict(task="p", records_dir="d", output_dir="o", image_size=SIZE,
@@ -39,7 +42,7 @@ def test_a_grid_trained_with_the_alpha_is_evaluated_at_it_and_at_another(tmp_pat
   with caplog.at_level(logging.INFO), caplog.at_level(logging.INFO, logger="absl"):
     trainer.run_grid(config)
   lines = [record.getMessage() for record in caplog.records if "conformal_alpha" in record.getMessage()]
-  assert len(lines) == 1 and "no inner split needed" in lines[0]
+  assert len(lines) == 1 and "unscaled: no inner patients" in lines[0]  # a config built without config_from_values
   for cell in ("r00_f00", "r00_f01"):
     run = json.load(open(os.path.join(config.output_dir, "cells", cell, "run.json")))
     assert run["config"]["conformal_alpha"] == 0.3

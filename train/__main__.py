@@ -135,7 +135,9 @@ _CONSISTENCY_WEIGHT = flags.DEFINE_float("consistency_weight", 1.0, "With --task
                                          " max(0, P(sb) - P(p))^2 (small-bowel dissemination implies peritoneal).")
 _CONFORMAL_ALPHA = flags.DEFINE_float("conformal_alpha", 0.0, "Error rate of the conformal prediction sets (e.g. 0.1:"
                                       " each class covered 90 % of the time; 'uncertain: refer' otherwise), derived"
-                                      " by evaluate and the export; 0: none. --alpha is MobileNetV2's width.")
+                                      " by evaluate and the export; 0: none. Without --inner_fraction it sets 0.2"
+                                      " (each model's score scale is fitted on its inner patients). --alpha is"
+                                      " MobileNetV2's width.")
 _REGION_BANDS = flags.DEFINE_bool("region_bands", True, "With --task=regions: learn and score each PCI region only"
                                   " on the slices of its band along z (upper, middle or lower third of the abdomen,"
                                   " +-0.1; small-bowel regions 9-12 on every slice). --noregion_bands: every slice"

@@ -18,6 +18,9 @@ summary[task]["conformal"]:
   sd_error_auc (CI) or None: AUC of a patient's SD over repeats for "its mean probability is wrong at the
     threshold" (0.5: the SD does not rank errors); sd_note says why None (one repeat: no SD)
   cell_thresholds: per cell {"cell", "negative_max_score", "positive_max_score", "num_negative", "num_positive"}
+    (bounds on the scaled scores when "scaled")
+  scaled: whether each cell's probabilities were put on its model's scale first (every cell has inner patients:
+    `cell_scales`, pdx_tf/conformal.py's ScoreScale)
 
 The bootstrap resamples patients (grid_statistics.bootstrap_weights, the same replicates as the other CIs of the
 task): every row of a patient carries the patient's resampling count.
@@ -32,12 +35,27 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from pdx_tf import conformal
+from pdx_tf import conformal, contracts
 from pdx_tf.evaluation import grid_statistics
 from pdx_tf.evaluation.runs import TaskRuns
 
 SCHEME = ("cross-conformal across folds, class-conditional (Mondrian): each cell's test patients calibrated on the"
           " out-of-fold probabilities of its repeat's other folds (pdx_tf/conformal.py)")
+SCALED_SCHEME = SCHEME + ("; each cell's probabilities first put on its model's own scale, fitted on the cell's"
+                          " inner patients (conformal.ScoreScale)")
+
+
+def cell_scales(task_runs: TaskRuns) -> dict[tuple[int, int], conformal.ScoreScale] | None:
+  """(repeat, fold) -> the ScoreScale of that cell's model, from its inner patients' probabilities (run.json's
+  inner_validation, the task's view), for every cell; None when any cell has fewer than 2 inner patients."""
+  scales = {}
+  for cell_key, cell in task_runs.cells.items():
+    validation = contracts.task_run_document(cell.run_info, task_runs.task).get("inner_validation") or {}
+    reference = validation.get("patient_probabilities") or []
+    if len(reference) < 2:
+      return None
+    scales[cell_key] = conformal.ScoreScale.fit(reference)
+  return scales
 ECE_BINS = 10
 RISK_COVERAGE_POINTS = 20  # coverage 1.0, 0.95, ..., 0.05
 FIGURE_NAME = "conformal"
@@ -162,7 +180,8 @@ def evaluate_conformal(task_runs: TaskRuns, alpha: float, threshold: float, num_
   """The task's conformal summary entry (module docstring) at `alpha`; `threshold` as grid_statistics uses it."""
   alpha = conformal.check_alpha(alpha)
   repeats, folds, patients, labels, probabilities, thresholds = _rows(task_runs, threshold)
-  result = conformal.cross_conformal(repeats, folds, patients, labels, probabilities, alpha)
+  scales = cell_scales(task_runs)
+  result = conformal.cross_conformal(repeats, folds, patients, labels, probabilities, alpha, scales)
   answers = result.answers
   covered = np.where(labels == 1, result.has_positive, result.has_negative)
   uncertain = answers == conformal.UNCERTAIN
@@ -187,7 +206,8 @@ def evaluate_conformal(task_runs: TaskRuns, alpha: float, threshold: float, num_
 
   answered_positive, answered_negative = answered & (labels == 1), answered & (labels == 0)
   summary: dict[str, Any] = {
-      "alpha": alpha, "scheme": SCHEME, "n_rows": int(labels.size), "n_patients": len(patient_ids),
+      "alpha": alpha, "scheme": SCHEME if scales is None else SCALED_SCHEME, "scaled": scales is not None,
+      "n_rows": int(labels.size), "n_patients": len(patient_ids),
       "coverage": share(covered, everything),
       "coverage_negative": share(covered, labels == 0),
       "coverage_positive": share(covered, labels == 1),

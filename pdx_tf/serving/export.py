@@ -394,12 +394,18 @@ def conformal_calibration(cells: Sequence[CellRun], task: str) -> dict[str, Any]
   can re-derive the sets at another alpha; None when a cell has no patient_predictions.csv.
 
   The alpha is the cells' run.json config "conformal_alpha" (`train --conformal_alpha`), else
-  DEFAULT_CONFORMAL_ALPHA. The thresholds are calibrated on single models' probabilities and applied to the
-  ensemble's mean (the served probability); `evaluate --predictions` checks the coverage on a new cohort.
+  DEFAULT_CONFORMAL_ALPHA. When every cell has inner patients, each cell's probabilities are put on its model's
+  own scale (conformal.ScoreScale, fitted on the cell's inner patients; "scales", one a model in the export's
+  model order) and the thresholds are fitted on those scores ("calibration_scores"); a new patient's score is then
+  the mean over the models of each model's scaled patient probability (conformal.ensemble_score; the
+  `predict_patient_set` signature computes it in the graph). Otherwise the thresholds are fitted on single
+  models' probabilities and applied to the ensemble's mean (the served probability). `evaluate --predictions`
+  checks the coverage on a new cohort.
   """
-  probabilities, labels = [], []
+  probabilities, labels, cell_of_row = [], [], []
   alphas = set()
-  for cell in cells:
+  references = []
+  for position, cell in enumerate(cells):
     value = cell.run_info.get("config", {}).get("conformal_alpha")
     if value:
       alphas.add(float(value))
@@ -410,17 +416,32 @@ def conformal_calibration(cells: Sequence[CellRun], task: str) -> dict[str, Any]
     for row in io_utils.read_csv(path):
       probabilities.append(float(row["probability"]))
       labels.append(int(row["label"]))
+      cell_of_row.append(position)
+    validation = contracts.task_run_document(cell.run_info, task).get("inner_validation") or {}
+    references.append(validation.get("patient_probabilities") or [])
   if len(alphas) > 1:
     raise ExportError(f"the cells were trained with different --conformal_alpha ({sorted(alphas)}); export cells of"
                       " one alpha")
   source = "cells" if alphas else "default"
   alpha = alphas.pop() if alphas else DEFAULT_CONFORMAL_ALPHA
-  thresholds = conformal.fit_thresholds(probabilities, labels, alpha)
-  return {**thresholds.to_dict(), "alpha_source": source,
-          "scheme": ("Mondrian split-conformal thresholds from the exported cells' out-of-fold patient probabilities"
-                     " (pdx_tf/conformal.py): negative is in the set iff probability <= negative_max_score, positive"
-                     " iff 1 - probability <= positive_max_score; applied to the ensemble's patient probability"),
+  scales = ([conformal.ScoreScale.fit(reference) for reference in references]
+            if all(len(reference) >= 2 for reference in references) else None)
+  scores = np.asarray(probabilities, np.float64)
+  if scales is not None:
+    cell_of_row = np.asarray(cell_of_row)
+    for position, scale in enumerate(scales):
+      scores[cell_of_row == position] = scale.apply(scores[cell_of_row == position])
+  thresholds = conformal.fit_thresholds(scores, labels, alpha)
+  scheme = ("Mondrian split-conformal thresholds from the exported cells' out-of-fold patient probabilities"
+            " (pdx_tf/conformal.py): negative is in the set iff score <= negative_max_score, positive iff"
+            " 1 - score <= positive_max_score; ")
+  scheme += ("the score is each model's patient probability on its own scale (scales, fitted on its cell's inner"
+             " patients), averaged over the models" if scales is not None
+             else "the score is the ensemble's patient probability")
+  return {**thresholds.to_dict(), "alpha_source": source, "scheme": scheme,
+          "scales": None if scales is None else [scale.to_dict() for scale in scales],
           "calibration_probabilities": [round(value, 8) for value in probabilities],
+          "calibration_scores": [round(float(value), 8) for value in scores],
           "calibration_labels": labels}
 
 
@@ -501,7 +522,11 @@ def export_models(cell_dirs: Sequence[str], export_dir: str, task: str, *, versi
   try:  # where the preprocessing meets the models: the context/window check happens here, once an export
     module = signatures.PdxServingModule(models, preprocess_config, settings["aggregation"],
                                       settings["aggregation_top_k"], context_slices=settings["context_slices"],
-                                      conformal_thresholds=bounds, region_bands=settings["region_bands"])
+                                      conformal_thresholds=bounds, region_bands=settings["region_bands"],
+                                      conformal_scales=(None if not settings["conformal"]
+                                                        or settings["conformal"]["scales"] is None else
+                                                        [conformal.ScoreScale.from_dict(value)
+                                                         for value in settings["conformal"]["scales"]]))
   except ValueError as error:
     raise ExportError(f"{cells[0].folder}/run.json: {error}") from None
   temp_dir = io_utils.join(model_dir, f"{io_utils.TEMP_MARKER}{uuid.uuid4().hex[:12]}-{version}")

@@ -92,6 +92,7 @@ class _TaskResult:
   images: np.ndarray  # model inputs of the Grad-CAM slices
   heatmaps: np.ndarray
   attention: np.ndarray | None = None  # [N], attention-MIL exports only
+  conformal_score: float | None = None  # predict_patient_set's, exports with conformal thresholds only
 
 
 def load_exports(model_dirs: Sequence[str]) -> list[tuple[str, dict[str, Any]]]:
@@ -134,7 +135,11 @@ def viewable_images(images: np.ndarray, context_slices: int) -> np.ndarray:
 
 def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, num_gradcam_slices: int,
                   gradcam_max_models: int) -> _TaskResult:
-  outputs = _saved_model(version_dir).signatures["predict_patient"](hu=tf.constant(hu, tf.float32))
+  # With conformal thresholds, predict_patient_set: predict_patient's outputs plus the conformal score (for an
+  # export with score scales it is not the patient probability), in one pass.
+  functions = _saved_model(version_dir).signatures
+  name = "predict_patient_set" if "predict_patient_set" in functions else "predict_patient"
+  outputs = functions[name](hu=tf.constant(hu, tf.float32))
   slice_probability = outputs["slice_probability"].numpy()
   count = min(num_gradcam_slices, slice_probability.size)
   # Highest first; ties by slice index so the choice is deterministic.
@@ -157,7 +162,8 @@ def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, nu
       patient_probability=float(outputs["patient_probability"].numpy()),
       patient_uncertainty=float(outputs["patient_uncertainty"].numpy()),
       gradcam_slices=chosen, images=viewable_images(images, context_slices), heatmaps=heatmaps,
-      attention=outputs["attention"].numpy() if "attention" in outputs else None)
+      attention=outputs["attention"].numpy() if "attention" in outputs else None,
+      conformal_score=float(outputs["conformal_score"].numpy()) if "conformal_score" in outputs else None)
 
 
 def _region_summary(abdomen: Any) -> dict[str, Any]:
@@ -287,14 +293,16 @@ def predict_study(config: PredictConfig) -> dict[str, Any]:
 
 
 def conformal_answer(info: contracts.ExportInfo, probability: float,
-                     alpha: float | None = None) -> dict[str, Any] | None:
+                     alpha: float | None = None, score: float | None = None) -> dict[str, Any] | None:
   """prediction.json's "conformal" of a task: the patient's set at the export's thresholds (pdx_export.json
   "conformal", typed when the export was read: `info.conformal_thresholds`), or at `alpha` re-fitted on the
-  export's stored calibration scores; None for an export without.
+  export's stored calibration scores; None for an export without. `score`: the patient's conformal score from
+  the export's predict_patient_set (needed when the export has score scales: pdx_tf.conformal.ScoreScale);
+  without scales the score is the patient probability.
 
   Returns:
     {"set": "negative" | "positive" | "uncertain", "members": "negative" | "positive" | "both" | "empty",
-     "alpha", "negative_max_score", "positive_max_score"}.
+     "alpha", "negative_max_score", "positive_max_score"} and, for an export with score scales, "score".
   """
   thresholds = info.conformal_thresholds
   if thresholds is None:
@@ -302,14 +310,21 @@ def conformal_answer(info: contracts.ExportInfo, probability: float,
   if alpha is not None and alpha != thresholds.alpha:
     stored = info.conformal
     try:
-      thresholds = conformal.fit_thresholds(stored["calibration_probabilities"], stored["calibration_labels"], alpha)
+      calibration = stored.get("calibration_scores", stored["calibration_probabilities"])  # older exports: raw
+      thresholds = conformal.fit_thresholds(calibration, stored["calibration_labels"], alpha)
     except (KeyError, ValueError) as error:
       raise ExportError(f"export {info.task} v{info.version} has a malformed \"conformal\" entry ({error});"
                         " re-export the model") from None
-  negative, positive = conformal.prediction_sets([probability], thresholds)
+  scaled = info.conformal_scales is not None
+  if scaled and score is None:
+    raise ExportError(f"export {info.task} v{info.version} decides its conformal set on scaled scores: read the"
+                      " patient's conformal_score from its predict_patient_set signature")
+  value = round(score, 6) if scaled else probability
+  negative, positive = conformal.prediction_sets([value], thresholds)
   return {"set": str(conformal.answers(negative, positive)[0]), "members": conformal.set_names(negative, positive)[0],
           "alpha": thresholds.alpha, "negative_max_score": thresholds.negative_max_score,
-          "positive_max_score": thresholds.positive_max_score}
+          "positive_max_score": thresholds.positive_max_score,
+          **({"score": value} if scaled else {})}  # what the set was decided on, when it is not the probability
 
 
 def conformal_text(answer: Mapping[str, Any] | None) -> str:
@@ -392,7 +407,7 @@ def predict_and_write(exports: Sequence[tuple[str, dict[str, Any]]], study: Stud
         "region": _region_summary(abdomen),
     }
     answer = conformal_answer(export.export_info(result.version_dir), round(result.patient_probability, 6),
-                              conformal_alpha)
+                              conformal_alpha, score=result.conformal_score)
     if answer:
       tasks[result.task]["conformal"] = answer
   summary = "summary.png" if write_summary and results else None

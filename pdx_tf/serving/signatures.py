@@ -14,11 +14,13 @@ Signatures (all outputs float32, so TF Serving's REST JSON carries plain numbers
   max rules; per-model first is what each cross-validated model was evaluated with.)
 
 With conformal thresholds (the export's, pdx_tf.conformal), a fourth signature
-- `predict_patient_set(hu: float32 [N, H, W])` returns `patient_probability`, `patient_uncertainty`, and the
-  patient's conformal set: `conformal_negative` and `conformal_positive` (1.0 if that label is in the set, else
-  0.0; both = uncertain, refer), `conformal_uncertain` (1.0 for both labels or none) and `conformal_alpha`.
-  Negative is in the set iff patient_probability <= negative_max_score, positive iff 1 - patient_probability <=
-  positive_max_score (the export's thresholds, baked into the graph).
+- `predict_patient_set(hu: float32 [N, H, W])` returns `predict_patient`'s outputs and the patient's conformal
+  set: `conformal_negative` and `conformal_positive` (1.0 if that label is in the set, else
+  0.0; both = uncertain, refer), `conformal_uncertain` (1.0 for both labels or none), `conformal_alpha` and
+  `conformal_score`: the patient probability, or, for an export with score scales (its cells had inner
+  patients: pdx_tf.conformal.ScoreScale), the mean over models of each model's patient probability on its own
+  scale. Negative is in the set iff conformal_score <= negative_max_score, positive iff 1 - conformal_score <=
+  positive_max_score (the export's thresholds and scales, baked into the graph).
 
 2.5D models (`context_slices` C > 0) take 2C+1 adjacent slices of one window as the channels: `serving_default`
 and `predict_patient` treat their N slices as ONE patient's stack in slice order and build each slice's stack
@@ -48,6 +50,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from pdx_tf import conformal
 from pdx_tf.data import preprocess
 from pdx_tf.training import aggregation, model as model_lib, region_bands as region_bands_lib
 
@@ -90,7 +93,7 @@ class PdxServingModule(tf.Module):
 
   def __init__(self, models: Sequence[keras.Model], preprocess_config: preprocess.PreprocessConfig,
                aggregation_rule: str, aggregation_top_k: int, context_slices: int = 0,
-               conformal_thresholds: Any = None, region_bands: bool = False):
+               conformal_thresholds: Any = None, region_bands: bool = False, conformal_scales: Any = None):
     """Builds the signatures.
 
     Args:
@@ -100,6 +103,9 @@ class PdxServingModule(tf.Module):
       aggregation_top_k: k for `topk_mean` (run.json "aggregation_top_k"); MIL models ignore both.
       context_slices: C of 2.5D models (run.json "context_slices"), 0 otherwise.
       conformal_thresholds: a pdx_tf.conformal.ConformalThresholds: adds `predict_patient_set`.
+      conformal_scales: with the thresholds, one pdx_tf.conformal.ScoreScale a model (in `models`' order): the
+        set is decided on the mean of each model's scaled patient probability (conformal.ensemble_score), not
+        on the mean probability.
       region_bands: a regions model trained with `train --region_bands`: each region's column is aggregated over
         the slices of its band (pdx_tf.training.region_bands; `hu`'s slices are the patient's abdominal slices in
         the data pipeline's order, lowest first).
@@ -120,6 +126,9 @@ class PdxServingModule(tf.Module):
                        " separately")
     if not mil:
       aggregation.check_aggregation(aggregation_rule, aggregation_top_k)
+    if conformal_scales is not None and (conformal_thresholds is None or len(conformal_scales) != len(models)):
+      raise ValueError(f"conformal_scales needs conformal thresholds and one scale a model ({len(models)}), got"
+                       f" {len(conformal_scales)}")
     if region_bands and (mil or width != region_bands_lib.NUM_PCI_REGIONS):
       raise ValueError(f"region_bands needs a regions model ({region_bands_lib.NUM_PCI_REGIONS} outputs a slice),"
                        f" got {width} output(s)")
@@ -183,8 +192,8 @@ class PdxServingModule(tf.Module):
         images = tf.ensure_shape(tf.cast(image, tf.float32), [None, image_size, image_size, channels])
       return summarise(per_model_probabilities(images))
 
-    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
-    def predict_patient(hu):
+    def patient_outputs(hu):
+      """predict_patient's outputs plus "patient_probability_per_model" [num_models] (the conformal score's input)."""
       check = tf.debugging.assert_positive(
           tf.shape(hu)[0], message="predict_patient needs at least one slice of the patient")
       with tf.control_dependencies([check]):
@@ -206,6 +215,7 @@ class PdxServingModule(tf.Module):
         patient = tf.stack([aggregation.aggregate_tf(per_model[index], aggregation_rule, aggregation_top_k)
                             for index in range(len(frozen_models))])
       result = {
+          "patient_probability_per_model": patient,
           "slice_probability": tf.reduce_mean(per_model, axis=0),
           "slice_uncertainty": tf.math.reduce_std(per_model, axis=0),
           "patient_probability": tf.reduce_mean(patient, axis=0) if width > 1 else tf.reduce_mean(patient),
@@ -214,6 +224,12 @@ class PdxServingModule(tf.Module):
       if mil:
         result["attention"] = tf.reduce_mean(outputs["attention"], axis=0)
       return result
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
+    def predict_patient(hu):
+      outputs = dict(patient_outputs(hu))
+      del outputs["patient_probability_per_model"]
+      return outputs
 
     @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
     def predict_regions(hu):
@@ -228,16 +244,25 @@ class PdxServingModule(tf.Module):
       positive_max = tf.constant(conformal_thresholds.positive_max_score, tf.float64)
       alpha = float(conformal_thresholds.alpha)
 
+      if conformal_scales is not None:
+        scale_means = tf.constant([scale.logit_mean for scale in conformal_scales], tf.float64)
+        scale_sds = tf.constant([scale.logit_sd for scale in conformal_scales], tf.float64)
+
       @tf.function(input_signature=[tf.TensorSpec([None, None, None], tf.float32, name="hu")])
       def predict_patient_set(hu):
-        outputs = predict_patient(hu)
+        outputs = patient_outputs(hu)
         # float64 as pdx_tf.conformal compares, so the graph and numpy agree at the bounds.
         probability = tf.cast(outputs["patient_probability"], tf.float64)
+        if conformal_scales is not None:  # conformal.ensemble_score: each model on its own scale, then the mean
+          per_model = tf.clip_by_value(tf.cast(outputs["patient_probability_per_model"], tf.float64),
+                                       conformal.PROBABILITY_CLIP, 1.0 - conformal.PROBABILITY_CLIP)
+          logits = tf.math.log(per_model / (1.0 - per_model))
+          probability = tf.reduce_mean(tf.sigmoid((logits - scale_means) / scale_sds))
         negative = tf.cast(probability <= negative_max, tf.float32)
         positive = tf.cast(1.0 - probability <= positive_max, tf.float32)
         return {
-            "patient_probability": outputs["patient_probability"],
-            "patient_uncertainty": outputs["patient_uncertainty"],
+            **{key: value for key, value in outputs.items() if key != "patient_probability_per_model"},
+            "conformal_score": tf.cast(probability, tf.float32),
             "conformal_negative": negative, "conformal_positive": positive,
             "conformal_uncertain": tf.cast(tf.equal(negative, positive), tf.float32),
             "conformal_alpha": tf.constant(alpha, tf.float32),

@@ -29,6 +29,8 @@ OPT_IN_DEFAULTS = {"inner_fraction": 0.0, "threshold": 0.5, "calibration": "none
 # Fields that change what evaluation and export derive from a grid, not the grid: an existing grid accepts a new
 # value (its config.json keeps the first; each run.json records its own).
 DERIVED_ONLY_FIELDS = ("conformal_alpha",)
+# The inner fraction `--conformal_alpha` sets when none is given (config_from_values).
+CONFORMAL_INNER_FRACTION = 0.2
 # The same for the model's fields (config.json's "model").
 MODEL_OPT_IN_DEFAULTS = {"joint_heads": False}
 
@@ -83,8 +85,10 @@ class TrainConfig:
     consistency_weight: with task "p,sb", the weight of the loss term that penalises P(sb) > P(p)
       (model.JointLoss).
     conformal_alpha: error rate of the conformal prediction sets (pdx_tf.conformal) that `evaluate` and the export
-      derive from this grid (0: none). Training itself needs nothing for them: each cell's test patients are
-      calibrated on the other folds' out-of-fold patients, so no inner split is set; recorded in run.json's config.
+      derive from this grid (0: none). Each cell's test patients are calibrated on the other folds' out-of-fold
+      patients, each cell's scores on its model's own scale fitted on its inner patients: through
+      `config_from_values` (the binary, the demo) a conformal_alpha without an inner_fraction sets
+      CONFORMAL_INNER_FRACTION; recorded in run.json's config.
     region_bands: with task "regions", learn and aggregate each region's column only on the slices of its band
       along z (pdx_tf/training/region_bands.py: a slice far from a region cannot show it); False: every slice
       carries the patient's 13 labels (the paper's weak supervision, applied per region).
@@ -281,6 +285,10 @@ def config_from_values(values: Mapping[str, Any]) -> TrainConfig:
   if unknown:
     raise ValueError(f"not training settings: {', '.join(unknown)}")
   values = dict(values)
+  if values.get("conformal_alpha") and not values.get("inner_fraction"):
+    # The conformal sets put each cell's scores on its model's own scale, fitted on its inner patients
+    # (pdx_tf/conformal.py, ScoreScale): `--conformal_alpha` alone sets them aside. trainer.run_grid says so.
+    values["inner_fraction"] = CONFORMAL_INNER_FRACTION
   # The model's input channels follow from the 2.5D context (2N+1 slices, or 3 window channels for N = 0).
   values.setdefault("input_channels", preprocess.model_channels(values.get("context_slices", 0)))
   values.setdefault("joint_heads", values.get("task") == contracts.JOINT_TASK)

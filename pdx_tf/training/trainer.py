@@ -30,7 +30,7 @@ from pdx_tf.training import regions, tensorboard
 from pdx_tf.training.model import build_model, resolve_weights
 # The grid's config lives in its own module, which cell_trainer imports too (no trainer <-> cell_trainer loop);
 # re-exported here, where callers have always found it.
-from pdx_tf.training.train_config import DERIVED_ONLY_FIELDS, MIL_AGGREGATION, MODEL_OPT_IN_DEFAULTS  # noqa: F401
+from pdx_tf.training.train_config import CONFORMAL_INNER_FRACTION, DERIVED_ONLY_FIELDS, MIL_AGGREGATION, MODEL_OPT_IN_DEFAULTS  # noqa: F401
 from pdx_tf.training.train_config import OPT_IN_DEFAULTS, PER_MACHINE_FIELDS, PRECISIONS, TrainConfig  # noqa: F401
 from pdx_tf.training.train_config import config_dict, config_from_values  # noqa: F401
 
@@ -208,10 +208,14 @@ def run_grid(config: TrainConfig, *,
                                           verify_hashes=config.verify_hashes)
   cells = config.selected_cells()
   if config.conformal_alpha:
+    scale = (f"each cell's scores on its model's own scale, fitted on its inner patients (inner_fraction"
+             f" {config.inner_fraction:g}"
+             + (", set by --conformal_alpha)" if config.inner_fraction == CONFORMAL_INNER_FRACTION else ")")
+             if config.inner_fraction else
+             "the probabilities unscaled: no inner patients to fit each model's scale on (--inner_fraction)")
     logging.info("conformal_alpha %g: each cell's test patients get a conformal set calibrated on the other %d folds'"
-                 " out-of-fold patients (cross-conformal; no inner split needed, inner_fraction stays %g); evaluate"
-                 " and export derive the sets, run.json records the alpha", config.conformal_alpha,
-                 config.num_folds - 1, config.inner_fraction)
+                 " out-of-fold patients (cross-conformal), %s; evaluate and export derive the sets, run.json records"
+                 " the alpha", config.conformal_alpha, config.num_folds - 1, scale)
   _check_joint_labels(config, info)
   _check_region_labels(config, info)
   split = splits.make_splits(splits.split_labels(info, config.task), task=config.task, num_folds=config.num_folds,
