@@ -348,7 +348,7 @@ def main(argv):
     results_io.record_figures("regions", {
         "benchmark": "regions", "seed": seed,
         "settings": {"preset": _TRAIN_PRESET.value, "inner_fraction": _INNER_FRACTION.value,
-                     "threshold": "inner_youden", "phantom_preset": _PHANTOM_PRESET.value or "default",
+                     "threshold": "inner_youden", "region_bands": _REGION_BANDS.value, "phantom_preset": _PHANTOM_PRESET.value or "default",
                      "patients": _DEMO_PATIENTS.value or presets.DEMO_PATIENTS, **train_settings()},
         **figures,
         # the machine's load is in results_io's machine record: a loaded box's wall times are not speeds
