@@ -55,7 +55,8 @@ def test_scaled_cross_conformal_matches_numpy_and_restores_a_shifted_folds_cover
   for fold, shift in ((0, 0.0), (1, 2.5), (2, -0.5)):  # fold 1's model puts everyone 2.5 logits higher
     labels = rng.integers(0, 2, 400)
     logits = np.where(labels == 1, 1.0, -1.0) + rng.normal(0, 1.0, labels.size) + shift
-    rows += [(fold, f"f{fold}-{i}", int(y), float(1 / (1 + np.exp(-z)))) for i, (y, z) in enumerate(zip(labels, logits))]
+    rows += [(fold, f"f{fold}-{i}", int(y), float(1 / (1 + np.exp(-z))))
+             for i, (y, z) in enumerate(zip(labels, logits))]
     inner_labels = rng.integers(0, 2, 40)
     inner = np.where(inner_labels == 1, 1.0, -1.0) + rng.normal(0, 1.0, 40) + shift
     references[fold] = 1 / (1 + np.exp(-inner))

@@ -382,8 +382,9 @@ def region_point(cells: Sequence[CellRun], bands: bool = False) -> dict[str, Any
       "signature": signatures.PREDICT_REGIONS,
       "bands": None if limits is None else [None if not np.isfinite(low) else [float(low), float(high)]
                                             for low, high in limits],
-      "outputs": {"region_probabilities": "[13] mean over models of each model's aggregation of that region's"
-                                          " slice scores" + (" in its band" if bands else ""), "region_uncertainty": "[13] their standard deviation",
+      "outputs": {"region_probabilities": ("[13] mean over models of each model's aggregation of that region's"
+                                           " slice scores" + (" in its band" if bands else "")),
+                  "region_uncertainty": "[13] their standard deviation",
                   "slice_region_probabilities": "[N, 13] mean over models"}}}
 
 

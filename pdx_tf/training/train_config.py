@@ -93,8 +93,8 @@ class TrainConfig:
       along z (pdx_tf/training/region_bands.py: a slice far from a region cannot show it); False: every slice
       carries the patient's 13 labels (the paper's weak supervision, applied per region).
 
-  The four inner-validation fields, consistency_weight, region_bands and model.joint_heads are written to config.json and
-  run.json only when they differ from their defaults (`config_dict`), so a default grid's files are
+  The four inner-validation fields, consistency_weight, region_bands and model.joint_heads are written to
+  config.json and run.json only when they differ from their defaults (`config_dict`), so a default grid's files are
   byte-identical to those of code without them.
   """
 
