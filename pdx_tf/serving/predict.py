@@ -135,10 +135,11 @@ def viewable_images(images: np.ndarray, context_slices: int) -> np.ndarray:
 
 def _predict_task(version_dir: str, metadata: dict[str, Any], hu: np.ndarray, num_gradcam_slices: int,
                   gradcam_max_models: int) -> _TaskResult:
-  # With conformal thresholds, predict_patient_set: predict_patient's outputs plus the conformal score (for an
-  # export with score scales it is not the patient probability), in one pass.
+  # An export with conformal score scales decides its set on a score that is not the patient probability: its
+  # predict_patient_set gives predict_patient's outputs plus that score, in one pass. (Older exports' set
+  # signature lacks the slice outputs, and their score is the probability: predict_patient.)
   functions = _saved_model(version_dir).signatures
-  name = "predict_patient_set" if "predict_patient_set" in functions else "predict_patient"
+  name = "predict_patient_set" if export.export_info(version_dir).conformal_scales is not None else "predict_patient"
   outputs = functions[name](hu=tf.constant(hu, tf.float32))
   slice_probability = outputs["slice_probability"].numpy()
   count = min(num_gradcam_slices, slice_probability.size)
@@ -456,7 +457,8 @@ def _predict_regions(version_dir: str, metadata: dict[str, Any], abdomen: Any, o
   thresholds = np.asarray(info["thresholds"], np.float64)
   predicted = [int(round(float(value), 6) >= threshold) for value, threshold in zip(probabilities, thresholds)]
   # The evidence slice of a banded export lies in the region's band (its probability comes from those slices).
-  keep = (region_bands.band_mask(np.arange(slices.shape[0]), slices.shape[0]) if info.get("bands")
+  keep = (region_bands.band_mask(np.arange(slices.shape[0]), slices.shape[0],
+                                 limits=region_bands.limits_from_metadata(info["bands"])) if info.get("bands")
           else np.ones(slices.shape, bool))
   evidence = [int(np.flatnonzero(keep[:, region])[np.argmax(slices[keep[:, region], region])])
               for region in range(len(info["names"]))]

@@ -51,14 +51,22 @@ def relative_positions(num_slices: int) -> np.ndarray:
   return np.full(1, 0.5) if num_slices == 1 else np.arange(num_slices) / (num_slices - 1)
 
 
-def band_mask(slice_indices, num_slices: int, margin: float = MARGIN) -> np.ndarray:
+def band_mask(slice_indices, num_slices: int, margin: float = MARGIN, limits: np.ndarray | None = None
+              ) -> np.ndarray:
   """bool [len(slice_indices), 13]: whether each slice (its index among the patient's n abdominal slices) lies in
-  each region's band. A column with no slice in band is all True (the fallback above)."""
+  each region's band (`limits` [13, 2], e.g. an export's stored bands; default `bands(margin)`). A column with no
+  slice in band is all True (the fallback above)."""
   t = relative_positions(num_slices)[np.asarray(slice_indices, np.int64)]
-  limits = bands(margin)
+  limits = bands(margin) if limits is None else np.asarray(limits, np.float64)
   keep = (t[:, None] >= limits[None, :, 0]) & (t[:, None] <= limits[None, :, 1])
   keep[:, ~keep.any(axis=0)] = True
   return keep
+
+
+def limits_from_metadata(stored) -> np.ndarray:
+  """[13, 2] limits from an export's "bands" list (a [low, high] pair a region, None for a region without)."""
+  return np.asarray([[-np.inf, np.inf] if pair is None else [float(pair[0]), float(pair[1])] for pair in stored],
+                    np.float64)
 
 
 def band_mask_tf(slice_index: tf.Tensor, num_slices: tf.Tensor, margin: float = MARGIN) -> tf.Tensor:
