@@ -226,6 +226,14 @@ class ScoreScale:
       raise ValueError(f"a score scale lacks or misspells {error}") from None
 
 
+def fit_scales(references: Sequence[Sequence[float]]) -> list[ScoreScale] | None:
+  """One ScoreScale a cell from each cell's inner patients' probabilities, in order; None (the probabilities
+  are used as they are) unless every cell has at least 2. The one rule evaluation and the export share."""
+  if not all(len(reference) >= 2 for reference in references):
+    return None
+  return [ScoreScale.fit(reference) for reference in references]
+
+
 def logit(probabilities: Sequence[float]) -> np.ndarray:
   """log(p / (1 - p)) in float64, p clipped to [PROBABILITY_CLIP, 1 - PROBABILITY_CLIP]."""
   values = np.clip(np.asarray(probabilities, np.float64), PROBABILITY_CLIP, 1.0 - PROBABILITY_CLIP)

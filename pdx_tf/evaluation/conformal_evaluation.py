@@ -48,14 +48,11 @@ SCALED_SCHEME = SCHEME + ("; each cell's probabilities first put on its model's 
 def cell_scales(task_runs: TaskRuns) -> dict[tuple[int, int], conformal.ScoreScale] | None:
   """(repeat, fold) -> the ScoreScale of that cell's model, from its inner patients' probabilities (run.json's
   inner_validation, the task's view), for every cell; None when any cell has fewer than 2 inner patients."""
-  scales = {}
-  for cell_key, cell in task_runs.cells.items():
-    validation = contracts.task_run_document(cell.run_info, task_runs.task).get("inner_validation") or {}
-    reference = validation.get("patient_probabilities") or []
-    if len(reference) < 2:
-      return None
-    scales[cell_key] = conformal.ScoreScale.fit(reference)
-  return scales
+  keys = list(task_runs.cells)
+  scales = conformal.fit_scales([
+      (contracts.task_run_document(task_runs.cells[key].run_info, task_runs.task).get("inner_validation") or {})
+      .get("patient_probabilities") or [] for key in keys])
+  return None if scales is None else dict(zip(keys, scales))
 ECE_BINS = 10
 RISK_COVERAGE_POINTS = 20  # coverage 1.0, 0.95, ..., 0.05
 FIGURE_NAME = "conformal"

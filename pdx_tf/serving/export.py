@@ -425,13 +425,10 @@ def conformal_calibration(cells: Sequence[CellRun], task: str) -> dict[str, Any]
                       " one alpha")
   source = "cells" if alphas else "default"
   alpha = alphas.pop() if alphas else DEFAULT_CONFORMAL_ALPHA
-  scales = ([conformal.ScoreScale.fit(reference) for reference in references]
-            if all(len(reference) >= 2 for reference in references) else None)
-  scores = np.asarray(probabilities, np.float64)
-  if scales is not None:
-    cell_of_row = np.asarray(cell_of_row)
-    for position, scale in enumerate(scales):
-      scores[cell_of_row == position] = scale.apply(scores[cell_of_row == position])
+  scales = conformal.fit_scales(references)
+  scores = conformal.scaled_scores(np.zeros(len(cell_of_row)), cell_of_row, probabilities,
+                                   None if scales is None else {(0, position): scale
+                                                                for position, scale in enumerate(scales)})
   thresholds = conformal.fit_thresholds(scores, labels, alpha)
   scheme = ("Mondrian split-conformal thresholds from the exported cells' out-of-fold patient probabilities"
             " (pdx_tf/conformal.py): negative is in the set iff score <= negative_max_score, positive iff"
