@@ -86,6 +86,10 @@ _TASK = flags.DEFINE_enum("task", "sb", ["sb", "p"], "The patient label to split
 _CONTEXT = flags.DEFINE_bool("context", False, "2.5D: each image's three channels are the slice below, the slice and "
                              "the slice above (one window; edges repeated), as `--context_slices=1` feeds the model. "
                              "A nodule is a ball and ends within a few slabs; a bowel loop is a tube and runs on.")
+_NETWORK = flags.DEFINE_enum("network", "mobilenet", ["mobilenet", "detector"],
+                             "mobilenet: the demo's model; detector: a small fully convolutional net at stride 4 "
+                             "whose logit map is pooled by log-sum-exp (`detector_model`): a nodule of a few pixels "
+                             "is not averaged away.")
 _OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Also append one JSON line (code version, machine, "
                                     "command, date, figures) to this file, e.g. benchmarks/results/oracle.jsonl.")
 
@@ -248,14 +252,45 @@ def fold_key(seed: int, fold: int) -> int:
   return int(np.random.default_rng([seed, fold, _FOLD_KEY]).integers(2**31))
 
 
+DETECTOR_LAYERS = ((16, 1), (32, 2), (32, 1), (64, 2), (64, 1), (64, 1))  # (filters, stride): 3x3 conv, BN, ReLU
+DETECTOR_SHARPNESS = 5.0  # log-sum-exp's r: near the mean of the map at 0, near its max as r grows
+
+
+def detector_model(image_size: int, channels: int = 3):
+  """A small detector for the oracle: image [B, S, S, C] uint8-range -> probability [B, 1].
+
+  Six 3x3 conv layers (DETECTOR_LAYERS; receptive field 29 px, stride 4: a 4-10 px nodule at 192 px fills a few
+  map cells), a 1x1 conv to one logit a cell, then log-sum-exp pooling over the map, (logsumexp(r z) - log n) / r
+  (Pinheiro & Collobert's smooth max, r = DETECTOR_SHARPNESS), and a sigmoid. Unlike MobileNetV2's global average
+  of a 3x3-6x6 map, the slice score follows its most nodule-like cells. The output bias starts at -3 (most cells
+  hold no nodule)."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  inputs = keras.Input((image_size, image_size, channels))
+  features = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0)(inputs)
+  for filters, stride in DETECTOR_LAYERS:
+    features = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(features)
+    features = keras.layers.ReLU()(keras.layers.BatchNormalization()(features))
+  logits = keras.layers.Conv2D(1, 1, bias_initializer=keras.initializers.Constant(-3.0))(features)
+  flat = keras.layers.Reshape((-1,))(logits)
+  pooled = keras.layers.Lambda(lambda cells: (keras.ops.logsumexp(DETECTOR_SHARPNESS * cells, axis=1, keepdims=True)
+                                              - keras.ops.log(keras.ops.cast(keras.ops.shape(cells)[1], "float32")))
+                               / DETECTOR_SHARPNESS)(flat)
+  return keras.Model(inputs, keras.layers.Activation("sigmoid")(pooled))
+
+
 def train_and_predict(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, image_size: int,
-                      key: int, epochs: int) -> np.ndarray:
-  """Trains the demo's model from scratch on the oracle slice labels; returns the test slices' probabilities."""
+                      key: int, epochs: int, network: str = "mobilenet") -> np.ndarray:
+  """Trains `network` (the demo's model, or `detector_model`) from scratch on the oracle slice labels; returns the
+  test slices' probabilities."""
   import keras  # pylint: disable=import-outside-toplevel
   from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
 
   keras.utils.set_random_seed(key)
-  model = model_lib.build_model(model_lib.ModelConfig(image_size=image_size, alpha=ALPHA, weights="none"))
+  if network == "detector":
+    model = detector_model(image_size, train_images.shape[-1])
+  else:
+    model = model_lib.build_model(model_lib.ModelConfig(image_size=image_size, alpha=ALPHA, weights="none"))
   model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.BinaryCrossentropy())
   weights = balanced_weights(train_labels)
   targets = train_labels.astype(np.float32)[:, None]
@@ -280,7 +315,7 @@ def _nanmean(values) -> float:
 
 
 def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_folds: int, epochs: int,
-             min_coverage: float, task: str = "sb") -> dict:
+             min_coverage: float, task: str = "sb", network: str = "mobilenet") -> dict:
   """One seed's folds at one size: fold and pooled out-of-fold AUCs (patients: the `task`'s label), and each
   patient's out-of-fold score."""
   started = time.time()
@@ -297,7 +332,7 @@ def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_fold
       skipped.append(fold)  # no oracle-positive slice to learn from: the fold's scores stay NaN
       continue
     slice_scores[test] = train_and_predict(arrays["images"][train], labels[train], arrays["images"][test],
-                                           image_size, fold_key(seed, fold), epochs)
+                                           image_size, fold_key(seed, fold), epochs, network)
     fold_slice_auc.append(_auc(labels[test], slice_scores[test]))
     test_scores = patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids))
     test_index = [list(patient_ids).index(pid) for pid in test_ids]
@@ -363,7 +398,8 @@ def nodule_summary(arrays: dict[str, np.ndarray], min_coverage: float, task: str
 
 def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epochs: int, min_coverage: float,
         cohort_dir: str | None, *, phantom_preset: str | None = None, num_patients: int = 40,
-        mask: str = "small_bowel_nodule", task: str = "sb", context: bool = False) -> dict:
+        mask: str = "small_bowel_nodule", task: str = "sb", context: bool = False,
+        network: str = "mobilenet") -> dict:
   """Runs every size and seed; prints the lines and writes <root>/oracle.json; returns its dict."""
   if task not in TASK_LABELS:
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_LABELS)}")
@@ -377,8 +413,8 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
   result = io_utils.read_json(output_path) if os.path.exists(output_path) else {"sizes": {}}
   settings = {"num_folds": num_folds, "epochs": epochs, "min_coverage": min_coverage, "batch_size": BATCH_SIZE,
               "learning_rate": LEARNING_RATE, "alpha": ALPHA, "seeds": seeds, "mask": mask, "task": task,
-              "phantom_preset": phantom_preset, "context": context, "cohort_config_hash": io_utils.read_json(
-                  os.path.join(cohort_dir, "cohort.json"))["config_hash"]}
+              "phantom_preset": phantom_preset, "context": context, "network": network,
+              "cohort_config_hash": io_utils.read_json(os.path.join(cohort_dir, "cohort.json"))["config_hash"]}
   for size in image_sizes:
     arrays = all_arrays[size]
     if context:
@@ -387,7 +423,7 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
     nodules = nodule_summary(arrays, min_coverage, task)
     per_seed = []
     for seed in seeds:
-      entry = run_seed(arrays, size, seed, num_folds, epochs, min_coverage, task)
+      entry = run_seed(arrays, size, seed, num_folds, epochs, min_coverage, task, network)
       per_seed.append(entry)
       print(f"{size} px seed {seed}: slice AUC {entry['slice_auc_pooled']:.3f} pooled "
             f"({entry['slice_auc_fold_mean']:.3f} fold mean), patient {task} AUC {entry['patient_auc_pooled']:.3f} "
@@ -424,7 +460,7 @@ def main(argv):
     result = run(_ROOT.value, [int(size) for size in _IMAGE_SIZES.value], [int(seed) for seed in _SEEDS.value],
                  _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value,
                  phantom_preset=_PHANTOM_PRESET.value, num_patients=_NUM_PATIENTS.value, mask=_MASK.value,
-                 task=_TASK.value, context=_CONTEXT.value)
+                 task=_TASK.value, context=_CONTEXT.value, network=_NETWORK.value)
     print(f"raw output: {results_io.record_figures('oracle_benchmark', _json_safe(result))}")
     if _OUTPUT_JSONL.value:
       sizes = {size: {key: value for key, value in entry.items() if key != "patient_ids"}
