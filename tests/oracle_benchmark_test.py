@@ -170,3 +170,23 @@ def test_context_images_stack_a_patients_neighbours_and_never_cross_patients():
   stacked = oracle.context_images(images, np.array([0, 0, 0, 1, 1]))
   below_slice_above = [tuple(int(stacked[i, 0, 0, c]) for c in range(3)) for i in range(5)]
   assert below_slice_above == [(0, 0, 10), (0, 10, 20), (10, 20, 20), (30, 30, 40), (30, 40, 40)]
+
+
+def test_detector_pools_its_logit_map_by_log_sum_exp():
+  import keras
+
+  keras.utils.set_random_seed(0)
+  model = oracle.detector_model(32, channels=1)
+  images = np.random.default_rng(0).uniform(0, 255, (3, 32, 32, 1)).astype(np.float32)
+  logit_layer = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)][-1]
+  logit_maps = np.asarray(keras.Model(model.inputs, logit_layer.output)(images)).reshape(3, -1)
+  assert logit_maps.shape[1] == (32 // 4) ** 2  # stride 4
+  r = oracle.DETECTOR_SHARPNESS
+  # Independent: a stable log-sum-exp in numpy, the smooth max of Pinheiro & Collobert.
+  top = logit_maps.max(axis=1, keepdims=True)
+  pooled = (np.log(np.exp(r * (logit_maps - top)).sum(axis=1, keepdims=True)) + r * top
+            - np.log(logit_maps.shape[1])) / r
+  expected = 1 / (1 + np.exp(-pooled))
+  np.testing.assert_allclose(np.asarray(model(images)), expected, rtol=1e-4, atol=1e-6)
+  # It lies between the map's mean and its max, as a smooth max should.
+  assert np.all(pooled[:, 0] >= logit_maps.mean(axis=1) - 1e-5) and np.all(pooled[:, 0] <= top[:, 0] + 1e-5)
