@@ -46,9 +46,11 @@ _TASK = flags.DEFINE_enum("task", "p", ["p", "sb"], "Task of --runs_dir (an expo
 _COHORT_DIR = flags.DEFINE_string("cohort_dir", None, "Demo cohort folder; default the cached demo cohort.")
 _MAX_MODELS = flags.DEFINE_integer("max_models", 8, "Average Grad-CAM over at most this many models.")
 _MAX_PATIENTS = flags.DEFINE_integer("max_patients", 0, "Use at most this many positive patients (0: all).")
-_TARGET = flags.DEFINE_enum("target", "lesions", ["lesions", "ascites"],
-                             "What to localise: the task's nodules (masks/<pid>.npz), or, as a diagnostic of "
-                             "what else the models look at, ascites (regenerated from the phantom's tissue map).")
+_TARGET = flags.DEFINE_enum("target", "lesions", ["lesions", "ascites", "nodules_only", "omental_cake"],
+                             "What to localise: the task's disease (masks/<pid>.npz: for p the nodules and the "
+                             "omental cake), or, regenerated from the phantom's tissue map, ascites (what else the "
+                             "models look at), the nodules alone or the omental cake alone (which of the two the "
+                             "occlusion drop comes from; issue 23).")
 _LAYER = flags.DEFINE_string("layer", "", "Backbone layer to explain; empty: predict's default, the deepest "
                              "with a map of at least 7x7 (pdx_tf.training.model.gradcam_layer: block_6_expand_relu at 64 "
                              "px, out_relu at 224 px). E.g. out_relu is 1/32 of the image side, "
@@ -91,7 +93,8 @@ def _target_volume(cohort_dir, row, task, target):
   config = configs.from_dict(phantom.PhantomConfig, cohort["config"])
   index = [entry["patient_id"] for entry in cohort["patients"]].index(row["patient_id"])
   patient = phantom.generate_patient(config, index)
-  return patient.tissue_labels == anatomy.TISSUE["ascites"], np.asarray(patient.z_mm)
+  tissue = {"ascites": "ascites", "nodules_only": "nodule", "omental_cake": "omental_cake"}[target]
+  return patient.tissue_labels == anatomy.TISSUE[tissue], np.asarray(patient.z_mm)
 
 
 def patient_arrays(cohort_dir, row, task, models, config, layer_name=None, target="lesions"):
