@@ -8,11 +8,11 @@ more than 30 % "uncertain". A conformal answer (pdx_tf/conformal.py) abstains on
 below the band the set is {negative}, above it {positive}, inside it {both} or {} (uncertain). This script puts
 three figures beside the conformal answers, all at the same abstention budget (--max_abstain).
 
-1. `binormal`: the best any abstainer can do on smooth scores. Equal-variance binormal scores (negatives N(0, 1),
-   positives N(d, 1), d = sqrt(2) Phi^-1(AUC)), for AUC 0.70-0.99 and prevalence 0.25 / 0.5. "All" is the
-   accuracy at the best single threshold; "answered" the best accuracy over every band [a, b] holding at most
-   --max_abstain of the patients (answers: negative below a, positive above b). A fine grid of the normal CDF,
-   no sampling.
+1. `binormal`: the best any abstainer can do on smooth scores. Binormal scores (negatives N(0, 1), positives
+   N(d, s^2), d = Phi^-1(AUC) sqrt(1 + s^2)), for AUC 0.70-0.99, prevalence 0.25 / 0.5 and the positives' SD s
+   0.5-2 (1: equal variance). "All" is the accuracy at the best single threshold; "answered" the best accuracy
+   over every band [a, b] holding at most --max_abstain of the patients (answers: negative below a, positive
+   above b). A fine grid of the normal CDF, no sampling.
 2. `oracle` (per --evaluation_dirs, per task): hindsight. On an evaluation's out-of-fold rows
    (E/patient_predictions.csv: task, repeat, fold, label, probability, predicted), the best band per cell chosen
    KNOWING the labels (the cell's rows sorted by probability; band width w in 0..n rows; rows below answered
@@ -48,6 +48,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "JSON lines file (default benchmar
 
 BINORMAL_AUCS = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 0.99)
 BINORMAL_PREVALENCES = (0.25, 0.5)
+BINORMAL_POSITIVE_SDS = (0.5, 0.7, 1.0, 1.5, 2.0)  # unequal variance: real scores' positives are often narrower
 
 
 def _normal_cdf(x: np.ndarray) -> np.ndarray:
@@ -65,22 +66,25 @@ def _normal_ppf(p: float) -> float:
   return 0.5 * (low + high)
 
 
-def binormal_bound(auc: float, prevalence: float, max_abstain: float, grid_step: float = 0.01) -> dict:
-  """The best accuracy gain of abstaining on a score band, for equal-variance binormal scores.
+def binormal_bound(auc: float, prevalence: float, max_abstain: float, grid_step: float = 0.01,
+                   positive_sd: float = 1.0) -> dict:
+  """The best accuracy gain of abstaining on a score band, for binormal scores.
 
   Args:
     auc: the scores' AUC (0.5 < auc < 1).
     prevalence: the positives' share.
     max_abstain: the most probability mass the band may hold.
     grid_step: the score grid's step (band edges and threshold lie on it).
+    positive_sd: the positives' SD; the negatives' is 1 (1: equal variance). The positives' mean is then
+      Phi^-1(AUC) sqrt(1 + positive_sd^2).
   Returns:
-    {auc, prevalence, all_accuracy (best single threshold), answered_accuracy (best band with mass <= max_abstain,
-    answers negative below and positive above), abstained (the band's mass), gain}.
+    {auc, prevalence, positive_sd, all_accuracy (best single threshold), answered_accuracy (best band with mass
+    <= max_abstain, answers negative below and positive above), abstained (the band's mass), gain}.
   """
-  shift = math.sqrt(2.0) * _normal_ppf(auc)
-  edges = np.arange(-8.0, shift + 8.0 + grid_step, grid_step)
+  shift = _normal_ppf(auc) * math.sqrt(1.0 + positive_sd ** 2)
+  edges = np.arange(-8.0, shift + 8.0 * positive_sd + grid_step, grid_step)
   negative_below = (1.0 - prevalence) * _normal_cdf(edges)           # negatives with score < edge
-  positive_below = prevalence * _normal_cdf(edges - shift)           # positives with score < edge
+  positive_below = prevalence * _normal_cdf((edges - shift) / positive_sd)  # positives with score < edge
   all_accuracy = float(np.max(negative_below + prevalence - positive_below))
   mass_below = negative_below + positive_below
   best = (all_accuracy, 0.0)
@@ -96,7 +100,8 @@ def binormal_bound(auc: float, prevalence: float, max_abstain: float, grid_step:
     index = int(np.argmax(accuracy))
     if accuracy[index] > best[0]:
       best = (float(accuracy[index]), float(mass[index]))
-  return {"auc": auc, "prevalence": prevalence, "all_accuracy": all_accuracy, "answered_accuracy": best[0],
+  return {"auc": auc, "prevalence": prevalence, "positive_sd": positive_sd, "all_accuracy": all_accuracy,
+          "answered_accuracy": best[0],
           "abstained": best[1], "gain": best[0] - all_accuracy}
 
 
@@ -216,11 +221,12 @@ def main(argv):
   del argv
   import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: one JSON line a run)
   max_abstain = _MAX_ABSTAIN.value
-  binormal = [binormal_bound(auc, prevalence, max_abstain)
-              for prevalence in BINORMAL_PREVALENCES for auc in BINORMAL_AUCS]
+  binormal = [binormal_bound(auc, prevalence, max_abstain, positive_sd=sd)
+              for sd in BINORMAL_POSITIVE_SDS for prevalence in BINORMAL_PREVALENCES for auc in BINORMAL_AUCS]
   print(f"binormal scores, best band holding <= {max_abstain:.0%} of patients:")
   for entry in binormal:
-    print(f"  AUC {entry['auc']:.2f} prevalence {entry['prevalence']:.2f}: all {entry['all_accuracy']:.3f}, "
+    print(f"  AUC {entry['auc']:.2f} prevalence {entry['prevalence']:.2f} positives' SD {entry['positive_sd']:.1f}: "
+          f"all {entry['all_accuracy']:.3f}, "
           f"answered {entry['answered_accuracy']:.3f} at {entry['abstained']:.0%} abstained, "
           f"gain {entry['gain']:+.3f}")
   oracle = []
