@@ -13,7 +13,8 @@ three figures beside the conformal answers, all at the same abstention budget (-
    0.5-2 (1: equal variance). "All" is the accuracy at the best single threshold; "answered" the best accuracy
    over every band [a, b] holding at most --max_abstain of the patients (answers: negative below a, positive
    above b). A fine grid of the normal CDF, no sampling.
-2. `oracle` (per --evaluation_dirs, per task): hindsight. On an evaluation's out-of-fold rows
+2. `oracle` (per --evaluation_dirs, per task; with the pooled AUC, the prevalence and the positives' logit SD over
+   the negatives', the shape to read table 1 at): hindsight. On an evaluation's out-of-fold rows
    (E/patient_predictions.csv: task, repeat, fold, label, probability, predicted), the best band per cell chosen
    KNOWING the labels (the cell's rows sorted by probability; band width w in 0..n rows; rows below answered
    negative, above positive), and the best split of the budget (floor(--max_abstain * rows)) over the cells (a
@@ -236,7 +237,11 @@ def main(argv):
       nearest = nearest_threshold(data["cells"], data["predicted"], max_abstain)
       labels = np.concatenate([labels for labels, _ in data["cells"]])
       scores = np.concatenate([scores for _, scores in data["cells"]])
+      logits = np.log(np.clip(scores, 1e-4, 1 - 1e-4) / np.clip(1 - scores, 1e-4, 1))
       entry = {"evaluation_dir": evaluation_dir, "task": task, "pooled_auc": _auc(labels, scores),
+               "prevalence": float(np.mean(labels)),
+               # The shape the binormal table is read at: positives' logit SD over negatives' (pooled cells).
+               "positive_sd_ratio": float(np.std(logits[labels == 1]) / np.std(logits[labels == 0])),
                "all_accuracy": data["all_accuracy"], "oracle_answered_accuracy": bound["answered_accuracy"],
                "oracle_abstained": bound["abstained"],
                "oracle_gain": bound["answered_accuracy"] - data["all_accuracy"], "rows": bound["rows"],
@@ -249,7 +254,8 @@ def main(argv):
                         f"; conformal at alpha {entry['conformal_alpha']}: "
                         f"{entry['conformal_answered_accuracy'] - entry['all_accuracy']:+.3f} at "
                         f"{entry['conformal_uncertain_share']:.0%} uncertain")
-      print(f"{os.path.basename(evaluation_dir.rstrip('/'))} {task}: AUC {entry['pooled_auc']:.3f}, all "
+      print(f"{os.path.basename(evaluation_dir.rstrip('/'))} {task}: AUC {entry['pooled_auc']:.3f}, positives' "
+            f"logit SD / negatives' {entry['positive_sd_ratio']:.2f}, all "
             f"{entry['all_accuracy']:.3f}, oracle bands {entry['oracle_answered_accuracy']:.3f} at "
             f"{entry['oracle_abstained']:.0%} (gain {entry['oracle_gain']:+.3f}); nearest the threshold "
             f"{entry['nearest_gain']:+.3f} at {entry['nearest_abstained']:.0%}{conformal_text}", flush=True)
