@@ -40,6 +40,8 @@ import sys
 import numpy as np
 from absl import app, flags
 
+from pdx_tf import conformal, metrics
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 _EVALUATION_DIRS = flags.DEFINE_list("evaluation_dirs", [], "evaluate's output folders (patient_predictions.csv and "
@@ -170,7 +172,7 @@ def nearest_threshold(cells: list[tuple[np.ndarray, np.ndarray]], predicted: lis
   """
   distances, correct = [], []
   for (labels, probabilities), answers in zip(cells, predicted):
-    logits = np.log(np.clip(probabilities, 1e-6, 1 - 1e-6) / np.clip(1 - probabilities, 1e-6, 1))
+    logits = conformal.logit(probabilities)
     below = logits[answers == 0].max() if np.any(answers == 0) else logits.min()
     above = logits[answers == 1].min() if np.any(answers == 1) else logits.max()
     spread = float(np.std(logits)) or 1.0
@@ -210,14 +212,6 @@ def read_evaluation(evaluation_dir: str) -> dict[str, dict]:
   return tasks
 
 
-def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-  positives, negatives = scores[labels == 1], scores[labels == 0]
-  if not len(positives) or not len(negatives):
-    return float("nan")
-  wins = (positives[:, None] > negatives[None, :]).sum() + 0.5 * (positives[:, None] == negatives[None, :]).sum()
-  return float(wins / (len(positives) * len(negatives)))
-
-
 def main(argv):
   del argv
   import results_io  # pylint: disable=import-outside-toplevel  (benchmarks/: one JSON line a run)
@@ -237,8 +231,8 @@ def main(argv):
       nearest = nearest_threshold(data["cells"], data["predicted"], max_abstain)
       labels = np.concatenate([labels for labels, _ in data["cells"]])
       scores = np.concatenate([scores for _, scores in data["cells"]])
-      logits = np.log(np.clip(scores, 1e-4, 1 - 1e-4) / np.clip(1 - scores, 1e-4, 1))
-      entry = {"evaluation_dir": evaluation_dir, "task": task, "pooled_auc": _auc(labels, scores),
+      logits = conformal.logit(scores)
+      entry = {"evaluation_dir": evaluation_dir, "task": task, "pooled_auc": metrics.auc(labels, scores),
                "prevalence": float(np.mean(labels)),
                # The shape the binormal table is read at: positives' logit SD over negatives' (pooled cells).
                "positive_sd_ratio": float(np.std(logits[labels == 1]) / np.std(logits[labels == 0])),
