@@ -11,7 +11,8 @@ Options (issue 23): --phantom_preset and --num_patients pick the cached phantom 
 mask that makes a slice oracle-positive (small_bowel_nodule: the small-bowel nodules, the default; nodule: all
 peritoneal disease, nodules and the omental cake where the cohort has one); --task the patient label that is
 split on and scored (sb, the default, or p). --output_jsonl appends one JSON line (code version, machine, command,
-date, figures) per run.
+date, figures) per run. --network=detector (issue 23) trains `detector_model` instead of the demo's MobileNetV2;
+<root>/oracle.json keeps one entry a size, so give each network its own --root.
 
 An "oracle" run: the demo preset's model (pdx_tf/presets.py, the demo row: MobileNetV2 alpha 0.35, weights none)
 is trained on EXACT slice labels instead of the pipeline's weak patient labels. The label of a slice is 1 when
@@ -86,7 +87,8 @@ _TASK = flags.DEFINE_enum("task", "sb", ["sb", "p"], "The patient label to split
 _CONTEXT = flags.DEFINE_bool("context", False, "2.5D: each image's three channels are the slice below, the slice and "
                              "the slice above (one window; edges repeated), as `--context_slices=1` feeds the model. "
                              "A nodule is a ball and ends within a few slabs; a bowel loop is a tube and runs on.")
-_NETWORK = flags.DEFINE_enum("network", "mobilenet", ["mobilenet", "detector"],
+NETWORKS = ("mobilenet", "detector")
+_NETWORK = flags.DEFINE_enum("network", "mobilenet", list(NETWORKS),
                              "mobilenet: the demo's model; detector: a small fully convolutional net at stride 4 "
                              "whose logit map is pooled by log-sum-exp (`detector_model`): a nodule of a few pixels "
                              "is not averaged away.")
@@ -403,6 +405,8 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
   """Runs every size and seed; prints the lines and writes <root>/oracle.json; returns its dict."""
   if task not in TASK_LABELS:
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_LABELS)}")
+  if network not in NETWORKS:  # else an unknown name would quietly train MobileNetV2
+    raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
   if cohort_dir is None:
     from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
     cohort_dir = os.path.dirname(pipeline.demo_manifest_path(num_patients, phantom_preset))

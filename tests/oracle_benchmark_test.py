@@ -190,3 +190,10 @@ def test_detector_pools_its_logit_map_by_log_sum_exp():
   np.testing.assert_allclose(np.asarray(model(images)), expected, rtol=1e-4, atol=1e-6)
   # It lies between the map's mean and its max, as a smooth max should.
   assert np.all(pooled[:, 0] >= logit_maps.mean(axis=1) - 1e-5) and np.all(pooled[:, 0] <= top[:, 0] + 1e-5)
+
+
+def test_an_unknown_network_is_refused_before_any_work(tmp_path):
+  import pytest
+
+  with pytest.raises(ValueError, match="unknown network 'resnet'; choose one of mobilenet, detector"):
+    oracle.run(str(tmp_path), [48], [0], 2, 1, 0.5, str(tmp_path / "no-cohort"), task="p", network="resnet")
