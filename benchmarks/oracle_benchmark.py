@@ -92,6 +92,11 @@ _NETWORK = flags.DEFINE_enum("network", "mobilenet", list(NETWORKS),
                              "mobilenet: the demo's model; detector: a small fully convolutional net at stride 4 "
                              "whose logit map is pooled by log-sum-exp (`detector_model`): a nodule of a few pixels "
                              "is not averaged away.")
+SUPERVISIONS = ("slice", "pixels")
+_SUPERVISION = flags.DEFINE_enum("supervision", "slice", list(SUPERVISIONS),
+                                 "slice: each slice's oracle label (any network); pixels (--network=detector only, "
+                                 "phantom-only): every cell of the detector's logit map learns whether a nodule "
+                                 "covers it (`cell_targets`), the strongest supervision the masks can give.")
 _OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Also append one JSON line (code version, machine, "
                                     "command, date, figures) to this file, e.g. benchmarks/results/oracle.jsonl.")
 
@@ -99,7 +104,7 @@ BATCH_SIZE = 64
 LEARNING_RATE = 1e-3
 ALPHA = 0.35  # the demo preset's width (pdx_tf.presets.TRAIN_PRESETS["demo"]).
 _FOLD_KEY = 0x0AC1E
-_CACHE_VERSION = 2  # 2: the arrays carry label_p too, and the key names the mask
+_CACHE_VERSION = 3  # 2: the arrays carry label_p too, and the key names the mask; 3: and each pixel's coverage
 # --mask -> the array of the cohort's masks/<patient_id>.npz that makes a slice positive.
 MASK_ARRAYS = {"small_bowel_nodule": "small_bowel_nodule_mask", "nodule": "nodule_mask"}
 TASK_LABELS = {"sb": "label_sb", "p": "label_p"}
@@ -121,7 +126,8 @@ def slice_arrays(hu: np.ndarray, masks: np.ndarray, config) -> dict[str, np.ndar
   Returns:
     {"images": uint8 [N, S, S, 3], "peak_coverage": float32 [N] (the most-covered model pixel's fraction),
      "area_px": float32 [N] (covered model pixels, summed fractions), "num_nodules": int32 [N] (connected
-     nodules in the native mask)}.
+     nodules in the native mask), "coverage": uint8 [N, S, S] (each model pixel's covered fraction x 255, for
+     --supervision=pixels)}.
   """
   import scipy.ndimage  # pylint: disable=import-outside-toplevel
   from pdx_tf.data import preprocess  # pylint: disable=import-outside-toplevel
@@ -131,7 +137,8 @@ def slice_arrays(hu: np.ndarray, masks: np.ndarray, config) -> dict[str, np.ndar
   flat = fractions.reshape(fractions.shape[0], -1)
   return {"images": np.asarray(preprocess.preprocess_slices(hu, config)),
           "peak_coverage": flat.max(axis=1).astype(np.float32), "area_px": flat.sum(axis=1).astype(np.float32),
-          "num_nodules": np.array([scipy.ndimage.label(mask)[1] for mask in masks], np.int32)}
+          "num_nodules": np.array([scipy.ndimage.label(mask)[1] for mask in masks], np.int32),
+          "coverage": np.round(fractions * 255.0).astype(np.uint8)}
 
 
 def _cache_key(cohort_dir: str, config, mask: str) -> str:
@@ -256,6 +263,35 @@ def fold_key(seed: int, fold: int) -> int:
 
 DETECTOR_LAYERS = ((16, 1), (32, 2), (32, 1), (64, 2), (64, 1), (64, 1))  # (filters, stride): 3x3 conv, BN, ReLU
 DETECTOR_SHARPNESS = 5.0  # log-sum-exp's r: near the mean of the map at 0, near its max as r grows
+DETECTOR_STRIDE = 4  # the product of DETECTOR_LAYERS' strides: one logit-map cell is 4 x 4 model pixels
+DETECTOR_LOGITS = "detector_logits"  # the logit map's layer name (--supervision=pixels trains it directly)
+# --supervision=pixels: a nodule cell's weight against a background cell's. Full balance would be ~1/500 of cells
+# (a few nodule cells among 48 x 48 a slice, most slices none) and would make every soft-tissue blob fire; the
+# ranking (AUC) is all that is scored, so a capped weight is enough. One setting, not tuned.
+PIXEL_POSITIVE_WEIGHT = 50.0
+
+
+def cell_targets(coverage: np.ndarray, min_coverage: float, stride: int = DETECTOR_STRIDE) -> np.ndarray:
+  """float32 [N, S/stride, S/stride]: 1 where some model pixel of a stride x stride cell is covered at least
+  `min_coverage` (the slice label's rule, `oracle_labels`, applied to each cell). `coverage` is uint8 [N, S, S]
+  (fraction x 255, as `slice_arrays` stores it); S must be a multiple of `stride`."""
+  coverage = np.asarray(coverage)
+  count, size = coverage.shape[0], coverage.shape[1]
+  if size % stride or coverage.shape[2] != size:
+    raise ValueError(f"coverage must be [N, S, S] with S a multiple of {stride}, got {coverage.shape}")
+  peak = coverage.reshape(count, size // stride, stride, size // stride, stride).max(axis=(2, 4))
+  return (peak.astype(np.float32) / 255.0 >= min_coverage - 1e-6).astype(np.float32)
+
+
+def weighted_cell_loss(targets, logits):
+  """Binary cross-entropy from logits over the map's cells, nodule cells weighted PIXEL_POSITIVE_WEIGHT."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  ops = keras.ops
+  targets = ops.cast(targets, logits.dtype)
+  # max(z, 0) - z y + log(1 + exp(-|z|)): the numerically stable form of BCE on a logit z.
+  cross_entropy = ops.maximum(logits, 0.0) - logits * targets + ops.log1p(ops.exp(-ops.abs(logits)))
+  return ops.mean((1.0 + (PIXEL_POSITIVE_WEIGHT - 1.0) * targets) * cross_entropy)
 
 
 def detector_model(image_size: int, channels: int = 3):
@@ -273,7 +309,8 @@ def detector_model(image_size: int, channels: int = 3):
   for filters, stride in DETECTOR_LAYERS:
     features = keras.layers.Conv2D(filters, 3, strides=stride, padding="same", use_bias=False)(features)
     features = keras.layers.ReLU()(keras.layers.BatchNormalization()(features))
-  logits = keras.layers.Conv2D(1, 1, bias_initializer=keras.initializers.Constant(-3.0))(features)
+  logits = keras.layers.Conv2D(1, 1, bias_initializer=keras.initializers.Constant(-3.0),
+                               name=DETECTOR_LOGITS)(features)
   flat = keras.layers.Reshape((-1,))(logits)
   pooled = keras.layers.Lambda(lambda cells: (keras.ops.logsumexp(DETECTOR_SHARPNESS * cells, axis=1, keepdims=True)
                                               - keras.ops.log(keras.ops.cast(keras.ops.shape(cells)[1], "float32")))
@@ -282,9 +319,11 @@ def detector_model(image_size: int, channels: int = 3):
 
 
 def train_and_predict(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, image_size: int,
-                      key: int, epochs: int, network: str = "mobilenet") -> np.ndarray:
-  """Trains `network` (the demo's model, or `detector_model`) from scratch on the oracle slice labels; returns the
-  test slices' probabilities."""
+                      key: int, epochs: int, network: str = "mobilenet", train_cells: np.ndarray | None = None
+                      ) -> np.ndarray:
+  """Trains `network` (the demo's model, or `detector_model`) from scratch on the oracle slice labels, or, given
+  `train_cells` (float [N, S/4, S/4] from `cell_targets`; detector only), on every logit-map cell's label; returns
+  the test slices' probabilities (the detector's pooled output either way)."""
   import keras  # pylint: disable=import-outside-toplevel
   from pdx_tf.training import model as model_lib  # pylint: disable=import-outside-toplevel
 
@@ -293,13 +332,25 @@ def train_and_predict(train_images: np.ndarray, train_labels: np.ndarray, test_i
     model = detector_model(image_size, train_images.shape[-1])
   else:
     model = model_lib.build_model(model_lib.ModelConfig(image_size=image_size, alpha=ALPHA, weights="none"))
-  model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.BinaryCrossentropy())
-  weights = balanced_weights(train_labels)
-  targets = train_labels.astype(np.float32)[:, None]
-  for epoch in range(epochs):
-    augmented = dihedral_augment(train_images, np.random.default_rng([key, epoch]))
-    model.fit(augmented.astype(np.float32), targets, sample_weight=weights, batch_size=BATCH_SIZE, epochs=1,
-              shuffle=True, verbose=0)
+  if train_cells is not None:
+    if network != "detector":
+      raise ValueError("pixel supervision needs --network=detector (MobileNetV2 has no logit map)")
+    trained = keras.Model(model.inputs, model.get_layer(DETECTOR_LOGITS).output)  # shares the detector's weights
+    trained.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=weighted_cell_loss)
+    for epoch in range(epochs):
+      # The same rng key turns and flips the images and their cell labels alike (`dihedral_augment` draws the
+      # turns, then the flips, from the rng it is given).
+      augmented = dihedral_augment(train_images, np.random.default_rng([key, epoch]))
+      cells = dihedral_augment(train_cells[..., None], np.random.default_rng([key, epoch]))
+      trained.fit(augmented.astype(np.float32), cells, batch_size=BATCH_SIZE, epochs=1, shuffle=True, verbose=0)
+  else:
+    model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.BinaryCrossentropy())
+    weights = balanced_weights(train_labels)
+    targets = train_labels.astype(np.float32)[:, None]
+    for epoch in range(epochs):
+      augmented = dihedral_augment(train_images, np.random.default_rng([key, epoch]))
+      model.fit(augmented.astype(np.float32), targets, sample_weight=weights, batch_size=BATCH_SIZE, epochs=1,
+                shuffle=True, verbose=0)
   probabilities = model.predict(test_images.astype(np.float32), batch_size=256, verbose=0).reshape(-1)
   keras.backend.clear_session()
   return probabilities
@@ -317,11 +368,12 @@ def _nanmean(values) -> float:
 
 
 def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_folds: int, epochs: int,
-             min_coverage: float, task: str = "sb", network: str = "mobilenet") -> dict:
+             min_coverage: float, task: str = "sb", network: str = "mobilenet", supervision: str = "slice") -> dict:
   """One seed's folds at one size: fold and pooled out-of-fold AUCs (patients: the `task`'s label), and each
   patient's out-of-fold score."""
   started = time.time()
   labels = oracle_labels(arrays["peak_coverage"], min_coverage)
+  cells = cell_targets(arrays["coverage"], min_coverage) if supervision == "pixels" else None
   patient_ids = arrays["patient_ids"]
   patient_labels = arrays[TASK_LABELS[task]]
   labels_sb = {str(pid): int(label) for pid, label in zip(patient_ids, patient_labels)}
@@ -334,7 +386,8 @@ def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_fold
       skipped.append(fold)  # no oracle-positive slice to learn from: the fold's scores stay NaN
       continue
     slice_scores[test] = train_and_predict(arrays["images"][train], labels[train], arrays["images"][test],
-                                           image_size, fold_key(seed, fold), epochs, network)
+                                           image_size, fold_key(seed, fold), epochs, network,
+                                           None if cells is None else cells[train])
     fold_slice_auc.append(_auc(labels[test], slice_scores[test]))
     test_scores = patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids))
     test_index = [list(patient_ids).index(pid) for pid in test_ids]
@@ -401,12 +454,15 @@ def nodule_summary(arrays: dict[str, np.ndarray], min_coverage: float, task: str
 def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epochs: int, min_coverage: float,
         cohort_dir: str | None, *, phantom_preset: str | None = None, num_patients: int = 40,
         mask: str = "small_bowel_nodule", task: str = "sb", context: bool = False,
-        network: str = "mobilenet") -> dict:
+        network: str = "mobilenet", supervision: str = "slice") -> dict:
   """Runs every size and seed; prints the lines and writes <root>/oracle.json; returns its dict."""
   if task not in TASK_LABELS:
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_LABELS)}")
   if network not in NETWORKS:  # else an unknown name would quietly train MobileNetV2
     raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
+  if supervision not in SUPERVISIONS or (supervision == "pixels" and network != "detector"):
+    raise ValueError(f"supervision {supervision!r} with network {network!r}: choose one of "
+                     f"{', '.join(SUPERVISIONS)}; pixels needs --network=detector (MobileNetV2 has no logit map)")
   if cohort_dir is None:
     from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
     cohort_dir = os.path.dirname(pipeline.demo_manifest_path(num_patients, phantom_preset))
@@ -418,6 +474,7 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
   settings = {"num_folds": num_folds, "epochs": epochs, "min_coverage": min_coverage, "batch_size": BATCH_SIZE,
               "learning_rate": LEARNING_RATE, "alpha": ALPHA, "seeds": seeds, "mask": mask, "task": task,
               "phantom_preset": phantom_preset, "context": context, "network": network,
+              "supervision": supervision,
               "cohort_config_hash": io_utils.read_json(os.path.join(cohort_dir, "cohort.json"))["config_hash"]}
   for size in image_sizes:
     arrays = all_arrays[size]
@@ -427,7 +484,7 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
     nodules = nodule_summary(arrays, min_coverage, task)
     per_seed = []
     for seed in seeds:
-      entry = run_seed(arrays, size, seed, num_folds, epochs, min_coverage, task, network)
+      entry = run_seed(arrays, size, seed, num_folds, epochs, min_coverage, task, network, supervision)
       per_seed.append(entry)
       print(f"{size} px seed {seed}: slice AUC {entry['slice_auc_pooled']:.3f} pooled "
             f"({entry['slice_auc_fold_mean']:.3f} fold mean), patient {task} AUC {entry['patient_auc_pooled']:.3f} "
@@ -464,7 +521,8 @@ def main(argv):
     result = run(_ROOT.value, [int(size) for size in _IMAGE_SIZES.value], [int(seed) for seed in _SEEDS.value],
                  _NUM_FOLDS.value, _EPOCHS.value, _MIN_COVERAGE.value, _COHORT_DIR.value,
                  phantom_preset=_PHANTOM_PRESET.value, num_patients=_NUM_PATIENTS.value, mask=_MASK.value,
-                 task=_TASK.value, context=_CONTEXT.value, network=_NETWORK.value)
+                 task=_TASK.value, context=_CONTEXT.value, network=_NETWORK.value,
+                 supervision=_SUPERVISION.value)
     print(f"raw output: {results_io.record_figures('oracle_benchmark', _json_safe(result))}")
     if _OUTPUT_JSONL.value:
       sizes = {size: {key: value for key, value in entry.items() if key != "patient_ids"}

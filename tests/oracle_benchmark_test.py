@@ -197,3 +197,85 @@ def test_an_unknown_network_is_refused_before_any_work(tmp_path):
 
   with pytest.raises(ValueError, match="unknown network 'resnet'; choose one of mobilenet, detector"):
     oracle.run(str(tmp_path), [48], [0], 2, 1, 0.5, str(tmp_path / "no-cohort"), task="p", network="resnet")
+
+
+def test_cell_targets_mark_each_stride_block_holding_a_covered_pixel():
+  coverage = np.zeros((2, 8, 8), np.uint8)
+  coverage[0, 1, 6] = 255   # cell (0, 1): fully covered pixel
+  coverage[0, 5, 2] = 128   # cell (1, 0): 0.502 >= 0.5
+  coverage[0, 6, 6] = 127   # cell (1, 1): 0.498 < 0.5
+  coverage[1, 4, 4] = 200   # slice 1, cell (1, 1)
+  targets = oracle.cell_targets(coverage, 0.5, stride=4)
+  # Independent: loop over the cells by hand.
+  expected = np.zeros((2, 2, 2), np.float32)
+  for n in range(2):
+    for i in range(2):
+      for j in range(2):
+        expected[n, i, j] = float(any(coverage[n, 4 * i + a, 4 * j + b] / 255.0 >= 0.5
+                                      for a in range(4) for b in range(4)))
+  np.testing.assert_array_equal(targets, expected)
+  assert targets.tolist() == [[[0, 1], [1, 0]], [[0, 0], [0, 1]]]
+  try:
+    oracle.cell_targets(np.zeros((1, 6, 6), np.uint8), 0.5, stride=4)
+  except ValueError as error:
+    assert "multiple of 4" in str(error)
+  else:
+    raise AssertionError("a size that is not a multiple of the stride must be refused")
+
+
+def test_the_same_key_turns_images_and_their_cell_labels_alike():
+  """--supervision=pixels augments images and cell maps with two rngs of one key: the bright block stays on the
+  cell that is labelled, whatever turn and flip each image drew."""
+  images = np.zeros((16, 8, 8, 1), np.float32)
+  cells = np.zeros((16, 2, 2), np.float32)
+  for n in range(16):
+    i, j = divmod(n % 4, 2)
+    images[n, 4 * i:4 * i + 4, 4 * j:4 * j + 4] = 1.0
+    cells[n, i, j] = 1.0
+  turned = oracle.dihedral_augment(images, np.random.default_rng([3, 1]))
+  turned_cells = oracle.dihedral_augment(cells[..., None], np.random.default_rng([3, 1]))[..., 0]
+  block_means = turned[..., 0].reshape(16, 2, 4, 2, 4).mean(axis=(2, 4))
+  np.testing.assert_array_equal(block_means, turned_cells)
+  assert not np.array_equal(turned_cells, cells)  # some image did move
+
+
+def test_weighted_cell_loss_is_cross_entropy_with_heavier_nodule_cells():
+  logits = np.array([[[[2.0], [-1.0]], [[0.5], [-3.0]]]], np.float32)
+  targets = np.array([[[[1.0], [0.0]], [[0.0], [1.0]]]], np.float32)
+  probability = 1 / (1 + np.exp(-logits.astype(np.float64)))
+  cross_entropy = -(targets * np.log(probability) + (1 - targets) * np.log(1 - probability))
+  weights = np.where(targets == 1, oracle.PIXEL_POSITIVE_WEIGHT, 1.0)
+  np.testing.assert_allclose(float(oracle.weighted_cell_loss(targets, logits)), (weights * cross_entropy).mean(),
+                             rtol=1e-5)
+
+
+def test_pixel_supervision_needs_the_detector(tmp_path):
+  import pytest
+
+  with pytest.raises(ValueError, match="pixels needs --network=detector"):
+    oracle.run(str(tmp_path), [48], [0], 2, 1, 0.5, str(tmp_path / "no-cohort"), task="p", supervision="pixels")
+
+
+def test_pixel_supervised_detector_learns_a_bright_block_on_noise(monkeypatch):
+  """A smoke of the whole pixel-supervised path: half the 32 px images carry a 4 x 4 block 60 grey levels above
+  noise of SD 20; the trained detector's pooled score ranks held-out images with a block above those without.
+  Batches of 4, so that 20 epochs of 96 images (480 steps) bring batch normalisation's moving statistics (momentum
+  0.99) near the data's; at 16 steps an epoch they still carried the initial variance and the held-out AUC was 0.6."""
+  monkeypatch.setattr(oracle, "BATCH_SIZE", 4)
+  rng = np.random.default_rng(0)
+  def make(count):
+    images = rng.normal(100, 20, (count, 32, 32, 1)).clip(0, 255).astype(np.float32)
+    coverage = np.zeros((count, 32, 32), np.uint8)
+    has_block = np.arange(count) % 2 == 0
+    for n in np.flatnonzero(has_block):
+      y, x = rng.integers(0, 28, 2)
+      images[n, y:y + 4, x:x + 4] += 60
+      coverage[n, y:y + 4, x:x + 4] = 255
+    return images, coverage, has_block.astype(np.int32)
+  train_images, train_coverage, train_labels = make(96)
+  test_images, _, test_labels = make(32)
+  scores = oracle.train_and_predict(train_images, train_labels, test_images, 32, key=1, epochs=20,
+                                    network="detector", train_cells=oracle.cell_targets(train_coverage, 0.5))
+  from sklearn.metrics import roc_auc_score
+  assert scores.shape == (32,)
+  assert roc_auc_score(test_labels, scores) > 0.9
