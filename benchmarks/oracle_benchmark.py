@@ -12,7 +12,11 @@ mask that makes a slice oracle-positive (small_bowel_nodule: the small-bowel nod
 peritoneal disease, nodules and the omental cake where the cohort has one); --task the patient label that is
 split on and scored (sb, the default, or p). --output_jsonl appends one JSON line (code version, machine, command,
 date, figures) per run. --network=detector (issue 23) trains `detector_model` instead of the demo's MobileNetV2;
-<root>/oracle.json keeps one entry a size, so give each network its own --root.
+<root>/oracle.json keeps one entry a size, so give each network its own --root. --supervision (issue 23; with
+--network=detector): slice, the default, trains on the oracle slice labels; pixels (phantom-only) on every
+logit-map cell's label from the masks, the most a mask can teach; patient on nothing but the --task label of each
+patient, whose slices make one bag pooled by the detector's log-sum-exp (multiple-instance learning: what a real
+user has, so not an oracle, run here to compare at one budget and on one split). Masks then only score.
 
 An "oracle" run: the demo preset's model (pdx_tf/presets.py, the demo row: MobileNetV2 alpha 0.35, weights none)
 is trained on EXACT slice labels instead of the pipeline's weak patient labels. The label of a slice is 1 when
@@ -92,11 +96,13 @@ _NETWORK = flags.DEFINE_enum("network", "mobilenet", list(NETWORKS),
                              "mobilenet: the demo's model; detector: a small fully convolutional net at stride 4 "
                              "whose logit map is pooled by log-sum-exp (`detector_model`): a nodule of a few pixels "
                              "is not averaged away.")
-SUPERVISIONS = ("slice", "pixels")
+SUPERVISIONS = ("slice", "pixels", "patient")
 _SUPERVISION = flags.DEFINE_enum("supervision", "slice", list(SUPERVISIONS),
                                  "slice: each slice's oracle label (any network); pixels (--network=detector only, "
                                  "phantom-only): every cell of the detector's logit map learns whether a nodule "
-                                 "covers it (`cell_targets`), the strongest supervision the masks can give.")
+                                 "covers it (`cell_targets`), the strongest supervision the masks can give; "
+                                 "patient (--network=detector only): no mask at all, each patient's slices are one "
+                                 "bag trained on the --task label (`train_and_predict_bags`), what a real user has.")
 _OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Also append one JSON line (code version, machine, "
                                     "command, date, figures) to this file, e.g. benchmarks/results/oracle.jsonl.")
 
@@ -265,9 +271,10 @@ DETECTOR_LAYERS = ((16, 1), (32, 2), (32, 1), (64, 2), (64, 1), (64, 1))  # (fil
 DETECTOR_SHARPNESS = 5.0  # log-sum-exp's r: near the mean of the map at 0, near its max as r grows
 DETECTOR_STRIDE = 4  # the product of DETECTOR_LAYERS' strides: one logit-map cell is 4 x 4 model pixels
 DETECTOR_LOGITS = "detector_logits"  # the logit map's layer name (--supervision=pixels trains it directly)
-# --supervision=pixels: a nodule cell's weight against a background cell's. Full balance would be ~1/500 of cells
-# (a few nodule cells among 48 x 48 a slice, most slices none) and would make every soft-tissue blob fire; the
-# ranking (AUC) is all that is scored, so a capped weight is enough. One setting, not tuned.
+# --supervision=pixels: a nodule cell's weight against a background cell's. Full balance would weigh each nodule
+# cell about 5,000 times (on the 120-patient low-burden cohort at 192 px, 2,139 of 11.0 million cells hold a
+# nodule) and would make every soft-tissue blob fire; the ranking (AUC) is all that is scored, so a capped weight
+# is enough. One setting, not tuned.
 PIXEL_POSITIVE_WEIGHT = 50.0
 
 
@@ -355,6 +362,72 @@ def train_and_predict(train_images: np.ndarray, train_labels: np.ndarray, test_i
   keras.backend.clear_session()
   return probabilities
 
+BAG_SLICES = 48  # a bag's length: the 120-patient low-burden cohort's studies keep 34-46 abdominal slices
+
+
+def bag_indices(slice_patient: np.ndarray, patient: int, bag_slices: int | None = None) -> np.ndarray:
+  """int [bag_slices] (default BAG_SLICES): the patient's slice indices in order, repeated from its first when it
+  has fewer, its first `bag_slices` when it has more. Pooling by log-sum-exp, a repeated slice moves the bag's
+  logit by at most log(2) / DETECTOR_SHARPNESS."""
+  bag_slices = BAG_SLICES if bag_slices is None else bag_slices
+  own = np.flatnonzero(np.asarray(slice_patient) == patient)
+  if own.size == 0:
+    raise ValueError(f"patient index {patient} has no slice")
+  if own.size > bag_slices:
+    print(f"oracle_benchmark: patient index {patient} has {own.size} slices; its bag keeps the first "
+          f"{bag_slices}", file=sys.stderr)
+  return np.resize(own, bag_slices)
+
+
+def bag_model(image_size: int, channels: int = 3, bag_slices: int | None = None):
+  """(bag model: [B, T, S, S, C] -> probability [B, 1], slice model: `detector_model`, [N, S, S, C] -> [N, 1]).
+
+  The bag model runs the detector's convolutions on each of a patient's T slices and pools every logit-map cell
+  of all of them by the detector's log-sum-exp: a patient is positive when some cell of some slice is. The two
+  share weights, so the slice model scores slices after bag training."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  bag_slices = BAG_SLICES if bag_slices is None else bag_slices
+  slice_model = detector_model(image_size, channels)
+  logit_map = keras.Model(slice_model.inputs, slice_model.get_layer(DETECTOR_LOGITS).output)
+  inputs = keras.Input((bag_slices, image_size, image_size, channels))
+  flat = keras.layers.Reshape((-1,))(keras.layers.TimeDistributed(logit_map)(inputs))
+  pooled = keras.layers.Lambda(lambda cells: (keras.ops.logsumexp(DETECTOR_SHARPNESS * cells, axis=1, keepdims=True)
+                                              - keras.ops.log(keras.ops.cast(keras.ops.shape(cells)[1], "float32")))
+                               / DETECTOR_SHARPNESS)(flat)
+  return keras.Model(inputs, keras.layers.Activation("sigmoid")(pooled)), slice_model
+
+
+def train_and_predict_bags(images: np.ndarray, slice_patient: np.ndarray, labels: np.ndarray, train: list[int],
+                           test: list[int], key: int, epochs: int) -> tuple[np.ndarray, np.ndarray]:
+  """--supervision=patient: multiple-instance learning on patient labels alone (no mask is read).
+
+  Trains `bag_model` on the `train` patients (indices into `labels`), one patient a step (its slices are batch
+  normalisation's batch), `epochs` passes in a keyed random order, each slice turned and flipped
+  (`dihedral_augment`) afresh each epoch; Adam LEARNING_RATE, binary cross-entropy on the patient's label.
+  Returns (the `test` patients' bag probabilities [len(test)], the slice model's probability of every slice [N],
+  NaN outside the test patients' slices)."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  keras.utils.set_random_seed(key)
+  model, slice_model = bag_model(images.shape[1], images.shape[-1])
+  model.compile(optimizer=keras.optimizers.Adam(LEARNING_RATE), loss=keras.losses.BinaryCrossentropy())
+  bags = {patient: bag_indices(slice_patient, patient) for patient in [*train, *test]}
+  targets = np.asarray(labels, np.float32)
+  for epoch in range(epochs):
+    rng = np.random.default_rng([key, epoch])
+    for patient in rng.permutation(np.asarray(train)):
+      bag = dihedral_augment(images[bags[patient]], rng).astype(np.float32)[None]
+      model.train_on_batch(bag, targets[[patient]][:, None])
+  patient_probability = np.array([float(np.asarray(model.predict_on_batch(
+      images[bags[patient]].astype(np.float32)[None]))[0, 0]) for patient in test])
+  slice_probability = np.full(len(images), np.nan)
+  test_slices = np.flatnonzero(np.isin(slice_patient, test))
+  slice_probability[test_slices] = slice_model.predict(images[test_slices].astype(np.float32), batch_size=128,
+                                                       verbose=0).reshape(-1)
+  keras.backend.clear_session()
+  return patient_probability, slice_probability
+
 
 def _auc(labels, scores) -> float:
   from pdx_tf.evaluation import metrics  # pylint: disable=import-outside-toplevel
@@ -378,21 +451,32 @@ def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_fold
   patient_labels = arrays[TASK_LABELS[task]]
   labels_sb = {str(pid): int(label) for pid, label in zip(patient_ids, patient_labels)}
   slice_scores = np.full(len(labels), np.nan)
+  bag_scores = np.full(len(patient_ids), np.nan)
   fold_slice_auc, fold_patient_auc, skipped = [], [], []
   for fold, (train_ids, test_ids) in enumerate(patient_folds(labels_sb, num_folds, seed, task)):
     train = slice_selection(arrays["slice_patient"], patient_ids, train_ids)
     test = slice_selection(arrays["slice_patient"], patient_ids, test_ids)
-    if not labels[train].any():
+    if supervision != "patient" and not labels[train].any():
       skipped.append(fold)  # no oracle-positive slice to learn from: the fold's scores stay NaN
       continue
-    slice_scores[test] = train_and_predict(arrays["images"][train], labels[train], arrays["images"][test],
-                                           image_size, fold_key(seed, fold), epochs, network,
-                                           None if cells is None else cells[train])
-    fold_slice_auc.append(_auc(labels[test], slice_scores[test]))
-    test_scores = patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids))
     test_index = [list(patient_ids).index(pid) for pid in test_ids]
+    if supervision == "patient":
+      train_index = [list(patient_ids).index(pid) for pid in train_ids]
+      fold_bags, fold_slices = train_and_predict_bags(arrays["images"], arrays["slice_patient"], patient_labels,
+                                                      train_index, test_index, fold_key(seed, fold), epochs)
+      bag_scores[test_index] = fold_bags
+      slice_scores[test] = fold_slices[test]
+    else:
+      slice_scores[test] = train_and_predict(arrays["images"][train], labels[train], arrays["images"][test],
+                                             image_size, fold_key(seed, fold), epochs, network,
+                                             None if cells is None else cells[train])
+    fold_slice_auc.append(_auc(labels[test], slice_scores[test]))
+    test_scores = (bag_scores if supervision == "patient"
+                   else patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids)))
     fold_patient_auc.append(_auc([labels_sb[pid] for pid in test_ids], test_scores[test_index]))
-  scores = patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids))
+  # The patient's score: its bag's probability when the bags were trained, else the max of its slices'.
+  scores = (bag_scores if supervision == "patient"
+            else patient_scores(slice_scores, arrays["slice_patient"], len(patient_ids)))
   scored = np.isfinite(scores)
   scored_slices = np.isfinite(slice_scores)
   return {"seed": seed, "slice_auc_fold_mean": _nanmean(fold_slice_auc),
@@ -401,6 +485,7 @@ def run_seed(arrays: dict[str, np.ndarray], image_size: int, seed: int, num_fold
           else float("nan"),
           "patient_auc_pooled": _auc(patient_labels[scored], scores[scored]) if scored.any() else float("nan"),
           "folds_skipped": skipped, "patient_scores": [float(value) for value in scores],
+          "slice_scores": [float(value) for value in slice_scores],
           "wall_s": time.time() - started}
 
 
@@ -460,9 +545,10 @@ def run(root: str, image_sizes: list[int], seeds: list[int], num_folds: int, epo
     raise ValueError(f"unknown task {task!r}; choose one of {', '.join(TASK_LABELS)}")
   if network not in NETWORKS:  # else an unknown name would quietly train MobileNetV2
     raise ValueError(f"unknown network {network!r}; choose one of {', '.join(NETWORKS)}")
-  if supervision not in SUPERVISIONS or (supervision == "pixels" and network != "detector"):
+  if supervision not in SUPERVISIONS or (supervision != "slice" and network != "detector"):
     raise ValueError(f"supervision {supervision!r} with network {network!r}: choose one of "
-                     f"{', '.join(SUPERVISIONS)}; pixels needs --network=detector (MobileNetV2 has no logit map)")
+                     f"{', '.join(SUPERVISIONS)}; pixels and patient need --network=detector (they train its "
+                     "logit map)")
   if cohort_dir is None:
     from pdx_tf.data import pipeline  # pylint: disable=import-outside-toplevel
     cohort_dir = os.path.dirname(pipeline.demo_manifest_path(num_patients, phantom_preset))
@@ -528,7 +614,7 @@ def main(argv):
       sizes = {size: {key: value for key, value in entry.items() if key != "patient_ids"}
                for size, entry in result["sizes"].items() if size in _IMAGE_SIZES.value}
       for entry in sizes.values():  # per-patient scores stay in <root>/oracle.json
-        entry["per_seed"] = [{key: value for key, value in seed.items() if key != "patient_scores"}
+        entry["per_seed"] = [{key: value for key, value in seed.items() if key not in ("patient_scores", "slice_scores")}
                              for seed in entry["per_seed"]]
       results_io.record_figures("oracle_benchmark", results_io.json_safe(
           {"benchmark": "oracle", "num_patients": _NUM_PATIENTS.value, "sizes": sizes}), path=_OUTPUT_JSONL.value)

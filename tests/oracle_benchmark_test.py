@@ -252,7 +252,7 @@ def test_weighted_cell_loss_is_cross_entropy_with_heavier_nodule_cells():
 def test_pixel_supervision_needs_the_detector(tmp_path):
   import pytest
 
-  with pytest.raises(ValueError, match="pixels needs --network=detector"):
+  with pytest.raises(ValueError, match="pixels and patient need --network=detector"):
     oracle.run(str(tmp_path), [48], [0], 2, 1, 0.5, str(tmp_path / "no-cohort"), task="p", supervision="pixels")
 
 
@@ -279,3 +279,56 @@ def test_pixel_supervised_detector_learns_a_bright_block_on_noise(monkeypatch):
   from sklearn.metrics import roc_auc_score
   assert scores.shape == (32,)
   assert roc_auc_score(test_labels, scores) > 0.9
+
+
+def test_a_bag_is_the_patients_own_slices_in_order_repeated_to_its_length():
+  slice_patient = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+  assert oracle.bag_indices(slice_patient, 0, bag_slices=7).tolist() == [0, 1, 2, 0, 1, 2, 0]
+  assert oracle.bag_indices(slice_patient, 1, bag_slices=3).tolist() == [3, 4, 3]
+  assert oracle.bag_indices(slice_patient, 2, bag_slices=4).tolist() == [5, 6, 7, 8]  # the first 4 of 5
+  try:
+    oracle.bag_indices(slice_patient, 3, bag_slices=4)
+  except ValueError as error:
+    assert "no slice" in str(error)
+  else:
+    raise AssertionError("a patient without slices must be refused")
+
+
+def test_the_bag_pools_every_cell_of_every_slice_by_log_sum_exp():
+  import keras
+
+  keras.utils.set_random_seed(0)
+  model, slice_model = oracle.bag_model(16, channels=1, bag_slices=3)
+  bags = np.random.default_rng(1).uniform(0, 255, (2, 3, 16, 16, 1)).astype(np.float32)
+  logit_layer = slice_model.get_layer(oracle.DETECTOR_LOGITS)
+  maps = np.asarray(keras.Model(slice_model.inputs, logit_layer.output)(bags.reshape(6, 16, 16, 1)))
+  cells = maps.reshape(2, -1).astype(np.float64)  # each bag's 3 slices x 4 x 4 cells
+  assert cells.shape[1] == 3 * (16 // 4) ** 2
+  r = oracle.DETECTOR_SHARPNESS
+  top = cells.max(axis=1, keepdims=True)
+  pooled = (np.log(np.exp(r * (cells - top)).sum(axis=1, keepdims=True)) + r * top - np.log(cells.shape[1])) / r
+  np.testing.assert_allclose(np.asarray(model(bags)), 1 / (1 + np.exp(-pooled)), rtol=1e-4, atol=1e-6)
+
+
+def test_bags_learn_which_patients_hold_a_block_from_patient_labels_alone(monkeypatch):
+  """Each patient has 4 slices of noise; a positive patient's block sits on one random slice. Only the patient
+  labels train; held-out positives must rank above held-out negatives, and the block's slices above the rest."""
+  monkeypatch.setattr(oracle, "BAG_SLICES", 4)
+  rng = np.random.default_rng(0)
+  num_patients, size = 48, 16
+  labels = np.arange(num_patients) % 2
+  images = rng.normal(100, 20, (num_patients * 4, size, size, 1)).clip(0, 255).astype(np.float32)
+  slice_patient = np.repeat(np.arange(num_patients), 4)
+  block_slice = np.zeros(len(images), bool)
+  for patient in np.flatnonzero(labels):
+    chosen = 4 * patient + rng.integers(4)
+    y, x = rng.integers(0, size - 4, 2)
+    images[chosen, y:y + 4, x:x + 4] += 80
+    block_slice[chosen] = True
+  train, test = list(range(32)), list(range(32, 48))
+  patient_scores, slice_scores = oracle.train_and_predict_bags(images, slice_patient, labels, train, test, key=3,
+                                                            epochs=12)
+  from sklearn.metrics import roc_auc_score
+  assert np.isnan(slice_scores[:128]).all() and np.isfinite(slice_scores[128:]).all()
+  assert roc_auc_score(labels[test], patient_scores) > 0.9
+  assert roc_auc_score(block_slice[128:], slice_scores[128:]) > 0.9
