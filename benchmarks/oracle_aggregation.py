@@ -8,7 +8,9 @@ runs; each slice scored by the model of the fold that held its patient out) and 
 (<root>/slices-<S>px-nodule.npz, for each slice's patient and the patients' labels). For every seed it scores the
 patients by several rules over their slices (`aggregate`): the max (oracle_benchmark's rule), the mean of the top
 k (k = 2, 3, 5), the mean, and the noisy-or 1 - prod(1 - p). Prints and records the pooled patient AUC of each,
-for the run's --task label. Nothing is trained.
+for the run's --task label; and, for the max, the AUC of each group of positive patients against all negatives,
+grouped by how many of their slices are oracle-positive (NODULE_SLICE_GROUPS; the masks' count, with
+oracle_benchmark's --min_coverage), and the median max of negatives and of positives. Nothing is trained.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ _OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Also append one JSON 
 
 RULES = ("max", "top2_mean", "top3_mean", "top5_mean", "mean", "noisy_or")
 TASK_LABELS = {"sb": "label_sb", "p": "label_p"}  # as oracle_benchmark.TASK_LABELS
+NODULE_SLICE_GROUPS = ((1, 4), (5, 7), (8, 1000))  # oracle-positive slices of a positive patient, inclusive
 
 
 def aggregate(slice_scores: np.ndarray, slice_patient: np.ndarray, num_patients: int, rule: str) -> np.ndarray:
@@ -63,6 +66,7 @@ def main(argv):
   cache = os.path.join(os.path.dirname(_ORACLE_JSON.value), f"slices-{_SIZE.value}px-{entry['settings']['mask']}.npz")
   with np.load(cache) as arrays:
     slice_patient, labels = arrays["slice_patient"], arrays[TASK_LABELS[task]]
+    oracle_positive = arrays["peak_coverage"] >= entry["settings"]["min_coverage"]
     assert [str(pid) for pid in arrays["patient_ids"]] == entry["patient_ids"], "cache and oracle.json disagree"
   per_seed = []
   for seed_entry in entry["per_seed"]:
@@ -74,9 +78,26 @@ def main(argv):
       scores = aggregate(slice_scores, slice_patient, len(labels), rule)
       scored = np.isfinite(scores)
       aucs[rule] = float(metrics.binary_metrics(labels[scored], scores[scored])["auc"])
-    per_seed.append({"seed": seed_entry["seed"], "patient_auc_pooled": aucs})
+    maxima = aggregate(slice_scores, slice_patient, len(labels), "max")
+    counts = np.bincount(slice_patient, weights=oracle_positive, minlength=len(labels))
+    negatives = maxima[(labels == 0) & np.isfinite(maxima)]
+    by_group = {}
+    for low, high in NODULE_SLICE_GROUPS:
+      group = maxima[(labels == 1) & (counts >= low) & (counts <= high) & np.isfinite(maxima)]
+      if group.size and negatives.size:
+        by_group[f"{low}-{high}"] = {"patients": int(group.size), "auc_max_vs_all_negatives": float(
+            metrics.binary_metrics(np.r_[np.zeros(negatives.size), np.ones(group.size)],
+                                   np.r_[negatives, group])["auc"])}
+    per_seed.append({"seed": seed_entry["seed"], "patient_auc_pooled": aucs, "by_oracle_positive_slices": by_group,
+                     "median_max_negatives": float(np.median(negatives)),
+                     "median_max_positives": float(np.median(maxima[(labels == 1) & np.isfinite(maxima)]))})
     print(f"seed {seed_entry['seed']}: patient {task} AUC by rule: "
           + ", ".join(f"{rule} {auc:.3f}" for rule, auc in aucs.items()))
+    print(f"  max rule by the positives' oracle-positive slices: "
+          + ", ".join(f"{name} ({group['patients']} patients) {group['auc_max_vs_all_negatives']:.3f}"
+                      for name, group in by_group.items())
+          + f"; median max: negatives {per_seed[-1]['median_max_negatives']:.3f}, positives "
+          f"{per_seed[-1]['median_max_positives']:.3f}")
   figures = {"benchmark": "oracle_aggregation", "oracle_json": _ORACLE_JSON.value, "size": _SIZE.value,
              "task": task, "settings": entry["settings"], "per_seed": per_seed}
   if _OUTPUT_JSONL.value:
