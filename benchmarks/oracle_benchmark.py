@@ -318,11 +318,18 @@ def detector_model(image_size: int, channels: int = 3):
     features = keras.layers.ReLU()(keras.layers.BatchNormalization()(features))
   logits = keras.layers.Conv2D(1, 1, bias_initializer=keras.initializers.Constant(-3.0),
                                name=DETECTOR_LOGITS)(features)
-  flat = keras.layers.Reshape((-1,))(logits)
-  pooled = keras.layers.Lambda(lambda cells: (keras.ops.logsumexp(DETECTOR_SHARPNESS * cells, axis=1, keepdims=True)
-                                              - keras.ops.log(keras.ops.cast(keras.ops.shape(cells)[1], "float32")))
-                               / DETECTOR_SHARPNESS)(flat)
+  pooled = log_sum_exp_pooling()(keras.layers.Reshape((-1,))(logits))
   return keras.Model(inputs, keras.layers.Activation("sigmoid")(pooled))
+
+
+def log_sum_exp_pooling():
+  """A layer [B, n] -> [B, 1]: (logsumexp(r x) - log n) / r with r = DETECTOR_SHARPNESS, the smooth max of a
+  slice's map cells (`detector_model`) and of a bag's (`bag_model`)."""
+  import keras  # pylint: disable=import-outside-toplevel
+
+  return keras.layers.Lambda(lambda cells: (keras.ops.logsumexp(DETECTOR_SHARPNESS * cells, axis=1, keepdims=True)
+                                            - keras.ops.log(keras.ops.cast(keras.ops.shape(cells)[1], "float32")))
+                             / DETECTOR_SHARPNESS)
 
 
 def train_and_predict(train_images: np.ndarray, train_labels: np.ndarray, test_images: np.ndarray, image_size: int,
@@ -392,9 +399,7 @@ def bag_model(image_size: int, channels: int = 3, bag_slices: int | None = None)
   logit_map = keras.Model(slice_model.inputs, slice_model.get_layer(DETECTOR_LOGITS).output)
   inputs = keras.Input((bag_slices, image_size, image_size, channels))
   flat = keras.layers.Reshape((-1,))(keras.layers.TimeDistributed(logit_map)(inputs))
-  pooled = keras.layers.Lambda(lambda cells: (keras.ops.logsumexp(DETECTOR_SHARPNESS * cells, axis=1, keepdims=True)
-                                              - keras.ops.log(keras.ops.cast(keras.ops.shape(cells)[1], "float32")))
-                               / DETECTOR_SHARPNESS)(flat)
+  pooled = log_sum_exp_pooling()(flat)
   return keras.Model(inputs, keras.layers.Activation("sigmoid")(pooled)), slice_model
 
 
