@@ -12,7 +12,7 @@ mask that makes a slice oracle-positive (small_bowel_nodule: the small-bowel nod
 peritoneal disease, nodules and the omental cake where the cohort has one); --task the patient label that is
 split on and scored (sb, the default, or p). --output_jsonl appends one JSON line (code version, machine, command,
 date, figures) per run. --network=detector (issue 23) trains `detector_model` instead of the demo's MobileNetV2;
-<root>/oracle.json keeps one entry a size, so give each network its own --root. --supervision (issue 23; with
+<root>/oracle.json keeps one entry a size, so give each network and supervision its own --root. --supervision (issue 23; with
 --network=detector): slice, the default, trains on the oracle slice labels; pixels (phantom-only) on every
 logit-map cell's label from the masks, the most a mask can teach; patient on nothing but the --task label of each
 patient, whose slices make one bag pooled by the detector's log-sum-exp (multiple-instance learning: what a real
@@ -368,6 +368,7 @@ def train_and_predict(train_images: np.ndarray, train_labels: np.ndarray, test_i
   probabilities = model.predict(test_images.astype(np.float32), batch_size=256, verbose=0).reshape(-1)
   keras.backend.clear_session()
   return probabilities
+
 
 BAG_SLICES = 48  # a bag's length: the 120-patient low-burden cohort's studies keep 34-46 abdominal slices
 
