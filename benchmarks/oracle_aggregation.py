@@ -30,7 +30,9 @@ _SIZE = flags.DEFINE_integer("size", 192, "The image size (px) whose entry to re
 _OUTPUT_JSONL = flags.DEFINE_string("output_jsonl", None, "Also append one JSON line to this file.")
 
 RULES = ("max", "top2_mean", "top3_mean", "top5_mean", "mean", "noisy_or")
-TASK_LABELS = {"sb": "label_sb", "p": "label_p"}  # as oracle_benchmark.TASK_LABELS
+# Copies of oracle_benchmark's TASK_LABELS and cache_name rule: importing that script here would define its absl
+# flags (--output_jsonl among them) twice. tests/oracle_aggregation_test.py checks that they agree.
+TASK_LABELS = {"sb": "label_sb", "p": "label_p"}
 NODULE_SLICE_GROUPS = ((1, 4), (5, 7), (8, 1000))  # oracle-positive slices of a positive patient, inclusive
 
 
@@ -56,6 +58,13 @@ def aggregate(slice_scores: np.ndarray, slice_patient: np.ndarray, num_patients:
   return scores
 
 
+def cache_path(oracle_json: str, size: int, mask: str) -> str:
+  """The slice arrays oracle_benchmark cached beside `oracle_json` for `size` and `mask`: slices-<S>px.npz for the
+  default mask (small_bowel_nodule), slices-<S>px-<mask>.npz otherwise."""
+  name = f"slices-{size}px.npz" if mask == "small_bowel_nodule" else f"slices-{size}px-{mask}.npz"
+  return os.path.join(os.path.dirname(oracle_json), name)
+
+
 def main(argv):
   import results_io  # pylint: disable=import-outside-toplevel
   from pdx_tf.evaluation import metrics  # pylint: disable=import-outside-toplevel
@@ -63,11 +72,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   entry = io_utils.read_json(_ORACLE_JSON.value)["sizes"][str(_SIZE.value)]
   task = entry["settings"]["task"]
-  cache = os.path.join(os.path.dirname(_ORACLE_JSON.value), f"slices-{_SIZE.value}px-{entry['settings']['mask']}.npz")
+  cache = cache_path(_ORACLE_JSON.value, _SIZE.value, entry["settings"]["mask"])
+  if not os.path.exists(cache):
+    raise SystemExit(f"oracle_aggregation: {cache} is missing; rerun oracle_benchmark.py with the same --root")
   with np.load(cache) as arrays:
     slice_patient, labels = arrays["slice_patient"], arrays[TASK_LABELS[task]]
     oracle_positive = arrays["peak_coverage"] >= entry["settings"]["min_coverage"]
-    assert [str(pid) for pid in arrays["patient_ids"]] == entry["patient_ids"], "cache and oracle.json disagree"
+    if [str(pid) for pid in arrays["patient_ids"]] != entry["patient_ids"]:
+      raise SystemExit(f"oracle_aggregation: {cache} holds other patients than {_ORACLE_JSON.value}; rerun "
+                       "oracle_benchmark.py with the same --root so that both come from one cohort")
   per_seed = []
   for seed_entry in entry["per_seed"]:
     if "slice_scores" not in seed_entry:

@@ -22,3 +22,10 @@ def test_each_rule_scores_a_patient_from_its_own_finite_slices():
   assert all(np.isnan(scores[2]) for scores in by_rule.values())  # no finite slice: no score
   with pytest.raises(ValueError, match="unknown rule 'median'"):
     aggregation.aggregate(slice_scores, slice_patient, 3, "median")
+
+
+def test_the_copied_rules_agree_with_oracle_benchmarks():
+  oracle = load_benchmark("oracle_benchmark")
+  assert aggregation.TASK_LABELS == oracle.TASK_LABELS
+  for mask in oracle.MASK_ARRAYS:
+    assert aggregation.cache_path("/r/oracle.json", 192, mask) == f"/r/{oracle.cache_name(192, mask)}"
